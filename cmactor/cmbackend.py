@@ -1,0 +1,152 @@
+"""The agent API: CmAgent, CmContext, cmbackend_init, ready, async_action.
+
+Porting an agent from the original platform changes one import line:
+``from exos.api.cmbackend import ...`` becomes ``from cmactor.cmbackend import ...``.
+"""
+
+import threading
+from collections.abc import Callable
+
+# Set by cmactor.worker when this process is a cmactor worker; None anywhere else.
+# Kept here (not in worker) so this module does not import the worker machinery.
+_runtime = None
+
+# The action running on the current thread, so that cmactor.connect() made from
+# inside an action can tell the supervisor who is calling (module and lane).
+_current = threading.local()
+
+
+def async_action(method):
+    """Mark an action to run on the agent's pool (``ctx.is_async`` True).
+
+    Async actions run concurrently with each other and with the serial lane, so
+    they may block (e.g. query another module) but must lock shared agent state.
+    """
+    method._cmactor_async = True
+    return method
+
+
+class ActionStopped(BaseException):
+    """Raised by ``CmContext.raise_error``.
+
+    A BaseException, not an Exception, so that an agent's ``except Exception``
+    around its own code cannot swallow the stop and carry on.
+    """
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+class CmContext:
+    """Context of one request to an agent; a new one is passed to each action call."""
+
+    def __init__(
+        self,
+        params=None,
+        vr_name=None,
+        *,
+        op="get",
+        is_async=False,
+        is_save=False,
+        is_load=False,
+        notify: Callable[[str], None] | None = None,
+    ):
+        self.params = dict(params or {})
+        self.fields = {}
+        self.dirty = op in ("set", "setop")
+        self.is_async = is_async
+        self.is_save = is_save
+        self.is_load = is_load
+        self.is_getone = op in ("get", "getone")
+        self.is_getnext = op == "getnext"
+        self.vr_name = vr_name
+        self._more = False
+        self._notify = notify
+
+    def more(self):
+        """Tell the client there is another row after this one (getnext only)."""
+        self._more = True
+
+    def raise_error(self, msg):
+        """Stop the action now and return ``msg`` to the client as an error."""
+        raise ActionStopped(str(msg))
+
+    def notify_cli(self, msg):
+        """Send ``msg`` to the client's print callback, if it has one; dropped otherwise."""
+        if self._notify is not None:
+            self._notify(str(msg))
+
+    def __repr__(self):
+        return f"CmContext(params={self.params!r}, vr_name={self.vr_name!r}, is_async={self.is_async})"
+
+
+class CmAgent:
+    """Base class for agents: one instance per module, registered with cmbackend_init().
+
+    Events are optional no-ops here; actions are methods named ``<table>_get``,
+    ``<table>_set`` and ``<table>_setop`` taking ``(self, ctx)``.
+    """
+
+    def __init__(self, pool=None):
+        # None: the worker's shared callback pool is used for @async_action methods.
+        self.pool = pool
+
+    def event_load_start(self):
+        """Config loading begins: set defaults; <table>_set calls with is_load follow."""
+
+    def event_load_complete(self):
+        """Config loading is done: get ready to serve and call cmactor.ready()."""
+
+    def event_save_start(self):
+        """A save begins: <table>_get calls with is_save follow."""
+
+    def event_save_complete(self):
+        """The save is done."""
+
+    def event_generate_default(self):
+        """There is no saved config for this module: build defaults and call cmactor.ready()."""
+
+
+def _check_names(value, what):
+    if value is None:
+        return []
+    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        raise TypeError(f"cmbackend_init(): {what} must be a list of str, got {type(value).__name__}")
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"cmbackend_init(): {what} must be a list of str, got item {item!r}")
+    return list(value)
+
+
+def cmbackend_init(agent, persistent_list=None, config_deps=None):
+    """Register ``agent`` as this worker's backend; call once, inside a cmactor worker.
+
+    ``persistent_list``: tables saved in the config file, in this order.
+    ``config_deps``: modules that must have loaded their config and gone READY
+    before this module's config is loaded.
+    """
+    if not isinstance(agent, CmAgent):
+        raise TypeError(f"cmbackend_init(): agent must be a CmAgent instance, got {type(agent).__name__}")
+    persistent = _check_names(persistent_list, "persistent_list")
+    deps = _check_names(config_deps, "config_deps")
+    if agent.pool is not None and not callable(getattr(agent.pool, "submit", None)):
+        raise TypeError(f"CmAgent pool must be a concurrent.futures.Executor, got {type(agent.pool).__name__}")
+    if _runtime is None:
+        raise RuntimeError(
+            "cmbackend_init() must run inside a cmactor worker process: start the agent "
+            "with a Supervisor or `cmactor run CONFIG.toml`"
+        )
+    _runtime.register(agent, persistent, deps)
+
+
+def ready():
+    """Move this worker's module to READY (after its config is loaded or defaulted)."""
+    if _runtime is None:
+        raise RuntimeError("ready() must be called inside a cmactor worker process")
+    _runtime.ready()
+
+
+def current_caller():
+    """(module, lane) of the action running on this thread, or None outside actions."""
+    return getattr(_current, "caller", None)

@@ -1,0 +1,318 @@
+"""PEP-249 shaped client: connect(), Connection, Cursor, Row and the exception tree.
+
+One Connection is one Unix socket to a supervisor; a request is sent and its
+reply awaited before the next (``threadsafety = 1``: share the module between
+threads, not a connection).
+"""
+
+import os
+import socket as _socket
+import threading
+from collections import deque, namedtuple
+from collections.abc import Mapping
+
+from . import cmbackend
+from . import protocol as P
+from .errors import (  # noqa: F401 - re-exported: PEP 249 puts these on the module
+    DatabaseError,
+    DataError,
+    DeadlockDetectedError,
+    Error,
+    IntegrityError,
+    InterfaceError,
+    InternalError,
+    ModuleUnavailable,
+    NotSupportedError,
+    OperationalError,
+    ProgrammingError,
+    Warning,
+    from_wire,
+)
+
+apilevel = "2.0"
+threadsafety = 1
+paramstyle = "named"
+
+# Where clients look when neither socket= nor CMACTOR_SOCKET says: the socket of a
+# supervisor run with the default state_dir from the current directory.
+DEFAULT_SOCKET = os.path.join(".cmactor", "run", "cm.sock")
+
+STRING = str  # the type_code of every column: values cross the boundary as strings
+
+Row = namedtuple("Row", "rowid opStatus opMsg field_values")
+
+
+def default_socket():
+    return os.environ.get("CMACTOR_SOCKET") or DEFAULT_SOCKET
+
+
+def connect(username="admin", print_callback=None, socket=None, timeout=None):
+    """Open a connection to a supervisor.
+
+    ``socket``: its path; default ``$CMACTOR_SOCKET`` (set inside agents, so an
+    agent reaches its own supervisor) or ``.cmactor/run/cm.sock``.
+    ``print_callback``: called with each ``notify_cli`` text as it arrives.
+    ``timeout``: seconds to wait for any one reply (None: the supervisor's own
+    hold and action timeouts bound the wait).
+    """
+    return Connection(socket or default_socket(), username, print_callback, timeout)
+
+
+def parse_operation(operation):
+    """``"<op> <module>.<table>"`` -> (op, module, table), or ProgrammingError."""
+    match = P.OPERATION_RE.match(operation) if isinstance(operation, str) else None
+    if match is None or match["op"] not in P.DATA_OPS:
+        raise ProgrammingError(
+            f"malformed operation {operation!r}: expected '<op> <module>.<table>' "
+            f"with op one of {', '.join(P.DATA_OPS)}"
+        )
+    return match["op"], match["module"], match["table"]
+
+
+def wire_params(params):
+    """Request parameters as the wire carries them: str keys, ``str(value)`` values; None is left out."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ProgrammingError(f"params must be a mapping of names to values, got {type(params).__name__}")
+    out = {}
+    for key, value in params.items():
+        if not isinstance(key, str):
+            raise ProgrammingError(f"parameter name {key!r} is a {type(key).__name__}; names must be str")
+        if value is not None:
+            out[key] = value if type(value) is str else str(value)
+    return out
+
+
+class Connection:
+    """A connection to one supervisor. Use ``cursor()`` to send requests."""
+
+    def __init__(self, path, username="admin", print_callback=None, timeout=None):
+        self.socket_path = os.fspath(path)
+        self.username = str(username)
+        self.print_callback = print_callback
+        self._lock = threading.Lock()
+        self._frames = deque()
+        self._reader = P.FrameReader(max_frame=None)
+        self._next_id = 0
+        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(self.socket_path)
+        except OSError as exc:
+            self._sock.close()
+            raise OperationalError(
+                f"cannot reach a cmactor supervisor at {self.socket_path}: {exc.strerror or exc}; "
+                "start one with `cmactor run CONFIG.toml`, or give its socket_path (socket=, "
+                "CMACTOR_SOCKET or --socket)"
+            ) from None
+        self.closed = False
+
+    def cursor(self, vr_name=None):
+        return Cursor(self, vr_name)
+
+    def commit(self):
+        """No transactions yet: every set takes effect when it returns."""
+        self._check_open()
+
+    def rollback(self):
+        raise NotSupportedError("cmactor has no transactions: a set takes effect when it returns")
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self.closed:
+            raise InterfaceError("the connection is closed")
+
+    def request(self, message, on_notify=None):
+        """Send one request map and return its reply map; errors are raised."""
+        with self._lock:
+            self._check_open()
+            self._next_id += 1
+            rid = message["id"] = self._next_id
+            message["user"] = self.username
+            caller = cmbackend.current_caller()
+            if caller is not None:
+                message["caller"] = list(caller)
+            try:
+                self._sock.sendall(P.pack(message))
+                while True:
+                    frame = self._next_frame()
+                    if frame.get("id") != rid:
+                        if frame.get("id") is None and "error" in frame:
+                            raise from_wire(frame["error"])
+                        continue
+                    if "notify" in frame:
+                        if on_notify is not None:
+                            on_notify(frame["notify"])
+                        continue
+                    if not frame.get("ok"):
+                        raise from_wire(frame.get("error") or {})
+                    return frame
+            except (OSError, P.FrameError) as exc:
+                self.close()
+                what = "timed out" if isinstance(exc, TimeoutError) else f"failed ({exc})"
+                raise OperationalError(
+                    f"connection to the supervisor at {self.socket_path} {what} during {message.get('op')}"
+                ) from None
+
+    def _next_frame(self):
+        while not self._frames:
+            data = self._sock.recv(P.READ_SIZE)
+            if not data:
+                raise OSError("the supervisor closed the connection")
+            self._frames.extend(self._reader.feed(data))
+        return self._frames.popleft()
+
+
+class Cursor:
+    """Runs ``"<op> <module>.<table>"`` requests and holds the rows of the last one."""
+
+    arraysize = 1
+
+    def __init__(self, connection, vr_name=None):
+        self.connection = connection
+        self.vr_name = vr_name
+        self.retries = 0
+        self.retry_timeout = 5
+        self.max_rows = 100000
+        self.batch_size = P.DEFAULT_BATCH
+        self.messages = []
+        self.description = None
+        self.rowcount = -1
+        self._columns = ()
+        self._rows = []
+        self._pos = 0
+        self.closed = False
+
+    # -- executing -------------------------------------------------------
+
+    def execute(self, operation, params=None):
+        if self.closed:
+            raise InterfaceError("the cursor is closed")
+        op, module, table = parse_operation(operation)
+        params = wire_params(params)
+        self.messages = []
+        self.description = None
+        self.rowcount = -1
+        self._rows, self._pos = [], 0
+        request = {"op": op, "module": module, "table": table, "params": params, "vr": self.vr_name}
+        if self.connection.print_callback is not None:
+            request["notify"] = True
+        if op == "getnext":
+            rows = self._walk(request, module, table)
+        else:
+            rows = self._send(request)["rows"]
+        self._set_result(rows)
+        return self
+
+    def executemany(self, operation, seq_of_params):
+        for params in seq_of_params:
+            self.execute(operation, params)
+
+    def _send(self, request):
+        attempt = 0
+        while True:
+            try:
+                return self.connection.request(dict(request), self._on_notify)
+            except ModuleUnavailable:
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+                # Ask the supervisor to hold the retry until the module is READY.
+                request["hold"] = float(self.retry_timeout)
+
+    def _walk(self, request, module, table):
+        rows = []
+        after = None
+        while True:
+            request["batch"] = min(self.batch_size, max(1, self.max_rows - len(rows)))
+            request["after"] = after
+            reply = self._send(request)
+            rows.extend(reply["rows"])
+            if not reply.get("more") or not reply["rows"]:
+                return rows
+            if len(rows) >= self.max_rows:
+                raise OperationalError(
+                    f"getnext {module}.{table}: stopped at max_rows={self.max_rows} while the agent still "
+                    f"reports more(); raise Cursor.max_rows for a bigger table, or check that "
+                    f"{table}_get advances to the next row and stops calling ctx.more() at the end"
+                )
+            after = rows[-1]
+
+    def _on_notify(self, text):
+        self.messages.append(text)
+        callback = self.connection.print_callback
+        if callback is not None:
+            callback(text)
+
+    def _set_result(self, rows):
+        columns = {}
+        for row in rows:
+            for name in row:
+                columns.setdefault(name, None)
+        self._columns = tuple(columns)
+        self.description = tuple((name, STRING, None, None, None, None, None) for name in self._columns) or None
+        self._rows = rows
+        self.rowcount = len(rows)
+
+    # -- fetching --------------------------------------------------------
+
+    def _tuple(self, row):
+        return tuple(row.get(name) for name in self._columns)
+
+    def fetchone(self):
+        if self._pos >= len(self._rows):
+            return None
+        row = self._rows[self._pos]
+        self._pos += 1
+        return self._tuple(row)
+
+    def fetchmany(self, size=None):
+        size = self.arraysize if size is None else size
+        chunk = self._rows[self._pos : self._pos + size]
+        self._pos += len(chunk)
+        return [self._tuple(row) for row in chunk]
+
+    def fetchall(self):
+        chunk = self._rows[self._pos :]
+        self._pos = len(self._rows)
+        return [self._tuple(row) for row in chunk]
+
+    def __iter__(self):
+        while (row := self.fetchone()) is not None:
+            yield row
+
+    def iterrow(self):
+        """Yield the remaining rows as ``Row(rowid, opStatus, opMsg, field_values)``."""
+        while self._pos < len(self._rows):
+            rowid = self._pos
+            self._pos += 1
+            yield Row(rowid, 0, "", dict(self._rows[rowid]))
+
+    # -- PEP 249 odds and ends -------------------------------------------
+
+    def setinputsizes(self, sizes):
+        pass
+
+    def setoutputsize(self, size, column=None):
+        pass
+
+    def close(self):
+        self.closed = True
+        self._rows = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,95 @@
+"""One exception tree for clients, agents and the supervisor.
+
+The client-facing part follows PEP 249; errors cross the wire as
+``{"type": <class name>, "message": <text>}`` and are rebuilt on the other side
+with :func:`from_wire`.
+"""
+
+
+class Warning(Exception):  # noqa: A001 - PEP 249 requires this exact name
+    """Important warnings (PEP 249)."""
+
+
+class Error(Exception):
+    """Base class of every error a cmactor client raises (PEP 249)."""
+
+
+class InterfaceError(Error):
+    """A problem with the client interface itself (bad use of a cursor, closed connection)."""
+
+
+class DatabaseError(Error):
+    """An error reported by the runtime or by an agent (raise_error, an escaped exception)."""
+
+
+class DataError(DatabaseError):
+    """A value that cannot be represented (e.g. an agent replied with a non-string field name)."""
+
+
+class OperationalError(DatabaseError):
+    """The runtime could not carry out the request (connection lost, module crashed, timeout)."""
+
+
+class IntegrityError(DatabaseError):
+    """Consistency of the config would be broken."""
+
+
+class InternalError(DatabaseError):
+    """The runtime hit a state it should never be in."""
+
+
+class ProgrammingError(DatabaseError):
+    """The request is wrong: unknown module, table or op, malformed operation or params."""
+
+
+class NotSupportedError(DatabaseError):
+    """The operation is not supported by this runtime."""
+
+
+class ModuleUnavailable(OperationalError):
+    """The module is quarantined (FAILED), stopping, or was not READY within the hold time."""
+
+
+class DeadlockDetectedError(OperationalError):
+    """Admitting the request would close a cycle of lanes waiting on each other."""
+
+
+class ConfigError(ValueError):
+    """The supervisor's configuration (TOML file or embedding arguments) is invalid."""
+
+
+class StartupError(RuntimeError):
+    """``Supervisor.start()`` gave up; ``reasons`` maps each module that is not READY to why."""
+
+    def __init__(self, message, reasons=None):
+        super().__init__(message)
+        self.reasons = dict(reasons or {})
+
+
+WIRE_ERRORS = {
+    cls.__name__: cls
+    for cls in (
+        Error,
+        InterfaceError,
+        DatabaseError,
+        DataError,
+        OperationalError,
+        IntegrityError,
+        InternalError,
+        ProgrammingError,
+        NotSupportedError,
+        ModuleUnavailable,
+        DeadlockDetectedError,
+    )
+}
+
+
+def to_wire(exc_type, message):
+    """The wire form of an error: a plain map, never a pickled exception."""
+    return {"type": exc_type.__name__, "message": str(message)}
+
+
+def from_wire(error):
+    """Rebuild the exception a wire error names; unknown names become DatabaseError."""
+    cls = WIRE_ERRORS.get(error.get("type"), DatabaseError)
+    return cls(error.get("message", "unknown error"))

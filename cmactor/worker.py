@@ -1,0 +1,334 @@
+"""The worker process: one per agent.
+
+Threads in a worker:
+- main: imports and runs the agent's entry function, then idles (or runs the
+  entry's own loop, if it has one);
+- reader: reads the supervisor's socket, puts serial work in the mailbox and
+  hands @async_action requests to the agent's pool; EOF means the supervisor is
+  gone, and the worker then takes its whole process group down with it;
+- serial lane: runs the mailbox in order, one item at a time (events, load and
+  save actions, every action not marked async);
+- the pool: @async_action requests, concurrently.
+
+The worker knows its socket and its agent, nothing about other modules.
+"""
+
+import importlib
+import importlib.util
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+from . import cmbackend
+from . import protocol as P
+from .cmbackend import ActionStopped, CmContext
+from .errors import DatabaseError, DataError, ProgrammingError, to_wire
+
+log = logging.getLogger("cmactor.worker")
+
+# op -> method suffix: get, getone and getnext all read through <table>_get.
+_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}
+
+
+class _FieldError(Exception):
+    """The agent put something in ctx.fields that cannot cross the wire."""
+
+
+def _row(fields):
+    """ctx.fields as a wire row: str keys, str values, None kept as null."""
+    if not isinstance(fields, dict):
+        raise _FieldError(f"ctx.fields must be a dict, got {type(fields).__name__}")
+    row = {}
+    for key, value in fields.items():
+        if type(key) is not str:
+            raise _FieldError(f"field name {key!r} is a {type(key).__name__}, not a str")
+        if value is None or type(value) is str:
+            row[key] = value
+            continue
+        try:
+            row[key] = str(value)
+        except Exception as exc:
+            raise _FieldError(f"field {key!r}: str() of its value raised {type(exc).__name__}: {exc}") from None
+    return row
+
+
+class _ChannelHandler(logging.Handler):
+    """Sends log records to the supervisor over the worker's own socket."""
+
+    def __init__(self, runtime):
+        super().__init__()
+        self._runtime = runtime
+
+    def emit(self, record):
+        try:
+            self._runtime.send([P.LOG, record.levelno, record.name, self.format(record)])
+        except Exception:
+            self.handleError(record)
+
+
+class Runtime:
+    """The worker side of one module: its socket, its agent, its lanes."""
+
+    def __init__(self, module, sock, pool_size):
+        self.module = module
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._mailbox = queue.SimpleQueue()
+        self._shared_pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"{module}-pool")
+        self._methods = {}
+        self.agent = None
+
+    # -- channel ---------------------------------------------------------
+
+    def send(self, msg):
+        data = P.pack(msg)
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def start(self):
+        threading.Thread(target=self._read_loop, name=f"{self.module}-reader", daemon=True).start()
+        threading.Thread(target=self._serial_loop, name=f"{self.module}-serial", daemon=True).start()
+
+    def _read_loop(self):
+        reader = P.FrameReader(max_frame=None)  # the supervisor is trusted
+        try:
+            while True:
+                data = self._sock.recv(P.READ_SIZE)
+                if not data:
+                    break
+                for msg in reader.feed(data):
+                    if msg[0] == P.REQ:
+                        self._route(msg)
+                    elif msg[0] == P.EVENT:
+                        self._mailbox.put(msg)
+                    elif msg[0] == P.STOP:
+                        _exit(0)
+        except OSError:
+            pass
+        # The supervisor is gone: take every process this agent started with us.
+        _exit(0, whole_group=True)
+
+    # -- registration (called from cmbackend) -----------------------------
+
+    def register(self, agent, persistent, deps):
+        if self.agent is not None:
+            raise RuntimeError(f"cmbackend_init() called twice in module {self.module!r}")
+        self.agent = agent
+        async_actions = sorted(
+            name for name in dir(type(agent)) if getattr(getattr(type(agent), name, None), "_cmactor_async", False)
+        )
+        self.send([P.INIT, persistent, deps, async_actions])
+
+    def ready(self):
+        self.send([P.READY])
+
+    # -- dispatch ----------------------------------------------------------
+
+    def _method(self, table, op):
+        key = (table, op)
+        found = self._methods.get(key)
+        if found is None:
+            name = f"{table}_{_SUFFIX[op]}"
+            method = getattr(self.agent, name, None)
+            if not callable(method):
+                raise LookupError(self._missing(table, op, name))
+            found = self._methods[key] = (method, bool(getattr(method, "_cmactor_async", False)))
+        return found
+
+    def _missing(self, table, op, name):
+        tables = sorted(
+            {
+                attr.rsplit("_", 1)[0]
+                for attr in dir(self.agent)
+                if attr.endswith(("_get", "_set", "_setop")) and callable(getattr(self.agent, attr, None))
+            }
+        )
+        if table in tables:
+            return (
+                f"module {self.module!r} table {table!r} has no {op!r} action: "
+                f"define {name}(self, ctx) in the agent"
+            )
+        known = ", ".join(tables) or "none"
+        return f"module {self.module!r} has no table {table!r} (no {table}_get/_set/_setop method); its tables: {known}"
+
+    def _route(self, msg):
+        if self.agent is None:
+            self._reply_error(msg[1], ProgrammingError, f"module {self.module!r} has not called cmbackend_init()")
+            return
+        try:
+            method, is_async = self._method(msg[3], msg[2])
+        except LookupError as exc:
+            self._reply_error(msg[1], ProgrammingError, str(exc))
+            return
+        if is_async:
+            pool = self.agent.pool or self._shared_pool
+            pool.submit(self._execute, msg, method, True)
+        else:
+            self._mailbox.put((msg, method))
+
+    def _serial_loop(self):
+        while True:
+            item = self._mailbox.get()
+            if item[0] == P.EVENT:
+                self._run_event(item[1], item[2])
+            else:
+                self._execute(item[0], item[1], False)
+
+    def _reply_error(self, sid, exc_type, message):
+        self.send([P.REPLY, sid, to_wire(exc_type, message), [], False, False])
+
+    # -- running agent code ---------------------------------------------------
+
+    def _run_event(self, sid, name):
+        error = None
+        cmbackend._current.caller = (self.module, "serial")
+        try:
+            getattr(self.agent, name)()
+        except ActionStopped as stop:
+            error = stop.message
+        except BaseException as exc:
+            log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            cmbackend._current.caller = None
+        self.send([P.EVENT_DONE, sid, error])
+
+    def _execute(self, msg, method, is_async):
+        _, sid, op, table, params, vr, flags, batch, after = msg
+        notify = None
+        if flags & P.F_NOTIFY:
+
+            def notify(text):
+                self.send([P.NOTIFY, sid, text])
+
+        cmbackend._current.caller = (self.module, "async" if is_async else "serial")
+        options = dict(
+            op=op, is_async=is_async, is_save=bool(flags & P.F_SAVE), is_load=bool(flags & P.F_LOAD), notify=notify
+        )
+        try:
+            if op == "getnext":
+                rows, more = self._walk(method, params, vr, options, batch, after)
+                dirty = False
+            else:
+                ctx = CmContext(params, vr, **options)
+                method(ctx)
+                row = _row(ctx.fields)
+                rows = [row] if row else []
+                more = False
+                dirty = bool(ctx.dirty)
+            reply = [P.REPLY, sid, None, rows, more, dirty]
+        except ActionStopped as stop:
+            reply = [P.REPLY, sid, to_wire(DatabaseError, stop.message), [], False, False]
+        except _FieldError as exc:
+            error = to_wire(DataError, f"module {self.module!r} {table}_{_SUFFIX[op]} replied badly: {exc}")
+            reply = [P.REPLY, sid, error, [], False, False]
+        except BaseException as exc:
+            log.error(
+                "module %s: %s %s.%s raised\n%s", self.module, op, self.module, table, traceback.format_exc().rstrip()
+            )
+            error = to_wire(DatabaseError, f"{op} {self.module}.{table} raised {type(exc).__name__}: {exc}")
+            reply = [P.REPLY, sid, error, [], False, False]
+        finally:
+            cmbackend._current.caller = None
+        self.send(reply)
+
+    @staticmethod
+    def _walk(method, params, vr, options, batch, after):
+        """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
+
+        The first call gets the caller's params; each next call gets the caller's
+        params plus the previous row's fields. ``after`` resumes a walk from the
+        row a previous batch ended on.
+        """
+        rows = []
+        call_params = params
+        if after:
+            call_params = {**params, **{k: v for k, v in after.items() if v is not None}}
+        while True:
+            ctx = CmContext(call_params, vr, **options)
+            method(ctx)
+            row = _row(ctx.fields)
+            if not row:
+                return rows, False
+            rows.append(row)
+            if not ctx._more:
+                return rows, False
+            if len(rows) >= batch:
+                return rows, True
+            call_params = {**params, **{k: v for k, v in row.items() if v is not None}}
+
+
+def _exit(code, whole_group=False):
+    """Leave at once: flush what the agent printed, then end the process (or its group)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if whole_group:
+        try:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def load_entry(entry, module):
+    """Import an entry ``"pkg.mod:func"`` or ``"/abs/path/file.py:func"`` and return the function."""
+    target, _, func_name = entry.rpartition(":")
+    if target.endswith(".py"):
+        sys.path.insert(0, os.path.dirname(target))
+        name = f"cmactor_agent_{module}"
+        spec = importlib.util.spec_from_file_location(name, target)
+        if spec is None:
+            raise ImportError(f"cannot load {target}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module(target)
+    func = getattr(mod, func_name, None)
+    if not callable(func):
+        raise AttributeError(f"{target} has no function {func_name!r}")
+    return func
+
+
+def main(spec, sock):
+    """Process target: set the process up as the supervisor asked, then run the entry."""
+    # Own process group: the supervisor kills the whole group on stop and restart,
+    # which reaches processes the agent started even after the worker is gone.
+    os.setpgrp()
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    os.chdir(spec["cwd"])
+    for path in reversed(spec["sys_path"]):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    module = spec["module"]
+    runtime = Runtime(module, sock, spec["pool_size"])
+    root = logging.getLogger()
+    root.handlers[:] = [_ChannelHandler(runtime)]
+    root.setLevel(spec["log_level"])
+    cmbackend._runtime = runtime
+    runtime.start()
+    try:
+        load_entry(spec["entry"], module)()
+    except BaseException as exc:
+        detail = "".join(traceback.format_exception(exc)).rstrip()
+        _fatal(runtime, f"entry {spec['entry']!r} raised {type(exc).__name__}: {exc}", detail)
+    if runtime.agent is None:
+        _fatal(runtime, f"entry {spec['entry']!r} returned without calling cmbackend_init()", "")
+    threading.Event().wait()
+
+
+def _fatal(runtime, message, detail):
+    try:
+        runtime.send([P.FATAL, message, detail])
+    except OSError:
+        pass
+    _exit(1)

@@ -1,0 +1,123 @@
+"""Demo agent "vlan": vlans and their member ports; depends on "ports".
+
+Tables ``vlan`` (name, tag) and ``member`` (vlan, port). ``member_set`` is an
+@async_action: it asks the ports module whether the port exists, a blocking call
+that must not run on the serial lane. Because it runs concurrently with the
+serial lane, the agent guards its state with a lock.
+"""
+
+import threading
+
+import cmactor
+from cmactor import async_action, ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+
+class Vlan(CmAgent):
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.vlans = {}  # name -> tag
+        self.members = set()  # (vlan, port)
+        self._conn = threading.local()
+
+    def event_generate_default(self):
+        with self.lock:
+            self.vlans = {"default": "1"}
+            self.members = set()
+        ready()
+
+    def event_load_start(self):
+        with self.lock:
+            self.vlans = {"default": "1"}
+            self.members = set()
+
+    def event_load_complete(self):
+        ready()
+
+    # -- vlan table ------------------------------------------------------
+
+    def vlan_get(self, ctx):
+        with self.lock:
+            names = sorted(self.vlans)
+            name = ctx.params.get("name")
+            if ctx.is_getnext:
+                following = names if name is None else [n for n in names if n > name]
+                if not following:
+                    return
+                name = following[0]
+                if name != names[-1]:
+                    ctx.more()
+            elif name not in self.vlans:
+                ctx.raise_error(f"vlan {name!r} does not exist")
+            ctx.fields = {"name": name, "tag": self.vlans[name]}
+
+    def vlan_set(self, ctx):
+        name = ctx.params.get("name")
+        tag = ctx.params.get("tag", "")
+        if not name:
+            ctx.raise_error("set vlan.vlan: give name=<vlan> tag=<1-4094>")
+        if not tag.isdigit() or not 1 <= int(tag) <= 4094:
+            ctx.raise_error(f"vlan {name}: tag must be a number from 1 to 4094, got {tag!r}")
+        with self.lock:
+            for other, other_tag in self.vlans.items():
+                if other != name and other_tag == tag:
+                    ctx.raise_error(f"vlan {name}: tag {tag} is already used by vlan {other!r}")
+            self.vlans[name] = tag
+        ctx.fields = {"name": name, "tag": tag}
+
+    def vlan_setop(self, ctx):
+        if ctx.params.get("action") != "delete":
+            ctx.raise_error("setop vlan.vlan: the only action is action=delete name=<vlan>")
+        name = ctx.params.get("name")
+        with self.lock:
+            if name not in self.vlans:
+                ctx.raise_error(f"vlan {name!r} does not exist")
+            del self.vlans[name]
+            self.members = {m for m in self.members if m[0] != name}
+        ctx.fields = {"deleted": name}
+
+    # -- member table ----------------------------------------------------
+
+    def member_get(self, ctx):
+        with self.lock:
+            rows = sorted(self.members)
+            if ctx.is_getnext:
+                if "vlan" in ctx.params and "port" in ctx.params:
+                    rows = [r for r in rows if r > (ctx.params["vlan"], ctx.params["port"])]
+                if not rows:
+                    return
+                if len(rows) > 1:
+                    ctx.more()
+                vlan, port = rows[0]
+            else:
+                vlan, port = ctx.params.get("vlan"), ctx.params.get("port")
+                if (vlan, port) not in self.members:
+                    ctx.raise_error(f"port {port!r} is not a member of vlan {vlan!r}")
+            ctx.fields = {"vlan": vlan, "port": port}
+
+    @async_action
+    def member_set(self, ctx):
+        vlan, port = ctx.params.get("vlan"), ctx.params.get("port")
+        with self.lock:
+            if vlan not in self.vlans:
+                ctx.raise_error(f"vlan {vlan!r} does not exist")
+        if not ctx.is_load:
+            # A blocking call to another module: fine here, on the async lane.
+            try:
+                self._ports().cursor().execute("get ports.port", {"name": port})
+            except cmactor.DatabaseError as exc:
+                ctx.raise_error(f"cannot add port {port!r} to vlan {vlan!r}: {exc}")
+        with self.lock:
+            self.members.add((vlan, port))
+        ctx.fields = {"vlan": vlan, "port": port}
+
+    def _ports(self):
+        conn = getattr(self._conn, "conn", None)
+        if conn is None or conn.closed:
+            conn = self._conn.conn = cmactor.connect(username="vlan")
+        return conn
+
+
+def main():
+    cmbackend_init(Vlan(), persistent_list=["vlan", "member"], config_deps=["ports"])

@@ -1,0 +1,169 @@
+"""Supervisor configuration: the option schema, validation and TOML loading.
+
+Every error names where the bad value came from (file, table, key) and what is
+accepted instead, so that an operator can fix the file without reading code.
+"""
+
+import difflib
+import logging
+import os
+import re
+import tomllib
+
+from cmactor.errors import ConfigError
+from cmactor.protocol import MAX_FRAME, NAME_RE
+
+REQUIRED = object()
+
+
+def _number(where, value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{where}: expected a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _count(where, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _positive(where, value):
+    if _count(where, value) == 0:
+        raise ConfigError(f"{where}: expected a whole number >= 1, got 0")
+    return value
+
+
+def _text(where, value):
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _path(where, value):
+    return None if value is None else os.fspath(_text(where, os.fspath(value)))
+
+
+def _uids(where, value):
+    if not isinstance(value, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in value):
+        raise ConfigError(f"{where}: expected a list of numeric uids, got {value!r}")
+    return list(value)
+
+
+def _env(where, value):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{where}: expected a table of string names to string values, got {value!r}")
+    return dict(value)
+
+
+def _level(where, value):
+    name = _text(where, value).upper()
+    if not isinstance(logging.getLevelName(name), int):
+        raise ConfigError(f"{where}: unknown log level {value!r}; use DEBUG, INFO, WARNING or ERROR")
+    return name
+
+
+_MODULE_TARGET = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_FUNC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _entry(where, value):
+    value = _text(where, value)
+    target, sep, func = value.rpartition(":")
+    if not sep or not _FUNC.match(func) or not (target.endswith(".py") or _MODULE_TARGET.match(target)):
+        raise ConfigError(
+            f"{where}: entry {value!r} is not 'package.module:function' or 'path/to/file.py:function'"
+        )
+    return value
+
+
+# key -> (validator, default)
+SUPERVISOR_OPTIONS = {
+    "state_dir": (_path, ".cmactor"),
+    "socket": (_path, None),
+    "hold_timeout": (_number, 10.0),
+    "start_timeout": (_number, 30.0),
+    "stop_timeout": (_number, 10.0),
+    "allowed_uids": (_uids, []),
+    "log_level": (_level, "INFO"),
+    "max_frame": (_positive, MAX_FRAME),
+}
+
+AGENT_OPTIONS = {
+    "entry": (_entry, REQUIRED),
+    "pool_size": (_positive, 8),
+    "env": (_env, {}),
+    "max_restarts": (_count, 5),
+    "restart_window": (_number, 60.0),
+    "restart_delay": (_number, 0.05),
+    "restart_delay_max": (_number, 5.0),
+    "stable_after": (_number, 10.0),
+}
+
+
+def validate(where, raw, schema):
+    """Check ``raw`` against ``schema``; return a full dict with defaults filled in."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of options, got {raw!r}")
+    out = {}
+    for key, value in raw.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(schema)}")
+        out[key] = schema[key][0](f"{where}.{key}", value)
+    for key, (_, default) in schema.items():
+        if key not in out:
+            if default is REQUIRED:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+            out[key] = default.copy() if isinstance(default, list | dict) else default
+    return out
+
+
+def resolve_entry(entry, base_dir, where):
+    """Make a file entry absolute (relative to ``base_dir``) and check the file exists."""
+    target, _, func = entry.rpartition(":")
+    if not target.endswith(".py"):
+        return entry
+    path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(target)))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: entry file {path} does not exist")
+    return f"{path}:{func}"
+
+
+def agents_config(agents, base_dir, where="agents"):
+    """Validate the agents mapping: name -> entry string or table of options."""
+    if not isinstance(agents, dict) or not agents:
+        raise ConfigError(f"{where}: expected at least one agent, as a table of name = entry or options")
+    out = {}
+    for name, raw in agents.items():
+        here = f"{where}.{name}"
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ConfigError(
+                f"{here}: module name {name!r} must start with a letter and hold only letters, digits and '_'"
+            )
+        if isinstance(raw, str):
+            raw = {"entry": raw}
+        opts = validate(here, raw, AGENT_OPTIONS)
+        opts["entry"] = resolve_entry(opts["entry"], base_dir, f"{here}.entry")
+        out[name] = opts
+    return out
+
+
+def load_toml(path):
+    """Read a cmactor.toml: returns (supervisor options, agents options, base dir)."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    extra = set(data) - {"supervisor", "agents"}
+    if extra:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor] and [agents.NAME]")
+    base_dir = os.path.dirname(path)
+    options = validate(f"{path}: [supervisor]", data.get("supervisor", {}), SUPERVISOR_OPTIONS)
+    agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]")
+    return options, agents, base_dir

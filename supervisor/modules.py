@@ -1,0 +1,111 @@
+"""The supervisor's record of one module: its state, its worker and its requests.
+
+States: STARTING -> WAITING_DEPS -> LOADING -> READY; RESTARTING after a crash;
+FAILED when quarantined or unable to start; STOPPING -> STOPPED on shutdown.
+"""
+
+import collections
+import time
+
+from cmactor import protocol as P
+
+STARTING = "STARTING"
+WAITING_DEPS = "WAITING_DEPS"
+LOADING = "LOADING"
+READY = "READY"
+RESTARTING = "RESTARTING"
+FAILED = "FAILED"
+STOPPING = "STOPPING"
+STOPPED = "STOPPED"
+
+
+class Pending:
+    """A client request the supervisor has accepted and not yet answered."""
+
+    __slots__ = ("client", "rid", "request", "deadline", "sid")
+
+    def __init__(self, client, rid, request, deadline=None):
+        self.client = client
+        self.rid = rid
+        self.request = request
+        self.deadline = deadline
+        self.sid = None
+
+
+class Module:
+    __slots__ = (
+        "name",
+        "options",
+        "state",
+        "process",
+        "sock",
+        "reader",
+        "out",
+        "psutil",
+        "persistent_list",
+        "config_deps",
+        "async_actions",
+        "unsaved",
+        "ready_called",
+        "loaded",
+        "inflight",
+        "held",
+        "restarts",
+        "policy",
+        "started_at",
+        "last_exit",
+        "error",
+        "waiting_on",
+        "last_event",
+    )
+
+    def __init__(self, name, options, policy):
+        self.name = name
+        self.options = options
+        self.policy = policy
+        self.state = STOPPED
+        self.process = None
+        self.sock = None
+        self.reader = None
+        self.out = bytearray()
+        self.psutil = None
+        self.persistent_list = []
+        self.config_deps = []
+        self.async_actions = frozenset()
+        self.unsaved = False
+        self.ready_called = False
+        self.loaded = False
+        self.inflight = {}  # sid -> Pending
+        self.held = collections.deque()  # Pending, oldest first
+        self.restarts = 0
+        self.started_at = None
+        self.last_exit = None
+        self.error = None
+        self.waiting_on = None
+        self.last_event = None
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process is not None else None
+
+    def attach(self, process, sock):
+        """A fresh worker: new socket and read state, nothing carried over from the last one."""
+        self.process = process
+        self.sock = sock
+        self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
+        self.out = bytearray()
+        self.state = STARTING
+        self.ready_called = False
+        self.loaded = False
+        self.started_at = time.monotonic()
+        self.error = None
+        self.waiting_on = None
+        self.last_event = None
+
+    def send(self, message):
+        self.out += P.pack(message)
+
+    def uptime(self):
+        if self.started_at is None or self.state in (STOPPED, FAILED, RESTARTING):
+            return None
+        return time.monotonic() - self.started_at

@@ -1,0 +1,154 @@
+"""The frontend socket: listening, peer checks, framing and request validation.
+
+Bytes from clients are untrusted: frames are size-checked before their body is
+read, decoded with msgpack only, and every field is checked before a request
+reaches the routing code. A client whose stream is broken is answered once and
+dropped; everyone else goes on being served.
+"""
+
+import os
+import socket
+import struct
+import tempfile
+
+from cmactor import protocol as P
+from cmactor.errors import InterfaceError, ProgrammingError, to_wire
+
+# Longest path an AF_UNIX socket can bind on Linux (108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
+
+_PEERCRED = struct.Struct("3i")
+
+
+class BadRequest(Exception):
+    def __init__(self, rid, exc_type, message):
+        super().__init__(message)
+        self.rid = rid
+        self.exc_type = exc_type
+
+
+def listen(path):
+    """Bind the frontend socket at ``path`` (its directory made 0700).
+
+    Returns (socket, path actually bound, private dir to remove or None). A path
+    too long for AF_UNIX moves the socket to a short private directory.
+    """
+    private_dir = None
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        private_dir = tempfile.mkdtemp(prefix="cmactor-")  # mkdtemp makes it 0700
+        path = os.path.join(private_dir, "cm.sock")
+    else:
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+    if os.path.exists(path):
+        _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock, path, private_dir
+
+
+def _remove_stale(path):
+    """Remove a socket file left by a dead supervisor; refuse to take over a live one."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another supervisor is already listening on {path}; stop it or choose another state_dir")
+
+
+def peer_uid(sock):
+    """The uid of the process at the other end, or None where the OS cannot say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return uid
+
+
+class Client:
+    """One connected frontend: its socket, read state and pending output."""
+
+    __slots__ = ("sock", "reader", "out", "closed", "closing", "uid")
+
+    def __init__(self, sock, uid, max_frame):
+        self.sock = sock
+        self.reader = P.FrameReader(max_frame)
+        self.out = bytearray()
+        self.closed = False
+        self.closing = False  # answered with a stream error: drop once flushed
+        self.uid = uid
+
+    def send(self, message):
+        if not self.closed:
+            self.out += P.pack(message)
+
+    def reply_error(self, rid, exc_type, message):
+        self.send({"id": rid, "ok": False, "error": to_wire(exc_type, message)})
+
+    def fail_stream(self, message):
+        """Answer a stream-level error (no request id can be trusted) and drop the client."""
+        self.reply_error(None, InterfaceError, message)
+        self.closing = True
+
+
+def _str_map(rid, name, value, allow_null=False):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(rid, ProgrammingError, f"'{name}' must be a map of str to str, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise BadRequest(rid, ProgrammingError, f"'{name}' has a non-string key {key!r}")
+        if not (isinstance(item, str) or (allow_null and item is None)):
+            raise BadRequest(rid, ProgrammingError, f"'{name}.{key}' must be a str, got {type(item).__name__}")
+    return value
+
+
+def parse_request(msg):
+    """Check one decoded frame and return it as a request map, or raise BadRequest."""
+    if not isinstance(msg, dict):
+        raise BadRequest(None, ProgrammingError, f"a request must be a msgpack map, got {type(msg).__name__}")
+    rid = msg.get("id")
+    if not isinstance(rid, int) or isinstance(rid, bool):
+        raise BadRequest(None, ProgrammingError, f"request 'id' must be an integer, got {rid!r}")
+    op = msg.get("op")
+    if op not in P.DATA_OPS and op not in P.CONTROL_OPS:
+        known = ", ".join(P.DATA_OPS + P.CONTROL_OPS)
+        raise BadRequest(rid, ProgrammingError, f"unknown op {op!r}; known ops: {known}")
+    user = msg.get("user", "")
+    if not isinstance(user, str):
+        raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
+    if op not in P.DATA_OPS:
+        return msg
+    for key in ("module", "table"):
+        value = msg.get(key)
+        if not isinstance(value, str) or not P.NAME_RE.match(value):
+            raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
+    msg["params"] = _str_map(rid, "params", msg.get("params"))
+    msg["after"] = _str_map(rid, "after", msg.get("after"), allow_null=True) or None
+    vr = msg.get("vr")
+    if vr is not None and not isinstance(vr, str):
+        raise BadRequest(rid, ProgrammingError, f"'vr' must be a str or nil, got {type(vr).__name__}")
+    batch = msg.get("batch", P.DEFAULT_BATCH)
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 100000:
+        raise BadRequest(rid, ProgrammingError, f"'batch' must be an integer from 1 to 100000, got {batch!r}")
+    msg["batch"] = batch
+    hold = msg.get("hold")
+    if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int | float) or hold < 0):
+        raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds >= 0, got {hold!r}")
+    caller = msg.get("caller")
+    if caller is not None and not (
+        isinstance(caller, list) and len(caller) == 2 and all(isinstance(c, str) for c in caller)
+    ):
+        raise BadRequest(rid, ProgrammingError, f"'caller' must be [module, lane], got {caller!r}")
+    return msg

@@ -1,0 +1,810 @@
+"""Supervisor: the public facade and the one event loop that runs everything.
+
+One thread runs the loop. It waits at once on the listening socket, every
+client, every worker socket, every worker's process sentinel (a crash is seen the
+moment it happens, no polling) and a wake-up pipe through which the public
+methods, called from other threads, hand it work. All module state is touched by
+that thread only, so none of it needs locks.
+"""
+
+import atexit
+import concurrent.futures
+import heapq
+import itertools
+import logging
+import multiprocessing
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import weakref
+
+from cmactor import cmfrontend, worker
+from cmactor import protocol as P
+from cmactor.errors import (
+    ModuleUnavailable,
+    OperationalError,
+    ProgrammingError,
+    StartupError,
+)
+
+from . import deps, health, server
+from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
+from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS
+from .modules import Module, Pending
+from .restart import RestartPolicy
+
+log = logging.getLogger("cmactor.supervisor")
+
+# selector key kinds
+_LISTENER, _CLIENT, _WORKER, _SENTINEL, _WAKE = range(5)
+
+_running = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all():
+    # Runs before multiprocessing's own exit handler (atexit is last-in first-out),
+    # which would otherwise wait forever on workers that wait on us.
+    for sup in list(_running):
+        sup.stop()
+
+
+def describe_exit(code):
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Supervisor:
+    """Runs agents in worker processes and serves their frontend socket.
+
+    ``agents``: module name -> entry (``"pkg.mod:func"`` or ``"path/file.py:func"``)
+    or a dict of agent options with an ``entry``. Relative paths are relative to
+    ``base_dir`` (the config file's directory for :meth:`from_toml`, else the
+    current directory). Other keyword options are the ``[supervisor]`` keys of a
+    cmactor.toml.
+    """
+
+    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, **options):
+        self.base_dir = os.path.abspath(base_dir or os.getcwd())
+        self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
+        self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
+        agent_options = agents_config(agents, self.base_dir)
+        self.modules = {name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()}
+        self.hold_timeout = self.options["hold_timeout"]
+        self.socket_path = None
+        self._thread = None
+        self._finished = threading.Event()
+        self._start_done = threading.Event()
+        self._reset_loop_state()
+
+    @classmethod
+    def from_toml(cls, path, **overrides):
+        """A supervisor configured by a cmactor.toml; keyword arguments override [supervisor] keys."""
+        options, agents, base_dir = load_toml(path)
+        options.update(overrides)
+        return cls(agents, base_dir=base_dir, **options)
+
+    def _reset_loop_state(self):
+        self._sel = None
+        self._listener = None
+        self._private_dir = None
+        self._wake_r = self._wake_w = None
+        self._calls = []
+        self._calls_lock = threading.Lock()
+        self._timers = []
+        self._timer_seq = itertools.count()
+        self._next_sid = itertools.count(1)
+        self._events = {}  # sid -> event name, for EVENT_DONE
+        self._clients = set()
+        self._dirty = set()  # clients and modules with output waiting
+        self._writing = set()  # ... whose sockets are registered for write readiness
+        self._stopping = False
+        self._starting = True
+
+    # -- public API (any thread) -----------------------------------------
+
+    def start(self, timeout=None):
+        """Start every agent; return when all are READY, else stop them and raise StartupError."""
+        if self._thread is not None:
+            raise RuntimeError("this Supervisor was already started")
+        timeout = self.options["start_timeout"] if timeout is None else timeout
+        os.makedirs(self.state_dir, exist_ok=True)
+        path = self.options["socket"] or os.path.join(self.state_dir, "run", "cm.sock")
+        path = os.path.abspath(os.path.join(self.base_dir, path))
+        try:
+            self._listener, self.socket_path, self._private_dir = server.listen(path)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {exc}") from None
+        self._mp = multiprocessing.get_context("forkserver")
+        # Preloaded in the fork server, so a worker (and a restart) starts with the
+        # runtime already imported: a fork, not a fresh interpreter. "__main__" too:
+        # imported once there (as __mp_main__, like spawn does), so that workers
+        # forked from it find it in place instead of each importing it again.
+        self._mp.set_forkserver_preload(["__main__", "cmactor.worker"])
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
+        self._sel.register(self._listener, selectors.EVENT_READ, (_LISTENER, None))
+        self._thread = threading.Thread(target=self._loop, name="cmactor-supervisor", daemon=True)
+        self._thread.start()
+        _running.add(self)
+        self._call(self._start_all)
+        self._start_done.wait(timeout)
+        reasons = self._call(self._not_ready)
+        if reasons:
+            self.stop()
+            detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+            raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
+        self._call(self._end_start)
+        log.info("all %d modules READY; listening on %s", len(self.modules), self.socket_path)
+        return self
+
+    def connect(self, username="admin", print_callback=None, timeout=None):
+        """A frontend connection to this supervisor."""
+        if self.socket_path is None:
+            raise RuntimeError("start() the supervisor before connecting to it")
+        return cmfrontend.connect(username, print_callback, self.socket_path, timeout)
+
+    def status(self):
+        """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
+        return self._call(self._status)
+
+    def restart(self, name):
+        """Restart one module now (reviving it if it is quarantined)."""
+        return self._call(self._restart, name)
+
+    def stop(self):
+        """Stop every module (dependents first) and the loop; no process is left behind."""
+        if self._thread is None or self._finished.is_set():
+            self._join()
+            return
+        try:
+            self._call_async(self._begin_stop)
+        except RuntimeError:
+            pass
+        self._join()
+
+    def wait(self, timeout=None):
+        """Block until the supervisor has stopped (e.g. a client sent 'stop'). True if it has."""
+        return self._finished.wait(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _join(self):
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        _running.discard(self)
+
+    def _call_async(self, fn, *args):
+        future = concurrent.futures.Future()
+        with self._calls_lock:  # also keeps the wake pipe open while we write to it
+            if self._finished.is_set():
+                raise RuntimeError("the supervisor is stopped")
+            self._calls.append((fn, args, future))
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
+        return future
+
+    def _call(self, fn, *args):
+        """Run ``fn`` on the loop thread and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        return self._call_async(fn, *args).result()
+
+    # -- the loop ----------------------------------------------------------
+
+    def _loop(self):
+        try:
+            while not self._finished.is_set():
+                for key, mask in self._sel.select(self._timer_delay()):
+                    kind, obj = key.data
+                    try:
+                        if kind == _WORKER:
+                            self._read_worker(obj)
+                        elif kind == _CLIENT:
+                            if mask & selectors.EVENT_READ:
+                                self._read_client(obj)
+                            if mask & selectors.EVENT_WRITE:
+                                self._dirty.add(obj)
+                        elif kind == _SENTINEL:
+                            self._on_exit(obj)
+                        elif kind == _LISTENER:
+                            self._accept()
+                        else:
+                            self._run_calls()
+                    except Exception:
+                        log.exception("internal error handling %s; the supervisor carries on", key.data)
+                self._run_timers()
+                self._flush()
+        except BaseException:
+            log.exception("the supervisor loop died; killing every worker")
+            for mod in self.modules.values():
+                self._kill(mod)
+            self._close()
+            raise
+        finally:
+            with self._calls_lock:
+                calls, self._calls = self._calls, []
+                self._sel.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+            for _, _, future in calls:
+                future.set_exception(RuntimeError("the supervisor is stopped"))
+
+    def _run_calls(self):
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn, args, future in calls:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _after(self, delay, fn, *args):
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn, args))
+
+    def _timer_delay(self):
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_timers(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(self._timers)
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("internal error in timer %s", fn.__name__)
+
+    # -- output -------------------------------------------------------------
+
+    def _to_client(self, client, message):
+        if not client.closed:
+            client.send(message)
+            self._dirty.add(client)
+
+    def _to_worker(self, mod, message):
+        mod.send(message)
+        self._dirty.add(mod)
+
+    def _flush(self):
+        dirty, self._dirty = self._dirty, set()
+        for item in dirty:
+            sock = item.sock
+            if sock is None or not item.out:
+                if isinstance(item, server.Client) and item.closing:
+                    self._drop_client(item)
+                continue
+            try:
+                sent = sock.send(item.out)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                if isinstance(item, server.Client):
+                    self._drop_client(item)
+                else:
+                    item.out.clear()  # the worker is dying; its sentinel will tell
+                continue
+            del item.out[:sent]
+            self._want_write(item, bool(item.out))
+            if not item.out and isinstance(item, server.Client) and item.closing:
+                self._drop_client(item)
+
+    def _want_write(self, item, want):
+        if want == (item in self._writing):
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+        kind = _CLIENT if isinstance(item, server.Client) else _WORKER
+        self._sel.modify(item.sock, events, (kind, item))
+        if want:
+            self._writing.add(item)
+        else:
+            self._writing.discard(item)
+
+    # -- clients -----------------------------------------------------------
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            uid = server.peer_uid(sock)
+            client = server.Client(sock, uid, self.options["max_frame"])
+            self._clients.add(client)
+            self._sel.register(sock, selectors.EVENT_READ, (_CLIENT, client))
+            if uid is not None and uid != os.getuid() and uid not in self.options["allowed_uids"]:
+                log.warning("refused a client with uid %s", uid)
+                client.fail_stream(
+                    f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it"
+                )
+                self._dirty.add(client)
+
+    def _drop_client(self, client):
+        if client.closed:
+            return
+        client.closed = True
+        self._clients.discard(client)
+        self._writing.discard(client)
+        try:
+            self._sel.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+
+    def _read_client(self, client):
+        try:
+            data = client.sock.recv(P.READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop_client(client)  # replies still running for it are dropped on arrival
+            return
+        if client.closing:
+            return
+        try:
+            messages = client.reader.feed(data)
+        except P.FrameError as exc:
+            client.fail_stream(f"{exc}; closing this connection")
+            self._dirty.add(client)
+            return
+        for message in messages:
+            try:
+                request = server.parse_request(message)
+            except server.BadRequest as exc:
+                client.reply_error(exc.rid, exc.exc_type, str(exc))
+                self._dirty.add(client)
+                continue
+            self._handle(client, request)
+
+    def _handle(self, client, request):
+        op = request["op"]
+        rid = request["id"]
+        if op in P.DATA_OPS:
+            self._route(client, request)
+        elif op == "status":
+            self._to_client(client, {"id": rid, "ok": True, "status": self._status()})
+        elif op == "ping":
+            self._to_client(client, {"id": rid, "ok": True})
+        elif op == "stop":
+            log.info("stop requested by %s", request.get("user") or "a client")
+            self._to_client(client, {"id": rid, "ok": True})
+            self._begin_stop()
+
+    # -- routing -----------------------------------------------------------
+
+    def _route(self, client, request):
+        name = request["module"]
+        mod = self.modules.get(name)
+        if mod is None:
+            known = ", ".join(sorted(self.modules))
+            client.reply_error(request["id"], ProgrammingError, f"unknown module {name!r}; this supervisor runs: {known}")
+            self._dirty.add(client)
+            return
+        pending = Pending(client, request["id"], request)
+        if mod.state == READY and not self._stopping:
+            self._dispatch(mod, pending)
+            return
+        hold = request.get("hold")
+        explicit = hold is not None
+        hold = self.hold_timeout if hold is None else hold
+        if self._stopping or mod.state in (STOPPING, STOPPED) or hold == 0 or (mod.state == FAILED and not explicit):
+            self._fail(pending, ModuleUnavailable, self._unavailable(mod))
+            return
+        pending.deadline = time.monotonic() + hold
+        mod.held.append(pending)
+        self._after(hold, self._expire_held, mod)
+
+    def _dispatch(self, mod, pending):
+        sid = pending.sid = next(self._next_sid)
+        req = pending.request
+        flags = P.F_NOTIFY if req.get("notify") else 0
+        self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
+        mod.inflight[sid] = pending
+
+    def _fail(self, pending, exc_type, message):
+        self._to_client(pending.client, {"id": pending.rid, "ok": False, "error": {"type": exc_type.__name__, "message": message}})
+
+    def _expire_held(self, mod):
+        now = time.monotonic()
+        keep = []
+        for pending in mod.held:
+            if pending.deadline <= now:
+                hold = pending.request.get("hold", self.hold_timeout)
+                self._fail(pending, ModuleUnavailable, f"{self._unavailable(mod)} (held {hold:g}s, the hold_timeout)")
+            else:
+                keep.append(pending)
+        mod.held.clear()
+        mod.held.extend(keep)
+
+    def _release_held(self, mod):
+        held = list(mod.held)
+        mod.held.clear()
+        for pending in held:
+            if not pending.client.closed:
+                self._dispatch(mod, pending)
+
+    def _fail_held(self, mod):
+        held = list(mod.held)
+        mod.held.clear()
+        for pending in held:
+            self._fail(pending, ModuleUnavailable, self._unavailable(mod))
+
+    def _unavailable(self, mod):
+        name = mod.name
+        if self._stopping or mod.state in (STOPPING, STOPPED):
+            return f"module {name!r} is unavailable: the supervisor is stopping"
+        if mod.state == FAILED:
+            return f"module {name!r} is quarantined (FAILED): {mod.error}; revive it with `cmactor restart {name}`"
+        detail = f", waiting on {mod.waiting_on!r}" if mod.state == WAITING_DEPS and mod.waiting_on else ""
+        return f"module {name!r} is not READY (state {mod.state}{detail})"
+
+    # -- workers -------------------------------------------------------------
+
+    def _start_all(self):
+        for mod in self.modules.values():
+            self._spawn(mod)
+
+    def _spawn(self, mod):
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env.update(mod.options["env"])
+        env["CMACTOR_SOCKET"] = self.socket_path
+        env["CMACTOR_MODULE"] = mod.name
+        spec = {
+            "module": mod.name,
+            "entry": mod.options["entry"],
+            "cwd": os.getcwd(),
+            "sys_path": [self.base_dir] + [p or os.getcwd() for p in sys.path],
+            "env": env,
+            "pool_size": mod.options["pool_size"],
+            "log_level": self.options["log_level"],
+        }
+        process = self._mp.Process(target=worker.main, args=(spec, child), name=f"cmactor-{mod.name}")
+        try:
+            process.start()
+        except Exception as exc:
+            parent.close()
+            child.close()
+            self._quarantine(mod, f"could not start a worker process: {type(exc).__name__}: {exc}")
+            return
+        child.close()  # else the worker's death would never show as EOF here
+        parent.setblocking(False)
+        mod.attach(process, parent)
+        mod.psutil = health.track(process.pid)
+        self._sel.register(parent, selectors.EVENT_READ, (_WORKER, mod))
+        self._sel.register(process.sentinel, selectors.EVENT_READ, (_SENTINEL, mod))
+        log.debug("module %s: worker pid %d started", mod.name, process.pid)
+
+    def _read_worker(self, mod):
+        try:
+            data = mod.sock.recv(P.READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_worker_socket(mod)  # the sentinel reports the exit itself
+            return
+        for message in mod.reader.feed(data):
+            self._on_worker_message(mod, message)
+
+    def _close_worker_socket(self, mod):
+        if mod.sock is None:
+            return
+        self._writing.discard(mod)
+        try:
+            self._sel.unregister(mod.sock)
+        except (KeyError, ValueError):
+            pass
+        mod.sock.close()
+        mod.sock = None
+        mod.out.clear()
+
+    def _on_worker_message(self, mod, message):
+        kind = message[0]
+        if kind == P.REPLY:
+            _, sid, error, rows, more, dirty = message
+            pending = mod.inflight.pop(sid, None)
+            if pending is None:
+                return
+            if error is None:
+                if dirty:
+                    mod.unsaved = True
+                self._to_client(pending.client, {"id": pending.rid, "ok": True, "rows": rows, "more": more})
+            else:
+                self._to_client(pending.client, {"id": pending.rid, "ok": False, "error": error})
+            if self._stopping:
+                self._continue_stop()
+        elif kind == P.NOTIFY:
+            pending = mod.inflight.get(message[1])
+            if pending is not None:
+                self._to_client(pending.client, {"id": pending.rid, "notify": message[2]})
+        elif kind == P.LOG:
+            _, level, name, text = message
+            logging.getLogger(f"cmactor.agent.{mod.name}").log(level, "[%s] %s", name, text)
+        elif kind == P.INIT:
+            self._on_init(mod, message[1], message[2], message[3])
+        elif kind == P.READY:
+            mod.ready_called = True
+            self._maybe_ready(mod)
+        elif kind == P.EVENT_DONE:
+            self._on_event_done(mod, self._events.pop(message[1], None), message[2])
+        elif kind == P.FATAL:
+            _, text, detail = message
+            mod.error = text
+            log.error("module %s: %s%s", mod.name, text, f"\n{detail}" if detail else "")
+
+    def _on_init(self, mod, persistent, config_deps, async_actions):
+        if mod.state != STARTING:
+            return
+        mod.persistent_list = persistent
+        mod.config_deps = config_deps
+        mod.async_actions = frozenset(async_actions)
+        missing = deps.unknown(config_deps, self.modules)
+        if missing:
+            known = ", ".join(sorted(self.modules))
+            self._quarantine(
+                mod,
+                f"config_deps names {', '.join(map(repr, missing))}, which this supervisor does not run "
+                f"(it runs: {known})",
+            )
+            return
+        cycle = deps.find_cycle(mod.name, {m.name: m.config_deps for m in self.modules.values()})
+        if cycle:
+            reason = f"config_deps cycle: {deps.format_cycle(cycle)}"
+            for name in dict.fromkeys(cycle):
+                self._quarantine(self.modules[name], reason)
+            return
+        mod.state = WAITING_DEPS
+        self._advance_waiting()
+
+    def _advance_waiting(self):
+        for mod in self.modules.values():
+            if mod.state != WAITING_DEPS:
+                continue
+            not_ready = [d for d in mod.config_deps if self.modules[d].state != READY]
+            mod.waiting_on = not_ready[0] if not_ready else None
+            if not not_ready:
+                self._load(mod)
+
+    def _load(self, mod):
+        mod.state = LOADING
+        self._send_event(mod, "event_generate_default")
+
+    def _send_event(self, mod, name):
+        sid = next(self._next_sid)
+        self._events[sid] = name
+        mod.last_event = name
+        self._to_worker(mod, [P.EVENT, sid, name])
+
+    def _on_event_done(self, mod, name, error):
+        if error is not None:
+            log.warning("module %s: %s failed: %s", mod.name, name, error)
+            mod.error = f"{name} raised {error}"
+        if name == "event_generate_default":
+            mod.loaded = True
+            self._maybe_ready(mod)
+
+    def _maybe_ready(self, mod):
+        if mod.state != LOADING or not (mod.loaded and mod.ready_called):
+            return
+        mod.state = READY
+        mod.error = None
+        log.info("module %s READY (pid %d)", mod.name, mod.pid)
+        self._release_held(mod)
+        self._advance_waiting()
+        self._check_start()
+
+    def _on_exit(self, mod):
+        process = mod.process
+        pid = process.pid
+        self._sel.unregister(process.sentinel)
+        process.join()  # the sentinel fired: this returns at once
+        code = process.exitcode
+        process.close()
+        self._close_worker_socket(mod)
+        self._kill_group(pid)
+        mod.process = None
+        mod.psutil = None
+        reason = describe_exit(code)
+        mod.last_exit = reason
+        for sid, pending in list(mod.inflight.items()):
+            req = pending.request
+            self._fail(
+                pending,
+                OperationalError,
+                f"module {mod.name!r} crashed ({reason}) while handling {req['op']} {mod.name}.{req['table']}; "
+                "the request may have taken effect: check before retrying",
+            )
+        mod.inflight.clear()
+        if self._stopping or mod.state == STOPPING:
+            mod.state = STOPPED
+            self._continue_stop()
+            return
+        if mod.state == FAILED:
+            return
+        if self._starting:
+            mod.error = mod.error or f"worker exited ({reason}) before the module was READY"
+            self._quarantine(mod, mod.error)
+            return
+        uptime = time.monotonic() - mod.started_at
+        delay = mod.policy.on_crash(time.monotonic(), uptime)
+        if delay is None:
+            self._quarantine(
+                mod,
+                f"crashed more than {mod.policy.max_restarts} times within {mod.policy.window:g}s; last: {reason}",
+            )
+            return
+        log.error("module %s: worker pid %d %s; restarting in %.2fs", mod.name, pid, reason, delay)
+        mod.state = RESTARTING
+        self._after(delay, self._respawn, mod)
+
+    def _respawn(self, mod):
+        if mod.state != RESTARTING or self._stopping:
+            return
+        mod.restarts += 1
+        self._spawn(mod)
+
+    def _restart(self, name):
+        mod = self.modules.get(name)
+        if mod is None:
+            raise ProgrammingError(f"unknown module {name!r}; this supervisor runs: {', '.join(sorted(self.modules))}")
+        mod.policy.reset()
+        if mod.process is not None:
+            mod.state = RESTARTING
+            self._kill(mod)  # the exit is then seen as a crash of a RESTARTING module
+            self._after(0, self._respawn, mod)
+        else:
+            mod.state = RESTARTING
+            self._respawn(mod)
+
+    def _quarantine(self, mod, reason):
+        log.error("module %s FAILED: %s", mod.name, reason)
+        mod.state = FAILED
+        mod.error = reason
+        self._kill(mod)
+        self._fail_held(mod)
+        self._check_start()
+
+    def _kill(self, mod):
+        if mod.process is not None:
+            self._kill_group(mod.process.pid)
+
+    @staticmethod
+    def _kill_group(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- start and stop ------------------------------------------------------
+
+    def _check_start(self):
+        states = {m.state for m in self.modules.values()}
+        if states == {READY} or FAILED in states:
+            self._start_done.set()
+
+    def _not_ready(self):
+        reasons = {}
+        for mod in self.modules.values():
+            if mod.state == READY:
+                continue
+            if mod.state == FAILED:
+                reasons[mod.name] = f"FAILED: {mod.error}"
+            elif mod.state == STARTING:
+                reasons[mod.name] = "STARTING: the entry has not called cmbackend_init()"
+            elif mod.state == WAITING_DEPS:
+                reasons[mod.name] = f"WAITING_DEPS on {mod.waiting_on!r} ({self.modules[mod.waiting_on].state})"
+            elif mod.state == LOADING and mod.loaded:
+                reasons[mod.name] = f"LOADING: {mod.last_event} returned but ready() was never called"
+            else:
+                reasons[mod.name] = f"{mod.state}: {mod.last_event or 'no event'} still running"
+        return reasons
+
+    def _end_start(self):
+        self._starting = False
+
+    def _begin_stop(self):
+        if self._stopping:
+            return
+        self._stopping = True
+        self._start_done.set()
+        for mod in self.modules.values():
+            self._fail_held(mod)
+            if mod.process is None:
+                mod.state = STOPPED if mod.state != FAILED else FAILED
+        self._after(self.options["stop_timeout"], self._kill_remaining)
+        self._continue_stop()
+
+    def _continue_stop(self):
+        alive = [m for m in self.modules.values() if m.process is not None]
+        if not alive:
+            self._close()
+            return
+        for mod in alive:
+            if mod.state == STOPPING or mod.inflight:
+                continue
+            if any(mod.name in other.config_deps and other.process is not None for other in alive if other is not mod):
+                continue  # dependents stop first
+            mod.state = STOPPING
+            self._to_worker(mod, [P.STOP])
+
+    def _kill_remaining(self):
+        for mod in self.modules.values():
+            if mod.process is not None:
+                log.warning("module %s did not stop within stop_timeout; killing it", mod.name)
+                mod.state = STOPPING
+                self._kill(mod)
+
+    def _close(self):
+        for client in list(self._clients):
+            self._drop_client(client)
+        if self._listener is not None:
+            self._sel.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+            if self._private_dir:
+                shutil.rmtree(self._private_dir, ignore_errors=True)
+        with self._calls_lock:
+            self._finished.set()
+
+    # -- status ----------------------------------------------------------------
+
+    def _status(self):
+        out = {}
+        for mod in self.modules.values():
+            uptime = mod.uptime()
+            entry = {
+                "state": mod.state,
+                "pid": mod.pid,
+                "restarts": mod.restarts,
+                "unsaved": mod.unsaved,
+                "uptime": None if uptime is None else round(uptime, 3),
+                "queue": len(mod.held),
+                "inflight": len(mod.inflight),
+                "last_exit": mod.last_exit,
+                "error": mod.error,
+                "waiting_on": mod.waiting_on if mod.state == WAITING_DEPS else None,
+                "config_deps": list(mod.config_deps),
+                "persistent_list": list(mod.persistent_list),
+            }
+            entry.update(health.sample(mod.psutil))
+            out[mod.name] = entry
+        return out
+
