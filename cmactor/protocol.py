@@ -22,7 +22,7 @@ READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
-CONTROL_OPS = ("status", "stop", "ping")
+CONTROL_OPS = ("status", "stop", "restart", "ping")
 
 # Names of modules and tables: they become part of a Python method name
 # (<table>_<op>), so no leading underscore and nothing but word characters.

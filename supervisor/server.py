@@ -20,6 +20,11 @@ MAX_SOCKET_PATH = 107
 _PEERCRED = struct.Struct("3i")
 
 
+def socket_pointer(state_dir):
+    """File in which a running supervisor records the socket path it bound, for clients."""
+    return os.path.join(state_dir, "run", "socket.path")
+
+
 class BadRequest(Exception):
     def __init__(self, rid, exc_type, message):
         super().__init__(message)
@@ -128,6 +133,8 @@ def parse_request(msg):
     user = msg.get("user", "")
     if not isinstance(user, str):
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
+    if op == "restart" and not (isinstance(msg.get("module"), str) and P.NAME_RE.match(msg["module"])):
+        raise BadRequest(rid, ProgrammingError, f"restart: bad module name {msg.get('module')!r}")
     if op not in P.DATA_OPS:
         return msg
     for key in ("module", "table"):

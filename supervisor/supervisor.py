@@ -126,6 +126,9 @@ class Supervisor:
             self._listener, self.socket_path, self._private_dir = server.listen(path)
         except OSError as exc:
             raise StartupError(f"cannot listen on {path}: {exc}") from None
+        os.makedirs(os.path.dirname(server.socket_pointer(self.state_dir)), mode=0o700, exist_ok=True)
+        with open(server.socket_pointer(self.state_dir), "w") as f:
+            f.write(self.socket_path)
         self._mp = multiprocessing.get_context("forkserver")
         # Preloaded in the fork server, so a worker (and a restart) starts with the
         # runtime already imported: a fork, not a fresh interpreter. "__main__" too:
@@ -397,6 +400,14 @@ class Supervisor:
             self._to_client(client, {"id": rid, "ok": True, "status": self._status()})
         elif op == "ping":
             self._to_client(client, {"id": rid, "ok": True})
+        elif op == "restart":
+            try:
+                self._restart(request["module"])
+            except ProgrammingError as exc:
+                client.reply_error(rid, ProgrammingError, str(exc))
+                self._dirty.add(client)
+            else:
+                self._to_client(client, {"id": rid, "ok": True})
         elif op == "stop":
             log.info("stop requested by %s", request.get("user") or "a client")
             self._to_client(client, {"id": rid, "ok": True})
@@ -598,6 +609,7 @@ class Supervisor:
             mod.waiting_on = not_ready[0] if not_ready else None
             if not not_ready:
                 self._load(mod)
+        self._check_start()
 
     def _load(self, mod):
         mod.state = LOADING
@@ -639,6 +651,8 @@ class Supervisor:
         mod.process = None
         mod.psutil = None
         reason = describe_exit(code)
+        if mod.error:  # what the worker said before dying (the entry's exception, ...)
+            reason = f"{reason} after: {mod.error}"
         mod.last_exit = reason
         for sid, pending in list(mod.inflight.items()):
             req = pending.request
@@ -656,8 +670,7 @@ class Supervisor:
         if mod.state == FAILED:
             return
         if self._starting:
-            mod.error = mod.error or f"worker exited ({reason}) before the module was READY"
-            self._quarantine(mod, mod.error)
+            self._quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
             return
         uptime = time.monotonic() - mod.started_at
         delay = mod.policy.on_crash(time.monotonic(), uptime)
@@ -712,9 +725,21 @@ class Supervisor:
     # -- start and stop ------------------------------------------------------
 
     def _check_start(self):
-        states = {m.state for m in self.modules.values()}
-        if states == {READY} or FAILED in states:
+        """Let start() return once every module is READY, or settled where it will stay."""
+        if all(self._settled(mod) for mod in self.modules.values()):
             self._start_done.set()
+
+    def _settled(self, mod, seen=()):
+        if mod.state in (READY, FAILED):
+            return True
+        if mod.state != WAITING_DEPS or mod.name in seen:
+            return False
+        # Waiting on a module that failed (directly or further down) waits forever.
+        return any(
+            self.modules[d].state == FAILED or self._settled(self.modules[d], (*seen, mod.name))
+            for d in mod.config_deps
+            if self.modules[d].state != READY
+        )
 
     def _not_ready(self):
         reasons = {}
@@ -775,10 +800,11 @@ class Supervisor:
             self._sel.unregister(self._listener)
             self._listener.close()
             self._listener = None
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+            for path in (self.socket_path, server.socket_pointer(self.state_dir)):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             if self._private_dir:
                 shutil.rmtree(self._private_dir, ignore_errors=True)
         with self._calls_lock:

@@ -1,0 +1,259 @@
+"""The ``cmactor`` command: run a supervisor, or talk to a running one.
+
+Client commands find the supervisor's socket from, in order: ``--socket``,
+``--config`` (its state_dir), ``$CMACTOR_SOCKET``, ``./cmactor.toml``, and the
+default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
+Errors print one line on stderr and exit with status 1.
+"""
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+import cmactor
+from cmactor import cmfrontend
+from cmactor.errors import ConfigError, Error, StartupError
+
+from .config import load_toml
+from .server import socket_pointer
+
+DATA_COMMANDS = ("get", "getone", "getnext", "set", "setop")
+STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
+
+
+class CliError(Exception):
+    """A problem to report in one line."""
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived while `cmactor run` was serving."""
+
+
+def resolve_socket(args):
+    if args.socket:
+        return args.socket
+    config = args.config or ("cmactor.toml" if not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml") else None)
+    if config:
+        options, _, base_dir = load_toml(config)
+        state_dir = os.path.join(base_dir, options["state_dir"])
+        if options["socket"]:
+            return os.path.join(base_dir, options["socket"])
+        try:
+            with open(socket_pointer(state_dir)) as f:
+                return f.read().strip()
+        except OSError:
+            return os.path.join(state_dir, "run", "cm.sock")
+    return cmfrontend.default_socket()
+
+
+def parse_params(pairs):
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"parameter {pair!r} is not key=value")
+        params[key] = value
+    return params
+
+
+# -- output ---------------------------------------------------------------
+
+
+def _cell(value):
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def print_table(headers, rows, out=sys.stdout):
+    rows = [[_cell(v) for v in row] for row in rows]
+    if out.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            table = Table(*headers)
+            for row in rows:
+                table.add_row(*row)
+            Console(file=out).print(table)
+            return
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+
+
+def _human_bytes(n):
+    if n is None:
+        return None
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def show_status(status, fmt):
+    if fmt == "json":
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return
+    rows = []
+    for name, s in status.items():
+        note = s.get("error") or (f"waiting on {s['waiting_on']}" if s.get("waiting_on") else None)
+        if not note and s.get("last_exit"):
+            note = f"last exit: {s['last_exit']}"
+        uptime = None if s["uptime"] is None else f"{s['uptime']:.0f}s"
+        rows.append(
+            [name, s["state"], s["pid"], s["restarts"], uptime, _human_bytes(s["rss"]), s["cpu"], s["queue"], s["inflight"], s["unsaved"], note]
+        )
+    print_table(("module",) + STATUS_COLUMNS + ("note",), rows)
+
+
+# -- commands -------------------------------------------------------------
+
+
+def cmd_run(args):
+    overrides = {}
+    if args.state_dir:
+        overrides["state_dir"] = os.path.abspath(args.state_dir)
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    sup = cmactor.Supervisor.from_toml(args.config_file, **overrides)
+    logging.basicConfig(
+        level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+    def on_signal(signum, frame):
+        raise _Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        sup.start()
+        print(f"cmactor: {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
+        print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
+        while not sup.wait(3600):
+            pass
+    except _Stop as stop:
+        print(f"cmactor: {stop}: stopping", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
+        sup.stop()
+    print("cmactor: stopped", file=sys.stderr)
+    return 0
+
+
+def _connect(args, print_callback=None):
+    return cmactor.connect(username=args.user, print_callback=print_callback, socket=resolve_socket(args))
+
+
+def cmd_data(args):
+    params = parse_params(args.params)
+
+    def notify(text):
+        print(text, file=sys.stderr, flush=True)
+
+    with _connect(args, notify) as conn:
+        cur = conn.cursor(vr_name=args.vr)
+        cur.max_rows = args.max_rows
+        cur.execute(f"{args.command} {args.target}", params)
+        rows = [dict(row.field_values) for row in cur.iterrow()]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        headers = list(dict.fromkeys(name for row in rows for name in row))
+        print_table(headers, [[row.get(h) for h in headers] for row in rows])
+    elif args.command in ("set", "setop"):
+        print("ok")
+    else:
+        print("(no rows)")
+    return 0
+
+
+def cmd_status(args):
+    with _connect(args) as conn:
+        show_status(conn.request({"op": "status"})["status"], args.format)
+    return 0
+
+
+def cmd_restart(args):
+    with _connect(args) as conn:
+        conn.request({"op": "restart", "module": args.module})
+    print(f"module {args.module} restarting")
+    return 0
+
+
+def cmd_stop(args):
+    with _connect(args) as conn:
+        conn.request({"op": "stop"})
+    print("supervisor stopping")
+    return 0
+
+
+def _common_options(with_defaults):
+    """Options every client command takes, before or after the command name.
+
+    Only the top-level parser carries defaults: a subparser's default would
+    overwrite a value given before the command (`cmactor --format json status`).
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    default = (lambda value: value) if with_defaults else (lambda value: argparse.SUPPRESS)
+    common.add_argument(
+        "--socket", default=default(None), help="the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)"
+    )
+    common.add_argument("-c", "--config", default=default(None), help="a cmactor.toml: talk to the supervisor it configures")
+    common.add_argument("--format", choices=("table", "json"), default=default("table"), help="output format (default: table)")
+    common.add_argument("--user", default=default(os.environ.get("USER", "admin")), help="user name sent with requests")
+    return common
+
+
+def build_parser():
+    common = _common_options(with_defaults=False)
+    parser = argparse.ArgumentParser(
+        prog="cmactor", description="Run and talk to a cmactor supervisor.", parents=[_common_options(with_defaults=True)]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a supervisor in the foreground (Ctrl-C stops it)")
+    run.add_argument("config_file", metavar="CONFIG.toml")
+    run.add_argument("--state-dir", help="override [supervisor] state_dir")
+    run.add_argument("--log-level", help="override [supervisor] log_level (DEBUG, INFO, WARNING, ERROR)")
+    run.set_defaults(func=cmd_run)
+
+    sub.add_parser("status", parents=[common], help="state of every module").set_defaults(func=cmd_status)
+    for name in DATA_COMMANDS:
+        data = sub.add_parser(name, parents=[common], help=f"{name} MODULE.TABLE key=value ...")
+        data.add_argument("target", metavar="MODULE.TABLE")
+        data.add_argument("params", nargs="*", metavar="key=value")
+        data.add_argument("--vr", help="VR name passed to the agent as ctx.vr_name")
+        data.add_argument("--max-rows", type=int, default=100000, help="stop a getnext walk after this many rows")
+        data.set_defaults(func=cmd_data)
+    restart = sub.add_parser("restart", parents=[common], help="restart one module (revives a FAILED one)")
+    restart.add_argument("module")
+    restart.set_defaults(func=cmd_restart)
+    sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (Error, ConfigError, StartupError, CliError) as exc:
+        print(f"cmactor: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cmactor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
