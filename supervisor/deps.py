@@ -1,4 +1,4 @@
-"""The config_deps graph: unknown names, cycles, and stop order."""
+"""The config_deps graph: unknown names and cycles."""
 
 
 def unknown(deps, known):
@@ -37,22 +37,3 @@ def find_cycle(start, deps_of):
 def format_cycle(cycle):
     return " → ".join(cycle)
 
-
-def stop_order(deps_of):
-    """Module names ordered so that every module comes before the modules it depends on."""
-    order = []
-    seen = set()
-
-    def visit(name):
-        if name in seen:
-            return
-        seen.add(name)
-        for dep in deps_of.get(name, ()):
-            if dep in deps_of:
-                visit(dep)
-        order.append(name)
-
-    for name in deps_of:
-        visit(name)
-    order.reverse()
-    return order

@@ -669,6 +669,9 @@ class Supervisor:
             return
         if mod.state == FAILED:
             return
+        if mod.state == RESTARTING:  # an operator asked for this restart
+            self._respawn(mod)
+            return
         if self._starting:
             self._quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
             return
@@ -695,13 +698,14 @@ class Supervisor:
         if mod is None:
             raise ProgrammingError(f"unknown module {name!r}; this supervisor runs: {', '.join(sorted(self.modules))}")
         mod.policy.reset()
-        if mod.process is not None:
-            mod.state = RESTARTING
-            self._kill(mod)  # the exit is then seen as a crash of a RESTARTING module
-            self._after(0, self._respawn, mod)
-        else:
-            mod.state = RESTARTING
+        mod.state = RESTARTING
+        if mod.process is None:
             self._respawn(mod)
+        else:
+            # _on_exit respawns it: a new worker must not take the module's slot
+            # while the old one's exit is still to be handled.
+            mod.error = "restart requested"
+            self._kill(mod)
 
     def _quarantine(self, mod, reason):
         log.error("module %s FAILED: %s", mod.name, reason)

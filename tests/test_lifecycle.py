@@ -227,9 +227,6 @@ def test_worker_dies_with_the_supervisor_process(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-        for child in psutil.Process().children(recursive=True):
-            if child.pid != os.getpid() and "forkserver" in " ".join(child.cmdline()) and child.ppid() == proc.pid:
-                child.kill()
 
 
 def test_stop_stops_dependents_first_and_leaves_nothing(supervisor, tmp_path):

@@ -1,0 +1,165 @@
+"""The cmactor command, run as a real process with real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import agent
+
+ECHO = agent("echo.py:main")
+
+
+def cmactor_cmd():
+    script = os.path.join(os.path.dirname(sys.executable), "cmactor")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "cmsupervisor.cli"]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(cmactor_cmd() + list(args), capture_output=True, text=True, timeout=30, cwd=cwd)
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "cmactor.toml"
+    path.write_text(
+        "[supervisor]\n"
+        'state_dir = "state"\n'
+        "[agents.echo]\n"
+        f'entry = "{ECHO}"\n'
+        "[agents.other]\n"
+        f'entry = "{ECHO}"\n'
+        'env = { ECHO_DEPS = "echo" }\n'
+    )
+    return path
+
+
+@pytest.fixture
+def running(config):
+    """A `cmactor run` process serving ``config``; stopped (and checked) at teardown."""
+    proc = subprocess.Popen(cmactor_cmd() + ["run", str(config)], stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "modules READY" in line:
+                break
+        else:
+            pytest.fail("cmactor run exited early:\n" + "".join(lines))
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+def test_run_status_get_set_and_ctrl_c(config, running):
+    status = cli("status", "--format", "json", "-c", str(config))
+    assert status.returncode == 0, status.stderr
+    parsed = json.loads(status.stdout)
+    assert {m["state"] for m in parsed.values()} == {"READY"}
+    pids = [m["pid"] for m in parsed.values()]
+
+    table = cli("-c", str(config), "status")
+    assert table.stdout.splitlines()[0].split()[:3] == ["module", "state", "pid"]
+    assert "READY" in table.stdout
+
+    assert cli("-c", str(config), "set", "echo.kv", "key=a", "value=1").returncode == 0
+    got = cli("-c", str(config), "--format", "json", "getnext", "echo.kv")
+    assert json.loads(got.stdout) == [{"key": "a", "value": "1"}, {"key": "default", "value": "yes"}]
+    plain = cli("-c", str(config), "get", "echo.kv", "key=a")
+    assert plain.stdout.split() == ["key", "value", "a", "1"]
+    assert json.loads(cli("-c", str(config), "status", "--format", "json").stdout)["echo"]["unsaved"] is True
+
+    notified = cli("-c", str(config), "set", "echo.notify", "times=2")
+    assert notified.stderr.splitlines() == ["step 0", "step 1"]
+    assert cli("-c", str(config), "--format", "json", "get", "echo.ctx", "--vr", "VR-X").stdout.count('"VR-X"') == 1
+
+    running.send_signal(signal.SIGINT)
+    assert running.wait(20) == 0
+    assert "stopped" in running.stderr.read()
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_socket_from_environment_and_stop_command(config, running):
+    socket_path = (config.parent / "state" / "run" / "socket.path").read_text()
+    env = dict(os.environ, CMACTOR_SOCKET=socket_path)
+    result = subprocess.run(cmactor_cmd() + ["get", "echo.kv", "key=default", "--format", "json"], capture_output=True, text=True, env=env, timeout=30)
+    assert json.loads(result.stdout) == [{"key": "default", "value": "yes"}]
+    stopped = subprocess.run(cmactor_cmd() + ["stop"], capture_output=True, text=True, env=env, timeout=30)
+    assert stopped.returncode == 0
+    assert running.wait(20) == 0
+
+
+def test_config_in_the_working_directory_is_found(config, running):
+    result = cli("get", "echo.kv", "key=default", cwd=config.parent)
+    assert result.returncode == 0 and "yes" in result.stdout
+
+
+def test_sigterm_stops_cleanly(config, running):
+    pids = [m["pid"] for m in json.loads(cli("-c", str(config), "status", "--format", "json").stdout).values()]
+    running.send_signal(signal.SIGTERM)
+    assert running.wait(20) == 0
+    deadline = time.monotonic() + 5
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < deadline, "workers outlived cmactor run"
+        time.sleep(0.05)
+
+
+def test_restart_command(config, running):
+    before = json.loads(cli("-c", str(config), "status", "--format", "json").stdout)["echo"]["pid"]
+    assert cli("-c", str(config), "restart", "echo").returncode == 0
+    deadline = time.monotonic() + 10
+    while True:
+        now = json.loads(cli("-c", str(config), "status", "--format", "json").stdout)["echo"]
+        if now["state"] == "READY" and now["pid"] != before:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    bad = cli("-c", str(config), "restart", "nosuch")
+    assert bad.returncode == 1 and "unknown module 'nosuch'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["get", "nope.kv"], "ProgrammingError: unknown module 'nope'"),
+        (["get", "echo.boom"], "DatabaseError: get echo.boom raised ValueError: kaboom"),
+        (["set", "echo.kv", "novalue"], "parameter 'novalue' is not key=value"),
+        (["get", "echo"], "malformed operation 'get echo'"),
+        (["setop", "echo.kv"], "module 'echo' table 'kv' has no 'setop' action"),
+    ],
+)
+def test_errors_print_one_line_and_exit_non_zero(config, running, args, message):
+    result = cli("-c", str(config), *args)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert result.stdout == ""
+
+
+def test_no_supervisor_is_a_clear_error(tmp_path):
+    result = cli("--socket", str(tmp_path / "none.sock"), "status")
+    assert result.returncode == 1
+    assert "cannot reach a cmactor supervisor at" in result.stderr and "cmactor run" in result.stderr
+
+
+def test_run_with_a_broken_agent_exits_non_zero_naming_it(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[agents.x]\nentry = "{agent("broken.py:raises")}"\n')
+    result = subprocess.run(cmactor_cmd() + ["run", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "StartupError" in result.stderr and "x: FAILED: entry" in result.stderr and "entry exploded" in result.stderr
+
+
+def test_run_with_a_bad_config_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[supervisor]\nhold_timeot = 3\n[agents.x]\nentry = "m:f"\n')
+    result = cli("run", str(path))
+    assert result.returncode == 1
+    assert str(path) in result.stderr and "unknown key 'hold_timeot'; did you mean 'hold_timeout'?" in result.stderr

@@ -1,0 +1,65 @@
+"""Supervisor configuration errors name the file, the table and the key."""
+
+import pytest
+
+import cmactor
+from cmactor.errors import ConfigError
+from conftest import agent
+
+ECHO = agent("echo.py:main")
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cmactor.toml"
+    path.write_text(text)
+    return path
+
+
+def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
+    (tmp_path / "agents").mkdir()
+    (tmp_path / "agents" / "echo.py").write_text(open(ECHO.split(":")[0]).read())
+    path = write(tmp_path, '[supervisor]\nstate_dir = "st"\nhold_timeout = 2\n[agents.e]\nentry = "agents/echo.py:main"\n')
+    sup = cmactor.Supervisor.from_toml(path)
+    assert sup.state_dir == str(tmp_path / "st")
+    assert sup.hold_timeout == 2.0
+    assert sup.modules["e"].options["entry"] == f"{tmp_path}/agents/echo.py:main"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[agents.x\n", "is not valid TOML"),
+        ("[supervisor]\nhold_timeout = -1\n[agents.x]\nentry='m:f'\n", "[supervisor].hold_timeout: expected a number of seconds >= 0, got -1"),
+        ("[supervisor]\nhold_timeout = '3'\n[agents.x]\nentry='m:f'\n", "hold_timeout: expected a number of seconds >= 0, got '3'"),
+        ("[supervisor]\nlog_level = 'LOUD'\n[agents.x]\nentry='m:f'\n", "unknown log level 'LOUD'"),
+        ("[supervisor]\n", "expected at least one agent"),
+        ("[agents.x]\nmax_restarts = 2\n", "[agents].x: missing required key 'entry'"),
+        ("[agents.x]\nentry = 'nocolon'\n", "entry 'nocolon' is not 'package.module:function'"),
+        ("[agents.x]\nentry = 'missing.py:main'\n", "missing.py does not exist"),
+        ("[agents.x]\nentry = 'm:f'\nmax_restart = 1\n", "unknown key 'max_restart'; did you mean 'max_restarts'?"),
+        ("[agents.x]\nentry = 'm:f'\nenv = { A = 1 }\n", "env: expected a table of string names to string values"),
+        ("[agents.x]\nentry = 'm:f'\npool_size = 0\n", "pool_size: expected a whole number >= 1"),
+        ("[agents.bad-name]\nentry = 'm:f'\n", "module name 'bad-name' must start with a letter"),
+        ("[agent.x]\nentry = 'm:f'\n", "unknown table(s) agent"),
+    ],
+)
+def test_bad_toml_is_refused_with_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        cmactor.Supervisor.from_toml(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.toml"):
+        cmactor.Supervisor.from_toml(tmp_path / "nope.toml")
+
+
+def test_embedding_arguments_are_checked_too(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'hold'"):
+        cmactor.Supervisor({"e": ECHO}, state_dir=tmp_path, hold=3)
+    with pytest.raises(ConfigError, match="agents.e.max_restarts: expected a whole number >= 0, got 'x'"):
+        cmactor.Supervisor({"e": {"entry": ECHO, "max_restarts": "x"}}, state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="expected at least one agent"):
+        cmactor.Supervisor({}, state_dir=tmp_path)

@@ -1,0 +1,191 @@
+"""Bad bytes on the frontend socket: each gets an error or a drop, and harms nobody else."""
+
+import pickle
+import socket
+import struct
+import threading
+import time
+
+import msgpack
+import pytest
+
+from cmactor import protocol as P
+from conftest import agent
+
+ECHO = agent("echo.py:main")
+
+
+@pytest.fixture
+def sup(supervisor):
+    return supervisor({"echo": ECHO}, max_frame=64 * 1024)
+
+
+def raw(sup):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(sup.socket_path)
+    return sock
+
+
+def read_frames(sock, count=1):
+    reader = P.FrameReader(max_frame=None)
+    frames = []
+    while len(frames) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames.extend(reader.feed(data))
+    return frames
+
+
+def closed_by_peer(sock):
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def still_serving(sup):
+    cur = sup.connect().cursor()
+    cur.execute("get echo.kv", {"key": "default"})
+    return cur.fetchone() == ("default", "yes")
+
+
+def frame(body):
+    return struct.pack(">I", len(body)) + body
+
+
+def test_garbage_bytes_get_an_error_and_the_connection_is_dropped(sup):
+    sock = raw(sup)
+    sock.sendall(frame(b"\xc1\xc1\xc1 not msgpack"))
+    [reply] = read_frames(sock)
+    assert reply["ok"] is False and reply["error"]["type"] == "InterfaceError"
+    assert "not valid msgpack" in reply["error"]["message"]
+    assert closed_by_peer(sock)
+    assert still_serving(sup)
+
+
+def test_pickled_bytes_are_never_unpickled(sup, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    sock = raw(sup)
+    sock.sendall(frame(pickle.dumps(Evil())))
+    replies = read_frames(sock)
+    assert replies and replies[0]["ok"] is False
+    assert not marker.exists()
+    assert still_serving(sup)
+
+
+def test_oversized_frame_is_refused_before_its_body_is_read(sup):
+    sock = raw(sup)
+    sock.sendall(struct.pack(">I", 1 << 30))  # claims 1 GiB, sends nothing more
+    [reply] = read_frames(sock)
+    assert "exceeds the limit of 65536 bytes" in reply["error"]["message"]
+    assert closed_by_peer(sock)
+    assert still_serving(sup)
+
+
+def test_truncated_frame_then_disconnect_harms_nobody(sup):
+    for cut in (2, 10):
+        sock = raw(sup)
+        sock.sendall(frame(msgpack.packb({"id": 1, "op": "get", "module": "echo", "table": "kv"}))[:cut])
+        sock.close()
+    assert still_serving(sup)
+
+
+def test_client_vanishing_mid_request_harms_nobody(sup):
+    sock = raw(sup)
+    sock.sendall(P.pack({"id": 1, "op": "get", "module": "echo", "table": "sleep", "params": {"secs": "0.3"}}))
+    sock.close()  # the reply has nowhere to go
+    time.sleep(0.5)
+    assert still_serving(sup)
+    assert sup.status()["echo"]["inflight"] == 0
+
+
+@pytest.mark.parametrize(
+    "message, error_type, text",
+    [
+        ([1, 2, 3], "ProgrammingError", "a request must be a msgpack map, got list"),
+        (7, "ProgrammingError", "a request must be a msgpack map, got int"),
+        ({"op": "get"}, "ProgrammingError", "request 'id' must be an integer"),
+        ({"id": 5, "op": "explode"}, "ProgrammingError", "unknown op 'explode'"),
+        ({"id": 5, "op": "get", "module": "echo"}, "ProgrammingError", "get: bad table name None"),
+        ({"id": 5, "op": "get", "module": "__class__", "table": "kv"}, "ProgrammingError", "bad module name"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}}, "ProgrammingError", "'params.key' must be a str, got int"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": [1]}, "ProgrammingError", "'params' must be a map"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0}, "ProgrammingError", "'batch' must be an integer"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "vr": 3}, "ProgrammingError", "'vr' must be a str"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": -1}, "ProgrammingError", "'hold' must be a number"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "ProgrammingError", "'user' must be a str"),
+        ({"id": 5, "op": "restart", "module": 3}, "ProgrammingError", "restart: bad module name 3"),
+    ],
+)
+def test_malformed_requests_get_a_clear_error_and_the_connection_stays_usable(sup, message, error_type, text):
+    sock = raw(sup)
+    sock.sendall(P.pack(message))
+    [reply] = read_frames(sock)
+    assert reply["ok"] is False and reply["error"]["type"] == error_type
+    assert text in reply["error"]["message"]
+    sock.sendall(P.pack({"id": 9, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}))
+    [reply] = read_frames(sock)
+    assert reply == {"id": 9, "ok": True, "rows": [{"key": "default", "value": "yes"}], "more": False}
+
+
+def test_non_string_map_keys_are_refused(sup):
+    sock = raw(sup)
+    sock.sendall(frame(msgpack.packb({"id": 1, "op": "get", "params": {1: "x"}})))
+    [reply] = read_frames(sock)
+    assert reply["ok"] is False and "int is not allowed for map key" in reply["error"]["message"]
+    assert still_serving(sup)
+
+
+def test_pipelined_requests_on_one_connection_all_get_replies(sup):
+    sock = raw(sup)
+    sock.sendall(b"".join(P.pack({"id": i, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}) for i in range(200)))
+    replies = read_frames(sock, 200)
+    assert sorted(r["id"] for r in replies) == list(range(200))
+    assert all(r["ok"] for r in replies)
+
+
+def test_abusive_clients_in_parallel_do_not_disturb_a_good_one(sup):
+    stop = threading.Event()
+
+    def abuse():
+        while not stop.is_set():
+            try:
+                sock = raw(sup)
+                sock.sendall(b"\xff" * 100)
+                sock.close()
+            except OSError:
+                pass
+
+    threads = [threading.Thread(target=abuse) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        cur = sup.connect().cursor()
+        for i in range(200):
+            cur.execute("set echo.kv", {"key": f"k{i}", "value": i})
+        cur.execute("getnext echo.kv")
+        assert cur.rowcount == 201
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_other_uids_are_refused(sup, monkeypatch):
+    import os
+
+    from cmsupervisor import server
+
+    real_uid = os.getuid()
+    monkeypatch.setattr(server, "peer_uid", lambda sock: real_uid + 4242)
+    sock = raw(sup)
+    [reply] = read_frames(sock)
+    assert reply["ok"] is False and f"uid {real_uid + 4242} may not use this supervisor" in reply["error"]["message"]
+    assert closed_by_peer(sock)
