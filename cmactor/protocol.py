@@ -22,7 +22,7 @@ READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
-CONTROL_OPS = ("status", "stop", "restart", "ping")
+CONTROL_OPS = ("status", "save", "stop", "restart", "ping")
 
 # Names of modules and tables: they become part of a Python method name
 # (<table>_<op>), so no leading underscore and nothing but word characters.
@@ -38,8 +38,9 @@ DEFAULT_BATCH = 1000
 # Worker channel message kinds (first element of each list).
 # supervisor -> worker
 REQ = 1  # [REQ, sid, op, table, params, vr, flags, batch, after]
-EVENT = 2  # [EVENT, sid, event_name]
+LOAD = 2  # [LOAD, sid, section_json_bytes_or_None]: None means generate defaults
 STOP = 3  # [STOP]
+SAVE = 4  # [SAVE, sid, tables]
 # worker -> supervisor
 INIT = 10  # [INIT, persistent_list, config_deps, async_actions]
 READY = 11  # [READY]
@@ -47,7 +48,13 @@ REPLY = 12  # [REPLY, sid, error_or_None, rows, more, dirty]
 NOTIFY = 13  # [NOTIFY, sid, text]
 LOG = 14  # [LOG, levelno, logger_name, text]
 FATAL = 15  # [FATAL, message, traceback]
-EVENT_DONE = 16  # [EVENT_DONE, sid, error_text_or_None]
+LOADED = 16  # [LOADED, sid, error_or_None, row_errors, row_error_count]
+SAVED = 17  # [SAVED, sid, error_or_None, section_json_bytes, row_count]
+
+# Row errors a worker reports in detail after a load; the rest are counted.
+MAX_ROW_ERRORS = 20
+# A save walk longer than this is an agent whose getnext never ends.
+SAVE_MAX_ROWS = 10_000_000
 
 # REQ flags
 F_NOTIFY = 1  # the client wants notify_cli text

@@ -15,6 +15,7 @@ The worker knows its socket and its agent, nothing about other modules.
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import queue
@@ -37,6 +38,14 @@ _SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop
 
 class _FieldError(Exception):
     """The agent put something in ctx.fields that cannot cross the wire."""
+
+
+class _EventFailed(Exception):
+    """An agent event (load, save or default) raised or stopped."""
+
+
+class _SaveFailed(Exception):
+    """A save walk could not produce the module's rows."""
 
 
 def _row(fields):
@@ -104,7 +113,7 @@ class Runtime:
                 for msg in reader.feed(data):
                     if msg[0] == P.REQ:
                         self._route(msg)
-                    elif msg[0] == P.EVENT:
+                    elif msg[0] in (P.LOAD, P.SAVE):
                         self._mailbox.put(msg)
                     elif msg[0] == P.STOP:
                         _exit(0)
@@ -174,8 +183,10 @@ class Runtime:
     def _serial_loop(self):
         while True:
             item = self._mailbox.get()
-            if item[0] == P.EVENT:
-                self._run_event(item[1], item[2])
+            if item[0] == P.LOAD:
+                self._run_load(item[1], item[2])
+            elif item[0] == P.SAVE:
+                self._run_save(item[1], item[2])
             else:
                 self._execute(item[0], item[1], False)
 
@@ -184,19 +195,93 @@ class Runtime:
 
     # -- running agent code ---------------------------------------------------
 
-    def _run_event(self, sid, name):
-        error = None
-        cmbackend._current.caller = (self.module, "serial")
+    def _event(self, name):
+        """Run one agent event; ActionStopped and exceptions become an _EventFailed naming it."""
         try:
             getattr(self.agent, name)()
         except ActionStopped as stop:
-            error = stop.message
+            raise _EventFailed(f"{name} stopped: {stop.message}") from None
         except BaseException as exc:
             log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
-            error = f"{type(exc).__name__}: {exc}"
+            raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
+
+    def _run_load(self, sid, section):
+        """Load saved rows (or generate defaults) on the serial lane, then report."""
+        cmbackend._current.caller = (self.module, "serial")
+        failures = []
+        failed = 0
+        error = None
+        try:
+            if section is None:
+                self._event("event_generate_default")
+            else:
+                # As on the original platform, load_start is always followed by
+                # load_complete, even when it or a row fails.
+                try:
+                    self._event("event_load_start")
+                    for table, rows in json.loads(section).items():
+                        for row in rows:
+                            message = self._load_row(table, row)
+                            if message is not None:
+                                failed += 1
+                                if len(failures) < P.MAX_ROW_ERRORS:
+                                    failures.append({"table": table, "row": row, "message": message})
+                finally:
+                    self._event("event_load_complete")
+        except _EventFailed as exc:
+            error = str(exc)
         finally:
             cmbackend._current.caller = None
-        self.send([P.EVENT_DONE, sid, error])
+        self.send([P.LOADED, sid, error, failures, failed])
+
+    def _load_row(self, table, row):
+        """Replay one saved row as <table>_set with is_load; the error text, or None."""
+        method = getattr(self.agent, f"{table}_set", None)
+        if not callable(method):
+            return f"the agent has no {table}_set method"
+        ctx = CmContext({k: v for k, v in row.items() if v is not None}, op="set", is_load=True)
+        try:
+            method(ctx)
+        except ActionStopped as stop:
+            return stop.message
+        except BaseException as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _run_save(self, sid, tables):
+        """The save walk: event_save_start, every row of each table, event_save_complete."""
+        cmbackend._current.caller = (self.module, "serial")
+        try:
+            try:
+                self._event("event_save_start")
+                saved = {table: self._save_table(table) for table in tables}
+            finally:
+                self._event("event_save_complete")
+            section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+            reply = [P.SAVED, sid, None, section, sum(len(rows) for rows in saved.values())]
+        except (_EventFailed, _SaveFailed) as exc:
+            reply = [P.SAVED, sid, str(exc), None, 0]
+        finally:
+            cmbackend._current.caller = None
+        self.send(reply)
+
+    def _save_table(self, table):
+        method = getattr(self.agent, f"{table}_get", None)
+        if not callable(method):
+            raise _SaveFailed(f"persistent table {table!r} has no {table}_get method")
+        options = dict(op="getnext", is_async=False, is_save=True, is_load=False, notify=None)
+        try:
+            rows, more = self._walk(method, {}, None, options, P.SAVE_MAX_ROWS, None)
+        except ActionStopped as stop:
+            raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
+        except _FieldError as exc:
+            raise _SaveFailed(f"{table}_get replied badly: {exc}") from None
+        except BaseException as exc:
+            log.error("module %s: save walk of %s raised\n%s", self.module, table, traceback.format_exc().rstrip())
+            raise _SaveFailed(f"{table}_get raised {type(exc).__name__}: {exc}") from None
+        if more:
+            raise _SaveFailed(f"the save walk of {table!r} passed {P.SAVE_MAX_ROWS} rows: does {table}_get ever end?")
+        return rows
 
     def _execute(self, msg, method, is_async):
         _, sid, op, table, params, vr, flags, batch, after = msg

@@ -126,7 +126,7 @@ def cmd_run(args):
         overrides["state_dir"] = os.path.abspath(args.state_dir)
     if args.log_level:
         overrides["log_level"] = args.log_level
-    sup = cmactor.Supervisor.from_toml(args.config_file, **overrides)
+    sup = cmactor.Supervisor.from_toml(args.config_file, ignore_config=args.ignore_config, **overrides)
     logging.basicConfig(
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -184,6 +184,17 @@ def cmd_status(args):
     return 0
 
 
+def cmd_save(args):
+    with _connect(args) as conn:
+        saved = conn.request({"op": "save"})["saved"]
+    if args.format == "json":
+        print(json.dumps(saved, indent=2))
+    else:
+        modules = ", ".join(saved["modules"]) or "no module"
+        print(f"saved {saved['rows']} rows of {modules} to {saved['file']}")
+    return 0
+
+
 def cmd_restart(args):
     with _connect(args) as conn:
         conn.request({"op": "restart", "module": args.module})
@@ -226,6 +237,11 @@ def build_parser():
     run.add_argument("config_file", metavar="CONFIG.toml")
     run.add_argument("--state-dir", help="override [supervisor] state_dir")
     run.add_argument("--log-level", help="override [supervisor] log_level (DEBUG, INFO, WARNING, ERROR)")
+    run.add_argument(
+        "--ignore-config",
+        action="store_true",
+        help="if the saved config file is unusable, rename it aside and start with defaults",
+    )
     run.set_defaults(func=cmd_run)
 
     sub.add_parser("status", parents=[common], help="state of every module").set_defaults(func=cmd_status)
@@ -236,6 +252,9 @@ def build_parser():
         data.add_argument("--vr", help="VR name passed to the agent as ctx.vr_name")
         data.add_argument("--max-rows", type=int, default=100000, help="stop a getnext walk after this many rows")
         data.set_defaults(func=cmd_data)
+    sub.add_parser("save", parents=[common], help="save every module's config to the config file").set_defaults(
+        func=cmd_save
+    )
     restart = sub.add_parser("restart", parents=[common], help="restart one module (revives a FAILED one)")
     restart.add_argument("module")
     restart.set_defaults(func=cmd_restart)

@@ -98,6 +98,7 @@ AGENT_OPTIONS = {
     "restart_delay": (_number, 0.05),
     "restart_delay_max": (_number, 5.0),
     "stable_after": (_number, 10.0),
+    "load_timeout": (_number, 30.0),
 }
 
 

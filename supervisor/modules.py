@@ -57,6 +57,8 @@ class Module:
         "error",
         "waiting_on",
         "last_event",
+        "saving",
+        "load_errors",
     )
 
     def __init__(self, name, options, policy):
@@ -83,6 +85,8 @@ class Module:
         self.error = None
         self.waiting_on = None
         self.last_event = None
+        self.saving = False
+        self.load_errors = 0
 
     @property
     def pid(self):
@@ -101,6 +105,8 @@ class Module:
         self.error = None
         self.waiting_on = None
         self.last_event = None
+        self.saving = False
+        self.load_errors = 0
 
     def send(self, message):
         self.out += P.pack(message)

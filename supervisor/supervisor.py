@@ -26,17 +26,20 @@ import weakref
 from cmactor import cmfrontend, worker
 from cmactor import protocol as P
 from cmactor.errors import (
+    DatabaseError,
     ModuleUnavailable,
     OperationalError,
     ProgrammingError,
     StartupError,
 )
 
-from . import deps, health, server
+from . import deps, health, server, store
+from .audit import AuditLog
 from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
 from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS
 from .modules import Module, Pending
 from .restart import RestartPolicy
+from .saving import SaveJob
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -72,13 +75,16 @@ class Supervisor:
     or a dict of agent options with an ``entry``. Relative paths are relative to
     ``base_dir`` (the config file's directory for :meth:`from_toml`, else the
     current directory). Other keyword options are the ``[supervisor]`` keys of a
-    cmactor.toml.
+    cmactor.toml. ``ignore_config``: start with defaults when the saved config file
+    is unusable, after renaming it aside (else start refuses).
     """
 
-    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, **options):
+    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, **options):
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
+        self.ignore_config = ignore_config
         self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
+        self.config_path = os.path.join(self.state_dir, store.FILENAME)
         agent_options = agents_config(agents, self.base_dir)
         self.modules = {name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()}
         self.hold_timeout = self.options["hold_timeout"]
@@ -105,12 +111,16 @@ class Supervisor:
         self._timers = []
         self._timer_seq = itertools.count()
         self._next_sid = itertools.count(1)
-        self._events = {}  # sid -> event name, for EVENT_DONE
         self._clients = set()
         self._dirty = set()  # clients and modules with output waiting
         self._writing = set()  # ... whose sockets are registered for write readiness
         self._stopping = False
         self._starting = True
+        self._sections = {}  # module -> its section of the saved config file (bytes)
+        self._save_job = None
+        self._save_waiters = []
+        self._save_writer = None
+        self._audit = None
 
     # -- public API (any thread) -----------------------------------------
 
@@ -120,6 +130,7 @@ class Supervisor:
             raise RuntimeError("this Supervisor was already started")
         timeout = self.options["start_timeout"] if timeout is None else timeout
         os.makedirs(self.state_dir, exist_ok=True)
+        self._sections = self._read_config()
         path = self.options["socket"] or os.path.join(self.state_dir, "run", "cm.sock")
         path = os.path.abspath(os.path.join(self.base_dir, path))
         try:
@@ -135,6 +146,8 @@ class Supervisor:
         # imported once there (as __mp_main__, like spawn does), so that workers
         # forked from it find it in place instead of each importing it again.
         self._mp.set_forkserver_preload(["__main__", "cmactor.worker"])
+        self._audit = AuditLog(os.path.join(self.state_dir, "audit.log"))
+        self._save_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmactor-save")
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -155,6 +168,16 @@ class Supervisor:
         log.info("all %d modules READY; listening on %s", len(self.modules), self.socket_path)
         return self
 
+    def _read_config(self):
+        try:
+            return store.read(self.config_path)
+        except store.StoreError as exc:
+            if not self.ignore_config:
+                raise StartupError(f"{exc}; fix or remove it, or start with `cmactor run --ignore-config`") from None
+            aside = store.set_aside(self.config_path)
+            log.warning("%s; starting with defaults, the file is kept as %s", exc, aside)
+            return {}
+
     def connect(self, username="admin", print_callback=None, timeout=None):
         """A frontend connection to this supervisor."""
         if self.socket_path is None:
@@ -164,6 +187,16 @@ class Supervisor:
     def status(self):
         """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
         return self._call(self._status)
+
+    def save(self, user="supervisor"):
+        """Save every READY module's persistent tables to the config file; return a summary.
+
+        Raises DatabaseError naming the module whose save failed (the previous file
+        stays as it was), OperationalError if the file cannot be written.
+        """
+        future = concurrent.futures.Future()
+        self._call(self._request_save, future, user)
+        return future.result()
 
     def restart(self, name):
         """Restart one module now (reviving it if it is quarantined)."""
@@ -238,6 +271,7 @@ class Supervisor:
                         log.exception("internal error handling %s; the supervisor carries on", key.data)
                 self._run_timers()
                 self._flush()
+                self._audit.flush()
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
             for mod in self.modules.values():
@@ -400,6 +434,8 @@ class Supervisor:
             self._to_client(client, {"id": rid, "ok": True, "status": self._status()})
         elif op == "ping":
             self._to_client(client, {"id": rid, "ok": True})
+        elif op == "save":
+            self._request_save((client, rid), request.get("user", ""))
         elif op == "restart":
             try:
                 self._restart(request["module"])
@@ -418,13 +454,12 @@ class Supervisor:
     def _route(self, client, request):
         name = request["module"]
         mod = self.modules.get(name)
+        pending = Pending(client, request["id"], request)
         if mod is None:
             known = ", ".join(sorted(self.modules))
-            client.reply_error(request["id"], ProgrammingError, f"unknown module {name!r}; this supervisor runs: {known}")
-            self._dirty.add(client)
+            self._fail(pending, ProgrammingError, f"unknown module {name!r}; this supervisor runs: {known}")
             return
-        pending = Pending(client, request["id"], request)
-        if mod.state == READY and not self._stopping:
+        if mod.state == READY and not mod.saving and not self._stopping:
             self._dispatch(mod, pending)
             return
         hold = request.get("hold")
@@ -444,8 +479,16 @@ class Supervisor:
         self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
         mod.inflight[sid] = pending
 
+    def _answer(self, pending, reply):
+        """Send a request's final reply; sets and setops go to the audit log too."""
+        req = pending.request
+        if req["op"] in ("set", "setop"):
+            outcome = "ok" if reply["ok"] else f"{reply['error']['type']}: {reply['error']['message']}"
+            self._audit.record(req.get("user", ""), req["op"], req["module"], req["table"], req["params"], outcome)
+        self._to_client(pending.client, reply)
+
     def _fail(self, pending, exc_type, message):
-        self._to_client(pending.client, {"id": pending.rid, "ok": False, "error": {"type": exc_type.__name__, "message": message}})
+        self._answer(pending, {"id": pending.rid, "ok": False, "error": {"type": exc_type.__name__, "message": message}})
 
     def _expire_held(self, mod):
         now = time.monotonic()
@@ -478,6 +521,8 @@ class Supervisor:
             return f"module {name!r} is unavailable: the supervisor is stopping"
         if mod.state == FAILED:
             return f"module {name!r} is quarantined (FAILED): {mod.error}; revive it with `cmactor restart {name}`"
+        if mod.state == READY and mod.saving:
+            return f"module {name!r} is not READY (saving)"
         detail = f", waiting on {mod.waiting_on!r}" if mod.state == WAITING_DEPS and mod.waiting_on else ""
         return f"module {name!r} is not READY (state {mod.state}{detail})"
 
@@ -553,9 +598,9 @@ class Supervisor:
             if error is None:
                 if dirty:
                     mod.unsaved = True
-                self._to_client(pending.client, {"id": pending.rid, "ok": True, "rows": rows, "more": more})
+                self._answer(pending, {"id": pending.rid, "ok": True, "rows": rows, "more": more})
             else:
-                self._to_client(pending.client, {"id": pending.rid, "ok": False, "error": error})
+                self._answer(pending, {"id": pending.rid, "ok": False, "error": error})
             if self._stopping:
                 self._continue_stop()
         elif kind == P.NOTIFY:
@@ -570,8 +615,10 @@ class Supervisor:
         elif kind == P.READY:
             mod.ready_called = True
             self._maybe_ready(mod)
-        elif kind == P.EVENT_DONE:
-            self._on_event_done(mod, self._events.pop(message[1], None), message[2])
+        elif kind == P.LOADED:
+            self._on_loaded(mod, *message[2:])
+        elif kind == P.SAVED:
+            self._on_saved(mod, *message[1:])
         elif kind == P.FATAL:
             _, text, detail = message
             mod.error = text
@@ -612,28 +659,48 @@ class Supervisor:
         self._check_start()
 
     def _load(self, mod):
+        """Replay the module's saved section, or have it generate defaults when it has none."""
         mod.state = LOADING
-        self._send_event(mod, "event_generate_default")
+        section = self._sections.get(mod.name)
+        mod.last_event = "event_generate_default" if section is None else "event_load_start"
+        self._to_worker(mod, [P.LOAD, next(self._next_sid), section])
+        self._after(mod.options["load_timeout"], self._check_stuck, mod, mod.process)
 
-    def _send_event(self, mod, name):
-        sid = next(self._next_sid)
-        self._events[sid] = name
-        mod.last_event = name
-        self._to_worker(mod, [P.EVENT, sid, name])
-
-    def _on_event_done(self, mod, name, error):
+    def _on_loaded(self, mod, error, failures, failed):
+        if mod.last_event == "event_load_start":
+            mod.last_event = "event_load_complete"
+        mod.loaded = True
+        mod.load_errors = failed
+        for failure in failures:
+            log.error(
+                "module %s: saved row of table %s did not load: %s; row: %s",
+                mod.name,
+                failure["table"],
+                failure["message"],
+                failure["row"],
+            )
+        if failed > len(failures):
+            log.error("module %s: %d more saved rows did not load", mod.name, failed - len(failures))
         if error is not None:
-            log.warning("module %s: %s failed: %s", mod.name, name, error)
-            mod.error = f"{name} raised {error}"
-        if name == "event_generate_default":
-            mod.loaded = True
-            self._maybe_ready(mod)
+            log.error("module %s: %s", mod.name, error)
+            mod.error = error
+        elif failed:
+            first = failures[0]
+            mod.error = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
+        self._maybe_ready(mod)
+
+    def _check_stuck(self, mod, process):
+        if mod.process is process and mod.state == LOADING:
+            reason = f"stuck: ready() not called within {mod.options['load_timeout']:g}s; last event {mod.last_event}"
+            log.warning("module %s %s", mod.name, reason)
+            mod.error = f"{mod.error}; {reason}" if mod.error else reason
 
     def _maybe_ready(self, mod):
         if mod.state != LOADING or not (mod.loaded and mod.ready_called):
             return
         mod.state = READY
-        mod.error = None
+        if not mod.load_errors:
+            mod.error = None
         log.info("module %s READY (pid %d)", mod.name, mod.pid)
         self._release_held(mod)
         self._advance_waiting()
@@ -663,6 +730,9 @@ class Supervisor:
                 "the request may have taken effect: check before retrying",
             )
         mod.inflight.clear()
+        job = self._save_job
+        if job is not None and job.current is mod:
+            self._on_saved(mod, job.sid, f"the worker died during the save ({reason})", None, 0)
         if self._stopping or mod.state == STOPPING:
             mod.state = STOPPED
             self._continue_stop()
@@ -770,6 +840,8 @@ class Supervisor:
             return
         self._stopping = True
         self._start_done.set()
+        self._reply_save(self._save_waiters, OperationalError, "save refused: the supervisor is stopping")
+        self._save_waiters = []
         for mod in self.modules.values():
             self._fail_held(mod)
             if mod.process is None:
@@ -778,6 +850,8 @@ class Supervisor:
         self._continue_stop()
 
     def _continue_stop(self):
+        if self._save_job is not None:
+            return  # a save in progress finishes first (stop_timeout still bounds it)
         alive = [m for m in self.modules.values() if m.process is not None]
         if not alive:
             self._close()
@@ -798,6 +872,9 @@ class Supervisor:
                 self._kill(mod)
 
     def _close(self):
+        if self._save_writer is not None:
+            self._save_writer.shutdown(wait=True)
+        self._audit.close()
         for client in list(self._clients):
             self._drop_client(client)
         if self._listener is not None:
@@ -813,6 +890,103 @@ class Supervisor:
                 shutil.rmtree(self._private_dir, ignore_errors=True)
         with self._calls_lock:
             self._finished.set()
+
+    # -- save ------------------------------------------------------------------
+
+    def _request_save(self, waiter, user):
+        """Queue a save for ``waiter``: a (client, rid) pair or a Future."""
+        if self._stopping:
+            self._reply_save([(waiter, user)], OperationalError, "save refused: the supervisor is stopping")
+            return
+        self._save_waiters.append((waiter, user))
+        if self._save_job is None:
+            self._start_save()
+
+    def _start_save(self):
+        waiters, self._save_waiters = self._save_waiters, []
+        order = []
+        for mod in self.modules.values():  # dependencies first
+            self._dependency_first(mod, order, set())
+        modules = [m for m in order if m.persistent_list]
+        self._save_job = SaveJob(waiters, modules, self._sections)
+        self._save_next()
+
+    def _dependency_first(self, mod, order, seen):
+        if mod in order or mod.name in seen:
+            return
+        seen.add(mod.name)
+        for dep in mod.config_deps:
+            if dep in self.modules:
+                self._dependency_first(self.modules[dep], order, seen)
+        order.append(mod)
+
+    def _save_next(self):
+        job = self._save_job
+        while (mod := job.next_module()) is not None:
+            if mod.state != READY:
+                continue  # its last saved section is carried over
+            mod.saving = True
+            # Cleared now: a change acknowledged during the walk marks it again.
+            job.was_unsaved[mod.name] = mod.unsaved
+            mod.unsaved = False
+            job.sid = next(self._next_sid)
+            self._to_worker(mod, [P.SAVE, job.sid, mod.persistent_list])
+            return
+        future = self._save_writer.submit(store.write, self.config_path, job.sections)
+        future.add_done_callback(lambda f: self._call_async(self._on_written, job, f))
+
+    def _on_saved(self, mod, sid, error, section, rows):
+        job = self._save_job
+        if job is None or job.current is not mod or job.sid != sid:
+            return
+        mod.saving = False
+        self._release_held(mod)
+        if error is None:
+            job.done(mod.name, section, rows)
+            self._save_next()
+            return
+        log.error("save failed: module %s: %s", mod.name, error)
+        self._end_save(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
+
+    def _on_written(self, job, future):
+        try:
+            future.result()
+        except OSError as exc:
+            self._end_save(job, OperationalError, f"save failed: cannot write {self.config_path}: {exc}")
+            return
+        self._sections = job.sections
+        log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
+        self._end_save(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
+
+    def _end_save(self, job, exc_type, result):
+        if exc_type is not None:
+            for name, was in job.was_unsaved.items():
+                self.modules[name].unsaved = self.modules[name].unsaved or was
+            if job.current is not None:
+                job.current.saving = False
+                self._release_held(job.current)
+        self._reply_save(job.waiters, exc_type, result)
+        self._save_job = None
+        if self._stopping:
+            self._continue_stop()
+        elif self._save_waiters:
+            self._start_save()
+
+    def _reply_save(self, waiters, exc_type, result):
+        outcome = "ok" if exc_type is None else f"{exc_type.__name__}: {result}"
+        for waiter, user in waiters:
+            self._audit.record(user, "save", None, None, None, outcome)
+            if isinstance(waiter, concurrent.futures.Future):
+                if exc_type is None:
+                    waiter.set_result(result)
+                else:
+                    waiter.set_exception(exc_type(result))
+                continue
+            client, rid = waiter
+            if exc_type is None:
+                self._to_client(client, {"id": rid, "ok": True, "saved": result})
+            else:
+                self._to_client(client, {"id": rid, "ok": False, "error": {"type": exc_type.__name__, "message": result}})
 
     # -- status ----------------------------------------------------------------
 
@@ -831,6 +1005,8 @@ class Supervisor:
                 "last_exit": mod.last_exit,
                 "error": mod.error,
                 "waiting_on": mod.waiting_on if mod.state == WAITING_DEPS else None,
+                "saving": mod.saving,
+                "load_errors": mod.load_errors,
                 "config_deps": list(mod.config_deps),
                 "persistent_list": list(mod.persistent_list),
             }

@@ -34,13 +34,56 @@ class Echo(CmAgent):
         self.kv = {}
         self.order = []
         self.lock = threading.Lock()
+        self.events = []  # (event or "load:<key>", time.time()) in the order they came
+        self.save_fault = None  # set through ctl: "fail", "stop" or a delay in seconds
+
+    def _event(self, name):
+        self.events.append((name, time.time()))
+
+    def _ready(self):
+        self._event("ready")
+        ready()
 
     def event_generate_default(self):
+        self._event("event_generate_default")
         self.kv = {"default": "yes"}
-        ready()
+        self._ready()
+
+    def event_load_start(self):
+        self._event("event_load_start")
+        time.sleep(float(os.environ.get("ECHO_LOAD_DELAY", "0")))
+        self.kv = {}
+
+    def event_load_complete(self):
+        self._event("event_load_complete")
+        if os.environ.get("ECHO_NEVER_READY") != "1":
+            self._ready()
+
+    def event_save_start(self):
+        self._event("event_save_start")
+        if self.save_fault == "fail":
+            raise RuntimeError("disk on fire")
+        if self.save_fault not in (None, "stop"):
+            time.sleep(float(self.save_fault))
+
+    def event_save_complete(self):
+        self._event("event_save_complete")
+
+    # ctl: test controls; events: what happened, in order
+    def ctl_set(self, ctx):
+        self.save_fault = ctx.params.get("save_fault") or None
+        ctx.dirty = False
+
+    def events_get(self, ctx):
+        ctx.fields = {
+            "events": ",".join(name for name, _ in self.events),
+            "times": ",".join(repr(t) for _, t in self.events),
+        }
 
     # kv: a small key/value table
     def kv_get(self, ctx):
+        if ctx.is_save and self.save_fault == "stop":
+            ctx.raise_error("refusing to be saved")
         keys = sorted(self.kv)
         key = ctx.params.get("key")
         if ctx.is_getnext:
@@ -55,6 +98,10 @@ class Echo(CmAgent):
         ctx.fields = {"key": key, "value": self.kv[key]}
 
     def kv_set(self, ctx):
+        if ctx.is_load:
+            self._event(f"load:{ctx.params['key']}")
+            if ctx.params.get("value") == "fail-on-load":
+                raise ValueError("cannot load this row")
         if ctx.params.get("clean") == "1":
             ctx.dirty = False
         self.kv[ctx.params["key"]] = ctx.params.get("value", "")

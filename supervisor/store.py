@@ -1,0 +1,110 @@
+"""The saved config file: written atomically, verified when read.
+
+The file is two JSON lines. The first is a header: format name and version, the
+time of the save, the modules saved, where each module's section sits in the
+body (offset and length in bytes), the body's length and its SHA-256. The second
+is the body: ``{"ports": {"port": [row, ...]}, "vlan": {...}}``. Each worker
+encodes its own section, and the supervisor hands each section back to its worker
+at load time as bytes: the supervisor checks the file but never parses rows.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+
+FORMAT = "cmactor-config"
+VERSION = 1
+FILENAME = "config.jsonl"
+
+
+class StoreError(Exception):
+    """The config file cannot be used; the message names the file and what is wrong."""
+
+
+def read(path):
+    """Sections by module name ({} when there is no file yet), or StoreError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StoreError(f"config file {path} cannot be read: {exc.strerror}") from None
+    head, newline, body = data.partition(b"\n")
+    try:
+        header = json.loads(head)
+    except ValueError:
+        raise StoreError(f"config file {path} is not a cmactor config file: its first line is not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise StoreError(f"config file {path} is not a cmactor config file (no format {FORMAT!r} header)")
+    if header.get("version") != VERSION:
+        raise StoreError(
+            f"config file {path} has format version {header.get('version')!r}; this cmactor reads version {VERSION}"
+        )
+    body = body[:-1] if body.endswith(b"\n") else body
+    length = header.get("length")
+    if not newline or len(body) != length:
+        raise StoreError(f"config file {path} is truncated: its body has {len(body)} bytes, the header says {length}")
+    if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise StoreError(f"config file {path} fails its checksum: it was damaged or edited after it was saved")
+    sections = {}
+    for name, span in (header.get("modules") or {}).items():
+        if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0] <= span[0] + span[1] <= len(body)):
+            raise StoreError(f"config file {path}: bad section bounds for module {name!r}")
+        sections[name] = body[span[0] : span[0] + span[1]]
+    return sections
+
+
+def write(path, sections):
+    """Write ``sections`` (module name -> JSON bytes) atomically; return the header."""
+    parts = [b"{"]
+    offset = 1
+    spans = {}
+    for i, (name, section) in enumerate(sections.items()):
+        key = (b"," if i else b"") + json.dumps(name).encode() + b":"
+        parts.append(key)
+        offset += len(key)
+        spans[name] = [offset, len(section)]
+        parts.append(section)
+        offset += len(section)
+    parts.append(b"}")
+    body = b"".join(parts)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "modules": spans,
+        "length": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(header).encode() + b"\n")
+            f.write(body + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+    return header
+
+
+def set_aside(path):
+    """Rename an unusable config file out of the way; return its new name."""
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    new = f"{path}.bad-{stamp}"
+    os.replace(path, new)
+    return new
