@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import cmactor
 from cmactor import cmfrontend
@@ -26,10 +27,6 @@ STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "
 
 class CliError(Exception):
     """A problem to report in one line."""
-
-
-class _Stop(Exception):
-    """SIGTERM or SIGINT arrived while `cmactor run` was serving."""
 
 
 def resolve_socket(args):
@@ -131,8 +128,14 @@ def cmd_run(args):
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
 
+    # The handler only records the signal and writes to a pipe: raising from it could
+    # land inside a logging call, which would swallow the exception and never stop.
+    wake_r, wake_w = os.pipe()
+    received = []
+
     def on_signal(signum, frame):
-        raise _Stop(signal.Signals(signum).name)
+        received.append(signal.Signals(signum).name)
+        os.write(wake_w, b"s")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -140,10 +143,11 @@ def cmd_run(args):
         sup.start()
         print(f"cmactor: {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
         print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
-        while not sup.wait(3600):
-            pass
-    except _Stop as stop:
-        print(f"cmactor: {stop}: stopping", file=sys.stderr)
+        # A client's `cmactor stop` ends the supervisor on its own: wake up then too.
+        threading.Thread(target=lambda: (sup.wait(), os.write(wake_w, b"d")), daemon=True).start()
+        os.read(wake_r, 1)
+        if received:
+            print(f"cmactor: {received[0]}: stopping", file=sys.stderr)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
         sup.stop()

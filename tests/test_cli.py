@@ -87,6 +87,18 @@ def test_run_status_get_set_and_ctrl_c(config, running):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_sigint_while_starting_still_stops_cleanly(config):
+    proc = subprocess.Popen(cmactor_cmd() + ["run", str(config)], stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stderr.readline()  # the first log line: start is under way
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        assert "SIGINT: stopping" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_socket_from_environment_and_stop_command(config, running):
     socket_path = (config.parent / "state" / "run" / "socket.path").read_text()
     env = dict(os.environ, CMACTOR_SOCKET=socket_path)
