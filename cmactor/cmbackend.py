@@ -11,8 +11,9 @@ from collections.abc import Callable
 # Kept here (not in worker) so this module does not import the worker machinery.
 _runtime = None
 
-# The action running on the current thread, so that cmactor.connect() made from
-# inside an action can tell the supervisor who is calling (module and lane).
+# The action running on the current thread, so that a request made from inside an
+# action can tell the supervisor who is calling: (module, lane, request id). The
+# supervisor's deadlock detector builds its wait-for graph from it.
 _current = threading.local()
 
 
@@ -148,5 +149,5 @@ def ready():
 
 
 def current_caller():
-    """(module, lane) of the action running on this thread, or None outside actions."""
+    """(module, lane, request id) of the action running on this thread, or None outside actions."""
     return getattr(_current, "caller", None)

@@ -24,6 +24,9 @@ READ_SIZE = 65536
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
 CONTROL_OPS = ("status", "save", "stop", "restart", "ping")
 
+# op -> action method suffix: get, getone and getnext all read through <table>_get.
+ACTION_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}
+
 # Names of modules and tables: they become part of a Python method name
 # (<table>_<op>), so no leading underscore and nothing but word characters.
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
@@ -42,7 +45,7 @@ LOAD = 2  # [LOAD, sid, section_json_bytes_or_None]: None means generate default
 STOP = 3  # [STOP]
 SAVE = 4  # [SAVE, sid, tables]
 # worker -> supervisor
-INIT = 10  # [INIT, persistent_list, config_deps, async_actions]
+INIT = 10  # [INIT, persistent_list, config_deps, async_actions, pool_size_or_None]
 READY = 11  # [READY]
 REPLY = 12  # [REPLY, sid, error_or_None, rows, more, dirty]
 NOTIFY = 13  # [NOTIFY, sid, text]

@@ -32,9 +32,6 @@ from .errors import DatabaseError, DataError, ProgrammingError, to_wire
 
 log = logging.getLogger("cmactor.worker")
 
-# op -> method suffix: get, getone and getnext all read through <table>_get.
-_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}
-
 
 class _FieldError(Exception):
     """The agent put something in ctx.fields that cannot cross the wire."""
@@ -131,7 +128,10 @@ class Runtime:
         async_actions = sorted(
             name for name in dir(type(agent)) if getattr(getattr(type(agent), name, None), "_cmactor_async", False)
         )
-        self.send([P.INIT, persistent, deps, async_actions])
+        # The pool's size lets the supervisor see a pool exhausted by calls into itself;
+        # an Executor that does not say (not a ThreadPoolExecutor) is not checked.
+        pool_size = getattr(agent.pool or self._shared_pool, "_max_workers", None)
+        self.send([P.INIT, persistent, deps, async_actions, pool_size])
 
     def ready(self):
         self.send([P.READY])
@@ -142,7 +142,7 @@ class Runtime:
         key = (table, op)
         found = self._methods.get(key)
         if found is None:
-            name = f"{table}_{_SUFFIX[op]}"
+            name = f"{table}_{P.ACTION_SUFFIX[op]}"
             method = getattr(self.agent, name, None)
             if not callable(method):
                 raise LookupError(self._missing(table, op, name))
@@ -207,7 +207,7 @@ class Runtime:
 
     def _run_load(self, sid, section):
         """Load saved rows (or generate defaults) on the serial lane, then report."""
-        cmbackend._current.caller = (self.module, "serial")
+        cmbackend._current.caller = (self.module, "serial", sid)
         failures = []
         failed = 0
         error = None
@@ -250,7 +250,7 @@ class Runtime:
 
     def _run_save(self, sid, tables):
         """The save walk: event_save_start, every row of each table, event_save_complete."""
-        cmbackend._current.caller = (self.module, "serial")
+        cmbackend._current.caller = (self.module, "serial", sid)
         try:
             try:
                 self._event("event_save_start")
@@ -291,7 +291,7 @@ class Runtime:
             def notify(text):
                 self.send([P.NOTIFY, sid, text])
 
-        cmbackend._current.caller = (self.module, "async" if is_async else "serial")
+        cmbackend._current.caller = (self.module, "async" if is_async else "serial", sid)
         options = dict(
             op=op, is_async=is_async, is_save=bool(flags & P.F_SAVE), is_load=bool(flags & P.F_LOAD), notify=notify
         )
@@ -310,7 +310,7 @@ class Runtime:
         except ActionStopped as stop:
             reply = [P.REPLY, sid, to_wire(DatabaseError, stop.message), [], False, False]
         except _FieldError as exc:
-            error = to_wire(DataError, f"module {self.module!r} {table}_{_SUFFIX[op]} replied badly: {exc}")
+            error = to_wire(DataError, f"module {self.module!r} {table}_{P.ACTION_SUFFIX[op]} replied badly: {exc}")
             reply = [P.REPLY, sid, error, [], False, False]
         except BaseException as exc:
             log.error(

@@ -22,7 +22,7 @@ STOPPED = "STOPPED"
 class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
-    __slots__ = ("client", "rid", "request", "deadline", "sid")
+    __slots__ = ("client", "rid", "request", "deadline", "sid", "issuer", "is_async")
 
     def __init__(self, client, rid, request, deadline=None):
         self.client = client
@@ -30,6 +30,8 @@ class Pending:
         self.request = request
         self.deadline = deadline
         self.sid = None
+        self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
+        self.is_async = False  # the target action is an @async_action
 
 
 class Module:
@@ -59,6 +61,7 @@ class Module:
         "last_event",
         "saving",
         "load_errors",
+        "pool_size",
     )
 
     def __init__(self, name, options, policy):
@@ -87,6 +90,7 @@ class Module:
         self.last_event = None
         self.saving = False
         self.load_errors = 0
+        self.pool_size = None
 
     @property
     def pid(self):

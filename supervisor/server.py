@@ -155,7 +155,11 @@ def parse_request(msg):
         raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds >= 0, got {hold!r}")
     caller = msg.get("caller")
     if caller is not None and not (
-        isinstance(caller, list) and len(caller) == 2 and all(isinstance(c, str) for c in caller)
+        isinstance(caller, list)
+        and len(caller) == 3
+        and isinstance(caller[0], str)
+        and caller[1] in ("serial", "async")
+        and isinstance(caller[2], int)
     ):
-        raise BadRequest(rid, ProgrammingError, f"'caller' must be [module, lane], got {caller!r}")
+        raise BadRequest(rid, ProgrammingError, f"'caller' must be [module, 'serial'|'async', request id], got {caller!r}")
     return msg

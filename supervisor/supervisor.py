@@ -27,13 +27,14 @@ from cmactor import cmfrontend, worker
 from cmactor import protocol as P
 from cmactor.errors import (
     DatabaseError,
+    DeadlockDetectedError,
     ModuleUnavailable,
     OperationalError,
     ProgrammingError,
     StartupError,
 )
 
-from . import deps, health, server, store
+from . import deadlock, deps, health, server, store
 from .audit import AuditLog
 from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
 from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS
@@ -117,6 +118,7 @@ class Supervisor:
         self._stopping = False
         self._starting = True
         self._sections = {}  # module -> its section of the saved config file (bytes)
+        self._waits = {}  # executor -> calls it waits on (deadlock.py)
         self._save_job = None
         self._save_waiters = []
         self._save_writer = None
@@ -459,6 +461,8 @@ class Supervisor:
             known = ", ".join(sorted(self.modules))
             self._fail(pending, ProgrammingError, f"unknown module {name!r}; this supervisor runs: {known}")
             return
+        if request.get("caller") is not None and not self._admit(mod, pending):
+            return
         if mod.state == READY and not mod.saving and not self._stopping:
             self._dispatch(mod, pending)
             return
@@ -475,6 +479,8 @@ class Supervisor:
     def _dispatch(self, mod, pending):
         sid = pending.sid = next(self._next_sid)
         req = pending.request
+        if mod.async_actions:  # counted against the pool by the deadlock detector
+            pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
         flags = P.F_NOTIFY if req.get("notify") else 0
         self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
         mod.inflight[sid] = pending
@@ -482,6 +488,12 @@ class Supervisor:
     def _answer(self, pending, reply):
         """Send a request's final reply; sets and setops go to the audit log too."""
         req = pending.request
+        if pending.issuer is not None:
+            calls = self._waits.get(pending.issuer)
+            if calls is not None:
+                calls.discard(pending)
+                if not calls:
+                    del self._waits[pending.issuer]
         if req["op"] in ("set", "setop"):
             outcome = "ok" if reply["ok"] else f"{reply['error']['type']}: {reply['error']['message']}"
             self._audit.record(req.get("user", ""), req["op"], req["module"], req["table"], req["params"], outcome)
@@ -525,6 +537,60 @@ class Supervisor:
             return f"module {name!r} is not READY (saving)"
         detail = f", waiting on {mod.waiting_on!r}" if mod.state == WAITING_DEPS and mod.waiting_on else ""
         return f"module {name!r} is not READY (state {mod.state}{detail})"
+
+    # -- deadlock detection (see deadlock.py) ---------------------------------
+
+    def _admit(self, mod, pending):
+        """Record an agent's call in the wait-for graph, or refuse it if it closes a cycle."""
+        req = pending.request
+        module, lane, sid = req["caller"]
+        caller_mod = self.modules.get(module)
+        if caller_mod is None:
+            return True
+        issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
+        if issuer is None:
+            return True  # an async action that is no longer running: nothing waits on it
+        pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
+        cycle = None
+        if pending.is_async and mod.state == READY and not mod.saving:
+            # It gets a pool thread of its own, unless every thread is busy: then it
+            # waits for one of them, a deadlock only if all of them wait on the caller.
+            busy = [p for p in mod.inflight.values() if p.is_async]
+            if mod.pool_size is not None and len(busy) >= mod.pool_size:
+                paths = [deadlock.find_path(p, issuer, self._successors) for p in busy]
+                if all(paths):
+                    cycle = f"{deadlock.describe([issuer] + min(paths, key=len)[:-1], self._node_name)} " f"(all {mod.pool_size} threads of {mod.name}'s pool are taken by calls waiting on this one)"
+        else:
+            path = deadlock.find_path(mod, issuer, self._successors)
+            if path is not None:
+                cycle = deadlock.describe([issuer] + path[:-1], self._node_name)
+        if cycle is not None:
+            self._fail(
+                pending,
+                DeadlockDetectedError,
+                f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
+                f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
+            )
+            return False
+        pending.issuer = issuer
+        self._waits.setdefault(issuer, set()).add(pending)
+        return True
+
+    def _successors(self, node):
+        """The executors ``node`` is waiting for right now."""
+        for call in self._waits.get(node, ()):
+            target = self.modules[call.request["module"]]
+            yield call if call.is_async and call.sid is not None else target
+        if isinstance(node, Module) and node.state == WAITING_DEPS:
+            for dep in node.config_deps:
+                if self.modules[dep].state != READY:
+                    yield self.modules[dep]
+
+    @staticmethod
+    def _node_name(node):
+        if isinstance(node, Module):
+            return node.name
+        return f"{node.request['module']}(async {node.request['table']})"
 
     # -- workers -------------------------------------------------------------
 
@@ -611,7 +677,7 @@ class Supervisor:
             _, level, name, text = message
             logging.getLogger(f"cmactor.agent.{mod.name}").log(level, "[%s] %s", name, text)
         elif kind == P.INIT:
-            self._on_init(mod, message[1], message[2], message[3])
+            self._on_init(mod, *message[1:])
         elif kind == P.READY:
             mod.ready_called = True
             self._maybe_ready(mod)
@@ -624,12 +690,13 @@ class Supervisor:
             mod.error = text
             log.error("module %s: %s%s", mod.name, text, f"\n{detail}" if detail else "")
 
-    def _on_init(self, mod, persistent, config_deps, async_actions):
+    def _on_init(self, mod, persistent, config_deps, async_actions, pool_size):
         if mod.state != STARTING:
             return
         mod.persistent_list = persistent
         mod.config_deps = config_deps
         mod.async_actions = frozenset(async_actions)
+        mod.pool_size = pool_size
         missing = deps.unknown(config_deps, self.modules)
         if missing:
             known = ", ".join(sorted(self.modules))
@@ -721,6 +788,10 @@ class Supervisor:
         if mod.error:  # what the worker said before dying (the entry's exception, ...)
             reason = f"{reason} after: {mod.error}"
         mod.last_exit = reason
+        # Its lanes wait on nothing any more: drop their edges from the wait-for graph.
+        self._waits.pop(mod, None)
+        for pending in mod.inflight.values():
+            self._waits.pop(pending, None)
         for sid, pending in list(mod.inflight.items()):
             req = pending.request
             self._fail(
