@@ -41,7 +41,7 @@ DEFAULT_BATCH = 1000
 # Worker channel message kinds (first element of each list).
 # supervisor -> worker
 REQ = 1  # [REQ, sid, op, table, params, vr, flags, batch, after]
-LOAD = 2  # [LOAD, sid, section_json_bytes_or_None]: None means generate defaults
+LOAD = 2  # [LOAD, sid, section_json_bytes_or_None, journal_records]: neither means generate defaults
 STOP = 3  # [STOP]
 SAVE = 4  # [SAVE, sid, tables]
 # worker -> supervisor
@@ -53,6 +53,22 @@ LOG = 14  # [LOG, levelno, logger_name, text]
 FATAL = 15  # [FATAL, message, traceback]
 LOADED = 16  # [LOADED, sid, error_or_None, row_errors, row_error_count]
 SAVED = 17  # [SAVED, sid, error_or_None, section_json_bytes, row_count]
+
+# Progress slots: an int64 array in shared memory per worker, written by its lanes
+# as they start and finish work, so that after a crash the supervisor knows which
+# unanswered requests had started (they fail) and which had not (they run again).
+# No message is spent on it. Start times (monotonic ns, 0 = idle) also show a
+# serial lane stuck in one action.
+SLOT_SERIAL_SID = 0  # id of the last item the serial lane started
+SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
+SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
+ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread
+SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS
+
+
+def async_slot(index):
+    return 3 + 2 * index
+
 
 # Row errors a worker reports in detail after a load; the rest are counted.
 MAX_ROW_ERRORS = 20

@@ -22,6 +22,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,9 +81,13 @@ class _ChannelHandler(logging.Handler):
 class Runtime:
     """The worker side of one module: its socket, its agent, its lanes."""
 
-    def __init__(self, module, sock, pool_size):
+    def __init__(self, module, sock, pool_size, slots):
         self.module = module
         self._sock = sock
+        self._slots = slots
+        self._slot_of = threading.local()
+        self._slot_lock = threading.Lock()
+        self._slots_used = 0
         self._send_lock = threading.Lock()
         self._mailbox = queue.SimpleQueue()
         self._shared_pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"{module}-pool")
@@ -176,19 +181,50 @@ class Runtime:
             return
         if is_async:
             pool = self.agent.pool or self._shared_pool
-            pool.submit(self._execute, msg, method, True)
+            pool.submit(self._run_async, msg, method)
         else:
             self._mailbox.put((msg, method))
 
     def _serial_loop(self):
+        slots = self._slots
         while True:
             item = self._mailbox.get()
             if item[0] == P.LOAD:
-                self._run_load(item[1], item[2])
+                sid = item[1]
+                work = (self._run_load, item[1], item[2], item[3])
             elif item[0] == P.SAVE:
-                self._run_save(item[1], item[2])
+                sid = item[1]
+                work = (self._run_save, item[1], item[2])
             else:
-                self._execute(item[0], item[1], False)
+                sid = item[0][1]
+                work = (self._execute, item[0], item[1], False)
+            slots[P.SLOT_SERIAL_SID] = sid
+            slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+            work[0](*work[1:])
+            slots[P.SLOT_SERIAL_START] = 0
+
+    def _async_slot(self):
+        """This pool thread's slot index, taken on first use; None when all are taken."""
+        index = getattr(self._slot_of, "index", -1)
+        if index == -1:
+            with self._slot_lock:
+                index = self._slots_used if self._slots_used < P.ASYNC_SLOTS else None
+                self._slots_used += 1
+            self._slot_of.index = index
+        return index
+
+    def _run_async(self, msg, method):
+        index = self._async_slot()
+        if index is None:
+            self._slots[P.SLOT_OVERFLOW] = 1
+            self._execute(msg, method, True)
+            return
+        base = P.async_slot(index)
+        self._slots[base] = msg[1]
+        self._slots[base + 1] = time.monotonic_ns()
+        self._execute(msg, method, True)
+        self._slots[base + 1] = 0
+        self._slots[base] = 0
 
     def _reply_error(self, sid, exc_type, message):
         self.send([P.REPLY, sid, to_wire(exc_type, message), [], False, False])
@@ -205,27 +241,32 @@ class Runtime:
             log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
             raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
 
-    def _run_load(self, sid, section):
-        """Load saved rows (or generate defaults) on the serial lane, then report."""
+    def _run_load(self, sid, section, journal):
+        """Load saved rows and journaled changes (or generate defaults) on the serial lane, then report.
+
+        Each saved row is replayed as <table>_set, each journal record as the
+        <table>_set or _setop it was, all with is_load True.
+        """
         cmbackend._current.caller = (self.module, "serial", sid)
         failures = []
         failed = 0
         error = None
         try:
-            if section is None:
+            if section is None and not journal:
                 self._event("event_generate_default")
             else:
                 # As on the original platform, load_start is always followed by
                 # load_complete, even when it or a row fails.
                 try:
                     self._event("event_load_start")
-                    for table, rows in json.loads(section).items():
-                        for row in rows:
-                            message = self._load_row(table, row)
-                            if message is not None:
-                                failed += 1
-                                if len(failures) < P.MAX_ROW_ERRORS:
-                                    failures.append({"table": table, "row": row, "message": message})
+                    saved = json.loads(section) if section is not None else {}
+                    replay = [("set", table, row) for table, rows in saved.items() for row in rows] + journal
+                    for op, table, row in replay:
+                        message = self._load_row(op, table, row)
+                        if message is not None:
+                            failed += 1
+                            if len(failures) < P.MAX_ROW_ERRORS:
+                                failures.append({"table": table, "row": row, "message": message})
                 finally:
                     self._event("event_load_complete")
         except _EventFailed as exc:
@@ -234,12 +275,12 @@ class Runtime:
             cmbackend._current.caller = None
         self.send([P.LOADED, sid, error, failures, failed])
 
-    def _load_row(self, table, row):
-        """Replay one saved row as <table>_set with is_load; the error text, or None."""
-        method = getattr(self.agent, f"{table}_set", None)
+    def _load_row(self, op, table, row):
+        """Replay one row as <table>_<op> with is_load; the error text, or None."""
+        method = getattr(self.agent, f"{table}_{op}", None)
         if not callable(method):
-            return f"the agent has no {table}_set method"
-        ctx = CmContext({k: v for k, v in row.items() if v is not None}, op="set", is_load=True)
+            return f"the agent has no {table}_{op} method"
+        ctx = CmContext({k: v for k, v in row.items() if v is not None}, op=op, is_load=True)
         try:
             method(ctx)
         except ActionStopped as stop:
@@ -383,7 +424,7 @@ def load_entry(entry, module):
     return func
 
 
-def main(spec, sock):
+def main(spec, sock, slots):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
     # which reaches processes the agent started even after the worker is gone.
@@ -395,7 +436,7 @@ def main(spec, sock):
         if path not in sys.path:
             sys.path.insert(0, path)
     module = spec["module"]
-    runtime = Runtime(module, sock, spec["pool_size"])
+    runtime = Runtime(module, sock, spec["pool_size"], slots)
     root = logging.getLogger()
     root.handlers[:] = [_ChannelHandler(runtime)]
     root.setLevel(spec["log_level"])

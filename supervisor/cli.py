@@ -123,7 +123,9 @@ def cmd_run(args):
         overrides["state_dir"] = os.path.abspath(args.state_dir)
     if args.log_level:
         overrides["log_level"] = args.log_level
-    sup = cmactor.Supervisor.from_toml(args.config_file, ignore_config=args.ignore_config, **overrides)
+    sup = cmactor.Supervisor.from_toml(
+        args.config_file, ignore_config=args.ignore_config, recover=args.recover, **overrides
+    )
     logging.basicConfig(
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -245,6 +247,11 @@ def build_parser():
         "--ignore-config",
         action="store_true",
         help="if the saved config file is unusable, rename it aside and start with defaults",
+    )
+    run.add_argument(
+        "--recover",
+        action="store_true",
+        help="also replay the changes journaled since the last save (after a crash of the supervisor itself)",
     )
     run.set_defaults(func=cmd_run)
 

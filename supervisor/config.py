@@ -99,6 +99,8 @@ AGENT_OPTIONS = {
     "restart_delay_max": (_number, 5.0),
     "stable_after": (_number, 10.0),
     "load_timeout": (_number, 30.0),
+    "action_timeout": (_number, 30.0),
+    "hang_timeout": (_number, 60.0),
 }
 
 

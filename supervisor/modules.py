@@ -22,7 +22,7 @@ STOPPED = "STOPPED"
 class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
-    __slots__ = ("client", "rid", "request", "deadline", "sid", "issuer", "is_async")
+    __slots__ = ("client", "rid", "request", "deadline", "sid", "issuer", "is_async", "dispatched_at")
 
     def __init__(self, client, rid, request, deadline=None):
         self.client = client
@@ -32,6 +32,7 @@ class Pending:
         self.sid = None
         self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
         self.is_async = False  # the target action is an @async_action
+        self.dispatched_at = None
 
 
 class Module:
@@ -62,6 +63,8 @@ class Module:
         "saving",
         "load_errors",
         "pool_size",
+        "slots",
+        "journal",
     )
 
     def __init__(self, name, options, policy):
@@ -91,15 +94,18 @@ class Module:
         self.saving = False
         self.load_errors = 0
         self.pool_size = None
+        self.slots = None  # the worker's progress slots (protocol.SLOT_*), in shared memory
+        self.journal = None
 
     @property
     def pid(self):
         return self.process.pid if self.process is not None else None
 
-    def attach(self, process, sock):
-        """A fresh worker: new socket and read state, nothing carried over from the last one."""
+    def attach(self, process, sock, slots):
+        """A fresh worker: new socket, slots and read state, nothing carried over from the last one."""
         self.process = process
         self.sock = sock
+        self.slots = slots
         self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
         self.out = bytearray()
         self.state = STARTING

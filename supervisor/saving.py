@@ -15,6 +15,7 @@ class SaveJob:
         self.sections = dict(previous)  # name -> JSON bytes; saved ones replace these
         self.saved = []  # names walked in this run
         self.was_unsaved = {}  # name -> dirty bit before the run cleared it
+        self.journaled = {}  # name -> journal records acknowledged before its walk began
         self.rows = 0
         self.current = None  # the Module being walked
         self.sid = None

@@ -35,6 +35,7 @@ from cmactor.errors import (
 )
 
 from . import deadlock, deps, health, server, store
+from .journal import Journal
 from .audit import AuditLog
 from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
 from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS
@@ -77,12 +78,15 @@ class Supervisor:
     ``base_dir`` (the config file's directory for :meth:`from_toml`, else the
     current directory). Other keyword options are the ``[supervisor]`` keys of a
     cmactor.toml. ``ignore_config``: start with defaults when the saved config file
-    is unusable, after renaming it aside (else start refuses).
+    is unusable, after renaming it aside (else start refuses). ``recover``: also
+    replay the journals of changes made after the last save (else a fresh start
+    loads the saved config only).
     """
 
-    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, **options):
+    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, recover=False, **options):
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         self.ignore_config = ignore_config
+        self.recover = recover
         self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
@@ -119,6 +123,7 @@ class Supervisor:
         self._starting = True
         self._sections = {}  # module -> its section of the saved config file (bytes)
         self._waits = {}  # executor -> calls it waits on (deadlock.py)
+        self._journals_to_sync = set()
         self._save_job = None
         self._save_waiters = []
         self._save_writer = None
@@ -133,6 +138,11 @@ class Supervisor:
         timeout = self.options["start_timeout"] if timeout is None else timeout
         os.makedirs(self.state_dir, exist_ok=True)
         self._sections = self._read_config()
+        journal_dir = os.path.join(self.state_dir, "journal")
+        os.makedirs(journal_dir, exist_ok=True)
+        for mod in self.modules.values():
+            mod.journal = Journal(os.path.join(journal_dir, f"{mod.name}.jsonl"))
+            mod.journal.open(self.recover)
         path = self.options["socket"] or os.path.join(self.state_dir, "run", "cm.sock")
         path = os.path.abspath(os.path.join(self.base_dir, path))
         try:
@@ -158,6 +168,7 @@ class Supervisor:
         self._sel.register(self._listener, selectors.EVENT_READ, (_LISTENER, None))
         self._thread = threading.Thread(target=self._loop, name="cmactor-supervisor", daemon=True)
         self._thread.start()
+        self._call(self._watchdog)
         _running.add(self)
         self._call(self._start_all)
         self._start_done.wait(timeout)
@@ -272,6 +283,7 @@ class Supervisor:
                     except Exception:
                         log.exception("internal error handling %s; the supervisor carries on", key.data)
                 self._run_timers()
+                self._sync_journals()  # before the replies that depend on them go out
                 self._flush()
                 self._audit.flush()
         except BaseException:
@@ -479,6 +491,7 @@ class Supervisor:
     def _dispatch(self, mod, pending):
         sid = pending.sid = next(self._next_sid)
         req = pending.request
+        pending.dispatched_at = time.monotonic()
         if mod.async_actions:  # counted against the pool by the deadlock detector
             pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
         flags = P.F_NOTIFY if req.get("notify") else 0
@@ -613,7 +626,8 @@ class Supervisor:
             "pool_size": mod.options["pool_size"],
             "log_level": self.options["log_level"],
         }
-        process = self._mp.Process(target=worker.main, args=(spec, child), name=f"cmactor-{mod.name}")
+        slots = self._mp.RawArray("q", P.SLOTS_SIZE)
+        process = self._mp.Process(target=worker.main, args=(spec, child, slots), name=f"cmactor-{mod.name}")
         try:
             process.start()
         except Exception as exc:
@@ -623,7 +637,7 @@ class Supervisor:
             return
         child.close()  # else the worker's death would never show as EOF here
         parent.setblocking(False)
-        mod.attach(process, parent)
+        mod.attach(process, parent, slots)
         mod.psutil = health.track(process.pid)
         self._sel.register(parent, selectors.EVENT_READ, (_WORKER, mod))
         self._sel.register(process.sentinel, selectors.EVENT_READ, (_SENTINEL, mod))
@@ -664,6 +678,10 @@ class Supervisor:
             if error is None:
                 if dirty:
                     mod.unsaved = True
+                    req = pending.request
+                    if req["op"] in ("set", "setop") and req["table"] in mod.persistent_list:
+                        mod.journal.append(req["op"], req["table"], req["params"])
+                        self._journals_to_sync.add(mod.journal)
                 self._answer(pending, {"id": pending.rid, "ok": True, "rows": rows, "more": more})
             else:
                 self._answer(pending, {"id": pending.rid, "ok": False, "error": error})
@@ -729,8 +747,11 @@ class Supervisor:
         """Replay the module's saved section, or have it generate defaults when it has none."""
         mod.state = LOADING
         section = self._sections.get(mod.name)
-        mod.last_event = "event_generate_default" if section is None else "event_load_start"
-        self._to_worker(mod, [P.LOAD, next(self._next_sid), section])
+        journal = mod.journal.records
+        mod.last_event = "event_generate_default" if section is None and not journal else "event_load_start"
+        self._to_worker(mod, [P.LOAD, next(self._next_sid), section, journal])
+        # Changes replayed from the journal are not in the config file: still unsaved.
+        mod.unsaved = bool(journal)
         self._after(mod.options["load_timeout"], self._check_stuck, mod, mod.process)
 
     def _on_loaded(self, mod, error, failures, failed):
@@ -780,6 +801,7 @@ class Supervisor:
         process.join()  # the sentinel fired: this returns at once
         code = process.exitcode
         process.close()
+        self._drain_worker(mod)  # replies it sent before dying still count
         self._close_worker_socket(mod)
         self._kill_group(pid)
         mod.process = None
@@ -792,7 +814,8 @@ class Supervisor:
         self._waits.pop(mod, None)
         for pending in mod.inflight.values():
             self._waits.pop(pending, None)
-        for sid, pending in list(mod.inflight.items()):
+        started, waiting = self._split_started(mod)
+        for pending in started:
             req = pending.request
             self._fail(
                 pending,
@@ -801,6 +824,13 @@ class Supervisor:
                 "the request may have taken effect: check before retrying",
             )
         mod.inflight.clear()
+        # Requests it had not started run after the restart, like any held request.
+        deadline = time.monotonic() + self.hold_timeout
+        for pending in reversed(waiting):
+            pending.deadline = deadline
+            mod.held.appendleft(pending)
+        if waiting:
+            self._after(self.hold_timeout, self._expire_held, mod)
         job = self._save_job
         if job is not None and job.current is mod:
             self._on_saved(mod, job.sid, f"the worker died during the save ({reason})", None, 0)
@@ -827,6 +857,61 @@ class Supervisor:
         log.error("module %s: worker pid %d %s; restarting in %.2fs", mod.name, pid, reason, delay)
         mod.state = RESTARTING
         self._after(delay, self._respawn, mod)
+
+    def _drain_worker(self, mod):
+        while mod.sock is not None:
+            try:
+                data = mod.sock.recv(P.READ_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            for message in mod.reader.feed(data):
+                self._on_worker_message(mod, message)
+
+    def _split_started(self, mod):
+        """Unanswered requests of a dead worker: (started, not started), from its progress slots."""
+        slots = mod.slots
+        serial_last = slots[P.SLOT_SERIAL_SID]
+        running_async = {slots[P.async_slot(i)] for i in range(P.ASYNC_SLOTS)} - {0}
+        started, waiting = [], []
+        for sid, pending in mod.inflight.items():
+            if pending.is_async:
+                ran = slots[P.SLOT_OVERFLOW] or sid in running_async
+            else:
+                ran = sid <= serial_last
+            (started if ran else waiting).append(pending)
+        return started, waiting
+
+    def _watchdog(self):
+        """Fail requests past action_timeout; kill a worker whose serial lane is stuck past hang_timeout."""
+        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        for mod in self.modules.values():
+            limit = mod.options["action_timeout"]
+            expired = []
+            for sid, pending in mod.inflight.items():  # in dispatch order
+                if now - pending.dispatched_at < limit:
+                    break
+                expired.append(sid)
+            for sid in expired:
+                pending = mod.inflight.pop(sid)
+                req = pending.request
+                self._fail(
+                    pending,
+                    OperationalError,
+                    f"{req['op']} {mod.name}.{req['table']} timed out: not done within action_timeout={limit:g}s; "
+                    "it may still finish and take effect",
+                )
+            started = mod.slots[P.SLOT_SERIAL_START] if mod.slots is not None and mod.process is not None else 0
+            hang = mod.options["hang_timeout"]
+            if started and now_ns - started > hang * 1e9 and mod.state not in (STOPPING, RESTARTING, FAILED):
+                mod.error = f"its serial lane was stuck in one action for more than hang_timeout={hang:g}s"
+                log.error("module %s: %s; killing the worker", mod.name, mod.error)
+                self._kill(mod)
+        if not self._stopping:
+            tick = min(min(m.options["action_timeout"], m.options["hang_timeout"]) for m in self.modules.values())
+            self._after(min(1.0, max(0.05, tick / 4)), self._watchdog)
 
     def _respawn(self, mod):
         if mod.state != RESTARTING or self._stopping:
@@ -942,10 +1027,17 @@ class Supervisor:
                 mod.state = STOPPING
                 self._kill(mod)
 
+    def _sync_journals(self):
+        journals, self._journals_to_sync = self._journals_to_sync, set()
+        for journal in journals:
+            journal.sync()
+
     def _close(self):
         if self._save_writer is not None:
             self._save_writer.shutdown(wait=True)
         self._audit.close()
+        for mod in self.modules.values():
+            mod.journal.close()
         for client in list(self._clients):
             self._drop_client(client)
         if self._listener is not None:
@@ -997,6 +1089,7 @@ class Supervisor:
             if mod.state != READY:
                 continue  # its last saved section is carried over
             mod.saving = True
+            job.journaled[mod.name] = len(mod.journal.records)  # these the walk will include
             # Cleared now: a change acknowledged during the walk marks it again.
             job.was_unsaved[mod.name] = mod.unsaved
             mod.unsaved = False
@@ -1026,6 +1119,8 @@ class Supervisor:
             self._end_save(job, OperationalError, f"save failed: cannot write {self.config_path}: {exc}")
             return
         self._sections = job.sections
+        for name in job.saved:  # now in the config file
+            self.modules[name].journal.drop_first(job.journaled[name])
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
         self._end_save(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
 

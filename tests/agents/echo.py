@@ -52,7 +52,7 @@ class Echo(CmAgent):
     def event_load_start(self):
         self._event("event_load_start")
         time.sleep(float(os.environ.get("ECHO_LOAD_DELAY", "0")))
-        self.kv = {}
+        self.kv = {"default": "yes"}  # defaults first; the saved rows are deltas
 
     def event_load_complete(self):
         self._event("event_load_complete")
@@ -193,9 +193,24 @@ class Echo(CmAgent):
         time.sleep(float(ctx.params.get("secs", "0.2")))
         ctx.fields = {"thread": threading.current_thread().name}
 
-    # exit: the worker dies in the middle of a request
+    # exit, aexit, segv, spin: the worker dies or hangs in the middle of a request
     def exit_set(self, ctx):
+        time.sleep(float(ctx.params.get("delay", "0")))
         os._exit(int(ctx.params.get("code", "3")))
+
+    @async_action
+    def aexit_set(self, ctx):
+        time.sleep(float(ctx.params.get("delay", "0")))
+        os._exit(4)
+
+    def segv_set(self, ctx):
+        import ctypes
+
+        ctypes.string_at(0)  # a real segmentation fault, in this thread
+
+    def spin_get(self, ctx):
+        while True:
+            pass
 
     # call: an async action querying another module through cmactor.connect()
     @async_action

@@ -1,0 +1,243 @@
+"""Crashed agents come back with the config they had; nobody waiting on them hangs."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import cmactor
+from conftest import agent
+from test_lifecycle import wait_for
+
+ECHO = agent("echo.py:main")
+
+
+def keys(cur, module="echo"):
+    cur.execute(f"getnext {module}.kv")
+    return dict(cur.fetchall())
+
+
+def kill_and_wait_ready(sup, name="echo", sig=signal.SIGKILL):
+    before = sup.status()[name]
+    os.kill(before["pid"], sig)
+    return wait_for(
+        lambda: (s := sup.status()[name])["state"] == "READY" and s["restarts"] == before["restarts"] + 1 and s
+    )
+
+
+def test_sigkill_with_unsaved_sets_comes_back_with_all_of_them(supervisor):
+    sup = supervisor({"echo": ECHO})
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "saved", "value": "s"})
+    sup.save()
+    for i in range(50):
+        cur.execute("set echo.kv", {"key": f"k{i:02}", "value": i})
+    cur.execute("set echo.kv", {"key": "saved", "value": "changed"})
+    cur.execute("set echo.kv", {"key": "clean", "value": "x", "clean": 1})  # dirty False: not journaled
+    status = kill_and_wait_ready(sup)
+    assert status["unsaved"] is True  # as it was before the crash
+    got = keys(cur)
+    assert got["saved"] == "changed" and all(got[f"k{i:02}"] == str(i) for i in range(50))
+    assert "clean" not in got
+    names = [n for n in cur.execute("get echo.events") and cur.fetchone()[0].split(",")]
+    assert names[0] == "event_load_start" and names.index("load:saved") < names.index("load:k00")
+
+
+def test_save_folds_the_journal_into_the_config_file(supervisor):
+    sup = supervisor({"echo": ECHO})
+    cur = sup.connect().cursor()
+    journal = os.path.join(sup.state_dir, "journal", "echo.jsonl")
+    for i in range(5):
+        cur.execute("set echo.kv", {"key": f"k{i}", "value": i})
+    with open(journal) as f:
+        assert len(f.readlines()) == 5
+    sup.save()
+    assert os.path.getsize(journal) == 0
+    cur.execute("set echo.kv", {"key": "after", "value": "save"})
+    got = keys(cur) if kill_and_wait_ready(sup) else None
+    assert got["after"] == "save" and got["k4"] == "4"
+
+
+def test_journal_records_are_durable_before_the_reply(supervisor):
+    sup = supervisor({"echo": ECHO})
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "k", "value": "v"})
+    with open(os.path.join(sup.state_dir, "journal", "echo.jsonl"), "rb") as f:
+        line = f.read()
+    crc, _, data = line.rstrip(b"\n").partition(b" ")
+    assert json.loads(data) == ["set", "kv", {"key": "k", "value": "v"}] and len(crc) == 8
+
+
+def test_a_fresh_start_loads_saved_config_only_and_recover_replays_the_journal(supervisor, tmp_path):
+    state = tmp_path / "state"
+    sup = supervisor({"echo": ECHO}, state_dir=state)
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "saved", "value": "1"})
+    sup.save()
+    for key in ("j1", "j2", "j3"):
+        cur.execute("set echo.kv", {"key": key, "value": key})
+    sup.stop()
+    journal = state / "journal" / "echo.jsonl"
+    with open(journal, "ab") as f:
+        f.write(b"0badc0de [\"set\",\"kv\",{\"key\":\"to")  # torn: the supervisor died mid-write
+    recovered = supervisor({"echo": ECHO}, state_dir=state, recover=True)
+    got = keys(recovered.connect().cursor())
+    assert {k: got[k] for k in ("saved", "j1", "j2", "j3")} == {"saved": "1", "j1": "j1", "j2": "j2", "j3": "j3"}
+    assert not any(k.startswith("to") for k in got)
+    assert recovered.status()["echo"]["unsaved"] is True
+    recovered.stop()
+    fresh = supervisor({"echo": ECHO}, state_dir=state)
+    assert sorted(keys(fresh.connect().cursor())) == ["default", "saved"]
+    assert (state / "journal" / "echo.jsonl.old").exists()
+
+
+def test_a_damaged_record_in_the_middle_drops_it_and_the_rest(tmp_path, caplog):
+    from cmsupervisor import journal as J
+
+    path = tmp_path / "j.jsonl"
+    good = J.Journal(str(path))
+    good.open(recover=True)
+    for i in range(4):
+        good.append("set", "kv", {"key": str(i)})
+    good.sync()
+    good.close()
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2].replace(b'"2"', b'"X"')
+    path.write_bytes(b"\n".join(lines))
+    assert [r[2]["key"] for r in J.read(str(path))] == ["0", "1"]
+    assert "record 3 is damaged; it and the 1 after it are dropped" in caplog.text
+
+
+def test_crash_inside_an_action_fails_that_client_and_a_queued_request_runs_after_the_restart(supervisor):
+    sup = supervisor({"echo": ECHO})
+    results = {}
+
+    def crasher():
+        try:
+            sup.connect().cursor().execute("set echo.exit", {"delay": 0.4})
+        except cmactor.Error as exc:
+            results["crasher"] = exc
+
+    def queued():
+        cur = sup.connect().cursor()
+        cur.execute("get echo.kv", {"key": "default"})
+        results["queued"] = cur.fetchone()
+
+    first = threading.Thread(target=crasher)
+    first.start()
+    time.sleep(0.15)
+    second = threading.Thread(target=queued)  # waits in the serial lane's mailbox, not started
+    second.start()
+    first.join(20)
+    second.join(20)
+    assert isinstance(results["crasher"], cmactor.OperationalError)
+    assert "module 'echo' crashed (exit code 3) while handling set echo.exit" in str(results["crasher"])
+    assert results["queued"] == ("default", "yes")
+    assert sup.status()["echo"]["restarts"] == 1
+
+
+def test_a_running_async_action_fails_when_its_worker_dies(supervisor):
+    sup = supervisor({"echo": ECHO})
+    with pytest.raises(cmactor.OperationalError, match="crashed \\(exit code 4\\) while handling set echo.aexit"):
+        sup.connect().cursor().execute("set echo.aexit", {"delay": 0.1})
+
+
+def test_sigsegv_is_seen_and_restarted(supervisor, caplog):
+    sup = supervisor({"echo": ECHO})
+    with pytest.raises(cmactor.OperationalError, match="killed by SIGSEGV"):
+        sup.connect().cursor().execute("set echo.segv")
+    status = wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s)
+    assert status["last_exit"] == "killed by SIGSEGV" and status["restarts"] == 1
+    assert sum("killed by SIGSEGV; restarting" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_infinite_loop_times_out_then_the_worker_is_restarted(supervisor):
+    sup = supervisor({"echo": {"entry": ECHO, "action_timeout": 0.5, "hang_timeout": 1.5}, "other": ECHO})
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "kept", "value": "1"})
+    start = time.monotonic()
+    with pytest.raises(cmactor.OperationalError, match="get echo.spin timed out: not done within action_timeout=0.5s"):
+        cur.execute("get echo.spin")
+    assert 0.4 < time.monotonic() - start < 5
+    status = wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s["restarts"] == 1 and s)
+    assert "stuck in one action for more than hang_timeout=1.5s" in status["last_exit"]
+    assert keys(cur)["kept"] == "1"
+    cur.execute("get other.kv", {"key": "default"})
+
+
+def test_stop_waits_for_in_flight_requests(supervisor):
+    sup = supervisor({"echo": ECHO})
+    result = {}
+
+    def slow():
+        cur = sup.connect().cursor()
+        cur.execute("get echo.sleep", {"secs": 0.5})
+        result["row"] = cur.fetchone()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.1)
+    sup.stop()
+    thread.join(10)
+    assert result["row"] is not None
+
+
+def test_stop_kills_what_outlives_stop_timeout(supervisor):
+    sup = supervisor({"echo": ECHO}, stop_timeout=0.3)
+    errors = []
+
+    def stuck():
+        try:
+            sup.connect().cursor().execute("get echo.sleep", {"secs": 30})
+        except cmactor.Error as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stuck)
+    thread.start()
+    time.sleep(0.1)
+    start = time.monotonic()
+    sup.stop()
+    assert time.monotonic() - start < 5
+    thread.join(10)
+    assert errors and isinstance(errors[0], cmactor.OperationalError)
+
+
+def test_workers_are_gone_within_a_second_of_the_supervisor_dying(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys, cmactor\n"
+        "if __name__ == '__main__':\n"
+        f"    sup = cmactor.Supervisor({{'a': {ECHO!r}, 'b': {ECHO!r}}}, state_dir={str(tmp_path / 's')!r})\n"
+        "    sup.start()\n"
+        "    print(' '.join(str(s['pid']) for s in sup.status().values()), flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        proc.kill()
+        proc.wait(10)
+        killed = time.monotonic()
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            assert time.monotonic() - killed < 1.0, "workers outlived their supervisor by a second"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_status_reports_health_figures_and_the_last_exit(supervisor):
+    sup = supervisor({"echo": ECHO})
+    kill_and_wait_ready(sup)
+    time.sleep(0.2)
+    status = sup.status()["echo"]
+    assert status["last_exit"] == "killed by SIGKILL" and status["restarts"] == 1
+    assert status["rss"] > 1_000_000 and status["threads"] >= 3 and status["cpu"] >= 0
+    assert status["uptime"] >= 0.1 and status["queue"] == 0 and status["inflight"] == 0
