@@ -154,10 +154,8 @@ class Supervisor:
             f.write(self.socket_path)
         self._mp = multiprocessing.get_context("forkserver")
         # Preloaded in the fork server, so a worker (and a restart) starts with the
-        # runtime already imported: a fork, not a fresh interpreter. "__main__" too:
-        # imported once there (as __mp_main__, like spawn does), so that workers
-        # forked from it find it in place instead of each importing it again.
-        self._mp.set_forkserver_preload(["__main__", "cmactor.worker"])
+        # runtime already imported: a fork, not a fresh interpreter.
+        self._mp.set_forkserver_preload(["cmactor.worker"])
         self._audit = AuditLog(os.path.join(self.state_dir, "audit.log"))
         self._save_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmactor-save")
         self._sel = selectors.DefaultSelector()

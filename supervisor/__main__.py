@@ -1,0 +1,7 @@
+"""``python -m cmsupervisor``: the ``cmactor`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
