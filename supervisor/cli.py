@@ -233,6 +233,12 @@ def _common_options(with_defaults):
     return common
 
 
+def cmd_bench(args):
+    from cmactor_perf.__main__ import main as bench
+
+    return bench((["--quick"] if args.quick else []) + ["--format", args.format])
+
+
 def build_parser():
     common = _common_options(with_defaults=False)
     parser = argparse.ArgumentParser(
@@ -271,6 +277,11 @@ def build_parser():
     restart.add_argument("module")
     restart.set_defaults(func=cmd_restart)
     sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
+    bench = sub.add_parser(
+        "bench", parents=[common], help="benchmarks against raw baselines measured in the same run (perf/README.md)"
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes: the whole suite in under a minute")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
