@@ -206,16 +206,25 @@ def test_stop_kills_what_outlives_stop_timeout(supervisor):
     assert errors and isinstance(errors[0], cmactor.OperationalError)
 
 
-def test_workers_are_gone_within_a_second_of_the_supervisor_dying(tmp_path):
+@pytest.mark.parametrize("busy", [False, True])
+def test_workers_are_gone_within_a_second_of_the_supervisor_dying(tmp_path, busy):
+    """Idle or busy in a long serial action (nothing reads its socket then), a worker
+    exits with its supervisor."""
     import subprocess
     import sys
 
+    serial_only = agent("serial_only.py:main")
     script = tmp_path / "run.py"
     script.write_text(
-        "import sys, cmactor\n"
+        "import sys, threading, cmactor\n"
         "if __name__ == '__main__':\n"
-        f"    sup = cmactor.Supervisor({{'a': {ECHO!r}, 'b': {ECHO!r}}}, state_dir={str(tmp_path / 's')!r})\n"
+        f"    sup = cmactor.Supervisor({{'a': {ECHO!r}, 's': {serial_only!r}}}, state_dir={str(tmp_path / 's')!r})\n"
         "    sup.start()\n"
+        f"    if {busy}:\n"
+        "        cur = sup.connect().cursor()\n"
+        "        threading.Thread(target=cur.execute, args=('get s.sleep', {'secs': 60}), daemon=True).start()\n"
+        "        threading.Thread(target=sup.connect().cursor().execute, args=('get a.sleep', {'secs': 60}), daemon=True).start()\n"
+        "        import time; time.sleep(0.3)\n"
         "    print(' '.join(str(s['pid']) for s in sup.status().values()), flush=True)\n"
         "    sys.stdin.read()\n"
     )

@@ -225,6 +225,22 @@ def test_serial_lane_runs_one_at_a_time_in_arrival_order(echo):
     assert one(cur, "get echo.order")["order"] == "0,1,2,3,4,5"
 
 
+def test_an_agent_without_async_actions_keeps_order_and_serves_many_clients(supervisor):
+    sup = supervisor({"s": agent("serial_only.py:main")})
+
+    def send(n):
+        sup.connect().cursor().execute("set s.order", {"n": n, "delay": 0.02})
+
+    threads = []
+    for n in range(5):
+        threads.append(threading.Thread(target=send, args=(n,)))
+        threads[-1].start()
+        time.sleep(0.01)
+    for thread in threads:
+        thread.join(10)
+    assert one(sup.connect().cursor(), "get s.order")["order"] == "0,1,2,3,4"
+
+
 def test_async_actions_run_concurrently_serial_ones_do_not(echo):
     def timed(table, count):
         def call():
