@@ -112,12 +112,12 @@ class FrameReader:
                 raise FrameError(f"frame of {size} bytes exceeds the limit of {self._max} bytes")
             if end - pos - 4 < size:
                 break
-            body = bytes(buf[pos + 4 : pos + 4 + size])
+            with memoryview(buf) as view:  # no copy of the body; released before buf shrinks
+                try:
+                    out.append(msgpack.unpackb(view[pos + 4 : pos + 4 + size], raw=False, strict_map_key=True))
+                except Exception as exc:  # msgpack raises several unrelated types on garbage
+                    raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
             pos += 4 + size
-            try:
-                out.append(msgpack.unpackb(body, raw=False, strict_map_key=True))
-            except Exception as exc:  # msgpack raises several unrelated types on garbage
-                raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
         if pos:
             del buf[:pos]
         return out
