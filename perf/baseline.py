@@ -18,6 +18,7 @@ The raw client (``Clients``) is shared with perf/scenarios.py, which points it
 at a real supervisor's socket.
 """
 
+import collections
 import contextlib
 import itertools
 import multiprocessing
@@ -39,9 +40,20 @@ ROW = {"key": "k", "value": "v"}
 TIMEOUT = 120
 
 
-def request(table="kv"):
+def request(table="kv", module="bench", op="get", params=None):
     """A frontend request map (the id is filled in per request)."""
-    return {"id": 0, "op": "get", "module": "bench", "table": table, "params": {"key": "k"}, "user": "bench"}
+    params = {"key": "k"} if params is None else params
+    return {"id": 0, "op": op, "module": module, "table": table, "params": params, "user": "bench"}
+
+
+class Result(collections.namedtuple("Result", "rate p50 p99 samples ratio", defaults=(None, None))):
+    """What one timed round returns (a plain (rate, p50 ns, p99 ns) tuple will do).
+
+    ``samples``: every time measured in the round (ns), when the row's p50/p99
+    should be taken over all rounds' samples pooled rather than as a median of
+    per-round figures. ``ratio``: a ratio computed by the round itself (derived
+    rows), instead of rate / the compared row's rate.
+    """
 
 
 # -- processes --------------------------------------------------------------------
@@ -101,11 +113,12 @@ def percentile(values, q):
 # -- the raw client -------------------------------------------------------------------
 
 
-def drive(sock, reader, message, ids, n, inflight):
+def drive(sock, reader, message, ids, n, inflight, distinct_keys=False):
     """Send ``n`` requests keeping up to ``inflight`` outstanding; return (t0, t1, latencies ns).
 
     New requests are sent as replies come in; all requests of one wake-up go in
-    one ``sendall`` and share one send timestamp.
+    one ``sendall`` and share one send timestamp. ``distinct_keys``: each request's
+    ``params["key"]`` is its own id (sets then write distinct rows).
     """
     sent_at = {}
     latencies = array("q")
@@ -117,6 +130,8 @@ def drive(sock, reader, message, ids, n, inflight):
         rids = []
         for _ in range(k):
             message["id"] = rid = next(ids)
+            if distinct_keys:
+                message["params"]["key"] = f"k{rid:07d}"
             out += P.pack(message)
             rids.append(rid)
         now = pc()

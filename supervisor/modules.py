@@ -72,30 +72,20 @@ class Module:
         self.options = options
         self.policy = policy
         self.state = STOPPED
-        self.process = None
-        self.sock = None
-        self.reader = None
-        self.out = bytearray()
         self.psutil = None
         self.persistent_list = []
         self.config_deps = []
         self.async_actions = frozenset()
+        self.pool_size = None
         self.unsaved = False
-        self.ready_called = False
-        self.loaded = False
         self.inflight = {}  # sid -> Pending
         self.held = collections.deque()  # Pending, oldest first
         self.restarts = 0
-        self.started_at = None
         self.last_exit = None
-        self.error = None
-        self.waiting_on = None
-        self.last_event = None
-        self.saving = False
-        self.load_errors = 0
-        self.pool_size = None
-        self.slots = None  # the worker's progress slots (protocol.SLOT_*), in shared memory
         self.journal = None
+        self.attach(None, None, None)
+        self.state = STOPPED
+        self.started_at = None
 
     @property
     def pid(self):
@@ -105,7 +95,7 @@ class Module:
         """A fresh worker: new socket, slots and read state, nothing carried over from the last one."""
         self.process = process
         self.sock = sock
-        self.slots = slots
+        self.slots = slots  # the worker's progress slots (protocol.SLOT_*), in shared memory
         self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
         self.out = bytearray()
         self.state = STARTING

@@ -410,13 +410,20 @@ class Supervisor:
             pass
         client.sock.close()
 
-    def _read_client(self, client):
+    @staticmethod
+    def _recv(sock):
+        """Bytes from a non-blocking socket: None if none are ready yet, b"" at EOF or on error."""
         try:
-            data = client.sock.recv(P.READ_SIZE)
+            return sock.recv(P.READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
-            data = b""
+            return b""
+
+    def _read_client(self, client):
+        data = self._recv(client.sock)
+        if data is None:
+            return
         if not data:
             self._drop_client(client)  # replies still running for it are dropped on arrival
             return
@@ -642,12 +649,9 @@ class Supervisor:
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
 
     def _read_worker(self, mod):
-        try:
-            data = mod.sock.recv(P.READ_SIZE)
-        except (BlockingIOError, InterruptedError):
+        data = self._recv(mod.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close_worker_socket(mod)  # the sentinel reports the exit itself
             return
@@ -858,10 +862,7 @@ class Supervisor:
 
     def _drain_worker(self, mod):
         while mod.sock is not None:
-            try:
-                data = mod.sock.recv(P.READ_SIZE)
-            except OSError:
-                return
+            data = self._recv(mod.sock)
             if not data:
                 return
             for message in mod.reader.feed(data):

@@ -203,32 +203,6 @@ def test_crash_loop_quarantines_and_restart_revives(supervisor):
     assert cur.fetchone() == ("default", "yes")
 
 
-def test_worker_dies_with_the_supervisor_process(tmp_path):
-    """SIGKILL the supervisor's process: its workers notice the EOF and exit."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys, cmactor\n"
-        "if __name__ == '__main__':\n"
-        f"    sup = cmactor.Supervisor({{'a': {ECHO!r}, 'b': {ECHO!r}}}, state_dir={str(tmp_path / 's')!r})\n"
-        "    sup.start()\n"
-        "    print(' '.join(str(s['pid']) for s in sup.status().values()), flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2
-        proc.kill()
-        proc.wait(10)
-        wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), timeout=5)
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def test_stop_stops_dependents_first_and_leaves_nothing(supervisor, tmp_path):
     sup = supervisor({"base": ECHO, "top": echo_with_deps("base")})
     pids = [s["pid"] for s in sup.status().values()]
