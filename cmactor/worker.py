@@ -17,9 +17,9 @@ import collections
 import importlib
 import importlib.util
 import json
-import select
 import logging
 import os
+import select
 import signal
 import sys
 import threading

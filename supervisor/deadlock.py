@@ -17,6 +17,11 @@ every executor on it would wait forever, so the call is refused at once with the
 cycle written out. Any call that cannot close a cycle is admitted.
 """
 
+from cmactor import protocol as P
+from cmactor.errors import DeadlockDetectedError
+
+from .modules import READY, WAITING_DEPS, Module
+
 
 def find_path(start, goal, successors):
     """Nodes from ``start`` to ``goal`` along ``successors`` (both ends included), or None."""
@@ -43,3 +48,59 @@ def describe(cycle, name):
     """``alpha → beta → alpha``: the cycle's nodes by ``name(node)``, closed."""
     names = [name(node) for node in cycle]
     return " → ".join(names + [names[0]])
+
+
+class DeadlockDetection:
+    """The wait-for graph half of Supervisor: admitting agents' calls."""
+
+    def _admit(self, mod, pending):
+        """Record an agent's call in the wait-for graph, or refuse it if it closes a cycle."""
+        req = pending.request
+        module, lane, sid = req["caller"]
+        caller_mod = self.modules.get(module)
+        if caller_mod is None:
+            return True
+        issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
+        if issuer is None:
+            return True  # an async action that is no longer running: nothing waits on it
+        pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
+        cycle = None
+        if pending.is_async and mod.state == READY and not mod.saving:
+            # It gets a pool thread of its own, unless every thread is busy: then it
+            # waits for one of them, a deadlock only if all of them wait on the caller.
+            busy = [p for p in mod.inflight.values() if p.is_async]
+            if mod.pool_size is not None and len(busy) >= mod.pool_size:
+                paths = [find_path(p, issuer, self._successors) for p in busy]
+                if all(paths):
+                    cycle = f"{describe([issuer] + min(paths, key=len)[:-1], self._node_name)} " f"(all {mod.pool_size} threads of {mod.name}'s pool are taken by calls waiting on this one)"
+        else:
+            path = find_path(mod, issuer, self._successors)
+            if path is not None:
+                cycle = describe([issuer] + path[:-1], self._node_name)
+        if cycle is not None:
+            self._fail(
+                pending,
+                DeadlockDetectedError,
+                f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
+                f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
+            )
+            return False
+        pending.issuer = issuer
+        self._waits.setdefault(issuer, set()).add(pending)
+        return True
+
+    def _successors(self, node):
+        """The executors ``node`` is waiting for right now."""
+        for call in self._waits.get(node, ()):
+            target = self.modules[call.request["module"]]
+            yield call if call.is_async and call.sid is not None else target
+        if isinstance(node, Module) and node.state == WAITING_DEPS:
+            for dep in node.config_deps:
+                if self.modules[dep].state != READY:
+                    yield self.modules[dep]
+
+    @staticmethod
+    def _node_name(node):
+        if isinstance(node, Module):
+            return node.name
+        return f"{node.request['module']}(async {node.request['table']})"

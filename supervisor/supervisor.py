@@ -1,22 +1,20 @@
-"""Supervisor: the public facade and the one event loop that runs everything.
+"""Supervisor: the public facade, routing, and the life of each module.
 
-One thread runs the loop. It waits at once on the listening socket, every
-client, every worker socket, every worker's process sentinel (a crash is seen the
-moment it happens, no polling) and a wake-up pipe through which the public
-methods, called from other threads, hand it work. All module state is touched by
-that thread only, so none of it needs locks.
+The class is assembled from parts that each own one concern and all run on the
+loop thread: EventLoop (loop.py), DeadlockDetection (deadlock.py), Recovery
+(recovery.py) and Saving (saving.py). This file keeps the public API, the
+clients' requests and their routing, starting workers, the config_deps-gated
+loading, start and stop, and status.
 """
 
 import atexit
 import concurrent.futures
-import heapq
 import itertools
 import logging
 import multiprocessing
 import os
 import selectors
 import shutil
-import signal
 import socket
 import sys
 import threading
@@ -26,27 +24,34 @@ import weakref
 from cmactor import cmfrontend, worker
 from cmactor import protocol as P
 from cmactor.errors import (
-    DatabaseError,
-    DeadlockDetectedError,
     ModuleUnavailable,
     OperationalError,
     ProgrammingError,
     StartupError,
 )
 
-from . import deadlock, deps, health, server, store
-from .journal import Journal
+from . import deps, health, server, store
 from .audit import AuditLog
 from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
-from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS
-from .modules import Module, Pending
+from .deadlock import DeadlockDetection
+from .journal import Journal
+from .loop import CLIENT, LISTENER, SENTINEL, WAKE, WORKER, EventLoop
+from .modules import (
+    FAILED,
+    LOADING,
+    READY,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    WAITING_DEPS,
+    Module,
+    Pending,
+)
+from .recovery import Recovery
 from .restart import RestartPolicy
-from .saving import SaveJob
+from .saving import Saving
 
 log = logging.getLogger("cmactor.supervisor")
-
-# selector key kinds
-_LISTENER, _CLIENT, _WORKER, _SENTINEL, _WAKE = range(5)
 
 _running = weakref.WeakSet()
 
@@ -59,18 +64,9 @@ def _stop_all():
         sup.stop()
 
 
-def describe_exit(code):
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
-class Supervisor:
+class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
     """Runs agents in worker processes and serves their frontend socket.
 
     ``agents``: module name -> entry (``"pkg.mod:func"`` or ``"path/file.py:func"``)
@@ -162,8 +158,8 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, (_WAKE, None))
-        self._sel.register(self._listener, selectors.EVENT_READ, (_LISTENER, None))
+        self._sel.register(self._wake_r, selectors.EVENT_READ, (WAKE, None))
+        self._sel.register(self._listener, selectors.EVENT_READ, (LISTENER, None))
         self._thread = threading.Thread(target=self._loop, name="cmactor-supervisor", daemon=True)
         self._thread.start()
         self._call(self._watchdog)
@@ -239,142 +235,6 @@ class Supervisor:
             self._thread.join()
         _running.discard(self)
 
-    def _call_async(self, fn, *args):
-        future = concurrent.futures.Future()
-        with self._calls_lock:  # also keeps the wake pipe open while we write to it
-            if self._finished.is_set():
-                raise RuntimeError("the supervisor is stopped")
-            self._calls.append((fn, args, future))
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already
-        return future
-
-    def _call(self, fn, *args):
-        """Run ``fn`` on the loop thread and return its result."""
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        return self._call_async(fn, *args).result()
-
-    # -- the loop ----------------------------------------------------------
-
-    def _loop(self):
-        try:
-            while not self._finished.is_set():
-                for key, mask in self._sel.select(self._timer_delay()):
-                    kind, obj = key.data
-                    try:
-                        if kind == _WORKER:
-                            self._read_worker(obj)
-                        elif kind == _CLIENT:
-                            if mask & selectors.EVENT_READ:
-                                self._read_client(obj)
-                            if mask & selectors.EVENT_WRITE:
-                                self._dirty.add(obj)
-                        elif kind == _SENTINEL:
-                            self._on_exit(obj)
-                        elif kind == _LISTENER:
-                            self._accept()
-                        else:
-                            self._run_calls()
-                    except Exception:
-                        log.exception("internal error handling %s; the supervisor carries on", key.data)
-                self._run_timers()
-                self._sync_journals()  # before the replies that depend on them go out
-                self._flush()
-                self._audit.flush()
-        except BaseException:
-            log.exception("the supervisor loop died; killing every worker")
-            for mod in self.modules.values():
-                self._kill(mod)
-            self._close()
-            raise
-        finally:
-            with self._calls_lock:
-                calls, self._calls = self._calls, []
-                self._sel.close()
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-            for _, _, future in calls:
-                future.set_exception(RuntimeError("the supervisor is stopped"))
-
-    def _run_calls(self):
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        with self._calls_lock:
-            calls, self._calls = self._calls, []
-        for fn, args, future in calls:
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def _after(self, delay, fn, *args):
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn, args))
-
-    def _timer_delay(self):
-        if not self._timers:
-            return None
-        return max(0.0, self._timers[0][0] - time.monotonic())
-
-    def _run_timers(self):
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn, args = heapq.heappop(self._timers)
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("internal error in timer %s", fn.__name__)
-
-    # -- output -------------------------------------------------------------
-
-    def _to_client(self, client, message):
-        if not client.closed:
-            client.send(message)
-            self._dirty.add(client)
-
-    def _to_worker(self, mod, message):
-        mod.send(message)
-        self._dirty.add(mod)
-
-    def _flush(self):
-        dirty, self._dirty = self._dirty, set()
-        for item in dirty:
-            sock = item.sock
-            if sock is None or not item.out:
-                if isinstance(item, server.Client) and item.closing:
-                    self._drop_client(item)
-                continue
-            try:
-                sent = sock.send(item.out)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                if isinstance(item, server.Client):
-                    self._drop_client(item)
-                else:
-                    item.out.clear()  # the worker is dying; its sentinel will tell
-                continue
-            del item.out[:sent]
-            self._want_write(item, bool(item.out))
-            if not item.out and isinstance(item, server.Client) and item.closing:
-                self._drop_client(item)
-
-    def _want_write(self, item, want):
-        if want == (item in self._writing):
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-        kind = _CLIENT if isinstance(item, server.Client) else _WORKER
-        self._sel.modify(item.sock, events, (kind, item))
-        if want:
-            self._writing.add(item)
-        else:
-            self._writing.discard(item)
-
     # -- clients -----------------------------------------------------------
 
     def _accept(self):
@@ -390,7 +250,7 @@ class Supervisor:
             uid = server.peer_uid(sock)
             client = server.Client(sock, uid, self.options["max_frame"])
             self._clients.add(client)
-            self._sel.register(sock, selectors.EVENT_READ, (_CLIENT, client))
+            self._sel.register(sock, selectors.EVENT_READ, (CLIENT, client))
             if uid is not None and uid != os.getuid() and uid not in self.options["allowed_uids"]:
                 log.warning("refused a client with uid %s", uid)
                 client.fail_stream(
@@ -409,16 +269,6 @@ class Supervisor:
         except (KeyError, ValueError):
             pass
         client.sock.close()
-
-    @staticmethod
-    def _recv(sock):
-        """Bytes from a non-blocking socket: None if none are ready yet, b"" at EOF or on error."""
-        try:
-            return sock.recv(P.READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return b""
 
     def _read_client(self, client):
         data = self._recv(client.sock)
@@ -556,60 +406,6 @@ class Supervisor:
         detail = f", waiting on {mod.waiting_on!r}" if mod.state == WAITING_DEPS and mod.waiting_on else ""
         return f"module {name!r} is not READY (state {mod.state}{detail})"
 
-    # -- deadlock detection (see deadlock.py) ---------------------------------
-
-    def _admit(self, mod, pending):
-        """Record an agent's call in the wait-for graph, or refuse it if it closes a cycle."""
-        req = pending.request
-        module, lane, sid = req["caller"]
-        caller_mod = self.modules.get(module)
-        if caller_mod is None:
-            return True
-        issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
-        if issuer is None:
-            return True  # an async action that is no longer running: nothing waits on it
-        pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
-        cycle = None
-        if pending.is_async and mod.state == READY and not mod.saving:
-            # It gets a pool thread of its own, unless every thread is busy: then it
-            # waits for one of them, a deadlock only if all of them wait on the caller.
-            busy = [p for p in mod.inflight.values() if p.is_async]
-            if mod.pool_size is not None and len(busy) >= mod.pool_size:
-                paths = [deadlock.find_path(p, issuer, self._successors) for p in busy]
-                if all(paths):
-                    cycle = f"{deadlock.describe([issuer] + min(paths, key=len)[:-1], self._node_name)} " f"(all {mod.pool_size} threads of {mod.name}'s pool are taken by calls waiting on this one)"
-        else:
-            path = deadlock.find_path(mod, issuer, self._successors)
-            if path is not None:
-                cycle = deadlock.describe([issuer] + path[:-1], self._node_name)
-        if cycle is not None:
-            self._fail(
-                pending,
-                DeadlockDetectedError,
-                f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
-                f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
-            )
-            return False
-        pending.issuer = issuer
-        self._waits.setdefault(issuer, set()).add(pending)
-        return True
-
-    def _successors(self, node):
-        """The executors ``node`` is waiting for right now."""
-        for call in self._waits.get(node, ()):
-            target = self.modules[call.request["module"]]
-            yield call if call.is_async and call.sid is not None else target
-        if isinstance(node, Module) and node.state == WAITING_DEPS:
-            for dep in node.config_deps:
-                if self.modules[dep].state != READY:
-                    yield self.modules[dep]
-
-    @staticmethod
-    def _node_name(node):
-        if isinstance(node, Module):
-            return node.name
-        return f"{node.request['module']}(async {node.request['table']})"
-
     # -- workers -------------------------------------------------------------
 
     def _start_all(self):
@@ -644,8 +440,8 @@ class Supervisor:
         parent.setblocking(False)
         mod.attach(process, parent, slots)
         mod.psutil = health.track(process.pid)
-        self._sel.register(parent, selectors.EVENT_READ, (_WORKER, mod))
-        self._sel.register(process.sentinel, selectors.EVENT_READ, (_SENTINEL, mod))
+        self._sel.register(parent, selectors.EVENT_READ, (WORKER, mod))
+        self._sel.register(process.sentinel, selectors.EVENT_READ, (SENTINEL, mod))
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
 
     def _read_worker(self, mod):
@@ -796,161 +592,6 @@ class Supervisor:
         self._advance_waiting()
         self._check_start()
 
-    def _on_exit(self, mod):
-        process = mod.process
-        pid = process.pid
-        self._sel.unregister(process.sentinel)
-        process.join()  # the sentinel fired: this returns at once
-        code = process.exitcode
-        process.close()
-        self._drain_worker(mod)  # replies it sent before dying still count
-        self._close_worker_socket(mod)
-        self._kill_group(pid)
-        mod.process = None
-        mod.psutil = None
-        reason = describe_exit(code)
-        if mod.error:  # what the worker said before dying (the entry's exception, ...)
-            reason = f"{reason} after: {mod.error}"
-        mod.last_exit = reason
-        # Its lanes wait on nothing any more: drop their edges from the wait-for graph.
-        self._waits.pop(mod, None)
-        for pending in mod.inflight.values():
-            self._waits.pop(pending, None)
-        started, waiting = self._split_started(mod)
-        for pending in started:
-            req = pending.request
-            self._fail(
-                pending,
-                OperationalError,
-                f"module {mod.name!r} crashed ({reason}) while handling {req['op']} {mod.name}.{req['table']}; "
-                "the request may have taken effect: check before retrying",
-            )
-        mod.inflight.clear()
-        # Requests it had not started run after the restart, like any held request.
-        deadline = time.monotonic() + self.hold_timeout
-        for pending in reversed(waiting):
-            pending.deadline = deadline
-            mod.held.appendleft(pending)
-        if waiting:
-            self._after(self.hold_timeout, self._expire_held, mod)
-        job = self._save_job
-        if job is not None and job.current is mod:
-            self._on_saved(mod, job.sid, f"the worker died during the save ({reason})", None, 0)
-        if self._stopping or mod.state == STOPPING:
-            mod.state = STOPPED
-            self._continue_stop()
-            return
-        if mod.state == FAILED:
-            return
-        if mod.state == RESTARTING:  # an operator asked for this restart
-            self._respawn(mod)
-            return
-        if self._starting:
-            self._quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
-            return
-        uptime = time.monotonic() - mod.started_at
-        delay = mod.policy.on_crash(time.monotonic(), uptime)
-        if delay is None:
-            self._quarantine(
-                mod,
-                f"crashed more than {mod.policy.max_restarts} times within {mod.policy.window:g}s; last: {reason}",
-            )
-            return
-        log.error("module %s: worker pid %d %s; restarting in %.2fs", mod.name, pid, reason, delay)
-        mod.state = RESTARTING
-        self._after(delay, self._respawn, mod)
-
-    def _drain_worker(self, mod):
-        while mod.sock is not None:
-            data = self._recv(mod.sock)
-            if not data:
-                return
-            for message in mod.reader.feed(data):
-                self._on_worker_message(mod, message)
-
-    def _split_started(self, mod):
-        """Unanswered requests of a dead worker: (started, not started), from its progress slots."""
-        slots = mod.slots
-        serial_last = slots[P.SLOT_SERIAL_SID]
-        running_async = {slots[P.async_slot(i)] for i in range(P.ASYNC_SLOTS)} - {0}
-        started, waiting = [], []
-        for sid, pending in mod.inflight.items():
-            if pending.is_async:
-                ran = slots[P.SLOT_OVERFLOW] or sid in running_async
-            else:
-                ran = sid <= serial_last
-            (started if ran else waiting).append(pending)
-        return started, waiting
-
-    def _watchdog(self):
-        """Fail requests past action_timeout; kill a worker whose serial lane is stuck past hang_timeout."""
-        now = time.monotonic()
-        now_ns = time.monotonic_ns()
-        for mod in self.modules.values():
-            limit = mod.options["action_timeout"]
-            expired = []
-            for sid, pending in mod.inflight.items():  # in dispatch order
-                if now - pending.dispatched_at < limit:
-                    break
-                expired.append(sid)
-            for sid in expired:
-                pending = mod.inflight.pop(sid)
-                req = pending.request
-                self._fail(
-                    pending,
-                    OperationalError,
-                    f"{req['op']} {mod.name}.{req['table']} timed out: not done within action_timeout={limit:g}s; "
-                    "it may still finish and take effect",
-                )
-            started = mod.slots[P.SLOT_SERIAL_START] if mod.slots is not None and mod.process is not None else 0
-            hang = mod.options["hang_timeout"]
-            if started and now_ns - started > hang * 1e9 and mod.state not in (STOPPING, RESTARTING, FAILED):
-                mod.error = f"its serial lane was stuck in one action for more than hang_timeout={hang:g}s"
-                log.error("module %s: %s; killing the worker", mod.name, mod.error)
-                self._kill(mod)
-        if not self._stopping:
-            tick = min(min(m.options["action_timeout"], m.options["hang_timeout"]) for m in self.modules.values())
-            self._after(min(1.0, max(0.05, tick / 4)), self._watchdog)
-
-    def _respawn(self, mod):
-        if mod.state != RESTARTING or self._stopping:
-            return
-        mod.restarts += 1
-        self._spawn(mod)
-
-    def _restart(self, name):
-        mod = self.modules.get(name)
-        if mod is None:
-            raise ProgrammingError(f"unknown module {name!r}; this supervisor runs: {', '.join(sorted(self.modules))}")
-        mod.policy.reset()
-        mod.state = RESTARTING
-        if mod.process is None:
-            self._respawn(mod)
-        else:
-            # _on_exit respawns it: a new worker must not take the module's slot
-            # while the old one's exit is still to be handled.
-            mod.error = "restart requested"
-            self._kill(mod)
-
-    def _quarantine(self, mod, reason):
-        log.error("module %s FAILED: %s", mod.name, reason)
-        mod.state = FAILED
-        mod.error = reason
-        self._kill(mod)
-        self._fail_held(mod)
-        self._check_start()
-
-    def _kill(self, mod):
-        if mod.process is not None:
-            self._kill_group(mod.process.pid)
-
-    @staticmethod
-    def _kill_group(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     # -- start and stop ------------------------------------------------------
 
     def _check_start(self):
@@ -1052,106 +693,6 @@ class Supervisor:
                 shutil.rmtree(self._private_dir, ignore_errors=True)
         with self._calls_lock:
             self._finished.set()
-
-    # -- save ------------------------------------------------------------------
-
-    def _request_save(self, waiter, user):
-        """Queue a save for ``waiter``: a (client, rid) pair or a Future."""
-        if self._stopping:
-            self._reply_save([(waiter, user)], OperationalError, "save refused: the supervisor is stopping")
-            return
-        self._save_waiters.append((waiter, user))
-        if self._save_job is None:
-            self._start_save()
-
-    def _start_save(self):
-        waiters, self._save_waiters = self._save_waiters, []
-        order = []
-        for mod in self.modules.values():  # dependencies first
-            self._dependency_first(mod, order, set())
-        modules = [m for m in order if m.persistent_list]
-        self._save_job = SaveJob(waiters, modules, self._sections)
-        self._save_next()
-
-    def _dependency_first(self, mod, order, seen):
-        if mod in order or mod.name in seen:
-            return
-        seen.add(mod.name)
-        for dep in mod.config_deps:
-            if dep in self.modules:
-                self._dependency_first(self.modules[dep], order, seen)
-        order.append(mod)
-
-    def _save_next(self):
-        job = self._save_job
-        while (mod := job.next_module()) is not None:
-            if mod.state != READY:
-                continue  # its last saved section is carried over
-            mod.saving = True
-            job.journaled[mod.name] = len(mod.journal.records)  # these the walk will include
-            # Cleared now: a change acknowledged during the walk marks it again.
-            job.was_unsaved[mod.name] = mod.unsaved
-            mod.unsaved = False
-            job.sid = next(self._next_sid)
-            self._to_worker(mod, [P.SAVE, job.sid, mod.persistent_list])
-            return
-        future = self._save_writer.submit(store.write, self.config_path, job.sections)
-        future.add_done_callback(lambda f: self._call_async(self._on_written, job, f))
-
-    def _on_saved(self, mod, sid, error, section, rows):
-        job = self._save_job
-        if job is None or job.current is not mod or job.sid != sid:
-            return
-        mod.saving = False
-        self._release_held(mod)
-        if error is None:
-            job.done(mod.name, section, rows)
-            self._save_next()
-            return
-        log.error("save failed: module %s: %s", mod.name, error)
-        self._end_save(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
-
-    def _on_written(self, job, future):
-        try:
-            future.result()
-        except OSError as exc:
-            self._end_save(job, OperationalError, f"save failed: cannot write {self.config_path}: {exc}")
-            return
-        self._sections = job.sections
-        for name in job.saved:  # now in the config file
-            self.modules[name].journal.drop_first(job.journaled[name])
-        log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
-        self._end_save(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
-
-    def _end_save(self, job, exc_type, result):
-        if exc_type is not None:
-            for name, was in job.was_unsaved.items():
-                self.modules[name].unsaved = self.modules[name].unsaved or was
-            if job.current is not None:
-                job.current.saving = False
-                self._release_held(job.current)
-        self._reply_save(job.waiters, exc_type, result)
-        self._save_job = None
-        if self._stopping:
-            self._continue_stop()
-        elif self._save_waiters:
-            self._start_save()
-
-    def _reply_save(self, waiters, exc_type, result):
-        outcome = "ok" if exc_type is None else f"{exc_type.__name__}: {result}"
-        for waiter, user in waiters:
-            self._audit.record(user, "save", None, None, None, outcome)
-            if isinstance(waiter, concurrent.futures.Future):
-                if exc_type is None:
-                    waiter.set_result(result)
-                else:
-                    waiter.set_exception(exc_type(result))
-                continue
-            client, rid = waiter
-            if exc_type is None:
-                self._to_client(client, {"id": rid, "ok": True, "saved": result})
-            else:
-                self._to_client(client, {"id": rid, "ok": False, "error": {"type": exc_type.__name__, "message": result}})
 
     # -- status ----------------------------------------------------------------
 

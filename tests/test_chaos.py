@@ -12,10 +12,10 @@ import threading
 import time
 
 import pytest
-
-import cmactor
 from conftest import agent
 from test_lifecycle import wait_for
+
+import cmactor
 
 ECHO = agent("echo.py:main")
 SECONDS = float(os.environ.get("CMACTOR_CHAOS_SECONDS", "60"))

@@ -9,7 +9,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import agent
 
 ECHO = agent("echo.py:main")

@@ -1,10 +1,10 @@
 """Supervisor configuration errors name the file, the table and the key."""
 
 import pytest
+from conftest import agent
 
 import cmactor
 from cmactor.errors import ConfigError
-from conftest import agent
 
 ECHO = agent("echo.py:main")
 

@@ -4,10 +4,9 @@ import threading
 import time
 
 import pytest
+from conftest import agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import agent
 
 CALLER = agent("caller.py:main")
 MODULES = ("a", "b", "c", "d", "e")

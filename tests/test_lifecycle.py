@@ -6,9 +6,9 @@ import time
 
 import psutil
 import pytest
+from conftest import agent
 
 import cmactor
-from conftest import agent
 
 ECHO = agent("echo.py:main")
 

@@ -5,9 +5,9 @@ import threading
 import time
 
 import pytest
+from conftest import agent
 
 import cmactor
-from conftest import agent
 
 ECHO = agent("echo.py:main")
 

@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
-
-import cmactor
 from conftest import agent
 from test_lifecycle import wait_for
+
+import cmactor
 
 ECHO = agent("echo.py:main")
 

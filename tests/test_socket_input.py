@@ -8,9 +8,9 @@ import time
 
 import msgpack
 import pytest
+from conftest import agent
 
 from cmactor import protocol as P
-from conftest import agent
 
 ECHO = agent("echo.py:main")
 

@@ -2,15 +2,22 @@
 
 import msgpack
 import pytest
+from cmsupervisor import deps
+from cmsupervisor.restart import RestartPolicy
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cmactor import protocol as P
 from cmactor.cmbackend import ActionStopped, CmAgent, CmContext, async_action
 from cmactor.cmfrontend import parse_operation, wire_params
-from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, from_wire, to_wire
-from cmsupervisor import deps
-from cmsupervisor.restart import RestartPolicy
+from cmactor.errors import (
+    DeadlockDetectedError,
+    ModuleUnavailable,
+    OperationalError,
+    ProgrammingError,
+    from_wire,
+    to_wire,
+)
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.binary(),
