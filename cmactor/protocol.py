@@ -8,6 +8,7 @@ both hops keeps the hot path simple.
 
 import re
 import struct
+import threading
 
 import msgpack
 
@@ -62,12 +63,13 @@ SAVED = 17  # [SAVED, sid, error_or_None, section_json_bytes, row_count]
 SLOT_SERIAL_SID = 0  # id of the last item the serial lane started
 SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
 SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
+SLOT_UNATTENDED = 3  # 1 while no thread reads the worker's socket: ring its doorbell for async work
 ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread
-SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS
+SLOTS_SIZE = 4 + 2 * ASYNC_SLOTS
 
 
 def async_slot(index):
-    return 3 + 2 * index
+    return 4 + 2 * index
 
 
 # Row errors a worker reports in detail after a load; the rest are counted.
@@ -77,17 +79,23 @@ SAVE_MAX_ROWS = 10_000_000
 
 # REQ flags
 F_NOTIFY = 1  # the client wants notify_cli text
-F_SAVE = 2  # part of a save walk
-F_LOAD = 4  # part of a load replay
 
 
 class FrameError(Exception):
     """The byte stream is not a valid sequence of frames; the stream cannot be resynced."""
 
 
+_packers = threading.local()
+
+
 def pack(obj):
     """One frame: length header + msgpack body."""
-    body = msgpack.packb(obj, use_bin_type=True)
+    # One Packer per thread, reused: msgpack.packb() builds a new one on every call.
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    body = packer.pack(obj)
     return HEADER.pack(len(body)) + body
 
 
@@ -101,6 +109,13 @@ class FrameReader:
         self._max = max_frame
 
     def feed(self, data):
+        if not self._buf:
+            # The common case: nothing pending and the read holds whole frames.
+            end = len(data)
+            if end >= 4:
+                (size,) = HEADER.unpack_from(data)
+                if end == size + 4 and (self._max is None or size <= self._max):
+                    return [self._decode(data[4:])]
         buf = self._buf
         buf += data
         out = []
@@ -113,14 +128,18 @@ class FrameReader:
             if end - pos - 4 < size:
                 break
             with memoryview(buf) as view:  # no copy of the body; released before buf shrinks
-                try:
-                    out.append(msgpack.unpackb(view[pos + 4 : pos + 4 + size], raw=False, strict_map_key=True))
-                except Exception as exc:  # msgpack raises several unrelated types on garbage
-                    raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
+                out.append(self._decode(view[pos + 4 : pos + 4 + size]))
             pos += 4 + size
         if pos:
             del buf[:pos]
         return out
+
+    @staticmethod
+    def _decode(body):
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
 
     @property
     def pending(self):

@@ -82,9 +82,10 @@ class _ChannelHandler(logging.Handler):
 class Runtime:
     """The worker side of one module: its socket, its agent, its lanes."""
 
-    def __init__(self, module, sock, pool_size, slots):
+    def __init__(self, module, sock, doorbell, pool_size, slots):
         self.module = module
         self._sock = sock
+        self._doorbell = doorbell
         self._slots = slots
         self._slot_of = threading.local()
         self._slot_lock = threading.Lock()
@@ -112,26 +113,33 @@ class Runtime:
     def start(self):
         for n in (1, 2):
             threading.Thread(target=self._lane_loop, name=f"{self.module}-lane{n}", daemon=True).start()
-        threading.Thread(target=self._watch_supervisor, name=f"{self.module}-watch", daemon=True).start()
+        threading.Thread(target=self._answer_doorbell, name=f"{self.module}-doorbell", daemon=True).start()
 
-    def _watch_supervisor(self):
-        """Exit with the supervisor, even while no thread reads the socket (a long serial action)."""
-        poller = select.poll()
-        poller.register(self._sock.fileno(), select.POLLRDHUP)  # peer closed: not woken by data
-        poller.poll()
-        _exit(0, whole_group=True)  # take every process this agent started with us
+    def _answer_doorbell(self):
+        """The supervisor rings when it sent async work while no thread reads the socket;
+        the doorbell's EOF means the supervisor is gone, even during a long serial action."""
+        while True:
+            try:
+                rung = self._doorbell.recv(64)
+            except OSError:
+                rung = b""
+            if not rung:
+                _exit(0, whole_group=True)  # take every process this agent started with us
+            with self._cv:
+                self._cv.notify()  # the idle lane thread takes over the socket
 
     def _lane_loop(self):
         """Two lane threads share two jobs: reading the socket, and running the serial lane.
 
         The thread that reads a serial request runs it itself: no request waits for
-        a sleeping thread to wake before it starts (measured: a queue hand-off to a
-        dedicated serial thread cost 15-20% of the sequential get rate). If the
-        agent has @async_action methods, the other thread takes over the socket
-        meanwhile, so async requests get through while a serial action runs or
-        blocks. Without any, nothing needs reading then: serial work queues behind
-        the action anyway, a call back into this module from its own serial lane is
-        refused by the deadlock detector, and STOP waits for in-flight requests.
+        a sleeping thread to wake before it starts (measured: a hand-off to another
+        thread cost 15-20% of the sequential get rate). Meanwhile nobody reads the
+        socket, and only async requests need to be read then (serial work queues
+        behind the action anyway, a call back into this module from its serial lane
+        is refused by the deadlock detector, STOP waits for in-flight requests). So
+        the reader marks the socket unattended in its progress slots; a supervisor
+        that sends async work to an unattended socket rings the doorbell, and the
+        idle lane thread takes over reading.
         """
         cv = self._cv
         while True:
@@ -145,11 +153,12 @@ class Runtime:
                     self._reading = True
                     reads = True
             if reads:
+                self._slots[P.SLOT_UNATTENDED] = 0
                 self._read_until_serial_work()  # returns holding the serial lane
             self._run_serial()
 
     def _read_until_serial_work(self):
-        """Read and route until there is serial work to take; then give the socket to the other thread."""
+        """Read and route until there is serial work for this thread to run; return holding the serial lane."""
         cv = self._cv
         while True:
             try:
@@ -171,12 +180,21 @@ class Runtime:
                     _exit(0)
             with cv:
                 self._mailbox.extend(serial)
+                if not self._mailbox or self._serial_busy:
+                    continue
+            if self._async_capable:
+                # Unattended from now on. Set before looking for unread input, as the
+                # supervisor sends before looking at the flag: one of us sees the other.
+                self._slots[P.SLOT_UNATTENDED] = 1
+                if select.select([self._sock], [], [], 0)[0]:
+                    self._slots[P.SLOT_UNATTENDED] = 0
+                    continue  # read it first: it may be async work
+            with cv:
                 if self._mailbox and not self._serial_busy:
                     self._serial_busy = True
                     self._reading = False
-                    if self._async_capable:
-                        cv.notify()  # the other thread takes the socket
                     return
+            self._slots[P.SLOT_UNATTENDED] = 0  # the other thread took the work: read on
 
     # -- registration (called from cmbackend) -----------------------------
 
@@ -250,18 +268,19 @@ class Runtime:
                     self._serial_busy = False
                     return
                 item = self._mailbox.popleft()
-            if item[0] == P.LOAD:
-                sid = item[1]
-                work = (self._run_load, item[1], item[2], item[3])
-            elif item[0] == P.SAVE:
-                sid = item[1]
-                work = (self._run_save, item[1], item[2])
-            else:
-                sid = item[0][1]
-                work = (self._execute, item[0], item[1], False)
-            slots[P.SLOT_SERIAL_SID] = sid
-            slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-            work[0](*work[1:])
+            kind = item[0]
+            if kind == P.LOAD:
+                slots[P.SLOT_SERIAL_SID] = item[1]
+                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+                self._run_load(item[1], item[2], item[3])
+            elif kind == P.SAVE:
+                slots[P.SLOT_SERIAL_SID] = item[1]
+                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+                self._run_save(item[1], item[2])
+            else:  # (REQ message, method)
+                slots[P.SLOT_SERIAL_SID] = kind[1]
+                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+                self._execute(kind, item[1], False)
             slots[P.SLOT_SERIAL_START] = 0
 
     def _async_slot(self):
@@ -371,9 +390,8 @@ class Runtime:
         method = getattr(self.agent, f"{table}_get", None)
         if not callable(method):
             raise _SaveFailed(f"persistent table {table!r} has no {table}_get method")
-        options = dict(op="getnext", is_async=False, is_save=True, is_load=False, notify=None)
         try:
-            rows, more = self._walk(method, {}, None, options, P.SAVE_MAX_ROWS, None)
+            rows, more = self._walk(method, {}, None, P.SAVE_MAX_ROWS, None, is_save=True)
         except ActionStopped as stop:
             raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
         except _FieldError as exc:
@@ -394,15 +412,12 @@ class Runtime:
                 self.send([P.NOTIFY, sid, text])
 
         cmbackend._current.caller = (self.module, "async" if is_async else "serial", sid)
-        options = dict(
-            op=op, is_async=is_async, is_save=bool(flags & P.F_SAVE), is_load=bool(flags & P.F_LOAD), notify=notify
-        )
         try:
             if op == "getnext":
-                rows, more = self._walk(method, params, vr, options, batch, after)
+                rows, more = self._walk(method, params, vr, batch, after, is_async=is_async, notify=notify)
                 dirty = False
             else:
-                ctx = CmContext(params, vr, **options)
+                ctx = CmContext(params, vr, op=op, is_async=is_async, notify=notify)
                 method(ctx)
                 row = _row(ctx.fields)
                 rows = [row] if row else []
@@ -425,7 +440,7 @@ class Runtime:
         self.send(reply)
 
     @staticmethod
-    def _walk(method, params, vr, options, batch, after):
+    def _walk(method, params, vr, batch, after, **flags):
         """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
 
         The first call gets the caller's params; each next call gets the caller's
@@ -437,7 +452,7 @@ class Runtime:
         if after:
             call_params = {**params, **{k: v for k, v in after.items() if v is not None}}
         while True:
-            ctx = CmContext(call_params, vr, **options)
+            ctx = CmContext(call_params, vr, op="getnext", **flags)
             method(ctx)
             row = _row(ctx.fields)
             if not row:
@@ -485,7 +500,7 @@ def load_entry(entry, module):
     return func
 
 
-def main(spec, sock, slots):
+def main(spec, sock, doorbell, slots):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
     # which reaches processes the agent started even after the worker is gone.
@@ -497,7 +512,7 @@ def main(spec, sock, slots):
         if path not in sys.path:
             sys.path.insert(0, path)
     module = spec["module"]
-    runtime = Runtime(module, sock, spec["pool_size"], slots)
+    runtime = Runtime(module, sock, doorbell, spec["pool_size"], slots)
     root = logging.getLogger()
     root.handlers[:] = [_ChannelHandler(runtime)]
     root.setLevel(spec["log_level"])

@@ -68,9 +68,12 @@ class EventLoop:
                             self._run_calls()
                     except Exception:
                         log.exception("internal error handling %s; the supervisor carries on", key.data)
-                self._run_timers()
-                self._sync_journals()  # before the replies that depend on them go out
-                self._flush()
+                if self._timers and self._timers[0][0] <= time.monotonic():
+                    self._run_timers()
+                if self._journals_to_sync:
+                    self._sync_journals()  # before the replies that depend on them go out
+                if self._dirty:
+                    self._flush()
                 self._audit.flush()
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
@@ -148,9 +151,23 @@ class EventLoop:
                     item.out.clear()  # the worker is dying; its sentinel will tell
                 continue
             del item.out[:sent]
+            if not isinstance(item, server.Client) and item.ring:
+                self._ring(item)
             self._want_write(item, bool(item.out))
             if not item.out and isinstance(item, server.Client) and item.closing:
                 self._drop_client(item)
+
+    @staticmethod
+    def _ring(mod):
+        """Async work went out: if no thread of the worker reads its socket now (a serial
+        action runs on the reading thread), ring its doorbell so another one does. The
+        flag is read after the send; the worker sets it before its last look for input."""
+        mod.ring = False
+        if mod.slots[P.SLOT_UNATTENDED]:
+            try:
+                mod.doorbell.send(b"!")
+            except OSError:
+                pass  # full of rings already, or the worker is dying
 
     def _want_write(self, item, want):
         if want == (item in self._writing):

@@ -65,6 +65,8 @@ class Module:
         "pool_size",
         "slots",
         "journal",
+        "doorbell",
+        "ring",
     )
 
     def __init__(self, name, options, policy):
@@ -83,7 +85,7 @@ class Module:
         self.restarts = 0
         self.last_exit = None
         self.journal = None
-        self.attach(None, None, None)
+        self.attach(None, None, None, None)
         self.state = STOPPED
         self.started_at = None
 
@@ -91,10 +93,12 @@ class Module:
     def pid(self):
         return self.process.pid if self.process is not None else None
 
-    def attach(self, process, sock, slots):
-        """A fresh worker: new socket, slots and read state, nothing carried over from the last one."""
+    def attach(self, process, sock, doorbell, slots):
+        """A fresh worker: new sockets, slots and read state, nothing carried over from the last one."""
         self.process = process
         self.sock = sock
+        self.doorbell = doorbell  # rung when async work is sent while its socket is unattended
+        self.ring = False
         self.slots = slots  # the worker's progress slots (protocol.SLOT_*), in shared memory
         self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
         self.out = bytearray()

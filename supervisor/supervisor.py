@@ -349,6 +349,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         pending.dispatched_at = time.monotonic()
         if mod.async_actions:  # counted against the pool by the deadlock detector
             pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
+            mod.ring = mod.ring or pending.is_async
         flags = P.F_NOTIFY if req.get("notify") else 0
         self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
         mod.inflight[sid] = pending
@@ -414,6 +415,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
 
     def _spawn(self, mod):
         parent, child = socket.socketpair()
+        bell, bell_child = socket.socketpair()
         env = dict(os.environ)
         env.update(mod.options["env"])
         env["CMACTOR_SOCKET"] = self.socket_path
@@ -428,17 +430,19 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             "log_level": self.options["log_level"],
         }
         slots = self._mp.RawArray("q", P.SLOTS_SIZE)
-        process = self._mp.Process(target=worker.main, args=(spec, child, slots), name=f"cmactor-{mod.name}")
+        process = self._mp.Process(target=worker.main, args=(spec, child, bell_child, slots), name=f"cmactor-{mod.name}")
         try:
             process.start()
         except Exception as exc:
-            parent.close()
-            child.close()
+            for sock in (parent, child, bell, bell_child):
+                sock.close()
             self._quarantine(mod, f"could not start a worker process: {type(exc).__name__}: {exc}")
             return
         child.close()  # else the worker's death would never show as EOF here
+        bell_child.close()
         parent.setblocking(False)
-        mod.attach(process, parent, slots)
+        bell.setblocking(False)
+        mod.attach(process, parent, bell, slots)
         mod.psutil = health.track(process.pid)
         self._sel.register(parent, selectors.EVENT_READ, (WORKER, mod))
         self._sel.register(process.sentinel, selectors.EVENT_READ, (SENTINEL, mod))
@@ -455,6 +459,9 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             self._on_worker_message(mod, message)
 
     def _close_worker_socket(self, mod):
+        if mod.doorbell is not None:
+            mod.doorbell.close()
+            mod.doorbell = None
         if mod.sock is None:
             return
         self._writing.discard(mod)

@@ -98,7 +98,10 @@ def test_acknowledged_sets_survive_random_sigkills(supervisor):
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert failures == []
 
-    wait_for(lambda: all(s["state"] == "READY" for s in sup.status().values()), timeout=30)
+    try:
+        wait_for(lambda: all(s["state"] == "READY" for s in sup.status().values()), timeout=30)
+    except AssertionError:
+        raise AssertionError(f"modules not READY after the chaos: {sup.status()}") from None
     cur = sup.connect().cursor()
     present = {}
     for module in MODULES:
