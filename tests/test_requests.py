@@ -258,6 +258,20 @@ def test_async_actions_run_concurrently_serial_ones_do_not(echo):
     assert timed("sleep", 3) >= 0.3 * 3 * 0.95  # one at a time
 
 
+def test_an_async_request_is_served_while_a_serial_action_runs(echo):
+    # The serial action runs on the thread that read it; the supervisor rings the
+    # worker's doorbell so that another thread reads the async request meanwhile.
+    slow = threading.Thread(target=lambda: echo.connect().cursor().execute("get echo.sleep", {"secs": 1.5}))
+    slow.start()
+    time.sleep(0.2)
+    start = time.monotonic()
+    cur = echo.connect().cursor()
+    for _ in range(3):
+        cur.execute("get echo.actx")
+    assert time.monotonic() - start < 1.0
+    slow.join(10)
+
+
 def test_agent_to_agent_call_through_connect_without_arguments(supervisor):
     sup = supervisor({"a": ECHO, "b": ECHO})
     cur = sup.connect().cursor()
