@@ -3,11 +3,13 @@
 Threads in a worker:
 - main: imports and runs the agent's entry function, then idles (or runs the
   entry's own loop, if it has one);
-- reader: reads the supervisor's socket, puts serial work in the mailbox and
-  hands @async_action requests to the agent's pool; EOF means the supervisor is
-  gone, and the worker then takes its whole process group down with it;
-- serial lane: runs the mailbox in order, one item at a time (events, load and
-  save actions, every action not marked async);
+- two lane threads sharing two jobs (see Runtime._lane_loop): reading the
+  supervisor's socket (routing @async_action requests to the pool and serial work
+  to the mailbox), and running the serial lane — the mailbox in order, one item
+  at a time: events, load and save actions, every action not marked async;
+- doorbell: wakes the idle lane thread to read when the supervisor sends async
+  work while the reading thread runs a serial action; its EOF means the
+  supervisor is gone, and the worker then takes its whole process group down;
 - the pool: @async_action requests, concurrently.
 
 The worker knows its socket and its agent, nothing about other modules.
@@ -244,14 +246,15 @@ class Runtime:
         return f"module {self.module!r} has no table {table!r} (no {table}_get/_set/_setop method); its tables: {known}"
 
     def _route(self, msg):
+        """Hand an async request to the pool, or return (msg, method) for the mailbox."""
         if self.agent is None:
             self._reply_error(msg[1], ProgrammingError, f"module {self.module!r} has not called cmbackend_init()")
-            return
+            return None
         try:
             method, is_async = self._method(msg[3], msg[2])
         except LookupError as exc:
             self._reply_error(msg[1], ProgrammingError, str(exc))
-            return
+            return None
         if is_async:
             pool = self.agent.pool or self._shared_pool
             pool.submit(self._run_async, msg, method)
@@ -268,19 +271,17 @@ class Runtime:
                     self._serial_busy = False
                     return
                 item = self._mailbox.popleft()
-            kind = item[0]
-            if kind == P.LOAD:
+            if isinstance(item, tuple):  # a request: (REQ message, method)
+                slots[P.SLOT_SERIAL_SID] = item[0][1]
+                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+                self._execute(item[0], item[1], False)
+            else:  # a LOAD or SAVE message
                 slots[P.SLOT_SERIAL_SID] = item[1]
                 slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-                self._run_load(item[1], item[2], item[3])
-            elif kind == P.SAVE:
-                slots[P.SLOT_SERIAL_SID] = item[1]
-                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-                self._run_save(item[1], item[2])
-            else:  # (REQ message, method)
-                slots[P.SLOT_SERIAL_SID] = kind[1]
-                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-                self._execute(kind, item[1], False)
+                if item[0] == P.LOAD:
+                    self._run_load(*item[1:])
+                else:
+                    self._run_save(*item[1:])
             slots[P.SLOT_SERIAL_START] = 0
 
     def _async_slot(self):
