@@ -13,7 +13,7 @@ import signal
 import time
 
 from cmactor import protocol as P
-from cmactor.errors import OperationalError, ProgrammingError
+from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError
 
 from .modules import FAILED, RESTARTING, STOPPED, STOPPING
 
@@ -64,13 +64,17 @@ class Recovery:
                 "the request may have taken effect: check before retrying",
             )
         mod.inflight.clear()
-        # Requests it had not started run after the restart, like any held request.
-        deadline = time.monotonic() + self.hold_timeout
-        for pending in reversed(waiting):
-            pending.deadline = deadline
-            mod.held.appendleft(pending)
-        if waiting:
-            self._after(self.hold_timeout, self._expire_held, mod)
+        if self._stopping or mod.state in (STOPPING, FAILED):
+            for pending in waiting:
+                self._fail(pending, ModuleUnavailable, self._unavailable(mod))
+        else:
+            # Requests it had not started run after the restart, like any held request.
+            deadline = time.monotonic() + self.hold_timeout
+            for pending in reversed(waiting):
+                pending.deadline = deadline
+                mod.held.appendleft(pending)
+            if waiting:
+                self._after(self.hold_timeout, self._expire_held, mod)
         job = self._save_job
         if job is not None and job.current is mod:
             self._on_saved(mod, job.sid, f"the worker died during the save ({reason})", None, 0)
