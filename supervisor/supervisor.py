@@ -664,6 +664,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
                 continue
             if any(mod.name in other.config_deps and other.process is not None for other in alive if other is not mod):
                 continue  # dependents stop first
+            log.info("module %s stopping", mod.name)
             mod.state = STOPPING
             self._to_worker(mod, [P.STOP])
 

@@ -185,7 +185,9 @@ def test_held_request_fails_after_hold_timeout(supervisor):
 
 
 def test_crash_loop_quarantines_and_restart_revives(supervisor):
-    sup = supervisor({"echo": {"entry": ECHO, "max_restarts": 2, "restart_delay": 0.01}, "other": ECHO})
+    sup = supervisor(
+        {"echo": {"entry": ECHO, "max_restarts": 2, "restart_delay": 0.01}, "other": ECHO, "dependent": echo_with_deps("echo")}
+    )
     killed = set()
     for _ in range(3):
         pid = wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s["pid"] not in killed and s["pid"])
@@ -197,16 +199,21 @@ def test_crash_loop_quarantines_and_restart_revives(supervisor):
     with pytest.raises(cmactor.ModuleUnavailable, match="quarantined \\(FAILED\\).*cmactor restart echo"):
         cur.execute("get echo.kv", {"key": "default"})
     cur.execute("get other.kv", {"key": "default"})  # everyone else keeps serving
+    cur.execute("get dependent.kv", {"key": "default"})  # modules that depend on it too
+    assert sup.status()["dependent"]["state"] == "READY"
     sup.restart("echo")
     wait_for(lambda: sup.status()["echo"]["state"] == "READY")
     cur.execute("get echo.kv", {"key": "default"})
     assert cur.fetchone() == ("default", "yes")
 
 
-def test_stop_stops_dependents_first_and_leaves_nothing(supervisor, tmp_path):
-    sup = supervisor({"base": ECHO, "top": echo_with_deps("base")})
+def test_stop_stops_dependents_first_and_leaves_nothing(supervisor, caplog):
+    sup = supervisor({"base": ECHO, "top": echo_with_deps("mid"), "mid": echo_with_deps("base")})
     pids = [s["pid"] for s in sup.status().values()]
-    sup.stop()
+    with caplog.at_level("INFO", logger="cmactor.supervisor"):
+        sup.stop()
+    stopping = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().endswith(" stopping")]
+    assert stopping == ["top", "mid", "base"]
     assert sup.wait(0)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
