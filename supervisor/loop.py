@@ -53,13 +53,11 @@ class EventLoop:
                 for key, mask in self._sel.select(self._timer_delay()):
                     kind, obj = key.data
                     try:
-                        if kind == WORKER:
-                            self._read_worker(obj)
-                        elif kind == CLIENT:
+                        if kind == WORKER or kind == CLIENT:
                             if mask & selectors.EVENT_READ:
-                                self._read_client(obj)
+                                (self._read_worker if kind == WORKER else self._read_client)(obj)
                             if mask & selectors.EVENT_WRITE:
-                                self._dirty.add(obj)
+                                self._dirty.add(obj)  # the rest of its output goes out this turn
                         elif kind == SENTINEL:
                             self._on_exit(obj)
                         elif kind == LISTENER:

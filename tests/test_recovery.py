@@ -47,6 +47,38 @@ def test_sigkill_with_unsaved_sets_comes_back_with_all_of_them(supervisor):
     assert names[0] == "event_load_start" and names.index("load:saved") < names.index("load:k00")
 
 
+def test_big_saved_config_and_journal_load_after_a_restart(supervisor, tmp_path):
+    """A LOAD message far bigger than a socket buffer still reaches the worker whole."""
+    import socket as _socket
+
+    from cmactor import protocol as P
+
+    state = tmp_path / "state"
+    sup = supervisor({"echo": ECHO}, state_dir=state)
+    raw = _socket.socket(_socket.AF_UNIX)
+    raw.connect(sup.socket_path)
+    reader = P.FrameReader(None)
+
+    def pipelined_sets(prefix, count):
+        raw.sendall(b"".join(
+            P.pack({"id": i, "op": "set", "module": "echo", "table": "kv", "params": {"key": f"{prefix}{i:05}", "value": "x" * 20}})
+            for i in range(count)
+        ))
+        replies = []
+        while len(replies) < count:
+            replies += reader.feed(raw.recv(65536))
+        assert all(r["ok"] for r in replies)
+
+    pipelined_sets("saved", 20000)
+    sup.save()
+    pipelined_sets("journaled", 10000)
+    raw.close()
+    status = kill_and_wait_ready(sup)
+    assert status["unsaved"] is True
+    got = keys(sup.connect().cursor())
+    assert len(got) == 30001 and got["journaled09999"] == "x" * 20
+
+
 def test_save_folds_the_journal_into_the_config_file(supervisor):
     sup = supervisor({"echo": ECHO})
     cur = sup.connect().cursor()

@@ -4,6 +4,7 @@ Its config_deps come from the ECHO_DEPS environment variable (comma separated),
 so one file can play several modules in a dependency graph.
 """
 
+import bisect
 import os
 import threading
 import time
@@ -36,6 +37,7 @@ class Echo(CmAgent):
         self.lock = threading.Lock()
         self.events = []  # (event or "load:<key>", time.time()) in the order they came
         self.save_fault = None  # set through ctl: "fail", "stop" or a delay in seconds
+        self._sorted = None  # kv's keys in order, for getnext
 
     def _event(self, name):
         self.events.append((name, time.time()))
@@ -47,12 +49,14 @@ class Echo(CmAgent):
     def event_generate_default(self):
         self._event("event_generate_default")
         self.kv = {"default": "yes"}
+        self._sorted = None
         self._ready()
 
     def event_load_start(self):
         self._event("event_load_start")
         time.sleep(float(os.environ.get("ECHO_LOAD_DELAY", "0")))
         self.kv = {"default": "yes"}  # defaults first; the saved rows are deltas
+        self._sorted = None
 
     def event_load_complete(self):
         self._event("event_load_complete")
@@ -84,14 +88,16 @@ class Echo(CmAgent):
     def kv_get(self, ctx):
         if ctx.is_save and self.save_fault == "stop":
             ctx.raise_error("refusing to be saved")
-        keys = sorted(self.kv)
         key = ctx.params.get("key")
         if ctx.is_getnext:
-            following = keys if key is None else [k for k in keys if k > key]
-            if not following:
+            if self._sorted is None:
+                self._sorted = sorted(self.kv)  # kept until a key is added: walks of big tables stay linear
+            keys = self._sorted
+            index = 0 if key is None else bisect.bisect_right(keys, key)
+            if index >= len(keys):
                 return
-            key = following[0]
-            if key != keys[-1]:
+            key = keys[index]
+            if index + 1 < len(keys):
                 ctx.more()
         elif key not in self.kv:
             ctx.raise_error(f"no key {key!r}")
@@ -104,6 +110,8 @@ class Echo(CmAgent):
                 raise ValueError("cannot load this row")
         if ctx.params.get("clean") == "1":
             ctx.dirty = False
+        if ctx.params["key"] not in self.kv:
+            self._sorted = None
         self.kv[ctx.params["key"]] = ctx.params.get("value", "")
         ctx.fields = {"key": ctx.params["key"], "value": self.kv[ctx.params["key"]]}
 
@@ -125,12 +133,14 @@ class Echo(CmAgent):
     def boom_set(self, ctx):
         ctx.raise_error(f"refused: {ctx.params.get('why', 'no reason')}")
         self.kv["after_raise"] = "ran"  # must never run
+        self._sorted = None
 
     def boom_setop(self, ctx):
         try:
             ctx.raise_error("stopped despite except Exception")
         except Exception:
             self.kv["swallowed"] = "yes"
+            self._sorted = None
 
     # weird: replies that are not plain strings
     def weird_get(self, ctx):
