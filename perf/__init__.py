@@ -3,13 +3,19 @@ measured in one run so that their ratios compare like with like.
 
 ``run(quick)`` returns one dict per measurement::
 
-    {"key", "name", "kind": "baseline"|"scenario", "unit": "ops/s"|"rows/s"|"starts/s",
-     "rate", "p50_us", "p99_us" (None where not meaningful), "rounds",
-     "baseline": the floor's key or None,
-     "ratio": median over rounds of rate / the floor's rate in the same round, or None,
+    {"key", "name", "kind": "baseline"|"scenario"|"derived",
+     "unit": "ops/s", "rows/s", "starts/s", "chains/s", "modules/s", "us/set", "us/check",
+     "rate" (None for a skipped measurement), "p50_us", "p99_us" (None where not
+     meaningful), "rounds",
+     "baseline": the key of the row it is compared with (a floor, or another scenario), or None,
+     "ratio": median over rounds of rate / that row's rate in the same round (derived
+              rows: a ratio of their own, see the note), or None,
      "note"}
 
-Rates, p50 and p99 are medians over the timed rounds.
+Rates, p50 and p99 are medians over the timed rounds, except where a round gives
+every sample (restarts, starts, saves, loads): p50 and p99 are then over all the
+samples of all rounds. Derived rows are computed from the other rows' figures in
+each round (e.g. the extra cost of a persistent set over a plain one).
 
 Used by ``python -m perf`` (run it from the repository root) and by smoke tests.
 Submodules are imported lazily: the fork server preloads perf.baseline, and should
@@ -25,13 +31,25 @@ import sys
 
 # rounds: timed rounds per measurement (the median is reported). pingpong/pipelined:
 # requests per round and untimed warm-up requests (per client when there are several).
+# chains: chains per client per round (and warm-up); calls: gets an agent makes per
+# round. start_rounds: rounds of the process-start group (restarts x start_rounds =
+# kills per restart row). startup: supervisor starts per round for each graph.
+# journal: rows journaled before the journaled restarts. rows: rows saved and loaded;
+# saves: saves (and loads) per round.
 QUICK = {
     "rounds": 3,
     "pingpong": dict(n=1000, warmup=200),
     "pipelined": dict(n=4000, warmup=400),
     "starts": dict(n=3, warmup=1),
     "walks": (2, 1),  # walks per round: 10k rows, 100k rows
+    "chains": dict(n=100, warmup=20),
+    "calls": dict(count=1000, warmup=200),
+    "start_rounds": 3,
     "restarts": dict(n=2, warmup=1),
+    "startup": dict(starts=1, warmup=1),
+    "journal": 10_000,
+    "rows": 100_000,
+    "saves": 1,
 }
 FULL = {
     "rounds": 9,
@@ -39,16 +57,28 @@ FULL = {
     "pipelined": dict(n=40000, warmup=4000),
     "starts": dict(n=10, warmup=3),
     "walks": (5, 1),
-    "restarts": dict(n=5, warmup=2),
+    "chains": dict(n=500, warmup=50),
+    "calls": dict(count=5000, warmup=500),
+    "start_rounds": 10,
+    "restarts": dict(n=2, warmup=2),  # 20 kills of each
+    "startup": dict(starts=1, warmup=1),
+    "journal": 10_000,
+    "rows": 100_000,
+    "saves": 1,
 }
 
 CLIENTS = 4
 INFLIGHT = 32
 
 # One measurement. setup() returns a context manager that yields round(), which runs
-# one timed round and returns (rate, p50 ns or None, p99 ns or None). note: text, or
-# a function of the result row that returns text.
-Step = collections.namedtuple("Step", "key name unit baseline setup note")
+# one timed round and returns (rate, p50 ns or None, p99 ns or None), or a
+# baseline.Result. note: text, or a function of the result row that returns text.
+# kind: None for "scenario" when there is a baseline, else "baseline". derived:
+# round() takes the results of the steps before it in the same round, by key.
+Step = collections.namedtuple("Step", "key name unit baseline setup note kind derived", defaults=(None, False))
+
+# Modules in the start-up scenarios' graphs (each graph's random seed is its size: the same graph every run).
+STARTUP_SIZES = (10, 50)
 
 
 def machine():
@@ -73,9 +103,9 @@ def machine():
 
 
 def _groups(sizes, sup, conn):
-    """The measurements, in groups: a floor and the scenarios compared with it are
-    set up together and their rounds interleave, so that the machine's drift (large
-    on shared VMs) hits both sides of a ratio alike."""
+    """The measurements, in groups of (steps, rounds): a floor and the scenarios
+    compared with it are set up together and their rounds interleave, so that the
+    machine's drift (large on shared VMs) hits both sides of a ratio alike."""
     from . import baseline as b
     from . import scenarios as s
 
@@ -84,12 +114,23 @@ def _groups(sizes, sup, conn):
     per_client = {k: v // CLIENTS for k, v in pipe.items()}
     small, big = sizes["walks"]
     path = sup.socket_path
+    rounds = sizes["rounds"]
 
     def walk_note(rows):
         return lambda row: f"one walk: {rows / row['rate'] * 1000:.0f} ms; ratio: rows/s over the floor's round trips/s"
 
-    return [
-        [
+    def chain(via):
+        return b.clients([path] * CLIENTS, b.request("chain", "chain_a", params={"via": via}), inflight=1,
+                         **sizes["chains"])
+
+    def ms(row):
+        return f"{row['p50_us'] / 1000:,.0f} ms"
+
+    dags = {n: s.random_dag(n, seed=n) for n in STARTUP_SIZES}
+    journal, rows = sizes["journal"], sizes["rows"]
+    restarts = sizes["restarts"]
+    groups = [
+        ([
             Step("one_hop", "floor: one hop, 1 in flight", "ops/s", None,
                  lambda: b.one_hop(**ping), "client process <-> worker process, one socketpair"),
             Step("two_hop", "floor: two hops, 1 in flight", "ops/s", None,
@@ -103,6 +144,10 @@ def _groups(sizes, sup, conn):
                  lambda: s.sequential(conn.cursor(), "set bench.pkv", {"key": "k", "value": "v"},
                                       n=ping["n"] // 2, warmup=ping["warmup"] // 2),
                  "each set is journaled and fsynced before the reply (state_dir on " + s.filesystem() + ")"),
+            Step("journal_cost", "journal cost per set (persistent - plain)", "us/set", "set",
+                 lambda: s.extra_cost("set_journal", "set"),
+                 "mean time per set on the persistent table minus a plain set's, same round (p50: same for "
+                 "the p50s); ratio: that extra over a plain set's mean", kind="derived", derived=True),
             Step("get_raw", "get, raw client process, 1 in flight", "ops/s", "two_hop",
                  lambda: b.clients([path], b.request("kv"), inflight=1, **ping),
                  "same get from its own process, no Cursor: the floor's client"),
@@ -110,8 +155,8 @@ def _groups(sizes, sup, conn):
                  lambda: s.walk(conn.cursor(), 10_000, small), walk_note(10_000)),
             Step("getnext_100k", "getnext walk, 100k rows (Cursor)", "rows/s", "two_hop",
                  lambda: s.walk(conn.cursor(), 100_000, big), walk_note(100_000)),
-        ],
-        [
+        ], rounds),
+        ([
             Step("two_hop_32", f"floor: two hops, 1 client x {INFLIGHT} in flight", "ops/s", None,
                  lambda: b.two_hop(**pipe, inflight=INFLIGHT), ""),
             Step("two_hop_4x32", f"floor: two hops, {CLIENTS} clients x {INFLIGHT} in flight", "ops/s", None,
@@ -119,19 +164,90 @@ def _groups(sizes, sup, conn):
             Step("async_4x32", f"async get, {CLIENTS} client procs x {INFLIGHT} in flight", "ops/s", "two_hop_4x32",
                  lambda: b.clients([path] * CLIENTS, b.request("akv"), inflight=INFLIGHT, **per_client),
                  "@async_action get, raw protocol"),
-        ],
-        [
+        ], rounds),
+        ([
+            Step("chain_free", f"chain A(async)->B->C, {CLIENTS} client procs", "chains/s", None,
+                 lambda: chain("chain_b,chain_c"),
+                 f"A's @async_action calls B's serial action, which calls C's; {CLIENTS} raw client processes, "
+                 "1 chain in flight each", kind="scenario"),
+            Step("chain_cycle", f"chain A(async)->B->A, {CLIENTS} client procs", "chains/s", "chain_free",
+                 lambda: chain("chain_b,chain_a"),
+                 "deadlock-prone: B's serial action calls back into A's serial lane (fine: A's first action is "
+                 "async); ratio: over the cycle-free chain"),
+            Step("calls_plain", "get from an agent, unchecked", "ops/s", None,
+                 lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "plain", **sizes["calls"]),
+                 "chain_a's @async_action gets bench.kv in a loop on a thread the agent started (no caller: "
+                 "not checked); timed in the agent", kind="scenario"),
+            Step("calls_checked", "get from an agent, checked", "ops/s", "calls_plain",
+                 lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "checked", **sizes["calls"]),
+                 "the same gets on the action's own thread: each carries its caller and is checked"),
+            Step("admit", "deadlock check (Supervisor._admit)", "us/check", "calls_plain",
+                 lambda: s.admit_timing(sup, "calls_plain"),
+                 "time in Supervisor._admit per checked call (chains and checked gets of the round), wrapped on "
+                 "the instance; ratio: over the mean round trip of an unchecked get", kind="derived", derived=True),
+        ], rounds),
+        ([
             Step("forkserver_start", "floor: forkserver Process start", "starts/s", None,
                  lambda: b.forkserver_start(**sizes["starts"]), "Process() to the child's first message"),
             Step("restart", "restart after SIGKILL, to answering", "starts/s", "forkserver_start",
-                 lambda: s.restart_to_ready(sup, conn, **sizes["restarts"]),
-                 "kill -9 the worker; time until a get is answered by the new one"),
-        ],
+                 lambda: s.restart_to_ready(sup, conn, "victim", **restarts),
+                 lambda row: f"kill -9 the worker; time until a get is answered by the new one; "
+                             f"p50/p99 over {row['rounds'] * restarts['n']} kills"),
+            Step("restart_journal", f"restart after SIGKILL, {journal // 1000}k journaled rows", "starts/s",
+                 "forkserver_start",
+                 lambda: s.restart_to_ready(sup, conn, "jvictim", journal_rows=journal, **restarts),
+                 lambda row: f"the same, the new worker replaying {journal:,} unsaved sets from the journal "
+                             f"before READY; p50/p99 over {row['rounds'] * restarts['n']} kills"),
+            *(Step(f"startup_{n}", f"start {n} modules (deps DAG) to all READY", "modules/s", "forkserver_start",
+                   lambda dag=dags[n]: s.startup(dag, **sizes["startup"]),
+                   lambda row, n=n: f"Supervisor.start() until it returns, every module READY: {ms(row)} "
+                                    f"(p50); random config_deps DAG, {sum(map(len, dags[n].values()))} edges, "
+                                    f"longest chain {s.dag_depth(dags[n])} modules; ratio: {n} forkserver "
+                                    f"starts one after another / this")
+              for n in STARTUP_SIZES),
+        ], sizes["start_rounds"]),
+        ([
+            Step("save", f"save {rows // 1000}k rows (Supervisor.save)", "rows/s", None,
+                 lambda: s.save_rows(rows, sizes["saves"]),
+                 lambda row: f"one save: {ms(row)} (p50): the agent's getnext walk, JSON, an atomic write "
+                             f"with fsyncs", kind="scenario"),
+            Step("load", f"load {rows // 1000}k rows (fresh start to READY)", "rows/s", None,
+                 lambda: s.load_rows(rows, sizes["saves"]),
+                 lambda row: f"one start: {ms(row)} (p50): read and check the file, start the worker, replay "
+                             f"every row as pkv_set", kind="scenario"),
+        ], rounds),
     ]
+    if s.ray_available():
+        groups.append(([
+            Step("ray_seq", "peer: Ray actor get, 1 in flight", "ops/s", None,
+                 lambda: s.ray_calls(inflight=1, **ping), "ray.get(actor.get.remote()) back to back"),
+            Step("get_vs_ray", "get, sequential (Cursor), vs Ray", "ops/s", "ray_seq",
+                 lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
+                 "ratio: cmactor / Ray"),
+            Step("ray_32", f"peer: Ray actor get, {INFLIGHT} in flight", "ops/s", None,
+                 lambda: s.ray_calls(inflight=INFLIGHT, **pipe), "ray.wait on the outstanding refs"),
+            Step("get_32_vs_ray", f"get, raw client process, {INFLIGHT} in flight, vs Ray", "ops/s", "ray_32",
+                 lambda: b.clients([path], b.request("kv"), inflight=INFLIGHT, **pipe),
+                 "serial-lane get; ratio: cmactor / Ray"),
+        ], rounds))
+    return groups
+
+
+def _skipped_rows(s):
+    """Rows for measurements that cannot run here, with the reason as their note."""
+    if s.ray_available():
+        return []
+    return [{
+        "key": "ray", "name": "peer: Ray actor get", "kind": "baseline", "unit": "ops/s", "rate": None,
+        "p50_us": None, "p99_us": None, "baseline": None, "ratio": None, "rounds": 0,
+        "note": "skipped: ray is not importable here (not installed); the peer comparison runs when it is",
+    }]
 
 
 def _measure(group, rounds, say):
     """Set up every step of a group, run their rounds interleaved, summarize (medians)."""
+    from .baseline import Result, percentile
+
     results = {step.key: [] for step in group}
     with contextlib.ExitStack() as stack:
         round_fns = {}
@@ -139,25 +255,40 @@ def _measure(group, rounds, say):
             say(f"setting up and warming up: {step.name}")
             round_fns[step.key] = stack.enter_context(step.setup())
         for i in range(rounds):
+            latest = {}
             for step in group:
                 say(f"round {i + 1}/{rounds}: {step.name}")
-                results[step.key].append(round_fns[step.key]())
+                fn = round_fns[step.key]
+                latest[step.key] = Result(*(fn(latest) if step.derived else fn()))
+                results[step.key].append(latest[step.key])
     rows = []
     for step in group:
         mine = results[step.key]
+        samples = [x for r in mine for x in (r.samples or ())]
+
+        def summary(field, q):
+            if getattr(mine[0], field) is None:
+                return None
+            if samples:  # every sample of every round, pooled
+                return (statistics.median(samples) if q == 50 else percentile(samples, q)) / 1000
+            return statistics.median(getattr(r, field) for r in mine) / 1000
+
+        if mine[0].ratio is not None:
+            ratio = statistics.median(r.ratio for r in mine)
+        elif step.baseline:  # paired: each round against the other row's round run just before it
+            ratio = statistics.median(r.rate / f.rate for r, f in zip(mine, results[step.baseline]))
+        else:
+            ratio = None
         row = {
             "key": step.key,
             "name": step.name,
-            "kind": "scenario" if step.baseline else "baseline",
+            "kind": step.kind or ("scenario" if step.baseline else "baseline"),
             "unit": step.unit,
-            "rate": statistics.median(r[0] for r in mine),
-            "p50_us": None if mine[0][1] is None else statistics.median(r[1] for r in mine) / 1000,
-            "p99_us": None if mine[0][2] is None else statistics.median(r[2] for r in mine) / 1000,
+            "rate": statistics.median(r.rate for r in mine),
+            "p50_us": summary("p50", 50),
+            "p99_us": summary("p99", 99),
             "baseline": step.baseline,
-            # Paired: each round against the floor's round run just before it.
-            "ratio": None if not step.baseline else statistics.median(
-                r[0] / f[0] for r, f in zip(mine, results[step.baseline])
-            ),
+            "ratio": ratio,
             "rounds": len(mine),
         }
         row["note"] = step.note(row) if callable(step.note) else step.note
@@ -178,9 +309,9 @@ def run(quick=False, progress=None):
     rows = []
     say("starting a supervisor")
     with scenarios.supervisor() as sup, sup.connect("bench") as conn:
-        for group in _groups(sizes, sup, conn):
-            rows += _measure(group, sizes["rounds"], say)
-    return rows
+        for group, rounds in _groups(sizes, sup, conn):
+            rows += _measure(group, rounds, say)
+    return rows + _skipped_rows(scenarios)
 
 
 def format_table(rows, info):
@@ -190,7 +321,7 @@ def format_table(rows, info):
         f"{info['python']}, {info['os']}",
         "",
     ]
-    header = ("scenario", "rate", "unit", "p50 us", "p99 us", "ratio", "vs floor")
+    header = ("scenario", "rate", "unit", "p50 us", "p99 us", "ratio", "compared with")
     table = [header]
     names = {row["key"]: row["name"] for row in rows}
 
@@ -198,14 +329,15 @@ def format_table(rows, info):
         return "-" if value is None else format(value, fmt)
 
     for row in rows:
+        ratio = row["ratio"]
         table.append(
             (
                 row["name"],
-                num(row["rate"], ",.0f"),
+                num(row["rate"], ",.1f" if row["unit"].startswith("us/") else ",.0f"),
                 row["unit"],
                 num(row["p50_us"], ",.0f"),
                 num(row["p99_us"], ",.0f"),
-                num(row["ratio"], ".2f"),
+                num(ratio, ".3f" if ratio is not None and abs(ratio) < 0.1 else ".2f"),
                 names.get(row["baseline"], "").removeprefix("floor: ") if row["baseline"] else "",
             )
         )

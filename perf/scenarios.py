@@ -1,36 +1,52 @@
 """cmactor scenarios through a real Supervisor running perf/agents/bench.py.
 
-The supervisor runs in this process (its loop is a thread) and the agent in a
-forkserver worker, as with an embedded ``cmactor.Supervisor``. Sequential
-scenarios use the public client (``sup.connect().cursor().execute``) from this
-process; pipelined ones use raw client processes (perf.baseline.clients),
+The supervisor runs in this process (its loop is a thread) and the agents in
+forkserver workers, as with an embedded ``cmactor.Supervisor``. Most scenarios
+share one supervisor (``supervisor()``); start-up, save and load start
+supervisors of their own (``own_supervisor()``). Sequential scenarios use the
+public client (``sup.connect().cursor().execute``) from this process; pipelined
+ones and the call chains use raw client processes (perf.baseline.clients),
 because a Cursor has one request in flight per connection.
 
 As in perf.baseline, each scenario is a context manager that warms up and
 yields ``round()``, returning (rate, p50 ns, p99 ns) for one timed round
-(latencies None where they mean nothing).
+(latencies None where they mean nothing), or a baseline.Result. Derived rows
+(``extra_cost``, ``admit_timing``) yield a ``round(latest)`` computed from the
+other rows' results of the same round.
 """
 
 import contextlib
+import importlib.util
+import itertools
 import logging
 import os
+import random
 import shutil
 import signal
+import socket
 import statistics
 import tempfile
 import time
 from array import array
 
+from cmactor import protocol as P
+
 from . import baseline
-from .baseline import pc, percentile
+from .baseline import Result, pc, percentile
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents", "bench.py") + ":main"
 
 
 @contextlib.contextmanager
 def supervisor():
-    """A started supervisor running ``bench`` and ``victim`` (the restart scenario's
-    module: no restart delay, no quarantine), its state in a temporary directory."""
+    """A started supervisor running perf/agents/bench.py as every module the shared
+    scenarios use, its state in a temporary directory:
+
+    - ``bench``: the target of the request scenarios;
+    - ``victim`` and ``jvictim``: the restart scenarios' modules (no restart delay,
+      no quarantine); ``jvictim`` gets a journal of rows first;
+    - ``chain_a``, ``chain_b``, ``chain_c``: agents that call each other.
+    """
     import cmactor
 
     # Start the fork server now, with the preload of perf.baseline.context()
@@ -40,7 +56,9 @@ def supervisor():
     state_dir = tempfile.mkdtemp(prefix="cmbench-")
     try:
         victim = {"entry": AGENT, "restart_delay": 0, "max_restarts": 1_000_000}
-        sup = cmactor.Supervisor({"bench": AGENT, "victim": victim}, state_dir=state_dir, log_level="WARNING")
+        agents = {"bench": AGENT, "victim": victim, "jvictim": dict(victim)}
+        agents.update({f"chain_{x}": AGENT for x in "abc"})
+        sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING")
         try:
             sup.start(timeout=60)
             yield sup
@@ -48,6 +66,23 @@ def supervisor():
             sup.stop()
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_supervisor(agents, state_dir, timer=None):
+    """A supervisor of its own on ``state_dir``, started (``timer``: a list to which
+    the time of start() is appended, ns) and always stopped."""
+    import cmactor
+
+    sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING")
+    try:
+        t0 = pc()
+        sup.start(timeout=60)
+        if timer is not None:
+            timer.append(pc() - t0)
+        yield sup
+    finally:
+        sup.stop()
 
 
 def filesystem(path=None):
@@ -111,29 +146,34 @@ def walk(cur, count, walks):
 
 
 @contextlib.contextmanager
-def restart_to_ready(sup, conn, n, warmup):
-    """SIGKILL the victim's worker, then time until a get is answered by its successor.
+def restart_to_ready(sup, conn, module, n, warmup, journal_rows=0):
+    """SIGKILL ``module``'s worker, then time until a get is answered by its successor.
 
     The get is sent right after the kill: the supervisor either fails it at once
     (it reached the dying worker) and we send it again, or holds it until the
     module is READY again and then dispatches it, so its answer marks READY.
-    A round is ``n`` restarts; its rate is 1 / median time.
+    ``journal_rows``: first set that many distinct rows on the module's persistent
+    table, unsaved: every restart then replays them from the journal before READY.
+    A round is ``n`` restarts; its rate is 1 / median time; p50 and p99 are taken
+    over every kill of every round.
     """
     import cmactor
 
     cur = conn.cursor()
+    if journal_rows:
+        fill_journal(sup.socket_path, module, journal_rows)
     quiet = logging.getLogger("cmactor.supervisor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # every kill would log an ERROR "restarting"
 
     def once():
-        pid = sup.status()["victim"]["pid"]
+        pid = sup.status()[module]["pid"]
         t0 = pc()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + baseline.TIMEOUT
         while True:
             try:
-                cur.execute("get victim.kv")
+                cur.execute(f"get {module}.kv")
                 return pc() - t0
             except cmactor.OperationalError:
                 if time.monotonic() > deadline:
@@ -142,11 +182,272 @@ def restart_to_ready(sup, conn, n, warmup):
     def round_():
         times = [once() for _ in range(n)]
         median = statistics.median(times)
-        return 1e9 / median, median, percentile(times, 99)
+        return Result(1e9 / median, median, percentile(times, 99), samples=times)
 
     try:
         for _ in range(warmup):
             once()
+        if journal_rows:  # the journal survived the warm-up kills, all of it
+            cur.max_rows = journal_rows + 1
+            cur.execute(f"getnext {module}.pkv")
+            if cur.rowcount != journal_rows:
+                raise RuntimeError(f"{module}.pkv has {cur.rowcount} rows after a restart, expected {journal_rows}")
         yield round_
     finally:
         quiet.setLevel(level)
+
+
+def fill_journal(path, module, rows):
+    """Set ``rows`` distinct rows of ``module``'s persistent table through the raw
+    client, 32 in flight: each is journaled (and fsynced, one fsync per loop turn)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        message = baseline.request("pkv", module, "set", {"key": "", "value": "journaled"})
+        baseline.drive(sock, P.FrameReader(None), message, itertools.count(1), rows, 32, distinct_keys=True)
+    finally:
+        sock.close()
+
+
+# -- calls between agents -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def agent_calls(cur, module, target, mode, count, warmup):
+    """Rounds of ``count`` gets of ``target`` made from inside ``module``'s
+    ``calls`` action (perf/agents/bench.py), timed by the agent: ``mode`` "checked"
+    (the gets carry the action as caller, the supervisor checks each) or "plain"
+    (made from a thread the agent started: no caller, no check)."""
+
+    def once(n):
+        cur.execute(f"get {module}.calls", {"count": n, "mode": mode, "target": target})
+        row = dict(zip((d[0] for d in cur.description), cur.fetchone()))
+        return n * 1e9 / int(row["ns"]), int(row["p50"]), int(row["p99"])
+
+    once(warmup)
+    yield lambda: once(count)
+
+
+@contextlib.contextmanager
+def admit_timing(sup, plain):
+    """Time the deadlock detector's check, ``Supervisor._admit``, on every call it
+    admits: the supervisor runs it on its loop thread for each request that carries
+    a caller (made from inside an agent action). The method is wrapped on this
+    instance only (the loop calls ``self._admit``); the wrapper's two clock reads
+    (~0.1 us) are counted in.
+
+    Yields a derived round: mean, p50 and p99 per check over the checks made since
+    the last round (every step of the group before this one), and as ratio the mean
+    check over the mean round trip of the same get unchecked (row ``plain``).
+    """
+    samples = array("q")
+    admit = sup._admit
+
+    def timed(mod, pending):
+        t0 = pc()
+        try:
+            return admit(mod, pending)
+        finally:
+            samples.append(pc() - t0)
+
+    def round_(latest):
+        if not samples:
+            raise RuntimeError("no call was checked: did the agents' calls carry their caller?")
+        mean = sum(samples) / len(samples)
+        result = Result(mean / 1000, percentile(samples, 50), percentile(samples, 99),
+                        ratio=mean * latest[plain].rate / 1e9)
+        del samples[:]
+        return result
+
+    sup._admit = timed
+    try:
+        yield round_
+    finally:
+        del sup._admit
+
+
+def extra_cost(slow, fast):
+    """A derived round: the time ``slow`` takes over ``fast`` per request in the same
+    round, in us (mean; p50 likewise), and as ratio the extra over ``fast``'s mean."""
+
+    def round_(latest):
+        a, b = latest[slow], latest[fast]
+        extra_us = 1e6 / a.rate - 1e6 / b.rate
+        return Result(extra_us, a.p50 - b.p50, None, ratio=extra_us * b.rate / 1e6)
+
+    return contextlib.nullcontext(round_)
+
+
+# -- start-up ---------------------------------------------------------------------------
+
+
+def random_dag(n, seed):
+    """``n`` module names, each depending on 0 to 2 modules named before it, in a
+    shuffled order (the order in which the supervisor starts them): {name: deps}."""
+    rng = random.Random(seed)
+    names = [f"m{i:02d}" for i in range(n)]
+    deps = {name: rng.sample(names[:i], min(i, rng.randint(0, 2))) for i, name in enumerate(names)}
+    order = list(names)
+    rng.shuffle(order)
+    return {name: deps[name] for name in order}
+
+
+def dag_depth(deps):
+    """Modules on the longest dependency chain: loads along it run one after another."""
+    level = {}
+
+    def depth(name):
+        if name not in level:
+            level[name] = 1 + max((depth(d) for d in deps[name]), default=0)
+        return level[name]
+
+    return max(depth(name) for name in deps)
+
+
+@contextlib.contextmanager
+def startup(deps, starts, warmup):
+    """Rounds of ``starts`` supervisors of ``len(deps)`` modules (bench.py, whose
+    config_deps come from BENCH_DEPS), each in a new state directory: the time from
+    ``Supervisor.start()`` to its return, when every module is READY. Stops are not
+    timed. Rate: modules / median time."""
+    agents = {name: {"entry": AGENT, "env": {"BENCH_DEPS": ",".join(d)}} for name, d in deps.items()}
+
+    def once():
+        state_dir = tempfile.mkdtemp(prefix="cmbench-start-")
+        try:
+            timer = []
+            with own_supervisor(agents, state_dir, timer):
+                pass
+            return timer[0]
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    for _ in range(warmup):
+        once()
+
+    def round_():
+        times = [once() for _ in range(starts)]
+        median = statistics.median(times)
+        return Result(len(deps) * 1e9 / median, median, None, samples=times)
+
+    yield round_
+
+
+# -- save and load ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def save_rows(rows, saves):
+    """A supervisor of its own whose ``store`` module generates ``rows`` rows in its
+    persistent table; rounds of ``saves`` timed ``sup.save()`` calls (walk, encode,
+    atomic write with fsyncs). Rate: rows / median save time."""
+    state_dir = tempfile.mkdtemp(prefix="cmbench-save-")
+    try:
+        agents = {"store": {"entry": AGENT, "env": {"BENCH_ROWS": str(rows)}}}
+        with own_supervisor(agents, state_dir) as sup:
+
+            def once():
+                t0 = pc()
+                saved = sup.save()
+                elapsed = pc() - t0
+                if saved["rows"] != rows:
+                    raise RuntimeError(f"saved {saved['rows']} rows, expected {rows}")
+                return elapsed
+
+            once()  # warm up
+
+            def round_():
+                times = [once() for _ in range(saves)]
+                median = statistics.median(times)
+                return Result(rows * 1e9 / median, median, None, samples=times)
+
+            yield round_
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def load_rows(rows, loads):
+    """A config file holding ``rows`` saved rows of module ``store`` (made once: generate,
+    save, stop); rounds of ``loads`` fresh supervisors started on it, timed from
+    ``start()`` to READY, which replays every saved row into the agent. Rate: rows /
+    median time (it includes starting the worker process)."""
+    state_dir = tempfile.mkdtemp(prefix="cmbench-load-")
+    try:
+        with own_supervisor({"store": {"entry": AGENT, "env": {"BENCH_ROWS": str(rows)}}}, state_dir) as sup:
+            sup.save()
+        last_key = f"k{rows - 1:07d}"
+
+        def once():
+            timer = []
+            # BENCH_ROWS=0: had the rows not been loaded, the table would be empty.
+            with own_supervisor({"store": {"entry": AGENT, "env": {"BENCH_ROWS": "0"}}}, state_dir, timer) as sup:
+                with sup.connect("bench") as conn:
+                    conn.cursor().execute("get store.pkv", {"key": last_key})  # raises if it was not loaded
+            return timer[0]
+
+        once()  # warm up
+
+        def round_():
+            times = [once() for _ in range(loads)]
+            median = statistics.median(times)
+            return Result(rows * 1e9 / median, median, None, samples=times)
+
+        yield round_
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+# -- a peer: Ray ------------------------------------------------------------------------------
+
+
+def ray_available():
+    return importlib.util.find_spec("ray") is not None
+
+
+@contextlib.contextmanager
+def ray_calls(n, warmup, inflight):
+    """The bench agent's plain get through a Ray actor: rounds of ``n`` calls with up
+    to ``inflight`` outstanding (1: ``ray.get(actor.get.remote())`` back to back).
+    Starts Ray (2 CPUs, no dashboard) unless it runs already, and shuts it down."""
+    import ray
+
+    class KV:  # defined here so that Ray ships it by value to its worker
+        def __init__(self):
+            self.kv = {"k": "v"}
+
+        def get(self, key):
+            return {"key": key, "value": self.kv.get(key, "")}
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        actor = ray.remote(KV).remote()
+
+        def batch(count):
+            latencies = array("q")
+            pending = {}  # object ref -> when it was sent
+            sent = 0
+            t0 = pc()
+            while sent < count or pending:
+                while sent < count and len(pending) < inflight:
+                    pending[actor.get.remote("k")] = pc()
+                    sent += 1
+                if inflight == 1:
+                    done = list(pending)
+                    ray.get(done[0])
+                else:
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    ray.get(done)
+                now = pc()
+                for ref in done:
+                    latencies.append(now - pending.pop(ref))
+            return count * 1e9 / (pc() - t0), percentile(latencies, 50), percentile(latencies, 99)
+
+        batch(warmup)
+        yield lambda: batch(n)
+        ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()

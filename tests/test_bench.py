@@ -1,0 +1,68 @@
+"""Smoke test of the benchmark suite: `cmactor bench --quick` runs to the end and
+prints a row for every scenario. Speeds are not checked: they belong to perf/README.md."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The first words of every row of the table (perf/__init__.py, _groups).
+ROWS = [
+    "floor: one hop, 1 in flight",
+    "floor: two hops, 1 in flight",
+    "get, sequential (Cursor)",
+    "set, sequential (Cursor)",
+    "set, persistent table (Cursor)",
+    "journal cost per set",
+    "get, raw client process, 1 in flight",
+    "getnext walk, 10k rows",
+    "getnext walk, 100k rows",
+    "floor: two hops, 1 client x 32 in flight",
+    "floor: two hops, 4 clients x 32 in flight",
+    "async get, 4 client procs x 32 in flight",
+    "chain A(async)->B->C",
+    "chain A(async)->B->A",
+    "get from an agent, unchecked",
+    "get from an agent, checked",
+    "deadlock check (Supervisor._admit)",
+    "floor: forkserver Process start",
+    "restart after SIGKILL, to answering",
+    "restart after SIGKILL, 10k journaled rows",
+    "start 10 modules",
+    "start 50 modules",
+    "save 100k rows",
+    "load 100k rows",
+    "peer: Ray actor get",  # measured if Ray is installed, else a row saying it was skipped
+]
+
+
+# A row's rate and unit: "12,345  ops/s", "2.9  us/check", or "-  ops/s" when skipped.
+FIGURE = re.compile(r"\s(?P<rate>[\d,]+(?:\.\d+)?|-)\s+(?P<unit>[a-z]+/[a-z]+)(\s|$)")
+
+
+def bench_cmd():
+    script = os.path.join(os.path.dirname(sys.executable), "cmactor")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "cmsupervisor"]
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_prints_every_row():
+    result = subprocess.run(
+        bench_cmd() + ["bench", "--quick"], capture_output=True, text=True, timeout=280, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: ")
+    for name in ROWS:
+        rows = [line for line in lines if line.startswith(name)]
+        assert rows, f"no row for {name!r} in:\n{result.stdout}"
+        figure = FIGURE.search(rows[0][len(name) :])
+        assert figure, f"no rate and unit in {rows[0]!r}"
+        if figure["rate"] == "-":  # only a skipped peer comparison has no figure
+            assert name.startswith("peer: Ray") and "skipped: ray is not importable" in result.stdout, rows[0]
+    # The progress lines on stderr name the scenario that runs.
+    assert "perf: round 1/3: get, sequential (Cursor)" in result.stderr
