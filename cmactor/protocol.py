@@ -63,13 +63,12 @@ SAVED = 17  # [SAVED, sid, error_or_None, section_json_bytes, row_count]
 SLOT_SERIAL_SID = 0  # id of the last item the serial lane started
 SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
 SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
-SLOT_UNATTENDED = 3  # 1 while no thread reads the worker's socket: ring its doorbell for async work
 ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread
-SLOTS_SIZE = 4 + 2 * ASYNC_SLOTS
+SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS
 
 
 def async_slot(index):
-    return 4 + 2 * index
+    return 3 + 2 * index
 
 
 # Row errors a worker reports in detail after a load; the rest are counted.

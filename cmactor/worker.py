@@ -21,7 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import select
 import signal
 import sys
 import threading
@@ -100,7 +99,6 @@ class Runtime:
         self._mailbox = collections.deque()
         self._serial_busy = False
         self._reading = False
-        self._async_capable = False
         self._shared_pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=f"{module}-pool")
         self._methods = {}
         self.agent = None
@@ -138,10 +136,9 @@ class Runtime:
         thread cost 15-20% of the sequential get rate). Meanwhile nobody reads the
         socket, and only async requests need to be read then (serial work queues
         behind the action anyway, a call back into this module from its serial lane
-        is refused by the deadlock detector, STOP waits for in-flight requests). So
-        the reader marks the socket unattended in its progress slots; a supervisor
-        that sends async work to an unattended socket rings the doorbell, and the
-        idle lane thread takes over reading.
+        is refused by the deadlock detector, STOP waits for in-flight requests). So a
+        supervisor that sends async work while serial work of this worker is
+        unanswered rings the doorbell, and the idle lane thread takes over reading.
         """
         cv = self._cv
         while True:
@@ -155,7 +152,6 @@ class Runtime:
                     self._reading = True
                     reads = True
             if reads:
-                self._slots[P.SLOT_UNATTENDED] = 0
                 self._read_until_serial_work()  # returns holding the serial lane
             self._run_serial()
 
@@ -182,21 +178,10 @@ class Runtime:
                     _exit(0)
             with cv:
                 self._mailbox.extend(serial)
-                if not self._mailbox or self._serial_busy:
-                    continue
-            if self._async_capable:
-                # Unattended from now on. Set before looking for unread input, as the
-                # supervisor sends before looking at the flag: one of us sees the other.
-                self._slots[P.SLOT_UNATTENDED] = 1
-                if select.select([self._sock], [], [], 0)[0]:
-                    self._slots[P.SLOT_UNATTENDED] = 0
-                    continue  # read it first: it may be async work
-            with cv:
                 if self._mailbox and not self._serial_busy:
                     self._serial_busy = True
                     self._reading = False
                     return
-            self._slots[P.SLOT_UNATTENDED] = 0  # the other thread took the work: read on
 
     # -- registration (called from cmbackend) -----------------------------
 
@@ -210,7 +195,6 @@ class Runtime:
         # The pool's size lets the supervisor see a pool exhausted by calls into itself;
         # an Executor that does not say (not a ThreadPoolExecutor) is not checked.
         pool_size = getattr(agent.pool or self._shared_pool, "_max_workers", None)
-        self._async_capable = bool(async_actions)
         self.send([P.INIT, persistent, deps, async_actions, pool_size])
 
     def ready(self):

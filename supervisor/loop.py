@@ -157,11 +157,11 @@ class EventLoop:
 
     @staticmethod
     def _ring(mod):
-        """Async work went out: if no thread of the worker reads its socket now (a serial
-        action runs on the reading thread), ring its doorbell so another one does. The
-        flag is read after the send; the worker sets it before its last look for input."""
+        """Async work went out. A worker runs serial work on its reading thread, so while
+        any serial request of it is unanswered its socket may be unread: ring its
+        doorbell, and another thread reads (see cmactor/worker.py, Runtime._lane_loop)."""
         mod.ring = False
-        if mod.slots[P.SLOT_UNATTENDED]:
+        if mod.serial_sids:
             try:
                 mod.doorbell.send(b"!")
             except OSError:

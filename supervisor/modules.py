@@ -67,6 +67,7 @@ class Module:
         "journal",
         "doorbell",
         "ring",
+        "serial_sids",
     )
 
     def __init__(self, name, options, policy):
@@ -97,8 +98,9 @@ class Module:
         """A fresh worker: new sockets, slots and read state, nothing carried over from the last one."""
         self.process = process
         self.sock = sock
-        self.doorbell = doorbell  # rung when async work is sent while its socket is unattended
-        self.ring = False
+        self.doorbell = doorbell  # rung when async work is sent while serial work is unanswered
+        self.ring = False  # async work went into this turn's output
+        self.serial_sids = set()  # serial requests sent and not yet answered by this worker
         self.slots = slots  # the worker's progress slots (protocol.SLOT_*), in shared memory
         self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
         self.out = bytearray()

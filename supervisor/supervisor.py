@@ -349,7 +349,10 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         pending.dispatched_at = time.monotonic()
         if mod.async_actions:  # counted against the pool by the deadlock detector
             pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
-            mod.ring = mod.ring or pending.is_async
+        if pending.is_async:
+            mod.ring = True
+        else:
+            mod.serial_sids.add(sid)
         flags = P.F_NOTIFY if req.get("notify") else 0
         self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
         mod.inflight[sid] = pending
@@ -477,6 +480,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         kind = message[0]
         if kind == P.REPLY:
             _, sid, error, rows, more, dirty = message
+            mod.serial_sids.discard(sid)
             pending = mod.inflight.pop(sid, None)
             if pending is None:
                 return
