@@ -178,6 +178,15 @@ class EventLoop:
         else:
             self._writing.discard(item)
 
+    def _unwatch(self, item):
+        """Stop watching a client's or worker's socket, and close it."""
+        self._writing.discard(item)
+        try:
+            self._sel.unregister(item.sock)
+        except (KeyError, ValueError):
+            pass
+        item.sock.close()
+
     @staticmethod
     def _recv(sock):
         """Bytes from a non-blocking socket: None if none are ready yet, b"" at EOF or on error."""

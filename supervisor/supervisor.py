@@ -53,6 +53,10 @@ from .saving import Saving
 
 log = logging.getLogger("cmactor.supervisor")
 
+# Never fork from the supervisor: it has threads, and a fork of a threaded process
+# can deadlock. The fork server is a single-threaded process forked once, early.
+START_METHOD = "forkserver"
+
 _running = weakref.WeakSet()
 
 
@@ -148,7 +152,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         os.makedirs(os.path.dirname(server.socket_pointer(self.state_dir)), mode=0o700, exist_ok=True)
         with open(server.socket_pointer(self.state_dir), "w") as f:
             f.write(self.socket_path)
-        self._mp = multiprocessing.get_context("forkserver")
+        self._mp = multiprocessing.get_context(START_METHOD)
         # Preloaded in the fork server, so a worker (and a restart) starts with the
         # runtime already imported: a fork, not a fresh interpreter.
         self._mp.set_forkserver_preload(["cmactor.worker"])
@@ -263,12 +267,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             return
         client.closed = True
         self._clients.discard(client)
-        self._writing.discard(client)
-        try:
-            self._sel.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
-        client.sock.close()
+        self._unwatch(client)
 
     def _read_client(self, client):
         data = self._recv(client.sock)
@@ -467,12 +466,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             mod.doorbell = None
         if mod.sock is None:
             return
-        self._writing.discard(mod)
-        try:
-            self._sel.unregister(mod.sock)
-        except (KeyError, ValueError):
-            pass
-        mod.sock.close()
+        self._unwatch(mod)
         mod.sock = None
         mod.out.clear()
 
