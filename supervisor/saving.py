@@ -108,7 +108,12 @@ class Saving:
             return
         self._sections = job.sections
         for name in job.saved:  # now in the config file
-            self.modules[name].journal.drop_first(job.journaled[name])
+            try:
+                self.modules[name].journal.drop_first(job.journaled[name])
+            except OSError as exc:
+                # The save stands; the journal keeps records the file now holds too,
+                # which a restart replays again on top of the same rows.
+                log.error("module %s: could not truncate its journal after the save: %s", name, exc)
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
         self._end_save(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
 
