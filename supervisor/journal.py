@@ -47,8 +47,7 @@ class Journal:
         return self.records
 
     def append(self, op, table, params):
-        data = json.dumps([op, table, params], separators=(",", ":"), ensure_ascii=False).encode()
-        self._file.write(b"%08x " % zlib.crc32(data) + data + b"\n")
+        self._file.write(_encode(op, table, params))
         self.records.append([op, table, params])
         self._pending = True
 
@@ -64,22 +63,26 @@ class Journal:
     def drop_first(self, count):
         """Forget the first ``count`` records (now in the config file); keep the rest on disk."""
         rest = self.records[count:]
-        self._file.close()
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:  # a failure here leaves the journal as it was
             for op, table, params in rest:
-                data = json.dumps([op, table, params], separators=(",", ":"), ensure_ascii=False).encode()
-                f.write(b"%08x " % zlib.crc32(data) + data + b"\n")
+                f.write(_encode(op, table, params))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self.records = rest
+        self._file.close()
         self._file = open(self.path, "ab")
+        self.records = rest
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _encode(op, table, params):
+    data = json.dumps([op, table, params], separators=(",", ":"), ensure_ascii=False).encode()
+    return b"%08x " % zlib.crc32(data) + data + b"\n"
 
 
 def read(path):
