@@ -109,6 +109,8 @@ class Client:
 def _str_map(rid, name, value, allow_null=False):
     if value is None:
         return {}
+    if type(value) is dict and all(type(v) is str for v in value.values()):
+        return value  # the common case; keys are str already (frames decode with strict_map_key)
     if not isinstance(value, dict):
         raise BadRequest(rid, ProgrammingError, f"'{name}' must be a map of str to str, got {type(value).__name__}")
     for key, item in value.items():
@@ -117,6 +119,9 @@ def _str_map(rid, name, value, allow_null=False):
         if not (isinstance(item, str) or (allow_null and item is None)):
             raise BadRequest(rid, ProgrammingError, f"'{name}.{key}' must be a str, got {type(item).__name__}")
     return value
+
+
+_good_names = set()  # module and table names that passed NAME_RE
 
 
 def parse_request(msg):
@@ -139,8 +144,11 @@ def parse_request(msg):
         return msg
     for key in ("module", "table"):
         value = msg.get(key)
-        if not isinstance(value, str) or not P.NAME_RE.match(value):
-            raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
+        if type(value) is not str or value not in _good_names:
+            if not isinstance(value, str) or not P.NAME_RE.match(value):
+                raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
+            if len(_good_names) < 10000:  # a cache, bounded against clients inventing names
+                _good_names.add(value)
     msg["params"] = _str_map(rid, "params", msg.get("params"))
     msg["after"] = _str_map(rid, "after", msg.get("after"), allow_null=True) or None
     vr = msg.get("vr")

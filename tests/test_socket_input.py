@@ -115,6 +115,7 @@ def test_client_vanishing_mid_request_harms_nobody(sup):
         ({"id": 5, "op": "explode"}, "ProgrammingError", "unknown op 'explode'"),
         ({"id": 5, "op": "get", "module": "echo"}, "ProgrammingError", "get: bad table name None"),
         ({"id": 5, "op": "get", "module": "__class__", "table": "kv"}, "ProgrammingError", "bad module name"),
+        ({"id": 5, "op": "get", "module": ["echo"], "table": "kv"}, "ProgrammingError", "bad module name ['echo']"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}}, "ProgrammingError", "'params.key' must be a str, got int"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": [1]}, "ProgrammingError", "'params' must be a map"),
         ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0}, "ProgrammingError", "'batch' must be an integer"),
