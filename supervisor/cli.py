@@ -20,7 +20,7 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, StartupError
 
 from .config import load_toml
-from .server import socket_pointer
+from .server import default_socket_path, socket_pointer
 
 DATA_COMMANDS = ("get", "getone", "getnext", "set", "setop")
 STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
@@ -33,18 +33,20 @@ class CliError(Exception):
 def resolve_socket(args):
     if args.socket:
         return args.socket
-    config = args.config or ("cmactor.toml" if not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml") else None)
-    if config:
-        options, _, base_dir = load_toml(config)
-        state_dir = os.path.join(base_dir, options["state_dir"])
-        if options["socket"]:
-            return os.path.join(base_dir, options["socket"])
-        try:
-            with open(socket_pointer(state_dir)) as f:
-                return f.read().strip()
-        except OSError:
-            return os.path.join(state_dir, "run", "cm.sock")
-    return cmfrontend.default_socket()
+    config = args.config
+    if config is None and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
+        config = "cmactor.toml"
+    if config is None:
+        return cmfrontend.default_socket()
+    options, _, base_dir = load_toml(config)
+    if options["socket"]:
+        return os.path.join(base_dir, options["socket"])
+    state_dir = os.path.join(base_dir, options["state_dir"])
+    try:  # the path it bound, which differs from the default when that is too long
+        with open(socket_pointer(state_dir)) as f:
+            return f.read().strip()
+    except OSError:
+        return default_socket_path(state_dir)
 
 
 def parse_params(pairs):

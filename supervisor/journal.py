@@ -52,13 +52,11 @@ class Journal:
         self._pending = True
 
     def sync(self):
-        """Make every appended record durable; True if there was something to sync."""
-        if not self._pending:
-            return False
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._pending = False
-        return True
+        """Make every appended record durable."""
+        if self._pending:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._pending = False
 
     def drop_first(self, count):
         """Forget the first ``count`` records (now in the config file); keep the rest on disk."""

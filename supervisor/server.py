@@ -20,6 +20,11 @@ MAX_SOCKET_PATH = 107
 _PEERCRED = struct.Struct("3i")
 
 
+def default_socket_path(state_dir):
+    """Where a supervisor listens unless [supervisor] socket says otherwise."""
+    return os.path.join(state_dir, "run", "cm.sock")
+
+
 def socket_pointer(state_dir):
     """File in which a running supervisor records the socket path it bound, for clients."""
     return os.path.join(state_dir, "run", "socket.path")
@@ -83,15 +88,14 @@ def peer_uid(sock):
 class Client:
     """One connected frontend: its socket, read state and pending output."""
 
-    __slots__ = ("sock", "reader", "out", "closed", "closing", "uid")
+    __slots__ = ("sock", "reader", "out", "closed", "closing")
 
-    def __init__(self, sock, uid, max_frame):
+    def __init__(self, sock, max_frame):
         self.sock = sock
         self.reader = P.FrameReader(max_frame)
         self.out = bytearray()
         self.closed = False
         self.closing = False  # answered with a stream error: drop once flushed
-        self.uid = uid
 
     def send(self, message):
         if not self.closed:

@@ -97,7 +97,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         self._thread = None
         self._finished = threading.Event()
         self._start_done = threading.Event()
-        self._reset_loop_state()
+        self._init_loop_state()
 
     @classmethod
     def from_toml(cls, path, **overrides):
@@ -106,7 +106,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         options.update(overrides)
         return cls(agents, base_dir=base_dir, **options)
 
-    def _reset_loop_state(self):
+    def _init_loop_state(self):
         self._sel = None
         self._listener = None
         self._private_dir = None
@@ -143,11 +143,13 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         for mod in self.modules.values():
             mod.journal = Journal(os.path.join(journal_dir, f"{mod.name}.jsonl"))
             mod.journal.open(self.recover)
-        path = self.options["socket"] or os.path.join(self.state_dir, "run", "cm.sock")
+        path = self.options["socket"] or server.default_socket_path(self.state_dir)
         path = os.path.abspath(os.path.join(self.base_dir, path))
         try:
             self._listener, self.socket_path, self._private_dir = server.listen(path)
         except OSError as exc:
+            for mod in self.modules.values():
+                mod.journal.close()
             raise StartupError(f"cannot listen on {path}: {exc}") from None
         os.makedirs(os.path.dirname(server.socket_pointer(self.state_dir)), mode=0o700, exist_ok=True)
         with open(server.socket_pointer(self.state_dir), "w") as f:
@@ -252,7 +254,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
                 return
             sock.setblocking(False)
             uid = server.peer_uid(sock)
-            client = server.Client(sock, uid, self.options["max_frame"])
+            client = server.Client(sock, self.options["max_frame"])
             self._clients.add(client)
             self._sel.register(sock, selectors.EVENT_READ, (CLIENT, client))
             if uid is not None and uid != os.getuid() and uid not in self.options["allowed_uids"]:
@@ -645,8 +647,8 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         self._save_waiters = []
         for mod in self.modules.values():
             self._fail_held(mod)
-            if mod.process is None:
-                mod.state = STOPPED if mod.state != FAILED else FAILED
+            if mod.process is None and mod.state != FAILED:
+                mod.state = STOPPED
         self._after(self.options["stop_timeout"], self._kill_remaining)
         self._continue_stop()
 

@@ -49,6 +49,22 @@ def no_leftover_processes():
         pytest.fail(f"test left processes behind: {described}")
 
 
+def wait_for(predicate, timeout=10, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def kv_rows(cur, module="echo"):
+    """Every row of an echo module's kv table, by key."""
+    cur.execute(f"getnext {module}.kv")
+    return dict(cur.fetchall())
+
+
 def agent(entry):
     """Entry of a test agent file: agent("echo.py:main")."""
     return os.path.join(AGENTS, entry)

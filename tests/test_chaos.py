@@ -12,8 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import agent
-from test_lifecycle import wait_for
+from conftest import agent, wait_for
 
 import cmactor
 

@@ -3,9 +3,9 @@
 import threading
 
 import pytest
+from conftest import agent
 
 import cmactor
-from conftest import agent
 
 ECHO = agent("echo.py:main")
 

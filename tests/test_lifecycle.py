@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from conftest import agent
+from conftest import agent, wait_for
 
 import cmactor
 
@@ -17,14 +17,6 @@ def echo_with_deps(*deps):
     return {"entry": ECHO, "env": {"ECHO_DEPS": ",".join(deps)}}
 
 
-def wait_for(predicate, timeout=10, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def test_context_manager_starts_all_ready_and_stops_every_process(tmp_path):

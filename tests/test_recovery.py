@@ -8,17 +8,11 @@ import time
 
 import psutil
 import pytest
-from conftest import agent
-from test_lifecycle import wait_for
+from conftest import agent, kv_rows, wait_for
 
 import cmactor
 
 ECHO = agent("echo.py:main")
-
-
-def keys(cur, module="echo"):
-    cur.execute(f"getnext {module}.kv")
-    return dict(cur.fetchall())
 
 
 def kill_and_wait_ready(sup, name="echo", sig=signal.SIGKILL):
@@ -40,7 +34,7 @@ def test_sigkill_with_unsaved_sets_comes_back_with_all_of_them(supervisor):
     cur.execute("set echo.kv", {"key": "clean", "value": "x", "clean": 1})  # dirty False: not journaled
     status = kill_and_wait_ready(sup)
     assert status["unsaved"] is True  # as it was before the crash
-    got = keys(cur)
+    got = kv_rows(cur)
     assert got["saved"] == "changed" and all(got[f"k{i:02}"] == str(i) for i in range(50))
     assert "clean" not in got
     names = [n for n in cur.execute("get echo.events") and cur.fetchone()[0].split(",")]
@@ -75,7 +69,7 @@ def test_big_saved_config_and_journal_load_after_a_restart(supervisor, tmp_path)
     raw.close()
     status = kill_and_wait_ready(sup)
     assert status["unsaved"] is True
-    got = keys(sup.connect().cursor())
+    got = kv_rows(sup.connect().cursor())
     assert len(got) == 30001 and got["journaled09999"] == "x" * 20
 
 
@@ -90,7 +84,8 @@ def test_save_folds_the_journal_into_the_config_file(supervisor):
     sup.save()
     assert os.path.getsize(journal) == 0
     cur.execute("set echo.kv", {"key": "after", "value": "save"})
-    got = keys(cur) if kill_and_wait_ready(sup) else None
+    kill_and_wait_ready(sup)
+    got = kv_rows(cur)
     assert got["after"] == "save" and got["k4"] == "4"
 
 
@@ -117,13 +112,13 @@ def test_a_fresh_start_loads_saved_config_only_and_recover_replays_the_journal(s
     with open(journal, "ab") as f:
         f.write(b"0badc0de [\"set\",\"kv\",{\"key\":\"to")  # torn: the supervisor died mid-write
     recovered = supervisor({"echo": ECHO}, state_dir=state, recover=True)
-    got = keys(recovered.connect().cursor())
+    got = kv_rows(recovered.connect().cursor())
     assert {k: got[k] for k in ("saved", "j1", "j2", "j3")} == {"saved": "1", "j1": "j1", "j2": "j2", "j3": "j3"}
     assert not any(k.startswith("to") for k in got)
     assert recovered.status()["echo"]["unsaved"] is True
     recovered.stop()
     fresh = supervisor({"echo": ECHO}, state_dir=state)
-    assert sorted(keys(fresh.connect().cursor())) == ["default", "saved"]
+    assert sorted(kv_rows(fresh.connect().cursor())) == ["default", "saved"]
     assert (state / "journal" / "echo.jsonl.old").exists()
 
 
@@ -197,7 +192,7 @@ def test_an_infinite_loop_times_out_then_the_worker_is_restarted(supervisor):
     assert 0.4 < time.monotonic() - start < 5
     status = wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s["restarts"] == 1 and s)
     assert "stuck in one action for more than hang_timeout=1.5s" in status["last_exit"]
-    assert keys(cur)["kept"] == "1"
+    assert kv_rows(cur)["kept"] == "1"
     cur.execute("get other.kv", {"key": "default"})
 
 

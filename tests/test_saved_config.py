@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import agent
-from test_lifecycle import wait_for
+from conftest import agent, kv_rows, wait_for
 
 import cmactor
 
@@ -24,11 +23,6 @@ def events(cur, module):
     cur.execute(f"get {module}.events")
     row = dict(zip([d[0] for d in cur.description], cur.fetchone()))
     return row["events"].split(","), [float(t) for t in row["times"].split(",")]
-
-
-def keys(cur, module):
-    cur.execute(f"getnext {module}.kv")
-    return [(k, v) for k, v in cur]
 
 
 def test_fresh_state_dir_generates_defaults(supervisor):
@@ -65,7 +59,7 @@ def test_save_stop_start_replays_the_rows_in_saved_order(supervisor, tmp_path):
         "event_load_complete",
         "ready",
     ]
-    assert keys(cur, "echo") == [("a", "v-a"), ("c", "v-c"), ("default", "yes"), ("m", "v-m"), ("x", "v-x")]
+    assert list(kv_rows(cur).items()) == [("a", "v-a"), ("c", "v-c"), ("default", "yes"), ("m", "v-m"), ("x", "v-x")]
     assert events(cur, "other")[0][:3] == ["event_load_start", "load:default", "event_load_complete"]
     assert again.status()["echo"]["unsaved"] is False  # rows loaded from the file leave it clean
 
@@ -79,7 +73,7 @@ def test_unsaved_changes_are_not_loaded_by_a_fresh_start(supervisor, tmp_path):
     cur.execute("set echo.kv", {"key": "unsaved", "value": "1"})
     sup.stop()
     again = supervisor({"echo": ECHO}, state_dir=state)
-    assert [k for k, _ in keys(again.connect().cursor(), "echo")] == ["default", "saved"]
+    assert list(kv_rows(again.connect().cursor())) == ["default", "saved"]
 
 
 def test_the_file_has_format_version_time_modules_and_checksum(supervisor):
@@ -165,7 +159,7 @@ def test_a_module_not_ready_keeps_its_last_saved_rows(supervisor, tmp_path):
     assert sup.save()["modules"] == ["other"]
     sup.stop()
     again = supervisor({"echo": ECHO, "other": ECHO}, state_dir=state)
-    assert ("keep", "me") in keys(again.connect().cursor(), "echo")
+    assert ("keep", "me") in kv_rows(again.connect().cursor()).items()
 
 
 def test_a_restarted_module_comes_back_with_its_saved_config(supervisor):
@@ -175,7 +169,7 @@ def test_a_restarted_module_comes_back_with_its_saved_config(supervisor):
     sup.save()
     os.kill(sup.status()["echo"]["pid"], signal.SIGKILL)
     wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s["restarts"] == 1)
-    assert ("saved", "1") in keys(cur, "echo")
+    assert ("saved", "1") in kv_rows(cur).items()
 
 
 def corrupt_checksum(path):
@@ -231,7 +225,7 @@ def test_a_corrupt_config_file_is_refused_by_name(supervisor, tmp_path, corrupt,
         path.write_bytes(b"garbage")
         aside_before = b"garbage"
     started = supervisor({"echo": ECHO}, state_dir=state, ignore_config=True)
-    assert [k for k, _ in keys(started.connect().cursor(), "echo")] == ["default"]
+    assert list(kv_rows(started.connect().cursor())) == ["default"]
     [aside] = [p for p in state.iterdir() if p.name.startswith("config.jsonl.bad-")]
     assert aside.read_bytes() == aside_before
 
@@ -271,7 +265,7 @@ def test_a_row_that_fails_to_load_is_reported_and_the_load_goes_on(supervisor, t
     status = again.status()["echo"]
     assert status["state"] == "READY" and status["load_errors"] == 1
     assert "1 saved rows did not load; first: table kv: ValueError: cannot load this row" in status["error"]
-    assert [k for k, _ in keys(again.connect().cursor(), "echo")] == ["a", "c", "default"]
+    assert list(kv_rows(again.connect().cursor())) == ["a", "c", "default"]
     logged = [r.getMessage() for r in caplog.records if "did not load" in r.getMessage()]
     assert any("module echo: saved row of table kv did not load: ValueError: cannot load this row" in m and "'b'" in m for m in logged)
 
