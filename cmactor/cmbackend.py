@@ -42,28 +42,41 @@ class ActionStopped(BaseException):
 class CmContext:
     """Context of one request to an agent; a new one is passed to each action call."""
 
+    # Defaults on the class: __init__ sets only what differs, since it runs for every
+    # request before the reply can go out.
+    vr_name = None
+    is_async = False
+    is_save = False
+    is_load = False
+    _more = False
+    _notify = None
+
     def __init__(
         self,
         params=None,
         vr_name=None,
-        *,
         op="get",
+        *,
         is_async=False,
         is_save=False,
         is_load=False,
         notify: Callable[[str], None] | None = None,
     ):
-        self.params = dict(params or {})
+        self.params = dict(params) if params else {}
         self.fields = {}
-        self.dirty = op in ("set", "setop")
-        self.is_async = is_async
-        self.is_save = is_save
-        self.is_load = is_load
-        self.is_getone = op in ("get", "getone")
+        self.dirty = op == "set" or op == "setop"
+        self.is_getone = op == "get" or op == "getone"
         self.is_getnext = op == "getnext"
-        self.vr_name = vr_name
-        self._more = False
-        self._notify = notify
+        if vr_name is not None:
+            self.vr_name = vr_name
+        if is_async:
+            self.is_async = True
+        if is_save:
+            self.is_save = True
+        if is_load:
+            self.is_load = True
+        if notify is not None:
+            self._notify = notify
 
     def more(self):
         """Tell the client there is another row after this one (getnext only)."""

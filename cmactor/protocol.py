@@ -48,7 +48,7 @@ SAVE = 4  # [SAVE, sid, tables]
 # worker -> supervisor
 INIT = 10  # [INIT, persistent_list, config_deps, async_actions, pool_size_or_None]
 READY = 11  # [READY]
-REPLY = 12  # [REPLY, sid, error_or_None, rows, more, dirty]
+REPLY = 12  # [REPLY, sid, error_or_None, reply_entries_or_None, dirty] (reply_entries below)
 NOTIFY = 13  # [NOTIFY, sid, text]
 LOG = 14  # [LOG, levelno, logger_name, text]
 FATAL = 15  # [FATAL, message, traceback]
@@ -80,6 +80,24 @@ SAVE_MAX_ROWS = 10_000_000
 F_NOTIFY = 1  # the client wants notify_cli text
 
 
+def reply_entries(rows, more):
+    """A worker's success reply, encoded once in the worker, in the frontend's format:
+    the "ok", "rows" and "more" entries of the client's reply map, without the map's
+    header. The supervisor only adds the request id (reply_frame) and never decodes
+    or re-encodes the rows: a getnext batch of 1000 rows crosses it as one bytes copy."""
+    return _packer().pack({"ok": True, "rows": rows, "more": more})[1:]  # [0] is the fixmap header
+
+
+# A fixmap of 4 entries, then the key "id": reply_entries() brings the other 3.
+_REPLY_HEAD = b"\x84\xa2id"
+
+
+def reply_frame(rid, entries):
+    """The frame {"id": rid, "ok": True, "rows": ..., "more": ...} from reply_entries()."""
+    head = _REPLY_HEAD + _packer().pack(rid)
+    return HEADER.pack(len(head) + len(entries)) + head + entries
+
+
 class FrameError(Exception):
     """The byte stream is not a valid sequence of frames; the stream cannot be resynced."""
 
@@ -87,14 +105,18 @@ class FrameError(Exception):
 _packers = threading.local()
 
 
-def pack(obj):
-    """One frame: length header + msgpack body."""
+def _packer():
     # One Packer per thread, reused: msgpack.packb() builds a new one on every call.
     try:
-        packer = _packers.packer
+        return _packers.packer
     except AttributeError:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-    body = packer.pack(obj)
+        return packer
+
+
+def pack(obj):
+    """One frame: length header + msgpack body."""
+    body = _packer().pack(obj)
     return HEADER.pack(len(body)) + body
 
 

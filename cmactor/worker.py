@@ -34,6 +34,8 @@ from .errors import DatabaseError, DataError, ProgrammingError, to_wire
 
 log = logging.getLogger("cmactor.worker")
 
+SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
+
 
 class _FieldError(Exception):
     """The agent put something in ctx.fields that cannot cross the wire."""
@@ -153,9 +155,12 @@ class Runtime:
         self._slots_used = 0
         self._send_lock = threading.Lock()
         self._stream = P.FrameReader(max_frame=None)  # the supervisor is trusted
-        # The lanes' shared state, under _cv: serial work in arrival order, whether
-        # a thread is running it, whether a thread is reading the socket.
-        self._cv = threading.Condition()
+        # The lanes' shared state, under _lane_lock: serial work in arrival order,
+        # whether a thread is running it, whether a thread is reading the socket.
+        # The lock is taken bare where nobody need be woken (a plain Lock: cheaper
+        # than the Condition's default RLock, and than entering the Condition).
+        self._lane_lock = threading.Lock()
+        self._cv = threading.Condition(self._lane_lock)
         self._mailbox = collections.deque()
         self._serial_busy = False
         self._reading = False
@@ -207,17 +212,24 @@ class Runtime:
                     cv.wait()
                 if self._mailbox and not self._serial_busy:
                     self._serial_busy = True
-                    reads = False
+                    item = self._mailbox.popleft()
                 else:
                     self._reading = True
-                    reads = True
-            if reads:
-                self._read_until_serial_work()  # returns holding the serial lane
-            self._run_serial()
+                    item = None
+            # This thread's turn: read, run what it read, read again unless the
+            # other lane thread took over the socket meanwhile.
+            while True:
+                if item is None:
+                    item = self._read_until_serial_work()
+                if not self._run_serial(item):
+                    break
+                item = None
 
     def _read_until_serial_work(self):
-        """Read and route until there is serial work for this thread to run; return holding the serial lane."""
-        cv = self._cv
+        """Read and route until there is serial work for this thread to run.
+
+        Returns the first item, holding the serial lane; the rest goes to the mailbox.
+        """
         while True:
             try:
                 data = self._sock.recv(P.READ_SIZE)
@@ -236,12 +248,14 @@ class Runtime:
                     serial.append(msg)
                 elif kind == P.STOP:
                     _exit(0)
-            with cv:
-                self._mailbox.extend(serial)
-                if self._mailbox and not self._serial_busy:
-                    self._serial_busy = True
-                    self._reading = False
-                    return
+            if serial:
+                with self._lane_lock:
+                    if not self._serial_busy:  # then the mailbox is empty: only a lane holder drains it
+                        self._serial_busy = True
+                        self._reading = False
+                        self._mailbox.extend(serial[1:])
+                        return serial[0]
+                    self._mailbox.extend(serial)
 
     # -- registration (called from cmbackend) -----------------------------
 
@@ -262,15 +276,18 @@ class Runtime:
 
     # -- dispatch ----------------------------------------------------------
 
-    def _method(self, table, op):
-        key = (table, op)
-        found = self._methods.get(key)
-        if found is None:
-            name = f"{table}_{P.ACTION_SUFFIX[op]}"
-            method = getattr(self.agent, name, None)
-            if not callable(method):
-                raise LookupError(self._missing(table, op, name))
-            found = self._methods[key] = (method, bool(getattr(method, "_cmactor_async", False)))
+    def _lookup(self, msg):
+        """(method, is_async) for a request, found once per table and op; None after replying an error."""
+        sid, op, table = msg[1], msg[2], msg[3]
+        if self.agent is None:
+            self._reply_error(sid, ProgrammingError, f"module {self.module!r} has not called cmbackend_init()")
+            return None
+        name = f"{table}_{P.ACTION_SUFFIX[op]}"
+        method = getattr(self.agent, name, None)
+        if not callable(method):
+            self._reply_error(sid, ProgrammingError, self._missing(table, op, name))
+            return None
+        found = self._methods[(table, op)] = (method, bool(getattr(method, "_cmactor_async", False)))
         return found
 
     def _missing(self, table, op, name):
@@ -291,42 +308,45 @@ class Runtime:
 
     def _route(self, msg):
         """Hand an async request to the pool, or return (msg, method) for the mailbox."""
-        if self.agent is None:
-            self._reply_error(msg[1], ProgrammingError, f"module {self.module!r} has not called cmbackend_init()")
+        found = self._methods.get((msg[3], msg[2])) or self._lookup(msg)
+        if found is None:
             return None
-        try:
-            method, is_async = self._method(msg[3], msg[2])
-        except LookupError as exc:
-            self._reply_error(msg[1], ProgrammingError, str(exc))
-            return None
+        method, is_async = found
         if is_async:
             pool = self.agent.pool or self._shared_pool
             pool.submit(self._run_async, msg, method)
             return None
         return (msg, method)
 
-    def _run_serial(self):
-        """Run the mailbox in order while this thread holds the serial lane; then release it."""
+    def _run_serial(self, item):
+        """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
+
+        Returns True if this thread should read the socket next (nobody else does).
+        """
         slots = self._slots
-        cv = self._cv
         while True:
-            with cv:
-                if not self._mailbox:
-                    self._serial_busy = False
-                    return
-                item = self._mailbox.popleft()
-            if isinstance(item, tuple):  # a request: (REQ message, method)
-                slots[P.SLOT_SERIAL_SID] = item[0][1]
-                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-                self._execute(item[0], item[1], False)
+            if type(item) is tuple:  # a request: (REQ message, method)
+                msg = item[0]
+                slots[SLOT_SERIAL_SID] = msg[1]
+                slots[SLOT_SERIAL_START] = time.monotonic_ns()
+                self._execute(msg, item[1], False)
             else:  # a LOAD or SAVE message
-                slots[P.SLOT_SERIAL_SID] = item[1]
-                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+                slots[SLOT_SERIAL_SID] = item[1]
+                slots[SLOT_SERIAL_START] = time.monotonic_ns()
                 if item[0] == P.LOAD:
                     self._run_load(*item[1:])
                 else:
                     self._run_save(*item[1:])
-            slots[P.SLOT_SERIAL_START] = 0
+            slots[SLOT_SERIAL_START] = 0
+            with self._lane_lock:
+                if self._mailbox:
+                    item = self._mailbox.popleft()
+                    continue
+                self._serial_busy = False
+                if self._reading:
+                    return False
+                self._reading = True
+                return True
 
     def _async_slot(self):
         """This pool thread's slot index, taken on first use; None when all are taken."""
@@ -352,7 +372,7 @@ class Runtime:
         self._slots[base] = 0
 
     def _reply_error(self, sid, exc_type, message):
-        self.send([P.REPLY, sid, to_wire(exc_type, message), [], False, False])
+        self.send([P.REPLY, sid, to_wire(exc_type, message), None, False])
 
     # -- running agent code ---------------------------------------------------
 
@@ -456,33 +476,37 @@ class Runtime:
             def notify(text):
                 self.send([P.NOTIFY, sid, text])
 
-        cmbackend._current.caller = (self.module, "async" if is_async else "serial", sid)
+        current = cmbackend._current
+        current.caller = (self.module, "async" if is_async else "serial", sid)
         try:
             if op == "getnext":
                 rows, more = self._walk(method, params, vr, batch, after, is_async=is_async, notify=notify)
                 dirty = False
             else:
-                ctx = CmContext(params, vr, op=op, is_async=is_async, notify=notify)
+                ctx = CmContext(params, vr, op, is_async=is_async, notify=notify)
                 method(ctx)
                 row = _row(ctx.fields)
                 rows = [row] if row else []
                 more = False
                 dirty = bool(ctx.dirty)
-            reply = [P.REPLY, sid, None, rows, more, dirty]
+            reply = [P.REPLY, sid, None, P.reply_entries(rows, more), dirty]
         except ActionStopped as stop:
-            reply = [P.REPLY, sid, to_wire(DatabaseError, stop.message), [], False, False]
+            reply = [P.REPLY, sid, to_wire(DatabaseError, stop.message), None, False]
         except _FieldError as exc:
             error = to_wire(DataError, f"module {self.module!r} {table}_{P.ACTION_SUFFIX[op]} replied badly: {exc}")
-            reply = [P.REPLY, sid, error, [], False, False]
+            reply = [P.REPLY, sid, error, None, False]
         except BaseException as exc:
             log.error(
                 "module %s: %s %s.%s raised\n%s", self.module, op, self.module, table, traceback.format_exc().rstrip()
             )
             error = to_wire(DatabaseError, f"{op} {self.module}.{table} raised {type(exc).__name__}: {exc}")
-            reply = [P.REPLY, sid, error, [], False, False]
+            reply = [P.REPLY, sid, error, None, False]
+        # The reply goes out before any tidying: the client waits for it, and work
+        # done after a send overlaps with the supervisor's (perf/README.md).
+        try:
+            self.send(reply)
         finally:
-            cmbackend._current.caller = None
-        self.send(reply)
+            current.caller = None
 
     @staticmethod
     def _walk(method, params, vr, batch, after, **flags):

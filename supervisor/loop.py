@@ -66,12 +66,11 @@ class EventLoop:
                             self._run_calls()
                     except Exception:
                         log.exception("internal error handling %s; the supervisor carries on", key.data)
+                self._send_output()
+                # Timers after the turn's output: replies are not kept waiting for them.
                 if self._timers and self._timers[0][0] <= time.monotonic():
                     self._run_timers()
-                if self._journals_to_sync:
-                    self._sync_journals()  # before the replies that depend on them go out
-                if self._dirty:
-                    self._flush()
+                    self._send_output()
                 self._audit.flush()
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
@@ -120,6 +119,12 @@ class EventLoop:
                 log.exception("internal error in timer %s", fn.__name__)
 
     # -- output -----------------------------------------------------------
+
+    def _send_output(self):
+        if self._journals_to_sync:
+            self._sync_journals()  # before the replies that depend on them go out
+        if self._dirty:
+            self._flush()
 
     def _to_client(self, client, message):
         if not client.closed:

@@ -113,8 +113,12 @@ class Client:
 def _str_map(rid, name, value, allow_null=False):
     if value is None:
         return {}
-    if type(value) is dict and all(type(v) is str for v in value.values()):
-        return value  # the common case; keys are str already (frames decode with strict_map_key)
+    if type(value) is dict:
+        for item in value.values():
+            if type(item) is not str:
+                break
+        else:
+            return value  # the common case; keys are str already (frames decode with strict_map_key)
     if not isinstance(value, dict):
         raise BadRequest(rid, ProgrammingError, f"'{name}' must be a map of str to str, got {type(value).__name__}")
     for key, item in value.items():
@@ -128,50 +132,66 @@ def _str_map(rid, name, value, allow_null=False):
 _good_names = set()  # module and table names that passed NAME_RE
 
 
+def _name(rid, op, key, value):
+    if type(value) is not str or value not in _good_names:
+        if not isinstance(value, str) or not P.NAME_RE.match(value):
+            raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
+        if len(_good_names) < 10000:  # a cache, bounded against clients inventing names
+            _good_names.add(value)
+    return value
+
+
+# Keys of a data request that have no default, or whose default needs no check.
+_PLAIN_KEYS = frozenset(("id", "op", "module", "table", "params", "user", "vr", "notify"))
+
+
 def parse_request(msg):
-    """Check one decoded frame and return it as a request map, or raise BadRequest."""
-    if not isinstance(msg, dict):
+    """Check one decoded frame and return it as a request map, or raise BadRequest.
+
+    A data request comes back with ``params`` (a dict), ``after`` (a dict or None)
+    and ``batch`` filled in.
+    """
+    if type(msg) is not dict:
         raise BadRequest(None, ProgrammingError, f"a request must be a msgpack map, got {type(msg).__name__}")
     rid = msg.get("id")
-    if not isinstance(rid, int) or isinstance(rid, bool):
+    if type(rid) is not int:
         raise BadRequest(None, ProgrammingError, f"request 'id' must be an integer, got {rid!r}")
     op = msg.get("op")
     if op not in P.DATA_OPS and op not in P.CONTROL_OPS:
         known = ", ".join(P.DATA_OPS + P.CONTROL_OPS)
         raise BadRequest(rid, ProgrammingError, f"unknown op {op!r}; known ops: {known}")
     user = msg.get("user", "")
-    if not isinstance(user, str):
+    if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
-    if op == "restart" and not (isinstance(msg.get("module"), str) and P.NAME_RE.match(msg["module"])):
-        raise BadRequest(rid, ProgrammingError, f"restart: bad module name {msg.get('module')!r}")
     if op not in P.DATA_OPS:
+        if op == "restart" and not (isinstance(msg.get("module"), str) and P.NAME_RE.match(msg["module"])):
+            raise BadRequest(rid, ProgrammingError, f"restart: bad module name {msg.get('module')!r}")
         return msg
-    for key in ("module", "table"):
-        value = msg.get(key)
-        if type(value) is not str or value not in _good_names:
-            if not isinstance(value, str) or not P.NAME_RE.match(value):
-                raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
-            if len(_good_names) < 10000:  # a cache, bounded against clients inventing names
-                _good_names.add(value)
+    _name(rid, op, "module", msg.get("module"))
+    _name(rid, op, "table", msg.get("table"))
     msg["params"] = _str_map(rid, "params", msg.get("params"))
-    msg["after"] = _str_map(rid, "after", msg.get("after"), allow_null=True) or None
     vr = msg.get("vr")
-    if vr is not None and not isinstance(vr, str):
+    if vr is not None and type(vr) is not str:
         raise BadRequest(rid, ProgrammingError, f"'vr' must be a str or nil, got {type(vr).__name__}")
+    if msg.keys() <= _PLAIN_KEYS:  # nothing else to check: the usual get or set
+        msg["after"] = None
+        msg["batch"] = P.DEFAULT_BATCH
+        return msg
+    msg["after"] = _str_map(rid, "after", msg.get("after"), allow_null=True) or None
     batch = msg.get("batch", P.DEFAULT_BATCH)
-    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 100000:
+    if type(batch) is not int or not 1 <= batch <= 100000:
         raise BadRequest(rid, ProgrammingError, f"'batch' must be an integer from 1 to 100000, got {batch!r}")
     msg["batch"] = batch
     hold = msg.get("hold")
-    if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int | float) or hold < 0):
+    if hold is not None and (type(hold) not in (int, float) or hold < 0):
         raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds >= 0, got {hold!r}")
     caller = msg.get("caller")
     if caller is not None and not (
-        isinstance(caller, list)
+        type(caller) is list
         and len(caller) == 3
-        and isinstance(caller[0], str)
+        and type(caller[0]) is str
         and caller[1] in ("serial", "async")
-        and isinstance(caller[2], int)
+        and type(caller[2]) is int
     ):
         raise BadRequest(rid, ProgrammingError, f"'caller' must be [module, 'serial'|'async', request id], got {caller!r}")
     return msg

@@ -28,6 +28,7 @@ from cmactor.errors import (
     OperationalError,
     ProgrammingError,
     StartupError,
+    to_wire,
 )
 
 from . import deps, health, server, store
@@ -358,8 +359,16 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         self._to_worker(mod, [P.REQ, sid, req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"]])
         mod.inflight[sid] = pending
 
-    def _answer(self, pending, reply):
-        """Send a request's final reply; sets and setops go to the audit log too."""
+    def _answer(self, pending, error=None, entries=None):
+        """Send a request's final reply: the worker's ``entries`` (protocol.reply_entries), or
+        ``error`` (a wire error map). Sets and setops go to the audit log too."""
+        client = pending.client
+        if not client.closed:
+            if error is None:
+                client.out += P.reply_frame(pending.rid, entries)
+            else:
+                client.send({"id": pending.rid, "ok": False, "error": error})
+            self._dirty.add(client)
         req = pending.request
         if pending.issuer is not None:
             calls = self._waits.get(pending.issuer)
@@ -368,12 +377,11 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
                 if not calls:
                     del self._waits[pending.issuer]
         if req["op"] in ("set", "setop"):
-            outcome = "ok" if reply["ok"] else f"{reply['error']['type']}: {reply['error']['message']}"
+            outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
             self._audit.record(req.get("user", ""), req["op"], req["module"], req["table"], req["params"], outcome)
-        self._to_client(pending.client, reply)
 
     def _fail(self, pending, exc_type, message):
-        self._answer(pending, {"id": pending.rid, "ok": False, "error": {"type": exc_type.__name__, "message": message}})
+        self._answer(pending, to_wire(exc_type, message))
 
     def _expire_held(self, mod):
         now = time.monotonic()
@@ -475,7 +483,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
     def _on_worker_message(self, mod, message):
         kind = message[0]
         if kind == P.REPLY:
-            _, sid, error, rows, more, dirty = message
+            _, sid, error, entries, dirty = message
             mod.serial_sids.discard(sid)
             pending = mod.inflight.pop(sid, None)
             if pending is None:
@@ -487,9 +495,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
                     if req["op"] in ("set", "setop") and req["table"] in mod.persistent_list:
                         mod.journal.append(req["op"], req["table"], req["params"])
                         self._journals_to_sync.add(mod.journal)
-                self._answer(pending, {"id": pending.rid, "ok": True, "rows": rows, "more": more})
-            else:
-                self._answer(pending, {"id": pending.rid, "ok": False, "error": error})
+            self._answer(pending, error, entries)
             if self._stopping:
                 self._continue_stop()
         elif kind == P.NOTIFY:
