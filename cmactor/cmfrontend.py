@@ -58,15 +58,39 @@ def connect(username="admin", print_callback=None, socket=None, timeout=None):
     return Connection(socket or default_socket(), username, print_callback, timeout)
 
 
+# Operations already parsed: a program repeats the same few, and a regex match per
+# request is a good part of the client's own time. Bounded: these are only a cache.
+_operations = {}
+_descriptions = {}
+_CACHE_SIZE = 1024
+
+
 def parse_operation(operation):
     """``"<op> <module>.<table>"`` -> (op, module, table), or ProgrammingError."""
+    if type(operation) is str:
+        parsed = _operations.get(operation)
+        if parsed is not None:
+            return parsed
     match = P.OPERATION_RE.match(operation) if isinstance(operation, str) else None
     if match is None or match["op"] not in P.DATA_OPS:
         raise ProgrammingError(
             f"malformed operation {operation!r}: expected '<op> <module>.<table>' "
             f"with op one of {', '.join(P.DATA_OPS)}"
         )
-    return match["op"], match["module"], match["table"]
+    parsed = match["op"], match["module"], match["table"]
+    if len(_operations) < _CACHE_SIZE:
+        _operations[operation] = parsed
+    return parsed
+
+
+def description(columns):
+    """PEP 249 ``Cursor.description`` for these column names (None for no columns)."""
+    found = _descriptions.get(columns)
+    if found is None:
+        found = tuple((name, STRING, None, None, None, None, None) for name in columns) or None
+        if len(_descriptions) < _CACHE_SIZE:
+            _descriptions[columns] = found
+    return found
 
 
 def wire_params(params):
@@ -256,12 +280,15 @@ class Cursor:
             callback(text)
 
     def _set_result(self, rows):
-        columns = {}
-        for row in rows:
-            for name in row:
-                columns.setdefault(name, None)
-        self._columns = tuple(columns)
-        self.description = tuple((name, STRING, None, None, None, None, None) for name in self._columns) or None
+        if len(rows) == 1:
+            self._columns = tuple(rows[0])
+        else:
+            columns = {}
+            for row in rows:
+                for name in row:
+                    columns.setdefault(name, None)
+            self._columns = tuple(columns)
+        self.description = description(self._columns)
         self._rows = rows
         self.rowcount = len(rows)
 

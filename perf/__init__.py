@@ -123,6 +123,9 @@ def _groups(sizes, sup, conn):
         return b.clients([path] * CLIENTS, b.request("chain", "chain_a", params={"via": via}), inflight=1,
                          **sizes["chains"])
 
+    def cursor_procs(operation, params, n, warmup):
+        return b.clients([path], (operation, params), n=n, inflight=1, warmup=warmup, main=s.cursor_main)
+
     def ms(row):
         return f"{row['p50_us'] / 1000:,.0f} ms"
 
@@ -136,18 +139,22 @@ def _groups(sizes, sup, conn):
             Step("two_hop", "floor: two hops, 1 in flight", "ops/s", None,
                  lambda: b.two_hop(**ping), "client -> broker -> worker -> back, selectors broker"),
             Step("get", "get, sequential (Cursor)", "ops/s", "two_hop",
-                 lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
-                 "client is a thread of the supervisor's process (sup.connect())"),
+                 lambda: cursor_procs("get bench.kv", {"key": "k"}, **ping),
+                 "the public client in a process of its own, as the floor's client is"),
             Step("set", "set, sequential (Cursor)", "ops/s", "two_hop",
-                 lambda: s.sequential(conn.cursor(), "set bench.kv", {"key": "k", "value": "v"}, **ping), ""),
+                 lambda: cursor_procs("set bench.kv", {"key": "k", "value": "v"}, **ping), ""),
             Step("set_journal", "set, persistent table (Cursor)", "ops/s", "two_hop",
-                 lambda: s.sequential(conn.cursor(), "set bench.pkv", {"key": "k", "value": "v"},
+                 lambda: cursor_procs("set bench.pkv", {"key": "k", "value": "v"},
                                       n=ping["n"] // 2, warmup=ping["warmup"] // 2),
                  "each set is journaled and fsynced before the reply (state_dir on " + s.filesystem() + ")"),
             Step("journal_cost", "journal cost per set (persistent - plain)", "us/set", "set",
                  lambda: s.extra_cost("set_journal", "set"),
                  "mean time per set on the persistent table minus a plain set's, same round (p50: same for "
                  "the p50s); ratio: that extra over a plain set's mean", kind="derived", derived=True),
+            Step("get_inproc", "get, sequential (Cursor in the supervisor's process)", "ops/s", "two_hop",
+                 lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
+                 "sup.connect() from a thread of the process the supervisor is embedded in: it shares the GIL "
+                 "with the supervisor's loop"),
             Step("get_raw", "get, raw client process, 1 in flight", "ops/s", "two_hop",
                  lambda: b.clients([path], b.request("kv"), inflight=1, **ping),
                  "same get from its own process, no Cursor: the floor's client"),

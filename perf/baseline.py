@@ -194,12 +194,15 @@ def _recv(conn):
 
 
 @contextlib.contextmanager
-def clients(targets, message, n, inflight, warmup):
+def clients(targets, message, n, inflight, warmup, main=client_main):
     """One client process per target (a socket path, or a socket: handed over and
     closed here). Yields ``round()``: every client sends ``n`` requests.
 
     A round's rate is all clients' requests over the span from the first start to
     the last finish (perf_counter_ns is CLOCK_MONOTONIC: one clock for all processes).
+
+    ``main``: the client process's function, called as ``client_main`` is (a
+    scenario may drive the public Cursor instead of the raw protocol).
     """
     ctx = context()
     procs, ctls = [], []
@@ -207,13 +210,14 @@ def clients(targets, message, n, inflight, warmup):
         for target in targets:
             mine, theirs = ctx.Pipe()
             ctls.append(mine)
-            procs.append(start(ctx, client_main, target, message, inflight, warmup, theirs))
+            procs.append(start(ctx, main, target, message, inflight, warmup, theirs))
             theirs.close()
             if not isinstance(target, str):
                 target.close()  # the client has its own copy now
         for ctl in ctls:
-            if _recv(ctl) != "ready":
-                raise RuntimeError("a benchmark client did not start")
+            said = _recv(ctl)
+            if said != "ready":
+                raise RuntimeError(f"a benchmark client did not start: {said}")
 
         def round_():
             for ctl in ctls:

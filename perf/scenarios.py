@@ -121,6 +121,38 @@ def sequential(cur, operation, params, n, warmup):
     yield round_
 
 
+def cursor_main(path, message, inflight, warmup, ctl):
+    """Client process (``baseline.clients(main=cursor_main)``): the public client,
+    ``connect(socket=path).cursor()``, running ``message`` = (operation, params) back
+    to back (``inflight`` is 1: a Cursor has one request in flight). Same protocol
+    on ``ctl`` as ``baseline.client_main``: each round returns (t0, t1, latencies ns)."""
+    import cmactor
+
+    baseline.quiet_child()
+    operation, params = message
+    with cmactor.connect("bench", socket=path) as conn:
+        cur = conn.cursor()
+        for _ in range(warmup):
+            cur.execute(operation, params)
+        result = "ready" if cur.fetchone() is not None else "no row"
+        while True:
+            try:
+                ctl.send(result)
+                n = ctl.recv()
+            except (OSError, EOFError):  # the parent gave up: leave quietly
+                break
+            if n is None:
+                break
+            latencies = array("q", bytes(8 * n))
+            start = prev = pc()
+            for i in range(n):
+                cur.execute(operation, params)
+                now = pc()
+                latencies[i] = now - prev
+                prev = now
+            result = (start, prev, latencies)
+
+
 @contextlib.contextmanager
 def walk(cur, count, walks):
     """Rounds of ``walks`` getnext walks of ``count`` rows through the Cursor (which
