@@ -4,12 +4,13 @@ import msgpack
 import pytest
 from cmsupervisor import deps
 from cmsupervisor.restart import RestartPolicy
+from cmsupervisor.server import BadRequest, parse_request
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cmactor import protocol as P
 from cmactor.cmbackend import ActionStopped, CmAgent, CmContext, async_action
-from cmactor.cmfrontend import parse_operation, wire_params
+from cmactor.cmfrontend import description, parse_operation, wire_params
 from cmactor.errors import (
     DeadlockDetectedError,
     ModuleUnavailable,
@@ -57,9 +58,71 @@ def test_frame_body_is_msgpack_only():
 
 def test_parse_operation():
     assert parse_operation("  getnext vlan.member ") == ("getnext", "vlan", "member")
-    for bad in ("get vlan", "put vlan.x", "get vlan.x.y", "get 1vlan.x", ""):
-        with pytest.raises(ProgrammingError, match="malformed operation"):
-            parse_operation(bad)
+    assert parse_operation("  getnext vlan.member ") == ("getnext", "vlan", "member")  # from the cache
+    for bad in ("get vlan", "put vlan.x", "get vlan.x.y", "get 1vlan.x", "", None, ["get a.b"]):
+        for _ in range(2):  # a refused operation is refused again, not cached
+            with pytest.raises(ProgrammingError, match="malformed operation"):
+                parse_operation(bad)
+
+
+def test_description_names_each_column_as_a_string():
+    assert description(("key", "value")) == (
+        ("key", str, None, None, None, None, None),
+        ("value", str, None, None, None, None, None),
+    )
+    assert description(()) is None
+
+
+@given(st.lists(st.dictionaries(st.text(), st.text() | st.none(), max_size=4), max_size=5), st.booleans(),
+       st.integers(0, 2**63 - 1))
+def test_a_worker_encoded_reply_reaches_the_client_as_one_map(rows, more, rid):
+    frame = P.reply_frame(rid, P.reply_entries(rows, more))
+    assert P.FrameReader().feed(frame) == [{"id": rid, "ok": True, "rows": rows, "more": more}]
+
+
+def request(**fields):
+    return {"id": 7, "op": "get", "module": "ports", "table": "port", "params": {"name": "1"}, "user": "u", **fields}
+
+
+def test_parse_request_fills_in_the_defaults():
+    req = parse_request(request())
+    assert req["params"] == {"name": "1"} and req["after"] is None and req["batch"] == P.DEFAULT_BATCH
+    req = parse_request(request(vr="VR-Mgmt", batch=5, after={"name": "1", "gone": None}, hold=0.5,
+                                caller=["vlan", "async", 3], notify=True))
+    assert req["batch"] == 5 and req["after"] == {"name": "1", "gone": None} and req["vr"] == "VR-Mgmt"
+    assert parse_request(request(params=None))["params"] == {}
+    assert parse_request({"id": 1, "op": "status"}) == {"id": 1, "op": "status"}
+
+
+@pytest.mark.parametrize(
+    "message, rid, words",
+    [
+        ([1, 2], None, "must be a msgpack map, got list"),
+        (request(id="7"), None, "'id' must be an integer"),
+        (request(id=True), None, "'id' must be an integer"),
+        (request(op="drop"), 7, "unknown op 'drop'"),
+        (request(op=["get"]), 7, "unknown op"),
+        (request(user=3), 7, "'user' must be a str"),
+        (request(module="_x"), 7, "get: bad module name '_x'"),
+        (request(module=["ports"]), 7, "bad module name"),
+        (request(table=None), 7, "bad table name None"),
+        (request(params=[]), 7, "'params' must be a map of str to str, got list"),
+        (request(params={"name": 1}), 7, "'params.name' must be a str, got int"),
+        (request(params={"name": None}), 7, "'params.name' must be a str, got NoneType"),
+        (request(vr=1), 7, "'vr' must be a str or nil, got int"),
+        (request(batch=0), 7, "'batch' must be an integer from 1 to 100000"),
+        (request(batch=True), 7, "'batch' must be an integer"),
+        (request(after={"name": 2}), 7, "'after.name' must be a str"),
+        (request(hold=-1), 7, "'hold' must be a number of seconds >= 0"),
+        (request(hold=True), 7, "'hold' must be a number"),
+        (request(caller=["vlan", "sideways", 3]), 7, "'caller' must be [module, 'serial'|'async', request id]"),
+        ({"id": 1, "op": "restart", "module": "../x"}, 1, "restart: bad module name"),
+    ],
+)
+def test_parse_request_refuses_with_the_field_named(message, rid, words):
+    with pytest.raises(BadRequest) as caught:
+        parse_request(message)
+    assert caught.value.rid == rid and words in str(caught.value)
 
 
 def test_wire_params_stringifies_and_drops_none():
@@ -86,6 +149,12 @@ def test_context_defaults_and_raise_error():
     seen = []
     CmContext(notify=seen.append).notify_cli(3)
     assert seen == ["3"]
+    plain, flagged = CmContext(), CmContext({}, None, "get", is_async=True, is_save=True, is_load=True)
+    assert (plain.vr_name, plain.is_async, plain.is_save, plain.is_load) == (None, False, False, False)
+    assert flagged.is_async and flagged.is_save and flagged.is_load
+    params = {"a": "1"}
+    CmContext(params).params["a"] = "2"  # the agent's copy
+    assert params == {"a": "1"}
 
 
 def test_agent_base_class():
