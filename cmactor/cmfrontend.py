@@ -211,9 +211,8 @@ class Cursor:
         self.max_rows = 100000
         self.batch_size = P.DEFAULT_BATCH
         self.messages = []
-        self.description = None
         self.rowcount = -1
-        self._columns = ()
+        self._columns = ()  # None: not worked out from _rows yet (see description)
         self._rows = []
         self._pos = 0
         self.closed = False
@@ -225,11 +224,13 @@ class Cursor:
             raise InterfaceError("the cursor is closed")
         op, module, table = parse_operation(operation)
         params = wire_params(params)
-        self.messages = []
-        self.description = None
+        if self.messages:
+            self.messages = []
         self.rowcount = -1
-        self._rows, self._pos = [], 0
-        request = {"op": op, "module": module, "table": table, "params": params, "vr": self.vr_name}
+        self._rows, self._pos, self._columns = [], 0, ()
+        request = {"op": op, "module": module, "table": table, "params": params}
+        if self.vr_name is not None:
+            request["vr"] = self.vr_name
         if self.connection.print_callback is not None:
             request["notify"] = True
         if op == "getnext":
@@ -247,7 +248,7 @@ class Cursor:
         attempt = 0
         while True:
             try:
-                return self.connection.request(dict(request), self._on_notify)
+                return self.connection.request(request, self._on_notify)
             except ModuleUnavailable:
                 if attempt >= self.retries:
                     raise
@@ -280,40 +281,50 @@ class Cursor:
             callback(text)
 
     def _set_result(self, rows):
-        if len(rows) == 1:
-            self._columns = tuple(rows[0])
-        else:
-            columns = {}
-            for row in rows:
-                for name in row:
-                    columns.setdefault(name, None)
-            self._columns = tuple(columns)
-        self.description = description(self._columns)
-        self._rows = rows
-        self.rowcount = len(rows)
+        # The columns are worked out when first asked for: a caller that only sends
+        # requests does not wait for it before its next one.
+        self._rows, self._columns, self.rowcount = rows, None, len(rows)
+
+    def _column_names(self):
+        if self._columns is None:
+            rows = self._rows
+            if len(rows) == 1:
+                self._columns = tuple(rows[0])
+            else:
+                columns = {}
+                for row in rows:
+                    for name in row:
+                        columns.setdefault(name, None)
+                self._columns = tuple(columns)
+        return self._columns
+
+    @property
+    def description(self):
+        """PEP 249: a 7-item sequence per column of the last result (names from the rows), or None."""
+        return description(self._column_names())
 
     # -- fetching --------------------------------------------------------
 
-    def _tuple(self, row):
-        return tuple(row.get(name) for name in self._columns)
+    def _tuples(self, rows):
+        names = self._column_names()
+        return [tuple(row.get(name) for name in names) for row in rows]
 
     def fetchone(self):
         if self._pos >= len(self._rows):
             return None
-        row = self._rows[self._pos]
         self._pos += 1
-        return self._tuple(row)
+        return self._tuples(self._rows[self._pos - 1 : self._pos])[0]
 
     def fetchmany(self, size=None):
         size = self.arraysize if size is None else size
         chunk = self._rows[self._pos : self._pos + size]
         self._pos += len(chunk)
-        return [self._tuple(row) for row in chunk]
+        return self._tuples(chunk)
 
     def fetchall(self):
         chunk = self._rows[self._pos :]
         self._pos = len(self._rows)
-        return [self._tuple(row) for row in chunk]
+        return self._tuples(chunk)
 
     def __iter__(self):
         while (row := self.fetchone()) is not None:
