@@ -97,7 +97,7 @@ def wire_params(params):
     """Request parameters as the wire carries them: str keys, ``str(value)`` values; None is left out."""
     if params is None:
         return {}
-    if not isinstance(params, Mapping):
+    if type(params) is not dict and not isinstance(params, Mapping):  # the ABC check is the slow one
         raise ProgrammingError(f"params must be a mapping of names to values, got {type(params).__name__}")
     out = {}
     for key, value in params.items():
