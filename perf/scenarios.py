@@ -100,6 +100,18 @@ def filesystem(path=None):
     return kind
 
 
+def back_to_back(cur, operation, params, n):
+    """``n`` back-to-back ``cur.execute(operation, params)`` calls: (start ns, end ns, latencies ns)."""
+    latencies = array("q", bytes(8 * n))
+    start = prev = pc()
+    for i in range(n):
+        cur.execute(operation, params)
+        now = pc()
+        latencies[i] = now - prev  # one clock read per request: its end is the next one's start
+        prev = now
+    return start, prev, latencies
+
+
 @contextlib.contextmanager
 def sequential(cur, operation, params, n, warmup):
     """Rounds of ``n`` back-to-back ``cur.execute(operation, params)`` calls."""
@@ -109,14 +121,8 @@ def sequential(cur, operation, params, n, warmup):
         raise RuntimeError(f"{operation} {params} returned no row")
 
     def round_():
-        latencies = array("q", bytes(8 * n))
-        start = prev = pc()
-        for i in range(n):
-            cur.execute(operation, params)
-            now = pc()
-            latencies[i] = now - prev  # one clock read per request: its end is the next one's start
-            prev = now
-        return n * 1e9 / (prev - start), percentile(latencies, 50), percentile(latencies, 99)
+        start, end, latencies = back_to_back(cur, operation, params, n)
+        return n * 1e9 / (end - start), percentile(latencies, 50), percentile(latencies, 99)
 
     yield round_
 
@@ -143,14 +149,7 @@ def cursor_main(path, message, inflight, warmup, ctl):
                 break
             if n is None:
                 break
-            latencies = array("q", bytes(8 * n))
-            start = prev = pc()
-            for i in range(n):
-                cur.execute(operation, params)
-                now = pc()
-                latencies[i] = now - prev
-                prev = now
-            result = (start, prev, latencies)
+            result = back_to_back(cur, operation, params, n)
 
 
 @contextlib.contextmanager
