@@ -138,10 +138,10 @@ def _name(rid, op, key, value):
             raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
         if len(_good_names) < 10000:  # a cache, bounded against clients inventing names
             _good_names.add(value)
-    return value
 
 
-# Keys of a data request that have no default, or whose default needs no check.
+# A data request with no other keys has nothing left to check once module, table,
+# params and vr are: the usual get or set.
 _PLAIN_KEYS = frozenset(("id", "op", "module", "table", "params", "user", "vr", "notify"))
 
 
@@ -173,7 +173,7 @@ def parse_request(msg):
     vr = msg.get("vr")
     if vr is not None and type(vr) is not str:
         raise BadRequest(rid, ProgrammingError, f"'vr' must be a str or nil, got {type(vr).__name__}")
-    if msg.keys() <= _PLAIN_KEYS:  # nothing else to check: the usual get or set
+    if msg.keys() <= _PLAIN_KEYS:
         msg["after"] = None
         msg["batch"] = P.DEFAULT_BATCH
         return msg
