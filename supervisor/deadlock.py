@@ -78,16 +78,33 @@ class DeadlockDetection:
             if path is not None:
                 cycle = describe([issuer] + path[:-1], self._node_name)
         if cycle is not None:
-            self._fail(
-                pending,
-                DeadlockDetectedError,
-                f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
-                f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
-            )
+            self._refuse(pending, mod, issuer, cycle)
             return False
         pending.issuer = issuer
         self._waits.setdefault(issuer, set()).add(pending)
         return True
+
+    def _refuse_held_cycles(self, mod):
+        """``mod`` has just started waiting on its config_deps: new edges. A call held
+        for it was admitted while it was STARTING and its deps were unknown; if the
+        caller is one of the executors ``mod`` now waits on, that call can never be
+        served. Refuse it now rather than hold it until its hold_timeout."""
+        for pending in list(mod.held):
+            if pending.issuer is None:
+                continue
+            path = find_path(mod, pending.issuer, self._successors)
+            if path is not None:
+                mod.held.remove(pending)
+                self._refuse(pending, mod, pending.issuer, describe([pending.issuer] + path[:-1], self._node_name))
+
+    def _refuse(self, pending, mod, issuer, cycle):
+        req = pending.request
+        self._fail(
+            pending,
+            DeadlockDetectedError,
+            f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
+            f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
+        )
 
     def _successors(self, node):
         """The executors ``node`` is waiting for right now."""

@@ -542,6 +542,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
                 self._quarantine(self.modules[name], reason)
             return
         mod.state = WAITING_DEPS
+        self._refuse_held_cycles(mod)
         self._advance_waiting()
 
     def _advance_waiting(self):

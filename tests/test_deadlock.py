@@ -113,6 +113,17 @@ def test_a_load_time_query_to_a_module_waiting_on_this_one(supervisor):
     assert "y → x → y" in cur.fetchone()[0]
 
 
+def test_a_load_time_query_held_for_a_module_that_then_waits_on_the_caller(supervisor):
+    # y's load calls x while x is still STARTING (its config_deps unknown): the call is
+    # held. Then x registers, depending on y, which closes the cycle: refused at once.
+    start = time.monotonic()
+    sup = supervisor({"x": caller(caller_deps="y", init_delay=1), "y": caller(load_query="x")}, hold_timeout=10)
+    assert time.monotonic() - start < 6
+    cur = sup.connect().cursor()
+    cur.execute("get y.load")
+    assert "y → x → y" in cur.fetchone()[0]
+
+
 hops = st.lists(st.tuples(st.sampled_from(MODULES[:4]), st.sampled_from("sa")), min_size=1, max_size=6)
 
 

@@ -66,6 +66,8 @@ class Caller(CmAgent):
 
 
 def main():
+    # INIT_DELAY: register late, so that calls to this module arrive while it is STARTING.
+    time.sleep(float(os.environ.get("INIT_DELAY", "0")))
     deps = [d for d in os.environ.get("CALLER_DEPS", "").split(",") if d]
     pool = os.environ.get("CALLER_POOL")
     agent = Caller()
