@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from conftest import agent
+from conftest import agent, wait_for
 
 import cmactor
 
@@ -85,6 +85,7 @@ def test_stop_lets_a_running_save_finish(echo):
     results = []
     saver = threading.Thread(target=lambda: results.append(conn.request({"op": "save"})))
     saver.start()
+    wait_for(lambda: echo.status()["echo"]["saving"])  # the save is under way (0.5 s in the agent)
     echo.stop()  # the running save finishes first; the supervisor then stops
     saver.join(10)
     assert results and results[0]["saved"]["modules"] == ["echo"]
