@@ -17,7 +17,6 @@ every executor on it would wait forever, so the call is refused at once with the
 cycle written out. Any call that cannot close a cycle is admitted.
 """
 
-from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError
 
 from .modules import READY, WAITING_DEPS, Module
@@ -63,7 +62,7 @@ class DeadlockDetection:
         issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
         if issuer is None:
             return True  # an async action that is no longer running: nothing waits on it
-        pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
+        pending.is_async = (req["table"], req["op"]) in mod.async_ops
         cycle = None
         if pending.is_async and mod.state == READY and not mod.saving:
             # It gets a pool thread of its own, unless every thread is busy: then it

@@ -47,7 +47,7 @@ class Module:
         "psutil",
         "persistent_list",
         "config_deps",
-        "async_actions",
+        "async_ops",
         "unsaved",
         "ready_called",
         "loaded",
@@ -78,7 +78,7 @@ class Module:
         self.psutil = None
         self.persistent_list = []
         self.config_deps = []
-        self.async_actions = frozenset()
+        self.async_ops = frozenset()
         self.pool_size = None
         self.unsaved = False
         self.inflight = {}  # sid -> Pending

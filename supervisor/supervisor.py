@@ -349,8 +349,8 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         sid = pending.sid = next(self._next_sid)
         req = pending.request
         pending.dispatched_at = time.monotonic()
-        if mod.async_actions:  # counted against the pool by the deadlock detector
-            pending.is_async = f"{req['table']}_{P.ACTION_SUFFIX[req['op']]}" in mod.async_actions
+        if mod.async_ops:  # counted against the pool by the deadlock detector
+            pending.is_async = (req["table"], req["op"]) in mod.async_ops
         if pending.is_async:
             mod.ring = True
         else:
@@ -524,7 +524,13 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             return
         mod.persistent_list = persistent
         mod.config_deps = config_deps
-        mod.async_actions = frozenset(async_actions)
+        # (table, op) pairs served by an @async_action: looked up per request, not formatted.
+        mod.async_ops = frozenset(
+            (name[: -len(suffix) - 1], op)
+            for name in async_actions
+            for op, suffix in P.ACTION_SUFFIX.items()
+            if name.endswith("_" + suffix)
+        )
         mod.pool_size = pool_size
         missing = deps.unknown(config_deps, self.modules)
         if missing:
