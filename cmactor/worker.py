@@ -208,22 +208,15 @@ class Runtime:
         cv = self._cv
         while True:
             with cv:
-                while self._reading and not (self._mailbox and not self._serial_busy):
+                while self._reading:
                     cv.wait()
-                if self._mailbox and not self._serial_busy:
-                    self._serial_busy = True
-                    item = self._mailbox.popleft()
-                else:
-                    self._reading = True
-                    item = None
+                self._reading = True
             # This thread's turn: read, run what it read, read again unless the
-            # other lane thread took over the socket meanwhile.
-            while True:
-                if item is None:
-                    item = self._read_until_serial_work()
-                if not self._run_serial(item):
-                    break
-                item = None
+            # other lane thread took over the socket meanwhile. (The mailbox is
+            # drained by whichever thread holds the serial lane: it never waits
+            # for a thread here.)
+            while self._run_serial(self._read_until_serial_work()):
+                pass
 
     def _read_until_serial_work(self):
         """Read and route until there is serial work for this thread to run.
@@ -325,18 +318,16 @@ class Runtime:
         """
         slots = self._slots
         while True:
-            if type(item) is tuple:  # a request: (REQ message, method)
-                msg = item[0]
-                slots[SLOT_SERIAL_SID] = msg[1]
-                slots[SLOT_SERIAL_START] = time.monotonic_ns()
+            request = type(item) is tuple  # (REQ message, method); else a LOAD or SAVE message
+            msg = item[0] if request else item
+            slots[SLOT_SERIAL_SID] = msg[1]
+            slots[SLOT_SERIAL_START] = time.monotonic_ns()
+            if request:
                 self._execute(msg, item[1], False)
-            else:  # a LOAD or SAVE message
-                slots[SLOT_SERIAL_SID] = item[1]
-                slots[SLOT_SERIAL_START] = time.monotonic_ns()
-                if item[0] == P.LOAD:
-                    self._run_load(*item[1:])
-                else:
-                    self._run_save(*item[1:])
+            elif msg[0] == P.LOAD:
+                self._run_load(*msg[1:])
+            else:
+                self._run_save(*msg[1:])
             slots[SLOT_SERIAL_START] = 0
             with self._lane_lock:
                 if self._mailbox:
@@ -371,8 +362,12 @@ class Runtime:
         self._slots[base + 1] = 0
         self._slots[base] = 0
 
+    @staticmethod
+    def _error_reply(sid, exc_type, message):
+        return [P.REPLY, sid, to_wire(exc_type, message), None, False]
+
     def _reply_error(self, sid, exc_type, message):
-        self.send([P.REPLY, sid, to_wire(exc_type, message), None, False])
+        self.send(self._error_reply(sid, exc_type, message))
 
     # -- running agent code ---------------------------------------------------
 
@@ -491,16 +486,14 @@ class Runtime:
                 dirty = bool(ctx.dirty)
             reply = [P.REPLY, sid, None, P.reply_entries(rows, more), dirty]
         except ActionStopped as stop:
-            reply = [P.REPLY, sid, to_wire(DatabaseError, stop.message), None, False]
+            reply = self._error_reply(sid, DatabaseError, stop.message)
         except _FieldError as exc:
-            error = to_wire(DataError, f"module {self.module!r} {table}_{P.ACTION_SUFFIX[op]} replied badly: {exc}")
-            reply = [P.REPLY, sid, error, None, False]
+            reply = self._error_reply(sid, DataError, f"module {self.module!r} {table}_{P.ACTION_SUFFIX[op]} replied badly: {exc}")
         except BaseException as exc:
             log.error(
                 "module %s: %s %s.%s raised\n%s", self.module, op, self.module, table, traceback.format_exc().rstrip()
             )
-            error = to_wire(DatabaseError, f"{op} {self.module}.{table} raised {type(exc).__name__}: {exc}")
-            reply = [P.REPLY, sid, error, None, False]
+            reply = self._error_reply(sid, DatabaseError, f"{op} {self.module}.{table} raised {type(exc).__name__}: {exc}")
         # The reply goes out before any tidying: the client waits for it, and work
         # done after a send overlaps with the supervisor's (perf/README.md).
         try:

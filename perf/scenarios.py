@@ -335,6 +335,18 @@ def dag_depth(deps):
     return max(depth(name) for name in deps)
 
 
+def median_rounds(once, count, items):
+    """A ``round()`` of ``count`` calls of ``once`` (each returns its time, ns): ``items``
+    per median time as the rate, every time as a sample."""
+
+    def round_():
+        times = [once() for _ in range(count)]
+        median = statistics.median(times)
+        return Result(items * 1e9 / median, median, None, samples=times)
+
+    return round_
+
+
 @contextlib.contextmanager
 def startup(deps, starts, warmup):
     """Rounds of ``starts`` supervisors of ``len(deps)`` modules (bench.py, whose
@@ -356,12 +368,7 @@ def startup(deps, starts, warmup):
     for _ in range(warmup):
         once()
 
-    def round_():
-        times = [once() for _ in range(starts)]
-        median = statistics.median(times)
-        return Result(len(deps) * 1e9 / median, median, None, samples=times)
-
-    yield round_
+    yield median_rounds(once, starts, len(deps))
 
 
 # -- save and load ------------------------------------------------------------------------
@@ -387,12 +394,7 @@ def save_rows(rows, saves):
 
             once()  # warm up
 
-            def round_():
-                times = [once() for _ in range(saves)]
-                median = statistics.median(times)
-                return Result(rows * 1e9 / median, median, None, samples=times)
-
-            yield round_
+            yield median_rounds(once, saves, rows)
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -419,12 +421,7 @@ def load_rows(rows, loads):
 
         once()  # warm up
 
-        def round_():
-            times = [once() for _ in range(loads)]
-            median = statistics.median(times)
-            return Result(rows * 1e9 / median, median, None, samples=times)
-
-        yield round_
+        yield median_rounds(once, loads, rows)
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 

@@ -22,13 +22,14 @@ STOPPED = "STOPPED"
 class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
-    __slots__ = ("client", "rid", "request", "deadline", "sid", "issuer", "is_async", "dispatched_at")
+    __slots__ = ("client", "rid", "request", "hold", "deadline", "sid", "issuer", "is_async", "dispatched_at")
 
-    def __init__(self, client, rid, request, deadline=None):
+    def __init__(self, client, rid, request):
         self.client = client
         self.rid = rid
         self.request = request
-        self.deadline = deadline
+        self.hold = None  # while held for its module: seconds it may wait, and until when
+        self.deadline = None
         self.sid = None
         self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
         self.is_async = False  # the target action is an @async_action

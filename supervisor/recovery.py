@@ -71,7 +71,7 @@ class Recovery:
             # Requests it had not started run after the restart, like any held request.
             deadline = time.monotonic() + self.hold_timeout
             for pending in reversed(waiting):
-                pending.deadline = deadline
+                pending.hold, pending.deadline = self.hold_timeout, deadline
                 mod.held.appendleft(pending)
             if waiting:
                 self._after(self.hold_timeout, self._expire_held, mod)

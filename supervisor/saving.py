@@ -11,7 +11,7 @@ import concurrent.futures
 import logging
 
 from cmactor import protocol as P
-from cmactor.errors import DatabaseError, OperationalError
+from cmactor.errors import DatabaseError, OperationalError, to_wire
 
 from . import store
 from .modules import READY
@@ -21,7 +21,7 @@ log = logging.getLogger("cmactor.supervisor")
 
 class SaveJob:
     def __init__(self, waiters, modules, previous):
-        self.waiters = waiters  # (client, rid, user) or a concurrent.futures.Future
+        self.waiters = waiters  # (waiter, user): waiter a (client, rid) pair or a concurrent.futures.Future
         self.queue = list(modules)  # Module records still to walk
         self.sections = dict(previous)  # name -> JSON bytes; saved ones replace these
         self.saved = []  # names walked in this run
@@ -145,4 +145,4 @@ class Saving:
             if exc_type is None:
                 self._to_client(client, {"id": rid, "ok": True, "saved": result})
             else:
-                self._to_client(client, {"id": rid, "ok": False, "error": {"type": exc_type.__name__, "message": result}})
+                self._to_client(client, {"id": rid, "ok": False, "error": to_wire(exc_type, result)})

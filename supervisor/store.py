@@ -49,10 +49,18 @@ def read(path):
         raise StoreError(f"config file {path} is truncated: its body has {len(body)} bytes, the header says {length}")
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise StoreError(f"config file {path} fails its checksum: it was damaged or edited after it was saved")
+    modules = header.get("modules", {})
+    if not isinstance(modules, dict):
+        raise StoreError(f"config file {path}: its header's module table is a {type(modules).__name__}, not a map")
     sections = {}
-    for name, span in (header.get("modules") or {}).items():
-        if not (isinstance(span, list) and len(span) == 2 and 0 <= span[0] <= span[0] + span[1] <= len(body)):
-            raise StoreError(f"config file {path}: bad section bounds for module {name!r}")
+    for name, span in modules.items():
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(type(n) is int for n in span)
+            and 0 <= span[0] <= span[0] + span[1] <= len(body)
+        ):
+            raise StoreError(f"config file {path}: bad section bounds for module {name!r}: {span!r}")
         sections[name] = body[span[0] : span[0] + span[1]]
     return sections
 

@@ -69,8 +69,6 @@ def _stop_all():
         sup.stop()
 
 
-
-
 class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
     """Runs agents in worker processes and serves their frontend socket.
 
@@ -341,7 +339,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         if self._stopping or mod.state in (STOPPING, STOPPED) or hold == 0 or (mod.state == FAILED and not explicit):
             self._fail(pending, ModuleUnavailable, self._unavailable(mod))
             return
-        pending.deadline = time.monotonic() + hold
+        pending.hold, pending.deadline = hold, time.monotonic() + hold
         mod.held.append(pending)
         self._after(hold, self._expire_held, mod)
 
@@ -388,8 +386,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
         keep = []
         for pending in mod.held:
             if pending.deadline <= now:
-                hold = pending.request.get("hold", self.hold_timeout)
-                self._fail(pending, ModuleUnavailable, f"{self._unavailable(mod)} (held {hold:g}s, the hold_timeout)")
+                self._fail(pending, ModuleUnavailable, f"{self._unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
             else:
                 keep.append(pending)
         mod.held.clear()
@@ -609,8 +606,7 @@ class Supervisor(EventLoop, DeadlockDetection, Recovery, Saving):
             mod.error = None
         log.info("module %s READY (pid %d)", mod.name, mod.pid)
         self._release_held(mod)
-        self._advance_waiting()
-        self._check_start()
+        self._advance_waiting()  # which ends with _check_start()
 
     # -- start and stop ------------------------------------------------------
 

@@ -17,8 +17,6 @@ def echo_with_deps(*deps):
     return {"entry": ECHO, "env": {"ECHO_DEPS": ",".join(deps)}}
 
 
-
-
 def test_context_manager_starts_all_ready_and_stops_every_process(tmp_path):
     with cmactor.Supervisor({"a": ECHO, "b": ECHO}, state_dir=tmp_path) as sup:
         status = sup.status()
@@ -174,6 +172,15 @@ def test_held_request_fails_after_hold_timeout(supervisor):
     wait_for(lambda: sup.status()["echo"]["state"] == "RESTARTING")
     with pytest.raises(cmactor.ModuleUnavailable, match="held 0.3s, the hold_timeout"):
         sup.connect().cursor().execute("get echo.kv", {"key": "default"})
+
+
+def test_a_request_with_a_nil_hold_is_held_for_the_hold_timeout(supervisor):
+    # "hold": nil on the wire means "the supervisor's hold_timeout", as a missing key does.
+    sup = supervisor({"echo": {"entry": ECHO, "restart_delay": 3}}, hold_timeout=0.3)
+    os.kill(sup.status()["echo"]["pid"], signal.SIGKILL)
+    wait_for(lambda: sup.status()["echo"]["state"] == "RESTARTING")
+    with sup.connect() as conn, pytest.raises(cmactor.ModuleUnavailable, match="held 0.3s, the hold_timeout"):
+        conn.request({"op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}, "hold": None})
 
 
 def test_crash_loop_quarantines_and_restart_revives(supervisor):

@@ -1,8 +1,10 @@
 """Pure logic: framing, the dependency graph, the restart policy, the agent API objects."""
 
+import json
+
 import msgpack
 import pytest
-from cmsupervisor import deps
+from cmsupervisor import deps, store
 from cmsupervisor.restart import RestartPolicy
 from cmsupervisor.server import BadRequest, parse_request
 from hypothesis import given
@@ -231,3 +233,28 @@ def test_callback_pool_runs_a_burst_and_never_exceeds_its_size():
     for _ in range(200):
         assert finished.acquire(timeout=10)
     assert 1 <= running[1] <= 3
+
+
+def rewrite_header(path, **fields):
+    header, body = path.read_bytes().split(b"\n", 1)
+    path.write_bytes(json.dumps({**json.loads(header), **fields}).encode() + b"\n" + body)
+
+
+@pytest.mark.parametrize(
+    "modules, words",
+    [
+        ([["echo", 1, 2]], "its header's module table is a list, not a map"),
+        ({"echo": [1]}, "bad section bounds for module 'echo': [1]"),
+        ({"echo": ["1", 2]}, "bad section bounds for module 'echo'"),
+        ({"echo": [1, 10_000]}, "bad section bounds for module 'echo'"),
+        ({"echo": [3, -2]}, "bad section bounds for module 'echo'"),
+    ],
+)
+def test_a_config_file_whose_header_misplaces_a_section_is_refused(tmp_path, modules, words):
+    path = tmp_path / store.FILENAME
+    store.write(str(path), {"echo": b'{"kv":[]}'})
+    assert store.read(str(path)) == {"echo": b'{"kv":[]}'}
+    rewrite_header(path, modules=modules)  # the checksum covers the body only: this passes it
+    with pytest.raises(store.StoreError, match=f"config file {path}: .*") as caught:
+        store.read(str(path))
+    assert words in str(caught.value)
