@@ -6,6 +6,7 @@ object. msgpack, never pickle: a client's bytes are untrusted, and one codec for
 both hops keeps the hot path simple.
 """
 
+import collections
 import re
 import struct
 import threading
@@ -39,21 +40,51 @@ OPERATION_RE = re.compile(
 # Rows per getnext batch when a client does not say.
 DEFAULT_BATCH = 1000
 
-# Worker channel message kinds (first element of each list).
+# Worker channel messages: msgpack arrays whose first item is the message kind.
+# Each kind's layout is written once, here, as a named tuple: a sender builds one
+# with its fields (the kind is filled in), a reader decodes with decode(), and
+# msgpack packs a tuple as an array, so the bytes are those of a plain list.
+_KINDS = {}
+
+
+def _kind(code, name, fields, doc):
+    base = collections.namedtuple(name, ("kind", *fields.split()))
+    size = len(base._fields) - 1
+
+    def __new__(cls, *args):
+        if len(args) != size:
+            raise TypeError(f"{name} takes {size} fields ({fields}), got {len(args)}")
+        return tuple.__new__(cls, (code, *args))
+
+    cls = type(name, (base,), {"__slots__": (), "__new__": __new__, "__doc__": doc, "CODE": code})
+    _KINDS[code] = cls
+    return cls
+
+
+def decode(message):
+    """A worker channel message (a list from the wire) as its named tuple."""
+    return _KINDS[message[0]]._make(message)
+
+
 # supervisor -> worker
-REQ = 1  # [REQ, sid, op, table, params, vr, flags, batch, after]
-LOAD = 2  # [LOAD, sid, section_json_bytes_or_None, journal_records]: neither means generate defaults
-STOP = 3  # [STOP]
-SAVE = 4  # [SAVE, sid, tables]
+Req = _kind(1, "Req", "sid op table params vr flags batch after", "A client's request for one action (or walk).")
+Load = _kind(2, "Load", "sid section journal", "Load saved rows (JSON bytes or None) and journal records; neither: defaults.")
+Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
+Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")
 # worker -> supervisor
-INIT = 10  # [INIT, persistent_list, config_deps, async_actions, pool_size_or_None]
-READY = 11  # [READY]
-REPLY = 12  # [REPLY, sid, error_or_None, reply_entries_or_None, dirty] (reply_entries below)
-NOTIFY = 13  # [NOTIFY, sid, text]
-LOG = 14  # [LOG, levelno, logger_name, text]
-FATAL = 15  # [FATAL, message, traceback]
-LOADED = 16  # [LOADED, sid, error_or_None, row_errors, row_error_count]
-SAVED = 17  # [SAVED, sid, error_or_None, section_json_bytes, row_count]
+Init = _kind(10, "Init", "persistent_list config_deps async_actions pool_size", "cmbackend_init() was called.")
+Ready = _kind(11, "Ready", "", "The agent called ready().")
+Reply = _kind(12, "Reply", "sid error entries dirty", "A request's answer: an error map, or reply_entries() bytes.")
+Notify = _kind(13, "Notify", "sid text", "notify_cli() text for a request's client.")
+Log = _kind(14, "Log", "level name text", "A log record of the worker's.")
+Fatal = _kind(15, "Fatal", "message detail", "The entry raised or returned without registering; the worker exits.")
+Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event error, first row errors, rows failed.")
+Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
+# The old names of the kinds, until the worker and the supervisor use the tuples (issue 10).
+REQ, LOAD, STOP, SAVE = Req.CODE, Load.CODE, Stop.CODE, Save.CODE
+INIT, READY, REPLY, NOTIFY, LOG, FATAL, LOADED, SAVED = (
+    k.CODE for k in (Init, Ready, Reply, Notify, Log, Fatal, Loaded, Saved)
+)
 
 # Progress slots: an int64 array in shared memory per worker, written by its lanes
 # as they start and finish work, so that after a crash the supervisor knows which
@@ -161,8 +192,3 @@ class FrameReader:
             return msgpack.unpackb(body, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
-
-    @property
-    def pending(self):
-        """Bytes received that do not yet form a whole frame."""
-        return len(self._buf)

@@ -250,7 +250,7 @@ def serve_worker(sock):
             if isinstance(msg, dict):
                 out += P.pack({"id": msg["id"], "ok": True, "rows": [ROW], "more": False})
             else:
-                out += P.pack([P.REPLY, msg[1], None, [ROW], False, False])
+                out += P.pack([P.Reply.CODE, msg[1], None, [ROW], False, False])
         sock.sendall(out)
 
 
@@ -289,7 +289,7 @@ def serve_broker(client_socks, worker):
                 for req in key.data.feed(data):
                     sid = next(sids)
                     pending[sid] = (sock, req["id"])
-                    buf += P.pack([P.REQ, sid, req["op"], req["table"], req["params"], None, 0, 1, None])
+                    buf += P.pack([P.Req.CODE, sid, req["op"], req["table"], req["params"], None, 0, 1, None])
         for sock, buf in out.items():
             if buf:
                 try:
