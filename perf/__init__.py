@@ -188,9 +188,9 @@ def _groups(sizes, sup, conn):
             Step("calls_checked", "get from an agent, checked", "ops/s", "calls_plain",
                  lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "checked", **sizes["calls"]),
                  "the same gets on the action's own thread: each carries its caller and is checked"),
-            Step("admit", "deadlock check (Supervisor._admit)", "us/check", "calls_plain",
+            Step("admit", "deadlock check (WaitGraph.admit)", "us/check", "calls_plain",
                  lambda: s.admit_timing(sup, "calls_plain"),
-                 "time in Supervisor._admit per checked call (chains and checked gets of the round), wrapped on "
+                 "time in WaitGraph.admit per checked call (chains and checked gets of the round), wrapped on "
                  "the instance; ratio: over the mean round trip of an unchecked get", kind="derived", derived=True),
         ], rounds),
         ([

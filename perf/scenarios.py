@@ -261,18 +261,18 @@ def agent_calls(cur, module, target, mode, count, warmup):
 
 @contextlib.contextmanager
 def admit_timing(sup, plain):
-    """Time the deadlock detector's check, ``Supervisor._admit``, on every call it
+    """Time the deadlock detector's check, ``WaitGraph.admit``, on every call it
     admits: the supervisor runs it on its loop thread for each request that carries
     a caller (made from inside an agent action). The method is wrapped on this
-    instance only (the loop calls ``self._admit``); the wrapper's two clock reads
-    (~0.1 us) are counted in.
+    supervisor's graph only; the wrapper's two clock reads (~0.1 us) are counted in.
 
     Yields a derived round: mean, p50 and p99 per check over the checks made since
     the last round (every step of the group before this one), and as ratio the mean
     check over the mean round trip of the same get unchecked (row ``plain``).
     """
     samples = array("q")
-    admit = sup._admit
+    graph = sup._graph
+    admit = graph.admit
 
     def timed(mod, pending):
         t0 = pc()
@@ -290,11 +290,11 @@ def admit_timing(sup, plain):
         del samples[:]
         return result
 
-    sup._admit = timed
+    graph.admit = timed
     try:
         yield round_
     finally:
-        del sup._admit
+        del graph.admit
 
 
 def extra_cost(slow, fast):

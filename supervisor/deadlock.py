@@ -17,103 +17,100 @@ every executor on it would wait forever, so the call is refused at once with the
 cycle written out. Any call that cannot close a cycle is admitted.
 """
 
-from cmactor.errors import DeadlockDetectedError
-
+from . import graphs
 from .modules import READY, WAITING_DEPS, Module
 
 
-def find_path(start, goal, successors):
-    """Nodes from ``start`` to ``goal`` along ``successors`` (both ends included), or None."""
-    if start is goal:
-        return [start]
-    parents = {start: None}
-    stack = [start]
-    while stack:
-        node = stack.pop()
-        for nxt in successors(node):
-            if nxt in parents:
-                continue
-            parents[nxt] = node
-            if nxt is goal:
-                path = [nxt]
-                while parents[path[-1]] is not None:
-                    path.append(parents[path[-1]])
-                return path[::-1]
-            stack.append(nxt)
-    return None
+class WaitGraph:
+    """Which executors wait on which calls: admit a call, forget it when answered."""
 
+    def __init__(self, modules):
+        self._modules = modules
+        self._waits = {}  # executor -> the calls (Pending) it waits on
 
-def describe(cycle, name):
-    """``alpha → beta → alpha``: the cycle's nodes by ``name(node)``, closed."""
-    names = [name(node) for node in cycle]
-    return " → ".join(names + [names[0]])
-
-
-class DeadlockDetection:
-    """The wait-for graph half of Supervisor: admitting agents' calls."""
-
-    def _admit(self, mod, pending):
-        """Record an agent's call in the wait-for graph, or refuse it if it closes a cycle."""
+    def admit(self, mod, pending):
+        """Record an agent's call to ``mod`` in the graph: None, or the refusal text
+        (for a DeadlockDetectedError) if the call would close a cycle."""
         req = pending.request
         module, lane, sid = req["caller"]
-        caller_mod = self.modules.get(module)
+        caller_mod = self._modules.get(module)
         if caller_mod is None:
-            return True
+            return None
         issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
         if issuer is None:
-            return True  # an async action that is no longer running: nothing waits on it
+            return None  # an async action that is no longer running: nothing waits on it
         pending.is_async = (req["table"], req["op"]) in mod.async_ops
         cycle = None
-        if pending.is_async and mod.state == READY and not mod.saving:
+        if pending.is_async and mod.accepting:
             # It gets a pool thread of its own, unless every thread is busy: then it
             # waits for one of them, a deadlock only if all of them wait on the caller.
             busy = [p for p in mod.inflight.values() if p.is_async]
             if mod.pool_size is not None and len(busy) >= mod.pool_size:
-                paths = [find_path(p, issuer, self._successors) for p in busy]
+                paths = [graphs.find_path(p, issuer, self._successors) for p in busy]
                 if all(paths):
-                    cycle = f"{describe([issuer] + min(paths, key=len)[:-1], self._node_name)} " f"(all {mod.pool_size} threads of {mod.name}'s pool are taken by calls waiting on this one)"
+                    cycle = (
+                        f"{self._describe([issuer, *min(paths, key=len)])} "
+                        f"(all {mod.pool_size} threads of {mod.name}'s pool are taken by calls waiting on this one)"
+                    )
         else:
-            path = find_path(mod, issuer, self._successors)
+            path = graphs.find_path(mod, issuer, self._successors)
             if path is not None:
-                cycle = describe([issuer] + path[:-1], self._node_name)
+                cycle = self._describe([issuer, *path])
         if cycle is not None:
-            self._refuse(pending, mod, issuer, cycle)
-            return False
+            return self._refusal(pending, mod, issuer, cycle)
         pending.issuer = issuer
         self._waits.setdefault(issuer, set()).add(pending)
-        return True
+        return None
 
-    def _refuse_held_cycles(self, mod):
+    def forget(self, pending):
+        """``pending`` was answered: its caller waits on it no more."""
+        calls = self._waits.get(pending.issuer)
+        if calls is not None:
+            calls.discard(pending)
+            if not calls:
+                del self._waits[pending.issuer]
+
+    def forget_module(self, mod):
+        """``mod``'s worker is gone: its lanes and running actions wait on nothing."""
+        self._waits.pop(mod, None)
+        for pending in mod.inflight.values():
+            self._waits.pop(pending, None)
+
+    def refusals_held(self, mod):
         """``mod`` has just started waiting on its config_deps: new edges. A call held
-        for it was admitted while it was STARTING and its deps were unknown; if the
-        caller is one of the executors ``mod`` now waits on, that call can never be
-        served. Refuse it now rather than hold it until its hold_timeout."""
-        for pending in list(mod.held):
+        for it was admitted while it was STARTING and its deps were unknown; if its
+        caller is one of the executors ``mod`` now waits on, it can never be served.
+        Returns [(pending, refusal text)] for those calls, to refuse now rather than
+        hold them until their hold_timeout."""
+        refused = []
+        for pending in mod.held:
             if pending.issuer is None:
                 continue
-            path = find_path(mod, pending.issuer, self._successors)
+            path = graphs.find_path(mod, pending.issuer, self._successors)
             if path is not None:
-                mod.held.remove(pending)
-                self._refuse(pending, mod, pending.issuer, describe([pending.issuer] + path[:-1], self._node_name))
+                cycle = self._describe([pending.issuer, *path])
+                refused.append((pending, self._refusal(pending, mod, pending.issuer, cycle)))
+        return refused
 
-    def _refuse(self, pending, mod, issuer, cycle):
+    def _refusal(self, pending, mod, issuer, cycle):
         req = pending.request
-        self._fail(
-            pending,
-            DeadlockDetectedError,
+        return (
             f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
-            f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one",
+            f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one"
         )
 
     def _successors(self, node):
         """The executors ``node`` is waiting for right now."""
         for call in self._waits.get(node, ()):
-            target = self.modules[call.request["module"]]
+            target = self._modules[call.request["module"]]
             yield call if call.is_async and call.sid is not None else target
         if isinstance(node, Module) and node.state == WAITING_DEPS:
             for dep in node.config_deps:
-                if self.modules[dep].state != READY:
-                    yield self.modules[dep]
+                if self._modules[dep].state != READY:
+                    yield self._modules[dep]
+
+    def _describe(self, cycle):
+        return graphs.describe(cycle, self._node_name)
 
     @staticmethod
     def _node_name(node):

@@ -1,4 +1,7 @@
-"""The config_deps graph: unknown names and cycles."""
+"""The config_deps graph: unknown names, cycles, dependency order, READY gating."""
+
+from . import graphs
+from .modules import FAILED, READY, WAITING_DEPS
 
 
 def unknown(deps, known):
@@ -12,28 +15,43 @@ def find_cycle(start, deps_of):
     ``deps_of`` maps module names to the dependencies they declared so far;
     modules that have not declared yet simply have no edges.
     """
-    path = [start]
-    on_path = {start}
-    done = set()
-
-    def visit(name):
-        for dep in deps_of.get(name, ()):
-            if dep == start:
-                return path + [start]
-            if dep in on_path or dep in done:
-                continue
-            path.append(dep)
-            on_path.add(dep)
-            found = visit(dep)
-            if found:
-                return found
-            on_path.discard(path.pop())
-            done.add(dep)
-        return None
-
-    return visit(start)
+    return graphs.find_cycle(start, lambda name: deps_of.get(name, ()))
 
 
 def format_cycle(cycle):
-    return " → ".join(cycle)
+    return graphs.describe(cycle)
 
+
+def not_ready(mod, modules):
+    """The dependencies of ``mod`` that are not READY yet, in declared order."""
+    return [d for d in mod.config_deps if modules[d].state != READY]
+
+
+def dependencies_first(modules):
+    """Every module, each after the modules it depends on."""
+    order, seen = [], set()
+
+    def visit(mod):
+        if mod.name in seen:
+            return
+        seen.add(mod.name)
+        for dep in mod.config_deps:
+            if dep in modules:
+                visit(modules[dep])
+        order.append(mod)
+
+    for mod in modules.values():
+        visit(mod)
+    return order
+
+
+def settled(mod, modules, seen=()):
+    """READY or FAILED, or waiting on a module that failed (directly or further down),
+    which waits forever: a state start() need not wait out."""
+    if mod.state == READY or mod.state == FAILED:
+        return True
+    if mod.state != WAITING_DEPS or mod.name in seen:
+        return False
+    return any(
+        modules[d].state == FAILED or settled(modules[d], modules, (*seen, mod.name)) for d in not_ready(mod, modules)
+    )

@@ -2,14 +2,22 @@
 
 It waits at once on the listening socket, every client, every worker socket,
 every worker's process sentinel (a crash is seen the moment it happens, no
-polling) and a wake-up pipe through which the public methods, called from other
-threads, hand it work. All module state is touched by this thread only, so none
-of it needs locks. Replies and requests produced during one turn are written at
-the end of the turn, one send per socket.
+polling) and a wake-up pipe through which other threads hand it calls. The
+parts of the supervisor register what they watch, each with its own handler;
+all their state is touched by this thread only, so none of it needs locks.
+
+Output is written at the end of each turn, one send per socket: parts append to
+an endpoint's ``out`` and ``mark()`` it. An endpoint is any object with
+
+- ``sock`` (None once closed) and ``out`` (a bytearray),
+- ``sent()``: some of its output went out,
+- ``drained()``: its output is all gone, or it has none,
+- ``send_failed()``: its socket refused the send.
 """
 
 import concurrent.futures
 import heapq
+import itertools
 import logging
 import os
 import selectors
@@ -18,20 +26,98 @@ import time
 
 from cmactor import protocol as P
 
-from . import server
-
 log = logging.getLogger("cmactor.supervisor")
 
-# selector key kinds
-LISTENER, CLIENT, WORKER, SENTINEL, WAKE = range(5)
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 
 
 class EventLoop:
-    """The loop half of Supervisor (see supervisor.py for the state it works on)."""
+    def __init__(self):
+        self._sel = selectors.DefaultSelector()
+        self._thread = None
+        self._finished = threading.Event()
+        self._calls = []
+        self._calls_lock = threading.Lock()  # also keeps the wake pipe open while it is written
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, _READ, (self._run_calls, self._wake_r, None))
+        self._timers = []  # heap of (when, seq, fn, args)
+        self._timer_seq = itertools.count()
+        self._dirty = set()  # endpoints with output waiting
+        self._writing = set()  # ... whose sockets are registered for write readiness
+        self._before_output = []  # run before each turn's output (journal fsyncs)
+        self._after_output = []  # run after it (the audit log)
 
-    def _call_async(self, fn, *args):
+    # -- running ---------------------------------------------------------
+
+    def start(self, on_death):
+        """Run the loop on its own thread; ``on_death()`` if it dies of an error."""
+        self._thread = threading.Thread(target=self._run, args=(on_death,), name="cmactor-supervisor", daemon=True)
+        self._thread.start()
+
+    def finish(self):
+        """(Loop thread.) End the loop after this turn; calls made from now on fail."""
+        with self._calls_lock:
+            self._finished.set()
+
+    @property
+    def finished(self):
+        return self._finished.is_set()
+
+    def wait(self, timeout=None):
+        return self._finished.wait(timeout)
+
+    def join(self):
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def before_output(self, fn):
+        self._before_output.append(fn)
+
+    def after_output(self, fn):
+        self._after_output.append(fn)
+
+    def _run(self, on_death):
+        try:
+            while not self._finished.is_set():
+                for key, mask in self._sel.select(self._timer_delay()):
+                    on_read, arg, endpoint = key.data
+                    try:
+                        if mask & _READ:
+                            on_read(arg)
+                        if mask & _WRITE:
+                            self._dirty.add(endpoint)  # the rest of its output goes out this turn
+                    except Exception:
+                        log.exception("internal error handling %s; the supervisor carries on", on_read.__qualname__)
+                self._output()
+                # Timers after the turn's output: replies are not kept waiting for them.
+                if self._timers and self._timers[0][0] <= time.monotonic():
+                    self._run_timers()
+                    self._output()
+                for fn in self._after_output:
+                    fn()
+        except BaseException:
+            log.exception("the supervisor loop died; killing every worker")
+            on_death()
+            raise
+        finally:
+            with self._calls_lock:
+                self._finished.set()
+                calls, self._calls = self._calls, []
+                self._sel.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+            for _, _, future in calls:
+                future.set_exception(RuntimeError("the supervisor is stopped"))
+
+    # -- calls from other threads ------------------------------------------
+
+    def call_async(self, fn, *args):
+        """Have the loop thread run ``fn(*args)``; a Future of its result."""
         future = concurrent.futures.Future()
-        with self._calls_lock:  # also keeps the wake pipe open while we write to it
+        with self._calls_lock:
             if self._finished.is_set():
                 raise RuntimeError("the supervisor is stopped")
             self._calls.append((fn, args, future))
@@ -41,55 +127,15 @@ class EventLoop:
                 pass  # the pipe is full of wake-ups already
         return future
 
-    def _call(self, fn, *args):
-        """Run ``fn`` on the loop thread and return its result."""
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the loop thread and return its result."""
         if threading.current_thread() is self._thread:
             return fn(*args)
-        return self._call_async(fn, *args).result()
+        return self.call_async(fn, *args).result()
 
-    def _loop(self):
+    def _run_calls(self, wake_r):
         try:
-            while not self._finished.is_set():
-                for key, mask in self._sel.select(self._timer_delay()):
-                    kind, obj = key.data
-                    try:
-                        if kind == WORKER or kind == CLIENT:
-                            if mask & selectors.EVENT_READ:
-                                (self._read_worker if kind == WORKER else self._read_client)(obj)
-                            if mask & selectors.EVENT_WRITE:
-                                self._dirty.add(obj)  # the rest of its output goes out this turn
-                        elif kind == SENTINEL:
-                            self._on_exit(obj)
-                        elif kind == LISTENER:
-                            self._accept()
-                        else:
-                            self._run_calls()
-                    except Exception:
-                        log.exception("internal error handling %s; the supervisor carries on", key.data)
-                self._send_output()
-                # Timers after the turn's output: replies are not kept waiting for them.
-                if self._timers and self._timers[0][0] <= time.monotonic():
-                    self._run_timers()
-                    self._send_output()
-                self._audit.flush()
-        except BaseException:
-            log.exception("the supervisor loop died; killing every worker")
-            for mod in self.modules.values():
-                self._kill(mod)
-            self._close()
-            raise
-        finally:
-            with self._calls_lock:
-                calls, self._calls = self._calls, []
-                self._sel.close()
-                os.close(self._wake_r)
-                os.close(self._wake_w)
-            for _, _, future in calls:
-                future.set_exception(RuntimeError("the supervisor is stopped"))
-
-    def _run_calls(self):
-        try:
-            while os.read(self._wake_r, 4096):
+            while os.read(wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
@@ -101,7 +147,10 @@ class EventLoop:
             except BaseException as exc:
                 future.set_exception(exc)
 
-    def _after(self, delay, fn, *args):
+    # -- timers ------------------------------------------------------------
+
+    def after(self, delay, fn, *args):
+        """Run ``fn(*args)`` on the loop thread in ``delay`` seconds."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn, args))
 
     def _timer_delay(self):
@@ -116,88 +165,74 @@ class EventLoop:
             try:
                 fn(*args)
             except Exception:
-                log.exception("internal error in timer %s", fn.__name__)
+                log.exception("internal error in timer %s", fn.__qualname__)
 
-    # -- output -----------------------------------------------------------
+    # -- what is watched -----------------------------------------------------
 
-    def _send_output(self):
-        if self._journals_to_sync:
-            self._sync_journals()  # before the replies that depend on them go out
-        if self._dirty:
-            self._flush()
+    def watch(self, fileobj, on_read, arg, endpoint=None):
+        """Call ``on_read(arg)`` whenever ``fileobj`` is readable. ``endpoint``: the
+        endpoint whose socket ``fileobj`` is, if it is one (for write readiness)."""
+        self._sel.register(fileobj, _READ, (on_read, arg, endpoint))
 
-    def _to_client(self, client, message):
-        if not client.closed:
-            client.send(message)
-            self._dirty.add(client)
+    def unwatch(self, fileobj):
+        try:
+            self._sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
 
-    def _to_worker(self, mod, message):
-        mod.send(message)
-        self._dirty.add(mod)
+    def close_endpoint(self, endpoint):
+        """Stop watching an endpoint's socket, and close it."""
+        self._writing.discard(endpoint)
+        self._dirty.discard(endpoint)
+        self.unwatch(endpoint.sock)
+        endpoint.sock.close()
 
-    def _flush(self):
+    # -- output ----------------------------------------------------------
+
+    def mark(self, endpoint):
+        """``endpoint`` has output (or a drained() check) for the end of this turn."""
+        self._dirty.add(endpoint)
+
+    def _output(self):
+        for fn in self._before_output:
+            fn()  # before the replies that depend on them go out
+        if not self._dirty:
+            return
         dirty, self._dirty = self._dirty, set()
-        for item in dirty:
-            sock = item.sock
-            if sock is None or not item.out:
-                if isinstance(item, server.Client) and item.closing:
-                    self._drop_client(item)
+        for endpoint in dirty:
+            sock = endpoint.sock
+            if sock is None or not endpoint.out:
+                endpoint.drained()
                 continue
             try:
-                sent = sock.send(item.out)
+                sent = sock.send(endpoint.out)
             except BlockingIOError:
                 sent = 0
             except OSError:
-                if isinstance(item, server.Client):
-                    self._drop_client(item)
-                else:
-                    item.out.clear()  # the worker is dying; its sentinel will tell
+                endpoint.send_failed()
                 continue
-            del item.out[:sent]
-            if not isinstance(item, server.Client) and item.ring:
-                self._ring(item)
-            self._want_write(item, bool(item.out))
-            if not item.out and isinstance(item, server.Client) and item.closing:
-                self._drop_client(item)
+            del endpoint.out[:sent]
+            endpoint.sent()
+            self._want_write(endpoint, bool(endpoint.out))
+            if not endpoint.out:
+                endpoint.drained()
 
-    @staticmethod
-    def _ring(mod):
-        """Async work went out. A worker runs serial work on its reading thread, so while
-        any serial request of it is unanswered its socket may be unread: ring its
-        doorbell, and another thread reads (see cmactor/worker.py, Runtime._lane_loop)."""
-        mod.ring = False
-        if mod.serial_sids:
-            try:
-                mod.doorbell.send(b"!")
-            except OSError:
-                pass  # full of rings already, or the worker is dying
-
-    def _want_write(self, item, want):
-        if want == (item in self._writing):
+    def _want_write(self, endpoint, want):
+        if want == (endpoint in self._writing):
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-        kind = CLIENT if isinstance(item, server.Client) else WORKER
-        self._sel.modify(item.sock, events, (kind, item))
+        key = self._sel.get_key(endpoint.sock)
+        self._sel.modify(endpoint.sock, _READ | (_WRITE if want else 0), key.data)
         if want:
-            self._writing.add(item)
+            self._writing.add(endpoint)
         else:
-            self._writing.discard(item)
+            self._writing.discard(endpoint)
 
-    def _unwatch(self, item):
-        """Stop watching a client's or worker's socket, and close it."""
-        self._writing.discard(item)
-        try:
-            self._sel.unregister(item.sock)
-        except (KeyError, ValueError):
-            pass
-        item.sock.close()
 
-    @staticmethod
-    def _recv(sock):
-        """Bytes from a non-blocking socket: None if none are ready yet, b"" at EOF or on error."""
-        try:
-            return sock.recv(P.READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return b""
+def recv(sock):
+    """Bytes from a non-blocking socket: None if none are ready yet, b"" at EOF or on error."""
+    try:
+        return sock.recv(P.READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""

@@ -1,13 +1,24 @@
-"""The supervisor's record of one module: its state, its worker and its requests.
+"""The supervisor's record of one module, and its lifecycle as one state machine.
 
-States: STARTING -> WAITING_DEPS -> LOADING -> READY; RESTARTING after a crash;
-FAILED when quarantined or unable to start; STOPPING -> STOPPED on shutdown.
+    STOPPED ──spawn──▶ STARTING ──INIT──▶ WAITING_DEPS ──deps READY──▶ LOADING ──ready()──▶ READY
+                          │                    │                          │                   │
+                          └────────────────────┴──── worker exit ─────────┴───────────────────┴──▶ RESTARTING ──respawn──▶ STARTING
+    any state ──quarantine──▶ FAILED ──operator restart──▶ RESTARTING
+    any state with a worker ──stop──▶ STOPPING ──exit──▶ STOPPED
+
+Every state change goes through ``Module.move``, which refuses a change that is
+not in ``TRANSITIONS``: that is a bug in the supervisor, raised as an
+InternalError naming both states. The predicates below stand in for tuples of
+states repeated by the code that asks.
 """
 
 import collections
+import logging
 import time
 
-from cmactor import protocol as P
+from cmactor.errors import InternalError
+
+log = logging.getLogger("cmactor.supervisor")
 
 STARTING = "STARTING"
 WAITING_DEPS = "WAITING_DEPS"
@@ -17,6 +28,24 @@ RESTARTING = "RESTARTING"
 FAILED = "FAILED"
 STOPPING = "STOPPING"
 STOPPED = "STOPPED"
+
+# state -> the states it may move to. FAILED and STOPPED are reachable from every
+# state (a quarantine or a stop can come at any time); RESTARTING from every state
+# that has or had a worker. A move to the same state is a no-op, and allowed.
+TRANSITIONS = {
+    STOPPED: {STARTING, FAILED},
+    STARTING: {WAITING_DEPS, RESTARTING, FAILED, STOPPING, STOPPED},
+    WAITING_DEPS: {LOADING, RESTARTING, FAILED, STOPPING, STOPPED},
+    LOADING: {READY, RESTARTING, FAILED, STOPPING, STOPPED},
+    READY: {RESTARTING, FAILED, STOPPING, STOPPED},
+    RESTARTING: {STARTING, FAILED, STOPPED},
+    FAILED: {RESTARTING, STOPPED},
+    STOPPING: {STOPPED, FAILED},
+}
+
+
+_NOT_RUNNING = frozenset((STOPPED, FAILED, RESTARTING))
+_LEAVING = frozenset((STOPPING, FAILED, RESTARTING))
 
 
 class Pending:
@@ -37,38 +66,35 @@ class Pending:
 
 
 class Module:
+    """One module: its state, what its agent registered, its current worker, its requests."""
+
     __slots__ = (
         "name",
         "options",
+        "policy",
         "state",
         "process",
-        "sock",
-        "reader",
-        "out",
+        "channel",
         "psutil",
+        "slots",
+        "journal",
         "persistent_list",
         "config_deps",
         "async_ops",
+        "pool_size",
         "unsaved",
-        "ready_called",
-        "loaded",
         "inflight",
         "held",
         "restarts",
-        "policy",
         "started_at",
         "last_exit",
         "error",
         "waiting_on",
         "last_event",
         "saving",
+        "ready_called",
+        "loaded",
         "load_errors",
-        "pool_size",
-        "slots",
-        "journal",
-        "doorbell",
-        "ring",
-        "serial_sids",
     )
 
     def __init__(self, name, options, policy):
@@ -76,49 +102,104 @@ class Module:
         self.options = options
         self.policy = policy
         self.state = STOPPED
+        self.process = None
+        self.channel = None  # workers.Channel of the current worker
         self.psutil = None
+        self.slots = None  # the worker's progress slots (protocol.SLOT_*), in shared memory
+        self.journal = None
         self.persistent_list = []
         self.config_deps = []
-        self.async_ops = frozenset()
+        self.async_ops = frozenset()  # (table, op) pairs served by an @async_action
         self.pool_size = None
         self.unsaved = False
-        self.inflight = {}  # sid -> Pending
+        self.inflight = {}  # sid -> Pending, in dispatch order
         self.held = collections.deque()  # Pending, oldest first
         self.restarts = 0
-        self.last_exit = None
-        self.journal = None
-        self.attach(None, None, None, None)
-        self.state = STOPPED
         self.started_at = None
-
-    @property
-    def pid(self):
-        return self.process.pid if self.process is not None else None
-
-    def attach(self, process, sock, doorbell, slots):
-        """A fresh worker: new sockets, slots and read state, nothing carried over from the last one."""
-        self.process = process
-        self.sock = sock
-        self.doorbell = doorbell  # rung when async work is sent while serial work is unanswered
-        self.ring = False  # async work went into this turn's output
-        self.serial_sids = set()  # serial requests sent and not yet answered by this worker
-        self.slots = slots  # the worker's progress slots (protocol.SLOT_*), in shared memory
-        self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
-        self.out = bytearray()
-        self.state = STARTING
+        self.last_exit = None
+        self.error = None
+        self.waiting_on = None
+        self.last_event = None
+        self.saving = False
         self.ready_called = False
         self.loaded = False
+        self.load_errors = 0
+
+    # -- the state machine ----------------------------------------------
+
+    def move(self, state):
+        """Change state, or raise InternalError if the table does not allow it."""
+        if state == self.state:
+            return
+        if state not in TRANSITIONS[self.state]:
+            raise InternalError(f"module {self.name}: no transition from {self.state} to {state}")
+        if state == STARTING:
+            self._fresh_start()
+        self.state = state
+
+    def _fresh_start(self):
+        # A new worker starts with nothing carried over from the last one's start-up.
         self.started_at = time.monotonic()
         self.error = None
         self.waiting_on = None
         self.last_event = None
         self.saving = False
+        self.ready_called = False
+        self.loaded = False
         self.load_errors = 0
 
-    def send(self, message):
-        self.out += P.pack(message)
+    @property
+    def accepting(self):
+        """Requests go to the worker at once (else they are held, or fail)."""
+        return self.state == READY and not self.saving
+
+    @property
+    def gone(self):
+        """Stopping or stopped: requests fail, nothing is held."""
+        return self.state == STOPPING or self.state == STOPPED
+
+    @property
+    def leaving(self):
+        """Its worker, if it has one, was told to stop or was killed."""
+        return self.state in _LEAVING
+
+    @property
+    def running(self):
+        """A worker is starting, serving or stopping: its uptime counts."""
+        return self.state not in _NOT_RUNNING
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process is not None else None
 
     def uptime(self):
-        if self.started_at is None or self.state in (STOPPED, FAILED, RESTARTING):
-            return None
-        return time.monotonic() - self.started_at
+        return time.monotonic() - self.started_at if self.running and self.started_at is not None else None
+
+    def status(self):
+        """The status entry of this module, but for the psutil figures."""
+        uptime = self.uptime()
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "unsaved": self.unsaved,
+            "uptime": None if uptime is None else round(uptime, 3),
+            "queue": len(self.held),
+            "inflight": len(self.inflight),
+            "last_exit": self.last_exit,
+            "error": self.error,
+            "waiting_on": self.waiting_on if self.state == WAITING_DEPS else None,
+            "saving": self.saving,
+            "load_errors": self.load_errors,
+            "config_deps": list(self.config_deps),
+            "persistent_list": list(self.persistent_list),
+        }
+
+
+def unknown_module(name, modules):
+    """The error text for a module name the supervisor does not run."""
+    return f"unknown module {name!r}; this supervisor runs: {runs(modules)}"
+
+
+def runs(modules):
+    return ", ".join(sorted(modules))

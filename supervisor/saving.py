@@ -10,10 +10,9 @@ are carried over from the last good file, so a save never drops config.
 import concurrent.futures
 import logging
 
-from cmactor import protocol as P
 from cmactor.errors import DatabaseError, OperationalError, to_wire
 
-from . import store
+from . import deps, store
 from .modules import READY
 
 log = logging.getLogger("cmactor.supervisor")
@@ -41,38 +40,58 @@ class SaveJob:
         self.rows += rows
 
 
-class Saving:
-    """The save half of Supervisor: runs SaveJobs on the loop thread."""
+class Saver:
+    """Runs SaveJobs on the loop thread, one at a time; owns the saved config's sections.
 
-    def _request_save(self, waiter, user):
+    ``on_idle()`` is called when a run ends after close(): the stop goes on then."""
+
+    def __init__(self, modules, loop, router, audit, config_path, sections):
+        self._modules = modules
+        self._loop = loop
+        self._router = router
+        self._audit = audit
+        self.config_path = config_path
+        self._sections = sections  # module -> its section of the last good file (bytes)
+        self._job = None
+        self._waiters = []  # (waiter, user) for the next run
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmactor-save")
+        self._closed = False
+        self.on_idle = None
+
+    def section(self, name):
+        """The module's rows in the last good file (JSON bytes), or None."""
+        return self._sections.get(name)
+
+    @property
+    def running(self):
+        return self._job is not None
+
+    def request(self, waiter, user):
         """Queue a save for ``waiter``: a (client, rid) pair or a Future."""
-        if self._stopping:
-            self._reply_save([(waiter, user)], OperationalError, "save refused: the supervisor is stopping")
+        if self._closed:
+            self._reply([(waiter, user)], OperationalError, "save refused: the supervisor is stopping")
             return
-        self._save_waiters.append((waiter, user))
-        if self._save_job is None:
-            self._start_save()
+        self._waiters.append((waiter, user))
+        if self._job is None:
+            self._start()
 
-    def _start_save(self):
-        waiters, self._save_waiters = self._save_waiters, []
-        order = []
-        for mod in self.modules.values():  # dependencies first
-            self._dependency_first(mod, order, set())
-        modules = [m for m in order if m.persistent_list]
-        self._save_job = SaveJob(waiters, modules, self._sections)
-        self._save_next()
+    def close(self):
+        """The supervisor is stopping: refuse the saves still to run (a running one finishes)."""
+        self._closed = True
+        waiters, self._waiters = self._waiters, []
+        self._reply(waiters, OperationalError, "save refused: the supervisor is stopping")
 
-    def _dependency_first(self, mod, order, seen):
-        if mod in order or mod.name in seen:
-            return
-        seen.add(mod.name)
-        for dep in mod.config_deps:
-            if dep in self.modules:
-                self._dependency_first(self.modules[dep], order, seen)
-        order.append(mod)
+    def shutdown(self):
+        self._writer.shutdown(wait=True)
 
-    def _save_next(self):
-        job = self._save_job
+    def _start(self):
+        waiters, self._waiters = self._waiters, []
+        modules = [m for m in deps.dependencies_first(self._modules) if m.persistent_list]
+        self._job = SaveJob(waiters, modules, self._sections)
+        self._next()
+
+    def _next(self):
+        job = self._job
         while (mod := job.next_module()) is not None:
             if mod.state != READY:
                 continue  # its last saved section is carried over
@@ -81,57 +100,65 @@ class Saving:
             # Cleared now: a change acknowledged during the walk marks it again.
             job.was_unsaved[mod.name] = mod.unsaved
             mod.unsaved = False
-            job.sid = next(self._next_sid)
-            self._to_worker(mod, [P.SAVE, job.sid, mod.persistent_list])
+            job.sid = mod.channel.save(mod.persistent_list)
             return
-        future = self._save_writer.submit(store.write, self.config_path, job.sections)
-        future.add_done_callback(lambda f: self._call_async(self._on_written, job, f))
+        future = self._writer.submit(store.write, self.config_path, job.sections)
+        future.add_done_callback(lambda f: self._loop.call_async(self._on_written, job, f))
 
-    def _on_saved(self, mod, sid, error, section, rows):
-        job = self._save_job
+    def on_saved(self, mod, saved):
+        """A worker's Saved: the module's section, or why its walk failed."""
+        self._walked(mod, saved.sid, saved.error, saved.section, saved.rows)
+
+    def worker_died(self, mod, reason):
+        job = self._job
+        if job is not None and job.current is mod:
+            self._walked(mod, job.sid, f"the worker died during the save ({reason})", None, 0)
+
+    def _walked(self, mod, sid, error, section, rows):
+        job = self._job
         if job is None or job.current is not mod or job.sid != sid:
             return
         mod.saving = False
-        self._release_held(mod)
+        self._router.release_held(mod)
         if error is None:
             job.done(mod.name, section, rows)
-            self._save_next()
+            self._next()
             return
         log.error("save failed: module %s: %s", mod.name, error)
-        self._end_save(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
+        self._end(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
 
     def _on_written(self, job, future):
         try:
             future.result()
         except OSError as exc:
-            self._end_save(job, OperationalError, f"save failed: cannot write {self.config_path}: {exc}")
+            self._end(job, OperationalError, f"save failed: cannot write {self.config_path}: {exc}")
             return
         self._sections = job.sections
         for name in job.saved:  # now in the config file
             try:
-                self.modules[name].journal.drop_first(job.journaled[name])
+                self._modules[name].journal.drop_first(job.journaled[name])
             except OSError as exc:
                 # The save stands; the journal keeps records the file now holds too,
                 # which a restart replays again on top of the same rows.
                 log.error("module %s: could not truncate its journal after the save: %s", name, exc)
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
-        self._end_save(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
+        self._end(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
 
-    def _end_save(self, job, exc_type, result):
+    def _end(self, job, exc_type, result):
         if exc_type is not None:
             for name, was in job.was_unsaved.items():
-                self.modules[name].unsaved = self.modules[name].unsaved or was
+                self._modules[name].unsaved = self._modules[name].unsaved or was
             if job.current is not None:
                 job.current.saving = False
-                self._release_held(job.current)
-        self._reply_save(job.waiters, exc_type, result)
-        self._save_job = None
-        if self._stopping:
-            self._continue_stop()
-        elif self._save_waiters:
-            self._start_save()
+                self._router.release_held(job.current)
+        self._reply(job.waiters, exc_type, result)
+        self._job = None
+        if self._closed:
+            self.on_idle()
+        elif self._waiters:
+            self._start()
 
-    def _reply_save(self, waiters, exc_type, result):
+    def _reply(self, waiters, exc_type, result):
         outcome = "ok" if exc_type is None else f"{exc_type.__name__}: {result}"
         for waiter, user in waiters:
             self._audit.record(user, "save", None, None, None, outcome)
@@ -143,6 +170,6 @@ class Saving:
                 continue
             client, rid = waiter
             if exc_type is None:
-                self._to_client(client, {"id": rid, "ok": True, "saved": result})
+                client.send({"id": rid, "ok": True, "saved": result})
             else:
-                self._to_client(client, {"id": rid, "ok": False, "error": to_wire(exc_type, result)})
+                client.send({"id": rid, "ok": False, "error": to_wire(exc_type, result)})

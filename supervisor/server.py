@@ -1,4 +1,4 @@
-"""The frontend socket: listening, peer checks, framing and request validation.
+"""The frontend socket: listening, clients, peer checks, framing and request validation.
 
 Bytes from clients are untrusted: frames are size-checked before their body is
 read, decoded with msgpack only, and every field is checked before a request
@@ -6,13 +6,19 @@ reaches the routing code. A client whose stream is broken is answered once and
 dropped; everyone else goes on being served.
 """
 
+import logging
 import os
+import shutil
 import socket
 import struct
 import tempfile
 
 from cmactor import protocol as P
 from cmactor.errors import InterfaceError, ProgrammingError, to_wire
+
+from .loop import recv
+
+log = logging.getLogger("cmactor.supervisor")
 
 # Longest path an AF_UNIX socket can bind on Linux (108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
@@ -86,11 +92,12 @@ def peer_uid(sock):
 
 
 class Client:
-    """One connected frontend: its socket, read state and pending output."""
+    """One connected frontend, an endpoint of the loop: its socket, read state and pending output."""
 
-    __slots__ = ("sock", "reader", "out", "closed", "closing")
+    __slots__ = ("sock", "reader", "out", "closed", "closing", "_server")
 
-    def __init__(self, sock, max_frame):
+    def __init__(self, server, sock, max_frame):
+        self._server = server
         self.sock = sock
         self.reader = P.FrameReader(max_frame)
         self.out = bytearray()
@@ -98,8 +105,16 @@ class Client:
         self.closing = False  # answered with a stream error: drop once flushed
 
     def send(self, message):
+        """Queue ``message`` (a map) for this turn's output; dropped if the client is gone."""
         if not self.closed:
             self.out += P.pack(message)
+            self._server.loop.mark(self)
+
+    def send_frame(self, frame):
+        """Queue a frame already encoded (protocol.reply_frame)."""
+        if not self.closed:
+            self.out += frame
+            self._server.loop.mark(self)
 
     def reply_error(self, rid, exc_type, message):
         self.send({"id": rid, "ok": False, "error": to_wire(exc_type, message)})
@@ -108,6 +123,98 @@ class Client:
         """Answer a stream-level error (no request id can be trusted) and drop the client."""
         self.reply_error(None, InterfaceError, message)
         self.closing = True
+
+    # endpoint interface (loop.py)
+    def sent(self):
+        pass
+
+    def drained(self):
+        if self.closing:
+            self._server.drop(self)
+
+    def send_failed(self):
+        self._server.drop(self)
+
+
+class Server:
+    """The frontend socket: accepts clients, checks their uid, reads their frames and
+    hands each valid request to ``handle(client, request)``; answers bad ones itself."""
+
+    def __init__(self, loop, listening, handle, max_frame, allowed_uids):
+        self.loop = loop
+        self._listener, self.socket_path, self._private_dir = listening  # from listen()
+        self._handle = handle
+        self._max_frame = max_frame
+        self._allowed_uids = frozenset(allowed_uids)
+        self._clients = set()
+        loop.watch(self._listener, self._accept, self._listener)
+
+    def _accept(self, listener):
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            uid = peer_uid(sock)
+            client = Client(self, sock, self._max_frame)
+            self._clients.add(client)
+            self.loop.watch(sock, self._read, client, client)
+            if uid is not None and uid != os.getuid() and uid not in self._allowed_uids:
+                log.warning("refused a client with uid %s", uid)
+                client.fail_stream(
+                    f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it"
+                )
+                self.loop.mark(client)
+
+    def _read(self, client):
+        data = recv(client.sock)
+        if data is None:
+            return
+        if not data:
+            self.drop(client)  # replies still running for it are dropped on arrival
+            return
+        if client.closing:
+            return
+        try:
+            messages = client.reader.feed(data)
+        except P.FrameError as exc:
+            client.fail_stream(f"{exc}; closing this connection")
+            self.loop.mark(client)
+            return
+        for message in messages:
+            try:
+                request = parse_request(message)
+            except BadRequest as exc:
+                client.reply_error(exc.rid, exc.exc_type, str(exc))
+                continue
+            self._handle(client, request)
+
+    def drop(self, client):
+        if client.closed:
+            return
+        client.closed = True
+        self._clients.discard(client)
+        self.loop.close_endpoint(client)
+
+    def close(self):
+        """Drop every client, stop listening and remove the socket (and its private directory)."""
+        for client in list(self._clients):
+            self.drop(client)
+        if self._listener is None:
+            return
+        self.loop.unwatch(self._listener)
+        self._listener.close()
+        self._listener = None
+        try:
+            os.unlink(self.socket_path)
+        except OSError:
+            pass
+        if self._private_dir:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
 
 
 def _str_map(rid, name, value, allow_null=False):

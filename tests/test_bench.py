@@ -28,7 +28,7 @@ ROWS = [
     "chain A(async)->B->A",
     "get from an agent, unchecked",
     "get from an agent, checked",
-    "deadlock check (Supervisor._admit)",
+    "deadlock check (WaitGraph.admit)",
     "floor: forkserver Process start",
     "restart after SIGKILL, to answering",
     "restart after SIGKILL, 10k journaled rows",

@@ -1,0 +1,228 @@
+"""Bringing modules up and down: start-up gated on config_deps, loading, quarantine, the orderly stop.
+
+A worker registers (Init) and its module waits for its config_deps to be READY;
+then it is loaded (the saved section plus the journal, or defaults) and goes
+READY once the load is done and the agent called ready(). start() waits until
+every module is READY or settled where it will stay. A stop goes dependents
+first, each module once its in-flight requests are answered.
+"""
+
+import logging
+import threading
+
+from cmactor import protocol as P
+
+from . import deps
+from .modules import FAILED, LOADING, READY, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
+
+log = logging.getLogger("cmactor.supervisor")
+
+
+class Lifecycle:
+    """``on_stopped()`` is called once every worker is gone after a stop."""
+
+    def __init__(self, modules, loop, workers, router, saver, *, stop_timeout, on_stopped):
+        self._modules = modules
+        self._loop = loop
+        self._workers = workers
+        self._router = router
+        self._saver = saver
+        self._stop_timeout = stop_timeout
+        self._on_stopped = on_stopped
+        self.starting = True  # start() has not returned yet: a crash then is a failed start
+        self.stopping = False
+        self.start_done = threading.Event()
+
+    # -- up -------------------------------------------------------------
+
+    def start_all(self):
+        for mod in self._modules.values():
+            self.launch(mod)
+
+    def launch(self, mod):
+        """Start a worker for ``mod``: STARTING, or FAILED if no process could be started."""
+        error = self._workers.spawn(mod)
+        if error is not None:
+            self.quarantine(mod, error)
+            return
+        mod.move(STARTING)
+
+    def on_init(self, mod, init):
+        """The agent called cmbackend_init(): check its config_deps, then wait for them."""
+        if mod.state != STARTING:
+            return
+        mod.persistent_list = init.persistent_list
+        mod.config_deps = init.config_deps
+        # (table, op) pairs served by an @async_action: looked up per request, not formatted.
+        mod.async_ops = frozenset(
+            (name[: -len(suffix) - 1], op)
+            for name in init.async_actions
+            for op, suffix in P.ACTION_SUFFIX.items()
+            if name.endswith("_" + suffix)
+        )
+        mod.pool_size = init.pool_size
+        missing = deps.unknown(mod.config_deps, self._modules)
+        if missing:
+            self.quarantine(
+                mod,
+                f"config_deps names {', '.join(map(repr, missing))}, which this supervisor does not run "
+                f"(it runs: {runs(self._modules)})",
+            )
+            return
+        cycle = deps.find_cycle(mod.name, {m.name: m.config_deps for m in self._modules.values()})
+        if cycle:
+            reason = f"config_deps cycle: {deps.format_cycle(cycle)}"
+            for name in dict.fromkeys(cycle):
+                self.quarantine(self._modules[name], reason)
+            return
+        mod.move(WAITING_DEPS)
+        self._router.refuse_held_cycles(mod)
+        self._advance_waiting()
+
+    def _advance_waiting(self):
+        for mod in self._modules.values():
+            if mod.state != WAITING_DEPS:
+                continue
+            not_ready = deps.not_ready(mod, self._modules)
+            mod.waiting_on = not_ready[0] if not_ready else None
+            if not not_ready:
+                self._load(mod)
+        self._check_start()
+
+    def _load(self, mod):
+        """Replay the module's saved section, or have it generate defaults when it has none."""
+        mod.move(LOADING)
+        section = self._saver.section(mod.name)
+        journal = mod.journal.records
+        mod.last_event = "event_generate_default" if section is None and not journal else "event_load_start"
+        mod.channel.load(section, journal)
+        # Changes replayed from the journal are not in the config file: still unsaved.
+        mod.unsaved = bool(journal)
+        self._loop.after(mod.options["load_timeout"], self._check_stuck, mod, mod.process)
+
+    def on_loaded(self, mod, loaded):
+        if mod.last_event == "event_load_start":
+            mod.last_event = "event_load_complete"
+        mod.loaded = True
+        mod.load_errors = failed = loaded.failed
+        failures = loaded.failures
+        for failure in failures:
+            log.error(
+                "module %s: saved row of table %s did not load: %s; row: %s",
+                mod.name,
+                failure["table"],
+                failure["message"],
+                failure["row"],
+            )
+        if failed > len(failures):
+            log.error("module %s: %d more saved rows did not load", mod.name, failed - len(failures))
+        if loaded.error is not None:
+            log.error("module %s: %s", mod.name, loaded.error)
+            mod.error = loaded.error
+        elif failed:
+            first = failures[0]
+            mod.error = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
+        self._maybe_ready(mod)
+
+    def on_ready(self, mod, _ready):
+        mod.ready_called = True
+        self._maybe_ready(mod)
+
+    def on_fatal(self, mod, fatal):
+        mod.error = fatal.message
+        log.error("module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else "")
+
+    def _check_stuck(self, mod, process):
+        if mod.process is process and mod.state == LOADING:
+            reason = f"stuck: ready() not called within {mod.options['load_timeout']:g}s; last event {mod.last_event}"
+            log.warning("module %s %s", mod.name, reason)
+            mod.error = f"{mod.error}; {reason}" if mod.error else reason
+
+    def _maybe_ready(self, mod):
+        if mod.state != LOADING or not (mod.loaded and mod.ready_called):
+            return
+        mod.move(READY)
+        if not mod.load_errors:
+            mod.error = None
+        log.info("module %s READY (pid %d)", mod.name, mod.pid)
+        self._router.release_held(mod)
+        self._advance_waiting()  # which ends with _check_start()
+
+    def quarantine(self, mod, reason):
+        log.error("module %s FAILED: %s", mod.name, reason)
+        mod.move(FAILED)
+        mod.error = reason
+        self._workers.kill(mod)
+        self._router.fail_held(mod)
+        self._check_start()
+
+    # -- start() ----------------------------------------------------------
+
+    def _check_start(self):
+        """Let start() return once every module is READY, or settled where it will stay."""
+        if all(deps.settled(mod, self._modules) for mod in self._modules.values()):
+            self.start_done.set()
+
+    def not_ready(self):
+        """Each module that is not READY, with why: what start() reports when it gives up."""
+        reasons = {}
+        for mod in self._modules.values():
+            if mod.state == READY:
+                continue
+            if mod.state == FAILED:
+                reasons[mod.name] = f"FAILED: {mod.error}"
+            elif mod.state == STARTING:
+                reasons[mod.name] = "STARTING: the entry has not called cmbackend_init()"
+            elif mod.state == WAITING_DEPS:
+                reasons[mod.name] = f"WAITING_DEPS on {mod.waiting_on!r} ({self._modules[mod.waiting_on].state})"
+            elif mod.state == LOADING and mod.loaded:
+                reasons[mod.name] = f"LOADING: {mod.last_event} returned but ready() was never called"
+            else:
+                reasons[mod.name] = f"{mod.state}: {mod.last_event or 'no event'} still running"
+        return reasons
+
+    def end_start(self):
+        self.starting = False
+
+    # -- down -------------------------------------------------------------
+
+    def begin_stop(self):
+        if self.stopping:
+            return
+        self.stopping = True
+        self.start_done.set()
+        self._saver.close()
+        self._router.close()
+        for mod in self._modules.values():
+            if mod.process is None and mod.state != FAILED:
+                mod.move(STOPPED)
+        self._loop.after(self._stop_timeout, self._kill_remaining)
+        self.continue_stop()
+
+    def continue_stop(self):
+        """Stop what can stop now: modules with no requests in flight and no live dependents."""
+        if self._saver.running:
+            return  # a save in progress finishes first (stop_timeout still bounds it)
+        alive = [m for m in self._modules.values() if m.process is not None]
+        if not alive:
+            self._on_stopped()
+            return
+        for mod in alive:
+            if mod.leaving or mod.inflight:
+                continue
+            if any(mod.name in other.config_deps for other in alive if other is not mod):
+                continue  # dependents stop first
+            log.info("module %s stopping", mod.name)
+            mod.move(STOPPING)
+            mod.channel.stop()
+
+    def _kill_remaining(self):
+        for mod in self._modules.values():
+            if mod.process is not None:
+                log.warning("module %s did not stop within stop_timeout; killing it", mod.name)
+                self._workers.kill(mod)
+
+    def exited_while_stopping(self, mod):
+        """A worker ended during the stop."""
+        mod.move(STOPPED)
+        self.continue_stop()

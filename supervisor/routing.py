@@ -1,0 +1,179 @@
+"""Routing: a data request from its client to its module's worker and its answer back.
+
+A request to a module that is READY (and not saving) goes to its worker at once.
+One to a module that is starting, loading, saving or restarting is held, up to
+its hold time, and sent when the module is READY again. Calls made by agents are
+first admitted by the wait-for graph (deadlock.py), which may refuse them.
+
+An answer goes to its client after the journal has the change it acknowledges
+(the loop fsyncs touched journals before each turn's output), and sets and
+setops are written to the audit log.
+"""
+
+import time
+
+from cmactor import protocol as P
+from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, ProgrammingError, to_wire
+
+from .modules import FAILED, READY, WAITING_DEPS, Pending, unknown_module
+
+_CHANGES = ("set", "setop")
+
+
+class Router:
+    def __init__(self, modules, loop, graph, audit, hold_timeout):
+        self._modules = modules
+        self._loop = loop
+        self._graph = graph
+        self._audit = audit
+        self.hold_timeout = hold_timeout
+        self._closed = False  # the supervisor is stopping: nothing is held or sent any more
+        self._journals_to_sync = set()
+        loop.before_output(self._sync_journals)
+
+    # -- in -------------------------------------------------------------
+
+    def route(self, client, request):
+        name = request["module"]
+        mod = self._modules.get(name)
+        pending = Pending(client, request["id"], request)
+        if mod is None:
+            self.fail(pending, ProgrammingError, unknown_module(name, self._modules))
+            return
+        if request.get("caller") is not None:
+            refusal = self._graph.admit(mod, pending)
+            if refusal is not None:
+                self.fail(pending, DeadlockDetectedError, refusal)
+                return
+        if mod.accepting and not self._closed:
+            self._dispatch(mod, pending)
+            return
+        hold = request.get("hold")
+        explicit = hold is not None
+        hold = self.hold_timeout if hold is None else hold
+        if self._closed or mod.gone or hold == 0 or (mod.state == FAILED and not explicit):
+            self.fail(pending, ModuleUnavailable, self.unavailable(mod))
+            return
+        self._hold(mod, [pending], hold)
+
+    def _dispatch(self, mod, pending):
+        req = pending.request
+        pending.dispatched_at = time.monotonic()
+        if mod.async_ops:  # counted against the pool by the deadlock detector
+            pending.is_async = (req["table"], req["op"]) in mod.async_ops
+        flags = P.F_NOTIFY if req.get("notify") else 0
+        sid = pending.sid = mod.channel.request(
+            req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"], pending.is_async
+        )
+        mod.inflight[sid] = pending
+
+    # -- holding ----------------------------------------------------------
+
+    def _hold(self, mod, requests, hold, front=False):
+        deadline = time.monotonic() + hold
+        for pending in requests:
+            pending.hold, pending.deadline = hold, deadline
+        if front:
+            mod.held.extendleft(reversed(requests))
+        else:
+            mod.held.extend(requests)
+        self._loop.after(hold, self._expire_held, mod)
+
+    def hold_again(self, mod, requests):
+        """Requests a dead worker had not started: first in line once it is back."""
+        if requests:
+            self._hold(mod, requests, self.hold_timeout, front=True)
+
+    def _expire_held(self, mod):
+        now = time.monotonic()
+        keep = []
+        for pending in mod.held:
+            if pending.deadline <= now:
+                self.fail(pending, ModuleUnavailable, f"{self.unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
+            else:
+                keep.append(pending)
+        mod.held.clear()
+        mod.held.extend(keep)
+
+    def release_held(self, mod):
+        """``mod`` accepts requests again: send what was held for it, oldest first."""
+        held = list(mod.held)
+        mod.held.clear()
+        for pending in held:
+            if not pending.client.closed:
+                self._dispatch(mod, pending)
+
+    def fail_held(self, mod):
+        held = list(mod.held)
+        mod.held.clear()
+        for pending in held:
+            self.fail(pending, ModuleUnavailable, self.unavailable(mod))
+
+    def refuse_held_cycles(self, mod):
+        """``mod`` now waits on its config_deps: refuse held calls that can never be served."""
+        for pending, refusal in self._graph.refusals_held(mod):
+            mod.held.remove(pending)
+            self.fail(pending, DeadlockDetectedError, refusal)
+
+    def close(self):
+        """The supervisor is stopping: fail every held request and hold nothing more."""
+        self._closed = True
+        for mod in self._modules.values():
+            self.fail_held(mod)
+
+    def unavailable(self, mod):
+        """Why requests to ``mod`` are not being served."""
+        name = mod.name
+        if self._closed or mod.gone:
+            return f"module {name!r} is unavailable: the supervisor is stopping"
+        if mod.state == FAILED:
+            return f"module {name!r} is quarantined (FAILED): {mod.error}; revive it with `cmactor restart {name}`"
+        if mod.state == READY and mod.saving:
+            return f"module {name!r} is not READY (saving)"
+        detail = f", waiting on {mod.waiting_on!r}" if mod.state == WAITING_DEPS and mod.waiting_on else ""
+        return f"module {name!r} is not READY (state {mod.state}{detail})"
+
+    # -- out --------------------------------------------------------------
+
+    def on_reply(self, mod, reply):
+        """A worker's Reply: journal the change it acknowledges, then answer the client."""
+        sid = reply.sid
+        mod.channel.answered(sid)
+        pending = mod.inflight.pop(sid, None)
+        if pending is None:
+            return  # answered already (timed out)
+        if reply.error is None and reply.dirty:
+            mod.unsaved = True
+            req = pending.request
+            if req["op"] in _CHANGES and req["table"] in mod.persistent_list:
+                mod.journal.append(req["op"], req["table"], req["params"])
+                self._journals_to_sync.add(mod.journal)
+        self.answer(pending, reply.error, reply.entries)
+
+    def on_notify(self, mod, notify):
+        pending = mod.inflight.get(notify.sid)
+        if pending is not None:
+            pending.client.send({"id": pending.rid, "notify": notify.text})
+
+    def answer(self, pending, error=None, entries=None):
+        """Send a request's final reply: the worker's ``entries`` (protocol.reply_entries), or
+        ``error`` (a wire error map)."""
+        if error is None:
+            pending.client.send_frame(P.reply_frame(pending.rid, entries))
+        else:
+            pending.client.send({"id": pending.rid, "ok": False, "error": error})
+        if pending.issuer is not None:
+            self._graph.forget(pending)
+        req = pending.request
+        if req["op"] in _CHANGES:
+            outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
+            self._audit.record(req.get("user", ""), req["op"], req["module"], req["table"], req["params"], outcome)
+
+    def fail(self, pending, exc_type, message):
+        self.answer(pending, to_wire(exc_type, message))
+
+    def _sync_journals(self):
+        if self._journals_to_sync:
+            journals, self._journals_to_sync = self._journals_to_sync, set()
+            for journal in journals:
+                journal.sync()

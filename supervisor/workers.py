@@ -1,0 +1,226 @@
+"""Worker processes: starting one, its channel, reading it, ending it.
+
+Each worker gets a fresh socket pair (its channel) and a doorbell pair at every
+start, so a worker killed mid-write cannot poison the next one. The channel is
+an endpoint of the loop; what arrives on it is decoded (protocol's named
+messages) and handed to the handler registered for its kind.
+"""
+
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+
+from cmactor import protocol as P
+from cmactor import worker
+
+from . import health
+from .loop import recv
+
+log = logging.getLogger("cmactor.supervisor")
+
+# Never fork from the supervisor: it has threads, and a fork of a threaded process
+# can deadlock. The fork server is a single-threaded process forked once, early.
+START_METHOD = "forkserver"
+
+
+class Channel:
+    """The supervisor's end of one worker's socket pair, an endpoint of the loop.
+
+    Every item the worker's serial lane runs (requests, loads, saves) gets an id
+    from one counter that only grows, so that after a crash the lane's last
+    started id (progress slots) splits the unanswered requests in two."""
+
+    __slots__ = ("sock", "doorbell", "reader", "out", "_sids", "_mark", "_ring", "_serial_sids")
+
+    def __init__(self, sock, doorbell, sids, mark):
+        self.sock = sock
+        self.doorbell = doorbell  # rung when async work is sent while serial work is unanswered
+        self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
+        self.out = bytearray()
+        self._sids = sids
+        self._mark = mark
+        self._ring = False  # async work went into this turn's output
+        self._serial_sids = set()  # serial requests sent and not yet answered
+
+    def _send(self, message):
+        self.out += P.pack(message)
+        self._mark(self)
+
+    def request(self, op, table, params, vr, flags, batch, after, is_async):
+        """Send one request; its sid."""
+        sid = next(self._sids)
+        if is_async:
+            self._ring = True
+        else:
+            self._serial_sids.add(sid)
+        self._send(P.Req(sid, op, table, params, vr, flags, batch, after))
+        return sid
+
+    def answered(self, sid):
+        self._serial_sids.discard(sid)
+
+    def load(self, section, journal):
+        sid = next(self._sids)
+        self._send(P.Load(sid, section, journal))
+        return sid
+
+    def save(self, tables):
+        sid = next(self._sids)
+        self._send(P.Save(sid, tables))
+        return sid
+
+    def stop(self):
+        self._send(P.Stop())
+
+    # endpoint interface (loop.py)
+    def sent(self):
+        """Async work went out. A worker runs serial work on its reading thread, so while
+        any serial request of it is unanswered its socket may be unread: ring its
+        doorbell, and another thread reads (see cmactor/worker.py, the lane loop)."""
+        if self._ring:
+            self._ring = False
+            if self._serial_sids:
+                try:
+                    self.doorbell.send(b"!")
+                except OSError:
+                    pass  # full of rings already, or the worker is dying
+
+    def drained(self):
+        pass
+
+    def send_failed(self):
+        self.out.clear()  # the worker is dying; its sentinel will tell
+
+    def close(self):
+        self.doorbell.close()
+
+
+class Workers:
+    """Starts and ends the worker processes of modules and reads their channels.
+
+    What a worker sends goes to the handler registered for its kind (handle());
+    ``on_exit(mod)`` is called when a worker's process sentinel fires."""
+
+    def __init__(self, loop, *, socket_path, base_dir, log_level):
+        self._loop = loop
+        self._handlers = {}
+        self.on_exit = None
+        self._socket_path = socket_path
+        self._base_dir = base_dir
+        self._log_level = log_level
+        self._sids = itertools.count(1)
+        self._mp = multiprocessing.get_context(START_METHOD)
+        # Preloaded in the fork server, so a worker (and a restart) starts with the
+        # runtime already imported: a fork, not a fresh interpreter.
+        self._mp.set_forkserver_preload(["cmactor.worker"])
+
+    def handle(self, kind, handler):
+        """Call ``handler(mod, message)`` for each message of class ``kind`` (protocol.Reply, ...)."""
+        self._handlers[kind.CODE] = handler
+
+    def spawn(self, mod):
+        """Start a worker for ``mod``; None, or why it could not be started."""
+        parent, child = socket.socketpair()
+        bell, bell_child = socket.socketpair()
+        env = dict(os.environ)
+        env.update(mod.options["env"])
+        env["CMACTOR_SOCKET"] = self._socket_path
+        env["CMACTOR_MODULE"] = mod.name
+        spec = {
+            "module": mod.name,
+            "entry": mod.options["entry"],
+            "cwd": os.getcwd(),
+            "sys_path": [self._base_dir] + [p or os.getcwd() for p in sys.path],
+            "env": env,
+            "pool_size": mod.options["pool_size"],
+            "log_level": self._log_level,
+        }
+        slots = self._mp.RawArray("q", P.SLOTS_SIZE)
+        process = self._mp.Process(target=worker.main, args=(spec, child, bell_child, slots), name=f"cmactor-{mod.name}")
+        try:
+            process.start()
+        except Exception as exc:
+            for sock in (parent, child, bell, bell_child):
+                sock.close()
+            return f"could not start a worker process: {type(exc).__name__}: {exc}"
+        child.close()  # else the worker's death would never show as EOF here
+        bell_child.close()
+        parent.setblocking(False)
+        bell.setblocking(False)
+        mod.process = process
+        mod.slots = slots
+        mod.channel = Channel(parent, bell, self._sids, self._loop.mark)
+        mod.psutil = health.track(process.pid)
+        self._loop.watch(parent, self._read, mod, mod.channel)
+        self._loop.watch(process.sentinel, self.on_exit, mod)
+        log.debug("module %s: worker pid %d started", mod.name, process.pid)
+        return None
+
+    def _read(self, mod, drain=False):
+        """What the worker sent: one read, or (``drain``) all it sent before it died."""
+        channel = mod.channel
+        while channel.sock is not None:
+            data = recv(channel.sock)
+            if data is None:
+                return
+            if not data:
+                self._close_channel(mod)  # the sentinel reports the exit itself
+                return
+            for message in channel.reader.feed(data):
+                self._handlers[message[0]](mod, P.decode(message))
+            if not drain:
+                return
+
+    def reap(self, mod):
+        """A worker's sentinel fired: collect its exit and every reply it sent first,
+        take its process group down and forget it. Returns (pid, exit code)."""
+        process = mod.process
+        pid = process.pid
+        self._loop.unwatch(process.sentinel)
+        process.join()  # the sentinel fired: this returns at once
+        code = process.exitcode
+        process.close()
+        if mod.channel.sock is not None:
+            self._read(mod, drain=True)  # replies it sent before dying still count
+            self._close_channel(mod)
+        kill_group(pid)
+        mod.process = None
+        mod.psutil = None
+        return pid, code
+
+    def _close_channel(self, mod):
+        channel = mod.channel
+        if channel.sock is None:
+            return
+        channel.close()
+        self._loop.close_endpoint(channel)
+        channel.sock = None
+        channel.out.clear()
+
+    @staticmethod
+    def kill(mod):
+        """SIGKILL the worker's whole process group; its sentinel reports the exit."""
+        if mod.process is not None:
+            kill_group(mod.process.pid)
+
+
+def kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(code):
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
