@@ -3,4 +3,33 @@
 Imported as ``cmsupervisor`` (the folder is supervisor/): PyPI's supervisord owns
 the import name ``supervisor``. Users reach it through ``cmactor.Supervisor`` and
 the ``cmactor`` command.
+
+How a request flows, all on the loop thread (loop.py) but for the worker::
+
+    client ──frame──▶ server.py         Server: accept, uid check, read, parse_request
+                        │ data op
+                        ▼
+                      routing.py        Router: admit (deadlock.py WaitGraph), hold while
+                        │               the module is not READY (modules.py), dispatch
+                        ▼
+                      workers.py        Channel: Req ──socketpair──▶ cmactor/worker.py
+                                                                     lane: serial, or the pool
+                                                                       │
+                                                                     cmactor/actions.py: the agent
+                                                                       │
+                      workers.py        Channel ◀──Reply (rows encoded once, in the worker)
+                        │
+                        ▼
+                      routing.py        Router.on_reply: journal.py append (fsync before the
+                        │               turn's output), answer, audit.py line after it
+                        ▼
+    client ◀──frame── server.py         Client.out, flushed by loop.py once per turn
+
+Where a crash enters: the worker's process sentinel fires in the loop, and
+recovery.py reaps it (workers.py), fails the requests its lanes had started,
+holds the others in routing.py for the restart, and asks restart.py whether to
+restart it or quarantine it (lifecycle.py). Start-up and stop are lifecycle.py:
+Init → WAITING_DEPS (deps.py) → LOADING (the saved section from saving.py, plus
+the journal) → READY, and dependents first on the way down. supervisor.py builds
+these parts, gives each the others it calls, and is the public facade.
 """

@@ -18,11 +18,11 @@ import threading
 import cmactor
 from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, StartupError
+from cmactor.protocol import DATA_OPS
 
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
 
-DATA_COMMANDS = ("get", "getone", "getnext", "set", "setop")
 STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
 
 
@@ -265,7 +265,7 @@ def build_parser():
     run.set_defaults(func=cmd_run)
 
     sub.add_parser("status", parents=[common], help="state of every module").set_defaults(func=cmd_status)
-    for name in DATA_COMMANDS:
+    for name in DATA_OPS:
         data = sub.add_parser(name, parents=[common], help=f"{name} MODULE.TABLE key=value ...")
         data.add_argument("target", metavar="MODULE.TABLE")
         data.add_argument("params", nargs="*", metavar="key=value")

@@ -117,13 +117,7 @@ class Module:
         self.restarts = 0
         self.started_at = None
         self.last_exit = None
-        self.error = None
-        self.waiting_on = None
-        self.last_event = None
-        self.saving = False
-        self.ready_called = False
-        self.loaded = False
-        self.load_errors = 0
+        self._clear_start_up()
 
     # -- the state machine ----------------------------------------------
 
@@ -132,14 +126,16 @@ class Module:
         if state == self.state:
             return
         if state not in TRANSITIONS[self.state]:
-            raise InternalError(f"module {self.name}: no transition from {self.state} to {state}")
+            message = f"module {self.name}: no transition from {self.state} to {state}"
+            log.error("internal error: %s", message)
+            raise InternalError(message)
         if state == STARTING:
-            self._fresh_start()
+            self.started_at = time.monotonic()
+            self._clear_start_up()
         self.state = state
 
-    def _fresh_start(self):
+    def _clear_start_up(self):
         # A new worker starts with nothing carried over from the last one's start-up.
-        self.started_at = time.monotonic()
         self.error = None
         self.waiting_on = None
         self.last_event = None
