@@ -191,50 +191,6 @@ def test_restart_policy_backoff_window_and_reset():
     assert policy.on_crash(200, 1) == 0.2
 
 
-def test_callback_pool_gives_every_waiting_action_a_thread_up_to_its_size():
-    import threading
-
-    from cmactor.worker import CallbackPool
-
-    pool = CallbackPool(5, "test")
-    barrier = threading.Barrier(5, timeout=10)  # passes only if all 5 run at once
-    done = []
-    for n in range(5):
-        pool.submit(lambda n=n: (barrier.wait(), done.append(n)))
-    deadline = threading.Event()
-    for _ in range(100):
-        if len(done) == 5:
-            break
-        deadline.wait(0.05)
-    assert sorted(done) == [0, 1, 2, 3, 4]
-
-
-def test_callback_pool_runs_a_burst_and_never_exceeds_its_size():
-    import threading
-
-    from cmactor.worker import CallbackPool
-
-    pool = CallbackPool(3, "test")
-    lock = threading.Lock()
-    running = [0, 0]  # now, most at once
-    finished = threading.Semaphore(0)
-
-    def work():
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        threading.Event().wait(0.001)
-        with lock:
-            running[0] -= 1
-        finished.release()
-
-    for _ in range(200):
-        pool.submit(work)
-    for _ in range(200):
-        assert finished.acquire(timeout=10)
-    assert 1 <= running[1] <= 3
-
-
 def rewrite_header(path, **fields):
     header, body = path.read_bytes().split(b"\n", 1)
     path.write_bytes(json.dumps({**json.loads(header), **fields}).encode() + b"\n" + body)
