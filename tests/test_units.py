@@ -159,6 +159,16 @@ def test_context_defaults_and_raise_error():
     assert params == {"a": "1"}
 
 
+def test_the_package_says_its_version_and_its_loggers_print_nothing_unasked():
+    import importlib.metadata
+    import logging
+
+    import cmactor
+
+    assert cmactor.__version__ == importlib.metadata.version("cmactor")
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("cmactor").handlers)
+
+
 def test_agent_base_class():
     class Agent(CmAgent):
         @async_action
