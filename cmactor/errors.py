@@ -5,6 +5,25 @@ The client-facing part follows PEP 249; errors cross the wire as
 with :func:`from_wire`.
 """
 
+# The exception tree, which the cmactor package re-exports; the wire helpers below
+# are for cmactor's own sides.
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DatabaseError",
+    "DeadlockDetectedError",
+    "Error",
+    "IntegrityError",
+    "InterfaceError",
+    "InternalError",
+    "ModuleUnavailable",
+    "NotSupportedError",
+    "OperationalError",
+    "ProgrammingError",
+    "StartupError",
+    "Warning",
+]
+
 
 class Warning(Exception):  # noqa: A001 - PEP 249 requires this exact name
     """Important warnings (PEP 249)."""

@@ -10,15 +10,18 @@ Threads in a worker:
 - doorbell: wakes the idle lane thread to read when the supervisor sends async
   work while the reading thread runs a serial action; its EOF means the
   supervisor is gone, and the worker then takes its whole process group down;
-- the pool: @async_action requests, concurrently.
+- the pool (pool.CallbackPool, unless the agent gives its own): @async_action
+  requests, concurrently.
 
-The worker knows its socket and its agent, nothing about other modules.
+This module owns the channel (sends under one lock), the lanes, the doorbell and
+the progress slots; actions.Actions calls the agent on whichever thread runs the
+work. The worker knows its socket and its agent, nothing about other modules.
 """
 
 import collections
+import concurrent.futures
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -29,42 +32,13 @@ import traceback
 
 from . import cmbackend
 from . import protocol as P
-from .cmbackend import ActionStopped, CmContext
-from .errors import DatabaseError, DataError, ProgrammingError, to_wire
+from .actions import Actions, error_reply
+from .errors import ProgrammingError
+from .pool import CallbackPool
 
-log = logging.getLogger("cmactor.worker")
-
+# Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
-
-
-class _FieldError(Exception):
-    """The agent put something in ctx.fields that cannot cross the wire."""
-
-
-class _EventFailed(Exception):
-    """An agent event (load, save or default) raised or stopped."""
-
-
-class _SaveFailed(Exception):
-    """A save walk could not produce the module's rows."""
-
-
-def _row(fields):
-    """ctx.fields as a wire row: str keys, str values, None kept as null."""
-    if not isinstance(fields, dict):
-        raise _FieldError(f"ctx.fields must be a dict, got {type(fields).__name__}")
-    row = {}
-    for key, value in fields.items():
-        if type(key) is not str:
-            raise _FieldError(f"field name {key!r} is a {type(key).__name__}, not a str")
-        if value is None or type(value) is str:
-            row[key] = value
-            continue
-        try:
-            row[key] = str(value)
-        except Exception as exc:
-            raise _FieldError(f"field {key!r}: str() of its value raised {type(exc).__name__}: {exc}") from None
-    return row
+_REQ, _LOAD, _SAVE, _STOP = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE
 
 
 class _ChannelHandler(logging.Handler):
@@ -76,70 +50,9 @@ class _ChannelHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self._runtime.send([P.LOG, record.levelno, record.name, self.format(record)])
+            self._runtime.send(P.Log(record.levelno, record.name, self.format(record)))
         except Exception:
             self.handleError(record)
-
-
-class CallbackPool:
-    """The worker's shared pool for @async_action requests: up to ``size`` threads.
-
-    One thread at a time is woken for new work; once running, it wakes the next one
-    only if more work is still waiting. A thread that finishes an action takes the
-    next before it sleeps. So a burst of short actions is served by as few threads
-    as keep up, without every idle thread fighting for the GIL, and still every
-    queued action gets a thread of its own while fewer than ``size`` are busy (the
-    deadlock detector counts on that). Measured at 4 x 32 requests in flight, a
-    ThreadPoolExecutor of 8 threads, which wakes its idle threads one per submit,
-    reached half the throughput of this one.
-    """
-
-    def __init__(self, size, name):
-        self._max_workers = size  # ThreadPoolExecutor's name for it, read by register()
-        self._name = name
-        self._lock = threading.Lock()
-        self._work = collections.deque()
-        self._idle = []  # a wake-up lock per sleeping thread, the last to sleep on top
-        self._threads = 0
-        self._waking = 0  # threads woken or started that have not looked at the work yet
-
-    def submit(self, fn, *args):
-        with self._lock:
-            self._work.append((fn, args))
-            wake = None if self._waking else self._call_one()
-        if wake is not None:
-            wake.release()
-
-    def _call_one(self):
-        """(Holding _lock.) Get one more thread going: the last idle one, or a new one."""
-        if self._idle:
-            self._waking += 1
-            return self._idle.pop()
-        if self._threads < self._max_workers:
-            self._threads += 1
-            self._waking += 1
-            threading.Thread(target=self._serve, name=f"{self._name}-{self._threads}", daemon=True).start()
-        return None
-
-    def _serve(self):
-        wake = threading.Lock()
-        wake.acquire()
-        while True:
-            with self._lock:
-                self._waking -= 1  # this thread has arrived
-                while self._work:
-                    fn, args = self._work.popleft()
-                    # More waits and nobody is on the way: wake the next thread first.
-                    baton = self._call_one() if self._work and not self._waking else None
-                    self._lock.release()
-                    try:
-                        if baton is not None:
-                            baton.release()
-                        fn(*args)
-                    finally:
-                        self._lock.acquire()
-                self._idle.append(wake)  # _call_one() counts it in _waking when it pops it
-            wake.acquire()  # released by submit() or by a thread passing the baton
 
 
 class Runtime:
@@ -165,8 +78,10 @@ class Runtime:
         self._serial_busy = False
         self._reading = False
         self._shared_pool = CallbackPool(pool_size, f"{module}-pool")
-        self._methods = {}
-        self.agent = None
+        # Until the agent registers: the shared pool, and Actions that refuse every
+        # request (register() replaces both).
+        self._pool = self._shared_pool
+        self._actions = Actions(module, None, self.send)
 
     # -- channel ---------------------------------------------------------
 
@@ -222,6 +137,7 @@ class Runtime:
         """Read and route until there is serial work for this thread to run.
 
         Returns the first item, holding the serial lane; the rest goes to the mailbox.
+        An item is (Req, its method), or (Load or Save, None).
         """
         while True:
             try:
@@ -232,14 +148,18 @@ class Runtime:
                 _exit(0, whole_group=True)  # the supervisor is gone
             serial = []
             for msg in self._stream.feed(data):
+                # The kind code picks the tuple to decode into; a kind the worker
+                # does not take is passed over.
                 kind = msg[0]
-                if kind == P.REQ:
-                    item = self._route(msg)
+                if kind == _REQ:
+                    item = self._route(P.Req._make(msg))
                     if item is not None:
                         serial.append(item)
-                elif kind == P.LOAD or kind == P.SAVE:
-                    serial.append(msg)
-                elif kind == P.STOP:
+                elif kind == _LOAD:
+                    serial.append((P.Load._make(msg), None))
+                elif kind == _SAVE:
+                    serial.append((P.Save._make(msg), None))
+                elif kind == _STOP:
                     _exit(0)
             if serial:
                 with self._lane_lock:
@@ -252,64 +172,39 @@ class Runtime:
 
     # -- registration (called from cmbackend) -----------------------------
 
+    @property
+    def agent(self):
+        """The registered agent, or None before cmbackend_init()."""
+        return self._actions.agent
+
     def register(self, agent, persistent, deps):
-        if self.agent is not None:
+        if self._actions.agent is not None:
             raise RuntimeError(f"cmbackend_init() called twice in module {self.module!r}")
-        self.agent = agent
         async_actions = sorted(
             name for name in dir(type(agent)) if getattr(getattr(type(agent), name, None), "_cmactor_async", False)
         )
-        # The pool's size lets the supervisor see a pool exhausted by calls into itself;
-        # an Executor that does not say (not a ThreadPoolExecutor) is not checked.
-        pool_size = getattr(agent.pool or self._shared_pool, "_max_workers", None)
-        self.send([P.INIT, persistent, deps, async_actions, pool_size])
+        # The pool before the actions: a lane thread that finds an async action
+        # through the new Actions submits it to self._pool.
+        self._pool = agent.pool or self._shared_pool
+        self._actions = Actions(self.module, agent, self.send)
+        self.send(P.Init(persistent, deps, async_actions, _pool_size(self._pool)))
 
     def ready(self):
-        self.send([P.READY])
+        self.send(P.Ready())
 
     # -- dispatch ----------------------------------------------------------
 
-    def _lookup(self, msg):
-        """(method, is_async) for a request, found once per table and op; None after replying an error."""
-        sid, op, table = msg[1], msg[2], msg[3]
-        if self.agent is None:
-            self._reply_error(sid, ProgrammingError, f"module {self.module!r} has not called cmbackend_init()")
+    def _route(self, req):
+        """Hand an async request to the pool, or return (req, method) for the serial lane."""
+        try:
+            method, is_async = self._actions.lookup(req.table, req.op)
+        except ProgrammingError as exc:
+            self.send(error_reply(req.sid, ProgrammingError, exc))
             return None
-        name = f"{table}_{P.ACTION_SUFFIX[op]}"
-        method = getattr(self.agent, name, None)
-        if not callable(method):
-            self._reply_error(sid, ProgrammingError, self._missing(table, op, name))
-            return None
-        found = self._methods[(table, op)] = (method, bool(getattr(method, "_cmactor_async", False)))
-        return found
-
-    def _missing(self, table, op, name):
-        tables = sorted(
-            {
-                attr.rsplit("_", 1)[0]
-                for attr in dir(self.agent)
-                if attr.endswith(("_get", "_set", "_setop")) and callable(getattr(self.agent, attr, None))
-            }
-        )
-        if table in tables:
-            return (
-                f"module {self.module!r} table {table!r} has no {op!r} action: "
-                f"define {name}(self, ctx) in the agent"
-            )
-        known = ", ".join(tables) or "none"
-        return f"module {self.module!r} has no table {table!r} (no {table}_get/_set/_setop method); its tables: {known}"
-
-    def _route(self, msg):
-        """Hand an async request to the pool, or return (msg, method) for the mailbox."""
-        found = self._methods.get((msg[3], msg[2])) or self._lookup(msg)
-        if found is None:
-            return None
-        method, is_async = found
         if is_async:
-            pool = self.agent.pool or self._shared_pool
-            pool.submit(self._run_async, msg, method)
+            self._pool.submit(self._run_async, req, method)
             return None
-        return (msg, method)
+        return (req, method)
 
     def _run_serial(self, item):
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
@@ -318,16 +213,15 @@ class Runtime:
         """
         slots = self._slots
         while True:
-            request = type(item) is tuple  # (REQ message, method); else a LOAD or SAVE message
-            msg = item[0] if request else item
-            slots[SLOT_SERIAL_SID] = msg[1]
+            msg, method = item
+            slots[SLOT_SERIAL_SID] = msg.sid
             slots[SLOT_SERIAL_START] = time.monotonic_ns()
-            if request:
-                self._execute(msg, item[1], False)
-            elif msg[0] == P.LOAD:
-                self._run_load(*msg[1:])
+            if method is not None:
+                self._actions.execute(msg, method, False)
+            elif type(msg) is P.Load:
+                self.send(self._actions.load(msg))
             else:
-                self._run_save(*msg[1:])
+                self.send(self._actions.save(msg))
             slots[SLOT_SERIAL_START] = 0
             with self._lane_lock:
                 if self._mailbox:
@@ -349,182 +243,30 @@ class Runtime:
             self._slot_of.index = index
         return index
 
-    def _run_async(self, msg, method):
+    def _run_async(self, req, method):
         index = self._async_slot()
         if index is None:
             self._slots[P.SLOT_OVERFLOW] = 1
-            self._execute(msg, method, True)
+            self._actions.execute(req, method, True)
             return
         base = P.async_slot(index)
-        self._slots[base] = msg[1]
+        self._slots[base] = req.sid
         self._slots[base + 1] = time.monotonic_ns()
-        self._execute(msg, method, True)
+        self._actions.execute(req, method, True)
         self._slots[base + 1] = 0
         self._slots[base] = 0
 
-    @staticmethod
-    def _error_reply(sid, exc_type, message):
-        return [P.REPLY, sid, to_wire(exc_type, message), None, False]
 
-    def _reply_error(self, sid, exc_type, message):
-        self.send(self._error_reply(sid, exc_type, message))
-
-    # -- running agent code ---------------------------------------------------
-
-    def _event(self, name):
-        """Run one agent event; ActionStopped and exceptions become an _EventFailed naming it."""
-        try:
-            getattr(self.agent, name)()
-        except ActionStopped as stop:
-            raise _EventFailed(f"{name} stopped: {stop.message}") from None
-        except BaseException as exc:
-            log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
-            raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
-
-    def _run_load(self, sid, section, journal):
-        """Load saved rows and journaled changes (or generate defaults) on the serial lane, then report.
-
-        Each saved row is replayed as <table>_set, each journal record as the
-        <table>_set or _setop it was, all with is_load True.
-        """
-        cmbackend._current.caller = (self.module, "serial", sid)
-        failures = []
-        failed = 0
-        error = None
-        try:
-            if section is None and not journal:
-                self._event("event_generate_default")
-            else:
-                # As on the original platform, load_start is always followed by
-                # load_complete, even when it or a row fails.
-                try:
-                    self._event("event_load_start")
-                    saved = json.loads(section) if section is not None else {}
-                    replay = [("set", table, row) for table, rows in saved.items() for row in rows] + journal
-                    for op, table, row in replay:
-                        message = self._load_row(op, table, row)
-                        if message is not None:
-                            failed += 1
-                            if len(failures) < P.MAX_ROW_ERRORS:
-                                failures.append({"table": table, "row": row, "message": message})
-                finally:
-                    self._event("event_load_complete")
-        except _EventFailed as exc:
-            error = str(exc)
-        finally:
-            cmbackend._current.caller = None
-        self.send([P.LOADED, sid, error, failures, failed])
-
-    def _load_row(self, op, table, row):
-        """Replay one row as <table>_<op> with is_load; the error text, or None."""
-        method = getattr(self.agent, f"{table}_{op}", None)
-        if not callable(method):
-            return f"the agent has no {table}_{op} method"
-        ctx = CmContext({k: v for k, v in row.items() if v is not None}, op=op, is_load=True)
-        try:
-            method(ctx)
-        except ActionStopped as stop:
-            return stop.message
-        except BaseException as exc:
-            return f"{type(exc).__name__}: {exc}"
-        return None
-
-    def _run_save(self, sid, tables):
-        """The save walk: event_save_start, every row of each table, event_save_complete."""
-        cmbackend._current.caller = (self.module, "serial", sid)
-        try:
-            try:
-                self._event("event_save_start")
-                saved = {table: self._save_table(table) for table in tables}
-            finally:
-                self._event("event_save_complete")
-            section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-            reply = [P.SAVED, sid, None, section, sum(len(rows) for rows in saved.values())]
-        except (_EventFailed, _SaveFailed) as exc:
-            reply = [P.SAVED, sid, str(exc), None, 0]
-        finally:
-            cmbackend._current.caller = None
-        self.send(reply)
-
-    def _save_table(self, table):
-        method = getattr(self.agent, f"{table}_get", None)
-        if not callable(method):
-            raise _SaveFailed(f"persistent table {table!r} has no {table}_get method")
-        try:
-            rows, more = self._walk(method, {}, None, P.SAVE_MAX_ROWS, None, is_save=True)
-        except ActionStopped as stop:
-            raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
-        except _FieldError as exc:
-            raise _SaveFailed(f"{table}_get replied badly: {exc}") from None
-        except BaseException as exc:
-            log.error("module %s: save walk of %s raised\n%s", self.module, table, traceback.format_exc().rstrip())
-            raise _SaveFailed(f"{table}_get raised {type(exc).__name__}: {exc}") from None
-        if more:
-            raise _SaveFailed(f"the save walk of {table!r} passed {P.SAVE_MAX_ROWS} rows: does {table}_get ever end?")
-        return rows
-
-    def _execute(self, msg, method, is_async):
-        _, sid, op, table, params, vr, flags, batch, after = msg
-        notify = None
-        if flags & P.F_NOTIFY:
-
-            def notify(text):
-                self.send([P.NOTIFY, sid, text])
-
-        current = cmbackend._current
-        current.caller = (self.module, "async" if is_async else "serial", sid)
-        try:
-            if op == "getnext":
-                rows, more = self._walk(method, params, vr, batch, after, is_async=is_async, notify=notify)
-                dirty = False
-            else:
-                ctx = CmContext(params, vr, op, is_async=is_async, notify=notify)
-                method(ctx)
-                row = _row(ctx.fields)
-                rows = [row] if row else []
-                more = False
-                dirty = bool(ctx.dirty)
-            reply = [P.REPLY, sid, None, P.reply_entries(rows, more), dirty]
-        except ActionStopped as stop:
-            reply = self._error_reply(sid, DatabaseError, stop.message)
-        except _FieldError as exc:
-            reply = self._error_reply(sid, DataError, f"module {self.module!r} {table}_{P.ACTION_SUFFIX[op]} replied badly: {exc}")
-        except BaseException as exc:
-            log.error(
-                "module %s: %s %s.%s raised\n%s", self.module, op, self.module, table, traceback.format_exc().rstrip()
-            )
-            reply = self._error_reply(sid, DatabaseError, f"{op} {self.module}.{table} raised {type(exc).__name__}: {exc}")
-        # The reply goes out before any tidying: the client waits for it, and work
-        # done after a send overlaps with the supervisor's (perf/README.md).
-        try:
-            self.send(reply)
-        finally:
-            current.caller = None
-
-    @staticmethod
-    def _walk(method, params, vr, batch, after, **flags):
-        """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
-
-        The first call gets the caller's params; each next call gets the caller's
-        params plus the previous row's fields. ``after`` resumes a walk from the
-        row a previous batch ended on.
-        """
-        rows = []
-        call_params = params
-        if after:
-            call_params = {**params, **{k: v for k, v in after.items() if v is not None}}
-        while True:
-            ctx = CmContext(call_params, vr, op="getnext", **flags)
-            method(ctx)
-            row = _row(ctx.fields)
-            if not row:
-                return rows, False
-            rows.append(row)
-            if not ctx._more:
-                return rows, False
-            if len(rows) >= batch:
-                return rows, True
-            call_params = {**params, **{k: v for k, v in row.items() if v is not None}}
+def _pool_size(pool):
+    """How many threads ``pool`` has, so that the supervisor can see it exhausted by
+    calls into itself; None (not checked) for an Executor that does not say."""
+    if isinstance(pool, CallbackPool):
+        return pool.size
+    if isinstance(pool, concurrent.futures.ThreadPoolExecutor):
+        # The stdlib offers no public accessor for the size it was built with;
+        # _max_workers is where ThreadPoolExecutor keeps it.
+        return pool._max_workers
+    return None
 
 
 def _exit(code, whole_group=False):
@@ -578,7 +320,7 @@ def main(spec, sock, doorbell, slots):
     root = logging.getLogger()
     root.handlers[:] = [_ChannelHandler(runtime)]
     root.setLevel(spec["log_level"])
-    cmbackend._runtime = runtime
+    cmbackend.attach_runtime(runtime)
     runtime.start()
     try:
         load_entry(spec["entry"], module)()
@@ -592,7 +334,7 @@ def main(spec, sock, doorbell, slots):
 
 def _fatal(runtime, message, detail):
     try:
-        runtime.send([P.FATAL, message, detail])
+        runtime.send(P.Fatal(message, detail))
     except OSError:
         pass
     _exit(1)

@@ -159,6 +159,16 @@ def test_context_defaults_and_raise_error():
     assert params == {"a": "1"}
 
 
+def test_the_package_says_its_version_and_its_loggers_print_nothing_unasked():
+    import importlib.metadata
+    import logging
+
+    import cmactor
+
+    assert cmactor.__version__ == importlib.metadata.version("cmactor")
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("cmactor").handlers)
+
+
 def test_agent_base_class():
     class Agent(CmAgent):
         @async_action
@@ -189,50 +199,6 @@ def test_restart_policy_backoff_window_and_reset():
     assert policy.on_crash(4, 1) == 0.1
     assert policy.on_crash(100, 50) == 0.1  # stable for long enough: the delay starts over
     assert policy.on_crash(200, 1) == 0.2
-
-
-def test_callback_pool_gives_every_waiting_action_a_thread_up_to_its_size():
-    import threading
-
-    from cmactor.worker import CallbackPool
-
-    pool = CallbackPool(5, "test")
-    barrier = threading.Barrier(5, timeout=10)  # passes only if all 5 run at once
-    done = []
-    for n in range(5):
-        pool.submit(lambda n=n: (barrier.wait(), done.append(n)))
-    deadline = threading.Event()
-    for _ in range(100):
-        if len(done) == 5:
-            break
-        deadline.wait(0.05)
-    assert sorted(done) == [0, 1, 2, 3, 4]
-
-
-def test_callback_pool_runs_a_burst_and_never_exceeds_its_size():
-    import threading
-
-    from cmactor.worker import CallbackPool
-
-    pool = CallbackPool(3, "test")
-    lock = threading.Lock()
-    running = [0, 0]  # now, most at once
-    finished = threading.Semaphore(0)
-
-    def work():
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        threading.Event().wait(0.001)
-        with lock:
-            running[0] -= 1
-        finished.release()
-
-    for _ in range(200):
-        pool.submit(work)
-    for _ in range(200):
-        assert finished.acquire(timeout=10)
-    assert 1 <= running[1] <= 3
 
 
 def rewrite_header(path, **fields):

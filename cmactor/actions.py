@@ -1,0 +1,255 @@
+"""Calling the agent: finding its actions, running them, the getnext walk, load and save.
+
+An Actions knows one module's agent and name, and turns worker channel messages
+(protocol's Req, Load, Save) into the agent's calls and their replies. It knows
+nothing of sockets, threads or progress slots: the worker picks the thread each
+call runs on, says whether that is the async lane (for ctx.is_async and the
+caller tag), and gives it a ``send`` function for what must leave while the action
+is still the caller: a request's reply and its notify_cli text.
+"""
+
+import json
+import logging
+import traceback
+
+from . import protocol as P
+from .cmbackend import ActionStopped, CmContext, acting_for
+from .errors import DatabaseError, DataError, ProgrammingError, to_wire
+
+# The worker's records, whichever of its files logs them: one logger name to filter on.
+log = logging.getLogger("cmactor.worker")
+
+SERIAL, ASYNC = "serial", "async"  # the lanes, as the caller of a request made from an action
+
+
+class _FieldError(Exception):
+    """The agent put something in ctx.fields that cannot cross the wire."""
+
+
+class _EventFailed(Exception):
+    """An agent event (load, save or default) raised or stopped."""
+
+
+class _SaveFailed(Exception):
+    """A save walk could not produce the module's rows."""
+
+
+def _row(fields):
+    """ctx.fields as a wire row: str keys, str values, None kept as null."""
+    if not isinstance(fields, dict):
+        raise _FieldError(f"ctx.fields must be a dict, got {type(fields).__name__}")
+    row = {}
+    for key, value in fields.items():
+        if type(key) is not str:
+            raise _FieldError(f"field name {key!r} is a {type(key).__name__}, not a str")
+        if value is None or type(value) is str:
+            row[key] = value
+            continue
+        try:
+            row[key] = str(value)
+        except Exception as exc:
+            raise _FieldError(f"field {key!r}: str() of its value raised {type(exc).__name__}: {exc}") from None
+    return row
+
+
+def error_reply(sid, exc_type, message):
+    """The Reply that fails request ``sid`` with ``exc_type(message)`` at its client."""
+    return P.Reply(sid, to_wire(exc_type, message), None, False)
+
+
+def walk(method, params, vr, batch, after, **flags):
+    """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
+
+    The first call gets the caller's params; each next call gets the caller's
+    params plus the previous row's fields (those that are not None). ``after``
+    resumes a walk from the row a previous batch ended on.
+    """
+    rows = []
+    previous = after
+    while True:
+        call_params = {**params, **{k: v for k, v in previous.items() if v is not None}} if previous else params
+        ctx = CmContext(call_params, vr, op="getnext", **flags)
+        method(ctx)
+        row = _row(ctx.fields)
+        if not row:
+            return rows, False
+        rows.append(row)
+        if not ctx._more:
+            return rows, False
+        if len(rows) >= batch:
+            return rows, True
+        previous = row
+
+
+class Actions:
+    """One module's agent (None until it registers), called on behalf of the worker."""
+
+    def __init__(self, module, agent, send):
+        self.module = module
+        self.agent = agent
+        self._send = send
+        self._methods = {}  # (table, op) -> (method, is_async), filled on first use
+
+    # -- finding actions ---------------------------------------------------
+
+    def lookup(self, table, op):
+        """(method, is_async) of the action for ``op`` on ``table``; ProgrammingError if there is none."""
+        found = self._methods.get((table, op))
+        if found is None:
+            method = self._method(table, op)
+            found = self._methods[(table, op)] = (method, bool(getattr(method, "_cmactor_async", False)))
+        return found
+
+    def _method(self, table, op):
+        if self.agent is None:
+            raise ProgrammingError(f"module {self.module!r} has not called cmbackend_init()")
+        name = f"{table}_{P.ACTION_SUFFIX[op]}"
+        method = getattr(self.agent, name, None)
+        if callable(method):
+            return method
+        tables = sorted(
+            {
+                attr.rsplit("_", 1)[0]
+                for attr in dir(self.agent)
+                if attr.endswith(("_get", "_set", "_setop")) and callable(getattr(self.agent, attr, None))
+            }
+        )
+        if table in tables:
+            raise ProgrammingError(
+                f"module {self.module!r} table {table!r} has no {op!r} action: define {name}(self, ctx) in the agent"
+            )
+        known = ", ".join(tables) or "none"
+        raise ProgrammingError(
+            f"module {self.module!r} has no table {table!r} (no {table}_get/_set/_setop method); its tables: {known}"
+        )
+
+    # -- requests ------------------------------------------------------------
+
+    def execute(self, req, method, is_async):
+        """Run the action ``method`` (from lookup) for the Req ``req`` and send its Reply."""
+        sid = req.sid
+        op = req.op
+        notify = None
+        if req.flags & P.F_NOTIFY:
+
+            def notify(text):
+                self._send(P.Notify(sid, text))
+
+        with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
+            try:
+                if op == "getnext":
+                    rows, more = walk(
+                        method, req.params, req.vr, req.batch, req.after, is_async=is_async, notify=notify
+                    )
+                    dirty = False
+                else:
+                    ctx = CmContext(req.params, req.vr, op, is_async=is_async, notify=notify)
+                    method(ctx)
+                    row = _row(ctx.fields)
+                    rows = [row] if row else []
+                    more = False
+                    dirty = bool(ctx.dirty)
+                reply = P.Reply(sid, None, P.reply_entries(rows, more), dirty)
+            except ActionStopped as stop:
+                reply = error_reply(sid, DatabaseError, stop.message)
+            except _FieldError as exc:
+                action = f"{req.table}_{P.ACTION_SUFFIX[op]}"
+                reply = error_reply(sid, DataError, f"module {self.module!r} {action} replied badly: {exc}")
+            except BaseException as exc:
+                where = f"{op} {self.module}.{req.table}"
+                log.error("module %s: %s raised\n%s", self.module, where, traceback.format_exc().rstrip())
+                reply = error_reply(sid, DatabaseError, f"{where} raised {type(exc).__name__}: {exc}")
+            # The reply goes out before any tidying, the caller's reset included: the
+            # client waits for it, and work done after a send overlaps with the
+            # supervisor's (perf/README.md).
+            self._send(reply)
+
+    # -- load and save ---------------------------------------------------------
+
+    def _event(self, name):
+        """Run one agent event; ActionStopped and exceptions become an _EventFailed naming it."""
+        try:
+            getattr(self.agent, name)()
+        except ActionStopped as stop:
+            raise _EventFailed(f"{name} stopped: {stop.message}") from None
+        except BaseException as exc:
+            log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
+            raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
+
+    def load(self, msg):
+        """Load saved rows and journaled changes (or generate defaults); the Loaded to report.
+
+        For the Load ``msg``: each saved row is replayed as <table>_set, each journal
+        record as the <table>_set or _setop it was, all with is_load True.
+        """
+        failures = []
+        failed = 0
+        error = None
+        with acting_for(self.module, SERIAL, msg.sid):
+            try:
+                if msg.section is None and not msg.journal:
+                    self._event("event_generate_default")
+                else:
+                    # As on the original platform, load_start is always followed by
+                    # load_complete, even when it or a row fails.
+                    try:
+                        self._event("event_load_start")
+                        saved = json.loads(msg.section) if msg.section is not None else {}
+                        replay = [("set", table, row) for table, rows in saved.items() for row in rows] + msg.journal
+                        for op, table, row in replay:
+                            message = self._load_row(op, table, row)
+                            if message is not None:
+                                failed += 1
+                                if len(failures) < P.MAX_ROW_ERRORS:
+                                    failures.append({"table": table, "row": row, "message": message})
+                    finally:
+                        self._event("event_load_complete")
+            except _EventFailed as exc:
+                error = str(exc)
+        return P.Loaded(msg.sid, error, failures, failed)
+
+    def _load_row(self, op, table, row):
+        """Replay one row as <table>_<op> with is_load; the error text, or None."""
+        method = getattr(self.agent, f"{table}_{op}", None)
+        if not callable(method):
+            return f"the agent has no {table}_{op} method"
+        ctx = CmContext({k: v for k, v in row.items() if v is not None}, op=op, is_load=True)
+        try:
+            method(ctx)
+        except ActionStopped as stop:
+            return stop.message
+        except BaseException as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def save(self, msg):
+        """The save walk for the Save ``msg``: event_save_start, every row of each table,
+        event_save_complete; the Saved to report."""
+        with acting_for(self.module, SERIAL, msg.sid):
+            try:
+                try:
+                    self._event("event_save_start")
+                    saved = {table: self._save_table(table) for table in msg.tables}
+                finally:
+                    self._event("event_save_complete")
+            except (_EventFailed, _SaveFailed) as exc:
+                return P.Saved(msg.sid, str(exc), None, 0)
+        section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        return P.Saved(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
+
+    def _save_table(self, table):
+        method = getattr(self.agent, f"{table}_get", None)
+        if not callable(method):
+            raise _SaveFailed(f"persistent table {table!r} has no {table}_get method")
+        try:
+            rows, more = walk(method, {}, None, P.SAVE_MAX_ROWS, None, is_save=True)
+        except ActionStopped as stop:
+            raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
+        except _FieldError as exc:
+            raise _SaveFailed(f"{table}_get replied badly: {exc}") from None
+        except BaseException as exc:
+            log.error("module %s: save walk of %s raised\n%s", self.module, table, traceback.format_exc().rstrip())
+            raise _SaveFailed(f"{table}_get raised {type(exc).__name__}: {exc}") from None
+        if more:
+            raise _SaveFailed(f"the save walk of {table!r} passed {P.SAVE_MAX_ROWS} rows: does {table}_get ever end?")
+        return rows
