@@ -54,7 +54,7 @@ def _row(fields):
 
 def error_reply(sid, exc_type, message):
     """The Reply that fails request ``sid`` with ``exc_type(message)`` at its client."""
-    return P.Reply(sid, to_wire(exc_type, message), None, False)
+    return P.Reply.of(sid, to_wire(exc_type, message), None, False)
 
 
 def walk(method, params, vr, batch, after, **flags):
@@ -133,7 +133,7 @@ class Actions:
         if req.flags & P.F_NOTIFY:
 
             def notify(text):
-                self._send(P.Notify(sid, text))
+                self._send(P.Notify.of(sid, text))
 
         with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
             try:
@@ -149,7 +149,7 @@ class Actions:
                     rows = [row] if row else []
                     more = False
                     dirty = bool(ctx.dirty)
-                reply = P.Reply(sid, None, P.reply_entries(rows, more), dirty)
+                reply = P.Reply.of(sid, None, P.reply_entries(rows, more), dirty)
             except ActionStopped as stop:
                 reply = error_reply(sid, DatabaseError, stop.message)
             except _FieldError as exc:
@@ -206,7 +206,7 @@ class Actions:
                         self._event("event_load_complete")
             except _EventFailed as exc:
                 error = str(exc)
-        return P.Loaded(msg.sid, error, failures, failed)
+        return P.Loaded.of(msg.sid, error, failures, failed)
 
     def _load_row(self, op, table, row):
         """Replay one row as <table>_<op> with is_load; the error text, or None."""
@@ -233,9 +233,9 @@ class Actions:
                 finally:
                     self._event("event_save_complete")
             except (_EventFailed, _SaveFailed) as exc:
-                return P.Saved(msg.sid, str(exc), None, 0)
+                return P.Saved.of(msg.sid, str(exc), None, 0)
         section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-        return P.Saved(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
+        return P.Saved.of(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
 
     def _save_table(self, table):
         method = getattr(self.agent, f"{table}_get", None)

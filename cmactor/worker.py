@@ -50,7 +50,7 @@ class _ChannelHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self._runtime.send(P.Log(record.levelno, record.name, self.format(record)))
+            self._runtime.send(P.Log.of(record.levelno, record.name, self.format(record)))
         except Exception:
             self.handleError(record)
 
@@ -152,13 +152,13 @@ class Runtime:
                 # does not take is passed over.
                 kind = msg[0]
                 if kind == _REQ:
-                    item = self._route(P.Req._make(msg))
+                    item = self._route(P.decode(msg))
                     if item is not None:
                         serial.append(item)
                 elif kind == _LOAD:
-                    serial.append((P.Load._make(msg), None))
+                    serial.append((P.decode(msg), None))
                 elif kind == _SAVE:
-                    serial.append((P.Save._make(msg), None))
+                    serial.append((P.decode(msg), None))
                 elif kind == _STOP:
                     _exit(0)
             if serial:
@@ -187,10 +187,10 @@ class Runtime:
         # through the new Actions submits it to self._pool.
         self._pool = agent.pool or self._shared_pool
         self._actions = Actions(self.module, agent, self.send)
-        self.send(P.Init(persistent, deps, async_actions, _pool_size(self._pool)))
+        self.send(P.Init.of(persistent, deps, async_actions, _pool_size(self._pool)))
 
     def ready(self):
-        self.send(P.Ready())
+        self.send(P.Ready.of())
 
     # -- dispatch ----------------------------------------------------------
 
@@ -334,7 +334,7 @@ def main(spec, sock, doorbell, slots):
 
 def _fatal(runtime, message, detail):
     try:
-        runtime.send(P.Fatal(message, detail))
+        runtime.send(P.Fatal.of(message, detail))
     except OSError:
         pass
     _exit(1)

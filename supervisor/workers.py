@@ -57,7 +57,7 @@ class Channel:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self._send(P.Req(sid, op, table, params, vr, flags, batch, after))
+        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after))
         return sid
 
     def answered(self, sid):
@@ -65,16 +65,16 @@ class Channel:
 
     def load(self, section, journal):
         sid = next(self._sids)
-        self._send(P.Load(sid, section, journal))
+        self._send(P.Load.of(sid, section, journal))
         return sid
 
     def save(self, tables):
         sid = next(self._sids)
-        self._send(P.Save(sid, tables))
+        self._send(P.Save.of(sid, tables))
         return sid
 
     def stop(self):
-        self._send(P.Stop())
+        self._send(P.Stop.of())
 
     # endpoint interface (loop.py)
     def sent(self):

@@ -95,7 +95,12 @@ def sent():
 
 
 def actions_for(agent, sent):
-    return Actions(MODULE, agent, lambda msg: sent.append((msg, cmbackend.current_caller())))
+    return Actions(MODULE, agent, lambda msg: sent.append((P.decode(msg), cmbackend.current_caller())))
+
+
+def wire(kind, *fields):
+    """A message of ``kind`` as the worker reads it off the wire: built, then decoded."""
+    return P.decode(kind.of(*fields))
 
 
 @pytest.fixture
@@ -104,7 +109,7 @@ def actions(agent, sent):
 
 
 def req(op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None):
-    return P.Req(sid, op, table, params or {}, vr, flags, batch, after)
+    return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after)
 
 
 @pytest.fixture
@@ -203,7 +208,7 @@ def test_notify_text_goes_out_only_when_the_client_asked(run, sent):
     assert [msg for msg, _ in sent if type(msg) is P.Notify] == []
     run(req(op="setop", sid=4, flags=P.F_NOTIFY), actions=talker)
     notes = [(msg, caller) for msg, caller in sent if type(msg) is P.Notify]
-    assert notes == [(P.Notify(4, "half way"), (MODULE, "serial", 4)), (P.Notify(4, "100"), (MODULE, "serial", 4))]
+    assert notes == [(P.Notify.of(4, "half way"), (MODULE, "serial", 4)), (P.Notify.of(4, "100"), (MODULE, "serial", 4))]
 
 
 # -- lookup ------------------------------------------------------------------------
@@ -296,8 +301,8 @@ def test_load_replays_saved_rows_then_the_journal_as_loads(sent):
     actions = Actions(MODULE, agent, sent.append)
     section = json.dumps({"t": [{"k": "1", "v": "a"}, {"k": "2", "v": None}]}).encode()
     journal = [["setop", "t", {"k": "1", "op": "flip"}], ["set", "t", {"k": "3", "v": "c"}]]
-    loaded = actions.load(P.Load(21, section, journal))
-    assert loaded == P.Loaded(21, None, [], 0)
+    loaded = P.decode(actions.load(wire(P.Load, 21, section, journal)))
+    assert loaded == P.Loaded.of(21, None, [], 0)
     assert names(agent) == ["event_load_start", "t_set", "t_set", "t_setop", "t_set", "event_load_complete"]
     caller = (MODULE, "serial", 21)
     assert agent.calls[1:5] == [
@@ -313,13 +318,13 @@ def test_load_counts_every_failed_row_and_details_the_first_ones(sent):
     agent = Fake()
     rows = [{"k": str(n), "v": "refuse"} for n in range(P.MAX_ROW_ERRORS + 5)] + [{"k": "ok", "v": "fine"}]
     section = json.dumps({"t": rows, "nosuch": [{"k": "x"}]}).encode()
-    loaded = Actions(MODULE, agent, sent.append).load(P.Load(22, section, []))
+    loaded = P.decode(Actions(MODULE, agent, sent.append).load(wire(P.Load, 22, section, [])))
     assert loaded.error is None and loaded.failed == P.MAX_ROW_ERRORS + 6
     assert len(loaded.failures) == P.MAX_ROW_ERRORS
     assert loaded.failures[0] == {"table": "t", "row": {"k": "0", "v": "refuse"}, "message": "refused 0"}
     assert agent.rows == [{"k": "ok", "v": "fine"}]  # the load went on past the failures
     agent.fail["t_set"] = ValueError("bad row")
-    few = Actions(MODULE, agent, sent.append).load(P.Load(23, json.dumps({"nosuch": [{}], "t": [{}]}).encode(), []))
+    few = P.decode(Actions(MODULE, agent, sent.append).load(wire(P.Load, 23, json.dumps({"nosuch": [{}], "t": [{}]}).encode(), [])))
     assert few.failures == [
         {"table": "nosuch", "row": {}, "message": "the agent has no nosuch_set method"},
         {"table": "t", "row": {}, "message": "ValueError: bad row"},
@@ -330,25 +335,25 @@ def test_load_counts_every_failed_row_and_details_the_first_ones(sent):
 def test_load_complete_runs_even_when_load_start_raises(actions, agent, caplog):
     agent.fail["event_load_start"] = RuntimeError("no disk")
     with caplog.at_level(logging.ERROR, logger="cmactor.worker"):
-        loaded = actions.load(P.Load(24, json.dumps({"t": [{"k": "1"}]}).encode(), []))
-    assert loaded == P.Loaded(24, "event_load_start raised RuntimeError: no disk", [], 0)
+        loaded = P.decode(actions.load(wire(P.Load, 24, json.dumps({"t": [{"k": "1"}]}).encode(), [])))
+    assert loaded == P.Loaded.of(24, "event_load_start raised RuntimeError: no disk", [], 0)
     assert names(agent) == ["event_load_start", "event_load_complete"]
     assert "module fake: event_load_start raised" in caplog.records[0].getMessage()
 
 
 def test_a_stopped_load_complete_is_the_error(actions, agent):
     agent.fail["event_load_complete"] = cmbackend.ActionStopped("not today")
-    loaded = actions.load(P.Load(25, b'{"t":[]}', []))
+    loaded = P.decode(actions.load(wire(P.Load, 25, b'{"t":[]}', [])))
     assert loaded.error == "event_load_complete stopped: not today"
 
 
 def test_with_nothing_saved_the_agent_generates_defaults(actions, agent):
-    assert actions.load(P.Load(26, None, [])) == P.Loaded(26, None, [], 0)
+    assert actions.load(wire(P.Load, 26, None, [])) == P.Loaded.of(26, None, [], 0)
     assert names(agent) == ["event_generate_default"]
-    assert actions.load(P.Load(27, b"{}", [])) == P.Loaded(27, None, [], 0)  # saved empty: a load, not defaults
+    assert actions.load(wire(P.Load, 27, b"{}", [])) == P.Loaded.of(27, None, [], 0)  # saved empty: a load, not defaults
     assert names(agent)[1:] == ["event_load_start", "event_load_complete"]
     agent.calls.clear()
-    assert actions.load(P.Load(28, None, [["set", "t", {"k": "9"}]])) == P.Loaded(28, None, [], 0)  # journal only
+    assert actions.load(wire(P.Load, 28, None, [["set", "t", {"k": "9"}]])) == P.Loaded.of(28, None, [], 0)  # journal only
     assert names(agent) == ["event_load_start", "t_set", "event_load_complete"]
 
 
@@ -356,7 +361,7 @@ def test_with_nothing_saved_the_agent_generates_defaults(actions, agent):
 
 
 def test_save_walks_each_table_in_order_into_one_json_section(actions, agent, sent):
-    saved = actions.save(P.Save(31, ["t", "u"]))
+    saved = P.decode(actions.save(wire(P.Save, 31, ["t", "u"])))
     assert saved.sid == 31 and saved.error is None and saved.rows == len(ROWS)
     assert json.loads(saved.section) == {"t": ROWS, "u": []}
     assert list(json.loads(saved.section)) == ["t", "u"]
@@ -367,15 +372,15 @@ def test_save_walks_each_table_in_order_into_one_json_section(actions, agent, se
 
 
 def test_a_persistent_table_without_get_fails_the_save_naming_it(actions, agent):
-    saved = actions.save(P.Save(32, ["t", "vlan"]))
-    assert saved == P.Saved(32, "persistent table 'vlan' has no vlan_get method", None, 0)
+    saved = P.decode(actions.save(wire(P.Save, 32, ["t", "vlan"])))
+    assert saved == P.Saved.of(32, "persistent table 'vlan' has no vlan_get method", None, 0)
     assert names(agent)[-1] == "event_save_complete"
 
 
 def test_a_save_walk_that_never_ends_fails(actions, agent, monkeypatch):
     monkeypatch.setattr(P, "SAVE_MAX_ROWS", 3)
-    saved = actions.save(P.Save(33, ["t"]))
-    assert saved == P.Saved(33, "the save walk of 't' passed 3 rows: does t_get ever end?", None, 0)
+    saved = P.decode(actions.save(wire(P.Save, 33, ["t"])))
+    assert saved == P.Saved.of(33, "the save walk of 't' passed 3 rows: does t_get ever end?", None, 0)
     assert names(agent).count("t_get") == 3
 
 
@@ -391,5 +396,5 @@ def test_a_save_walk_that_never_ends_fails(actions, agent, monkeypatch):
 def test_a_save_that_fails_says_why(actions, agent, fail, fields, error):
     agent.fail.update(fail)
     agent.fields = fields
-    assert actions.save(P.Save(34, ["t"])) == P.Saved(34, error, None, 0)
+    assert actions.save(wire(P.Save, 34, ["t"])) == P.Saved.of(34, error, None, 0)
     assert names(agent)[-1] == "event_save_complete"
