@@ -44,9 +44,9 @@ class WaitGraph:
         if pending.is_async and mod.accepting:
             # It gets a pool thread of its own, unless every thread is busy: then it
             # waits for one of them, a deadlock only if all of them wait on the caller.
-            busy = [p for p in mod.inflight.values() if p.is_async]
-            if mod.pool_size is not None and len(busy) >= mod.pool_size:
-                paths = [graphs.find_path(p, issuer, self._successors) for p in busy]
+            running = self._running(mod)
+            if mod.pool_size is not None and len(running) >= mod.pool_size:
+                paths = [graphs.find_path(p, issuer, self._successors) for p in running]
                 if all(paths):
                     cycle = (
                         f"{self._describe([issuer, *min(paths, key=len)])} "
@@ -99,15 +99,28 @@ class WaitGraph:
             f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one"
         )
 
+    @staticmethod
+    def _running(mod):
+        """The async requests of ``mod`` that hold a pool thread: the pool takes its work
+        in arrival order, so the oldest ``pool_size`` unanswered ones; the rest queue."""
+        busy = [p for p in mod.inflight.values() if p.is_async]
+        return busy if mod.pool_size is None else busy[: mod.pool_size]
+
     def _successors(self, node):
         """The executors ``node`` is waiting for right now."""
         for call in self._waits.get(node, ()):
             target = self._modules[call.request["module"]]
             yield call if call.is_async and call.sid is not None else target
-        if isinstance(node, Module) and node.state == WAITING_DEPS:
-            for dep in node.config_deps:
-                if self._modules[dep].state != READY:
-                    yield self._modules[dep]
+        if isinstance(node, Module):
+            if node.state == WAITING_DEPS:
+                for dep in node.config_deps:
+                    if self._modules[dep].state != READY:
+                        yield self._modules[dep]
+        elif node.is_async:
+            # A queued async request waits for a thread of its pool to come free.
+            running = self._running(self._modules[node.request["module"]])
+            if node not in running:
+                yield from running
 
     def _describe(self, cycle):
         return graphs.describe(cycle, self._node_name)

@@ -96,11 +96,16 @@ class Router:
         mod.held.extend(keep)
 
     def release_held(self, mod):
-        """``mod`` accepts requests again: send what was held for it, oldest first."""
+        """``mod`` may accept requests again: send what was held for it, oldest first.
+        Nothing goes to a worker that is gone: its requests wait for the next one."""
+        if not (mod.accepting and mod.channel.open):
+            return
         held = list(mod.held)
         mod.held.clear()
         for pending in held:
-            if not pending.client.closed:
+            if pending.client.closed:
+                self._graph.forget(pending)  # nobody waits for it any more
+            else:
                 self._dispatch(mod, pending)
 
     def fail_held(self, mod):

@@ -46,6 +46,10 @@ class Channel:
         self._ring = False  # async work went into this turn's output
         self._serial_sids = set()  # serial requests sent and not yet answered
 
+    @property
+    def open(self):
+        return self.sock is not None
+
     def _send(self, message):
         self.out += P.pack(message)
         self._mark(self)

@@ -304,6 +304,21 @@ def test_a_full_pool_is_refused_only_when_every_busy_thread_waits_on_the_caller(
     assert refusal.startswith("get a.t called from b would deadlock: b → a(async t) → b")
 
 
+def test_a_full_pool_with_a_queued_request_still_refuses_a_call_that_waits_on_it():
+    # pool_size 1: request 5 holds the only thread and calls b; request 6 queues
+    # behind it and waits on nothing but that thread. b's lane calling a's pool then
+    # waits on 5, which waits on b: a deadlock, though 6 leads nowhere.
+    a = module("a", READY, async_ops=frozenset({("t", "get")}), pool_size=1)
+    modules, graph = graph_of(a, module("b", READY))
+    for sid in (5, 6):
+        busy = Pending(None, sid, {"module": "a", "table": "t", "op": "get"})
+        busy.is_async, busy.sid = True, sid
+        a.inflight[sid] = busy
+    assert admit(graph, modules, agent_call("a", "async", 5, "b")) is None
+    refusal = admit(graph, modules, agent_call("b", "serial", 1, "a"))
+    assert refusal is not None and "(all 1 threads of a's pool are taken" in refusal
+
+
 def test_an_async_call_to_a_module_not_accepting_waits_on_its_serial_lane():
     a = module("a", LOADING, async_ops=frozenset({("t", "get")}), pool_size=4)
     modules, graph = graph_of(a, module("b", READY))
@@ -923,6 +938,7 @@ class RouteChannel:
         self._sids = sids
         self.requests = []
         self.answers = []
+        self.open = True  # False once the worker is gone
 
     def request(self, op, table, params, vr, flags, batch, after, is_async):
         sid = next(self._sids)
@@ -1199,6 +1215,29 @@ def test_an_agent_call_that_would_deadlock_is_refused_and_answers_free_the_edge(
     assert frames(r.client)[0]["id"] == a_rid
     r.route("a", caller=["b", "serial", 3])  # a waits on b no more
     assert len(r.modules["a"].inflight) == 1 and len(errors(r.client)) == 1
+
+
+def test_a_held_call_whose_client_left_is_forgotten_by_the_graph():
+    r = RouterSetup({"a": READY, "b": LOADING})
+    agent_conn = FakeClient()
+    r.route("b", caller=["a", "serial", 7], client=agent_conn)  # held: b is loading
+    agent_conn.closed = True  # e.g. the agent's connection timed out and closed
+    r.modules["b"].state = READY
+    r.router.release_held(r.modules["b"])
+    assert r.modules["b"].inflight == {} and r.modules["b"].channel.requests == []
+    r.route("a", caller=["b", "serial", 8])  # a waits on b no more: admitted
+    assert errors(r.client) == [] and len(r.modules["a"].inflight) == 1
+
+
+def test_requests_held_for_a_worker_that_is_gone_stay_held():
+    r = RouterSetup({"ports": READY})
+    mod = r.modules["ports"]
+    mod.saving = True
+    rid = r.route("ports", op="set")
+    mod.saving = False
+    mod.channel.open = False  # its worker died during the save
+    r.router.release_held(mod)
+    assert [p.rid for p in mod.held] == [rid] and mod.channel.requests == [] and mod.inflight == {}
 
 
 def test_refuse_held_cycles_fails_held_calls_the_module_now_waits_on():
