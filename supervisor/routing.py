@@ -158,15 +158,15 @@ class Router:
     def on_notify(self, mod, notify):
         pending = mod.inflight.get(notify.sid)
         if pending is not None:
-            pending.client.send({"id": pending.rid, "notify": notify.text})
+            pending.client.notify({"id": pending.rid, "notify": notify.text})
 
     def answer(self, pending, error=None, entries=None):
         """Send a request's final reply: the worker's ``entries`` (protocol.reply_entries), or
         ``error`` (a wire error map)."""
         if error is None:
-            pending.client.send_frame(P.reply_frame(pending.rid, entries))
+            pending.client.answer_frame(P.reply_frame(pending.rid, entries))
         else:
-            pending.client.send({"id": pending.rid, "ok": False, "error": error})
+            pending.client.answer({"id": pending.rid, "ok": False, "error": error})
         if pending.issuer is not None:
             self._graph.forget(pending)
         req = pending.request

@@ -170,6 +170,6 @@ class Saver:
                 continue
             client, rid = waiter
             if exc_type is None:
-                client.send({"id": rid, "ok": True, "saved": result})
+                client.answer({"id": rid, "ok": True, "saved": result})
             else:
-                client.send({"id": rid, "ok": False, "error": to_wire(exc_type, result)})
+                client.answer({"id": rid, "ok": False, "error": to_wire(exc_type, result)})

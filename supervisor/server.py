@@ -104,24 +104,31 @@ class Client:
         self.closed = False
         self.closing = False  # answered with a stream error: drop once flushed
 
-    def send(self, message):
-        """Queue ``message`` (a map) for this turn's output; dropped if the client is gone."""
+    def _queue(self, data):
         if not self.closed:
-            self.out += P.pack(message)
+            self.out += data
             self._server.loop.mark(self)
 
-    def send_frame(self, frame):
-        """Queue a frame already encoded (protocol.reply_frame)."""
-        if not self.closed:
-            self.out += frame
-            self._server.loop.mark(self)
+    # What the parts answering a request call: each answer() or answer_frame() is
+    # the final reply to one request handed to them; notify() is not final.
+    def answer(self, message):
+        """Queue the final reply ``message`` (a map); dropped if the client is gone."""
+        self._queue(P.pack(message))
 
-    def reply_error(self, rid, exc_type, message):
-        self.send({"id": rid, "ok": False, "error": to_wire(exc_type, message)})
+    def answer_frame(self, frame):
+        """Queue a final reply already encoded (protocol.reply_frame)."""
+        self._queue(frame)
+
+    def answer_error(self, rid, exc_type, message):
+        self.answer({"id": rid, "ok": False, "error": to_wire(exc_type, message)})
+
+    def notify(self, message):
+        """Queue a message that is not a final reply (notify_cli text)."""
+        self._queue(P.pack(message))
 
     def fail_stream(self, message):
         """Answer a stream-level error (no request id can be trusted) and drop the client."""
-        self.reply_error(None, InterfaceError, message)
+        self._queue(P.pack({"id": None, "ok": False, "error": to_wire(InterfaceError, message)}))
         self.closing = True
 
     # endpoint interface (loop.py)
@@ -189,7 +196,7 @@ class Server:
             try:
                 request = parse_request(message)
             except BadRequest as exc:
-                client.reply_error(exc.rid, exc.exc_type, str(exc))
+                client.answer_error(exc.rid, exc.exc_type, str(exc))
                 continue
             self._handle(client, request)
 

@@ -211,21 +211,21 @@ class Supervisor:
         if op in P.DATA_OPS:
             self._router.route(client, request)
         elif op == "status":
-            client.send({"id": rid, "ok": True, "status": self._status()})
+            client.answer({"id": rid, "ok": True, "status": self._status()})
         elif op == "ping":
-            client.send({"id": rid, "ok": True})
+            client.answer({"id": rid, "ok": True})
         elif op == "save":
             self._saver.request((client, rid), request.get("user", ""))
         elif op == "restart":
             try:
                 self._recovery.restart(request["module"])
             except Error as exc:
-                client.reply_error(rid, type(exc), str(exc))
+                client.answer_error(rid, type(exc), str(exc))
             else:
-                client.send({"id": rid, "ok": True})
+                client.answer({"id": rid, "ok": True})
         elif op == "stop":
             log.info("stop requested by %s", request.get("user") or "a client")
-            client.send({"id": rid, "ok": True})
+            client.answer({"id": rid, "ok": True})
             self._lifecycle.begin_stop()
 
     def _status(self):

@@ -470,10 +470,12 @@ class FakeClient:
         self.sent = []
         self.frames = []
 
-    def send(self, message):
+    def answer(self, message):
         self.sent.append(message)
 
-    def send_frame(self, frame):
+    notify = answer
+
+    def answer_frame(self, frame):
         self.frames.append(frame)
 
 
