@@ -76,6 +76,7 @@ Req = _kind(1, "Req", "sid op table params vr flags batch after", "A client's re
 Load = _kind(2, "Load", "sid section journal", "Load saved rows (JSON bytes or None) and journal records; neither: defaults.")
 Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
 Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")
+Ping = _kind(5, "Ping", "", "Are you alive? Answered with a Pong by whichever lane thread reads.")
 # worker -> supervisor
 Init = _kind(10, "Init", "persistent_list config_deps async_actions pool_size", "cmbackend_init() was called.")
 Ready = _kind(11, "Ready", "", "The agent called ready().")
@@ -85,6 +86,7 @@ Log = _kind(14, "Log", "level name text", "A log record of the worker's.")
 Fatal = _kind(15, "Fatal", "message detail", "The entry raised or returned without registering; the worker exits.")
 Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event error, first row errors, rows failed.")
 Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
+Pong = _kind(18, "Pong", "", "The answer to a Ping.")
 
 # Progress slots: an int64 array in shared memory per worker, written by its lanes
 # as they start and finish work, so that after a crash the supervisor knows which

@@ -38,7 +38,9 @@ from .pool import CallbackPool
 
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
-_REQ, _LOAD, _SAVE, _STOP = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE
+_REQ, _LOAD, _SAVE, _STOP, _PING = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE
+_PONG = P.Pong.of()
+_decode = P.decode
 
 
 class _ChannelHandler(logging.Handler):
@@ -152,13 +154,15 @@ class Runtime:
                 # does not take is passed over.
                 kind = msg[0]
                 if kind == _REQ:
-                    item = self._route(P.decode(msg))
+                    item = self._route(_decode(msg))
                     if item is not None:
                         serial.append(item)
                 elif kind == _LOAD:
-                    serial.append((P.decode(msg), None))
+                    serial.append((_decode(msg), None))
                 elif kind == _SAVE:
-                    serial.append((P.decode(msg), None))
+                    serial.append((_decode(msg), None))
+                elif kind == _PING:
+                    self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
                 elif kind == _STOP:
                     _exit(0)
             if serial:

@@ -1,19 +1,37 @@
-"""The audit log: one JSON line per set, setop and save, with who asked and what came of it."""
+"""The audit log: one JSON line per set, setop and save, with who asked and what came of it.
+
+"Who" is both the user name the client gave to ``connect()`` (its claim) and the
+uid and pid the kernel reports for its socket (SO_PEERCRED: the truth). The file
+is owner-only: lines carry config values, which may be secrets.
+"""
 
 import json
+import logging
+import os
 import time
+
+log = logging.getLogger("cmactor.supervisor")
+
+# A write that fails (a full disk) is logged at most this often, with a count.
+WARN_EVERY = 60.0
 
 
 class AuditLog:
     """Lines are kept as they come and written once per loop turn, after the turn's
-    replies have gone out: formatting JSON is not work a client should wait for."""
+    replies have gone out: formatting JSON is not work a client should wait for.
+    A line that cannot be written is dropped and counted (``failures``), never
+    allowed to stop the supervisor."""
 
     def __init__(self, path):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
-        self._pending = []  # (time.time(), user, op, module, table, params, outcome)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._pending = []  # (time.time(), user, uid, pid, op, module, table, params, outcome)
         self._second = None
         self._stamp = ""
+        self.failures = 0  # lines that could not be written
+        self.last_error = None
+        self._warned_at = None
+        self._unwarned = 0
 
     def _format_time(self, now):
         """UTC time to the millisecond, ISO 8601; the date part is formatted once a second."""
@@ -23,18 +41,20 @@ class AuditLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1000):03d}+00:00"
 
-    def record(self, user, op, module, table, params, outcome):
-        self._pending.append((time.time(), user, op, module, table, params, outcome))
+    def record(self, user, uid, pid, op, module, table, params, outcome):
+        self._pending.append((time.time(), user, uid, pid, op, module, table, params, outcome))
 
     def flush(self):
         """Once per loop turn: one write for all the lines of that turn."""
         if not self._pending:
             return
         lines = []
-        for now, user, op, module, table, params, outcome in self._pending:
+        for now, user, uid, pid, op, module, table, params, outcome in self._pending:
             line = {
                 "time": self._format_time(now),
                 "user": user,
+                "uid": uid,
+                "pid": pid,
                 "op": op,
                 "module": module,
                 "table": table,
@@ -43,9 +63,28 @@ class AuditLog:
             }
             lines.append(json.dumps(line, ensure_ascii=False) + "\n")
         self._pending.clear()
-        self._file.write("".join(lines))
-        self._file.flush()
+        data = "".join(lines).encode()
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            self._failed(len(lines), exc)
+
+    def _failed(self, count, exc):
+        self.failures += count
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._unwarned += count
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
+            log.error(
+                "audit log %s: %d lines could not be written (%s); dropped, and counted in status",
+                self.path,
+                self._unwarned,
+                self.last_error,
+            )
+            self._warned_at = now
+            self._unwarned = 0
 
     def close(self):
         self.flush()
-        self._file.close()
+        os.close(self._fd)

@@ -6,6 +6,7 @@ accepted instead, so that an operator can fix the file without reading code.
 
 import difflib
 import logging
+import math
 import os
 import re
 import tomllib
@@ -19,6 +20,8 @@ REQUIRED = object()
 def _number(where, value):
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
         raise ConfigError(f"{where}: expected a number of seconds >= 0, got {value!r}")
+    if not math.isfinite(value):  # NaN passes "< 0", inf never comes: either would poison the timers
+        raise ConfigError(f"{where}: expected a finite number of seconds, got {value!r}")
     return float(value)
 
 
@@ -101,6 +104,7 @@ AGENT_OPTIONS = {
     "load_timeout": (_number, 30.0),
     "action_timeout": (_number, 30.0),
     "hang_timeout": (_number, 60.0),
+    "heartbeat_timeout": (_number, 30.0),
 }
 
 

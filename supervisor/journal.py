@@ -27,6 +27,8 @@ class Journal:
         self.records = []  # [op, table, params], in the order they were acknowledged
         self._file = None
         self._pending = False
+        self._synced = 0  # records known to be on disk
+        self._synced_size = 0  # the file's size after them
 
     def open(self, recover):
         """Open for appending. With ``recover`` the records on disk are kept (and
@@ -43,39 +45,71 @@ class Journal:
                 count,
                 self.path,
             )
-        self._file = open(self.path, "ab")
+        self._reopen()
         return self.records
 
+    def _reopen(self):
+        if self._file is not None:
+            self._file.close()
+        self._file = open(self.path, "ab", opener=_owner_only)
+        self._synced = len(self.records)
+        self._synced_size = self._file.tell()
+
     def append(self, op, table, params):
-        self._file.write(_encode(op, table, params))
+        """Add a record; it is durable only once sync() has returned. OSError from the
+        write leaves the record out (rollback() undoes what may have reached the file)."""
         self.records.append([op, table, params])
         self._pending = True
+        self._file.write(_encode(op, table, params))
 
     def sync(self):
-        """Make every appended record durable."""
+        """Make every appended record durable, or raise OSError (then call rollback())."""
         if self._pending:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._pending = False
+            self._synced = len(self.records)
+            self._synced_size = self._file.tell()
+
+    def rollback(self):
+        """Forget the records appended since the last sync, in memory and on disk: a write
+        or fsync failed, so their changes are refused and must not be replayed."""
+        del self.records[self._synced :]
+        self._pending = False
+        try:
+            self._file.close()  # drops what is still buffered; may fail to flush it, which is fine
+        except OSError:
+            pass
+        self._file = None
+        try:
+            os.truncate(self.path, self._synced_size)
+        except OSError as exc:
+            # The tail stays; a later replay might apply a refused change. Say so.
+            log.error("%s: cannot cut off records that failed to be written (%s); they may be replayed", self.path, exc)
+        self._reopen()
 
     def drop_first(self, count):
         """Forget the first ``count`` records (now in the config file); keep the rest on disk."""
         rest = self.records[count:]
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:  # a failure here leaves the journal as it was
+        with open(tmp, "wb", opener=_owner_only) as f:  # a failure here leaves the journal as it was
             for op, table, params in rest:
                 f.write(_encode(op, table, params))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self._file.close()
-        self._file = open(self.path, "ab")
         self.records = rest
+        self._reopen()
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _owner_only(path, flags):
+    """open() opener: the journal holds config values, which may be secrets."""
+    return os.open(path, flags, 0o600)
 
 
 def _encode(op, table, params):

@@ -37,15 +37,16 @@ class Lifecycle:
 
     def start_all(self):
         for mod in self._modules.values():
-            self.launch(mod)
+            error = self.launch(mod)
+            if error is not None:
+                self.quarantine(mod, error)
 
     def launch(self, mod):
-        """Start a worker for ``mod``: STARTING, or FAILED if no process could be started."""
+        """Start a worker for ``mod`` (STARTING); None, or why no process could be started."""
         error = self._workers.spawn(mod)
-        if error is not None:
-            self.quarantine(mod, error)
-            return
-        mod.move(STARTING)
+        if error is None:
+            mod.move(STARTING)
+        return error
 
     def on_init(self, mod, init):
         """The agent called cmbackend_init(): check its config_deps, then wait for them."""

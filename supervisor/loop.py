@@ -46,6 +46,9 @@ class EventLoop:
         self._timers = []  # heap of (when, seq, fn, args)
         self._timer_seq = itertools.count()
         self._dirty = set()  # endpoints with output waiting
+        # mark(endpoint): it has output (or a drained() check) for the end of this turn.
+        # The set's own add: called for every reply and request, so no wrapper.
+        self.mark = self._dirty.add
         self._writing = set()  # ... whose sockets are registered for write readiness
         self._before_output = []  # run before each turn's output (journal fsyncs)
         self._after_output = []  # run after it (the audit log)
@@ -96,8 +99,7 @@ class EventLoop:
                 if self._timers and self._timers[0][0] <= time.monotonic():
                     self._run_timers()
                     self._output()
-                for fn in self._after_output:
-                    fn()
+                self._run_hooks(self._after_output)
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
             on_death()
@@ -189,16 +191,20 @@ class EventLoop:
 
     # -- output ----------------------------------------------------------
 
-    def mark(self, endpoint):
-        """``endpoint`` has output (or a drained() check) for the end of this turn."""
-        self._dirty.add(endpoint)
+    @staticmethod
+    def _run_hooks(hooks):
+        for fn in hooks:
+            try:
+                fn()
+            except Exception:
+                log.exception("internal error in %s; the supervisor carries on", fn.__qualname__)
 
     def _output(self):
-        for fn in self._before_output:
-            fn()  # before the replies that depend on them go out
+        self._run_hooks(self._before_output)  # before the replies that depend on them go out
         if not self._dirty:
             return
-        dirty, self._dirty = self._dirty, set()
+        dirty = tuple(self._dirty)
+        self._dirty.clear()
         for endpoint in dirty:
             sock = endpoint.sock
             if sock is None or not endpoint.out:

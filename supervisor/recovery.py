@@ -73,9 +73,10 @@ class Recovery:
         elif mod.state == RESTARTING:  # an operator asked for this restart
             self._respawn(mod)
         elif mod.state != FAILED:
-            self._crashed(mod, pid, reason)
+            self._crashed(mod, f"worker pid {pid}", reason)
 
-    def _crashed(self, mod, pid, reason):
+    def _crashed(self, mod, what, reason):
+        """``what`` (its worker, or a start of one) failed: restart after a backoff, or quarantine."""
         if self._lifecycle.starting:
             self._lifecycle.quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
             return
@@ -87,7 +88,7 @@ class Recovery:
                 f"crashed more than {mod.policy.max_restarts} times within {mod.policy.window:g}s; last: {reason}",
             )
             return
-        log.error("module %s: worker pid %d %s; restarting in %.2fs", mod.name, pid, reason, delay)
+        log.error("module %s: %s %s; restarting in %.2fs", mod.name, what, reason, delay)
         mod.move(RESTARTING)
         self._loop.after(delay, self._respawn, mod)
 
@@ -95,7 +96,21 @@ class Recovery:
         if mod.state != RESTARTING or self._lifecycle.stopping:
             return
         mod.restarts += 1
-        self._lifecycle.launch(mod)
+        error = self._lifecycle.launch(mod)
+        if error is not None:  # e.g. out of fds: a failed start, retried with the backoff
+            mod.last_exit = error
+            self._crashed(mod, "a restart", f"failed: {error}")
+
+    def reload(self, mod, reason):
+        """Restart ``mod``'s worker now so that it drops changes it applied that are not
+        in its saved config and journal (they could not be written): it comes back
+        from those. Not a crash: the restart policy does not count it."""
+        if mod.process is None or mod.leaving:
+            return
+        log.error("module %s: %s; restarting its worker without the changes", mod.name, reason)
+        mod.move(RESTARTING)
+        mod.error = reason
+        self._workers.kill(mod)  # on_exit respawns it
 
     def restart(self, name):
         """Restart one module now, reviving it if it is quarantined."""
@@ -113,6 +128,36 @@ class Recovery:
             # while the old one's exit is still to be handled.
             mod.error = "restart requested"
             self._workers.kill(mod)
+
+    def _stuck(self, mod, now, now_ns):
+        """Why ``mod``'s worker must be killed as stuck, or None: its serial lane, or every
+        thread of its pool, in one action past hang_timeout; or no answer to a heartbeat."""
+        slots = mod.slots
+        hang = mod.options["hang_timeout"]
+        limit = now_ns - hang * 1e9
+        started = slots[P.SLOT_SERIAL_START]
+        if started and started < limit:
+            return f"its serial lane was stuck in one action for more than hang_timeout={hang:g}s"
+        if mod.pool_size is not None and len(mod.inflight) >= mod.pool_size:
+            stuck = sum(1 for i in range(P.ASYNC_SLOTS) if 0 < slots[P.async_slot(i) + 1] < limit)
+            if stuck >= mod.pool_size:
+                return (
+                    f"all {mod.pool_size} threads of its pool were stuck in one @async_action each for more "
+                    f"than hang_timeout={hang:g}s"
+                )
+        heartbeat = mod.options["heartbeat_timeout"]
+        if heartbeat:
+            channel = mod.channel
+            if channel.pinged_at is not None and now - channel.pinged_at > heartbeat:
+                return (
+                    f"it did not answer a heartbeat within heartbeat_timeout={heartbeat:g}s "
+                    "(stopped with SIGSTOP, or a thread holding the GIL)"
+                )
+            channel.ping(now)
+        return None
+
+    def on_pong(self, mod, _pong):
+        mod.channel.pong()
 
     def watchdog(self):
         """Fail requests past action_timeout; kill a worker whose serial lane is stuck past hang_timeout."""
@@ -134,12 +179,16 @@ class Recovery:
                     f"{req['op']} {mod.name}.{req['table']} timed out: not done within action_timeout={limit:g}s; "
                     "it may still finish and take effect",
                 )
-            started = mod.slots[P.SLOT_SERIAL_START] if mod.process is not None else 0
-            hang = mod.options["hang_timeout"]
-            if started and now_ns - started > hang * 1e9 and not mod.leaving:
-                mod.error = f"its serial lane was stuck in one action for more than hang_timeout={hang:g}s"
-                log.error("module %s: %s; killing the worker", mod.name, mod.error)
+            if mod.process is None or mod.leaving:
+                continue
+            stuck = self._stuck(mod, now, now_ns)
+            if stuck is not None:
+                mod.error = stuck
+                log.error("module %s: %s; killing the worker", mod.name, stuck)
                 self._workers.kill(mod)
         if not self._lifecycle.stopping:
-            tick = min(min(m.options["action_timeout"], m.options["hang_timeout"]) for m in self._modules.values())
+            tick = min(
+                min(m.options["action_timeout"], m.options["hang_timeout"], m.options["heartbeat_timeout"] or 60)
+                for m in self._modules.values()
+            )
             self._loop.after(min(1.0, max(0.05, tick / 4)), self.watchdog)

@@ -13,7 +13,7 @@ setops are written to the audit log.
 import time
 
 from cmactor import protocol as P
-from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, ProgrammingError, to_wire
+from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
 
 from .modules import FAILED, READY, WAITING_DEPS, Pending, unknown_module
 
@@ -28,7 +28,9 @@ class Router:
         self._audit = audit
         self.hold_timeout = hold_timeout
         self._closed = False  # the supervisor is stopping: nothing is held or sent any more
-        self._journals_to_sync = set()
+        self._unsynced = []  # (mod, pending, entries): journaled this turn, answered once fsynced
+        self._unjournaled = {}  # mod -> the OSError its journal raised this turn
+        self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
         loop.before_output(self._sync_journals)
 
     # -- in -------------------------------------------------------------
@@ -151,9 +153,20 @@ class Router:
             mod.unsaved = True
             req = pending.request
             if req["op"] in _CHANGES and req["table"] in mod.persistent_list:
-                mod.journal.append(req["op"], req["table"], req["params"])
-                self._journals_to_sync.add(mod.journal)
+                self._journal(mod, pending, reply.entries)
+                return
         self.answer(pending, reply.error, reply.entries)
+
+    def _journal(self, mod, pending, entries):
+        """Append an acknowledged change to its module's journal; the answer waits for
+        the journal's fsync, at the end of the turn (_sync_journals)."""
+        if mod not in self._unjournaled:
+            req = pending.request
+            try:
+                mod.journal.append(req["op"], req["table"], req["params"])
+            except OSError as exc:
+                self._unjournaled[mod] = exc
+        self._unsynced.append((mod, pending, entries))
 
     def on_notify(self, mod, notify):
         pending = mod.inflight.get(notify.sid)
@@ -172,13 +185,44 @@ class Router:
         req = pending.request
         if req["op"] in _CHANGES:
             outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
-            self._audit.record(req.get("user", ""), req["op"], req["module"], req["table"], req["params"], outcome)
+            client = pending.client
+            self._audit.record(
+                req.get("user", ""), client.peer_uid, client.peer_pid,
+                req["op"], req["module"], req["table"], req["params"], outcome,
+            )
 
     def fail(self, pending, exc_type, message):
         self.answer(pending, to_wire(exc_type, message))
 
     def _sync_journals(self):
-        if self._journals_to_sync:
-            journals, self._journals_to_sync = self._journals_to_sync, set()
-            for journal in journals:
-                journal.sync()
+        """Before the turn's output: fsync each journal appended to (one fsync for all its
+        records of the turn), then answer what it made durable. A journal that cannot
+        be written loses the turn's records and fails their requests, and its module's
+        worker, which applied those changes, is restarted without them."""
+        if not self._unsynced:
+            return
+        waiting, self._unsynced = self._unsynced, []
+        broken, self._unjournaled = self._unjournaled, {}
+        for mod in dict.fromkeys(mod for mod, _, _ in waiting):
+            if mod not in broken:
+                try:
+                    mod.journal.sync()
+                except OSError as exc:
+                    broken[mod] = exc
+        for mod in broken:
+            mod.journal.rollback()
+        for mod, pending, entries in waiting:
+            exc = broken.get(mod)
+            if exc is None:
+                self.answer(pending, None, entries)
+                continue
+            req = pending.request
+            self.fail(
+                pending,
+                OperationalError,
+                f"{req['op']} {mod.name}.{req['table']} was not committed: its journal {mod.journal.path} "
+                f"could not be written ({exc}); the module is restarted without the change; "
+                "free the disk and send it again",
+            )
+        for mod, exc in broken.items():
+            self.on_journal_failure(mod, f"its journal could not be written ({exc})")

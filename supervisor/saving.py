@@ -9,6 +9,7 @@ are carried over from the last good file, so a save never drops config.
 
 import concurrent.futures
 import logging
+import os
 
 from cmactor.errors import DatabaseError, OperationalError, to_wire
 
@@ -161,14 +162,15 @@ class Saver:
     def _reply(self, waiters, exc_type, result):
         outcome = "ok" if exc_type is None else f"{exc_type.__name__}: {result}"
         for waiter, user in waiters:
-            self._audit.record(user, "save", None, None, None, outcome)
-            if isinstance(waiter, concurrent.futures.Future):
+            if isinstance(waiter, concurrent.futures.Future):  # Supervisor.save(): this process asked
+                self._audit.record(user, os.getuid(), os.getpid(), "save", None, None, None, outcome)
                 if exc_type is None:
                     waiter.set_result(result)
                 else:
                     waiter.set_exception(exc_type(result))
                 continue
             client, rid = waiter
+            self._audit.record(user, client.peer_uid, client.peer_pid, "save", None, None, None, outcome)
             if exc_type is None:
                 client.answer({"id": rid, "ok": True, "saved": result})
             else:

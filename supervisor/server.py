@@ -83,22 +83,30 @@ def _remove_stale(path):
     raise OSError(f"another supervisor is already listening on {path}; stop it or choose another state_dir")
 
 
+def peer_credentials(sock):
+    """(pid, uid) of the process at the other end, or (None, None) where the OS cannot say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None, None
+    pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid, uid
+
+
 def peer_uid(sock):
     """The uid of the process at the other end, or None where the OS cannot say."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None
-    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return uid
+    return peer_credentials(sock)[1]
 
 
 class Client:
     """One connected frontend, an endpoint of the loop: its socket, read state and pending output."""
 
-    __slots__ = ("sock", "reader", "out", "closed", "closing", "_server")
+    __slots__ = ("sock", "reader", "out", "closed", "closing", "peer_pid", "peer_uid", "_server", "_mark")
 
-    def __init__(self, server, sock, max_frame):
+    def __init__(self, server, sock, max_frame, peer_pid=None, peer_uid=None):
         self._server = server
+        self._mark = server.loop.mark
         self.sock = sock
+        self.peer_pid = peer_pid  # from SO_PEERCRED: who really connected, whatever user name it claims
+        self.peer_uid = peer_uid
         self.reader = P.FrameReader(max_frame)
         self.out = bytearray()
         self.closed = False
@@ -107,7 +115,7 @@ class Client:
     def _queue(self, data):
         if not self.closed:
             self.out += data
-            self._server.loop.mark(self)
+            self._mark(self)
 
     # What the parts answering a request call: each answer() or answer_frame() is
     # the final reply to one request handed to them; notify() is not final.
@@ -117,7 +125,9 @@ class Client:
 
     def answer_frame(self, frame):
         """Queue a final reply already encoded (protocol.reply_frame)."""
-        self._queue(frame)
+        if not self.closed:  # _queue() inlined: this is every successful reply
+            self.out += frame
+            self._mark(self)
 
     def answer_error(self, rid, exc_type, message):
         self.answer({"id": rid, "ok": False, "error": to_wire(exc_type, message)})
@@ -166,8 +176,9 @@ class Server:
                 log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
+            pid, _ = peer_credentials(sock)
             uid = peer_uid(sock)
-            client = Client(self, sock, self._max_frame)
+            client = Client(self, sock, self._max_frame, pid, uid)
             self._clients.add(client)
             self.loop.watch(sock, self._read, client, client)
             if uid is not None and uid != os.getuid() and uid not in self._allowed_uids:

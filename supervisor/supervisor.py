@@ -82,10 +82,12 @@ class Supervisor:
         if self._loop is not None:
             raise RuntimeError("this Supervisor was already started")
         timeout = self.options["start_timeout"] if timeout is None else timeout
-        os.makedirs(self.state_dir, exist_ok=True)
+        # What cmactor creates is owner-only: the config, journal and audit log hold config
+        # values. The state directory is also entered by allowed_uids (to reach the socket).
+        os.makedirs(self.state_dir, mode=0o711 if self.options["allowed_uids"] else 0o700, exist_ok=True)
         sections = self._read_config()
         journal_dir = os.path.join(self.state_dir, "journal")
-        os.makedirs(journal_dir, exist_ok=True)
+        os.makedirs(journal_dir, mode=0o700, exist_ok=True)
         for mod in self.modules.values():
             mod.journal = Journal(os.path.join(journal_dir, f"{mod.name}.jsonl"))
             mod.journal.open(self.recover)
@@ -135,6 +137,7 @@ class Supervisor:
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         workers.on_exit = recovery.on_exit
+        router.on_journal_failure = recovery.reload
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
@@ -144,6 +147,7 @@ class Supervisor:
             (P.Loaded, lifecycle.on_loaded),
             (P.Saved, saver.on_saved),
             (P.Fatal, lifecycle.on_fatal),
+            (P.Pong, recovery.on_pong),
         ):
             workers.handle(kind, handler)
 

@@ -26,6 +26,9 @@ log = logging.getLogger("cmactor.supervisor")
 # can deadlock. The fork server is a single-threaded process forked once, early.
 START_METHOD = "forkserver"
 
+_decode = P.decode
+_PING = P.Ping.of()
+
 
 class Channel:
     """The supervisor's end of one worker's socket pair, an endpoint of the loop.
@@ -34,7 +37,7 @@ class Channel:
     from one counter that only grows, so that after a crash the lane's last
     started id (progress slots) splits the unanswered requests in two."""
 
-    __slots__ = ("sock", "doorbell", "reader", "out", "_sids", "_mark", "_ring", "_serial_sids")
+    __slots__ = ("sock", "doorbell", "reader", "out", "pinged_at", "_sids", "_mark", "_ring", "_serial_sids")
 
     def __init__(self, sock, doorbell, sids, mark):
         self.sock = sock
@@ -45,6 +48,7 @@ class Channel:
         self._mark = mark
         self._ring = False  # async work went into this turn's output
         self._serial_sids = set()  # serial requests sent and not yet answered
+        self.pinged_at = None  # when the oldest unanswered Ping was sent
 
     @property
     def open(self):
@@ -79,6 +83,17 @@ class Channel:
 
     def stop(self):
         self._send(P.Stop.of())
+
+    def ping(self, now):
+        """Ask the worker whether it is alive (it answers from whichever lane thread reads,
+        the doorbell waking one if the reader is running a serial action)."""
+        if self.pinged_at is None:
+            self.pinged_at = now
+        self._ring = True
+        self._send(_PING)
+
+    def pong(self):
+        self.pinged_at = None
 
     # endpoint interface (loop.py)
     def sent(self):
@@ -128,8 +143,6 @@ class Workers:
 
     def spawn(self, mod):
         """Start a worker for ``mod``; None, or why it could not be started."""
-        parent, child = socket.socketpair()
-        bell, bell_child = socket.socketpair()
         env = dict(os.environ)
         env.update(mod.options["env"])
         env["CMACTOR_SOCKET"] = self._socket_path
@@ -143,12 +156,19 @@ class Workers:
             "pool_size": mod.options["pool_size"],
             "log_level": self._log_level,
         }
-        slots = self._mp.RawArray("q", P.SLOTS_SIZE)
-        process = self._mp.Process(target=worker.main, args=(spec, child, bell_child, slots), name=f"cmactor-{mod.name}")
-        try:
+        opened = []
+        try:  # each step can fail with the process out of fds (EMFILE) or memory
+            parent, child = socket.socketpair()
+            opened += (parent, child)
+            bell, bell_child = socket.socketpair()
+            opened += (bell, bell_child)
+            slots = self._mp.RawArray("q", P.SLOTS_SIZE)
+            process = self._mp.Process(
+                target=worker.main, args=(spec, child, bell_child, slots), name=f"cmactor-{mod.name}"
+            )
             process.start()
         except Exception as exc:
-            for sock in (parent, child, bell, bell_child):
+            for sock in opened:
                 sock.close()
             return f"could not start a worker process: {type(exc).__name__}: {exc}"
         child.close()  # else the worker's death would never show as EOF here
@@ -167,6 +187,7 @@ class Workers:
     def _read(self, mod, drain=False):
         """What the worker sent: one read, or (``drain``) all it sent before it died."""
         channel = mod.channel
+        handlers = self._handlers
         while channel.sock is not None:
             data = recv(channel.sock)
             if data is None:
@@ -175,7 +196,7 @@ class Workers:
                 self._close_channel(mod)  # the sentinel reports the exit itself
                 return
             for message in channel.reader.feed(data):
-                self._handlers[message[0]](mod, P.decode(message))
+                handlers[message[0]](mod, _decode(message))
             if not drain:
                 return
 

@@ -10,6 +10,7 @@ import array
 import concurrent.futures
 import itertools
 import logging
+import os
 import queue
 import socket
 import threading
@@ -438,9 +439,11 @@ class SaveRouter:
 class FakeAudit:
     def __init__(self):
         self.records = []
+        self.peers = []  # (uid, pid) of each record: who the kernel says asked
 
-    def record(self, *fields):
-        self.records.append(fields)
+    def record(self, user, uid, pid, *fields):
+        self.records.append((user, *fields))
+        self.peers.append((uid, pid))
 
 
 class FakeJournal:
@@ -465,6 +468,8 @@ class SaveChannel:
 
 
 class FakeClient:
+    peer_uid, peer_pid = 1000, 4242
+
     def __init__(self):
         self.closed = False
         self.sent = []
@@ -549,6 +554,7 @@ def test_a_save_walks_modules_dependencies_first_and_writes_the_file(saves):
     assert s.modules["vlan"].journal.records == [["set", "vlan", {"late": "1"}]]
     assert s.modules["plain"].channel.saves == []
     assert s.audit.records == [("alice", "save", None, None, None, "ok")]
+    assert s.audit.peers == [(os.getuid(), os.getpid())]  # Supervisor.save(): this process
     assert not s.saver.running and s.idle == []
     assert s.saver.section("ports") == b'{"port":[1,2]}'
 
@@ -955,12 +961,17 @@ class RouteJournal:
     def __init__(self):
         self.appended = []
         self.syncs = 0
+        self.rollbacks = 0
+        self.path = "/state/journal/x.jsonl"
 
     def append(self, op, table, params):
         self.appended.append((op, table, params))
 
     def sync(self):
         self.syncs += 1
+
+    def rollback(self):
+        self.rollbacks += 1
 
 
 class RouterSetup:
@@ -1153,12 +1164,44 @@ def test_a_dirty_set_on_a_persistent_table_is_journaled_before_its_answer():
     r.router.on_reply(mod, wire(P.Reply, 1, None, entries, True))
     assert mod.journal.appended == [("set", "port", {"name": "1", "speed": "10G"})]
     assert mod.unsaved is True and mod.inflight == {} and mod.channel.answers == [1]
-    assert frames(r.client) == [{"id": rid, "ok": True, "rows": [], "more": False}]
-    assert r.audit.records == [("alice", "set", "ports", "port", {"name": "1", "speed": "10G"}, "ok")]
+    assert frames(r.client) == [] and mod.journal.syncs == 0  # the answer waits for the fsync
     (sync,) = r.loop.before
     sync()
     sync()  # once per touched journal, not again
     assert mod.journal.syncs == 1
+    assert frames(r.client) == [{"id": rid, "ok": True, "rows": [], "more": False}]
+    assert r.audit.records == [("alice", "set", "ports", "port", {"name": "1", "speed": "10G"}, "ok")]
+    assert r.audit.peers == [(FakeClient.peer_uid, FakeClient.peer_pid)]
+
+
+@pytest.mark.parametrize("fails_in", ["append", "sync"])
+def test_a_change_whose_journal_cannot_be_written_is_refused_and_its_worker_reloaded(fails_in):
+    r = RouterSetup({"ports": READY, "vlan": READY})
+    reloaded = []
+    r.router.on_journal_failure = lambda mod, reason: reloaded.append((mod.name, reason))
+    mod = r.modules["ports"]
+    mod.persistent_list = ["port"]
+    r.modules["vlan"].persistent_list = ["vlan"]
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    setattr(mod.journal, fails_in, full)
+    first = r.route("ports", op="set", table="port", params={"name": "1"})
+    second = r.route("ports", op="set", table="port", params={"name": "2"})
+    other = r.route("vlan", op="set", table="vlan", params={"name": "v"})
+    for sid, m in ((1, mod), (2, mod), (3, r.modules["vlan"])):
+        r.router.on_reply(m, wire(P.Reply, sid, None, P.reply_entries([], False), True))
+    (sync,) = r.loop.before
+    sync()
+    assert mod.journal.rollbacks == 1
+    failed = {rid: (kind, message) for rid, kind, message in errors(r.client)}
+    assert set(failed) == {first, second}
+    kind, message = failed[first]
+    assert kind == "OperationalError"
+    assert "set ports.port was not committed" in message and "No space left on device" in message
+    assert [m["id"] for m in frames(r.client)] == [other]  # another module's journal is fine
+    assert reloaded == [("ports", "its journal could not be written ([Errno 28] No space left on device)")]
 
 
 def test_only_dirty_changes_to_persistent_tables_are_journaled():
