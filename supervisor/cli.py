@@ -145,8 +145,9 @@ def cmd_run(args):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        sup.start()
-        print(f"cmactor: {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
+        sup.start(strict=args.strict)
+        ready = sum(1 for entry in sup.status().values() if entry["state"] == "READY")
+        print(f"cmactor: {ready} of {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
         print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
         # A client's `cmactor stop` ends the supervisor on its own: wake up then too.
         threading.Thread(target=lambda: (sup.wait(), os.write(wake_w, b"d")), daemon=True).start()
@@ -189,7 +190,15 @@ def cmd_data(args):
 
 def cmd_status(args):
     with _connect(args) as conn:
-        show_status(conn.request({"op": "status"})["status"], args.format)
+        reply = conn.request({"op": "status"})
+    show_status(reply["status"], args.format)
+    audit = reply.get("supervisor", {})
+    if audit.get("audit_failures"):  # on stderr in both formats: --format json keeps its shape
+        print(
+            f"cmactor: warning: {audit['audit_failures']} audit log lines could not be written "
+            f"(last: {audit['audit_error']})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -261,6 +270,11 @@ def build_parser():
         "--recover",
         action="store_true",
         help="also replay the changes journaled since the last save (after a crash of the supervisor itself)",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit non-zero unless every module is READY after start (default: serve the ones that are)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -12,7 +12,6 @@ InternalError naming both states. The predicates below stand in for tuples of
 states repeated by the code that asks.
 """
 
-import collections
 import logging
 import time
 
@@ -65,6 +64,42 @@ class Pending:
         self.dispatched_at = None
 
 
+class Held:
+    """Requests held for a module, oldest first; any one of them removed at O(1) cost
+    (each expires on its own timer, and 60k of them must not mean 60k scans)."""
+
+    __slots__ = ("_requests",)
+
+    def __init__(self):
+        self._requests = {}  # Pending -> None: a dict keeps insertion order
+
+    def append(self, pending):
+        self._requests[pending] = None
+
+    def extend(self, requests):
+        self._requests.update(dict.fromkeys(requests))
+
+    def prepend(self, requests):
+        self._requests = {**dict.fromkeys(requests), **self._requests}
+
+    def remove(self, pending):
+        del self._requests[pending]
+
+    def take_all(self):
+        """Every held request, oldest first, leaving none."""
+        requests, self._requests = list(self._requests), {}
+        return requests
+
+    def __contains__(self, pending):
+        return pending in self._requests
+
+    def __iter__(self):
+        return iter(list(self._requests))
+
+    def __len__(self):
+        return len(self._requests)
+
+
 class Module:
     """One module: its state, what its agent registered, its current worker, its requests."""
 
@@ -113,7 +148,7 @@ class Module:
         self.pool_size = None
         self.unsaved = False
         self.inflight = {}  # sid -> Pending, in dispatch order
-        self.held = collections.deque()  # Pending, oldest first
+        self.held = Held()
         self.restarts = 0
         self.started_at = None
         self.last_exit = None

@@ -76,45 +76,47 @@ class Router:
         for pending in requests:
             pending.hold, pending.deadline = hold, deadline
         if front:
-            mod.held.extendleft(reversed(requests))
+            mod.held.prepend(requests)
         else:
             mod.held.extend(requests)
-        self._loop.after(hold, self._expire_held, mod)
+        self._loop.after(hold, self._expire_held, mod, requests)
 
     def hold_again(self, mod, requests):
         """Requests a dead worker had not started: first in line once it is back."""
         if requests:
             self._hold(mod, requests, self.hold_timeout, front=True)
 
-    def _expire_held(self, mod):
+    def _expire_held(self, mod, requests):
+        """The hold of ``requests`` is over: fail those still held (a request held again
+        later has a later deadline, and its own timer)."""
         now = time.monotonic()
-        keep = []
-        for pending in mod.held:
-            if pending.deadline <= now:
+        for pending in requests:
+            if pending in mod.held and pending.deadline <= now:
+                mod.held.remove(pending)
                 self.fail(pending, ModuleUnavailable, f"{self.unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
-            else:
-                keep.append(pending)
-        mod.held.clear()
-        mod.held.extend(keep)
 
     def release_held(self, mod):
         """``mod`` may accept requests again: send what was held for it, oldest first.
         Nothing goes to a worker that is gone: its requests wait for the next one."""
         if not (mod.accepting and mod.channel.open):
             return
-        held = list(mod.held)
-        mod.held.clear()
-        for pending in held:
+        for pending in mod.held.take_all():
             if pending.client.closed:
                 self._graph.forget(pending)  # nobody waits for it any more
             else:
                 self._dispatch(mod, pending)
 
     def fail_held(self, mod):
-        held = list(mod.held)
-        mod.held.clear()
-        for pending in held:
+        for pending in mod.held.take_all():
             self.fail(pending, ModuleUnavailable, self.unavailable(mod))
+
+    def forget_client(self, client):
+        """``client`` is gone: what is held for it is dropped, never sent to a worker."""
+        for mod in self._modules.values():
+            for pending in mod.held:
+                if pending.client is client:
+                    mod.held.remove(pending)
+                    self._graph.forget(pending)
 
     def refuse_held_cycles(self, mod):
         """``mod`` now waits on its config_deps: refuse held calls that can never be served."""

@@ -11,8 +11,11 @@ at load time as bytes: the supervisor checks the file but never parses rows.
 import datetime
 import hashlib
 import json
+import logging
 import os
 import tempfile
+
+log = logging.getLogger("cmactor.supervisor")
 
 FORMAT = "cmactor-config"
 VERSION = 1
@@ -108,6 +111,28 @@ def write(path, sections):
     finally:
         os.close(dir_fd)
     return header
+
+
+def remove_leftovers(state_dir):
+    """Remove temporary files that a supervisor killed in the middle of writing them left
+    in ``state_dir``: a save's ``.config-*.tmp``, a journal truncation's ``*.jsonl.tmp``."""
+    candidates = [os.path.join(state_dir, n) for n in _listdir(state_dir) if n.startswith(".config-") and n.endswith(".tmp")]
+    journal_dir = os.path.join(state_dir, "journal")
+    candidates += [os.path.join(journal_dir, n) for n in _listdir(journal_dir) if n.endswith(".tmp")]
+    for path in candidates:
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an interrupted write: %s", path, exc)
+        else:
+            log.info("removed %s, left by an interrupted write", path)
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def set_aside(path):

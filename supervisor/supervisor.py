@@ -77,8 +77,13 @@ class Supervisor:
 
     # -- public API (any thread) -----------------------------------------
 
-    def start(self, timeout=None):
-        """Start every agent; return when all are READY, else stop them and raise StartupError."""
+    def start(self, timeout=None, strict=True):
+        """Start every agent; return when all are READY, else stop them and raise StartupError.
+
+        ``strict=False`` (``cmactor run`` without ``--strict``): as supervisord and systemd
+        do, keep serving the modules that came up and leave the others FAILED (their
+        dependents WAITING_DEPS) with their reasons logged; raise only if none came up.
+        """
         if self._loop is not None:
             raise RuntimeError("this Supervisor was already started")
         timeout = self.options["start_timeout"] if timeout is None else timeout
@@ -100,6 +105,7 @@ class Supervisor:
                 mod.journal.close()
             raise StartupError(f"cannot listen on {path}: {exc}") from None
         self.socket_path = listening[1]
+        store.remove_leftovers(self.state_dir)  # ours alone now: no other supervisor listens here
         os.makedirs(os.path.dirname(server.socket_pointer(self.state_dir)), mode=0o700, exist_ok=True)
         with open(server.socket_pointer(self.state_dir), "w") as f:
             f.write(self.socket_path)
@@ -110,12 +116,15 @@ class Supervisor:
         self._loop.call(self._lifecycle.start_all)
         self._lifecycle.start_done.wait(timeout)
         reasons = self._loop.call(self._lifecycle.not_ready)
-        if reasons:
+        detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+        if reasons and (strict or len(reasons) == len(self.modules)):
             self.stop()
-            detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
             raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
         self._loop.call(self._lifecycle.end_start)
-        log.info("all %d modules READY; listening on %s", len(self.modules), self.socket_path)
+        if reasons:
+            log.error("%d of %d modules not READY after start; serving the others: %s", len(reasons), len(self.modules), detail)
+        else:
+            log.info("all %d modules READY; listening on %s", len(self.modules), self.socket_path)
         return self
 
     def _build(self, sections, listening):
@@ -127,6 +136,7 @@ class Supervisor:
         self._server = server.Server(loop, listening, self._handle, self.options["max_frame"], self.options["allowed_uids"])
         self._graph = graph = WaitGraph(modules)
         self._router = router = Router(modules, loop, graph, self._audit, self.hold_timeout)
+        self._server.on_drop = router.forget_client
         self._saver = saver = Saver(modules, loop, router, self._audit, self.config_path, sections)
         self._workers = workers = Workers(
             loop, socket_path=self.socket_path, base_dir=self.base_dir, log_level=self.options["log_level"]
@@ -170,6 +180,10 @@ class Supervisor:
     def status(self):
         """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
         return self._loop.call(self._status)
+
+    def supervisor_status(self):
+        """The supervisor's own figures: audit log lines that could not be written, and the last error."""
+        return self._loop.call(self._own_status)
 
     def save(self, user="supervisor"):
         """Save every READY module's persistent tables to the config file; return a summary.
@@ -215,7 +229,7 @@ class Supervisor:
         if op in P.DATA_OPS:
             self._router.route(client, request)
         elif op == "status":
-            client.answer({"id": rid, "ok": True, "status": self._status()})
+            client.answer({"id": rid, "ok": True, "status": self._status(), "supervisor": self._own_status()})
         elif op == "ping":
             client.answer({"id": rid, "ok": True})
         elif op == "save":
@@ -234,6 +248,9 @@ class Supervisor:
 
     def _status(self):
         return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in self.modules.items()}
+
+    def _own_status(self):
+        return {"audit_failures": self._audit.failures, "audit_error": self._audit.last_error}
 
     def _die(self):
         """The loop died of an error: no worker may outlive it."""

@@ -174,3 +174,39 @@ def test_run_with_a_bad_config_file_names_file_and_key(tmp_path):
     result = cli("run", str(path))
     assert result.returncode == 1
     assert str(path) in result.stderr and "unknown key 'hold_timeot'; did you mean 'hold_timeout'?" in result.stderr
+
+
+def test_run_serves_the_modules_that_came_up_and_shows_the_failed_one(tmp_path):
+    path = tmp_path / "mixed.toml"
+    path.write_text(
+        f'[supervisor]\nstate_dir = "state"\n[agents.echo]\nentry = "{ECHO}"\n'
+        f'[agents.x]\nentry = "{agent("broken.py:raises")}"\n'
+    )
+    proc = subprocess.Popen(cmactor_cmd() + ["run", str(path)], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "modules READY" in line:
+                break
+        assert "1 of 2 modules READY" in lines[-1], "".join(lines)
+        assert any("x: FAILED: entry" in line and "entry exploded" in line for line in lines), "".join(lines)
+        status = json.loads(cli("-c", str(path), "--format", "json", "status").stdout)
+        assert status["echo"]["state"] == "READY" and status["x"]["state"] == "FAILED"
+        assert "entry exploded" in status["x"]["error"]
+        assert cli("-c", str(path), "get", "echo.kv", "key=default").returncode == 0
+        assert "ModuleUnavailable" in cli("-c", str(path), "get", "x.kv").stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_run_strict_exits_non_zero_when_a_module_fails(tmp_path):
+    path = tmp_path / "mixed.toml"
+    path.write_text(
+        f'[supervisor]\nstate_dir = "state"\n[agents.echo]\nentry = "{ECHO}"\n'
+        f'[agents.x]\nentry = "{agent("broken.py:raises")}"\n'
+    )
+    result = subprocess.run(cmactor_cmd() + ["run", "--strict", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "StartupError" in result.stderr and "x: FAILED: entry" in result.stderr

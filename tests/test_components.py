@@ -1042,13 +1042,40 @@ def test_requests_to_a_loading_module_are_held_and_released_in_order():
     assert mod.channel.requests == [] and mod.inflight == {}
     assert [p.rid for p in mod.held] == [first, dropped, second]
     assert [p.hold for p in mod.held] == [7.5, 7.5, 7.5]
-    assert [(delay, fn.__name__, args) for delay, fn, args in r.loop.timers] == [(7.5, "_expire_held", (mod,))] * 3
+    held = list(mod.held)
+    assert [(delay, fn.__name__, args) for delay, fn, args in r.loop.timers] == [
+        (7.5, "_expire_held", (mod, [pending])) for pending in held
+    ]
     gone_client.closed = True
     mod.state = READY
     r.router.release_held(mod)
     assert [(sid, params) for sid, _, _, params, *_ in mod.channel.requests] == [(1, {"n": "1"}), (2, {"n": "2"})]
     assert [p.rid for p in mod.inflight.values()] == [first, second]
     assert len(mod.held) == 0
+
+
+def test_a_client_that_leaves_takes_its_held_requests_with_it():
+    r = RouterSetup({"ports": LOADING, "vlan": LOADING})
+    gone = FakeClient()
+    stays = r.route("ports")
+    r.route("ports", client=gone)
+    r.route("vlan", client=gone, caller=["ports", "serial", 3])
+    r.router.forget_client(gone)
+    assert [p.rid for p in r.modules["ports"].held] == [stays] and len(r.modules["vlan"].held) == 0
+    assert r.graph.admit(r.modules["ports"], Pending(r.client, 9, {
+        "module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]})) is None  # no edge left
+
+
+def test_many_held_requests_with_distinct_deadlines_expire_without_a_scan_each():
+    r = RouterSetup({"ports": LOADING})
+    for n in range(20000):
+        r.route("ports", hold=0.001 + n * 1e-9)
+    time.sleep(0.01)
+    started = time.monotonic()
+    for _, fn, args in r.loop.timers:
+        fn(*args)
+    assert len(r.modules["ports"].held) == 0 and len(errors(r.client)) == 20000
+    assert time.monotonic() - started < 10  # a scan of all held per timer took minutes
 
 
 def test_a_held_request_expires_after_its_hold():

@@ -1,0 +1,188 @@
+"""A full disk, a frozen worker, a stuck pool: the supervisor goes on and loses nothing acknowledged.
+
+The full-disk tests mount a small tmpfs as the state directory (they run as root,
+as CI does; elsewhere they are skipped, saying why).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+
+import pytest
+from conftest import agent, wait_for
+
+import cmactor
+
+ECHO = agent("echo.py:main")
+
+
+@contextlib.contextmanager
+def small_disk(path, size="512k"):
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {result.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk):
+    """Write a file until the disk is full; return it (remove it to free the disk)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (65536, 4096, 1):  # down to the last byte free
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_change_that_cannot_be_journaled_is_refused_and_undone(tmp_path, supervisor):
+    with small_disk(tmp_path / "disk") as disk:
+        sup = supervisor({"echo": ECHO}, state_dir=disk / "state")
+        cur = sup.connect().cursor()
+        cur.execute("set echo.kv", {"key": "kept", "value": "1"})
+        filler = fill(disk)
+        pid = sup.status()["echo"]["pid"]
+        with pytest.raises(cmactor.OperationalError) as refused:
+            cur.execute("set echo.kv", {"key": "lost", "value": "x" * 20000})
+        message = str(refused.value)
+        assert "set echo.kv was not committed" in message and "No space left on device" in message
+        assert "free the disk and send it again" in message
+        # The worker had applied it: it is restarted from its config and journal, without it.
+        wait_for(lambda: sup.status()["echo"]["state"] == "READY" and sup.status()["echo"]["pid"] != pid)
+        with pytest.raises(cmactor.DatabaseError, match="no key 'lost'"):
+            cur.execute("get echo.kv", {"key": "lost"})
+        cur.execute("get echo.kv", {"key": "kept"})
+        assert tuple(cur.fetchone()) == ("kept", "1")
+        # Reads and changes that need no journal go on meanwhile.
+        cur.execute("set echo.order", {"n": "1"})
+        filler.unlink()
+        cur.execute("set echo.kv", {"key": "later", "value": "2"})
+        sup.stop()
+        # Acknowledged changes survive a restart of the supervisor itself.
+        again = supervisor({"echo": ECHO}, state_dir=disk / "state", recover=True)
+        cur = again.connect().cursor()
+        cur.execute("getnext echo.kv")
+        assert dict(cur.fetchall()) == {"default": "yes", "kept": "1", "later": "2"}
+        again.stop()
+
+
+def test_a_full_disk_fails_a_save_and_the_audit_log_without_stopping_anything(tmp_path, supervisor):
+    with small_disk(tmp_path / "disk") as disk:
+        sup = supervisor({"echo": ECHO}, state_dir=disk / "state")
+        cur = sup.connect().cursor()
+        cur.execute("set echo.kv", {"key": "a", "value": "1"})
+        sup.save()
+        saved = (disk / "state" / "config.jsonl").read_bytes()
+        cur.execute("set echo.kv", {"key": "b", "value": "x" * 1000})
+        filler = fill(disk)
+        with pytest.raises(cmactor.OperationalError, match="save failed: cannot write .*config.jsonl"):
+            sup.save()
+        assert (disk / "state" / "config.jsonl").read_bytes() == saved
+        assert not [n for n in os.listdir(disk / "state") if n.endswith(".tmp")]
+        for n in range(20):  # audit lines for sets on a table that is not journaled
+            cur.execute("set echo.order", {"n": str(n)})
+        wait_for(lambda: sup.supervisor_status()["audit_failures"] > 0)
+        assert "No space left on device" in sup.supervisor_status()["audit_error"]
+        filler.unlink()
+        sup.save()
+        cur.execute("getnext echo.kv")
+        assert dict(cur.fetchall())["b"] == "x" * 1000
+
+
+def test_a_stopped_worker_fails_its_heartbeat_and_is_restarted(supervisor):
+    sup = supervisor({"echo": {"entry": ECHO, "heartbeat_timeout": 1}})
+    pid = sup.status()["echo"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: sup.status()["echo"]["restarts"] == 1 and sup.status()["echo"]["state"] == "READY", timeout=15)
+    status = sup.status()["echo"]
+    assert "did not answer a heartbeat within heartbeat_timeout=1s" in status["last_exit"]
+    cur = sup.connect().cursor()
+    cur.execute("get echo.kv", {"key": "default"})
+    assert tuple(cur.fetchone()) == ("default", "yes")
+
+
+def test_a_busy_serial_lane_still_answers_heartbeats(supervisor):
+    sup = supervisor({"echo": {"entry": ECHO, "heartbeat_timeout": 0.5}})
+    cur = sup.connect().cursor()
+    cur.execute("get echo.sleep", {"secs": "2"})  # the reading thread runs it; the doorbell wakes the other
+    assert sup.status()["echo"]["restarts"] == 0
+
+
+def test_a_pool_stuck_past_hang_timeout_restarts_the_worker(supervisor):
+    sup = supervisor({"echo": {"entry": ECHO, "pool_size": 2, "hang_timeout": 1}})
+    conns = [sup.connect() for _ in range(2)]
+    errors = []
+
+    def hang(conn):
+        try:
+            conn.cursor().execute("get echo.asleep", {"secs": "60"})
+        except cmactor.Error as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hang, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    wait_for(lambda: sup.status()["echo"]["restarts"] == 1, timeout=15)
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 2 and all("crashed" in str(e) for e in errors)
+    assert "all 2 threads of its pool were stuck" in sup.status()["echo"]["last_exit"]
+    wait_for(lambda: sup.status()["echo"]["state"] == "READY")
+    cur = sup.connect().cursor()
+    cur.execute("get echo.asleep", {"secs": "0"})  # the pool serves again
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_every_file_and_directory_cmactor_creates_is_owner_only(tmp_path, supervisor):
+    state = tmp_path / "state"
+    sup = supervisor({"echo": ECHO}, state_dir=state)
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "enable_secret", "value": "s3cr3t"})
+    sup.save()
+    cur.execute("set echo.kv", {"key": "after", "value": "save"})
+    assert {name: _mode(state / name) for name in ("", "journal", "run")} == {"": 0o700, "journal": 0o700, "run": 0o700}
+    for name in ("config.jsonl", "audit.log", "journal/echo.jsonl"):
+        assert _mode(state / name) == 0o600, name
+
+
+def test_the_audit_line_names_the_peer_uid_and_pid(tmp_path, supervisor):
+    sup = supervisor({"echo": ECHO}, state_dir=tmp_path / "state")
+    with sup.connect("mallory") as conn:
+        conn.cursor().execute("set echo.kv", {"key": "k", "value": "v"})
+    wait_for(lambda: (tmp_path / "state" / "audit.log").read_text())
+    line = json.loads((tmp_path / "state" / "audit.log").read_text().splitlines()[-1])
+    assert (line["user"], line["uid"], line["pid"], line["outcome"]) == ("mallory", os.getuid(), os.getpid(), "ok")
+
+
+def test_temporary_files_left_by_a_killed_write_are_removed_at_start(tmp_path, supervisor):
+    state = tmp_path / "state"
+    (state / "journal").mkdir(parents=True)
+    (state / ".config-abc123.tmp").write_text("half a save")
+    (state / "journal" / "echo.jsonl.tmp").write_text("half a truncation")
+    (state / "notes.tmp").write_text("not ours")
+    supervisor({"echo": ECHO}, state_dir=state)
+    assert not (state / ".config-abc123.tmp").exists() and not (state / "journal" / "echo.jsonl.tmp").exists()
+    assert (state / "notes.tmp").exists()
+
+
+def test_non_finite_numbers_in_the_config_are_refused(tmp_path):
+    with pytest.raises(cmactor.ConfigError, match="hold_timeout: expected a finite number of seconds, got nan"):
+        cmactor.Supervisor({"echo": ECHO}, state_dir=tmp_path, hold_timeout=float("nan"))
+    path = tmp_path / "c.toml"
+    path.write_text(f'[agents.echo]\nentry = "{ECHO}"\nhang_timeout = inf\n')
+    with pytest.raises(cmactor.ConfigError, match=r"c.toml: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf"):
+        cmactor.Supervisor.from_toml(path)
