@@ -7,7 +7,9 @@ dropped; everyone else goes on being served.
 """
 
 import logging
+import math
 import os
+import reprlib
 import shutil
 import socket
 import struct
@@ -24,6 +26,21 @@ log = logging.getLogger("cmactor.supervisor")
 MAX_SOCKET_PATH = 107
 
 _PEERCRED = struct.Struct("3i")
+
+# The longest hold a request may ask for: it stays in the loop's timer heap that long.
+MAX_HOLD = 86400.0
+
+# Client data in error messages goes through this bounded repr: a builtin repr of a
+# value nested 1000 deep raises RecursionError, and a long one would be sent back whole.
+_brief = reprlib.Repr()
+_brief.maxlevel = 3
+_brief.maxstring = _brief.maxother = _brief.maxlong = 60
+_brief.maxlist = _brief.maxtuple = _brief.maxdict = _brief.maxset = 6
+_show = _brief.repr
+
+
+def _clip(text, size=60):
+    return text if len(text) <= size else text[: size - 3] + "..."
 
 
 def default_socket_path(state_dir):
@@ -239,18 +256,20 @@ def _str_map(rid, name, value, allow_null=False):
     if value is None:
         return {}
     if type(value) is dict:
-        for item in value.values():
-            if type(item) is not str:
+        for key, item in value.items():
+            if type(key) is not str or type(item) is not str:
                 break
         else:
-            return value  # the common case; keys are str already (frames decode with strict_map_key)
+            return value  # the common case (frames decode with strict_map_key, which lets bin keys through)
     if not isinstance(value, dict):
         raise BadRequest(rid, ProgrammingError, f"'{name}' must be a map of str to str, got {type(value).__name__}")
     for key, item in value.items():
         if not isinstance(key, str):
-            raise BadRequest(rid, ProgrammingError, f"'{name}' has a non-string key {key!r}")
+            raise BadRequest(
+                rid, ProgrammingError, f"'{name}' has a {type(key).__name__} key {_show(key)}; keys must be str"
+            )
         if not (isinstance(item, str) or (allow_null and item is None)):
-            raise BadRequest(rid, ProgrammingError, f"'{name}.{key}' must be a str, got {type(item).__name__}")
+            raise BadRequest(rid, ProgrammingError, f"'{name}.{_clip(key)}' must be a str, got {type(item).__name__}")
     return value
 
 
@@ -260,13 +279,13 @@ _good_names = set()  # module and table names that passed NAME_RE
 def _name(rid, op, key, value):
     if type(value) is not str or value not in _good_names:
         if not isinstance(value, str) or not P.NAME_RE.match(value):
-            raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {value!r}")
+            raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {_show(value)}")
         if len(_good_names) < 10000:  # a cache, bounded against clients inventing names
             _good_names.add(value)
 
 
 # A data request with no other keys has nothing left to check once module, table,
-# params and vr are: the usual get or set.
+# params, vr and notify are: the usual get or set.
 _PLAIN_KEYS = frozenset(("id", "op", "module", "table", "params", "user", "vr", "notify"))
 
 
@@ -280,17 +299,17 @@ def parse_request(msg):
         raise BadRequest(None, ProgrammingError, f"a request must be a msgpack map, got {type(msg).__name__}")
     rid = msg.get("id")
     if type(rid) is not int:
-        raise BadRequest(None, ProgrammingError, f"request 'id' must be an integer, got {rid!r}")
+        raise BadRequest(None, ProgrammingError, f"request 'id' must be an integer, got {_show(rid)}")
     op = msg.get("op")
-    if op not in P.DATA_OPS and op not in P.CONTROL_OPS:
+    if type(op) is not str or (op not in P.DATA_OPS and op not in P.CONTROL_OPS):
         known = ", ".join(P.DATA_OPS + P.CONTROL_OPS)
-        raise BadRequest(rid, ProgrammingError, f"unknown op {op!r}; known ops: {known}")
+        raise BadRequest(rid, ProgrammingError, f"unknown op {_show(op)}; known ops: {known}")
     user = msg.get("user", "")
     if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
     if op not in P.DATA_OPS:
-        if op == "restart" and not (isinstance(msg.get("module"), str) and P.NAME_RE.match(msg["module"])):
-            raise BadRequest(rid, ProgrammingError, f"restart: bad module name {msg.get('module')!r}")
+        if op == "restart":
+            _name(rid, op, "module", msg.get("module"))
         return msg
     _name(rid, op, "module", msg.get("module"))
     _name(rid, op, "table", msg.get("table"))
@@ -298,6 +317,9 @@ def parse_request(msg):
     vr = msg.get("vr")
     if vr is not None and type(vr) is not str:
         raise BadRequest(rid, ProgrammingError, f"'vr' must be a str or nil, got {type(vr).__name__}")
+    notify = msg.get("notify")
+    if notify is not None and type(notify) is not bool:
+        raise BadRequest(rid, ProgrammingError, f"'notify' must be true, false or nil, got {type(notify).__name__}")
     if msg.keys() <= _PLAIN_KEYS:
         msg["after"] = None
         msg["batch"] = P.DEFAULT_BATCH
@@ -305,18 +327,30 @@ def parse_request(msg):
     msg["after"] = _str_map(rid, "after", msg.get("after"), allow_null=True) or None
     batch = msg.get("batch", P.DEFAULT_BATCH)
     if type(batch) is not int or not 1 <= batch <= 100000:
-        raise BadRequest(rid, ProgrammingError, f"'batch' must be an integer from 1 to 100000, got {batch!r}")
+        raise BadRequest(rid, ProgrammingError, f"'batch' must be an integer from 1 to 100000, got {_show(batch)}")
     msg["batch"] = batch
     hold = msg.get("hold")
-    if hold is not None and (type(hold) not in (int, float) or hold < 0):
-        raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds >= 0, got {hold!r}")
+    if hold is not None:
+        if type(hold) not in (int, float):
+            raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds, got {type(hold).__name__}")
+        if not math.isfinite(hold):  # NaN passes "< 0", and either would poison the loop's timer heap
+            raise BadRequest(rid, ProgrammingError, f"'hold' must be a finite number of seconds, got {hold!r}")
+        if hold < 0:
+            raise BadRequest(rid, ProgrammingError, f"'hold' must be a number of seconds >= 0, got {hold!r}")
+        if hold > MAX_HOLD:
+            raise BadRequest(
+                rid, ProgrammingError, f"'hold' of {hold!r}s is more than a request may be held, {MAX_HOLD:g}s (a day)"
+            )
     caller = msg.get("caller")
     if caller is not None and not (
         type(caller) is list
         and len(caller) == 3
         and type(caller[0]) is str
+        and type(caller[1]) is str
         and caller[1] in ("serial", "async")
         and type(caller[2]) is int
     ):
-        raise BadRequest(rid, ProgrammingError, f"'caller' must be [module, 'serial'|'async', request id], got {caller!r}")
+        raise BadRequest(
+            rid, ProgrammingError, f"'caller' must be [module, 'serial'|'async', request id], got {_show(caller)}"
+        )
     return msg

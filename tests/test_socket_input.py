@@ -121,6 +121,23 @@ def test_client_vanishing_mid_request_harms_nobody(sup):
         ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0}, "ProgrammingError", "'batch' must be an integer"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "vr": 3}, "ProgrammingError", "'vr' must be a str"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": -1}, "ProgrammingError", "'hold' must be a number"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("nan")}, "ProgrammingError", "'hold' must be a finite number of seconds, got nan"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("inf")}, "ProgrammingError", "'hold' must be a finite number of seconds, got inf"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("-inf")}, "ProgrammingError", "'hold' must be a finite number of seconds, got -inf"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": 86401}, "ProgrammingError", "'hold' of 86401s is more than a request may be held, 86400s (a day)"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": True}, "ProgrammingError", "'hold' must be a number of seconds, got bool"),
+        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {b"key": "x"}}, "ProgrammingError", "'params' has a bytes key b'key'; keys must be str"),
+        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": "x", b"value": "y"}}, "ProgrammingError", "'params' has a bytes key b'value'"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": {b"key": "a"}}, "ProgrammingError", "'after' has a bytes key b'key'"),
+        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": b"x"}}, "ProgrammingError", "'params.key' must be a str, got bytes"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": msgpack.ExtType(7, b"x")}}, "ProgrammingError", "'params.key' must be a str, got ExtType"),
+        ({"id": 5, "op": ["get"], "module": "echo", "table": "kv"}, "ProgrammingError", "unknown op ['get']"),
+        ({"id": 5, "op": "get", "module": b"echo", "table": "kv"}, "ProgrammingError", "get: bad module name b'echo'"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "notify": "yes"}, "ProgrammingError", "'notify' must be true, false or nil, got str"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", ["serial"], 1]}, "ProgrammingError", "'caller' must be [module, 'serial'|'async', request id]"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", "serial", 1.5]}, "ProgrammingError", "'caller' must be"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "batch": "10"}, "ProgrammingError", "'batch' must be an integer from 1 to 100000, got '10'"),
+        ({"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300}, "ProgrammingError", "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "ProgrammingError", "'user' must be a str"),
         ({"id": 5, "op": "restart", "module": 3}, "ProgrammingError", "restart: bad module name 3"),
     ],
@@ -134,6 +151,44 @@ def test_malformed_requests_get_a_clear_error_and_the_connection_stays_usable(su
     sock.sendall(P.pack({"id": 9, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}))
     [reply] = read_frames(sock)
     assert reply == {"id": 9, "ok": True, "rows": [{"key": "default", "value": "yes"}], "more": False}
+
+
+def nested(depth, leaf=b"\x01"):
+    """msgpack bytes of a value nested ``depth`` arrays deep (the packer stops at 511)."""
+    return b"\x91" * depth + leaf
+
+
+DEEP = "[[[[...]]]]"  # how the error messages show a value nested too deep to print
+
+
+def test_deeply_nested_fields_get_a_clear_error(sup):
+    # 1000 deep: msgpack decodes it (it stops at 1024), and a builtin repr of it raises
+    # RecursionError, which used to leave the request without a reply.
+    expected = {
+        "id": f"request 'id' must be an integer, got {DEEP}",
+        "op": f"unknown op {DEEP}",
+        "module": f"getnext: bad module name {DEEP}",
+        "table": f"getnext: bad table name {DEEP}",
+        "params": "'params' must be a map of str to str, got list",
+        "vr": "'vr' must be a str or nil, got list",
+        "notify": "'notify' must be true, false or nil, got list",
+        "user": "'user' must be a str, got list",
+        "after": "'after' must be a map of str to str, got list",
+        "batch": f"'batch' must be an integer from 1 to 100000, got {DEEP}",
+        "hold": "'hold' must be a number of seconds, got list",
+        "caller": f"'caller' must be [module, 'serial'|'async', request id], got {DEEP}",
+    }
+    sock = raw(sup)
+    for field, text in expected.items():
+        request = {"id": 5, "op": "getnext", "module": "echo", "table": "kv"}
+        request.pop(field, None)
+        body = msgpack.packb(request)
+        body = bytes([body[0] + 1]) + body[1:] + msgpack.packb(field) + nested(1000)  # one more fixmap entry
+        sock.sendall(frame(body))
+        [reply] = read_frames(sock)
+        assert reply["ok"] is False and reply["error"]["type"] == "ProgrammingError", field
+        assert text in reply["error"]["message"], field
+    assert still_serving(sup)
 
 
 def test_non_string_map_keys_are_refused(sup):
