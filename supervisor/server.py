@@ -12,6 +12,7 @@ import os
 import reprlib
 import shutil
 import socket
+import stat
 import struct
 import tempfile
 
@@ -60,25 +61,38 @@ class BadRequest(Exception):
         self.exc_type = exc_type
 
 
-def listen(path):
-    """Bind the frontend socket at ``path`` (its directory made 0700).
+def listen(path, allowed_uids=()):
+    """Bind the frontend socket at ``path``.
 
     Returns (socket, path actually bound, private dir to remove or None). A path
-    too long for AF_UNIX moves the socket to a short private directory.
+    too long for AF_UNIX moves the socket to a short private directory. A directory
+    made here is 0700, or 0711 when ``allowed_uids`` may connect: they must reach
+    the socket, which is then made 0666 (the peer uid check in Server is the gate).
+    A directory that exists is never changed, and is refused if another user could
+    replace the socket in it.
     """
+    mode = 0o711 if allowed_uids else 0o700
     private_dir = None
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        private_dir = tempfile.mkdtemp(prefix="cmactor-")  # mkdtemp makes it 0700
+        private_dir = tempfile.mkdtemp(prefix="cmactor-")  # 0700, and ours alone
+        os.chmod(private_dir, mode)
         path = os.path.join(private_dir, "cm.sock")
     else:
         directory = os.path.dirname(path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-    if os.path.exists(path):
+        try:
+            os.makedirs(directory, mode=mode)
+        except FileExistsError:
+            pass  # not made here: its mode is its owner's business
+        else:
+            os.chmod(directory, mode)  # makedirs' mode is cut by the umask
+        _check_directory(directory, allowed_uids)
+    if os.path.lexists(path):
         _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
+        if allowed_uids:
+            os.chmod(path, 0o666)
         sock.listen(128)
     except OSError:
         sock.close()
@@ -87,8 +101,34 @@ def listen(path):
     return sock, path, private_dir
 
 
+def _check_directory(directory, allowed_uids):
+    """Refuse a socket directory in which another user could replace the socket; warn
+    when one that exists keeps the allowed uids out."""
+    st = os.stat(directory)
+    fix = "use a directory only you can write, like the default state_dir/run"
+    if st.st_mode & 0o022:
+        raise OSError(
+            f"the socket's directory {directory} can be written by others (mode {stat.S_IMODE(st.st_mode):04o}), "
+            f"so another user could replace the socket; {fix}"
+        )
+    if st.st_uid not in (os.getuid(), 0):
+        raise OSError(f"the socket's directory {directory} belongs to uid {st.st_uid}, who could replace the socket; {fix}")
+    if allowed_uids and not st.st_mode & 0o001:
+        log.warning(
+            "allowed_uids cannot reach the socket: its directory %s is mode %04o, and cmactor changes only "
+            "directories it makes; `chmod o+x %s` lets them through (the socket checks their uid)",
+            directory, stat.S_IMODE(st.st_mode), directory,
+        )
+
+
 def _remove_stale(path):
-    """Remove a socket file left by a dead supervisor; refuse to take over a live one."""
+    """Remove a socket file left by a dead supervisor; refuse to take over a live one,
+    or to remove anything that is not a socket."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OSError(
+            f"{path} exists and is not a socket; cmactor removes only a socket a dead supervisor left: "
+            "move it away, or choose another [supervisor] socket path"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
