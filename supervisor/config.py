@@ -25,6 +25,12 @@ def _number(where, value):
     return float(value)
 
 
+def _positive_number(where, value):
+    if _number(where, value) == 0:
+        raise ConfigError(f"{where}: expected a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def _count(where, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: expected a whole number >= 0, got {value!r}")
@@ -90,6 +96,11 @@ SUPERVISOR_OPTIONS = {
     "allowed_uids": (_uids, []),
     "log_level": (_level, "INFO"),
     "max_frame": (_positive, MAX_FRAME),
+    # What one client, or all of them, can make the supervisor hold (server.py).
+    "max_client_requests": (_positive, 256),
+    "max_client_backlog": (_positive, 64 * 1024 * 1024),
+    "max_backlog_total": (_positive, 512 * 1024 * 1024),
+    "frame_timeout": (_positive_number, 10.0),
 }
 
 AGENT_OPTIONS = {
@@ -105,6 +116,8 @@ AGENT_OPTIONS = {
     "action_timeout": (_number, 30.0),
     "hang_timeout": (_number, 60.0),
     "heartbeat_timeout": (_number, 30.0),
+    "journal_max_records": (_count, 10_000),
+    "journal_max_bytes": (_count, 16 * 1024 * 1024),
 }
 
 

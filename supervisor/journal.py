@@ -5,6 +5,13 @@ A crash must lose no committed config: each set or setop that succeeded with
 supervisor, and a restarted agent is loaded with the saved rows followed by the
 journal. A save folds the journal into the config file and truncates it.
 
+A journal that passes its bound (the agent keys ``journal_max_records`` and
+``journal_max_bytes``) is compacted (saving.py): a snapshot of the module's live
+persistent tables is written atomically beside it, ``<module>.snapshot`` (the
+config file's format, one module), and the records it covers are dropped. The
+snapshot then stands in for the module's section of the config file at a
+restart, until a save makes it older than the config file and removes it.
+
 One file per module, ``state_dir/journal/<module>.jsonl``, one record a line:
 ``<crc32 of the JSON, 8 hex digits> <JSON [op, table, params]>``. The loop
 appends records during a turn and fsyncs each touched journal once at the end
@@ -18,13 +25,19 @@ import logging
 import os
 import zlib
 
+from . import store
+
 log = logging.getLogger("cmactor.supervisor")
 
 
 class Journal:
-    def __init__(self, path):
+    def __init__(self, path, max_records=0, max_bytes=0):
         self.path = path
+        self.snapshot_path = path.removesuffix(".jsonl") + ".snapshot"
+        self.max_records = max_records  # 0: no bound
+        self.max_bytes = max_bytes
         self.records = []  # [op, table, params], in the order they were acknowledged
+        self.snapshot = None  # the module's tables at the last compaction (JSON bytes), or None
         self._file = None
         self._pending = False
         self._synced = 0  # records known to be on disk
@@ -36,17 +49,51 @@ class Journal:
         discards, and the file is kept aside as ``.old`` for an operator."""
         if recover:
             self.records = read(self.path)
-        elif os.path.exists(self.path) and os.path.getsize(self.path):
-            count = len(read(self.path))
-            os.replace(self.path, self.path + ".old")
-            log.warning(
-                "%s: %d unsaved changes discarded by a fresh start (kept as %s.old; `cmactor run --recover` replays them)",
-                self.path,
-                count,
-                self.path,
-            )
+            if os.path.exists(self.snapshot_path):
+                self.snapshot = store.read(self.snapshot_path).get(_module(self.path))
+        else:
+            if os.path.exists(self.path) and os.path.getsize(self.path):
+                count = len(read(self.path))
+                os.replace(self.path, self.path + ".old")
+                log.warning(
+                    "%s: %d unsaved changes discarded by a fresh start (kept as %s.old; "
+                    "`cmactor run --recover` replays them)",
+                    self.path,
+                    count,
+                    self.path,
+                )
+            if os.path.exists(self.snapshot_path):
+                os.replace(self.snapshot_path, self.snapshot_path + ".old")
+                log.warning("%s: unsaved snapshot discarded by a fresh start (kept as .old)", self.snapshot_path)
         self._reopen()
         return self.records
+
+    @property
+    def full(self):
+        """Past its bound: time to compact it."""
+        return bool(
+            (self.max_records and len(self.records) >= self.max_records)
+            or (self.max_bytes and self._synced_size >= self.max_bytes)
+        )
+
+    def compacted(self, snapshot, count):
+        """The snapshot file now holds the tables as of the first ``count`` records: keep it
+        in memory (a restart loads it), and drop those records."""
+        self.snapshot = snapshot
+        self.drop_first(count)
+
+    def forget_snapshot(self):
+        """A save wrote newer rows to the config file: the snapshot must never load again."""
+        if self.snapshot is None:
+            return
+        self.snapshot = None
+        try:
+            os.unlink(self.snapshot_path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("%s: cannot remove this snapshot, now older than the config file: %s; remove it by hand "
+                      "before a `--recover` start", self.snapshot_path, exc)
 
     def _reopen(self):
         if self._file is not None:
@@ -105,6 +152,10 @@ class Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _module(path):
+    return os.path.basename(path).removesuffix(".jsonl")
 
 
 def _owner_only(path, flags):

@@ -93,12 +93,13 @@ class Lifecycle:
     def _load(self, mod):
         """Replay the module's saved section, or have it generate defaults when it has none."""
         mod.move(LOADING)
-        section = self._saver.section(mod.name)
+        snapshot = mod.journal.snapshot  # newer than the config file when there is one
+        section = self._saver.section(mod.name) if snapshot is None else snapshot
         journal = mod.journal.records
         mod.last_event = "event_generate_default" if section is None and not journal else "event_load_start"
         mod.channel.load(section, journal)
-        # Changes replayed from the journal are not in the config file: still unsaved.
-        mod.unsaved = bool(journal)
+        # Changes replayed from the journal (or its snapshot) are not in the config file: still unsaved.
+        mod.unsaved = bool(journal) or snapshot is not None
         self._loop.after(mod.options["load_timeout"], self._check_stuck, mod, mod.process)
 
     def on_loaded(self, mod, loaded):

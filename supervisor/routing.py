@@ -31,6 +31,7 @@ class Router:
         self._unsynced = []  # (mod, pending, entries): journaled this turn, answered once fsynced
         self._unjournaled = {}  # mod -> the OSError its journal raised this turn
         self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
+        self.on_journal_full = None  # fn(mod): its journal passed its bound, to be compacted
         loop.before_output(self._sync_journals)
 
     # -- in -------------------------------------------------------------
@@ -228,3 +229,6 @@ class Router:
             )
         for mod, exc in broken.items():
             self.on_journal_failure(mod, f"its journal could not be written ({exc})")
+        for mod in dict.fromkeys(mod for mod, _, _ in waiting):
+            if mod not in broken and mod.journal.full:
+                self.on_journal_full(mod)

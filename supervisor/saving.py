@@ -20,7 +20,12 @@ log = logging.getLogger("cmactor.supervisor")
 
 
 class SaveJob:
-    def __init__(self, waiters, modules, previous):
+    """One run: a save of every module into the config file, or (``snapshot``) the
+    compaction of one module's journal into a snapshot of its live tables."""
+
+    def __init__(self, waiters, modules, previous, snapshot=False):
+        self.snapshot = snapshot
+        self.modules = list(modules)
         self.waiters = waiters  # (waiter, user): waiter a (client, rid) pair or a concurrent.futures.Future
         self.queue = list(modules)  # Module records still to walk
         self.sections = dict(previous)  # name -> JSON bytes; saved ones replace these
@@ -57,6 +62,7 @@ class Saver:
         self._waiters = []  # (waiter, user) for the next run
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmactor-save")
         self._closed = False
+        self._compactions = []  # modules whose journals passed their bound, oldest first
         self.on_idle = None
 
     def section(self, name):
@@ -85,10 +91,31 @@ class Saver:
     def shutdown(self):
         self._writer.shutdown(wait=True)
 
+    def compact(self, mod):
+        """``mod``'s journal passed its bound: replace it, when no run is under way, by a
+        snapshot of the module's live persistent tables (the save walk, written to the
+        journal's snapshot file instead of the config file). A restart then loads the
+        snapshot and the few records after it: its time and memory grow with the config,
+        not with the changes since the last save. The module stays unsaved."""
+        job = self._job
+        compacting = job is not None and job.snapshot and mod in job.modules
+        if mod not in self._compactions and not compacting and not self._closed:
+            self._compactions.append(mod)
+            if job is None:
+                self._start()
+
     def _start(self):
-        waiters, self._waiters = self._waiters, []
-        modules = [m for m in deps.dependencies_first(self._modules) if m.persistent_list]
-        self._job = SaveJob(waiters, modules, self._sections)
+        if self._waiters:  # a save covers the compactions queued: it empties every journal
+            waiters, self._waiters = self._waiters, []
+            modules = [m for m in deps.dependencies_first(self._modules) if m.persistent_list]
+            self._job = SaveJob(waiters, modules, self._sections)
+            self._compactions.clear()
+        else:
+            mod = self._compactions.pop(0)
+            if not mod.journal.full:  # a save ran first and emptied it
+                self._idle()
+                return
+            self._job = SaveJob([], [mod], {}, snapshot=True)
         self._next()
 
     def _next(self):
@@ -99,11 +126,16 @@ class Saver:
             mod.saving = True
             job.journaled[mod.name] = len(mod.journal.records)  # these the walk will include
             # Cleared now: a change acknowledged during the walk marks it again.
-            job.was_unsaved[mod.name] = mod.unsaved
-            mod.unsaved = False
+            if not job.snapshot:
+                job.was_unsaved[mod.name] = mod.unsaved
+                mod.unsaved = False
             job.sid = mod.channel.save(mod.persistent_list)
             return
-        future = self._writer.submit(store.write, self.config_path, job.sections)
+        if job.snapshot and not job.saved:
+            self._end(job, None, None)  # the module was not READY: its next bound passed tries again
+            return
+        path = self._modules[job.saved[0]].journal.snapshot_path if job.snapshot else self.config_path
+        future = self._writer.submit(store.write, path, job.sections)
         future.add_done_callback(lambda f: self._loop.call_async(self._on_written, job, f))
 
     def on_saved(self, mod, saved):
@@ -125,10 +157,14 @@ class Saver:
             job.done(mod.name, section, rows)
             self._next()
             return
-        log.error("save failed: module %s: %s", mod.name, error)
+        what = "journal compaction" if job.snapshot else "save"
+        log.error("%s failed: module %s: %s", what, mod.name, error)
         self._end(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
 
     def _on_written(self, job, future):
+        if job.snapshot:
+            self._snapshot_written(job, future)
+            return
         try:
             future.result()
         except OSError as exc:
@@ -136,14 +172,30 @@ class Saver:
             return
         self._sections = job.sections
         for name in job.saved:  # now in the config file
+            journal = self._modules[name].journal
             try:
-                self._modules[name].journal.drop_first(job.journaled[name])
+                journal.drop_first(job.journaled[name])
             except OSError as exc:
                 # The save stands; the journal keeps records the file now holds too,
                 # which a restart replays again on top of the same rows.
                 log.error("module %s: could not truncate its journal after the save: %s", name, exc)
+            journal.forget_snapshot()  # older than what the file now holds
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
         self._end(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
+
+    def _snapshot_written(self, job, future):
+        (name,) = job.saved
+        journal = self._modules[name].journal
+        try:
+            future.result()
+            journal.compacted(job.sections[name], job.journaled[name])
+        except OSError as exc:
+            # Nothing is lost: the journal still holds every record. It goes on growing
+            # until a save, or until a later compaction succeeds.
+            log.error("module %s: journal compaction failed: cannot write %s: %s", name, journal.snapshot_path, exc)
+        else:
+            log.info("module %s: journal compacted into a snapshot of %d rows", name, job.rows)
+        self._end(job, None, None)
 
     def _end(self, job, exc_type, result):
         if exc_type is not None:
@@ -154,9 +206,13 @@ class Saver:
                 self._router.release_held(job.current)
         self._reply(job.waiters, exc_type, result)
         self._job = None
+        self._idle()
+
+    def _idle(self):
+        """No run is under way: start the next one, or let a stop go on."""
         if self._closed:
             self.on_idle()
-        elif self._waiters:
+        elif self._waiters or self._compactions:
             self._start()
 
     def _reply(self, waiters, exc_type, result):

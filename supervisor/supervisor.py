@@ -94,8 +94,14 @@ class Supervisor:
         journal_dir = os.path.join(self.state_dir, "journal")
         os.makedirs(journal_dir, mode=0o700, exist_ok=True)
         for mod in self.modules.values():
-            mod.journal = Journal(os.path.join(journal_dir, f"{mod.name}.jsonl"))
-            mod.journal.open(self.recover)
+            opts = mod.options
+            mod.journal = Journal(
+                os.path.join(journal_dir, f"{mod.name}.jsonl"), opts["journal_max_records"], opts["journal_max_bytes"]
+            )
+            try:
+                mod.journal.open(self.recover)
+            except store.StoreError as exc:
+                raise StartupError(f"{exc}; remove it, or start without --recover (its changes are then lost)") from None
         path = self.options["socket"] or server.default_socket_path(self.state_dir)
         path = os.path.abspath(os.path.join(self.base_dir, path))
         try:
@@ -148,6 +154,7 @@ class Supervisor:
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         workers.on_exit = recovery.on_exit
         router.on_journal_failure = recovery.reload
+        router.on_journal_full = saver.compact
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),

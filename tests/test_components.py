@@ -447,13 +447,23 @@ class FakeAudit:
 
 
 class FakeJournal:
-    def __init__(self, records=()):
+    def __init__(self, records=(), snapshot_path=None):
         self.records = list(records)
         self.dropped = []
+        self.snapshots_forgotten = 0
+        self.snapshot_path = snapshot_path
+        self.compactions = []
+
+    def compacted(self, snapshot, count):
+        self.compactions.append((snapshot, count))
+        self.drop_first(count)
 
     def drop_first(self, count):
         self.dropped.append(count)
         self.records = self.records[count:]
+
+    def forget_snapshot(self):
+        self.snapshots_forgotten += 1
 
 
 class SaveChannel:
@@ -531,6 +541,45 @@ def saves(tmp_path):
         setup.saver.shutdown()
 
 
+def test_a_compaction_walks_one_module_into_its_snapshot_and_leaves_it_unsaved(saves, tmp_path):
+    s = saves({"ports": (READY, ["port"], []), "vlan": (READY, ["vlan"], [])})
+    ports = s.modules["ports"]
+    ports.journal = FakeJournal([["set", "port", {"n": str(n)}] for n in range(3)], str(tmp_path / "ports.snapshot"))
+    ports.journal.full = True
+    ports.unsaved = True
+    s.saver.compact(ports)
+    s.saver.compact(ports)  # queued once
+    assert ports.saving and ports.channel.saves == [(1, ["port"])] and s.modules["vlan"].channel.saves == []
+    ports.journal.records.append(["set", "port", {"n": "late"}])  # acknowledged during the walk: kept
+    s.walked("ports", b'{"port":[{"n":"2"}]}')
+    s.loop.pump()  # the snapshot is written
+    assert ports.journal.compactions == [(b'{"port":[{"n":"2"}]}', 3)]
+    assert ports.journal.records == [["set", "port", {"n": "late"}]]
+    assert store.read(ports.journal.snapshot_path) == {"ports": b'{"port":[{"n":"2"}]}'}
+    assert not os.path.exists(s.path)  # the config file is not touched
+    assert ports.unsaved is True and not ports.saving and not s.saver.running
+    assert s.audit.records == []
+
+
+def test_a_save_queued_behind_a_compaction_covers_the_others_queued(saves, tmp_path):
+    s = saves({"ports": (READY, ["port"], []), "vlan": (READY, ["vlan"], [])})
+    for name in ("ports", "vlan"):
+        s.modules[name].journal.snapshot_path = str(tmp_path / f"{name}.snapshot")
+        s.modules[name].journal.full = True
+    s.saver.compact(s.modules["ports"])
+    done = concurrent.futures.Future()
+    s.saver.request(done, "alice")
+    s.saver.compact(s.modules["vlan"])
+    s.walked("ports", b"{}")
+    s.loop.pump()  # the snapshot is written; then the save, of both: vlan's compaction is dropped
+    assert len(s.modules["ports"].journal.compactions) == 1
+    s.walked("ports", b"{}")
+    s.walked("vlan", b"{}")
+    s.loop.pump()  # the config file is written
+    assert done.result(timeout=5)["modules"] == ["ports", "vlan"]
+    assert s.modules["vlan"].journal.compactions == [] and not s.saver.running
+
+
 def test_a_save_walks_modules_dependencies_first_and_writes_the_file(saves):
     s = saves({"ports": (READY, ["port"], ["vlan"]), "vlan": (READY, ["vlan"], []), "plain": (READY, [], [])})
     s.modules["vlan"].journal.records = [["set", "vlan", {}], ["set", "vlan", {}]]
@@ -552,6 +601,7 @@ def test_a_save_walks_modules_dependencies_first_and_writes_the_file(saves):
     assert store.read(s.path) == {"vlan": b'{"vlan":[1]}', "ports": b'{"port":[1,2]}'}
     assert s.modules["vlan"].journal.dropped == [2]  # the record that came during the walk stays
     assert s.modules["vlan"].journal.records == [["set", "vlan", {"late": "1"}]]
+    assert s.modules["vlan"].journal.snapshots_forgotten == 1  # older than the file now
     assert s.modules["plain"].channel.saves == []
     assert s.audit.records == [("alice", "save", None, None, None, "ok")]
     assert s.audit.peers == [(os.getuid(), os.getpid())]  # Supervisor.save(): this process
@@ -963,6 +1013,7 @@ class RouteJournal:
         self.syncs = 0
         self.rollbacks = 0
         self.path = "/state/journal/x.jsonl"
+        self.full = False
 
     def append(self, op, table, params):
         self.appended.append((op, table, params))

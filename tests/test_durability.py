@@ -186,3 +186,58 @@ def test_non_finite_numbers_in_the_config_are_refused(tmp_path):
     path.write_text(f'[agents.echo]\nentry = "{ECHO}"\nhang_timeout = inf\n')
     with pytest.raises(cmactor.ConfigError, match=r"c.toml: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf"):
         cmactor.Supervisor.from_toml(path)
+
+
+def _journal_lines(state):
+    return (state / "journal" / "echo.jsonl").read_bytes().count(b"\n")
+
+
+def test_a_journal_past_its_bound_is_compacted_and_a_restart_loads_the_snapshot(tmp_path, supervisor):
+    state = tmp_path / "state"
+    options = {"entry": ECHO, "journal_max_records": 50}
+    sup = supervisor({"echo": options}, state_dir=state)
+    cur = sup.connect().cursor()
+    cur.execute("set echo.kv", {"key": "saved", "value": "1"})
+    sup.save()
+    for n in range(600):
+        cur.execute("set echo.kv", {"key": f"k{n % 10}", "value": str(n)})
+    expected = {"default": "yes", "saved": "1", **{f"k{i}": str(590 + i) for i in range(10)}}
+    wait_for(lambda: (state / "journal" / "echo.snapshot").exists() and _journal_lines(state) < 60)
+    assert sup.status()["echo"]["unsaved"] is True
+    # A crash: the new worker loads the snapshot and the records after it.
+    os.kill(sup.status()["echo"]["pid"], signal.SIGKILL)
+    wait_for(lambda: sup.status()["echo"]["restarts"] == 1 and sup.status()["echo"]["state"] == "READY")
+    cur.execute("getnext echo.kv")
+    assert dict(cur.fetchall()) == expected
+    assert sup.status()["echo"]["unsaved"] is True
+    sup.stop()
+    # The supervisor itself died: --recover loads the snapshot too.
+    again = supervisor({"echo": options}, state_dir=state, recover=True)
+    cur = again.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert dict(cur.fetchall()) == expected
+    again.save()  # the config file now holds it all: the snapshot goes
+    assert not (state / "journal" / "echo.snapshot").exists() and _journal_lines(state) == 0
+    assert again.status()["echo"]["unsaved"] is False
+    cur.execute("set echo.kv", {"key": "k0", "value": "after"})
+    again.stop()
+    fresh = supervisor({"echo": options}, state_dir=state)  # no --recover: the saved config only
+    cur = fresh.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert dict(cur.fetchall()) == expected
+
+
+def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor):
+    state = tmp_path / "state"
+    options = {"entry": ECHO, "journal_max_records": 5}
+    sup = supervisor({"echo": options}, state_dir=state)
+    cur = sup.connect().cursor()
+    for n in range(20):
+        cur.execute("set echo.kv", {"key": f"k{n}", "value": "v"})
+    wait_for(lambda: (state / "journal" / "echo.snapshot").exists())
+    sup.stop()
+    fresh = supervisor({"echo": options}, state_dir=state)
+    cur = fresh.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert dict(cur.fetchall()) == {"default": "yes"}
+    assert (state / "journal" / "echo.snapshot.old").exists() and not (state / "journal" / "echo.snapshot").exists()
