@@ -73,15 +73,16 @@ class Recovery:
         elif mod.state == RESTARTING:  # an operator asked for this restart
             self._respawn(mod)
         elif mod.state != FAILED:
-            self._crashed(mod, f"worker pid {pid}", reason)
+            self._crashed(mod, f"worker pid {pid}", reason, time.monotonic() - mod.started_at)
 
-    def _crashed(self, mod, what, reason):
-        """``what`` (its worker, or a start of one) failed: restart after a backoff, or quarantine."""
+    def _crashed(self, mod, what, reason, uptime):
+        """``what`` (its worker, or a start of one) failed after ``uptime`` seconds:
+        restart after a backoff, or quarantine."""
         if self._lifecycle.starting:
             self._lifecycle.quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
             return
         now = time.monotonic()
-        delay = mod.policy.on_crash(now, now - mod.started_at)
+        delay = mod.policy.on_crash(now, uptime)
         if delay is None:
             self._lifecycle.quarantine(
                 mod,
@@ -99,7 +100,7 @@ class Recovery:
         error = self._lifecycle.launch(mod)
         if error is not None:  # e.g. out of fds: a failed start, retried with the backoff
             mod.last_exit = error
-            self._crashed(mod, "a restart", f"failed: {error}")
+            self._crashed(mod, "a restart", f"failed: {error}", 0)  # no uptime: the backoff grows
 
     def reload(self, mod, reason):
         """Restart ``mod``'s worker now so that it drops changes it applied that are not

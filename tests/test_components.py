@@ -34,7 +34,8 @@ from cmsupervisor.modules import (
     Pending,
     unknown_module,
 )
-from cmsupervisor.recovery import split_started
+from cmsupervisor.recovery import Recovery, split_started
+from cmsupervisor.restart import RestartPolicy
 from cmsupervisor.routing import Router
 from cmsupervisor.saving import Saver
 
@@ -400,6 +401,39 @@ def test_split_started_by_the_progress_slots(make):
     started, waiting = split_started(inflight, slots)
     assert sids(started) == [3, 8, 4, 5, 7, 9]
     assert sids(waiting) == [6]
+
+
+class LaunchFails:
+    """A lifecycle whose every start of a worker fails, as with the process out of fds."""
+
+    starting = stopping = False
+
+    def __init__(self):
+        self.quarantined = []
+
+    def launch(self, mod):
+        return "could not start a worker process: OSError: [Errno 24] Too many open files"
+
+    def quarantine(self, mod, reason):
+        self.quarantined.append(reason)
+        mod.state = FAILED
+
+
+def test_a_restart_that_cannot_start_a_process_backs_off_then_quarantines():
+    policy = RestartPolicy(
+        {"max_restarts": 3, "restart_window": 60, "restart_delay": 0.1, "restart_delay_max": 5, "stable_after": 10}
+    )
+    mod = module("m", RESTARTING, policy=policy, started_at=time.monotonic() - 100)  # it had run for long
+    loop, lifecycle = RouterLoop(), LaunchFails()
+    recovery = Recovery({"m": mod}, loop, None, None, None, None, lifecycle)
+    for expected in (0.1, 0.2, 0.4):  # the backoff grows: a failed start has no uptime
+        recovery._respawn(mod)
+        assert mod.state == RESTARTING and "Too many open files" in mod.last_exit
+        delay, fn, args = loop.timers.pop()
+        assert delay == expected and fn == recovery._respawn and args == (mod,)
+    recovery._respawn(mod)
+    assert mod.state == FAILED and "crashed more than 3 times" in lifecycle.quarantined[0]
+    assert mod.restarts == 4 and loop.timers == []
 
 
 def test_split_started_with_idle_slots_starts_nothing():
