@@ -7,7 +7,9 @@ parts of the supervisor register what they watch, each with its own handler;
 all their state is touched by this thread only, so none of it needs locks.
 
 Output is written at the end of each turn, one send per socket: parts append to
-an endpoint's ``out`` and ``mark()`` it. An endpoint is any object with
+an endpoint's ``out`` and ``mark()`` it. An endpoint whose peer sends faster than
+it is served can be left unread (``pause_reading``) while its output still goes
+out. An endpoint is any object with
 
 - ``sock`` (None once closed) and ``out`` (a bytearray),
 - ``sent()``: some of its output went out,
@@ -50,6 +52,7 @@ class EventLoop:
         # The set's own add: called for every reply and request, so no wrapper.
         self.mark = self._dirty.add
         self._writing = set()  # ... whose sockets are registered for write readiness
+        self._unread = {}  # endpoint -> its registration's data, while it is not read from
         self._before_output = []  # run before each turn's output (journal fsyncs)
         self._after_output = []  # run after it (the audit log)
 
@@ -186,8 +189,36 @@ class EventLoop:
         """Stop watching an endpoint's socket, and close it."""
         self._writing.discard(endpoint)
         self._dirty.discard(endpoint)
+        self._unread.pop(endpoint, None)
         self.unwatch(endpoint.sock)
         endpoint.sock.close()
+
+    def pause_reading(self, endpoint):
+        """Stop calling the endpoint's ``on_read`` until ``resume_reading``; its output
+        still goes out. Nothing is read, so its peer blocks once its socket is full."""
+        if endpoint not in self._unread:
+            self._unread[endpoint] = self._sel.get_key(endpoint.sock).data
+            self._register(endpoint, self._unread[endpoint])
+
+    def resume_reading(self, endpoint):
+        data = self._unread.pop(endpoint, None)
+        if data is not None:
+            self._register(endpoint, data)
+
+    def _register(self, endpoint, data):
+        """Register an endpoint's socket for what it waits for now: reading unless it is
+        paused, writing while output is left. An endpoint waiting for neither is not
+        registered at all (a selector refuses an empty event mask)."""
+        sock = endpoint.sock
+        events = (0 if endpoint in self._unread else _READ) | (_WRITE if endpoint in self._writing else 0)
+        registered = sock in self._sel.get_map()
+        if not events:
+            if registered:
+                self._sel.unregister(sock)
+        elif registered:
+            self._sel.modify(sock, events, data)
+        else:
+            self._sel.register(sock, events, data)
 
     # -- output ----------------------------------------------------------
 
@@ -219,6 +250,8 @@ class EventLoop:
                 continue
             del endpoint.out[:sent]
             endpoint.sent()
+            if endpoint.sock is None:
+                continue  # sent() closed it (a client over its backlog bound)
             self._want_write(endpoint, bool(endpoint.out))
             if not endpoint.out:
                 endpoint.drained()
@@ -226,12 +259,12 @@ class EventLoop:
     def _want_write(self, endpoint, want):
         if want == (endpoint in self._writing):
             return
-        key = self._sel.get_key(endpoint.sock)
-        self._sel.modify(endpoint.sock, _READ | (_WRITE if want else 0), key.data)
         if want:
             self._writing.add(endpoint)
         else:
             self._writing.discard(endpoint)
+        data = self._unread.get(endpoint)
+        self._register(endpoint, self._sel.get_key(endpoint.sock).data if data is None else data)
 
 
 def recv(sock):

@@ -1,11 +1,15 @@
-"""The frontend socket: listening, clients, peer checks, framing and request validation.
+"""The frontend socket: listening, clients, peer checks, framing, request validation
+and backpressure.
 
 Bytes from clients are untrusted: frames are size-checked before their body is
 read, decoded with msgpack only, and every field is checked before a request
 reaches the routing code. A client whose stream is broken is answered once and
-dropped; everyone else goes on being served.
+dropped; everyone else goes on being served. What a client can make the
+supervisor hold (requests in flight, unsent replies, unfinished frames) is
+bounded, each bound a [supervisor] key (Server).
 """
 
+import errno
 import logging
 import math
 import os
@@ -15,10 +19,12 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 
 from cmactor import protocol as P
 from cmactor.errors import InterfaceError, ProgrammingError, to_wire
 
+from .config import SUPERVISOR_OPTIONS
 from .loop import recv
 
 log = logging.getLogger("cmactor.supervisor")
@@ -27,6 +33,19 @@ log = logging.getLogger("cmactor.supervisor")
 MAX_SOCKET_PATH = 107
 
 _PEERCRED = struct.Struct("3i")
+
+# The [supervisor] keys that bound what clients can make the server hold (Server).
+LIMITS = ("max_client_requests", "max_client_backlog", "max_backlog_total", "frame_timeout")
+_DEFAULTS = {key: SUPERVISOR_OPTIONS[key][1] for key in LIMITS}
+
+# Seconds the unsent replies of all clients may stay over max_backlog_total before the
+# client with the largest backlog is dropped (and as long again for each next one).
+BACKLOG_GRACE = 5.0
+
+# accept() failing for want of descriptors or memory leaves the listener readable:
+# trying again at once would spin. The listener is left alone this long instead.
+ACCEPT_PAUSE = 0.5
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 # The longest hold a request may ask for: it stays in the loop's timer heap that long.
 MAX_HOLD = 86400.0
@@ -153,35 +172,58 @@ def peer_uid(sock):
     return peer_credentials(sock)[1]
 
 
-class Client:
-    """One connected frontend, an endpoint of the loop: its socket, read state and pending output."""
+class _Reader(P.FrameReader):
+    """A client's frame reader, which can tell whether it holds the start of a frame."""
 
-    __slots__ = ("sock", "reader", "out", "closed", "closing", "peer_pid", "peer_uid", "_server", "_mark")
+    __slots__ = ()
+
+    @property
+    def partial(self):
+        """Bytes of a frame that has started and not finished (0: none)."""
+        return len(self._buf)
+
+
+class Client:
+    """One connected frontend, an endpoint of the loop: its socket, read state and pending
+    output, and what it has in flight (see Server for the bounds)."""
+
+    __slots__ = (
+        "sock", "reader", "out", "closed", "closing", "peer_pid", "peer_uid", "in_flight", "reading",
+        "unserved", "frame_since", "frame_timer", "counted", "_server", "_mark",
+    )
 
     def __init__(self, server, sock, max_frame, peer_pid=None, peer_uid=None):
         self._server = server
         self._mark = server.loop.mark
-        self.sock = sock
+        self.sock = sock  # None once dropped
         self.peer_pid = peer_pid  # from SO_PEERCRED: who really connected, whatever user name it claims
         self.peer_uid = peer_uid
-        self.reader = P.FrameReader(max_frame)
+        self.reader = _Reader(max_frame)
         self.out = bytearray()
         self.closed = False
         self.closing = False  # answered with a stream error: drop once flushed
+        self.in_flight = 0  # requests handed on whose final reply is not queued yet
+        self.reading = True  # its socket is read (Server._may_read says when it is not)
+        self.unserved = ()  # requests read but not handed on when reading stopped: first when it resumes
+        self.frame_since = None  # when the unfinished frame its reader holds was started
+        self.frame_timer = False  # a frame_timeout check is due for it
+        self.counted = 0  # len(out) as counted in the server's total backlog
 
     def _queue(self, data):
         if not self.closed:
             self.out += data
             self._mark(self)
 
-    # What the parts answering a request call: each answer() or answer_frame() is
-    # the final reply to one request handed to them; notify() is not final.
+    # What the parts answering a request call: each answer(), answer_frame() or
+    # answer_error() is the final reply to one request handed to them; notify() is not.
     def answer(self, message):
         """Queue the final reply ``message`` (a map); dropped if the client is gone."""
+        self.in_flight -= 1
         self._queue(P.pack(message))
 
     def answer_frame(self, frame):
         """Queue a final reply already encoded (protocol.reply_frame)."""
+        self.in_flight -= 1
         if not self.closed:  # _queue() inlined: this is every successful reply
             self.out += frame
             self._mark(self)
@@ -193,6 +235,10 @@ class Client:
         """Queue a message that is not a final reply (notify_cli text)."""
         self._queue(P.pack(message))
 
+    def refuse(self, rid, exc_type, message):
+        """The server's own answer to a request it did not hand on (never in flight)."""
+        self._queue(P.pack({"id": rid, "ok": False, "error": to_wire(exc_type, message)}))
+
     def fail_stream(self, message):
         """Answer a stream-level error (no request id can be trusted) and drop the client."""
         self._queue(P.pack({"id": None, "ok": False, "error": to_wire(InterfaceError, message)}))
@@ -200,11 +246,14 @@ class Client:
 
     # endpoint interface (loop.py)
     def sent(self):
-        pass
+        if self.out:  # else drained() follows, and counts
+            self._server.flushed(self)
 
     def drained(self):
         if self.closing:
             self._server.drop(self)
+        else:
+            self._server.flushed(self)
 
     def send_failed(self):
         self._server.drop(self)
@@ -212,16 +261,53 @@ class Client:
 
 class Server:
     """The frontend socket: accepts clients, checks their uid, reads their frames and
-    hands each valid request to ``handle(client, request)``; answers bad ones itself."""
+    hands each valid request to ``handle(client, request)``; answers bad ones itself.
 
-    def __init__(self, loop, listening, handle, max_frame, allowed_uids):
+    What clients can make it hold is bounded:
+
+    - requests in flight per client: past ``max_client_requests`` (counted from the
+      hand-off to the final reply) its socket is not read until replies drain below;
+    - unsent replies per client: past ``max_client_backlog`` it is dropped;
+    - unsent replies of all clients: past ``max_backlog_total`` no client is read until
+      the total is below it again, and while it stays above, the client with the
+      largest backlog is dropped every BACKLOG_GRACE seconds;
+    - an unfinished frame: one started must be complete within ``frame_timeout``
+      (its size is capped by ``max_frame`` from its header).
+
+    ``on_drop(client)``, if set, is called for each client dropped.
+    """
+
+    def __init__(
+        self,
+        loop,
+        listening,
+        handle,
+        max_frame,
+        allowed_uids,
+        *,
+        max_client_requests=_DEFAULTS["max_client_requests"],
+        max_client_backlog=_DEFAULTS["max_client_backlog"],
+        max_backlog_total=_DEFAULTS["max_backlog_total"],
+        frame_timeout=_DEFAULTS["frame_timeout"],
+    ):
         self.loop = loop
         self._listener, self.socket_path, self._private_dir = listening  # from listen()
         self._handle = handle
         self._max_frame = max_frame
         self._allowed_uids = frozenset(allowed_uids)
+        self._max_requests = max_client_requests
+        self._max_backlog = max_client_backlog
+        self._max_total = max_backlog_total
+        self._frame_timeout = frame_timeout
+        self.on_drop = None
         self._clients = set()
+        self._backlog = 0  # unsent reply bytes of every client, as of its last flush
+        self._held_back = False  # the backlog is over max_backlog_total: no client is read
+        self._episodes = 0  # times the clients were held back, to tell a hold's timers apart
+        self._warned_at = None  # when the last hold-back was logged
         loop.watch(self._listener, self._accept, self._listener)
+
+    # -- clients in ---------------------------------------------------------
 
     def _accept(self, listener):
         while True:
@@ -230,7 +316,10 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause_accepting(listener, exc)
+                else:
+                    log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
             pid, _ = peer_credentials(sock)
@@ -240,10 +329,25 @@ class Server:
             self.loop.watch(sock, self._read, client, client)
             if uid is not None and uid != os.getuid() and uid not in self._allowed_uids:
                 log.warning("refused a client with uid %s", uid)
-                client.fail_stream(
-                    f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it"
+                self._fail_stream(
+                    client, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it"
                 )
-                self.loop.mark(client)
+            elif self._held_back:
+                self._stop_reading(client)
+
+    def _pause_accepting(self, listener, exc):
+        """Out of file descriptors or memory: accept() fails and the listener stays
+        readable, so trying again at once would spin. Stop watching it for a moment."""
+        self.loop.unwatch(listener)
+        self.loop.after(ACCEPT_PAUSE, self._resume_accepting, listener)
+        log.warning(
+            "cannot accept clients: %s; trying again in %gs (closing clients frees descriptors; "
+            "`ulimit -n` raises the limit)", exc, ACCEPT_PAUSE,
+        )
+
+    def _resume_accepting(self, listener):
+        if listener is self._listener:  # not closed meanwhile
+            self.loop.watch(listener, self._accept, listener)
 
     def _read(self, client):
         data = recv(client.sock)
@@ -254,19 +358,155 @@ class Server:
             return
         if client.closing:
             return
+        reader = client.reader
         try:
-            messages = client.reader.feed(data)
+            messages = reader.feed(data)
         except P.FrameError as exc:
-            client.fail_stream(f"{exc}; closing this connection")
-            self.loop.mark(client)
+            self._fail_stream(client, f"{exc}; closing this connection")
             return
-        for message in messages:
+        if reader.partial:
+            if messages or client.frame_since is None:  # a frame started in this read
+                self._frame_started(client)
+        else:
+            client.frame_since = None
+        if messages:
+            self._serve(client, messages)
+
+    def _serve(self, client, messages):
+        """Hand each request on, or answer it if it is bad; at max_client_requests in
+        flight, stop reading and keep the rest until replies drain."""
+        handle = self._handle
+        limit = self._max_requests
+        for index, message in enumerate(messages):
+            if client.in_flight >= limit:
+                client.unserved = messages[index:]
+                self._stop_reading(client)
+                return
             try:
                 request = parse_request(message)
             except BadRequest as exc:
-                client.answer_error(exc.rid, exc.exc_type, str(exc))
+                client.refuse(exc.rid, exc.exc_type, str(exc))
                 continue
-            self._handle(client, request)
+            client.in_flight += 1
+            handle(client, request)
+
+    # -- unfinished frames --------------------------------------------------------
+
+    def _frame_started(self, client):
+        client.frame_since = time.monotonic()
+        if not client.frame_timer:  # one timer a client: it moves itself on to the newest frame
+            client.frame_timer = True
+            self.loop.after(self._frame_timeout, self._frame_due, client)
+
+    def _frame_due(self, client):
+        client.frame_timer = False
+        since = client.frame_since
+        if since is None or client.closed or client.closing or not client.reading:
+            return  # finished, gone, or not read (its clock starts again when reading resumes)
+        left = since + self._frame_timeout - time.monotonic()
+        if left > 0:
+            client.frame_timer = True
+            self.loop.after(left, self._frame_due, client)
+            return
+        self._fail_stream(
+            client,
+            f"a frame started {self._frame_timeout:g}s ago is unfinished ({client.reader.partial} bytes of it "
+            "arrived; frame_timeout); send each frame whole; closing this connection",
+        )
+
+    def _fail_stream(self, client, message):
+        client.fail_stream(message)
+        # Dropped once the error is sent, or after frame_timeout if the client does not read it.
+        self.loop.after(self._frame_timeout, self.drop, client)
+
+    # -- backpressure -------------------------------------------------------------
+
+    def _may_read(self, client):
+        return not self._held_back and client.in_flight < self._max_requests
+
+    def _stop_reading(self, client):
+        if client.reading:
+            client.reading = False
+            self.loop.pause_reading(client)
+
+    def _resume(self, client):
+        """Serve what ``client`` sent before it was paused, then read it again, if it may."""
+        if client.closed or client.reading or not self._may_read(client):
+            return
+        unserved, client.unserved = client.unserved, ()
+        self._serve(client, unserved)
+        if client.unserved:
+            return  # at the bound again
+        client.reading = True
+        self.loop.resume_reading(client)
+        if client.reader.partial:
+            self._frame_started(client)  # it could not be finished while nobody read
+
+    def flushed(self, client):
+        """(Loop thread, each turn ``client`` had output.) Count its backlog, drop it past
+        max_client_backlog, and read it again once it may. Resuming waits for the turn's
+        timers: the requests it hands on then get this turn's output."""
+        if client.closed:
+            return
+        size = len(client.out)
+        if size != client.counted:
+            self._backlog += size - client.counted
+            client.counted = size
+            if size > self._max_backlog:
+                log.warning(
+                    "dropped client pid %s uid %s: %d bytes of replies to it are unsent, over max_client_backlog "
+                    "(%d); it does not read its replies", client.peer_pid, client.peer_uid, size, self._max_backlog,
+                )
+                self.drop(client)
+                return
+            self._check_total()
+        if not client.reading and self._may_read(client):
+            self.loop.after(0, self._resume, client)
+
+    def _check_total(self):
+        # One bound for all clients, as simple as it can be: past it nobody is read, so no
+        # new request adds a reply; what is in flight still comes back (at most
+        # max_client_requests per client). A fairer share per client would need a bound
+        # that moves with the number of clients, and the per-client bounds already stop
+        # any one client from taking much more than its share.
+        if self._backlog > self._max_total:
+            if not self._held_back:
+                self._hold_back()
+        elif self._held_back:
+            self._held_back = False
+            log.info("unsent replies are below max_backlog_total again: reading every client")
+            for client in self._clients:
+                if not client.reading:
+                    self.loop.after(0, self._resume, client)
+
+    def _hold_back(self):
+        self._held_back = True
+        self._episodes += 1
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= 60:  # it may come and go each turn
+            self._warned_at = now
+            log.warning(
+                "unsent replies to clients total %d bytes, over max_backlog_total (%d): no client is read until "
+                "they drain (logged at most once a minute)", self._backlog, self._max_total,
+            )
+        for client in self._clients:
+            self._stop_reading(client)
+        self.loop.after(BACKLOG_GRACE, self._backlog_due, self._episodes)
+
+    def _backlog_due(self, episode):
+        if not self._held_back or episode != self._episodes:
+            return
+        largest = max(self._clients, key=lambda client: client.counted)
+        log.warning(
+            "dropped client pid %s uid %s, which had the largest backlog (%d bytes): unsent replies to all "
+            "clients stayed over max_backlog_total (%d) for %gs", largest.peer_pid, largest.peer_uid,
+            largest.counted, self._max_total, BACKLOG_GRACE,
+        )
+        self.drop(largest)
+        if self._held_back:
+            self.loop.after(BACKLOG_GRACE, self._backlog_due, episode)
+
+    # -- clients out ----------------------------------------------------------------
 
     def drop(self, client):
         if client.closed:
@@ -274,6 +514,14 @@ class Server:
         client.closed = True
         self._clients.discard(client)
         self.loop.close_endpoint(client)
+        client.sock = None
+        client.out = bytearray()  # its unsent replies go now, not when the last reference does
+        client.unserved = ()
+        self._backlog -= client.counted
+        client.counted = 0
+        self._check_total()
+        if self.on_drop is not None:
+            self.on_drop(client)
 
     def close(self):
         """Drop every client, stop listening and remove the socket (and its private directory)."""
