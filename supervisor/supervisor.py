@@ -105,7 +105,7 @@ class Supervisor:
         path = self.options["socket"] or server.default_socket_path(self.state_dir)
         path = os.path.abspath(os.path.join(self.base_dir, path))
         try:
-            listening = server.listen(path)
+            listening = server.listen(path, self.options["allowed_uids"])
         except OSError as exc:
             for mod in self.modules.values():
                 mod.journal.close()
