@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from cmactor import protocol as P
-from cmactor.errors import InterfaceError, ProgrammingError, to_wire
+from cmactor.errors import InterfaceError, InternalError, ProgrammingError, to_wire
 
 from .config import SUPERVISOR_OPTIONS
 from .loop import recv
@@ -388,7 +388,16 @@ class Server:
                 client.refuse(exc.rid, exc.exc_type, str(exc))
                 continue
             client.in_flight += 1
-            handle(client, request)
+            try:
+                handle(client, request)
+            except Exception as exc:  # a bug: it must cost this request only, never the loop
+                log.exception("internal error handling request %r of client pid %s", request["id"], client.peer_pid)
+                client.answer_error(
+                    request["id"],
+                    InternalError,
+                    f"internal error handling {request['op']}: {type(exc).__name__}: {exc}; the supervisor's log "
+                    "has the traceback; the supervisor carries on",
+                )
 
     # -- unfinished frames --------------------------------------------------------
 

@@ -241,3 +241,20 @@ def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor)
     cur.execute("getnext echo.kv")
     assert dict(cur.fetchall()) == {"default": "yes"}
     assert (state / "journal" / "echo.snapshot.old").exists() and not (state / "journal" / "echo.snapshot").exists()
+
+
+def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypatch):
+    sup = supervisor({"echo": ECHO})
+    cur = sup.connect().cursor()
+    route = sup._router.route
+
+    def buggy(client, request):
+        if request["table"] == "boom":
+            raise RuntimeError("a bug in routing")
+        return route(client, request)
+
+    monkeypatch.setattr(sup._router, "route", buggy)
+    with pytest.raises(cmactor.InternalError, match="internal error handling get: RuntimeError: a bug in routing"):
+        cur.execute("get echo.boom")
+    cur.execute("get echo.kv", {"key": "default"})
+    assert tuple(cur.fetchone()) == ("default", "yes")
