@@ -201,7 +201,7 @@ class Client:
         self.reader = _Reader(max_frame)
         self.out = bytearray()
         self.closed = False
-        self.closing = False  # answered with a stream error: drop once flushed
+        self.closing = False  # answered with a stream error: its output is shut once flushed
         self.in_flight = 0  # requests handed on whose final reply is not queued yet
         self.reading = True  # its socket is read (Server._may_read says when it is not)
         self.unserved = ()  # requests read but not handed on when reading stopped: first when it resumes
@@ -251,7 +251,7 @@ class Client:
 
     def drained(self):
         if self.closing:
-            self._server.drop(self)
+            self._server.shut(self)
         else:
             self._server.flushed(self)
 
@@ -364,13 +364,14 @@ class Server:
         except P.FrameError as exc:
             self._fail_stream(client, f"{exc}; closing this connection")
             return
+        if messages:
+            self._serve(client, messages)
+        # After the requests are handed on: the usual read ends on a frame's end.
         if reader.partial:
             if messages or client.frame_since is None:  # a frame started in this read
                 self._frame_started(client)
         else:
             client.frame_since = None
-        if messages:
-            self._serve(client, messages)
 
     def _serve(self, client, messages):
         """Hand each request on, or answer it if it is bad; at max_client_requests in
@@ -425,8 +426,18 @@ class Server:
 
     def _fail_stream(self, client, message):
         client.fail_stream(message)
-        # Dropped once the error is sent, or after frame_timeout if the client does not read it.
+        # Dropped at its EOF (see shut), or after frame_timeout if it neither reads nor leaves.
         self.loop.after(self._frame_timeout, self.drop, client)
+
+    def shut(self, client):
+        """(A closing client's stream error is sent.) Shut its output, not its input: a
+        client that sends its request just as it is refused would get EPIPE instead of
+        reading why, were the socket closed. What it sends is read and discarded until
+        its EOF, which drops it."""
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.drop(client)
 
     # -- backpressure -------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Bad bytes on the frontend socket: each gets an error or a drop, and harms nobody else."""
 
 import pickle
+import select
 import socket
 import struct
 import threading
@@ -8,7 +9,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import agent
+from conftest import agent, wait_for
 
 from cmactor import protocol as P
 
@@ -244,4 +245,13 @@ def test_other_uids_are_refused(sup, monkeypatch):
     sock = raw(sup)
     [reply] = read_frames(sock)
     assert reply["ok"] is False and f"uid {real_uid + 4242} may not use this supervisor" in reply["error"]["message"]
+    assert closed_by_peer(sock)
+    # A client that sends its request after it was refused (as Connection.request does:
+    # send, then read) reads why, and gets no EPIPE.
+    sock = raw(sup)
+    wait_for(lambda: select.select([sock], [], [], 0)[0])
+    time.sleep(0.1)
+    sock.sendall(P.pack({"id": 1, "op": "ping"}))
+    [reply] = read_frames(sock)
+    assert f"uid {real_uid + 4242} may not use this supervisor" in reply["error"]["message"]
     assert closed_by_peer(sock)
