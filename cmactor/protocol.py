@@ -188,6 +188,11 @@ class FrameReader:
             del buf[:pos]
         return out
 
+    @property
+    def partial(self):
+        """Bytes of a frame that has started and not finished (0: none)."""
+        return len(self._buf)
+
     @staticmethod
     def _decode(body):
         try:

@@ -49,6 +49,7 @@ class AuditLog:
         if not self._pending:
             return
         lines = []
+        unwritable = 0
         for now, user, uid, pid, op, module, table, params, outcome in self._pending:
             line = {
                 "time": self._format_time(now),
@@ -61,8 +62,14 @@ class AuditLog:
                 "params": params,
                 "outcome": outcome,
             }
-            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+            try:
+                lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+            except (TypeError, ValueError) as exc:  # requests are checked first: a bug, dropped alone
+                unwritable += 1
+                error = exc
         self._pending.clear()
+        if unwritable:
+            self._failed(unwritable, error)
         data = "".join(lines).encode()
         try:
             while data:

@@ -172,17 +172,6 @@ def peer_uid(sock):
     return peer_credentials(sock)[1]
 
 
-class _Reader(P.FrameReader):
-    """A client's frame reader, which can tell whether it holds the start of a frame."""
-
-    __slots__ = ()
-
-    @property
-    def partial(self):
-        """Bytes of a frame that has started and not finished (0: none)."""
-        return len(self._buf)
-
-
 class Client:
     """One connected frontend, an endpoint of the loop: its socket, read state and pending
     output, and what it has in flight (see Server for the bounds)."""
@@ -198,7 +187,7 @@ class Client:
         self.sock = sock  # None once dropped
         self.peer_pid = peer_pid  # from SO_PEERCRED: who really connected, whatever user name it claims
         self.peer_uid = peer_uid
-        self.reader = _Reader(max_frame)
+        self.reader = P.FrameReader(max_frame)
         self.out = bytearray()
         self.closed = False
         self.closing = False  # answered with a stream error: its output is shut once flushed

@@ -139,7 +139,14 @@ class Supervisor:
         self._loop = loop = EventLoop()
         self._audit = AuditLog(os.path.join(self.state_dir, "audit.log"))
         loop.after_output(self._audit.flush)
-        self._server = server.Server(loop, listening, self._handle, self.options["max_frame"], self.options["allowed_uids"])
+        self._server = server.Server(
+            loop,
+            listening,
+            self._handle,
+            self.options["max_frame"],
+            self.options["allowed_uids"],
+            **{key: self.options[key] for key in server.LIMITS},
+        )
         self._graph = graph = WaitGraph(modules)
         self._router = router = Router(modules, loop, graph, self._audit, self.hold_timeout)
         self._server.on_drop = router.forget_client

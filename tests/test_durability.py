@@ -258,3 +258,17 @@ def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypat
         cur.execute("get echo.boom")
     cur.execute("get echo.kv", {"key": "default"})
     assert tuple(cur.fetchone()) == ("default", "yes")
+
+
+def test_an_audit_line_that_cannot_be_encoded_is_dropped_alone(tmp_path):
+    from cmsupervisor.audit import AuditLog
+
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    audit.record("u", 0, 1, "set", "m", "t", {b"bin": "key"}, "ok")  # a bug upstream, not a stop
+    audit.record("u", 0, 1, "set", "m", "t", {"k": "v"}, "ok")
+    audit.flush()
+    audit.record("u", 0, 1, "set", "m", "t", {"k": "w"}, "ok")
+    audit.close()
+    lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [line["params"] for line in lines] == [{"k": "v"}, {"k": "w"}]
+    assert audit.failures == 1 and "TypeError" in audit.last_error
