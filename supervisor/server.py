@@ -241,7 +241,7 @@ class Client:
     def drained(self):
         if self.closing:
             self._server.shut(self)
-        else:
+        elif self.counted or not self.reading:  # else nothing to count or resume: every reply's path
             self._server.flushed(self)
 
     def send_failed(self):
@@ -378,10 +378,13 @@ class Server:
                 client.refuse(exc.rid, exc.exc_type, str(exc))
                 continue
             client.in_flight += 1
+            owed = client.in_flight
             try:
                 handle(client, request)
             except Exception as exc:  # a bug: it must cost this request only, never the loop
                 log.exception("internal error handling request %r of client pid %s", request["id"], client.peer_pid)
+                if client.in_flight < owed:
+                    continue  # it was answered before the error
                 client.answer_error(
                     request["id"],
                     InternalError,

@@ -101,6 +101,9 @@ class Supervisor:
             try:
                 mod.journal.open(self.recover)
             except store.StoreError as exc:
+                for opened in self.modules.values():
+                    if opened.journal is not None:
+                        opened.journal.close()
                 raise StartupError(f"{exc}; remove it, or start without --recover (its changes are then lost)") from None
         path = self.options["socket"] or server.default_socket_path(self.state_dir)
         path = os.path.abspath(os.path.join(self.base_dir, path))

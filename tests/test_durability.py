@@ -272,3 +272,12 @@ def test_an_audit_line_that_cannot_be_encoded_is_dropped_alone(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
     assert [line["params"] for line in lines] == [{"k": "v"}, {"k": "w"}]
     assert audit.failures == 1 and "TypeError" in audit.last_error
+
+
+def test_a_damaged_snapshot_stops_a_recover_start_naming_it(tmp_path, supervisor):
+    state = tmp_path / "state"
+    (state / "journal").mkdir(parents=True)
+    (state / "journal" / "echo.snapshot").write_text("not a snapshot\n")
+    sup = supervisor({"echo": ECHO}, state_dir=state, recover=True, start=False)
+    with pytest.raises(cmactor.StartupError, match=r"echo.snapshot is not a cmactor config file.*without --recover"):
+        sup.start()
