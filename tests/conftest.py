@@ -1,9 +1,12 @@
 import multiprocessing.forkserver
 import os
+import socket
 import time
 
 import psutil
 import pytest
+
+from cmactor import protocol as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENTS = os.path.join(HERE, "agents")
@@ -63,6 +66,26 @@ def kv_rows(cur, module="echo"):
     """Every row of an echo module's kv table, by key."""
     cur.execute(f"getnext {module}.kv")
     return dict(cur.fetchall())
+
+
+def raw(sup):
+    """A bare socket connected to a supervisor's frontend, for what a Cursor would never send."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(sup.socket_path)
+    return sock
+
+
+def read_frames(sock, count=1):
+    """Up to ``count`` frames from ``sock``, decoded (fewer if it closes first)."""
+    reader = P.FrameReader(max_frame=None)
+    frames = []
+    while len(frames) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames.extend(reader.feed(data))
+    return frames
 
 
 def agent(entry):

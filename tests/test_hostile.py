@@ -20,7 +20,7 @@ import time
 
 import psutil
 import pytest
-from conftest import agent, kv_rows, wait_for
+from conftest import agent, kv_rows, raw, read_frames, wait_for
 
 from cmactor import protocol as P
 from cmactor.errors import ConfigError, StartupError
@@ -263,24 +263,6 @@ def test_a_uid_not_allowed_is_refused_by_name(supervisor, reachable):
 
 MiB = 1024 * 1024
 BIG_VALUE = "x" * 10_000  # 100 rows of it: a getnext reply of 1 MB
-
-
-def raw(sup):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(sup.socket_path)
-    return sock
-
-
-def read_frames(sock, count=1):
-    reader = P.FrameReader(max_frame=None)
-    frames = []
-    while len(frames) < count:
-        data = sock.recv(65536)
-        if not data:
-            break
-        frames.extend(reader.feed(data))
-    return frames
 
 
 def read_to_eof(sock):

@@ -9,7 +9,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import agent, wait_for
+from conftest import agent, raw, read_frames, wait_for
 
 from cmactor import protocol as P
 
@@ -19,24 +19,6 @@ ECHO = agent("echo.py:main")
 @pytest.fixture
 def sup(supervisor):
     return supervisor({"echo": ECHO}, max_frame=64 * 1024)
-
-
-def raw(sup):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(sup.socket_path)
-    return sock
-
-
-def read_frames(sock, count=1):
-    reader = P.FrameReader(max_frame=None)
-    frames = []
-    while len(frames) < count:
-        data = sock.recv(65536)
-        if not data:
-            break
-        frames.extend(reader.feed(data))
-    return frames
 
 
 def closed_by_peer(sock):
