@@ -291,13 +291,18 @@ def test_a_call_to_an_async_action_gets_its_own_executor():
     assert to_serial.is_async is False
 
 
+def running_async(mod, *sids):
+    """Async requests ``sids`` of ``mod`` in flight, in that order."""
+    for sid in sids:
+        busy = Pending(None, sid, {"module": mod.name, "table": "t", "op": "get"})
+        busy.is_async, busy.sid = True, sid
+        mod.inflight[sid] = busy
+
+
 def test_a_full_pool_is_refused_only_when_every_busy_thread_waits_on_the_caller():
     a = module("a", READY, async_ops=frozenset({("t", "get")}), pool_size=2)
     modules, graph = graph_of(a, module("b", READY))
-    for sid in (5, 6):
-        busy = Pending(None, sid, {"module": "a", "table": "t", "op": "get"})
-        busy.is_async, busy.sid = True, sid
-        a.inflight[sid] = busy
+    running_async(a, 5, 6)
     assert admit(graph, modules, agent_call("a", "async", 5, "b")) is None  # one thread waits on b
     assert admit(graph, modules, agent_call("b", "serial", 1, "a")) is None  # the other is free to finish
     assert admit(graph, modules, agent_call("a", "async", 6, "b")) is None  # now both wait on b
@@ -312,10 +317,7 @@ def test_a_full_pool_with_a_queued_request_still_refuses_a_call_that_waits_on_it
     # waits on 5, which waits on b: a deadlock, though 6 leads nowhere.
     a = module("a", READY, async_ops=frozenset({("t", "get")}), pool_size=1)
     modules, graph = graph_of(a, module("b", READY))
-    for sid in (5, 6):
-        busy = Pending(None, sid, {"module": "a", "table": "t", "op": "get"})
-        busy.is_async, busy.sid = True, sid
-        a.inflight[sid] = busy
+    running_async(a, 5, 6)
     assert admit(graph, modules, agent_call("a", "async", 5, "b")) is None
     refusal = admit(graph, modules, agent_call("b", "serial", 1, "a"))
     assert refusal is not None and "(all 1 threads of a's pool are taken" in refusal
