@@ -57,21 +57,36 @@ def error_reply(sid, exc_type, message):
     return P.Reply.of(sid, to_wire(exc_type, message), None, False)
 
 
-def walk(method, params, vr, batch, after, **flags):
+def walk(method, params, vr, batch, after, index=None, match=None, **flags):
     """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
 
-    The first call gets the caller's params; each next call gets the caller's
-    params plus the previous row's fields (those that are not None). ``after``
-    resumes a walk from the row a previous batch ended on.
+    The first call gets the caller's params. Each next call gets the caller's params
+    with the previous row's index columns laid over them: ``index`` names those
+    columns (None: every field of the row that is not None, for agents that declare
+    no index). ``match`` names index columns held at their param value: the walk
+    ends before the first row whose value differs (a filtered walk, as exos_dbapi
+    sends). ``after`` resumes a walk from the row a previous batch ended on.
     """
     rows = []
     previous = after
+    if index is not None:
+        held = match or ()
+        moving = [column for column in index if column not in held]
+        # Params that name a moving index column only start the walk; the rest ride along.
+        kept = {k: v for k, v in params.items() if k not in moving}
     while True:
-        call_params = {**params, **{k: v for k, v in previous.items() if v is not None}} if previous else params
+        if previous is None:
+            call_params = params
+        elif index is None:
+            call_params = {**params, **{k: v for k, v in previous.items() if v is not None}}
+        else:
+            call_params = {**kept, **{k: previous[k] for k in moving if previous.get(k) is not None}}
         ctx = CmContext(call_params, vr, op="getnext", **flags)
         method(ctx)
         row = _row(ctx.fields)
         if not row:
+            return rows, False
+        if match and any(row.get(column) != params[column] for column in match):
             return rows, False
         rows.append(row)
         if not ctx._more:
@@ -123,6 +138,11 @@ class Actions:
             f"module {self.module!r} has no table {table!r} (no {table}_get/_set/_setop method); its tables: {known}"
         )
 
+    def _index_of(self, table):
+        """The index columns the agent declares for ``table`` (CmAgent.index_columns), or None."""
+        declared = self.agent.index_columns.get(table)
+        return list(declared) if declared is not None else None
+
     # -- requests ------------------------------------------------------------
 
     def execute(self, req, method, is_async):
@@ -138,8 +158,17 @@ class Actions:
         with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
             try:
                 if op == "getnext":
+                    index = req.index if req.index is not None else self._index_of(req.table)
                     rows, more = walk(
-                        method, req.params, req.vr, req.batch, req.after, is_async=is_async, notify=notify
+                        method,
+                        req.params,
+                        req.vr,
+                        req.batch,
+                        req.after,
+                        index,
+                        req.match,
+                        is_async=is_async,
+                        notify=notify,
                     )
                     dirty = False
                 else:
@@ -242,7 +271,7 @@ class Actions:
         if not callable(method):
             raise _SaveFailed(f"persistent table {table!r} has no {table}_get method")
         try:
-            rows, more = walk(method, {}, None, P.SAVE_MAX_ROWS, None, is_save=True)
+            rows, more = walk(method, {}, None, P.SAVE_MAX_ROWS, None, self._index_of(table), is_save=True)
         except ActionStopped as stop:
             raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
         except _FieldError as exc:

@@ -5,7 +5,8 @@ Porting an agent from the original platform changes one import line:
 """
 
 import threading
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 
 # The worker's Runtime (attach_runtime) when this process is a cmactor worker; None
 # anywhere else. Kept here (not in worker) so this module does not import the worker
@@ -101,7 +102,14 @@ class CmAgent:
 
     Events are optional no-ops here; actions are methods named ``<table>_get``,
     ``<table>_set`` and ``<table>_setop`` taking ``(self, ctx)``.
+
+    ``index_columns`` maps a table to its index (key) columns, as the original
+    app's schema declares them: a getnext walk then carries only those columns of
+    the previous row into the next call (not every field), and so does the save
+    walk. A table not named there gets every field of the previous row.
     """
+
+    index_columns: Mapping[str, tuple[str, ...]] = types.MappingProxyType({})
 
     def __init__(self, pool=None):
         # None: the worker's shared callback pool is used for @async_action methods.
@@ -134,6 +142,18 @@ def _check_names(value, what):
     return list(value)
 
 
+def _check_index_columns(declared):
+    if not isinstance(declared, Mapping):
+        raise TypeError(
+            f"cmbackend_init(): index_columns must map table names to lists of column names, "
+            f"got {type(declared).__name__}"
+        )
+    for table, columns in declared.items():
+        if not isinstance(table, str):
+            raise TypeError(f"cmbackend_init(): index_columns has a {type(table).__name__} key {table!r}, not a table name")
+        _check_names(columns, f"index_columns[{table!r}]")
+
+
 def cmbackend_init(agent, persistent_list=None, config_deps=None):
     """Register ``agent`` as this worker's backend; call once, inside a cmactor worker.
 
@@ -144,6 +164,7 @@ def cmbackend_init(agent, persistent_list=None, config_deps=None):
     if not isinstance(agent, CmAgent):
         raise TypeError(f"cmbackend_init(): agent must be a CmAgent instance, got {type(agent).__name__}")
     persistent = _check_names(persistent_list, "persistent_list")
+    _check_index_columns(agent.index_columns)
     deps = _check_names(config_deps, "config_deps")
     if agent.pool is not None and not callable(getattr(agent.pool, "submit", None)):
         raise TypeError(f"CmAgent pool must be a concurrent.futures.Executor, got {type(agent.pool).__name__}")

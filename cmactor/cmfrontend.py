@@ -8,6 +8,7 @@ threads, not a connection).
 import os
 import socket as _socket
 import threading
+import time
 from collections import deque, namedtuple
 from collections.abc import Mapping
 
@@ -108,6 +109,39 @@ def wire_params(params):
     return out
 
 
+def wait_until_ready(socket_path, module, timeout):
+    """Ask the supervisor at ``socket_path`` until ``module`` is READY, for at most
+    ``timeout`` seconds; True if it is. Never raises: a supervisor that cannot be
+    reached is a module that is not ready."""
+    deadline = time.monotonic() + max(0.0, float(timeout))
+    pause = 0.02
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with Connection(socket_path or default_socket(), timeout=max(left, 0.1)) as conn:
+                state = conn.request({"op": "status", "module": module})["status"][module]["state"]
+        except Error:
+            state = None
+        if state == "READY":
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.2)
+
+
+def _open_index(params):
+    """A getnext's index columns when a param names one with no start value (None):
+    then every param is an index column, its value where the walk starts. Otherwise
+    None: the agent's declaration, or every field, carries the walk."""
+    if params is None or type(params) is not dict and not isinstance(params, Mapping):
+        return None  # wire_params says what is wrong with them
+    if not any(value is None for value in params.values()):
+        return None
+    return [key for key in params if isinstance(key, str)]
+
+
 class Connection:
     """A connection to one supervisor. Use ``cursor()`` to send requests."""
 
@@ -180,7 +214,7 @@ class Connection:
                             on_notify(frame["notify"])
                         continue
                     if not frame.get("ok"):
-                        raise from_wire(frame.get("error") or {})
+                        raise self._error(frame.get("error") or {}, message)
                     return frame
             except (OSError, P.FrameError) as exc:
                 self.close()
@@ -188,6 +222,13 @@ class Connection:
                 raise OperationalError(
                     f"connection to the supervisor at {self.socket_path} {what} during {message.get('op')}"
                 ) from None
+
+    def _error(self, wire, message):
+        exc = from_wire(wire)
+        if isinstance(exc, ModuleUnavailable):
+            exc.module_name = message.get("module")
+            exc.socket_path = self.socket_path
+        return exc
 
     def _next_frame(self):
         while not self._frames:
@@ -209,6 +250,11 @@ class Cursor:
         self.retries = 0
         self.retry_timeout = 5
         self.max_rows = 100000
+        # A page of a getnext walk: at most this many rows, then ``more`` says whether
+        # the table goes on (pass the last row's key back to continue). None: the
+        # whole walk, up to max_rows.
+        self.limit = None
+        self.more = False
         self.batch_size = P.DEFAULT_BATCH
         self.messages = []
         self.rowcount = -1
@@ -223,16 +269,20 @@ class Cursor:
         if self.closed:
             raise InterfaceError("the cursor is closed")
         op, module, table = parse_operation(operation)
+        index = _open_index(params) if op == "getnext" else None
         params = wire_params(params)
         if self.messages:
             self.messages = []
         self.rowcount = -1
+        self.more = False
         self._rows, self._pos, self._columns = [], 0, ()
         request = {"op": op, "module": module, "table": table, "params": params}
         if self.vr_name is not None:
             request["vr"] = self.vr_name
         if self.connection.print_callback is not None:
             request["notify"] = True
+        if index is not None:
+            request["index"] = index
         if op == "getnext":
             rows = self._walk(request, module, table)
         else:
@@ -259,12 +309,16 @@ class Cursor:
     def _walk(self, request, module, table):
         rows = []
         after = None
+        cap = self.max_rows if self.limit is None else min(self.limit, self.max_rows)
         while True:
-            request["batch"] = min(self.batch_size, max(1, self.max_rows - len(rows)))
+            request["batch"] = min(self.batch_size, max(1, cap - len(rows)))
             request["after"] = after
             reply = self._send(request)
             rows.extend(reply["rows"])
             if not reply.get("more") or not reply["rows"]:
+                return rows
+            if self.limit is not None and len(rows) >= self.limit:
+                self.more = True
                 return rows
             if len(rows) >= self.max_rows:
                 raise OperationalError(

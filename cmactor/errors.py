@@ -66,7 +66,28 @@ class NotSupportedError(DatabaseError):
 
 
 class ModuleUnavailable(OperationalError):
-    """The module is quarantined (FAILED), stopping, or was not READY within the hold time."""
+    """The module is quarantined (FAILED), stopping, or was not READY within the hold time.
+
+    ``module_name`` is the module the request was for (None if unknown);
+    ``when_ready()`` waits for it, as exos_dbapi callers do before a retry.
+    """
+
+    module_name = None
+    socket_path = None  # the supervisor the request went to, where when_ready() asks
+
+    def when_ready(self, callback=None, timeout=5):
+        """Wait until ``module_name`` is READY or ``timeout`` seconds pass, then call
+        ``callback()`` if given; True if it is READY.
+
+        A module that is FAILED, stopping or gone makes this wait out the timeout
+        (it may be restarted meanwhile); it never waits longer.
+        """
+        from .cmfrontend import wait_until_ready  # the client needs this module first
+
+        ready = wait_until_ready(self.socket_path, self.module_name, timeout)
+        if callback is not None:
+            callback()
+        return ready
 
 
 class DeadlockDetectedError(OperationalError):

@@ -72,7 +72,12 @@ def decode(message):
 
 
 # supervisor -> worker
-Req = _kind(1, "Req", "sid op table params vr flags batch after", "A client's request for one action (or walk).")
+Req = _kind(
+    1,
+    "Req",
+    "sid op table params vr flags batch after index match",
+    "A client's request for one action (or walk); index and match shape a getnext walk (actions.walk).",
+)
 Load = _kind(2, "Load", "sid section journal", "Load saved rows (JSON bytes or None) and journal records; neither: defaults.")
 Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
 Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")

@@ -66,7 +66,16 @@ class Router:
             pending.is_async = (req["table"], req["op"]) in mod.async_ops
         flags = P.F_NOTIFY if req.get("notify") else 0
         sid = pending.sid = mod.channel.request(
-            req["op"], req["table"], req["params"], req.get("vr"), flags, req["batch"], req["after"], pending.is_async
+            req["op"],
+            req["table"],
+            req["params"],
+            req.get("vr"),
+            flags,
+            req["batch"],
+            req["after"],
+            req.get("index"),
+            req.get("match"),
+            pending.is_async,
         )
         mod.inflight[sid] = pending
 

@@ -575,6 +575,24 @@ def _str_map(rid, name, value, allow_null=False):
 
 _good_names = set()  # module and table names that passed NAME_RE
 
+MAX_WALK_COLUMNS = 64  # index or match columns of one walk: real tables have a handful
+
+
+def _columns(rid, name, value):
+    """A walk's 'index' or 'match': nil, or a list of distinct column names (str)."""
+    if value is None:
+        return None
+    if type(value) is not list or len(value) > MAX_WALK_COLUMNS:
+        raise BadRequest(
+            rid, ProgrammingError, f"'{name}' must be a list of at most {MAX_WALK_COLUMNS} column names, got {_show(value)}"
+        )
+    for column in value:
+        if type(column) is not str or not column:
+            raise BadRequest(rid, ProgrammingError, f"'{name}' holds {_show(column)}; column names are non-empty str")
+    if len(set(value)) != len(value):
+        raise BadRequest(rid, ProgrammingError, f"'{name}' names a column twice: {_show(value)}")
+    return value
+
 
 def _name(rid, op, key, value):
     if type(value) is not str or value not in _good_names:
@@ -608,7 +626,7 @@ def parse_request(msg):
     if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
     if op not in P.DATA_OPS:
-        if op == "restart":
+        if op == "restart" or (op == "status" and msg.get("module") is not None):
             _name(rid, op, "module", msg.get("module"))
         return msg
     _name(rid, op, "module", msg.get("module"))
@@ -629,6 +647,16 @@ def parse_request(msg):
     if type(batch) is not int or not 1 <= batch <= 100000:
         raise BadRequest(rid, ProgrammingError, f"'batch' must be an integer from 1 to 100000, got {_show(batch)}")
     msg["batch"] = batch
+    msg["index"] = _columns(rid, "index", msg.get("index"))
+    match = msg["match"] = _columns(rid, "match", msg.get("match"))
+    if match:
+        if msg["op"] != "getnext":
+            raise BadRequest(rid, ProgrammingError, f"'match' shapes a getnext walk; {msg['op']} takes none")
+        unset = [column for column in match if column not in msg["params"]]
+        if unset:
+            raise BadRequest(
+                rid, ProgrammingError, f"'match' column {_show(unset[0])} has no value in 'params' to match rows against"
+            )
     hold = msg.get("hold")
     if hold is not None:
         if type(hold) not in (int, float):

@@ -13,7 +13,7 @@ import weakref
 
 from cmactor import cmfrontend
 from cmactor import protocol as P
-from cmactor.errors import Error, StartupError
+from cmactor.errors import Error, ProgrammingError, StartupError
 
 from . import health, server, store
 from .audit import AuditLog
@@ -22,7 +22,7 @@ from .deadlock import WaitGraph
 from .journal import Journal
 from .lifecycle import Lifecycle
 from .loop import EventLoop
-from .modules import Module
+from .modules import Module, unknown_module
 from .recovery import Recovery
 from .restart import RestartPolicy
 from .routing import Router
@@ -246,7 +246,11 @@ class Supervisor:
         if op in P.DATA_OPS:
             self._router.route(client, request)
         elif op == "status":
-            client.answer({"id": rid, "ok": True, "status": self._status(), "supervisor": self._own_status()})
+            name = request.get("module")
+            if name is not None and name not in self.modules:
+                client.answer_error(rid, ProgrammingError, unknown_module(name, self.modules))
+            else:
+                client.answer({"id": rid, "ok": True, "status": self._status(name), "supervisor": self._own_status()})
         elif op == "ping":
             client.answer({"id": rid, "ok": True})
         elif op == "save":
@@ -263,8 +267,10 @@ class Supervisor:
             client.answer({"id": rid, "ok": True})
             self._lifecycle.begin_stop()
 
-    def _status(self):
-        return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in self.modules.items()}
+    def _status(self, only=None):
+        """Every module's status, or only the one named ``only``."""
+        chosen = self.modules.items() if only is None else [(only, self.modules[only])]
+        return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
 
     def _own_status(self):
         return {"audit_failures": self._audit.failures, "audit_error": self._audit.last_error}

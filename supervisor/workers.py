@@ -58,14 +58,14 @@ class Channel:
         self.out += P.pack(message)
         self._mark(self)
 
-    def request(self, op, table, params, vr, flags, batch, after, is_async):
+    def request(self, op, table, params, vr, flags, batch, after, index, match, is_async):
         """Send one request; its sid."""
         sid = next(self._sids)
         if is_async:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after))
+        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))
         return sid
 
     def answered(self, sid):

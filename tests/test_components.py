@@ -1034,9 +1034,9 @@ class RouteChannel:
         self.answers = []
         self.open = True  # False once the worker is gone
 
-    def request(self, op, table, params, vr, flags, batch, after, is_async):
+    def request(self, op, table, params, vr, flags, batch, after, index, match, is_async):
         sid = next(self._sids)
-        self.requests.append((sid, op, table, params, vr, flags, batch, after, is_async))
+        self.requests.append((sid, op, table, params, vr, flags, batch, after, index, match, is_async))
         return sid
 
     def answered(self, sid):
@@ -1103,7 +1103,7 @@ def test_a_request_to_a_ready_module_is_dispatched():
     r = RouterSetup({"ports": READY})
     rid = r.route("ports", params={"name": "1"}, vr="VR-Mgmt", notify=True)
     mod = r.modules["ports"]
-    assert mod.channel.requests == [(1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, False)]
+    assert mod.channel.requests == [(1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, None, None, False)]
     assert list(mod.inflight) == [1]
     pending = mod.inflight[1]
     assert (pending.rid, pending.sid) == (rid, 1) and pending.dispatched_at is not None
