@@ -116,8 +116,11 @@ class Actions:
         return found
 
     def _method(self, table, op):
-        if self.agent is None:
-            raise ProgrammingError(f"module {self.module!r} has not called cmbackend_init()")
+        if self.agent is None:  # the supervisor sends requests only once it is READY
+            raise ProgrammingError(
+                f"module {self.module!r} serves no tables: it is a plain process (it called ready() "
+                "without cmbackend_init())"
+            )
         name = f"{table}_{P.ACTION_SUFFIX[op]}"
         method = getattr(self.agent, name, None)
         if callable(method):

@@ -1,8 +1,9 @@
 """The worker process: one per agent.
 
 Threads in a worker:
-- main: imports and runs the agent's entry function, then idles (or runs the
-  entry's own loop, if it has one);
+- main: runs the agent's entry (a function, or a file or module run as
+  ``__main__``, as EXOS's python-module does), then idles (or runs the entry's
+  own loop, if it has one);
 - two lane threads sharing two jobs (see Runtime._lane_loop): reading the
   supervisor's socket (routing @async_action requests to the pool and serial work
   to the mailbox), and running the serial lane — the mailbox in order, one item
@@ -30,7 +31,7 @@ import threading
 import time
 import traceback
 
-from . import cmbackend
+from . import cmbackend, exos
 from . import protocol as P
 from .actions import Actions, error_reply
 from .errors import ProgrammingError
@@ -84,6 +85,7 @@ class Runtime:
         # request (register() replaces both).
         self._pool = self._shared_pool
         self._actions = Actions(module, None, self.send)
+        self.ready_called = False
 
     # -- channel ---------------------------------------------------------
 
@@ -184,6 +186,12 @@ class Runtime:
     def register(self, agent, persistent, deps):
         if self._actions.agent is not None:
             raise RuntimeError(f"cmbackend_init() called twice in module {self.module!r}")
+        if self.ready_called:
+            raise RuntimeError(
+                f"cmbackend_init() called after ready() in module {self.module!r}: register the agent "
+                "first; ready() comes once its config is loaded (event_load_complete or event_generate_default)"
+            )
+        persistent = _loadable(self.module, agent, persistent)
         async_actions = sorted(
             name for name in dir(type(agent)) if getattr(getattr(type(agent), name, None), "_cmactor_async", False)
         )
@@ -194,6 +202,7 @@ class Runtime:
         self.send(P.Init.of(persistent, deps, async_actions, _pool_size(self._pool)))
 
     def ready(self):
+        self.ready_called = True
         self.send(P.Ready.of())
 
     # -- dispatch ----------------------------------------------------------
@@ -261,6 +270,25 @@ class Runtime:
         self._slots[base] = 0
 
 
+def _loadable(module, agent, persistent):
+    """The persistent tables that can be loaded back: each needs a <table>_set. Real apps
+    list read-only tables (statistics) there too; those are left out, with a warning."""
+    kept = []
+    for table in persistent:
+        if callable(getattr(agent, f"{table}_set", None)):
+            kept.append(table)
+        else:
+            logging.getLogger("cmactor.worker").warning(
+                "module %s: persistent table %r has no %s_set method, so its rows could not be loaded "
+                "back; it is not saved (remove it from persistent_list, or add %s_set)",
+                module,
+                table,
+                table,
+                table,
+            )
+    return kept
+
+
 def _pool_size(pool):
     """How many threads ``pool`` has, so that the supervisor can see it exhausted by
     calls into itself; None (not checked) for an Executor that does not say."""
@@ -308,6 +336,41 @@ def load_entry(entry, module):
     return func
 
 
+def run_as_main(target):
+    """Run ``"pkg.module"`` or ``"/abs/path/file.py"`` as ``__main__``, as EXOS's python-module
+    does. Not runpy: it would set sys.argv[0] to the file's path, where EXOS (and the
+    ``args`` key) put the process name."""
+    package = None
+    if target.endswith(".py"):
+        sys.path.insert(0, os.path.dirname(target))
+        path = target
+    else:
+        found = importlib.util.find_spec(target)
+        if found is not None and found.submodule_search_locations is not None:
+            found = importlib.util.find_spec(f"{target}.__main__")  # a package runs its __main__
+        if found is None:
+            raise ModuleNotFoundError(f"no module named {target!r} on sys.path", name=target)
+        if not found.has_location or not str(found.origin).endswith(".py"):
+            raise ImportError(f"module {target!r} ({found.origin}) has no Python source to run as __main__")
+        path, package = found.origin, found.parent
+    spec = importlib.util.spec_from_file_location("__main__", path)
+    main = importlib.util.module_from_spec(spec)
+    if package is not None:
+        main.__package__ = package  # its relative imports resolve as they would in the package
+    sys.modules["__main__"] = main
+    spec.loader.exec_module(main)
+
+
+def _exit_status(code):
+    """The process exit status for ``sys.exit(code)``, as the interpreter computes it."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
 def main(spec, sock, doorbell, slots):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
@@ -319,6 +382,9 @@ def main(spec, sock, doorbell, slots):
     for path in reversed(spec["sys_path"]):
         if path not in sys.path:
             sys.path.insert(0, path)
+    sys.argv = list(spec["argv"])
+    if spec["exos_compat"]:
+        exos.install()
     module = spec["module"]
     runtime = Runtime(module, sock, doorbell, spec["pool_size"], slots)
     root = logging.getLogger()
@@ -326,19 +392,37 @@ def main(spec, sock, doorbell, slots):
     root.setLevel(spec["log_level"])
     cmbackend.attach_runtime(runtime)
     runtime.start()
+    entry = spec["entry"]
+    as_main = ":" not in entry
+    status = None
     try:
-        load_entry(spec["entry"], module)()
+        if as_main:
+            run_as_main(entry)
+        else:
+            load_entry(entry, module)()
+    except SystemExit as exc:
+        status = _exit_status(exc.code)
     except BaseException as exc:
         detail = "".join(traceback.format_exception(exc)).rstrip()
-        _fatal(runtime, f"entry {spec['entry']!r} raised {type(exc).__name__}: {exc}", detail)
-    if runtime.agent is None:
-        _fatal(runtime, f"entry {spec['entry']!r} returned without calling cmbackend_init()", "")
-    threading.Event().wait()
+        _fatal(runtime, f"entry {entry!r} raised {type(exc).__name__}: {exc}", detail)
+    if status is None:
+        if runtime.agent is not None or (runtime.ready_called and not as_main):
+            threading.Event().wait()  # a backend, or a plain process that went READY: serve on
+        if not as_main:
+            _fatal(runtime, f"entry {entry!r} returned without calling cmbackend_init() or ready()", "")
+    # As the interpreter does when its main thread ends: the process lives on while
+    # threads the entry started (not daemons) run.
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    if status:
+        _fatal(runtime, f"entry {entry!r} exited with status {status} (sys.exit; see its stderr)", "", status)
+    _exit(0)
 
 
-def _fatal(runtime, message, detail):
+def _fatal(runtime, message, detail, status=1):
     try:
         runtime.send(P.Fatal.of(message, detail))
     except OSError:
         pass
-    _exit(1)
+    _exit(status)

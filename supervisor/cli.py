@@ -3,7 +3,8 @@
 Client commands find the supervisor's socket from, in order: ``--socket``,
 ``--config`` (its state_dir), ``$CMACTOR_SOCKET``, ``./cmactor.toml``, and the
 default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
-Errors print one line on stderr and exit with status 1.
+Errors print one line on stderr and exit with status 1. ``getnext --max-rows N``
+shows a page; when the table goes on, a line on stderr gives the next page's command.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -50,12 +52,14 @@ def resolve_socket(args):
 
 
 def parse_params(pairs):
+    """``key=value`` words as params; ``key=None`` is a None param (cmfrontend's
+    convention: in a getnext an index column with no start value; other ops leave it out)."""
     params = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise CliError(f"parameter {pair!r} is not key=value")
-        params[key] = value
+        params[key] = None if value == "None" else value
     return params
 
 
@@ -173,7 +177,8 @@ def cmd_data(args):
 
     with _connect(args, notify) as conn:
         cur = conn.cursor(vr_name=args.vr)
-        cur.max_rows = args.max_rows
+        if args.command == "getnext" and args.max_rows is not None:
+            cur.limit = cur.max_rows = args.max_rows  # a page: no "stopped at max_rows" error at its end
         cur.execute(f"{args.command} {args.target}", params)
         rows = [dict(row.field_values) for row in cur.iterrow()]
     if args.format == "json":
@@ -185,7 +190,39 @@ def cmd_data(args):
         print("ok")
     else:
         print("(no rows)")
+    if cur.more:
+        # On stderr, so that stdout stays the rows (valid JSON with --format json).
+        sys.stdout.flush()
+        print(next_page_hint(args, params, rows), file=sys.stderr)
     return 0
+
+
+def next_page_hint(args, params, rows):
+    """The line after a page of a getnext that goes on: the command for the next page."""
+    last = rows[-1]
+    if any(value is None for value in params.values()):
+        # A None param makes every param an index column: the last row's values start
+        # the next page (a column the row lacks keeps the value given).
+        start = {key: value if last.get(key) is None else last[key] for key, value in params.items()}
+        how = f"after the last row's {', '.join(params)} (the index columns your params name)"
+    else:
+        # No param names the index: give what the walk itself sends next, the params
+        # with every field of the last row laid over them.
+        start = {**params, **{key: value for key, value in last.items() if value is not None}}
+        how = "after the last row, all its fields as params (name the index columns with key=None for a shorter line)"
+    words = ["cmactor"]
+    if args.socket:
+        words += ["--socket", args.socket]
+    elif args.config:
+        words += ["-c", args.config]
+    words += ["getnext", args.target]
+    words += [f"{key}={'None' if value is None else value}" for key, value in start.items()]
+    if args.vr is not None:
+        words += ["--vr", args.vr]
+    words += ["--max-rows", str(args.max_rows)]
+    if args.format != "table":
+        words += ["--format", args.format]
+    return f"cmactor: {len(rows)} rows shown, the table goes on; next page, {how}: {shlex.join(words)}"
 
 
 def cmd_status(args):
@@ -244,6 +281,25 @@ def _common_options(with_defaults):
     return common
 
 
+PARAMS_HELP = "Params are key=value words; key=None is a None param, which this op leaves out."
+GETNEXT_PARAMS_HELP = (
+    "Params are key=value words. key=None is a None param: an index column with no start value, "
+    "and then every param is an index column, its value where the walk starts (the rows after it): "
+    "cmactor getnext vlan.member vlan=v10 port=None. Without a None param the agent's declared "
+    "index_columns carry the walk (else every field of the previous row)."
+)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of rows, 1 or more; got {text!r}")
+    return value
+
+
 def cmd_bench(args):
     from cmactor_perf.__main__ import main as bench
 
@@ -280,11 +336,23 @@ def build_parser():
 
     sub.add_parser("status", parents=[common], help="state of every module").set_defaults(func=cmd_status)
     for name in DATA_OPS:
-        data = sub.add_parser(name, parents=[common], help=f"{name} MODULE.TABLE key=value ...")
+        data = sub.add_parser(
+            name,
+            parents=[common],
+            help=f"{name} MODULE.TABLE key=value ...",
+            description=GETNEXT_PARAMS_HELP if name == "getnext" else PARAMS_HELP,
+        )
         data.add_argument("target", metavar="MODULE.TABLE")
-        data.add_argument("params", nargs="*", metavar="key=value")
+        data.add_argument("params", nargs="*", metavar="key=value", help="params; key=None is a None param (see above)")
         data.add_argument("--vr", help="VR name passed to the agent as ctx.vr_name")
-        data.add_argument("--max-rows", type=int, default=100000, help="stop a getnext walk after this many rows")
+        if name == "getnext":
+            data.add_argument(
+                "--max-rows",
+                type=_positive_int,
+                metavar="N",
+                help="show a page of at most N rows; when the table goes on, a last line (on stderr) gives "
+                "the command for the next page (default: the whole table)",
+            )
         data.set_defaults(func=cmd_data)
     sub.add_parser("save", parents=[common], help="save every module's config to the config file").set_defaults(
         func=cmd_save

@@ -79,10 +79,34 @@ _FUNC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 def _entry(where, value):
     value = _text(where, value)
     target, sep, func = value.rpartition(":")
-    if not sep or not _FUNC.match(func) or not (target.endswith(".py") or _MODULE_TARGET.match(target)):
+    if not sep:  # a python-module entry: the file or module runs as __main__
+        target, func = value, None
+    if (sep and not _FUNC.match(func)) or not (target.endswith(".py") or _MODULE_TARGET.match(target)):
         raise ConfigError(
-            f"{where}: entry {value!r} is not 'package.module:function' or 'path/to/file.py:function'"
+            f"{where}: entry {value!r} is not 'package.module:function', 'path/to/file.py:function', "
+            "or (run as __main__, as EXOS's python-module does) 'package.module' or 'path/to/file.py'"
         )
+    return value
+
+
+def _args(where, value):
+    if not isinstance(value, list) or not all(isinstance(arg, str) for arg in value):
+        raise ConfigError(f"{where}: expected a list of strings (the module's sys.argv[1:]), got {value!r}")
+    return list(value)
+
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+
+
+def _restart(where, value):
+    if value not in RESTART_POLICIES:
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, RESTART_POLICIES))}, got {value!r}")
+    return value
+
+
+def _flag(where, value):
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     return value
 
 
@@ -105,6 +129,12 @@ SUPERVISOR_OPTIONS = {
 
 AGENT_OPTIONS = {
     "entry": (_entry, REQUIRED),
+    "args": (_args, []),
+    # When a worker's exit is restarted, in systemd's words: "on-failure" leaves a
+    # clean exit (code 0) STOPPED, "never" restarts nothing.
+    "restart": (_restart, "always"),
+    # `import exos.api...` in the worker resolves to cmactor.exos (cmactor/exos/__init__.py).
+    "exos_compat": (_flag, True),
     "pool_size": (_positive, 8),
     "env": (_env, {}),
     "max_restarts": (_count, 5),
@@ -142,13 +172,15 @@ def validate(where, raw, schema):
 
 def resolve_entry(entry, base_dir, where):
     """Make a file entry absolute (relative to ``base_dir``) and check the file exists."""
-    target, _, func = entry.rpartition(":")
+    target, sep, func = entry.rpartition(":")
+    if not sep:
+        target, func = entry, ""
     if not target.endswith(".py"):
         return entry
     path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(target)))
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: entry file {path} does not exist")
-    return f"{path}:{func}"
+    return f"{path}{sep}{func}"
 
 
 def agents_config(agents, base_dir, where="agents"):

@@ -1,7 +1,9 @@
 """The config_deps graph: unknown names, cycles, dependency order, READY gating."""
 
 from . import graphs
-from .modules import FAILED, READY, WAITING_DEPS
+from .modules import FAILED, READY, STOPPED, WAITING_DEPS
+
+_ENDED = (FAILED, STOPPED)  # STOPPED outside a stop: it exited and its restart policy left it so
 
 
 def unknown(deps, known):
@@ -46,12 +48,12 @@ def dependencies_first(modules):
 
 
 def settled(mod, modules, seen=()):
-    """READY or FAILED, or waiting on a module that failed (directly or further down),
-    which waits forever: a state start() need not wait out."""
-    if mod.state == READY or mod.state == FAILED:
+    """READY, FAILED or STOPPED, or waiting on a module that ended so (directly or
+    further down), which waits forever: a state start() need not wait out."""
+    if mod.state == READY or mod.state in _ENDED:
         return True
     if mod.state != WAITING_DEPS or mod.name in seen:
         return False
     return any(
-        modules[d].state == FAILED or settled(modules[d], modules, (*seen, mod.name)) for d in not_ready(mod, modules)
+        modules[d].state in _ENDED or settled(modules[d], modules, (*seen, mod.name)) for d in not_ready(mod, modules)
     )

@@ -88,7 +88,7 @@ class Lifecycle:
             mod.waiting_on = not_ready[0] if not_ready else None
             if not not_ready:
                 self._load(mod)
-        self._check_start()
+        self.check_start()
 
     def _load(self, mod):
         """Replay the module's saved section, or have it generate defaults when it has none."""
@@ -128,6 +128,12 @@ class Lifecycle:
 
     def on_ready(self, mod, _ready):
         mod.ready_called = True
+        if mod.state == STARTING:  # ready() without cmbackend_init(): no tables, nothing to load
+            mod.move(READY)
+            log.info("module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)
+            self._router.release_held(mod)
+            self._advance_waiting()
+            return
         self._maybe_ready(mod)
 
     def on_fatal(self, mod, fatal):
@@ -148,7 +154,7 @@ class Lifecycle:
             mod.error = None
         log.info("module %s READY (pid %d)", mod.name, mod.pid)
         self._router.release_held(mod)
-        self._advance_waiting()  # which ends with _check_start()
+        self._advance_waiting()  # which ends with check_start()
 
     def quarantine(self, mod, reason):
         log.error("module %s FAILED: %s", mod.name, reason)
@@ -156,12 +162,13 @@ class Lifecycle:
         mod.error = reason
         self._workers.kill(mod)
         self._router.fail_held(mod)
-        self._check_start()
+        self.check_start()
 
     # -- start() ----------------------------------------------------------
 
-    def _check_start(self):
-        """Let start() return once every module is READY, or settled where it will stay."""
+    def check_start(self):
+        """Let start() return once every module is READY, or settled where it will stay
+        (recovery calls it too, for a module its restart policy leaves STOPPED)."""
         if all(deps.settled(mod, self._modules) for mod in self._modules.values()):
             self.start_done.set()
 
@@ -169,12 +176,12 @@ class Lifecycle:
         """Each module that is not READY, with why: what start() reports when it gives up."""
         reasons = {}
         for mod in self._modules.values():
-            if mod.state == READY:
+            if mod.state == READY or mod.state == STOPPED:  # STOPPED: it ended, as its restart policy allows
                 continue
             if mod.state == FAILED:
                 reasons[mod.name] = f"FAILED: {mod.error}"
             elif mod.state == STARTING:
-                reasons[mod.name] = "STARTING: the entry has not called cmbackend_init()"
+                reasons[mod.name] = "STARTING: the entry has called neither cmbackend_init() nor ready()"
             elif mod.state == WAITING_DEPS:
                 reasons[mod.name] = f"WAITING_DEPS on {mod.waiting_on!r} ({self._modules[mod.waiting_on].state})"
             elif mod.state == LOADING and mod.loaded:

@@ -1,10 +1,12 @@
 """The supervisor's record of one module, and its lifecycle as one state machine.
 
     STOPPED ──spawn──▶ STARTING ──INIT──▶ WAITING_DEPS ──deps READY──▶ LOADING ──ready()──▶ READY
+                          │  └───────────── ready() without INIT: a plain process ─────────────▶ READY
                           │                    │                          │                   │
                           └────────────────────┴──── worker exit ─────────┴───────────────────┴──▶ RESTARTING ──respawn──▶ STARTING
     any state ──quarantine──▶ FAILED ──operator restart──▶ RESTARTING
     any state with a worker ──stop──▶ STOPPING ──exit──▶ STOPPED
+    any state with a worker ──exit the restart policy leaves alone──▶ STOPPED ──operator restart──▶ RESTARTING
 
 Every state change goes through ``Module.move``, which refuses a change that is
 not in ``TRANSITIONS``: that is a bug in the supervisor, raised as an
@@ -32,8 +34,8 @@ STOPPED = "STOPPED"
 # state (a quarantine or a stop can come at any time); RESTARTING from every state
 # that has or had a worker. A move to the same state is a no-op, and allowed.
 TRANSITIONS = {
-    STOPPED: {STARTING, FAILED},
-    STARTING: {WAITING_DEPS, RESTARTING, FAILED, STOPPING, STOPPED},
+    STOPPED: {STARTING, RESTARTING, FAILED},
+    STARTING: {WAITING_DEPS, READY, RESTARTING, FAILED, STOPPING, STOPPED},
     WAITING_DEPS: {LOADING, RESTARTING, FAILED, STOPPING, STOPPED},
     LOADING: {READY, RESTARTING, FAILED, STOPPING, STOPPED},
     READY: {RESTARTING, FAILED, STOPPING, STOPPED},

@@ -13,7 +13,7 @@ import time
 from cmactor import protocol as P
 from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError
 
-from .modules import FAILED, RESTARTING, STOPPING, unknown_module
+from .modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
 from .workers import describe_exit
 
 log = logging.getLogger("cmactor.supervisor")
@@ -73,7 +73,20 @@ class Recovery:
         elif mod.state == RESTARTING:  # an operator asked for this restart
             self._respawn(mod)
         elif mod.state != FAILED:
+            self._exited(mod, pid, code, reason)
+
+    def _exited(self, mod, pid, code, reason):
+        """The worker ended on its own: restart it, or leave it, as the agent's ``restart`` says."""
+        policy = mod.options["restart"]
+        if policy == "always" or (policy == "on-failure" and code != 0):
             self._crashed(mod, f"worker pid {pid}", reason, time.monotonic() - mod.started_at)
+        elif code == 0:
+            log.info("module %s: worker pid %d ended (%s); restart = %r leaves it STOPPED", mod.name, pid, reason, policy)
+            mod.move(STOPPED)
+            self._router.fail_held(mod)
+            self._lifecycle.check_start()
+        else:
+            self._lifecycle.quarantine(mod, f"worker exited ({reason}); restart = 'never' leaves it so")
 
     def _crashed(self, mod, what, reason, uptime):
         """``what`` (its worker, or a start of one) failed after ``uptime`` seconds:

@@ -15,7 +15,7 @@ import time
 from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
 
-from .modules import FAILED, READY, WAITING_DEPS, Pending, unknown_module
+from .modules import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS, Pending, unknown_module
 
 _CHANGES = ("set", "setop")
 
@@ -143,8 +143,13 @@ class Router:
     def unavailable(self, mod):
         """Why requests to ``mod`` are not being served."""
         name = mod.name
-        if self._closed or mod.gone:
+        if self._closed or mod.state == STOPPING:
             return f"module {name!r} is unavailable: the supervisor is stopping"
+        if mod.state == STOPPED:  # outside a stop: its worker ended and was left so
+            return (
+                f"module {name!r} is STOPPED: its worker ended ({mod.last_exit}) and restart = "
+                f"{mod.options['restart']!r} leaves it so; start it again with `cmactor restart {name}`"
+            )
         if mod.state == FAILED:
             return f"module {name!r} is quarantined (FAILED): {mod.error}; revive it with `cmactor restart {name}`"
         if mod.state == READY and mod.saving:

@@ -45,8 +45,9 @@ def _stop_all():
 class Supervisor:
     """Runs agents in worker processes and serves their frontend socket.
 
-    ``agents``: module name -> entry (``"pkg.mod:func"`` or ``"path/file.py:func"``)
-    or a dict of agent options with an ``entry``. Relative paths are relative to
+    ``agents``: module name -> entry (``"pkg.mod:func"`` or ``"path/file.py:func"``;
+    without ``:func``, the module or file runs as ``__main__``, as EXOS's
+    python-module does) or a dict of agent options with an ``entry``. Relative paths are relative to
     ``base_dir`` (the config file's directory for :meth:`from_toml`, else the
     current directory). Other keyword options are the ``[supervisor]`` keys of a
     cmactor.toml. ``ignore_config``: start with defaults when the saved config file

@@ -150,6 +150,8 @@ class Workers:
         spec = {
             "module": mod.name,
             "entry": mod.options["entry"],
+            "argv": [mod.name, *mod.options["args"]],
+            "exos_compat": mod.options["exos_compat"],
             "cwd": os.getcwd(),
             "sys_path": [self._base_dir] + [p or os.getcwd() for p in sys.path],
             "env": env,

@@ -108,8 +108,8 @@ def actions(agent, sent):
     return actions_for(agent, sent)
 
 
-def req(op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None):
-    return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after)
+def req(op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None, index=None, match=None):
+    return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after, index, match)
 
 
 @pytest.fixture
@@ -240,7 +240,7 @@ def test_lookup_of_an_op_the_table_lacks_names_module_table_and_op(actions):
 def test_before_the_agent_registers_every_lookup_fails_and_none_is_cached(sent):
     actions = Actions(MODULE, None, sent.append)
     for _ in range(2):
-        with pytest.raises(ProgrammingError, match="module 'fake' has not called cmbackend_init()"):
+        with pytest.raises(ProgrammingError, match="module 'fake' serves no tables: it is a plain process"):
             actions.lookup("t", "get")
     with pytest.raises(ProgrammingError, match="its tables: none"):
         Actions(MODULE, CmAgent(), sent.append).lookup("t", "get")
@@ -287,6 +287,85 @@ def test_a_walk_of_an_empty_table_or_without_more_stops_at_once(run, agent):
     agent.fields = {"k": "1"}  # a row, and no more()
     assert entries(run(req(op="getnext"))) == {"ok": True, "rows": [{"k": "1"}], "more": False}
     assert len(walked_params(agent)) == 2
+
+
+class Members(CmAgent):
+    """Table m keyed by (g, p), its getnext written as real EXOS agents write it: the
+    index params are where to go on from (the rows after that key), any other param
+    is a filter (``up``: only the rows with that value)."""
+
+    def __init__(self):
+        super().__init__()
+        ups = iter(("yes", "no", "yes", "yes", "no", "yes"))
+        self.rows = [{"g": g, "p": p, "up": next(ups)} for g in "abc" for p in "12"]
+        self.calls = []
+
+    def m_get(self, ctx):
+        self.calls.append(dict(ctx.params))
+        key = (ctx.params.get("g", ""), ctx.params.get("p", ""))
+        up = ctx.params.get("up")
+        rows = [row for row in self.rows if (row["g"], row["p"]) > key and up in (None, row["up"])]
+        if rows:
+            ctx.fields = dict(rows[0])
+            if len(rows) > 1:
+                ctx.more()
+
+    def m_set(self, ctx):
+        pass
+
+
+def walk_of(agent, sent, **request):
+    actions = actions_for(agent, sent)
+    method, _ = actions.lookup("m", "getnext")
+    actions.execute(req(op="getnext", table="m", **request), method, False)
+    return entries(sent[-1][0])
+
+
+def keys(walked):
+    return [(row["g"], row["p"]) for row in walked["rows"]]
+
+
+def test_without_index_columns_a_walk_carries_every_field_and_filtering_agents_skip_rows(sent):
+    # Why index columns exist: "up" of the previous row becomes a filter of the next call.
+    assert keys(walk_of(Members(), sent)) == [("a", "1"), ("b", "1"), ("b", "2"), ("c", "2")]
+
+
+def test_a_walk_with_index_columns_carries_only_those_of_the_previous_row(sent):
+    agent = Members()
+    assert keys(walk_of(agent, sent, index=["g", "p"])) == [(g, p) for g in "abc" for p in "12"]
+    assert agent.calls[:3] == [{}, {"g": "a", "p": "1"}, {"g": "a", "p": "2"}]
+    agent.calls.clear()
+    # A param that is not an index column rides along as the filter it is.
+    assert keys(walk_of(agent, sent, params={"up": "yes"}, index=["g", "p"])) == [("a", "1"), ("b", "1"), ("b", "2"), ("c", "2")]
+    assert agent.calls[1] == {"up": "yes", "g": "a", "p": "1"}
+
+
+def test_a_start_value_of_an_index_column_only_starts_the_walk(sent):
+    agent = Members()
+    assert keys(walk_of(agent, sent, params={"g": "b", "p": "1"}, index=["g", "p"])) == [("b", "2"), ("c", "1"), ("c", "2")]
+    assert agent.calls[:2] == [{"g": "b", "p": "1"}, {"g": "b", "p": "2"}]
+
+
+def test_a_matched_index_column_stays_at_its_param_and_ends_the_walk_where_rows_differ(sent):
+    agent = Members()
+    walked = walk_of(agent, sent, params={"g": "b"}, index=["g", "p"], match=["g"])
+    assert keys(walked) == [("b", "1"), ("b", "2")] and walked["more"] is False
+    # The third call's row, ("c", "1"), ended the walk and was not sent.
+    assert agent.calls == [{"g": "b"}, {"g": "b", "p": "1"}, {"g": "b", "p": "2"}]
+
+
+def test_declared_index_columns_shape_getnext_and_the_save_walk(sent):
+    agent = Members()
+    agent.index_columns = {"m": ("g", "p")}
+    assert len(walk_of(agent, sent)["rows"]) == 6
+    agent.calls.clear()
+    saved = P.decode(actions_for(agent, sent).save(wire(P.Save, 30, ["m"])))
+    assert saved.error is None and saved.rows == 6
+    assert agent.calls[1] == {"g": "a", "p": "1"}
+    # A request's own index wins over the declaration.
+    agent.calls.clear()
+    walk_of(agent, sent, index=["g", "p", "up"])
+    assert agent.calls[1] == {"g": "a", "p": "1", "up": "yes"}
 
 
 # -- load ---------------------------------------------------------------------------------

@@ -80,8 +80,8 @@ def test_transition_table_is_the_documented_lifecycle():
     # Written out independently of TRANSITIONS: the tests below walk the table
     # itself, so a changed row would otherwise just change what they expect.
     assert TRANSITIONS == {
-        STOPPED: {STARTING, FAILED},
-        STARTING: {WAITING_DEPS, RESTARTING, FAILED, STOPPING, STOPPED},
+        STOPPED: {STARTING, RESTARTING, FAILED},  # RESTARTING: the operator revives one its policy left
+        STARTING: {WAITING_DEPS, READY, RESTARTING, FAILED, STOPPING, STOPPED},  # READY: a plain process
         WAITING_DEPS: {LOADING, RESTARTING, FAILED, STOPPING, STOPPED},
         LOADING: {READY, RESTARTING, FAILED, STOPPING, STOPPED},
         READY: {RESTARTING, FAILED, STOPPING, STOPPED},

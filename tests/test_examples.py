@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import cmactor
+from conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +40,39 @@ def test_lanes_example():
     assert result.returncode == 0, result.stderr
     assert "would deadlock: beta → alpha → beta" in result.stdout
     assert "async lane:  total = 7" in result.stdout
+
+
+EXOS_APPS = os.path.join(ROOT, "examples", "exos")
+
+
+def test_exos_apps_import_only_what_the_platform_has():
+    # The promise README.md makes: an EXOS app runs after a Python 3 port and nothing
+    # else. These are written as EXOS apps are; not one line of them names cmactor.
+    for name in ("vlanmgr.py", "portsum.py"):
+        with open(os.path.join(EXOS_APPS, name)) as f:
+            source = f.read()
+        imports = [line.split()[1] for line in source.splitlines() if line.lstrip().startswith(("import ", "from "))]
+        assert not [module for module in imports if module.startswith("cmactor")], name
+        assert "exsh" in imports and "exos.api" in imports, name
+
+
+def test_exos_apps_run_as_python_modules(tmp_path):
+    config = os.path.join(EXOS_APPS, "cmactor.toml")
+    with cmactor.Supervisor.from_toml(config, state_dir=str(tmp_path)) as sup:
+        cur = sup.connect().cursor()
+        cur.execute("set vlanmgr.vlan", {"name": "v10", "tag": 10})
+        for port, tagged in (("1", "no"), ("2", "yes"), ("3", "no")):
+            cur.execute("set vlanmgr.member", {"vlan": "v10", "port": port, "tagged": tagged})
+        cur.execute("set vlanmgr.member", {"vlan": "default", "port": "9"})
+        cur.execute("setop portsum.summary", {"action": "refresh"})  # queued for its dispatcher
+        wait_for(lambda: cur.execute("getnext portsum.summary").fetchall() == [("default", "9", "1", "0"), ("v10", "1,2,3", "3", "1")])
+        # A walk with a filter that is not an index column: only the tagged members.
+        cur.execute("getnext vlanmgr.member", {"tagged": "yes"})
+        assert cur.fetchall() == [("v10", "2", "yes")]
+        cur.execute("setop portsum.watch", {"action": "delete", "name": "default"})  # watched from its args
+        sup.save()
+    with cmactor.Supervisor.from_toml(config, state_dir=str(tmp_path)) as sup:
+        cur = sup.connect().cursor()
+        cur.execute("getnext portsum.watch")  # loaded from the saved config after vlanmgr
+        assert cur.fetchall() == [("v10",)]
+        wait_for(lambda: cur.execute("getnext portsum.summary").fetchall() == [("v10", "1,2,3", "3", "1")])

@@ -1,0 +1,34 @@
+"""``exos.api`` as cmactor provides it: the calls an EXOS app makes to its process.
+
+``ready``, ``cmbackend_init``, ``CmAgent`` and ``CmContext`` (cmactor.cmbackend),
+``exec_cli`` and ``exec_cli_async`` for the config manager's own commands
+(cmactor.exos.cli), ``TraceBufferHandler`` (cmactor.exos.trace), and the modules
+``cmbackend`` and ``exos_dbapi`` (also as ``cmfrontend``).
+"""
+
+import sys
+
+from cmactor import cmbackend, exos_dbapi
+from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
+from cmactor.exos.cli import exec_cli, exec_cli_async
+from cmactor.exos.trace import TraceBufferHandler
+
+cmfrontend = exos_dbapi
+
+# So that `import cmactor.exos.api.cmbackend` works as `import exos.api.cmbackend` does.
+for _name, _module in (("cmbackend", cmbackend), ("exos_dbapi", exos_dbapi), ("cmfrontend", exos_dbapi)):
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
+
+__all__ = [
+    "CmAgent",
+    "CmContext",
+    "TraceBufferHandler",
+    "async_action",
+    "cmbackend",
+    "cmbackend_init",
+    "cmfrontend",
+    "exec_cli",
+    "exec_cli_async",
+    "exos_dbapi",
+    "ready",
+]

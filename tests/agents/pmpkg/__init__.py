@@ -1,0 +1,1 @@
+"""A package whose module runs as a python-module entry ("pmpkg.app")."""

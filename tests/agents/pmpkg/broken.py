@@ -1,0 +1,3 @@
+"""Raises while it is imported as __main__."""
+
+raise ValueError("no config for this box")
