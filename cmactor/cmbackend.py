@@ -1,7 +1,7 @@
 """The agent API: CmAgent, CmContext, cmbackend_init, ready, async_action.
 
-Porting an agent from the original platform changes one import line:
-``from exos.api.cmbackend import ...`` becomes ``from cmactor.cmbackend import ...``.
+An agent ported from the original platform keeps its imports: inside a worker
+``exos.api.cmbackend`` is this module (see cmactor.exos).
 """
 
 import threading

@@ -255,6 +255,11 @@ class Cursor:
         # whole walk, up to max_rows.
         self.limit = None
         self.more = False
+        # The index (key) columns of this cursor's getnext walks: each next call of the
+        # agent gets only these columns of the previous row (and the params that are
+        # not among them). None: every param, when one of them is None (an index column
+        # with no start value); else the agent's index_columns; else every field.
+        self.index = None
         self.batch_size = P.DEFAULT_BATCH
         self.messages = []
         self.rowcount = -1
@@ -269,7 +274,9 @@ class Cursor:
         if self.closed:
             raise InterfaceError("the cursor is closed")
         op, module, table = parse_operation(operation)
-        index = _open_index(params) if op == "getnext" else None
+        index = None
+        if op == "getnext":
+            index = list(self.index) if self.index is not None else _open_index(params)
         params = wire_params(params)
         if self.messages:
             self.messages = []

@@ -1,6 +1,9 @@
 """The PEP-249 client's own paths: timeouts, closed objects, fetch variants."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 from conftest import agent, wait_for
@@ -89,3 +92,66 @@ def test_stop_lets_a_running_save_finish(echo):
     echo.stop()  # the running save finishes first; the supervisor then stops
     saver.join(10)
     assert results and results[0]["saved"]["modules"] == ["echo"]
+
+
+@pytest.fixture
+def filters(supervisor):
+    return supervisor({"sw": agent("filters.py:main")})
+
+
+def members(cur):
+    return [(vlan, port) for vlan, port, _ in cur.fetchall()]
+
+
+def test_a_none_param_makes_the_params_the_walks_index_columns(filters):
+    cur = filters.connect().cursor()
+    # Without an index the previous row's "tagged" becomes a filter: rows are skipped.
+    cur.execute("getnext sw.member")
+    assert members(cur) == [("v10", "1"), ("v10", "3"), ("v20", "4")]
+    cur.execute("getnext sw.member", {"vlan": None, "port": None})
+    assert members(cur) == [("v10", "1"), ("v10", "2"), ("v10", "3"), ("v20", "1"), ("v20", "4")]
+    cur.batch_size = 1  # the index rides along across batches too
+    cur.execute("getnext sw.member", {"vlan": "v10", "port": None})
+    assert members(cur) == [("v10", "1"), ("v10", "2"), ("v10", "3"), ("v20", "1"), ("v20", "4")]
+    # Cursor.index names them when every one has a value: that is where the walk starts.
+    cur.index = ("vlan", "port")
+    cur.execute("getnext sw.member", {"vlan": "v10", "port": "2"})
+    assert members(cur) == [("v10", "3"), ("v20", "1"), ("v20", "4")]
+    cur.execute("getnext sw.member", {"vlan": "v10", "port": "2", "tagged": "yes"})  # not an index column: a filter
+    assert members(cur) == [("v20", "1")]
+
+
+def test_a_limit_pages_a_walk_and_says_whether_the_table_goes_on(filters):
+    cur = filters.connect().cursor()
+    cur.limit = 2
+    cur.index = ("vlan", "port")
+    pages, start = [], {}
+    while True:
+        cur.execute("getnext sw.member", start)
+        pages.append(members(cur))
+        if not cur.more:
+            break
+        start = dict(zip(("vlan", "port"), pages[-1][-1]))
+    assert pages == [[("v10", "1"), ("v10", "2")], [("v10", "3"), ("v20", "1")], [("v20", "4")]]
+    cur.limit = 5  # exactly the table: the agent said no more after the last row
+    cur.execute("getnext sw.member", {"vlan": None})
+    assert cur.rowcount == 5 and cur.more is False
+
+
+def test_module_unavailable_names_its_module_and_when_ready_waits_for_it(supervisor):
+    sup = supervisor({"echo": {"entry": ECHO, "restart_delay": 1.0}})
+    conn = sup.connect()
+    pid = sup.status()["echo"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: sup.status()["echo"]["state"] == "RESTARTING")
+    with pytest.raises(cmactor.ModuleUnavailable) as caught:
+        conn.request({"op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "hold": 0})
+    exc = caught.value
+    assert exc.module_name == "echo" and exc.socket_path == sup.socket_path
+    called = []
+    assert exc.when_ready(callback=lambda: called.append(True), timeout=10) is True and called == [True]
+    assert sup.status()["echo"]["state"] == "READY"
+    exc.module_name = "nosuch"  # never READY: waits out its timeout, never longer
+    started = time.monotonic()
+    assert exc.when_ready(timeout=0.3) is False
+    assert 0.3 <= time.monotonic() - started < 5

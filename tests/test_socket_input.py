@@ -123,6 +123,16 @@ def test_client_vanishing_mid_request_harms_nobody(sup):
         ({"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300}, "ProgrammingError", "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "ProgrammingError", "'user' must be a str"),
         ({"id": 5, "op": "restart", "module": 3}, "ProgrammingError", "restart: bad module name 3"),
+        ({"id": 5, "op": "status", "module": "../x"}, "ProgrammingError", "status: bad module name '../x'"),
+        ({"id": 5, "op": "status", "module": "nosuch"}, "ProgrammingError", "unknown module 'nosuch'; this supervisor runs: echo"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"}, "ProgrammingError", "'index' must be a list of at most 64 column names, got 'key'"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key"] * 65}, "ProgrammingError", "'index' must be a list of at most 64 column names"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", 3]}, "ProgrammingError", "'index' holds 3; column names are non-empty str"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": [""]}, "ProgrammingError", "'index' holds ''; column names are non-empty str"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", "key"]}, "ProgrammingError", "'index' names a column twice: ['key', 'key']"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": ["key"]}, "ProgrammingError", "'match' column 'key' has no value in 'params' to match rows against"),
+        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "match": ["key"]}, "ProgrammingError", "'match' shapes a getnext walk; get takes none"),
+        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": {"key": 1}}, "ProgrammingError", "'match' must be a list"),
     ],
 )
 def test_malformed_requests_get_a_clear_error_and_the_connection_stays_usable(sup, message, error_type, text):
