@@ -61,26 +61,27 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
     """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
 
     The first call gets the caller's params. Each next call gets the caller's params
-    with the previous row's index columns laid over them: ``index`` names those
-    columns (None: every field of the row that is not None, for agents that declare
-    no index). ``match`` names index columns held at their param value: the walk
-    ends before the first row whose value differs (a filtered walk, as exos_dbapi
-    sends). ``after`` resumes a walk from the row a previous batch ended on.
+    with the previous row's index columns laid over them, where the row has them:
+    ``index`` names those columns (None: every field of the row that is not None,
+    for agents that declare no index). ``match`` names index columns held at their
+    param value: the walk ends before the first row whose value differs (a filtered
+    walk, as exos_dbapi sends). ``after`` resumes a walk from the row a previous
+    batch ended on.
     """
     rows = []
     previous = after
     if index is not None:
         held = match or ()
         moving = [column for column in index if column not in held]
-        # Params that name a moving index column only start the walk; the rest ride along.
-        kept = {k: v for k, v in params.items() if k not in moving}
     while True:
         if previous is None:
             call_params = params
         elif index is None:
             call_params = {**params, **{k: v for k, v in previous.items() if v is not None}}
         else:
-            call_params = {**kept, **{k: previous[k] for k in moving if previous.get(k) is not None}}
+            # A moving index column takes the previous row's value; one the row lacks
+            # keeps its param (EXOS scripts name e.g. a search direction that way).
+            call_params = {**params, **{k: previous[k] for k in moving if previous.get(k) is not None}}
         ctx = CmContext(call_params, vr, op="getnext", **flags)
         method(ctx)
         row = _row(ctx.fields)

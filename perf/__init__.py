@@ -160,6 +160,10 @@ def _groups(sizes, sup, conn):
                  "same get from its own process, no Cursor: the floor's client"),
             Step("getnext_10k", "getnext walk, 10k rows (Cursor)", "rows/s", "two_hop",
                  lambda: s.walk(conn.cursor(), 10_000, small), walk_note(10_000)),
+            Step("dbapi_walk_10k", "exos_dbapi walk 10k rows (request, iterrow)", "rows/s", "getnext_10k",
+                 lambda: s.dbapi_walk(conn, 10_000, small),
+                 lambda row: f"one walk and its rows read: {10_000 / row['rate'] * 1000:.0f} ms; "
+                             "ratio: over the Cursor's 10k walk"),
             Step("getnext_100k", "getnext walk, 100k rows (Cursor)", "rows/s", "two_hop",
                  lambda: s.walk(conn.cursor(), 100_000, big), walk_note(100_000)),
         ], rounds),

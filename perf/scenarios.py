@@ -177,6 +177,40 @@ def walk(cur, count, walks):
 
 
 @contextlib.contextmanager
+def dbapi_walk(conn, count, walks):
+    """Rounds of ``walks`` walks of the table walk() reads, through cmactor.exos_dbapi
+    on the cmfrontend connection ``conn``: a request with an open index column and two
+    add_field columns, executed, and every row read with iterrow(), as an app ported
+    from the original reads a table."""
+    from cmactor import exos_dbapi as db
+
+    cur = db.Connection(conn).cursor()
+    cur.max_rows = count
+    req = db.request(db.CM_OP_GET)
+    req.add_index(db.Column("bench", "rows", "index"))
+    req.add_param("count", count)
+    req.add_field("index", db.Column("bench", "rows", "index"))
+    req.add_field("value", db.Column("bench", "rows", "value"))
+
+    def one():
+        t0 = pc()
+        cur.execute(req)
+        rows = sum(1 for _ in cur.iterrow())
+        elapsed = pc() - t0
+        if rows != count:
+            raise RuntimeError(f"exos_dbapi walk of bench.rows read {rows} rows, expected {count}")
+        return elapsed
+
+    one()  # warm up
+
+    def round_():
+        times = [one() for _ in range(walks)]
+        return count * walks * 1e9 / sum(times), None, None
+
+    yield round_
+
+
+@contextlib.contextmanager
 def restart_to_ready(sup, conn, module, n, warmup, journal_rows=0):
     """SIGKILL ``module``'s worker, then time until a get is answered by its successor.
 

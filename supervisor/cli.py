@@ -171,16 +171,20 @@ def _connect(args, print_callback=None):
 
 def cmd_data(args):
     params = parse_params(args.params)
+    index = walk_index(args, params)
 
     def notify(text):
         print(text, file=sys.stderr, flush=True)
 
     with _connect(args, notify) as conn:
         cur = conn.cursor(vr_name=args.vr)
-        if args.command == "getnext" and args.max_rows is not None:
-            cur.limit = cur.max_rows = args.max_rows  # a page: no "stopped at max_rows" error at its end
+        if args.command == "getnext":
+            cur.index = index
+            if args.max_rows is not None:
+                cur.limit = cur.max_rows = args.max_rows  # a page: no "stopped at max_rows" error at its end
         cur.execute(f"{args.command} {args.target}", params)
         rows = [dict(row.field_values) for row in cur.iterrow()]
+        more = cur.more
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif rows:
@@ -190,26 +194,38 @@ def cmd_data(args):
         print("ok")
     else:
         print("(no rows)")
-    if cur.more:
+    if more:
         # On stderr, so that stdout stays the rows (valid JSON with --format json).
         sys.stdout.flush()
-        print(next_page_hint(args, params, rows), file=sys.stderr)
+        print(next_page_hint(args, params, index, rows[-1], len(rows)), file=sys.stderr)
     return 0
 
 
-def next_page_hint(args, params, rows):
-    """The line after a page of a getnext that goes on: the command for the next page."""
-    last = rows[-1]
-    if any(value is None for value in params.values()):
-        # A None param makes every param an index column: the last row's values start
-        # the next page (a column the row lacks keeps the value given).
-        start = {key: value if last.get(key) is None else last[key] for key, value in params.items()}
-        how = f"after the last row's {', '.join(params)} (the index columns your params name)"
+def walk_index(args, params):
+    """A getnext's index columns as the command line names them (--index, else every
+    param when one is key=None, as cmfrontend reads params), or None: the agent's."""
+    if args.command != "getnext":
+        return None
+    if args.index is not None:
+        return args.index
+    return list(params) if any(value is None for value in params.values()) else None
+
+
+def next_page_hint(args, params, index, last, shown):
+    """The line after a getnext page that goes on: the command for the next page."""
+    if index is not None:
+        # The last row's index values start the next page; a column it lacks keeps
+        # the param given, and the other params ride along as they did.
+        start = dict(params)
+        start.update({column: last[column] for column in index if last.get(column) is not None})
+        how = f"after the last row's {', '.join(index)} (the walk's index columns)"
+        options = ["--index", ",".join(index)]
     else:
-        # No param names the index: give what the walk itself sends next, the params
+        # Nothing names the index: give what the walk itself sends next, the params
         # with every field of the last row laid over them.
         start = {**params, **{key: value for key, value in last.items() if value is not None}}
-        how = "after the last row, all its fields as params (name the index columns with key=None for a shorter line)"
+        how = "after the last row, all its fields as params (name the index with --index or key=None to shorten it)"
+        options = []
     words = ["cmactor"]
     if args.socket:
         words += ["--socket", args.socket]
@@ -217,12 +233,13 @@ def next_page_hint(args, params, rows):
         words += ["-c", args.config]
     words += ["getnext", args.target]
     words += [f"{key}={'None' if value is None else value}" for key, value in start.items()]
+    words += options
     if args.vr is not None:
         words += ["--vr", args.vr]
     words += ["--max-rows", str(args.max_rows)]
     if args.format != "table":
         words += ["--format", args.format]
-    return f"cmactor: {len(rows)} rows shown, the table goes on; next page, {how}: {shlex.join(words)}"
+    return f"cmactor: {shown} rows shown, the table goes on; next page, {how}: {shlex.join(words)}"
 
 
 def cmd_status(args):
@@ -283,11 +300,19 @@ def _common_options(with_defaults):
 
 PARAMS_HELP = "Params are key=value words; key=None is a None param, which this op leaves out."
 GETNEXT_PARAMS_HELP = (
-    "Params are key=value words. key=None is a None param: an index column with no start value, "
-    "and then every param is an index column, its value where the walk starts (the rows after it): "
-    "cmactor getnext vlan.member vlan=v10 port=None. Without a None param the agent's declared "
-    "index_columns carry the walk (else every field of the previous row)."
+    "Params are key=value words. A walk's index columns are the ones each next call carries from "
+    "the previous row; a param of one is where the walk starts (the rows after it), and the other "
+    "params ride along with every call. --index names them; else key=None (a None param: an index "
+    "column with no start value) makes every param an index column, as in "
+    "cmactor getnext vlan.member vlan=v10 port=None; else the agent's declared index_columns carry "
+    "the walk (or every field of the previous row)."
 )
+
+def _columns(text):
+    columns = text.split(",")
+    if not all(columns):
+        raise argparse.ArgumentTypeError(f"must be column names separated by commas, got {text!r}")
+    return columns
 
 
 def _positive_int(text):
@@ -346,6 +371,12 @@ def build_parser():
         data.add_argument("params", nargs="*", metavar="key=value", help="params; key=None is a None param (see above)")
         data.add_argument("--vr", help="VR name passed to the agent as ctx.vr_name")
         if name == "getnext":
+            data.add_argument(
+                "--index",
+                type=_columns,
+                metavar="COL,...",
+                help="the walk's index columns (default: every param if one is key=None, else the agent's)",
+            )
             data.add_argument(
                 "--max-rows",
                 type=_positive_int,

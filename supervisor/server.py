@@ -628,6 +628,7 @@ def parse_request(msg):
     if op not in P.DATA_OPS:
         if op == "restart" or (op == "status" and msg.get("module") is not None):
             _name(rid, op, "module", msg.get("module"))
+        _check_caller(rid, msg.get("caller"))
         return msg
     _name(rid, op, "module", msg.get("module"))
     _name(rid, op, "table", msg.get("table"))
@@ -669,7 +670,12 @@ def parse_request(msg):
             raise BadRequest(
                 rid, ProgrammingError, f"'hold' of {hold!r}s is more than a request may be held, {MAX_HOLD:g}s (a day)"
             )
-    caller = msg.get("caller")
+    _check_caller(rid, msg.get("caller"))
+    return msg
+
+
+def _check_caller(rid, caller):
+    """The action a request comes from: nil, or [module, 'serial'|'async', request id]."""
     if caller is not None and not (
         type(caller) is list
         and len(caller) == 3
@@ -681,4 +687,3 @@ def parse_request(msg):
         raise BadRequest(
             rid, ProgrammingError, f"'caller' must be [module, 'serial'|'async', request id], got {_show(caller)}"
         )
-    return msg

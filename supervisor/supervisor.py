@@ -13,7 +13,7 @@ import weakref
 
 from cmactor import cmfrontend
 from cmactor import protocol as P
-from cmactor.errors import Error, ProgrammingError, StartupError
+from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError, StartupError
 
 from . import health, server, store
 from .audit import AuditLog
@@ -45,12 +45,11 @@ def _stop_all():
 class Supervisor:
     """Runs agents in worker processes and serves their frontend socket.
 
-    ``agents``: module name -> entry (``"pkg.mod:func"`` or ``"path/file.py:func"``;
-    without ``:func``, the module or file runs as ``__main__``, as EXOS's
-    python-module does) or a dict of agent options with an ``entry``. Relative paths are relative to
-    ``base_dir`` (the config file's directory for :meth:`from_toml`, else the
-    current directory). Other keyword options are the ``[supervisor]`` keys of a
-    cmactor.toml. ``ignore_config``: start with defaults when the saved config file
+    ``agents``: module name -> entry (``"pkg.mod:func"``, ``"path/file.py:func"``, or
+    without ``:func`` run as ``__main__``) or a dict of agent options with an
+    ``entry``. Relative paths are relative to ``base_dir`` (the config file's
+    directory for :meth:`from_toml`, else the current directory). Other keyword
+    options are the ``[supervisor]`` keys of a cmactor.toml. ``ignore_config``: start with defaults when the saved config file
     is unusable, after renaming it aside (else start refuses). ``recover``: also
     replay the journals of changes made after the last save (else a fresh start
     loads the saved config only).
@@ -242,34 +241,35 @@ class Supervisor:
 
     def _handle(self, client, request):
         """A valid request from a client: data requests are routed, control requests answered here."""
-        op = request["op"]
-        rid = request["id"]
+        op, rid = request["op"], request["id"]
         if op in P.DATA_OPS:
             self._router.route(client, request)
-        elif op == "status":
-            name = request.get("module")
-            if name is not None and name not in self.modules:
-                client.answer_error(rid, ProgrammingError, unknown_module(name, self.modules))
-            else:
-                client.answer({"id": rid, "ok": True, "status": self._status(name), "supervisor": self._own_status()})
-        elif op == "ping":
-            client.answer({"id": rid, "ok": True})
-        elif op == "save":
-            self._saver.request((client, rid), request.get("user", ""))
-        elif op == "restart":
-            try:
+            return
+        try:
+            if op == "status":
+                status = self._status(request.get("module"))
+                client.answer({"id": rid, "ok": True, "status": status, "supervisor": self._own_status()})
+            elif op == "save":
+                refusal = self._graph.refuse_save(request.get("caller"))
+                if refusal is not None:
+                    raise DeadlockDetectedError(refusal)
+                self._saver.request((client, rid), request.get("user", ""))  # answered when it ends
+            elif op == "restart":
                 self._recovery.restart(request["module"])
-            except Error as exc:
-                client.answer_error(rid, type(exc), str(exc))
-            else:
                 client.answer({"id": rid, "ok": True})
-        elif op == "stop":
-            log.info("stop requested by %s", request.get("user") or "a client")
-            client.answer({"id": rid, "ok": True})
-            self._lifecycle.begin_stop()
+            elif op == "stop":
+                log.info("stop requested by %s", request.get("user") or "a client")
+                client.answer({"id": rid, "ok": True})  # before the stop closes the clients
+                self._lifecycle.begin_stop()
+            else:  # ping
+                client.answer({"id": rid, "ok": True})
+        except Error as exc:
+            client.answer_error(rid, type(exc), str(exc))
 
     def _status(self, only=None):
         """Every module's status, or only the one named ``only``."""
+        if only is not None and only not in self.modules:
+            raise ProgrammingError(unknown_module(only, self.modules))
         chosen = self.modules.items() if only is None else [(only, self.modules[only])]
         return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
 

@@ -344,6 +344,10 @@ def test_a_start_value_of_an_index_column_only_starts_the_walk(sent):
     agent = Members()
     assert keys(walk_of(agent, sent, params={"g": "b", "p": "1"}, index=["g", "p"])) == [("b", "2"), ("c", "1"), ("c", "2")]
     assert agent.calls[:2] == [{"g": "b", "p": "1"}, {"g": "b", "p": "2"}]
+    # An index column the rows lack keeps its param in every call (a search direction, say).
+    agent.calls.clear()
+    walk_of(agent, sent, params={"dir": "1"}, index=["g", "p", "dir"])
+    assert agent.calls[:2] == [{"dir": "1"}, {"dir": "1", "g": "a", "p": "1"}]
 
 
 def test_a_matched_index_column_stays_at_its_param_and_ends_the_walk_where_rows_differ(sent):

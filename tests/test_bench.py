@@ -20,6 +20,7 @@ ROWS = [
     "journal cost per set",
     "get, raw client process, 1 in flight",
     "getnext walk, 10k rows",
+    "exos_dbapi walk 10k rows",
     "getnext walk, 100k rows",
     "floor: two hops, 1 client x 32 in flight",
     "floor: two hops, 4 clients x 32 in flight",

@@ -1,7 +1,9 @@
 """The cmactor command, run as a real process with real signals."""
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,9 +40,9 @@ def config(tmp_path):
     return path
 
 
-@pytest.fixture
-def running(config):
-    """A `cmactor run` process serving ``config``; stopped (and checked) at teardown."""
+@contextlib.contextmanager
+def serving(config):
+    """A `cmactor run` process serving ``config``; stopped (and checked) on exit."""
     proc = subprocess.Popen(cmactor_cmd() + ["run", str(config)], stderr=subprocess.PIPE, text=True)
     lines = []
     try:
@@ -55,6 +57,21 @@ def running(config):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+@pytest.fixture
+def running(config):
+    with serving(config) as proc:
+        yield proc
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """A `cmactor run` serving module "cat" (agents/cli_agents.py); its config file's path."""
+    path = tmp_path / "catalog.toml"
+    path.write_text(f'[supervisor]\nstate_dir = "state"\n[agents.cat]\nentry = "{agent("cli_agents.py:main")}"\n')
+    with serving(path):
+        yield str(path)
 
 
 def test_run_status_get_set_and_ctrl_c(config, running):
@@ -210,3 +227,101 @@ def test_run_strict_exits_non_zero_when_a_module_fails(tmp_path):
     result = subprocess.run(cmactor_cmd() + ["run", "--strict", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "StartupError" in result.stderr and "x: FAILED: entry" in result.stderr
+
+
+def next_page(result):
+    """The command a getnext page's last stderr line gives for the next page, ready to
+    run (None when the page says nothing: the table ended)."""
+    if not result.stderr:
+        return None
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith("cmactor: ") and "rows shown, the table goes on; next page, after the last row" in line, line
+    words = shlex.split(line[line.index(": cmactor ") + 2 :])
+    assert words[0] == "cmactor"
+    return words[1:]
+
+
+def test_getnext_max_rows_pages_and_says_how_to_go_on(catalog):
+    args = ["-c", catalog, "getnext", "cat.item", "name=None", "--max-rows", "10", "--format", "json"]
+    pages, names = [], []
+    while args is not None:
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr
+        rows = json.loads(result.stdout)  # the hint is on stderr: stdout stays JSON
+        pages.append(len(rows))
+        names += [row["name"] for row in rows]
+        args = next_page(result)
+        if args is not None:
+            # The last row's key, and the page's own options, carry over.
+            start = f"name={rows[-1]['name']}"
+            assert args == [
+                *("-c", catalog, "getnext", "cat.item", start),
+                *("--index", "name", "--max-rows", "10", "--format", "json"),
+            ]
+    assert pages == [10, 10, 5]
+    assert names == [f"item{i:02d}" for i in range(25)]
+
+    table = cli("-c", catalog, "getnext", "cat.item", "name=None", "--max-rows", "3")
+    assert table.stdout.split() == ["name", "size", "item00", "0", "item01", "1", "item02", "2"]
+    assert "after the last row's name (the walk's index columns): cmactor -c" in table.stderr
+    assert table.stderr.strip().endswith("getnext cat.item name=item02 --index name --max-rows 3")
+    # A page that ends the table says nothing more.
+    assert cli("-c", catalog, "getnext", "cat.item", "name=None", "--max-rows", "25").stderr == ""
+
+
+def test_paging_a_two_column_index_quotes_values_and_names_the_columns(catalog):
+    args = ["-c", catalog, "getnext", "cat.pair", "group=None", "member=None", "--max-rows", "2", "--format", "json"]
+    first = cli(*args)
+    assert "after the last row's group, member (the walk's index columns)" in first.stderr
+    assert "'group=a b' 'member=y z' --index group,member --max-rows 2" in first.stderr
+    seen = [(row["group"], row["member"]) for row in json.loads(first.stdout)]
+    args = next_page(first)
+    while args is not None:
+        result = cli(*args)
+        seen += [(row["group"], row["member"]) for row in json.loads(result.stdout)]
+        args = next_page(result)
+    assert seen == [("a b", "x"), ("a b", "y z"), ("c", "1"), ("c", "2"), ("c", "3")]
+
+    # Nothing names the index, so the CLI cannot tell it: the hint gives every field.
+    plain = cli("-c", catalog, "getnext", "cat.pair", "--max-rows", "2")
+    assert "after the last row, all its fields as params (name the index with --index or key=None to" in plain.stderr
+    assert plain.stderr.strip().endswith("getnext cat.pair 'group=a b' 'member=y z' --max-rows 2")
+
+
+def test_index_option_names_the_index_and_other_params_ride_along(catalog):
+    args = ["-c", catalog, "--format", "json", "getnext", "cat.item", "size=1", "--index", "name", "--max-rows", "3"]
+    names = []
+    while args is not None:
+        result = cli(*args)
+        names += [row["name"] for row in json.loads(result.stdout)]
+        args = next_page(result)
+        assert args is None or args[4:6] == ["size=1", f"name={names[-1]}"]
+    assert names == [f"item{i:02d}" for i in range(1, 25, 3)]  # the size filter held on every page
+
+
+def test_key_none_names_an_index_column_with_no_start_value(catalog):
+    def names(*params):
+        result = cli("-c", catalog, "--format", "json", "getnext", "cat.item", *params)
+        assert result.returncode == 0, result.stderr
+        return [row["name"] for row in json.loads(result.stdout)]
+
+    # name=None: the walk carries only name. Without it, every field of the previous
+    # row rides along and item_get takes size as a filter (rows of size 0 only).
+    assert names("name=None") == [f"item{i:02d}" for i in range(25)]
+    assert names() == [f"item{i:02d}" for i in range(0, 25, 3)]
+    pairs = json.loads(cli("-c", catalog, "--format", "json", "getnext", "cat.pair", "group=c", "member=None").stdout)
+    assert pairs == [{"group": "c", "member": m} for m in ("1", "2", "3")]
+    assert "key=None is a None param" in cli("getnext", "--help").stdout
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--max-rows", "0"], "argument --max-rows: must be a whole number of rows, 1 or more; got '0'"),
+        (["--max-rows", "ten"], "argument --max-rows: must be a whole number of rows, 1 or more; got 'ten'"),
+        (["--index", "name,"], "argument --index: must be column names separated by commas, got 'name,'"),
+    ],
+)
+def test_bad_paging_options_are_usage_errors(option, message):
+    result = cli("getnext", "cat.item", *option)
+    assert result.returncode == 2 and message in result.stderr

@@ -123,6 +123,7 @@ def test_client_vanishing_mid_request_harms_nobody(sup):
         ({"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300}, "ProgrammingError", "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'"),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "ProgrammingError", "'user' must be a str"),
         ({"id": 5, "op": "restart", "module": 3}, "ProgrammingError", "restart: bad module name 3"),
+        ({"id": 5, "op": "save", "caller": ["echo", "serial", "1"]}, "ProgrammingError", "'caller' must be [module, 'serial'|'async', request id]"),
         ({"id": 5, "op": "status", "module": "../x"}, "ProgrammingError", "status: bad module name '../x'"),
         ({"id": 5, "op": "status", "module": "nosuch"}, "ProgrammingError", "unknown module 'nosuch'; this supervisor runs: echo"),
         ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"}, "ProgrammingError", "'index' must be a list of at most 64 column names, got 'key'"),

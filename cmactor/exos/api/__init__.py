@@ -1,16 +1,17 @@
 """``exos.api`` as cmactor provides it: the calls an EXOS app makes to its process.
 
 ``ready``, ``cmbackend_init``, ``CmAgent`` and ``CmContext`` (cmactor.cmbackend),
-``exec_cli`` and ``exec_cli_async`` for the config manager's own commands
-(cmactor.exos.cli), ``TraceBufferHandler`` (cmactor.exos.trace), and the modules
-``cmbackend`` and ``exos_dbapi`` (also as ``cmfrontend``).
+``exec_cli`` and ``exec_cli_async`` for the config manager's own commands, with
+``CLICommandError`` and the ``CLI_EVENT_*`` callback events (cmactor.exos.cli),
+``TraceBufferHandler`` (cmactor.exos.trace), and the modules ``cmbackend`` and
+``exos_dbapi`` (also as ``cmfrontend``).
 """
 
 import sys
 
 from cmactor import cmbackend, exos_dbapi
 from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
-from cmactor.exos.cli import exec_cli, exec_cli_async
+from cmactor.exos.cli import CLI_EVENT_EXEC_DONE, CLI_EVENT_EXEC_REPLY, CLICommandError, exec_cli, exec_cli_async
 from cmactor.exos.trace import TraceBufferHandler
 
 cmfrontend = exos_dbapi
@@ -20,6 +21,9 @@ for _name, _module in (("cmbackend", cmbackend), ("exos_dbapi", exos_dbapi), ("c
     sys.modules.setdefault(f"{__name__}.{_name}", _module)
 
 __all__ = [
+    "CLI_EVENT_EXEC_DONE",
+    "CLI_EVENT_EXEC_REPLY",
+    "CLICommandError",
     "CmAgent",
     "CmContext",
     "TraceBufferHandler",

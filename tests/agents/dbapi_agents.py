@@ -1,0 +1,103 @@
+"""An agent in the style of the original platform's apps, for the exos_dbapi tests.
+
+Its getnext treats params as real EXOS agents do: as filters and start keys, not as
+a plain "previous row". ``member`` is keyed (vlan, port):
+- ``tagged`` (not an index column) filters every call;
+- ``vlan`` alone: only that vlan's rows, from its first port;
+- ``vlan`` and ``port``: the row after (vlan, port), in (vlan, port) order — which
+  may be the next vlan's first: the agent calls ctx.more() while the table goes on,
+  and leaves it to the client to stop at the end of the vlan it asked for.
+Every call of ``member_get`` is recorded; ``calls`` reads (get) and clears (set) the record.
+"""
+
+import json
+
+from cmactor import ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+MEMBERS = [
+    {"vlan": "v10", "port": "p1", "tagged": "1", "descr": "uplink"},
+    {"vlan": "v10", "port": "p2", "tagged": "0", "descr": None},
+    {"vlan": "v10", "port": "p3", "tagged": "1", "descr": "server"},
+    {"vlan": "v20", "port": "p1", "tagged": "1", "descr": "uplink"},
+    {"vlan": "v20", "port": "p4", "tagged": "0", "descr": "printer"},
+    {"vlan": "v30", "port": "p2", "tagged": "0", "descr": "camera"},
+]
+
+
+def _key(row):
+    return row["vlan"], row["port"]
+
+
+class Vlans(CmAgent):
+    def __init__(self):
+        super().__init__()
+        self.vlans = {}
+        self.calls = []
+
+    def event_generate_default(self):
+        ready()
+
+    def member_get(self, ctx):
+        params = ctx.params
+        self.calls.append({"op": "getnext" if ctx.is_getnext else "get", "params": dict(params)})
+        table = [row for row in MEMBERS if "tagged" not in params or row["tagged"] == params["tagged"]]
+        if not ctx.is_getnext:
+            found = [row for row in table if _key(row) == (params.get("vlan"), params.get("port"))]
+            if not found:
+                ctx.raise_error(f"vlan {params.get('vlan')!r} has no member port {params.get('port')!r}")
+            ctx.fields = dict(found[0])
+            return
+        if "port" in params:
+            rows = [row for row in table if _key(row) > (params.get("vlan", ""), params["port"])]
+        elif "vlan" in params:
+            rows = [row for row in table if row["vlan"] == params["vlan"]]
+        else:
+            rows = table
+        if not rows:
+            return
+        ctx.fields = dict(rows[0])
+        if any(_key(row) > _key(rows[0]) for row in table):
+            ctx.more()
+
+    def calls_get(self, ctx):
+        ctx.fields = {"calls": json.dumps(self.calls)}
+
+    def calls_set(self, ctx):
+        self.calls = []
+        ctx.dirty = False
+
+    # vlan: set and read back, by name; no index declared, so a walk carries every field
+    def vlan_set(self, ctx):
+        name = ctx.params["name"]
+        self.vlans[name] = ctx.params.get("tag", "")
+        ctx.notify_cli(f"vlan {name} created")
+        ctx.notify_cli(f"vlan {name} tag {self.vlans[name]}")
+        ctx.fields = {"name": name, "tag": self.vlans[name]}
+
+    def vlan_get(self, ctx):
+        name = ctx.params.get("name")
+        if ctx.is_getnext:
+            names = sorted(n for n in self.vlans if name is None or n > name)
+            if not names:
+                return
+            name = names[0]
+            if len(names) > 1:
+                ctx.more()
+        elif name not in self.vlans:
+            ctx.raise_error(f"no vlan {name!r}")
+        ctx.fields = {"name": name, "tag": self.vlans[name], "vr": ctx.vr_name, "seen": ",".join(sorted(ctx.params))}
+
+    # many: a getnext table of `count` rows keyed by n
+    def many_get(self, ctx):
+        count = int(ctx.params.get("count", "10"))
+        n = int(ctx.params["n"]) + 1 if "n" in ctx.params else 0
+        if n >= count:
+            return
+        ctx.fields = {"n": n}
+        if n + 1 < count:
+            ctx.more()
+
+
+def main():
+    cmbackend_init(Vlans())
