@@ -82,7 +82,21 @@ def _check_name(what, value, given):
         )
 
 
-class Table(tuple):
+class _OfTable(tuple):
+    """What Table and Column share: a tuple that starts (module, table)."""
+
+    __slots__ = ()
+
+    @property
+    def module_name(self):
+        return self[0]
+
+    @property
+    def table_name(self):
+        return self[1]
+
+
+class Table(_OfTable):
     """A table: ``Table(module, table)``; compares and hashes as (module, table)."""
 
     __slots__ = ()
@@ -93,14 +107,6 @@ class Table(tuple):
         _check_name("table", table, given)
         return super().__new__(cls, (module, table))
 
-    @property
-    def module_name(self):
-        return self[0]
-
-    @property
-    def table_name(self):
-        return self[1]
-
     def __repr__(self):
         return f"Table({self[0]!r}, {self[1]!r})"
 
@@ -108,7 +114,7 @@ class Table(tuple):
         return f"{self[0]}.{self[1]}"
 
 
-class Column(tuple):
+class Column(_OfTable):
     """A column: ``Column((module, table), name)``, ``Column(Table, name)`` or
     ``Column(module, table, name)``; compares and hashes as (module, table, name)."""
 
@@ -130,14 +136,6 @@ class Column(tuple):
         if type(name) is not str or not name:
             raise ProgrammingError(f"{given}: the column name must be a non-empty str, got {name!r}")
         return super().__new__(cls, (module, table, name))
-
-    @property
-    def module_name(self):
-        return self[0]
-
-    @property
-    def table_name(self):
-        return self[1]
 
     @property
     def column_name(self):

@@ -167,13 +167,19 @@ def walk(cur, count, walks):
             raise RuntimeError(f"getnext bench.rows returned {cur.rowcount} rows, expected {count}")
         return elapsed
 
-    one()  # warm up
+    yield _walk_rounds(one, count, walks)
+
+
+def _walk_rounds(one, count, walks):
+    """The round function of a walk row: ``walks`` calls of ``one`` (one walk of ``count``
+    rows, returning its time) after a warm-up walk; rows per second, no latencies."""
+    one()
 
     def round_():
         times = [one() for _ in range(walks)]
         return count * walks * 1e9 / sum(times), None, None
 
-    yield round_
+    return round_
 
 
 @contextlib.contextmanager
@@ -201,13 +207,7 @@ def dbapi_walk(conn, count, walks):
             raise RuntimeError(f"exos_dbapi walk of bench.rows read {rows} rows, expected {count}")
         return elapsed
 
-    one()  # warm up
-
-    def round_():
-        times = [one() for _ in range(walks)]
-        return count * walks * 1e9 / sum(times), None, None
-
-    yield round_
+    yield _walk_rounds(one, count, walks)
 
 
 @contextlib.contextmanager
