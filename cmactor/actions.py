@@ -34,6 +34,28 @@ class _SaveFailed(Exception):
     """A save walk could not produce the module's rows."""
 
 
+class _WalkStuck(Exception):
+    """A getnext call returned the row the previous call returned: the walk would repeat it forever."""
+
+    def __init__(self, row):
+        super().__init__(row)
+        self.row = row
+
+
+def _stuck_advice(table, index):
+    """Why a walk of ``table`` with these index columns repeated a row, and the fix."""
+    if index is None:
+        return (
+            f"it handed every field of the row back as params; make {table}_get return the row "
+            "after the one its params name"
+        )
+    return (
+        f"it handed back only the row's index columns {', '.join(index) or '(none)'}; name all of "
+        f"the table's key columns (CmAgent.index_columns, add_index, Cursor.index, --index), or make "
+        f"{table}_get go on from them"
+    )
+
+
 def _row(fields):
     """ctx.fields as a wire row: str keys, str values, None kept as null."""
     if not isinstance(fields, dict):
@@ -66,7 +88,8 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
     for agents that declare no index). ``match`` names index columns held at their
     param value: the walk ends before the first row whose value differs (a filtered
     walk, as exos_dbapi sends). ``after`` resumes a walk from the row a previous
-    batch ended on.
+    batch ended on. A call that returns the previous row again raises _WalkStuck:
+    the next call would get the same params, and so on forever.
     """
     rows = []
     previous = after
@@ -89,6 +112,8 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
             return rows, False
         if match and any(row.get(column) != params[column] for column in match):
             return rows, False
+        if row == previous:
+            raise _WalkStuck(row)
         rows.append(row)
         if not ctx._more:
             return rows, False
@@ -100,11 +125,14 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
 class Actions:
     """One module's agent (None until it registers), called on behalf of the worker."""
 
-    def __init__(self, module, agent, send):
+    def __init__(self, module, agent, send, read_only=()):
         self.module = module
         self.agent = agent
         self._send = send
         self._methods = {}  # (table, op) -> (method, is_async), filled on first use
+        # Persistent tables with no <table>_set: not saved, and saved rows of theirs
+        # (from an older version of the agent) are passed over at load.
+        self._read_only = frozenset(read_only)
 
     # -- finding actions ---------------------------------------------------
 
@@ -147,6 +175,14 @@ class Actions:
         declared = self.agent.index_columns.get(table)
         return list(declared) if declared is not None else None
 
+    def _walk_index(self, table, requested):
+        """A walk's index columns: the table's declared key, and those the request names
+        (its extra columns, a search direction say, ride along); None if neither says."""
+        declared = self._index_of(table)
+        if requested is None or declared is None:
+            return declared if requested is None else requested
+        return declared + [column for column in requested if column not in declared]
+
     # -- requests ------------------------------------------------------------
 
     def execute(self, req, method, is_async):
@@ -162,7 +198,7 @@ class Actions:
         with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
             try:
                 if op == "getnext":
-                    index = req.index if req.index is not None else self._index_of(req.table)
+                    index = self._walk_index(req.table, req.index)
                     rows, more = walk(
                         method,
                         req.params,
@@ -185,6 +221,13 @@ class Actions:
                 reply = P.Reply.of(sid, None, P.reply_entries(rows, more), dirty)
             except ActionStopped as stop:
                 reply = error_reply(sid, DatabaseError, stop.message)
+            except _WalkStuck as stuck:
+                reply = error_reply(
+                    sid,
+                    DatabaseError,
+                    f"getnext {self.module}.{req.table} did not advance: {req.table}_get returned "
+                    f"{stuck.row} twice in a row; {_stuck_advice(req.table, index)}",
+                )
             except _FieldError as exc:
                 action = f"{req.table}_{P.ACTION_SUFFIX[op]}"
                 reply = error_reply(sid, DataError, f"module {self.module!r} {action} replied badly: {exc}")
@@ -228,6 +271,14 @@ class Actions:
                     try:
                         self._event("event_load_start")
                         saved = json.loads(msg.section) if msg.section is not None else {}
+                        for table in self._read_only.intersection(saved):
+                            log.warning(
+                                "module %s: %d saved rows of table %r not loaded: it has no %s_set (read-only)",
+                                self.module,
+                                len(saved.pop(table)),
+                                table,
+                                table,
+                            )
                         replay = [("set", table, row) for table, rows in saved.items() for row in rows] + msg.journal
                         for op, table, row in replay:
                             message = self._load_row(op, table, row)
@@ -280,6 +331,11 @@ class Actions:
             raise _SaveFailed(f"{table}_get stopped the save: {stop.message}") from None
         except _FieldError as exc:
             raise _SaveFailed(f"{table}_get replied badly: {exc}") from None
+        except _WalkStuck as stuck:
+            raise _SaveFailed(
+                f"the save walk of {table!r} did not advance: {table}_get returned {stuck.row} twice in a row; "
+                f"{_stuck_advice(table, self._index_of(table))}"
+            ) from None
         except BaseException as exc:
             log.error("module %s: save walk of %s raised\n%s", self.module, table, traceback.format_exc().rstrip())
             raise _SaveFailed(f"{table}_get raised {type(exc).__name__}: {exc}") from None

@@ -112,16 +112,18 @@ def wire_params(params):
 def wait_until_ready(socket_path, module, timeout):
     """Ask the supervisor at ``socket_path`` until ``module`` is READY, for at most
     ``timeout`` seconds; True if it is. Never raises: a supervisor that cannot be
-    reached is a module that is not ready."""
+    reached, or no module named (None), is a module that is not ready."""
     deadline = time.monotonic() + max(0.0, float(timeout))
     pause = 0.02
     while True:
         left = deadline - time.monotonic()
-        try:
-            with Connection(socket_path or default_socket(), timeout=max(left, 0.1)) as conn:
-                state = conn.request({"op": "status", "module": module})["status"][module]["state"]
-        except Error:
-            state = None
+        state = None
+        if module is not None:
+            try:
+                with Connection(socket_path or default_socket(), timeout=max(left, 0.1)) as conn:
+                    state = conn.request({"op": "status", "module": module})["status"][module]["state"]
+            except Error:
+                pass
         if state == "READY":
             return True
         left = deadline - time.monotonic()

@@ -72,8 +72,14 @@ class ModuleUnavailable(OperationalError):
     ``when_ready()`` waits for it, as exos_dbapi callers do before a retry.
     """
 
-    module_name = None
     socket_path = None  # the supervisor the request went to, where when_ready() asks
+
+    def __init__(self, message="", module_name=None):
+        super().__init__(message)
+        # ModuleUnavailable("vlanmgr"), as the original is raised: the message is the name.
+        if module_name is None and isinstance(message, str) and message.isidentifier():
+            module_name = message
+        self.module_name = module_name
 
     def when_ready(self, callback=None, timeout=5):
         """Wait until ``module_name`` is READY or ``timeout`` seconds pass, then call

@@ -15,7 +15,8 @@ Apps ported from the original build a request object instead of an operation str
 
 A GET whose index columns all have a value is one get; one with an index column left
 open (or with ``CM_FLAG_GETNEXT``) is a getnext walk, run in the agent's worker in
-batches (``Cursor.batch_size`` rows a request), as cmactor.cmfrontend walks.
+batches (``Cursor.batch_size`` rows a request), as cmactor.cmfrontend walks; a
+getnext of a request with no index at all answers one row, as the original's does.
 
 Where it differs from the original, cmactor's own design shows through: execute()
 reads the whole walk (up to ``Cursor.max_rows``) and the fetch methods build rows
@@ -310,9 +311,13 @@ class Cursor:
         self.messages = []
         self.rowcount = -1
         message, walk = self._message(req)
-        if walk:
+        if walk and req.index:
             rows, cut = self._walk(message)
         else:
+            if walk:
+                # A getnext with no index is one row, as on the original: with no key
+                # to carry, nothing says where the next row would start.
+                message["batch"] = 1
             rows, cut = self._send(message)["rows"], None
         self._rows = rows
         self.rowcount = len(rows)

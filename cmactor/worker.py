@@ -191,15 +191,16 @@ class Runtime:
                 f"cmbackend_init() called after ready() in module {self.module!r}: register the agent "
                 "first; ready() comes once its config is loaded (event_load_complete or event_generate_default)"
             )
-        persistent = _loadable(self.module, agent, persistent)
+        loadable = _loadable(self.module, agent, persistent)
         async_actions = sorted(
             name for name in dir(type(agent)) if getattr(getattr(type(agent), name, None), "_cmactor_async", False)
         )
         # The pool before the actions: a lane thread that finds an async action
         # through the new Actions submits it to self._pool.
         self._pool = agent.pool or self._shared_pool
-        self._actions = Actions(self.module, agent, self.send)
-        self.send(P.Init.of(persistent, deps, async_actions, _pool_size(self._pool)))
+        read_only = [table for table in persistent if table not in loadable]
+        self._actions = Actions(self.module, agent, self.send, read_only)
+        self.send(P.Init.of(loadable, deps, async_actions, _pool_size(self._pool)))
 
     def ready(self):
         self.ready_called = True
@@ -346,10 +347,15 @@ def run_as_main(target):
         path = target
     else:
         found = importlib.util.find_spec(target)
-        if found is not None and found.submodule_search_locations is not None:
-            found = importlib.util.find_spec(f"{target}.__main__")  # a package runs its __main__
         if found is None:
             raise ModuleNotFoundError(f"no module named {target!r} on sys.path", name=target)
+        if found.submodule_search_locations is not None:  # a package runs its __main__
+            found = importlib.util.find_spec(f"{target}.__main__")
+            if found is None:
+                raise ImportError(
+                    f"{target!r} is a package with no __main__ module to run: add {target}/__main__.py, "
+                    f"or name one of its modules ({target}.MODULE)"
+                )
         if not found.has_location or not str(found.origin).endswith(".py"):
             raise ImportError(f"module {target!r} ({found.origin}) has no Python source to run as __main__")
         path, package = found.origin, found.parent
@@ -394,7 +400,7 @@ def main(spec, sock, doorbell, slots):
     runtime.start()
     entry = spec["entry"]
     as_main = ":" not in entry
-    status = None
+    status = exit_message = None
     try:
         if as_main:
             run_as_main(entry)
@@ -402,6 +408,8 @@ def main(spec, sock, doorbell, slots):
             load_entry(entry, module)()
     except SystemExit as exc:
         status = _exit_status(exc.code)
+        if isinstance(exc.code, str):
+            exit_message = exc.code  # sys.exit("why"): the reason, in status and the log
     except BaseException as exc:
         detail = "".join(traceback.format_exception(exc)).rstrip()
         _fatal(runtime, f"entry {entry!r} raised {type(exc).__name__}: {exc}", detail)
@@ -416,7 +424,8 @@ def main(spec, sock, doorbell, slots):
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     if status:
-        _fatal(runtime, f"entry {entry!r} exited with status {status} (sys.exit; see its stderr)", "", status)
+        said = f": {exit_message}" if exit_message else " (see its stderr)"
+        _fatal(runtime, f"entry {entry!r} exited with status {status}{said}", "", status)
     _exit(0)
 
 

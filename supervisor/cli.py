@@ -51,15 +51,15 @@ def resolve_socket(args):
         return default_socket_path(state_dir)
 
 
-def parse_params(pairs):
-    """``key=value`` words as params; ``key=None`` is a None param (cmfrontend's
-    convention: in a getnext an index column with no start value; other ops leave it out)."""
+def parse_params(pairs, none=False):
+    """``key=value`` words as params. With ``none`` (a getnext), ``key=None`` is a None
+    param, cmfrontend's index column with no start value; elsewhere it is the text "None"."""
     params = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise CliError(f"parameter {pair!r} is not key=value")
-        params[key] = None if value == "None" else value
+        params[key] = None if none and value == "None" else value
     return params
 
 
@@ -170,7 +170,7 @@ def _connect(args, print_callback=None):
 
 
 def cmd_data(args):
-    params = parse_params(args.params)
+    params = parse_params(args.params, none=args.command == "getnext")
     index = walk_index(args, params)
 
     def notify(text):
@@ -298,7 +298,7 @@ def _common_options(with_defaults):
     return common
 
 
-PARAMS_HELP = "Params are key=value words; key=None is a None param, which this op leaves out."
+PARAMS_HELP = "Params are key=value words, each sent as its text (key=None sends the text None)."
 GETNEXT_PARAMS_HELP = (
     "Params are key=value words. A walk's index columns are the ones each next call carries from "
     "the previous row; a param of one is where the walk starts (the rows after it), and the other "
@@ -368,7 +368,7 @@ def build_parser():
             description=GETNEXT_PARAMS_HELP if name == "getnext" else PARAMS_HELP,
         )
         data.add_argument("target", metavar="MODULE.TABLE")
-        data.add_argument("params", nargs="*", metavar="key=value", help="params; key=None is a None param (see above)")
+        data.add_argument("params", nargs="*", metavar="key=value", help="params (see above)")
         data.add_argument("--vr", help="VR name passed to the agent as ctx.vr_name")
         if name == "getnext":
             data.add_argument(

@@ -30,30 +30,42 @@ class WaitGraph:
 
     def refuse_save(self, caller):
         """The refusal text for a save asked for by ``caller`` (an action's [module, lane,
-        id]), or None: the save walks each module on its serial lane, so a serial
-        action whose module has tables to save would wait for itself."""
-        if caller is None or caller[1] != "serial":
+        id]), or None. A save walks every READY module with tables on its serial lane,
+        so it waits for each of those lanes: a cycle if the caller is one of them, or
+        one of them waits, through other calls, on the caller."""
+        issuer = self._issuer(caller)
+        if issuer is None:
             return None
-        mod = self._modules.get(caller[0])
-        if mod is None or not mod.persistent_list:
+        for mod in self._modules.values():
+            if not mod.persistent_list or mod.state != READY:
+                continue
+            path = [mod] if mod is issuer else graphs.find_path(mod, issuer, self._successors)
+            if path is not None:
+                return (
+                    f"a save asked for by {self._node_name(issuer)} would deadlock: {self._describe([issuer, *path])} "
+                    f"(the save walks {mod.name!r} on its serial lane); ask from an @async_action or a thread "
+                    "of the agent's own, and do not make this lane wait for the save"
+                )
+        return None
+
+    def _issuer(self, caller):
+        """The executor an action's call comes from (a module's serial lane, or a running
+        async request), or None when nothing waits on it."""
+        if caller is None:
             return None
-        return (
-            f"a save asked for by a serial action of module {mod.name!r} would wait for that action "
-            f"itself: the save walks {mod.name!r}'s tables on its serial lane; ask from an "
-            "@async_action or another thread (exec_cli_async)"
-        )
+        module, lane, sid = caller
+        caller_mod = self._modules.get(module)
+        if caller_mod is None:
+            return None
+        return caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
 
     def admit(self, mod, pending):
         """Record an agent's call to ``mod`` in the graph: None, or the refusal text
         (for a DeadlockDetectedError) if the call would close a cycle."""
         req = pending.request
-        module, lane, sid = req["caller"]
-        caller_mod = self._modules.get(module)
-        if caller_mod is None:
-            return None
-        issuer = caller_mod if lane == "serial" else caller_mod.inflight.get(sid)
+        issuer = self._issuer(req["caller"])
         if issuer is None:
-            return None  # an async action that is no longer running: nothing waits on it
+            return None  # an unknown module, or an async action no longer running
         pending.is_async = (req["table"], req["op"]) in mod.async_ops
         cycle = None
         if pending.is_async and mod.accepting:

@@ -372,6 +372,53 @@ def test_declared_index_columns_shape_getnext_and_the_save_walk(sent):
     assert agent.calls[1] == {"g": "a", "p": "1", "up": "yes"}
 
 
+def test_a_request_index_adds_to_the_declared_key_and_never_replaces_it(sent):
+    agent = Members()
+    agent.index_columns = {"m": ("g", "p")}
+    # exec_cli's "show next m g=b": only g named; the declared key still carries p.
+    assert keys(walk_of(agent, sent, params={"g": "b"}, index=["g"])) == [("b", "1"), ("b", "2"), ("c", "1"), ("c", "2")]
+    agent.calls.clear()
+    walk_of(agent, sent, params={"dir": "1"}, index=["dir"])
+    assert agent.calls[1] == {"dir": "1", "g": "a", "p": "1"}
+
+
+class Stuck(Members):
+    """A getnext that ignores its params: every call answers the first row again."""
+
+    def m_get(self, ctx):
+        self.calls.append(dict(ctx.params))
+        ctx.fields = dict(self.rows[0])
+        ctx.more()
+
+
+def test_a_walk_that_returns_the_same_row_twice_fails_naming_the_fix(sent):
+    agent = Stuck()
+    actions = actions_for(agent, sent)
+    method, _ = actions.lookup("m", "getnext")
+    actions.execute(req(op="getnext", table="m", index=["nosuch"]), method, False)
+    reply = sent[-1][0]
+    assert reply.error["type"] == "DatabaseError"
+    assert reply.error["message"] == (
+        "getnext fake.m did not advance: m_get returned {'g': 'a', 'p': '1', 'up': 'yes'} twice in a row; "
+        "it handed back only the row's index columns nosuch; name all of the table's key columns "
+        "(CmAgent.index_columns, add_index, Cursor.index, --index), or make m_get go on from them"
+    )
+    assert len(agent.calls) == 2  # stopped at the repeat, not at max_rows
+    saved = P.decode(actions.save(wire(P.Save, 31, ["m"])))
+    assert saved.error.startswith("the save walk of 'm' did not advance: m_get returned")
+    assert "it handed every field of the row back as params; make m_get return the row after" in saved.error
+
+
+def test_saved_rows_of_a_read_only_table_are_passed_over_at_load(sent, caplog):
+    agent = Members()
+    actions = Actions(MODULE, agent, sent.append, read_only=["m"])
+    section = json.dumps({"m": [{"g": "z", "p": "9"}]}).encode()
+    with caplog.at_level("WARNING", logger="cmactor.worker"):
+        loaded = P.decode(actions.load(wire(P.Load, 32, section, [])))
+    assert loaded.error is None and loaded.failed == 0
+    assert "1 saved rows of table 'm' not loaded: it has no m_set (read-only)" in caplog.text
+
+
 # -- load ---------------------------------------------------------------------------------
 
 

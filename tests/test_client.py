@@ -155,3 +155,14 @@ def test_module_unavailable_names_its_module_and_when_ready_waits_for_it(supervi
     started = time.monotonic()
     assert exc.when_ready(timeout=0.3) is False
     assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_module_unavailable_built_as_the_original_builds_it():
+    assert cmactor.ModuleUnavailable("vlanmgr").module_name == "vlanmgr"
+    assert cmactor.ModuleUnavailable("module 'x' is not READY").module_name is None
+    assert cmactor.ModuleUnavailable("any text", module_name="x").module_name == "x"
+    called = []
+    started = time.monotonic()
+    # No module to ask about: it waits out its timeout, calls back, never raises.
+    assert cmactor.ModuleUnavailable("no name here").when_ready(lambda: called.append(1), timeout=0.2) is False
+    assert called == [1] and time.monotonic() - started >= 0.2

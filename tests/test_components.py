@@ -247,6 +247,19 @@ def test_a_longer_cycle_is_written_out_in_full():
     assert ": c → a → b → c;" in admit(graph, modules, agent_call("c", "serial", 3, "a"))
 
 
+def test_a_save_from_a_lane_the_save_must_walk_is_refused():
+    modules, graph = graph_of(module("a", READY), module("b", READY), module("c", READY))
+    modules["b"].persistent_list = ["cfg"]
+    assert graph.refuse_save(None) is None  # not from an action
+    assert graph.refuse_save(["a", "serial", 1]) is None  # a has no tables; nothing waits on a
+    assert graph.refuse_save(["b", "serial", 1]).startswith("a save asked for by b would deadlock: b → b (the save walks 'b'")
+    # b's serial lane waits on a call to a: a save from a's lane would wait on b, which waits on a.
+    assert admit(graph, modules, agent_call("b", "serial", 2, "a")) is None
+    assert ": a → b → a (the save walks 'b' on its serial lane)" in graph.refuse_save(["a", "serial", 3])
+    assert graph.refuse_save(["c", "serial", 4]) is None
+    assert graph.refuse_save(["a", "async", 5]) is None  # no such running request: nothing waits on it
+
+
 def test_forget_removes_the_edge():
     modules, graph = graph_of(module("a", READY), module("b", READY))
     first = agent_call("a", "serial", 1, "b")

@@ -1,10 +1,12 @@
 """The examples run as documented."""
 
+import json
 import os
 import subprocess
 import sys
 
 import cmactor
+from cmactor.exos.cli import exec_cli
 from conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,7 +58,7 @@ def test_exos_apps_import_only_what_the_platform_has():
         assert "exsh" in imports and "exos.api" in imports, name
 
 
-def test_exos_apps_run_as_python_modules(tmp_path):
+def test_exos_apps_run_as_python_modules(tmp_path, monkeypatch):
     config = os.path.join(EXOS_APPS, "cmactor.toml")
     with cmactor.Supervisor.from_toml(config, state_dir=str(tmp_path)) as sup:
         cur = sup.connect().cursor()
@@ -69,6 +71,14 @@ def test_exos_apps_run_as_python_modules(tmp_path):
         # A walk with a filter that is not an index column: only the tagged members.
         cur.execute("getnext vlanmgr.member", {"tagged": "yes"})
         assert cur.fetchall() == [("v10", "2", "yes")]
+        # A script's page of members from v10 on: vlan starts the walk, the declared key carries it.
+        monkeypatch.setenv("CMACTOR_SOCKET", sup.socket_path)
+        page = json.loads(exec_cli(["debug cfgmgr show next maximum-rows 3 vlanmgr.member vlan=v10"]))
+        assert [(row["vlan"], row["port"], row["status"]) for row in page["data"]] == [
+            ("v10", "1", "MORE"),
+            ("v10", "2", "MORE"),
+            ("v10", "3", "SUCCESS"),
+        ]
         cur.execute("setop portsum.watch", {"action": "delete", "name": "default"})  # watched from its args
         sup.save()
     with cmactor.Supervisor.from_toml(config, state_dir=str(tmp_path)) as sup:

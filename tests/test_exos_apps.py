@@ -79,6 +79,18 @@ def test_a_python_module_that_raises_at_import_is_a_startup_error_naming_the_exc
     assert "ValueError: no config for this box" in str(caught.value)
 
 
+def test_a_package_without_main_is_a_startup_error_saying_what_to_add(supervisor):
+    with pytest.raises(StartupError, match=r"'nomain' is a package with no __main__ module to run: add nomain/__main__.py"):
+        supervisor({"pkg": "nomain"}, base_dir=AGENTS)
+
+
+def test_sys_exit_with_a_message_puts_it_in_the_startup_error(supervisor, tmp_path):
+    entry = tmp_path / "licensed.py"
+    entry.write_text("import sys\nsys.exit('fatal: no license for this box')\n")
+    with pytest.raises(StartupError, match=r"exited with status 1: fatal: no license for this box"):
+        supervisor({"lic": str(entry)})
+
+
 def test_a_bad_argv_makes_argparse_exit_2_which_is_a_startup_error_not_a_crash_loop(supervisor):
     with pytest.raises(StartupError) as caught:
         supervisor({"app": {"entry": APP, "args": ["--exit", "not-a-number"]}})

@@ -12,7 +12,8 @@ there to answer, so they run its commands and refuse every other one:
   ``index_columns`` carry the walk (else every field, as for any cmactor walk).
   ``maximum-rows N`` returns at most N rows; without it the walk stops at
   ``MAX_ROWS``, with the same "MORE" ending when the table goes on.
-- ``save``: saves every module's config, as ``cmactor save`` does.
+- ``save`` (or ``save configuration``): saves every module's config, as ``cmactor
+  save`` does.
 
 A show prints the original platform's JSON, on one line::
 
@@ -166,10 +167,10 @@ def _run(line, session):
         show = _parse_show(line, words)
         return _show(session.connection(line), *show)
     if words[:1] == ["save"]:
-        if len(words) > 1:
+        if words[1:] not in ([], ["configuration"]):
             raise CLICommandError(
-                f"{line!r}: cmactor's save takes no arguments: 'save' saves every module to the "
-                "supervisor's config file"
+                f"{line!r}: cmactor saves to one file: 'save' (or 'save configuration') saves every "
+                "module to the supervisor's config file; it takes no file or slot name"
             )
         return _save(session.connection(line), line)
     raise CLICommandError(

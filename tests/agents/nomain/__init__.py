@@ -1,0 +1,1 @@
+"""A package with no __main__: not runnable as a python-module entry."""
