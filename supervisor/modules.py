@@ -10,8 +10,9 @@
 
 Every state change goes through ``Module.move``, which refuses a change that is
 not in ``TRANSITIONS``: that is a bug in the supervisor, raised as an
-InternalError naming both states. The predicates below stand in for tuples of
-states repeated by the code that asks.
+InternalError naming both states, and tells the module's ``observer`` of each
+change it makes (notify.py's systemd STATUS lines). The predicates below stand
+in for tuples of states repeated by the code that asks.
 """
 
 import logging
@@ -139,6 +140,7 @@ class Module:
         "loaded",
         "load_errors",
         "request_stats",
+        "observer",
     )
 
     def __init__(self, name, options, policy):
@@ -162,6 +164,7 @@ class Module:
         self.started_at = None
         self.last_exit = None
         self.request_stats = request_stats(DATA_OPS)  # op -> stats.Timed, recorded by the Router
+        self.observer = None  # fn(module), called after each state change
         self._clear_start_up()
 
     # -- the state machine ----------------------------------------------
@@ -178,6 +181,8 @@ class Module:
             self.started_at = time.monotonic()
             self._clear_start_up()
         self.state = state
+        if self.observer is not None:
+            self.observer(self)
 
     def _clear_start_up(self):
         # A new worker starts with nothing carried over from the last one's start-up.

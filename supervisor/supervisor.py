@@ -59,6 +59,9 @@ class Supervisor:
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         self.ignore_config = ignore_config
         self.recover = recover
+        # A notify.Notifier, set before start(), is told of readiness, module state changes
+        # and the stop: `cmactor run` under systemd sets one, an embedding program need not.
+        self.notifier = None
         self._metrics = None  # metrics.Exporter while /metrics is served
         self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
@@ -133,6 +136,8 @@ class Supervisor:
             self.stop()
             raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
         self._loop.call(self._lifecycle.end_start)
+        if self.notifier is not None:
+            self._loop.call(self.notifier.ready)
         if reasons:
             log.error("%d of %d modules not READY after start; serving the others: %s", len(reasons), len(self.modules), detail)
         else:
@@ -168,6 +173,9 @@ class Supervisor:
         workers.on_exit = recovery.on_exit
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
+        if self.notifier is not None:
+            self.notifier.watch(loop, modules)
+            lifecycle.on_stop = self.notifier.stopping
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
