@@ -70,6 +70,8 @@ class Exporter:
 
 
 class Figures(Collector):
+    """The collector: each collect() is one copy of the supervisor's figures, as metric families."""
+
     def __init__(self, read):
         self._read = read
 
