@@ -22,6 +22,7 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, StartupError
 from cmactor.protocol import DATA_OPS
 
+from . import notify
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
 
@@ -136,6 +137,7 @@ def cmd_run(args):
     logging.basicConfig(
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
+    sup.notifier = notify.from_environment()  # under systemd (Type=notify): READY=1, STATUS=, watchdog pings
 
     # The handler only records the signal and writes to a pipe: raising from it could
     # land inside a logging call, which would swallow the exception and never stop.

@@ -110,6 +110,28 @@ def _flag(where, value):
     return value
 
 
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+
+
+def parse_address(where, value):
+    """``"host:port"`` (``"[::1]:port"`` for IPv6) as (host, port); port 0 is any free port."""
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not (sep and host and _PORT.match(port) and int(port) <= 65535) or (":" in host and not bracketed):
+        raise ConfigError(
+            f'{where}: expected "host:port", like "127.0.0.1:9464" ("[::1]:9464" for IPv6, port 0 for any '
+            f"free one), got {value!r}"
+        )
+    return host, int(port)
+
+
+def _address(where, value):
+    if value is not None:
+        parse_address(where, value)
+    return value
+
+
 # key -> (validator, default)
 SUPERVISOR_OPTIONS = {
     "state_dir": (_path, ".cmactor"),
@@ -125,6 +147,8 @@ SUPERVISOR_OPTIONS = {
     "max_client_backlog": (_positive, 64 * 1024 * 1024),
     "max_backlog_total": (_positive, 512 * 1024 * 1024),
     "frame_timeout": (_positive_number, 10.0),
+    # Where /metrics is served (metrics.py, the cmactor[metrics] extra); None: nothing is bound.
+    "metrics": (_address, None),
 }
 
 AGENT_OPTIONS = {

@@ -23,9 +23,11 @@ newline) and is dropped, never replayed half.
 import json
 import logging
 import os
+import time
 import zlib
 
 from . import store
+from .stats import FSYNC_BOUNDS, Histogram
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -42,6 +44,7 @@ class Journal:
         self._pending = False
         self._synced = 0  # records known to be on disk
         self._synced_size = 0  # the file's size after them
+        self.fsync_seconds = Histogram(FSYNC_BOUNDS)  # each sync()'s fsync: what a set to a persistent table waits for
 
     def open(self, recover):
         """Open for appending. With ``recover`` the records on disk are kept (and
@@ -113,7 +116,9 @@ class Journal:
         """Make every appended record durable, or raise OSError (then call rollback())."""
         if self._pending:
             self._file.flush()
+            started = time.monotonic()
             os.fsync(self._file.fileno())
+            self.fsync_seconds.observe(time.monotonic() - started)
             self._pending = False
             self._synced = len(self.records)
             self._synced_size = self._file.tell()

@@ -32,6 +32,7 @@ class Lifecycle:
         self.starting = True  # start() has not returned yet: a crash then is a failed start
         self.stopping = False
         self.start_done = threading.Event()
+        self.on_stop = None  # fn(), as a stop begins (notify.py's STOPPING=1)
 
     # -- up -------------------------------------------------------------
 
@@ -199,6 +200,8 @@ class Lifecycle:
         if self.stopping:
             return
         self.stopping = True
+        if self.on_stop is not None:
+            self.on_stop()
         self.start_done.set()
         self._saver.close()
         self._router.close()

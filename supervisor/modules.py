@@ -10,14 +10,18 @@
 
 Every state change goes through ``Module.move``, which refuses a change that is
 not in ``TRANSITIONS``: that is a bug in the supervisor, raised as an
-InternalError naming both states. The predicates below stand in for tuples of
-states repeated by the code that asks.
+InternalError naming both states, and tells the module's ``observer`` of each
+change it makes (notify.py's systemd STATUS lines). The predicates below stand
+in for tuples of states repeated by the code that asks.
 """
 
 import logging
 import time
 
 from cmactor.errors import InternalError
+from cmactor.protocol import DATA_OPS
+
+from .stats import request_stats
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -52,12 +56,15 @@ _LEAVING = frozenset((STOPPING, FAILED, RESTARTING))
 class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
-    __slots__ = ("client", "rid", "request", "hold", "deadline", "sid", "issuer", "is_async", "dispatched_at")
+    __slots__ = (
+        "client", "rid", "request", "hold", "deadline", "sid", "issuer", "is_async", "dispatched_at", "received_at"
+    )
 
     def __init__(self, client, rid, request):
         self.client = client
         self.rid = rid
         self.request = request
+        self.received_at = time.monotonic()  # its latency, held or not, runs from here to its answer
         self.hold = None  # while held for its module: seconds it may wait, and until when
         self.deadline = None
         self.sid = None
@@ -132,6 +139,8 @@ class Module:
         "ready_called",
         "loaded",
         "load_errors",
+        "request_stats",
+        "observer",
     )
 
     def __init__(self, name, options, policy):
@@ -154,6 +163,8 @@ class Module:
         self.restarts = 0
         self.started_at = None
         self.last_exit = None
+        self.request_stats = request_stats(DATA_OPS)  # op -> stats.Timed, recorded by the Router
+        self.observer = None  # fn(module), called after each state change
         self._clear_start_up()
 
     # -- the state machine ----------------------------------------------
@@ -170,6 +181,8 @@ class Module:
             self.started_at = time.monotonic()
             self._clear_start_up()
         self.state = state
+        if self.observer is not None:
+            self.observer(self)
 
     def _clear_start_up(self):
         # A new worker starts with nothing carried over from the last one's start-up.
@@ -226,6 +239,8 @@ class Module:
             "load_errors": self.load_errors,
             "config_deps": list(self.config_deps),
             "persistent_list": list(self.persistent_list),
+            "requests": {op: timed.snapshot() for op, timed in self.request_stats.items()},
+            "journal_fsync": None if self.journal is None else self.journal.fsync_seconds.snapshot(),
         }
 
 

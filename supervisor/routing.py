@@ -7,7 +7,8 @@ first admitted by the wait-for graph (deadlock.py), which may refuse them.
 
 An answer goes to its client after the journal has the change it acknowledges
 (the loop fsyncs touched journals before each turn's output), and sets and
-setops are written to the audit log.
+setops are written to the audit log. Each answer is counted in its module's
+request figures (stats.py): op, outcome and latency from receipt to answer.
 """
 
 import time
@@ -200,12 +201,17 @@ class Router:
         if pending.issuer is not None:
             self._graph.forget(pending)
         req = pending.request
-        if req["op"] in _CHANGES:
+        op = req["op"]
+        mod = self._modules.get(req["module"])
+        if mod is not None:  # else it named no module of ours: nobody's figure
+            error_type = None if error is None else error["type"]
+            mod.request_stats[op].record(error_type, time.monotonic() - pending.received_at)
+        if op in _CHANGES:
             outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
             client = pending.client
             self._audit.record(
                 req.get("user", ""), client.peer_uid, client.peer_pid,
-                req["op"], req["module"], req["table"], req["params"], outcome,
+                op, req["module"], req["table"], req["params"], outcome,
             )
 
     def fail(self, pending, exc_type, message):

@@ -10,11 +10,13 @@ are carried over from the last good file, so a save never drops config.
 import concurrent.futures
 import logging
 import os
+import time
 
 from cmactor.errors import DatabaseError, OperationalError, to_wire
 
 from . import deps, store
 from .modules import READY
+from .stats import SAVE_BOUNDS, Timed
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -35,6 +37,7 @@ class SaveJob:
         self.rows = 0
         self.current = None  # the Module being walked
         self.sid = None
+        self.started = time.monotonic()
 
     def next_module(self):
         self.current = self.queue.pop(0) if self.queue else None
@@ -64,6 +67,7 @@ class Saver:
         self._closed = False
         self._compactions = []  # modules whose journals passed their bound, oldest first
         self.on_idle = None
+        self.stats = Timed(SAVE_BOUNDS)  # save runs (not compactions): outcome and duration
 
     def section(self, name):
         """The module's rows in the last good file (JSON bytes), or None."""
@@ -198,6 +202,8 @@ class Saver:
         self._end(job, None, None)
 
     def _end(self, job, exc_type, result):
+        if not job.snapshot:
+            self.stats.record(None if exc_type is None else exc_type.__name__, time.monotonic() - job.started)
         if exc_type is not None:
             for name, was in job.was_unsaved.items():
                 self._modules[name].unsaved = self._modules[name].unsaved or was

@@ -296,6 +296,11 @@ class Server:
         self._warned_at = None  # when the last hold-back was logged
         loop.watch(self._listener, self._accept, self._listener)
 
+    @property
+    def client_count(self):
+        """Clients connected now (agents' own connections among them)."""
+        return len(self._clients)
+
     # -- clients in ---------------------------------------------------------
 
     def _accept(self, listener):

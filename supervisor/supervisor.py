@@ -59,6 +59,10 @@ class Supervisor:
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         self.ignore_config = ignore_config
         self.recover = recover
+        # A notify.Notifier, set before start(), is told of readiness, module state changes
+        # and the stop: `cmactor run` under systemd sets one, an embedding program need not.
+        self.notifier = None
+        self._metrics = None  # metrics.Exporter while /metrics is served
         self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
@@ -121,6 +125,8 @@ class Supervisor:
         self._build(sections, listening)
         self._loop.start(on_death=self._die)
         _running.add(self)
+        if self.options["metrics"] is not None:
+            self._serve_metrics()
         self._loop.call(self._recovery.watchdog)
         self._loop.call(self._lifecycle.start_all)
         self._lifecycle.start_done.wait(timeout)
@@ -130,6 +136,8 @@ class Supervisor:
             self.stop()
             raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
         self._loop.call(self._lifecycle.end_start)
+        if self.notifier is not None:
+            self._loop.call(self.notifier.ready)
         if reasons:
             log.error("%d of %d modules not READY after start; serving the others: %s", len(reasons), len(self.modules), detail)
         else:
@@ -165,6 +173,9 @@ class Supervisor:
         workers.on_exit = recovery.on_exit
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
+        if self.notifier is not None:
+            self.notifier.watch(loop, modules)
+            lifecycle.on_stop = self.notifier.stopping
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
@@ -177,6 +188,30 @@ class Supervisor:
             (P.Pong, recovery.on_pong),
         ):
             workers.handle(kind, handler)
+
+    def _serve_metrics(self):
+        """Serve /metrics where [supervisor] metrics says; else stop and raise StartupError."""
+        address = self.options["metrics"]
+        try:
+            try:
+                from . import metrics
+            except ImportError as exc:
+                if exc.name != "prometheus_client":
+                    raise
+                raise StartupError(
+                    f"[supervisor] metrics = {address!r} needs the prometheus-client package, which is not "
+                    "installed: pip install 'cmactor[metrics]' (or remove the key)"
+                ) from None
+            self._metrics = metrics.Exporter(address, self._figures)
+        except StartupError:
+            self.stop()
+            raise
+        log.info("serving Prometheus metrics at %s", self._metrics.url)
+
+    def _figures(self, timeout):
+        """(Any thread: the metrics collector's.) What status shows, copied on the loop thread."""
+        copy = self._loop.call_async(lambda: {"modules": self._status(), "supervisor": self._own_status()})
+        return copy.result(timeout)
 
     def _read_config(self):
         try:
@@ -194,12 +229,18 @@ class Supervisor:
             raise RuntimeError("start() the supervisor before connecting to it")
         return cmfrontend.connect(username, print_callback, self.socket_path, timeout)
 
+    @property
+    def metrics_url(self):
+        """Where /metrics is served (the port bound, for ``metrics = "host:0"``), or None."""
+        return None if self._metrics is None else self._metrics.url
+
     def status(self):
         """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
         return self._loop.call(self._status)
 
     def supervisor_status(self):
-        """The supervisor's own figures: audit log lines that could not be written, and the last error."""
+        """The supervisor's own figures: audit log lines that could not be written and the last error,
+        clients connected, and saves (ok, errors by type, duration histogram)."""
         return self._loop.call(self._own_status)
 
     def save(self, user="supervisor"):
@@ -225,6 +266,9 @@ class Supervisor:
                 pass  # it stopped meanwhile
         if self._loop is not None:
             self._loop.join()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         _running.discard(self)
 
     def wait(self, timeout=None):
@@ -274,7 +318,12 @@ class Supervisor:
         return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
 
     def _own_status(self):
-        return {"audit_failures": self._audit.failures, "audit_error": self._audit.last_error}
+        return {
+            "audit_failures": self._audit.failures,
+            "audit_error": self._audit.last_error,
+            "clients": self._server.client_count,
+            "saves": self._saver.stats.snapshot(),
+        }
 
     def _die(self):
         """The loop died of an error: no worker may outlive it."""

@@ -1,0 +1,153 @@
+"""Prometheus metrics: ``/metrics`` over HTTP while the supervisor runs (``[supervisor] metrics``).
+
+Nothing here keeps a figure. At each scrape the collector asks the supervisor's
+loop thread for the figures ``status`` shows (one copy, made on the thread that
+owns them: Supervisor._figures) and turns them into metric families, so a scrape
+and ``cmactor status`` always agree. Each supervisor has its own registry:
+several in one process (tests do that) never clash. prometheus_client's own
+HTTP server serves it, on a thread of its own. This module needs the optional
+extra ``cmactor[metrics]``; the supervisor imports it only when the key is set.
+"""
+
+import logging
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from cmactor.errors import StartupError
+
+from .config import parse_address
+from .modules import TRANSITIONS
+
+log = logging.getLogger("cmactor.supervisor")
+
+WHERE = "[supervisor] metrics"
+# Seconds a scrape waits for the loop thread. Past it the loop is stuck, and the
+# scrape says so (cmactor_up 0) instead of hanging until Prometheus gives up.
+READ_TIMEOUT = 5.0
+
+# status key -> (metric name, help), per module; a None figure (no worker) has no sample.
+_GAUGES = {
+    "queue": ("cmactor_module_held_requests", "Requests held for the module while it is not READY"),
+    "inflight": ("cmactor_module_inflight_requests", "Requests sent to the module's worker and not answered yet"),
+    "unsaved": ("cmactor_module_unsaved", "1 when the module has changes that are not in the config file"),
+    "uptime": ("cmactor_module_uptime_seconds", "Seconds since the module's current worker started"),
+    "rss": ("cmactor_module_rss_bytes", "Resident memory of the module's worker"),
+    "cpu": ("cmactor_module_cpu_percent", "CPU % of the module's worker since the previous status or scrape"),
+    "threads": ("cmactor_module_threads", "Threads of the module's worker"),
+    "load_errors": ("cmactor_module_load_errors", "Saved rows that failed to load into the current worker"),
+}
+_COUNTERS = {
+    "restarts": ("cmactor_module_restarts", "Restarts of the module's worker"),
+    "cpu_seconds": ("cmactor_module_cpu_seconds", "User + system CPU seconds of the module's current worker"),
+}
+
+
+class Exporter:
+    """``/metrics`` served at ``address`` from ``read(timeout)`` (the supervisor's figures), until close()."""
+
+    def __init__(self, address, read):
+        host, port = parse_address(WHERE, address)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(Figures(read))
+        ProcessCollector(registry=self.registry)  # the supervisor process itself: cpu, memory, open fds
+        try:
+            self._httpd, self._thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:  # the port is taken, the host is not one of this machine's, or unknown
+            raise StartupError(
+                f"{WHERE} = {address!r}: cannot serve /metrics there: {exc}; free the port or choose another "
+                "(port 0: any free one), on an address of this host"
+            ) from None
+        host, port = self._httpd.server_address[:2]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+
+    def close(self):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+class Figures(Collector):
+    """The collector: each collect() is one copy of the supervisor's figures, as metric families."""
+
+    def __init__(self, read):
+        self._read = read
+
+    def collect(self):
+        up = GaugeMetricFamily("cmactor_up", "1 when the supervisor's loop answered this scrape; 0: stuck or stopped")
+        try:
+            figures = self._read(READ_TIMEOUT)
+        except (TimeoutError, RuntimeError) as exc:
+            why = str(exc) or f"its loop did not answer within {READ_TIMEOUT:g}s"
+            log.warning("metrics: the supervisor's figures could not be read: %s", why)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from _modules(figures["modules"])
+        yield from _supervisor(figures["supervisor"])
+
+
+def _modules(status):
+    state = GaugeMetricFamily(
+        "cmactor_module_state", "1 for the module's current lifecycle state, 0 for the others", labels=["module", "state"]
+    )
+    gauges = {key: GaugeMetricFamily(name, text, labels=["module"]) for key, (name, text) in _GAUGES.items()}
+    counters = {key: CounterMetricFamily(name, text, labels=["module"]) for key, (name, text) in _COUNTERS.items()}
+    requests = CounterMetricFamily(
+        "cmactor_requests",
+        "Requests answered, by op and outcome (ok, or the error's type)",
+        labels=["module", "op", "outcome"],
+    )
+    latency = HistogramMetricFamily(
+        "cmactor_request_duration_seconds",
+        "Seconds from the supervisor reading a request to its answer (held time and journal fsync included)",
+        labels=["module", "op"],
+    )
+    fsync = HistogramMetricFamily(
+        "cmactor_journal_fsync_duration_seconds",
+        "Seconds of each fsync of the module's journal, which sets to persistent tables wait for",
+        labels=["module"],
+    )
+    for name, entry in status.items():
+        for each in TRANSITIONS:
+            state.add_metric([name, each], 1 if entry["state"] == each else 0)
+        for family, figures in ((gauges, _GAUGES), (counters, _COUNTERS)):
+            for key in figures:
+                if entry[key] is not None:
+                    family[key].add_metric([name], float(entry[key]))
+        for op, timed in entry["requests"].items():
+            requests.add_metric([name, op, "ok"], timed["ok"])
+            for error, count in timed["errors"].items():
+                requests.add_metric([name, op, error], count)
+            latency.add_metric([name, op], _buckets(timed["seconds"]), timed["seconds"]["sum"])
+        if entry["journal_fsync"] is not None:
+            fsync.add_metric([name], _buckets(entry["journal_fsync"]), entry["journal_fsync"]["sum"])
+    yield state
+    yield from gauges.values()
+    yield from counters.values()
+    yield from (requests, latency, fsync)
+
+
+def _supervisor(own):
+    clients = GaugeMetricFamily("cmactor_clients", "Clients connected to the frontend socket (agents' among them)")
+    clients.add_metric([], own["clients"])
+    saves = CounterMetricFamily("cmactor_saves", "Saves of the config file, by outcome (ok, or the error's type)", labels=["outcome"])
+    saves.add_metric(["ok"], own["saves"]["ok"])
+    for error, count in own["saves"]["errors"].items():
+        saves.add_metric([error], count)
+    duration = HistogramMetricFamily("cmactor_save_duration_seconds", "Seconds from a save's start to its end")
+    duration.add_metric([], _buckets(own["saves"]["seconds"]), own["saves"]["seconds"]["sum"])
+    audit = CounterMetricFamily("cmactor_audit_failures", "Audit log lines that could not be written")
+    audit.add_metric([], own["audit_failures"])
+    return clients, saves, duration, audit
+
+
+def _buckets(histogram):
+    """A status histogram (stats.Histogram.snapshot) as Prometheus buckets, ending with +Inf."""
+    buckets = [(floatToGoString(bound), count) for bound, count in histogram["buckets"]]
+    buckets.append(("+Inf", histogram["count"]))
+    return buckets

@@ -1,0 +1,71 @@
+"""The supervisor's own counters and latency histograms.
+
+Kept where the events happen (Router.answer for requests, Saver for saves,
+Journal.sync for fsyncs), on the loop thread, and read through ``status``, and
+by the Prometheus collector (metrics.py) at scrape time: one set of figures,
+two ways to see them. Every request passes through ``Timed.record``, so it
+costs an attribute increment or a dict increment, and a bisect: the buckets
+are fixed when the figures are made, and nothing is allocated per event.
+"""
+
+from bisect import bisect_left
+
+# Upper bounds in seconds (Prometheus' "le": a value equal to a bound falls in
+# its bucket). A get takes ~130 µs on a quiet 2-vCPU VM; a set to a persistent
+# table adds an fsync (~200 µs on ext4, tens of ms on a busy disk).
+REQUEST_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FSYNC_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# A save walks every persistent table and writes one file: 100k rows take ~0.7 s.
+SAVE_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """Counts of values per bucket (not cumulative: one increment per value), and their sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self):
+        """A copy for status: ``count``, ``sum`` and ``buckets``, each ``[bound, values <= bound]``
+        (cumulative, as Prometheus reads them; ``count`` is the +Inf bucket)."""
+        buckets, total = [], 0
+        for bound, count in zip(self.bounds, self.counts):
+            total += count
+            buckets.append([bound, total])
+        return {"count": total + self.counts[-1], "sum": self.sum, "buckets": buckets}
+
+
+class Timed:
+    """Events of one kind: how many ended well, how many with each error type, how long they took."""
+
+    __slots__ = ("ok", "errors", "seconds")
+
+    def __init__(self, bounds):
+        self.ok = 0
+        self.errors = {}  # error type name -> count; the names come from one exception tree
+        self.seconds = Histogram(bounds)
+
+    def record(self, error_type, seconds):
+        """One event: ``error_type`` None when it succeeded, else the name of its error's type."""
+        if error_type is None:
+            self.ok += 1
+        else:
+            self.errors[error_type] = self.errors.get(error_type, 0) + 1
+        self.seconds.observe(seconds)
+
+    def snapshot(self):
+        return {"ok": self.ok, "errors": dict(self.errors), "seconds": self.seconds.snapshot()}
+
+
+def request_stats(ops):
+    """One module's requests: op -> Timed. Made for every op up front, so the hot path never
+    makes one, and a scrape shows a zero series for an op never asked for."""
+    return {op: Timed(REQUEST_BOUNDS) for op in ops}
