@@ -5,6 +5,7 @@ Client commands find the supervisor's socket from, in order: ``--socket``,
 default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
 Errors print one line on stderr and exit with status 1. ``getnext --max-rows N``
 shows a page; when the table goes on, a line on stderr gives the next page's command.
+``logs`` shows a module's log (tail.py).
 """
 
 import argparse
@@ -19,9 +20,10 @@ import threading
 
 import cmactor
 from cmactor import cmfrontend
-from cmactor.errors import ConfigError, Error, StartupError
+from cmactor.errors import ConfigError, Error, OperationalError, StartupError
 from cmactor.protocol import DATA_OPS
 
+from . import tail
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
 
@@ -253,6 +255,12 @@ def cmd_status(args):
             f"(last: {audit['audit_error']})",
             file=sys.stderr,
         )
+    if audit.get("log_failures"):
+        print(
+            f"cmactor: warning: {audit['log_failures']} module log lines could not be written "
+            f"(last: {audit['log_error']})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -281,6 +289,63 @@ def cmd_stop(args):
     return 0
 
 
+def _write_bytes(data):
+    """Write bytes to stdout as they are: a log as it was written."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _log_path(args):
+    """The module's log file: in the log directory the running supervisor names in its
+    status; else, for a supervisor that is not running, in the state_dir of the config
+    file (-c, or ./cmactor.toml as for the socket)."""
+    try:
+        conn = _connect(args)
+    except OperationalError as exc:
+        config = args.config
+        if config is None and not args.socket and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
+            config = "cmactor.toml"
+        if config is None:
+            raise CliError(f"{exc}; for the logs of a supervisor that is not running, name its config file with -c") from None
+        options, modules, base_dir = load_toml(config)
+        log_dir = os.path.join(base_dir, options["state_dir"], "logs")
+        who = f"{config} configures"
+    else:
+        with conn:
+            reply = conn.request({"op": "status"})
+        modules, log_dir = reply["status"], reply["supervisor"]["log_dir"]
+        who = "the supervisor runs"
+    if args.module not in modules:
+        raise CliError(f"unknown module {args.module!r}; {who}: {', '.join(sorted(modules))}")
+    return os.path.join(log_dir, f"{args.module}.log")
+
+
+def cmd_logs(args):
+    path = _log_path(args)
+    try:
+        lines, log_file = tail.last_lines(path, args.lines)
+    except FileNotFoundError:
+        raise CliError(f"module {args.module!r} has no log at {path}: it has not run with this state_dir") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    _write_bytes(b"".join(lines))
+    if args.follow:
+        tail.follow(path, log_file, _write_bytes)  # until Ctrl-C
+    log_file.close()
+    return 0
+
+
+def _count_arg(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of lines, 0 or more; got {text!r}")
+    return value
+
+
 def _common_options(with_defaults):
     """Options every client command takes, before or after the command name.
 
@@ -306,6 +371,13 @@ GETNEXT_PARAMS_HELP = (
     "column with no start value) makes every param an index column, as in "
     "cmactor getnext vlan.member vlan=v10 port=None; else the agent's declared index_columns carry "
     "the walk (or every field of the previous row)."
+)
+
+LOGS_HELP = (
+    "A module's log, state_dir/logs/MODULE.log: its worker's log records and what it (or a process it "
+    "started) wrote to stdout or stderr, rotated by size ([supervisor] log_max_bytes, log_backups). The "
+    "log directory comes from the running supervisor; when it is not running, from the state_dir of the "
+    "config file given with -c."
 )
 
 def _columns(text):
@@ -392,6 +464,15 @@ def build_parser():
     restart.add_argument("module")
     restart.set_defaults(func=cmd_restart)
     sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
+    logs = sub.add_parser(
+        "logs", parents=[common], help="show a module's log (its worker's log records, stdout and stderr)", description=LOGS_HELP
+    )
+    logs.add_argument("module", metavar="MODULE")
+    logs.add_argument("-n", "--lines", type=_count_arg, default=20, metavar="N", help="show the last N lines (default 20)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then show lines as they are written, across rotations, until Ctrl-C"
+    )
+    logs.set_defaults(func=cmd_logs)
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmarks against raw baselines measured in the same run (perf/README.md)"
     )
@@ -422,6 +503,9 @@ def main(argv=None):
     except (Error, ConfigError, StartupError, CliError) as exc:
         print(f"cmactor: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `cmactor logs vlan | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print("cmactor: interrupted", file=sys.stderr)
         return 130

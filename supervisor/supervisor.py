@@ -21,6 +21,7 @@ from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
 from .deadlock import WaitGraph
 from .journal import Journal
 from .lifecycle import Lifecycle
+from .logs import ModuleLogs
 from .loop import EventLoop
 from .modules import Module, unknown_module
 from .recovery import Recovery
@@ -91,8 +92,12 @@ class Supervisor:
         # values. The state directory is also entered by allowed_uids (to reach the socket).
         os.makedirs(self.state_dir, mode=0o711 if self.options["allowed_uids"] else 0o700, exist_ok=True)
         sections = self._read_config()
+        self._logs = ModuleLogs(
+            os.path.join(self.state_dir, "logs"), self.modules, self.options["log_max_bytes"], self.options["log_backups"]
+        )
+        self._logs.check()  # StartupError naming the path if a module's log cannot be written
         journal_dir = os.path.join(self.state_dir, "journal")
-        os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+        store.private_dir(journal_dir)
         for mod in self.modules.values():
             opts = mod.options
             mod.journal = Journal(
@@ -140,7 +145,9 @@ class Supervisor:
         """Make the parts; each is given the others it calls (see the package docstring)."""
         modules = self.modules
         self._loop = loop = EventLoop()
-        self._audit = AuditLog(os.path.join(self.state_dir, "audit.log"))
+        self._audit = AuditLog(
+            os.path.join(self.state_dir, "audit.log"), self.options["log_max_bytes"], self.options["log_backups"]
+        )
         loop.after_output(self._audit.flush)
         self._server = server.Server(
             loop,
@@ -163,12 +170,13 @@ class Supervisor:
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         workers.on_exit = recovery.on_exit
+        workers.on_output = self._logs.output
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
-            (P.Log, _log_record),
+            (P.Log, self._log_record),
             (P.Init, lifecycle.on_init),
             (P.Ready, lifecycle.on_ready),
             (P.Loaded, lifecycle.on_loaded),
@@ -274,7 +282,7 @@ class Supervisor:
         return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
 
     def _own_status(self):
-        return {"audit_failures": self._audit.failures, "audit_error": self._audit.last_error}
+        return {"audit_failures": self._audit.failures, "audit_error": self._audit.last_error, **self._logs.status()}
 
     def _die(self):
         """The loop died of an error: no worker may outlive it."""
@@ -290,11 +298,12 @@ class Supervisor:
         except OSError:
             pass
         self._audit.close()
+        self._logs.close()
         for mod in self.modules.values():
             mod.journal.close()
         self._loop.finish()
 
-
-def _log_record(mod, record):
-    """A worker's log record, re-emitted on the logger of its module."""
-    logging.getLogger(f"cmactor.agent.{mod.name}").log(record.level, "[%s] %s", record.name, record.text)
+    def _log_record(self, mod, record):
+        """A worker's log record: to the module's log, and re-emitted on the logger of its module."""
+        self._logs.record(mod, record.level, record.name, record.text)
+        logging.getLogger(f"cmactor.agent.{mod.name}").log(record.level, "[%s] %s", record.name, record.text)
