@@ -5,7 +5,8 @@ Client commands find the supervisor's socket from, in order: ``--socket``,
 default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
 Errors print one line on stderr and exit with status 1. ``getnext --max-rows N``
 shows a page; when the table goes on, a line on stderr gives the next page's command.
-``logs`` shows a module's log (tail.py).
+``logs`` shows a module's log (tail.py); ``export`` and ``apply`` write and replay
+config as commands (commands.py).
 """
 
 import argparse
@@ -23,7 +24,7 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, OperationalError, StartupError
 from cmactor.protocol import DATA_OPS
 
-from . import tail
+from . import commands, tail
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
 
@@ -290,7 +291,8 @@ def cmd_stop(args):
 
 
 def _write_bytes(data):
-    """Write bytes to stdout as they are: a log as it was written."""
+    """Write bytes to stdout as they are: a log as it was written, an export as UTF-8
+    whatever the locale (apply reads UTF-8)."""
     sys.stdout.flush()
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
@@ -333,6 +335,102 @@ def cmd_logs(args):
     if args.follow:
         tail.follow(path, log_file, _write_bytes)  # until Ctrl-C
     log_file.close()
+    return 0
+
+
+def cmd_export(args):
+    with _connect(args) as conn:
+        reply = conn.request({"op": "export", "modules": args.modules or None})
+    sections = {name: json.loads(section) for name, section in reply["export"]}
+    if args.format == "json":
+        _write_bytes(json.dumps(sections, indent=2, ensure_ascii=False).encode() + b"\n")
+        return 0
+    try:  # every line made before any is printed: an export is whole or not at all
+        lines = [
+            commands.export_line(module, table, row)
+            for module, tables in sections.items()
+            for table, rows in tables.items()
+            for row in rows
+        ]
+    except commands.CommandError as exc:
+        raise CliError(str(exc)) from None
+    _write_bytes("".join(line + "\n" for line in lines).encode())
+    return 0
+
+
+def _read_commands(path):
+    """The text of an apply file (``-``: stdin), as UTF-8."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CliError(f"{path} line {line}: not UTF-8 text ({exc.reason}); cmactor export writes UTF-8") from None
+
+
+def _commands(count):
+    return "1 command" if count == 1 else f"{count} commands"
+
+
+def _refuse(name, malformed):
+    """Report every bad line of an apply file, and refuse it whole."""
+    for number, problem in sorted(malformed):
+        print(f"cmactor: {name} line {number}: {problem}", file=sys.stderr)
+    bad = "1 bad line" if len(malformed) == 1 else f"{len(malformed)} bad lines"
+    raise CliError(f"{name}: {bad}; nothing was applied (fix the file and apply it again)")
+
+
+def cmd_apply(args):
+    name = "<stdin>" if args.file == "-" else args.file
+    # Checked before anything is sent: a malformed line, or a module this supervisor
+    # does not run, is a file to fix, not a config to half-apply.
+    found, malformed = commands.parse(_read_commands(args.file))
+    if malformed:
+        _refuse(name, malformed)
+
+    def notify(text):
+        print(text, file=sys.stderr, flush=True)
+
+    with _connect(args, notify) as conn:
+        modules = conn.request({"op": "status"})["status"]
+        runs = ", ".join(sorted(modules))
+        unknown = [(c.line, f"unknown module {c.module!r}; the supervisor runs: {runs}") for c in found if c.module not in modules]
+        if unknown:
+            _refuse(name, unknown)
+        cur = conn.cursor()
+        applied, failed = [], []
+        for command in found:
+            try:
+                cur.execute(f"{command.op} {command.module}.{command.table}", command.params)
+            except Error as exc:
+                failed.append(command.line)
+                problem = f"{name}: line {command.line} failed: {type(exc).__name__}: {exc}"
+                if args.keep_going and not conn.closed:
+                    print(f"cmactor: {problem}", file=sys.stderr)
+                    continue
+                if applied:
+                    lines = f"line {applied[0]}" if len(applied) == 1 else f"lines {applied[0]}-{applied[-1]}"
+                    went_in = f"applied {lines} ({_commands(len(applied))})"
+                else:
+                    went_in = "nothing was applied"
+                print(f"cmactor: {problem}; {went_in}; nothing after line {command.line} was sent", file=sys.stderr)
+                return 1
+            applied.append(command.line)
+    if failed:
+        print(
+            f"cmactor: {name}: {len(applied)} of {_commands(len(found))} applied; {len(failed)} failed "
+            f"({'line' if len(failed) == 1 else 'lines'} {', '.join(map(str, failed))})",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"applied {_commands(len(applied))} from {name}")
     return 0
 
 
@@ -379,6 +477,21 @@ LOGS_HELP = (
     "log directory comes from the running supervisor; when it is not running, from the state_dir of the "
     "config file given with -c."
 )
+EXPORT_HELP = (
+    "Print the live config of the modules' persistent tables (the save walk, without writing the config "
+    "file) as lines 'set MODULE.TABLE key=value ...', quoted as a shell quotes words, so that cmactor apply "
+    "reads them back exactly; modules dependencies first, tables in persistent_list order. A value that is "
+    "None is left out. Every module named (default: every module) must be READY."
+)
+APPLY_HELP = (
+    "Replay FILE, lines of 'set|setop MODULE.TABLE key=value ...' (as cmactor export writes; words quoted "
+    "as in a shell, values taken literally: key=None is the text None), in order. Blank lines and lines "
+    "starting with # are skipped. The whole file is checked first: if any line is malformed or names a "
+    "module the supervisor does not run, every such line is reported and nothing is sent. Then the "
+    "commands go one by one; the first that fails stops the apply, saying which lines went in "
+    "(--keep-going reports each failure and goes on). Applying adds and changes rows; it deletes none."
+)
+
 
 def _columns(text):
     columns = text.split(",")
@@ -473,6 +586,19 @@ def build_parser():
         "-f", "--follow", action="store_true", help="then show lines as they are written, across rotations, until Ctrl-C"
     )
     logs.set_defaults(func=cmd_logs)
+    export = sub.add_parser(
+        "export", parents=[common], help="print the live config as set commands, for cmactor apply", description=EXPORT_HELP
+    )
+    export.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to export (default: every module)")
+    export.set_defaults(func=cmd_export)
+    apply = sub.add_parser(
+        "apply", parents=[common], help="replay a file of set/setop commands, as cmactor export writes", description=APPLY_HELP
+    )
+    apply.add_argument("file", metavar="FILE", help="the file of commands; - reads stdin")
+    apply.add_argument(
+        "--keep-going", action="store_true", help="on a command that fails, report it and go on (exit non-zero at the end)"
+    )
+    apply.set_defaults(func=cmd_apply)
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmarks against raw baselines measured in the same run (perf/README.md)"
     )

@@ -7,6 +7,7 @@ API, the control requests (status, save, restart, stop) and the wiring.
 
 import atexit
 import concurrent.futures
+import json
 import logging
 import os
 import weakref
@@ -220,6 +221,18 @@ class Supervisor:
         self._loop.call(self._saver.request, future, user)
         return future.result()
 
+    def export(self, modules=None, user="supervisor"):
+        """The live rows of the persistent tables of ``modules`` (default: every module),
+        walked as a save walks them but written nowhere: {module: {table: [row, ...]}},
+        dependencies first, tables in persistent_list order, rows in walk order.
+
+        Raises ProgrammingError for a module this supervisor does not run,
+        OperationalError for one that is not READY, DatabaseError if a walk fails.
+        """
+        future = concurrent.futures.Future()
+        self._loop.call(self._saver.export, future, user, modules)
+        return {name: json.loads(section) for name, section in future.result()}
+
     def restart(self, name):
         """Restart one module now (reviving it if it is quarantined)."""
         return self._loop.call(self._recovery.restart, name)
@@ -262,6 +275,11 @@ class Supervisor:
                 if refusal is not None:
                     raise DeadlockDetectedError(refusal)
                 self._saver.request((client, rid), request.get("user", ""))  # answered when it ends
+            elif op == "export":
+                refusal = self._graph.refuse_save(request.get("caller"), "export")
+                if refusal is not None:
+                    raise DeadlockDetectedError(refusal)
+                self._saver.export((client, rid), request.get("user", ""), request.get("modules"))
             elif op == "restart":
                 self._recovery.restart(request["module"])
                 client.answer({"id": rid, "ok": True})
