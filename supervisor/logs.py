@@ -9,8 +9,10 @@ writes the file, so it can rotate it: a write that would take it past
 ``log_backups`` old files kept). The files are owner-only (0600 in a 0700
 directory): agents log config values.
 
-A write that fails (a full disk) never stops the supervisor: the lines are
-dropped, counted in ``failures`` (supervisor_status), and logged once per file.
+What arrives in a loop turn is written once the turn's replies have gone out, one
+write per module. A write that fails (a full disk) never stops the supervisor: the
+lines are dropped, counted in ``failures`` (supervisor_status), and logged once per
+module.
 """
 
 import contextlib
@@ -95,14 +97,15 @@ def _stamp(now):
 
 
 class ModuleLogs:
-    """The log file of every module, on the loop thread."""
+    """The log file of every module, on the loop thread; flush() once per loop turn."""
 
     def __init__(self, log_dir, names, max_bytes, backups):
         self.dir = log_dir
         self._files = {name: RotatingFile(self.path(name), max_bytes, backups) for name in names}
-        self.failures = 0  # records and lines that could not be written
+        self.failures = 0  # lines that could not be written
         self.last_error = None
         self._warned = set()  # modules whose failure was logged
+        self._pending = {}  # module name -> texts to write at the end of the turn
 
     def path(self, name):
         return os.path.join(self.dir, f"{name}.log")
@@ -131,19 +134,26 @@ class ModuleLogs:
 
     def record(self, mod, level, logger, text):
         """A log record of the module's worker."""
-        line = f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n"
-        self._write(mod.name, line, 1)
+        self._pending.setdefault(mod.name, []).append(
+            f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n"
+        )
 
     def output(self, mod, lines):
         """Lines the module's worker (or a process it started) wrote to stdout or stderr."""
         stamp = _stamp(time.time())
-        self._write(mod.name, "".join(f"{stamp} OUTPUT  {line}\n" for line in lines), len(lines))
+        self._pending.setdefault(mod.name, []).append("".join(f"{stamp} OUTPUT  {line}\n" for line in lines))
 
-    def _write(self, name, text, count):
+    def flush(self):
+        """After each loop turn's output: what the turn brought, one write per module."""
+        pending, self._pending = self._pending, {}
+        for name, texts in pending.items():
+            self._write(name, "".join(texts).encode("utf-8", "backslashreplace"))
+
+    def _write(self, name, data):
         try:
-            self._files[name].write(text.encode("utf-8", "backslashreplace"))
+            self._files[name].write(data)
         except OSError as exc:
-            self.failures += count
+            self.failures += data.count(b"\n")
             self.last_error = f"{type(exc).__name__}: {exc}"
             if name not in self._warned:  # once: a full disk would otherwise log at the rate the agent does
                 self._warned.add(name)
@@ -159,5 +169,6 @@ class ModuleLogs:
         return {"log_dir": self.dir, "log_failures": self.failures, "log_error": self.last_error}
 
     def close(self):
+        self.flush()
         for file in self._files.values():
             file.close()

@@ -172,6 +172,7 @@ class Supervisor:
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         workers.on_exit = recovery.on_exit
         workers.on_output = self._logs.output
+        loop.after_output(self._logs.flush)
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
         for kind, handler in (
