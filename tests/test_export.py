@@ -1,6 +1,7 @@
 """Config as commands: `cmactor export` prints the live config as set lines, `cmactor apply`
 replays them; round trips on the switch demo, and every kind of bad input."""
 
+import concurrent.futures
 import io
 import json
 import os
@@ -12,10 +13,12 @@ from conftest import agent
 from hypothesis import given
 from hypothesis import strategies as st
 from test_cli import cmactor_cmd
+from test_components import SaveSetup
 
 import cmactor
-from cmsupervisor import cli
+from cmsupervisor import cli, store
 from cmsupervisor.commands import Command, export_line, parse
+from cmsupervisor.modules import READY, RESTARTING
 
 SWITCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "switch")
 SWITCH_AGENTS = {name: os.path.join(SWITCH, f"{name}.py:main") for name in ("ports", "vlan", "stats")}
@@ -267,3 +270,49 @@ keys = st.text(min_size=1).filter(lambda key: "=" not in key)
 def test_any_row_reads_back_exactly(row):
     (command,), malformed = parse(export_line("mod", "tbl", row) + "\n")
     assert malformed == [] and command.params == row
+
+
+def test_an_export_waits_for_the_save_under_way_and_changes_nothing_it_walks(tmp_path):
+    s = SaveSetup(tmp_path, {"ports": (READY, ["port"], []), "vlan": (READY, ["vlan"], ["ports"]), "plain": (READY, [], [])})
+    try:
+        saved, exported = concurrent.futures.Future(), concurrent.futures.Future()
+        s.saver.request(saved, "alice")
+        s.saver.export(exported, "bob", ["vlan", "plain", "ports"])
+        s.walked("ports", b"{}")
+        s.walked("vlan", b"{}")
+        s.loop.pump()  # the save's file is written; then the export walks, dependencies first
+        assert saved.result(timeout=5)["modules"] == ["ports", "vlan"]
+        written = store.read(s.path)
+        vlan = s.modules["vlan"]
+        vlan.unsaved = True  # a change after the save
+        assert s.modules["ports"].saving and s.modules["ports"].channel.saves[-1] == (3, ["port"])
+        s.walked("ports", b'{"port":[1]}')
+        assert vlan.saving and vlan.channel.saves[-1] == (4, ["vlan"])
+        s.walked("vlan", b'{"vlan":[2]}')
+        assert exported.result(timeout=5) == [["ports", b'{"port":[1]}'], ["vlan", b'{"vlan":[2]}']]
+        assert s.modules["plain"].channel.saves == []  # no persistent tables: nothing to walk
+        assert vlan.unsaved is True and store.read(s.path) == written and vlan.journal.dropped == [0]
+        assert [(user, op, outcome) for user, op, *_, outcome in s.audit.records] == [("alice", "save", "ok"), ("bob", "export", "ok")]
+        assert not s.saver.running and s.router.released == ["ports", "vlan", "ports", "vlan"]
+    finally:
+        s.saver.shutdown()
+
+
+def test_an_export_of_a_module_that_is_not_ready_fails_naming_it(tmp_path):
+    s = SaveSetup(tmp_path, {"ports": (READY, ["port"], []), "vlan": (RESTARTING, ["vlan"], [])})
+    try:
+        with pytest.raises(cmactor.ProgrammingError, match="unknown module 'nope'; this supervisor runs: ports, vlan"):
+            s.saver.export(concurrent.futures.Future(), "bob", ["nope"])
+        with pytest.raises(cmactor.OperationalError, match="cannot export module 'vlan': it is RESTARTING, not READY"):
+            s.saver.export(concurrent.futures.Future(), "bob", None)
+        saved, exported = concurrent.futures.Future(), concurrent.futures.Future()
+        s.saver.request(saved, "alice")
+        s.saver.export(exported, "bob", ["ports"])
+        s.modules["ports"].state = RESTARTING  # its worker died after its save walk, before the export's turn
+        s.walked("ports", b"{}")
+        s.loop.pump()
+        with pytest.raises(cmactor.OperationalError, match="cannot export module 'ports': it is RESTARTING, not READY"):
+            exported.result(timeout=5)
+        assert not s.saver.running
+    finally:
+        s.saver.shutdown()
