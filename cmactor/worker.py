@@ -431,7 +431,12 @@ def main(spec, sock, doorbell, slots, output):
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     if status:
-        _fatal(runtime, f"entry {entry!r} exited with status {status} (sys.exit; see its stderr)", "", status)
+        _fatal(
+            runtime,
+            f"entry {entry!r} exited with status {status} (sys.exit; its stderr is in its log: cmactor logs {module})",
+            "",
+            status,
+        )
     _exit(0)
 
 
