@@ -4,9 +4,9 @@ Each module's log, ``state_dir/logs/<module>.log``, holds its worker's log recor
 (sent over the worker's channel, protocol.Log) and every line the worker, or a
 process it started, writes to stdout or stderr (fds 1 and 2 are the worker's end of
 an output socket pair, which workers.py reads in the loop). Only the supervisor
-writes the file, so it can rotate it: a write that would take it past
-``log_max_bytes`` first renames it ``<module>.log.1`` (``.1`` becomes ``.2``, ...,
-``log_backups`` old files kept). The files are owner-only (0600 in a 0700
+writes the file, so it can rotate it: past ``log_max_bytes`` it is renamed
+``<module>.log.1`` (``.1`` becomes ``.2``, ..., ``log_backups`` old files kept),
+between lines. The files are owner-only (0600 in a 0700
 directory): agents log config values.
 
 What arrives in a loop turn is written once the turn's replies have gone out, one
