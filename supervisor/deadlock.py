@@ -28,18 +28,17 @@ class WaitGraph:
         self._modules = modules
         self._waits = {}  # executor -> the calls (Pending) it waits on
 
-    def refuse_save(self, caller, what="save"):
-        """The refusal text for a save (or another ``what`` that runs the save walk, an
-        export) asked for by ``caller`` (an action's [module, lane, id]), or None: the
-        save walks each module on its serial lane, so a serial action whose module has
-        tables to save would wait for itself."""
+    def refuse_save(self, caller):
+        """The refusal text for a save asked for by ``caller`` (an action's [module, lane,
+        id]), or None: the save walks each module on its serial lane, so a serial
+        action whose module has tables to save would wait for itself."""
         if caller is None or caller[1] != "serial":
             return None
         mod = self._modules.get(caller[0])
         if mod is None or not mod.persistent_list:
             return None
         return (
-            f"a {what} asked for by a serial action of module {mod.name!r} would wait for that action "
+            f"a save asked for by a serial action of module {mod.name!r} would wait for that action "
             f"itself: the save walks {mod.name!r}'s tables on its serial lane; ask from an "
             "@async_action or another thread (exec_cli_async)"
         )

@@ -277,7 +277,7 @@ class Supervisor:
                     raise DeadlockDetectedError(refusal)
                 self._saver.request((client, rid), request.get("user", ""))  # answered when it ends
             elif op == "export":
-                refusal = self._graph.refuse_save(request.get("caller"), "export")
+                refusal = self._graph.refuse_save(request.get("caller"))  # it runs the save walk
                 if refusal is not None:
                     raise DeadlockDetectedError(refusal)
                 self._saver.export((client, rid), request.get("user", ""), request.get("modules"))
