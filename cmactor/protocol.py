@@ -24,7 +24,7 @@ READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
-CONTROL_OPS = ("status", "save", "stop", "restart", "ping")
+CONTROL_OPS = ("status", "save", "stop", "restart", "ping", "export")
 
 # op -> action method suffix: get, getone and getnext all read through <table>_get.
 ACTION_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}

@@ -377,11 +377,26 @@ def _exit_status(code):
     return 1
 
 
-def main(spec, sock, doorbell, slots):
+def _redirect_output(output):
+    """Make fds 1 and 2 the worker's end of its output socket pair: what the agent, or
+    a process it starts, writes to stdout or stderr goes to the module's log, which the
+    supervisor writes (and rotates). Line-buffered, so each line leaves as it is
+    printed and a crash loses no whole line; UTF-8 whatever the locale."""
+    for fd in (1, 2):
+        os.dup2(output.fileno(), fd)
+    output.close()
+    # New stream objects: the ones inherited from the fork server are tied to its
+    # buffering and encoding, and may hold its unflushed bytes.
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def main(spec, sock, doorbell, slots, output):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
     # which reaches processes the agent started even after the worker is gone.
     os.setpgrp()
+    _redirect_output(output)
     os.environ.clear()
     os.environ.update(spec["env"])
     os.chdir(spec["cwd"])
@@ -424,7 +439,7 @@ def main(spec, sock, doorbell, slots):
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
     if status:
-        said = f": {exit_message}" if exit_message else " (see its stderr)"
+        said = f": {exit_message}" if exit_message else f" (its stderr is in its log: cmactor logs {module})"
         _fatal(runtime, f"entry {entry!r} exited with status {status}{said}", "", status)
     _exit(0)
 

@@ -32,4 +32,9 @@ restart it or quarantine it (lifecycle.py). Start-up and stop are lifecycle.py:
 Init → WAITING_DEPS (deps.py) → LOADING (the saved section from saving.py, plus
 the journal) → READY, and dependents first on the way down. supervisor.py builds
 these parts, gives each the others it calls, and is the public facade.
+
+What a worker logs (protocol.Log on its channel) and writes to stdout or stderr
+(a third socket pair, read by workers.py) goes to its module's log, logs.py; the
+records are also re-emitted on the supervisor's logger. An export (saving.py) is
+a save walk whose rows are answered instead of written.
 """

@@ -2,13 +2,16 @@
 
 "Who" is both the user name the client gave to ``connect()`` (its claim) and the
 uid and pid the kernel reports for its socket (SO_PEERCRED: the truth). The file
-is owner-only: lines carry config values, which may be secrets.
+is owner-only (rotated files too): lines carry config values, which may be secrets.
+It rotates by size as the module logs do (logs.RotatingFile: ``log_max_bytes``,
+``log_backups``), between lines.
 """
 
 import json
 import logging
-import os
 import time
+
+from .logs import RotatingFile
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -22,9 +25,10 @@ class AuditLog:
     A line that cannot be written is dropped and counted (``failures``), never
     allowed to stop the supervisor."""
 
-    def __init__(self, path):
+    def __init__(self, path, max_bytes=0, backups=0):
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = RotatingFile(path, max_bytes, backups)
+        self._file.open()  # at start: a supervisor whose audit log cannot be opened does not start
         self._pending = []  # (time.time(), user, uid, pid, op, module, table, params, outcome)
         self._second = None
         self._stamp = ""
@@ -72,8 +76,7 @@ class AuditLog:
             self._failed(unwritable, error)
         data = "".join(lines).encode()
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
+            self._file.write(data)
         except OSError as exc:
             self._failed(len(lines), exc)
 
@@ -94,4 +97,4 @@ class AuditLog:
 
     def close(self):
         self.flush()
-        os.close(self._fd)
+        self._file.close()

@@ -5,6 +5,8 @@ Client commands find the supervisor's socket from, in order: ``--socket``,
 default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
 Errors print one line on stderr and exit with status 1. ``getnext --max-rows N``
 shows a page; when the table goes on, a line on stderr gives the next page's command.
+``logs`` shows a module's log (tail.py); ``export`` and ``apply`` write and replay
+config as commands (commands.py).
 """
 
 import argparse
@@ -19,10 +21,10 @@ import threading
 
 import cmactor
 from cmactor import cmfrontend
-from cmactor.errors import ConfigError, Error, StartupError
+from cmactor.errors import ConfigError, Error, OperationalError, StartupError
 from cmactor.protocol import DATA_OPS
 
-from . import notify
+from . import commands, notify, tail
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
 
@@ -255,6 +257,12 @@ def cmd_status(args):
             f"(last: {audit['audit_error']})",
             file=sys.stderr,
         )
+    if audit.get("log_failures"):
+        print(
+            f"cmactor: warning: {audit['log_failures']} module log lines could not be written "
+            f"(last: {audit['log_error']})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -283,6 +291,160 @@ def cmd_stop(args):
     return 0
 
 
+def _write_bytes(data):
+    """Write bytes to stdout as they are: a log as it was written, an export as UTF-8
+    whatever the locale (apply reads UTF-8)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _log_path(args):
+    """The module's log file: in the log directory the running supervisor names in its
+    status; else, for a supervisor that is not running, in the state_dir of the config
+    file (-c, or ./cmactor.toml as for the socket)."""
+    try:
+        conn = _connect(args)
+    except OperationalError as exc:
+        config = args.config
+        if config is None and not args.socket and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
+            config = "cmactor.toml"
+        if config is None:
+            raise CliError(f"{exc}; for the logs of a supervisor that is not running, name its config file with -c") from None
+        options, modules, base_dir = load_toml(config)
+        log_dir = os.path.join(base_dir, options["state_dir"], "logs")
+        who = f"{config} configures"
+    else:
+        with conn:
+            reply = conn.request({"op": "status"})
+        modules, log_dir = reply["status"], reply["supervisor"]["log_dir"]
+        who = "the supervisor runs"
+    if args.module not in modules:
+        raise CliError(f"unknown module {args.module!r}; {who}: {', '.join(sorted(modules))}")
+    return os.path.join(log_dir, f"{args.module}.log")
+
+
+def cmd_logs(args):
+    path = _log_path(args)
+    try:
+        lines, log_file = tail.last_lines(path, args.lines)
+    except FileNotFoundError:
+        raise CliError(f"module {args.module!r} has no log at {path}: it has not run with this state_dir") from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    _write_bytes(b"".join(lines))
+    if args.follow:
+        tail.follow(path, log_file, _write_bytes)  # until Ctrl-C
+    log_file.close()
+    return 0
+
+
+def cmd_export(args):
+    with _connect(args) as conn:
+        reply = conn.request({"op": "export", "modules": args.modules or None})
+    sections = {name: json.loads(section) for name, section in reply["export"]}
+    if args.format == "json":
+        _write_bytes(json.dumps(sections, indent=2, ensure_ascii=False).encode() + b"\n")
+        return 0
+    try:  # every line made before any is printed: an export is whole or not at all
+        lines = [
+            commands.export_line(module, table, row)
+            for module, tables in sections.items()
+            for table, rows in tables.items()
+            for row in rows
+        ]
+    except commands.CommandError as exc:
+        raise CliError(str(exc)) from None
+    _write_bytes("".join(line + "\n" for line in lines).encode())
+    return 0
+
+
+def _read_commands(path):
+    """The text of an apply file (``-``: stdin), as UTF-8."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CliError(f"{path} line {line}: not UTF-8 text ({exc.reason}); cmactor export writes UTF-8") from None
+
+
+def _commands(count):
+    return "1 command" if count == 1 else f"{count} commands"
+
+
+def _refuse(name, malformed):
+    """Report every bad line of an apply file, and refuse it whole."""
+    for number, problem in sorted(malformed):
+        print(f"cmactor: {name} line {number}: {problem}", file=sys.stderr)
+    bad = "1 bad line" if len(malformed) == 1 else f"{len(malformed)} bad lines"
+    raise CliError(f"{name}: {bad}; nothing was applied (fix the file and apply it again)")
+
+
+def cmd_apply(args):
+    name = "<stdin>" if args.file == "-" else args.file
+    # Checked before anything is sent: a malformed line, or a module this supervisor
+    # does not run, is a file to fix, not a config to half-apply.
+    found, malformed = commands.parse(_read_commands(args.file))
+    if malformed:
+        _refuse(name, malformed)
+
+    def notify(text):
+        print(text, file=sys.stderr, flush=True)
+
+    with _connect(args, notify) as conn:
+        modules = conn.request({"op": "status"})["status"]
+        runs = ", ".join(sorted(modules))
+        unknown = [(c.line, f"unknown module {c.module!r}; the supervisor runs: {runs}") for c in found if c.module not in modules]
+        if unknown:
+            _refuse(name, unknown)
+        cur = conn.cursor()
+        applied, failed = [], []
+        for command in found:
+            try:
+                cur.execute(f"{command.op} {command.module}.{command.table}", command.params)
+            except Error as exc:
+                failed.append(command.line)
+                problem = f"{name}: line {command.line} failed: {type(exc).__name__}: {exc}"
+                if args.keep_going and not conn.closed:
+                    print(f"cmactor: {problem}", file=sys.stderr)
+                    continue
+                if applied:
+                    lines = f"line {applied[0]}" if len(applied) == 1 else f"lines {applied[0]}-{applied[-1]}"
+                    went_in = f"applied {lines} ({_commands(len(applied))})"
+                else:
+                    went_in = "nothing was applied"
+                print(f"cmactor: {problem}; {went_in}; nothing after line {command.line} was sent", file=sys.stderr)
+                return 1
+            applied.append(command.line)
+    if failed:
+        print(
+            f"cmactor: {name}: {len(applied)} of {_commands(len(found))} applied; {len(failed)} failed "
+            f"({'line' if len(failed) == 1 else 'lines'} {', '.join(map(str, failed))})",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"applied {_commands(len(applied))} from {name}")
+    return 0
+
+
+def _count_arg(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of lines, 0 or more; got {text!r}")
+    return value
+
+
 def _common_options(with_defaults):
     """Options every client command takes, before or after the command name.
 
@@ -309,6 +471,28 @@ GETNEXT_PARAMS_HELP = (
     "cmactor getnext vlan.member vlan=v10 port=None; else the agent's declared index_columns carry "
     "the walk (or every field of the previous row)."
 )
+
+LOGS_HELP = (
+    "A module's log, state_dir/logs/MODULE.log: its worker's log records and what it (or a process it "
+    "started) wrote to stdout or stderr, rotated by size ([supervisor] log_max_bytes, log_backups). The "
+    "log directory comes from the running supervisor; when it is not running, from the state_dir of the "
+    "config file given with -c."
+)
+EXPORT_HELP = (
+    "Print the live config of the modules' persistent tables (the save walk, without writing the config "
+    "file) as lines 'set MODULE.TABLE key=value ...', quoted as a shell quotes words, so that cmactor apply "
+    "reads them back exactly; modules dependencies first, tables in persistent_list order. A value that is "
+    "None is left out. Every module named (default: every module) must be READY."
+)
+APPLY_HELP = (
+    "Replay FILE, lines of 'set|setop MODULE.TABLE key=value ...' (as cmactor export writes; words quoted "
+    "as in a shell, values taken literally: key=None is the text None), in order. Blank lines and lines "
+    "starting with # are skipped. The whole file is checked first: if any line is malformed or names a "
+    "module the supervisor does not run, every such line is reported and nothing is sent. Then the "
+    "commands go one by one; the first that fails stops the apply, saying which lines went in "
+    "(--keep-going reports each failure and goes on). Applying adds and changes rows; it deletes none."
+)
+
 
 def _columns(text):
     columns = text.split(",")
@@ -394,6 +578,28 @@ def build_parser():
     restart.add_argument("module")
     restart.set_defaults(func=cmd_restart)
     sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
+    logs = sub.add_parser(
+        "logs", parents=[common], help="show a module's log (its worker's log records, stdout and stderr)", description=LOGS_HELP
+    )
+    logs.add_argument("module", metavar="MODULE")
+    logs.add_argument("-n", "--lines", type=_count_arg, default=20, metavar="N", help="show the last N lines (default 20)")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then show lines as they are written, across rotations, until Ctrl-C"
+    )
+    logs.set_defaults(func=cmd_logs)
+    export = sub.add_parser(
+        "export", parents=[common], help="print the live config as set commands, for cmactor apply", description=EXPORT_HELP
+    )
+    export.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to export (default: every module)")
+    export.set_defaults(func=cmd_export)
+    apply = sub.add_parser(
+        "apply", parents=[common], help="replay a file of set/setop commands, as cmactor export writes", description=APPLY_HELP
+    )
+    apply.add_argument("file", metavar="FILE", help="the file of commands; - reads stdin")
+    apply.add_argument(
+        "--keep-going", action="store_true", help="on a command that fails, report it and go on (exit non-zero at the end)"
+    )
+    apply.set_defaults(func=cmd_apply)
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmarks against raw baselines measured in the same run (perf/README.md)"
     )
@@ -424,6 +630,9 @@ def main(argv=None):
     except (Error, ConfigError, StartupError, CliError) as exc:
         print(f"cmactor: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `cmactor logs vlan | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
     except KeyboardInterrupt:
         print("cmactor: interrupted", file=sys.stderr)
         return 130

@@ -72,6 +72,28 @@ def _level(where, value):
     return name
 
 
+# Bounds of the log rotation keys: a smaller file rotates every few lines, and each
+# rotation renames every old file kept.
+MIN_LOG_BYTES = 4096
+MAX_LOG_BACKUPS = 100
+
+
+def _log_bytes(where, value):
+    size = _count(where, value)
+    if 0 < size < MIN_LOG_BYTES:
+        raise ConfigError(
+            f"{where}: expected a size in bytes of at least {MIN_LOG_BYTES} (or 0: never rotate), got {value!r}"
+        )
+    return size
+
+
+def _log_backups(where, value):
+    count = _count(where, value)
+    if count > MAX_LOG_BACKUPS:
+        raise ConfigError(f"{where}: expected how many rotated files to keep, 0 to {MAX_LOG_BACKUPS}; got {value!r}")
+    return count
+
+
 _MODULE_TARGET = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 _FUNC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -141,6 +163,9 @@ SUPERVISOR_OPTIONS = {
     "stop_timeout": (_number, 10.0),
     "allowed_uids": (_uids, []),
     "log_level": (_level, "INFO"),
+    # Rotation of each module's log (state_dir/logs) and of the audit log (logs.py).
+    "log_max_bytes": (_log_bytes, 10 * 1024 * 1024),
+    "log_backups": (_log_backups, 5),
     "max_frame": (_positive, MAX_FRAME),
     # What one client, or all of them, can make the supervisor hold (server.py).
     "max_client_requests": (_positive, 256),

@@ -101,7 +101,7 @@ class Journal:
     def _reopen(self):
         if self._file is not None:
             self._file.close()
-        self._file = open(self.path, "ab", opener=_owner_only)
+        self._file = open(self.path, "ab", opener=store.owner_only)
         self._synced = len(self.records)
         self._synced_size = self._file.tell()
 
@@ -144,7 +144,7 @@ class Journal:
         """Forget the first ``count`` records (now in the config file); keep the rest on disk."""
         rest = self.records[count:]
         tmp = self.path + ".tmp"
-        with open(tmp, "wb", opener=_owner_only) as f:  # a failure here leaves the journal as it was
+        with open(tmp, "wb", opener=store.owner_only) as f:  # a failure here leaves the journal as it was
             for op, table, params in rest:
                 f.write(_encode(op, table, params))
             f.flush()
@@ -161,11 +161,6 @@ class Journal:
 
 def _module(path):
     return os.path.basename(path).removesuffix(".jsonl")
-
-
-def _owner_only(path, flags):
-    """open() opener: the journal holds config values, which may be secrets."""
-    return os.open(path, flags, 0o600)
 
 
 def _encode(op, table, params):

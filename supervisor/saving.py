@@ -5,6 +5,9 @@ which covers them all. Modules are walked one at a time, dependencies first, so
 that an agent's save events never wait on another module that is itself saving.
 Sections of modules not saved in this run (not READY, or no longer configured)
 are carried over from the last good file, so a save never drops config.
+
+An export is a run of the same walk over the modules it names, whose sections
+are answered instead of written: no file, journal or unsaved flag changes.
 """
 
 import concurrent.futures
@@ -12,21 +15,25 @@ import logging
 import os
 import time
 
-from cmactor.errors import DatabaseError, OperationalError, to_wire
+from cmactor.errors import DatabaseError, OperationalError, ProgrammingError, to_wire
 
 from . import deps, store
-from .modules import READY
+from .modules import READY, unknown_module
 from .stats import SAVE_BOUNDS, Timed
 
 log = logging.getLogger("cmactor.supervisor")
 
+_RESULT_KEY = {"save": "saved", "export": "export"}  # where a client's reply carries the result
+
 
 class SaveJob:
     """One run: a save of every module into the config file, or (``snapshot``) the
-    compaction of one module's journal into a snapshot of its live tables."""
+    compaction of one module's journal into a snapshot of its live tables, or
+    (``export``) the walk of some modules, answered to the waiter."""
 
-    def __init__(self, waiters, modules, previous, snapshot=False):
+    def __init__(self, waiters, modules, previous, snapshot=False, export=False):
         self.snapshot = snapshot
+        self.export = export
         self.modules = list(modules)
         self.waiters = waiters  # (waiter, user): waiter a (client, rid) pair or a concurrent.futures.Future
         self.queue = list(modules)  # Module records still to walk
@@ -66,6 +73,7 @@ class Saver:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cmactor-save")
         self._closed = False
         self._compactions = []  # modules whose journals passed their bound, oldest first
+        self._exports = []  # (waiter, user, modules) in the order asked
         self.on_idle = None
         self.stats = Timed(SAVE_BOUNDS)  # save runs (not compactions): outcome and duration
 
@@ -86,11 +94,33 @@ class Saver:
         if self._job is None:
             self._start()
 
+    def export(self, waiter, user, names):
+        """Queue an export for ``waiter``: the save walk of the modules ``names`` (None or
+        empty: every module), dependencies first, answered with [[module, section], ...]
+        instead of written. Every one must be READY: its live rows are what it exports.
+        ProgrammingError for a name the supervisor does not run, OperationalError for a
+        module that is not READY."""
+        for name in names or ():
+            if name not in self._modules:
+                raise ProgrammingError(unknown_module(name, self._modules))
+        chosen = [m for m in deps.dependencies_first(self._modules) if not names or m.name in names]
+        for mod in chosen:
+            if mod.state != READY:
+                raise OperationalError(_not_ready(mod, not names))
+        if self._closed:
+            raise OperationalError("export refused: the supervisor is stopping")
+        self._exports.append((waiter, user, [m for m in chosen if m.persistent_list]))
+        if self._job is None:
+            self._start()
+
     def close(self):
-        """The supervisor is stopping: refuse the saves still to run (a running one finishes)."""
+        """The supervisor is stopping: refuse the saves and exports still to run (a running one finishes)."""
         self._closed = True
         waiters, self._waiters = self._waiters, []
         self._reply(waiters, OperationalError, "save refused: the supervisor is stopping")
+        exports, self._exports = self._exports, []
+        for waiter, user, _ in exports:
+            self._reply([(waiter, user)], OperationalError, "export refused: the supervisor is stopping", "export")
 
     def shutdown(self):
         self._writer.shutdown(wait=True)
@@ -114,6 +144,9 @@ class Saver:
             modules = [m for m in deps.dependencies_first(self._modules) if m.persistent_list]
             self._job = SaveJob(waiters, modules, self._sections)
             self._compactions.clear()
+        elif self._exports:
+            waiter, user, modules = self._exports.pop(0)
+            self._job = SaveJob([(waiter, user)], modules, {}, export=True)
         else:
             mod = self._compactions.pop(0)
             if not mod.journal.full:  # a save ran first and emptied it
@@ -126,14 +159,20 @@ class Saver:
         job = self._job
         while (mod := job.next_module()) is not None:
             if mod.state != READY:
+                if job.export:  # it left READY while the export waited its turn
+                    self._end(job, OperationalError, _not_ready(mod, False))
+                    return
                 continue  # its last saved section is carried over
             mod.saving = True
             job.journaled[mod.name] = len(mod.journal.records)  # these the walk will include
             # Cleared now: a change acknowledged during the walk marks it again.
-            if not job.snapshot:
+            if not job.snapshot and not job.export:
                 job.was_unsaved[mod.name] = mod.unsaved
                 mod.unsaved = False
             job.sid = mod.channel.save(mod.persistent_list)
+            return
+        if job.export:
+            self._end(job, None, [[name, job.sections[name]] for name in job.saved])
             return
         if job.snapshot and not job.saved:
             self._end(job, None, None)  # the module was not READY: its next bound passed tries again
@@ -161,8 +200,11 @@ class Saver:
             job.done(mod.name, section, rows)
             self._next()
             return
-        what = "journal compaction" if job.snapshot else "save"
+        what = "journal compaction" if job.snapshot else "export" if job.export else "save"
         log.error("%s failed: module %s: %s", what, mod.name, error)
+        if job.export:
+            self._end(job, DatabaseError, f"export failed: module {mod.name!r}: {error}")
+            return
         self._end(job, DatabaseError, f"save failed: module {mod.name!r}: {error}; {self.config_path} was not changed")
 
     def _on_written(self, job, future):
@@ -210,7 +252,7 @@ class Saver:
             if job.current is not None:
                 job.current.saving = False
                 self._router.release_held(job.current)
-        self._reply(job.waiters, exc_type, result)
+        self._reply(job.waiters, exc_type, result, "export" if job.export else "save")
         self._job = None
         self._idle()
 
@@ -218,22 +260,31 @@ class Saver:
         """No run is under way: start the next one, or let a stop go on."""
         if self._closed:
             self.on_idle()
-        elif self._waiters or self._compactions:
+        elif self._waiters or self._compactions or self._exports:
             self._start()
 
-    def _reply(self, waiters, exc_type, result):
+    def _reply(self, waiters, exc_type, result, op="save"):
         outcome = "ok" if exc_type is None else f"{exc_type.__name__}: {result}"
         for waiter, user in waiters:
             if isinstance(waiter, concurrent.futures.Future):  # Supervisor.save(): this process asked
-                self._audit.record(user, os.getuid(), os.getpid(), "save", None, None, None, outcome)
+                self._audit.record(user, os.getuid(), os.getpid(), op, None, None, None, outcome)
                 if exc_type is None:
                     waiter.set_result(result)
                 else:
                     waiter.set_exception(exc_type(result))
                 continue
             client, rid = waiter
-            self._audit.record(user, client.peer_uid, client.peer_pid, "save", None, None, None, outcome)
+            self._audit.record(user, client.peer_uid, client.peer_pid, op, None, None, None, outcome)
             if exc_type is None:
-                client.answer({"id": rid, "ok": True, "saved": result})
+                client.answer({"id": rid, "ok": True, _RESULT_KEY[op]: result})
             else:
                 client.answer({"id": rid, "ok": False, "error": to_wire(exc_type, result)})
+
+
+def _not_ready(mod, every):
+    """Why ``mod`` cannot be exported (``every``: it was not named, the export is of every module)."""
+    why = f" ({mod.error})" if mod.error else ""
+    fix = f"`cmactor restart {mod.name}` to bring it back"
+    if every:
+        fix = f"name the modules to export, or {fix}"
+    return f"cannot export module {mod.name!r}: it is {mod.state}{why}, not READY, so it has no live config to walk; {fix}"

@@ -633,6 +633,8 @@ def parse_request(msg):
     if op not in P.DATA_OPS:
         if op == "restart" or (op == "status" and msg.get("module") is not None):
             _name(rid, op, "module", msg.get("module"))
+        if op == "export":
+            _modules(rid, msg.get("modules"))
         _check_caller(rid, msg.get("caller"))
         return msg
     _name(rid, op, "module", msg.get("module"))
@@ -677,6 +679,16 @@ def parse_request(msg):
             )
     _check_caller(rid, msg.get("caller"))
     return msg
+
+
+def _modules(rid, modules):
+    """An export's 'modules': nil (every module) or a list of module names."""
+    if modules is None:
+        return
+    if type(modules) is not list:
+        raise BadRequest(rid, ProgrammingError, f"export: 'modules' must be a list of module names or nil, got {_show(modules)}")
+    for name in modules:
+        _name(rid, "export", "module", name)
 
 
 def _check_caller(rid, caller):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 
 log = logging.getLogger("cmactor.supervisor")
@@ -111,6 +112,32 @@ def write(path, sections):
     finally:
         os.close(dir_fd)
     return header
+
+
+def owner_only(path, flags):
+    """open() opener for a file that holds config values (which may be secrets): made
+    0600, and one left readable by others (by hand, or by an older cmactor) is made 0600."""
+    fd = os.open(path, flags, 0o600)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        try:
+            os.fchmod(fd, 0o600)
+        except OSError as exc:  # another user's file: we may write it, not change it
+            log.warning("%s: cannot make it owner-only (%s); others may read the config values in it", path, exc.strerror)
+    return fd
+
+
+def private_dir(path):
+    """Make directory ``path`` (0700) if it is missing; one of ours that others may enter is
+    made 0700 where it can be. OSError if it cannot be made (FileExistsError: a file is
+    in the way)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:  # e.g. a read-only mount: what is in it is checked on its own
+            log.warning("%s: cannot make it owner-only (%s); others may read what cmactor keeps there", path, exc.strerror)
 
 
 def remove_leftovers(state_dir):

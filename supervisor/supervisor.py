@@ -7,6 +7,7 @@ API, the control requests (status, save, restart, stop) and the wiring.
 
 import atexit
 import concurrent.futures
+import json
 import logging
 import os
 import weakref
@@ -21,6 +22,7 @@ from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
 from .deadlock import WaitGraph
 from .journal import Journal
 from .lifecycle import Lifecycle
+from .logs import ModuleLogs
 from .loop import EventLoop
 from .modules import Module, unknown_module
 from .recovery import Recovery
@@ -95,8 +97,12 @@ class Supervisor:
         # values. The state directory is also entered by allowed_uids (to reach the socket).
         os.makedirs(self.state_dir, mode=0o711 if self.options["allowed_uids"] else 0o700, exist_ok=True)
         sections = self._read_config()
+        self._logs = ModuleLogs(
+            os.path.join(self.state_dir, "logs"), self.modules, self.options["log_max_bytes"], self.options["log_backups"]
+        )
+        self._logs.check()  # StartupError naming the path if a module's log cannot be written
         journal_dir = os.path.join(self.state_dir, "journal")
-        os.makedirs(journal_dir, mode=0o700, exist_ok=True)
+        store.private_dir(journal_dir)
         for mod in self.modules.values():
             opts = mod.options
             mod.journal = Journal(
@@ -148,7 +154,9 @@ class Supervisor:
         """Make the parts; each is given the others it calls (see the package docstring)."""
         modules = self.modules
         self._loop = loop = EventLoop()
-        self._audit = AuditLog(os.path.join(self.state_dir, "audit.log"))
+        self._audit = AuditLog(
+            os.path.join(self.state_dir, "audit.log"), self.options["log_max_bytes"], self.options["log_backups"]
+        )
         loop.after_output(self._audit.flush)
         self._server = server.Server(
             loop,
@@ -171,6 +179,8 @@ class Supervisor:
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         workers.on_exit = recovery.on_exit
+        workers.on_output = self._logs.output
+        loop.after_output(self._logs.flush)
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
         if self.notifier is not None:
@@ -179,7 +189,7 @@ class Supervisor:
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
-            (P.Log, _log_record),
+            (P.Log, self._log_record),
             (P.Init, lifecycle.on_init),
             (P.Ready, lifecycle.on_ready),
             (P.Loaded, lifecycle.on_loaded),
@@ -253,6 +263,18 @@ class Supervisor:
         self._loop.call(self._saver.request, future, user)
         return future.result()
 
+    def export(self, modules=None, user="supervisor"):
+        """The live rows of the persistent tables of ``modules`` (default: every module),
+        walked as a save walks them but written nowhere: {module: {table: [row, ...]}},
+        dependencies first, tables in persistent_list order, rows in walk order.
+
+        Raises ProgrammingError for a module this supervisor does not run,
+        OperationalError for one that is not READY, DatabaseError if a walk fails.
+        """
+        future = concurrent.futures.Future()
+        self._loop.call(self._saver.export, future, user, modules)
+        return {name: json.loads(section) for name, section in future.result()}
+
     def restart(self, name):
         """Restart one module now (reviving it if it is quarantined)."""
         return self._loop.call(self._recovery.restart, name)
@@ -298,6 +320,11 @@ class Supervisor:
                 if refusal is not None:
                     raise DeadlockDetectedError(refusal)
                 self._saver.request((client, rid), request.get("user", ""))  # answered when it ends
+            elif op == "export":
+                refusal = self._graph.refuse_save(request.get("caller"))  # it runs the save walk
+                if refusal is not None:
+                    raise DeadlockDetectedError(refusal)
+                self._saver.export((client, rid), request.get("user", ""), request.get("modules"))
             elif op == "restart":
                 self._recovery.restart(request["module"])
                 client.answer({"id": rid, "ok": True})
@@ -323,6 +350,7 @@ class Supervisor:
             "audit_error": self._audit.last_error,
             "clients": self._server.client_count,
             "saves": self._saver.stats.snapshot(),
+            **self._logs.status(),
         }
 
     def _die(self):
@@ -339,11 +367,12 @@ class Supervisor:
         except OSError:
             pass
         self._audit.close()
+        self._logs.close()
         for mod in self.modules.values():
             mod.journal.close()
         self._loop.finish()
 
-
-def _log_record(mod, record):
-    """A worker's log record, re-emitted on the logger of its module."""
-    logging.getLogger(f"cmactor.agent.{mod.name}").log(record.level, "[%s] %s", record.name, record.text)
+    def _log_record(self, mod, record):
+        """A worker's log record: to the module's log, and re-emitted on the logger of its module."""
+        self._logs.record(mod, record.level, record.name, record.text)
+        logging.getLogger(f"cmactor.agent.{mod.name}").log(record.level, "[%s] %s", record.name, record.text)

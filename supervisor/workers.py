@@ -4,6 +4,10 @@ Each worker gets a fresh socket pair (its channel) and a doorbell pair at every
 start, so a worker killed mid-write cannot poison the next one. The channel is
 an endpoint of the loop; what arrives on it is decoded (protocol's named
 messages) and handed to the handler registered for its kind.
+
+A third pair carries the worker's stdout and stderr (its fds 1 and 2, inherited
+by the processes it starts): the supervisor reads it in the loop and hands the
+lines to the module's log (logs.py), which it alone writes, so it can rotate it.
 """
 
 import itertools
@@ -28,6 +32,13 @@ START_METHOD = "forkserver"
 
 _decode = P.decode
 _PING = P.Ping.of()
+
+# A worker's output line longer than this (one printed without a newline) is cut into
+# lines of this size: what is kept of a line waiting for its newline stays bounded.
+MAX_LINE = 16 * 1024
+# What is read of a dead worker's output: more than its socket can hold (everything it
+# wrote), and a bound on a process it started that goes on writing.
+DRAIN_MAX = 1024 * 1024
 
 
 class Channel:
@@ -118,16 +129,44 @@ class Channel:
         self.doorbell.close()
 
 
+class Output:
+    """The supervisor's end of one worker's stdout/stderr socket pair, cut into lines."""
+
+    __slots__ = ("mod", "sock", "_partial")
+
+    def __init__(self, mod, sock):
+        self.mod = mod
+        self.sock = sock
+        self._partial = b""  # the last line, until its newline comes
+
+    def lines(self, data):
+        """The complete lines in what was read, as text; a line past MAX_LINE is cut."""
+        *lines, rest = (self._partial + data).split(b"\n")
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        self._partial = rest
+        return [line.decode("utf-8", "backslashreplace") for line in lines]
+
+    def rest(self):
+        """At the end: the last line, if it never got its newline."""
+        rest, self._partial = self._partial, b""
+        return [rest.decode("utf-8", "backslashreplace")] if rest else []
+
+
 class Workers:
     """Starts and ends the worker processes of modules and reads their channels.
 
     What a worker sends goes to the handler registered for its kind (handle());
-    ``on_exit(mod)`` is called when a worker's process sentinel fires."""
+    ``on_exit(mod)`` is called when a worker's process sentinel fires, and
+    ``on_output(mod, lines)`` with the lines it wrote to stdout or stderr."""
 
     def __init__(self, loop, *, socket_path, base_dir, log_level):
         self._loop = loop
         self._handlers = {}
         self.on_exit = None
+        self.on_output = None
+        self._outputs = {}  # module name -> the Output of its current worker
         self._socket_path = socket_path
         self._base_dir = base_dir
         self._log_level = log_level
@@ -164,9 +203,12 @@ class Workers:
             opened += (parent, child)
             bell, bell_child = socket.socketpair()
             opened += (bell, bell_child)
+            # A socket pair rather than a pipe: multiprocessing hands sockets to the fork server's child.
+            out, out_child = socket.socketpair()
+            opened += (out, out_child)
             slots = self._mp.RawArray("q", P.SLOTS_SIZE)
             process = self._mp.Process(
-                target=worker.main, args=(spec, child, bell_child, slots), name=f"cmactor-{mod.name}"
+                target=worker.main, args=(spec, child, bell_child, slots, out_child), name=f"cmactor-{mod.name}"
             )
             process.start()
         except Exception as exc:
@@ -175,13 +217,19 @@ class Workers:
             return f"could not start a worker process: {type(exc).__name__}: {exc}"
         child.close()  # else the worker's death would never show as EOF here
         bell_child.close()
+        out_child.close()
         parent.setblocking(False)
         bell.setblocking(False)
+        out.setblocking(False)
         mod.process = process
         mod.slots = slots
         mod.channel = Channel(parent, bell, self._sids, self._loop.mark)
         mod.psutil = health.track(process.pid)
         self._loop.watch(parent, self._read, mod, mod.channel)
+        # The Output, not the module, is what the loop hands back: a read that was ready
+        # in the turn its worker was reaped finds it closed, not the next worker's.
+        output = self._outputs[mod.name] = Output(mod, out)
+        self._loop.watch(out, self._read_output, output)
         self._loop.watch(process.sentinel, self.on_exit, mod)
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
         return None
@@ -202,6 +250,41 @@ class Workers:
             if not drain:
                 return
 
+    def _read_output(self, output, limit=None):
+        """What the worker wrote to stdout or stderr: one read, or (``limit``) up to
+        ``limit`` bytes, all it wrote before it died. At its EOF (every process holding
+        the other end is gone) our end is closed; the process sentinel, not this EOF,
+        is what tells the worker's exit."""
+        if output.sock is None:
+            return
+        lines = []
+        taken = 0
+        while True:
+            data = recv(output.sock)
+            if not data:
+                break
+            lines += output.lines(data)
+            taken += len(data)
+            if limit is None or taken >= limit:
+                break
+        if lines:
+            self.on_output(output.mod, lines)
+        if data == b"":
+            self._close_output(output)
+
+    def _close_output(self, output):
+        """Close our end, after writing out the last line if it never got its newline."""
+        if output.sock is None:
+            return
+        rest = output.rest()
+        if rest:
+            self.on_output(output.mod, rest)
+        self._loop.unwatch(output.sock)
+        output.sock.close()
+        output.sock = None
+        if self._outputs.get(output.mod.name) is output:
+            del self._outputs[output.mod.name]
+
     def reap(self, mod):
         """A worker's sentinel fired: collect its exit and every reply it sent first,
         take its process group down and forget it. Returns (pid, exit code)."""
@@ -215,6 +298,12 @@ class Workers:
             self._read(mod, drain=True)  # replies it sent before dying still count
             self._close_channel(mod)
         kill_group(pid)
+        output = self._outputs.get(mod.name)
+        if output is not None:
+            # Its last words reach the log. Then our end is closed even if a process it
+            # started (and that left its group) still holds the other: nothing waits on it.
+            self._read_output(output, DRAIN_MAX)
+            self._close_output(output)
         mod.process = None
         mod.psutil = None
         return pid, code
