@@ -7,6 +7,8 @@ the ``cmactor`` command.
 How a request flows, all on the loop thread (loop.py) but for the worker::
 
     client ──frame──▶ server.py         Server: accept, uid check, read, parse_request
+                        │
+                      control.py        Control.handle: a control op is answered here
                         │ data op
                         ▼
                       routing.py        Router: admit (deadlock.py WaitGraph), hold while

@@ -270,7 +270,6 @@ class Server:
         self,
         loop,
         listening,
-        handle,
         max_frame,
         allowed_uids,
         *,
@@ -281,7 +280,7 @@ class Server:
     ):
         self.loop = loop
         self._listener, self.socket_path, self._private_dir = listening  # from listen()
-        self._handle = handle
+        self.on_request = None  # (client, request) for each valid request: Control.handle
         self._max_frame = max_frame
         self._allowed_uids = frozenset(allowed_uids)
         self._max_requests = max_client_requests
@@ -370,7 +369,7 @@ class Server:
     def _serve(self, client, messages):
         """Hand each request on, or answer it if it is bad; at max_client_requests in
         flight, stop reading and keep the rest until replies drain."""
-        handle = self._handle
+        handle = self.on_request
         limit = self._max_requests
         for index, message in enumerate(messages):
             if client.in_flight >= limit:

@@ -10,6 +10,8 @@ are fixed when the figures are made, and nothing is allocated per event.
 
 from bisect import bisect_left
 
+from cmactor.errors import StartupError
+
 # Upper bounds in seconds (Prometheus' "le": a value equal to a bound falls in
 # its bucket). A get takes ~130 µs on a quiet 2-vCPU VM; a set to a persistent
 # table adds an fsync (~200 µs on ext4, tens of ms on a busy disk).
@@ -69,3 +71,18 @@ def request_stats(ops):
     """One module's requests: op -> Timed. Made for every op up front, so the hot path never
     makes one, and a scrape shows a zero series for an op never asked for."""
     return {op: Timed(REQUEST_BOUNDS) for op in ops}
+
+
+def exporter(address, read):
+    """A metrics.Exporter serving /metrics at ``address`` from ``read``; imported only here,
+    since it needs the optional extra. StartupError when it is not installed."""
+    try:
+        from . import metrics
+    except ImportError as exc:
+        if exc.name != "prometheus_client":
+            raise
+        raise StartupError(
+            f"[supervisor] metrics = {address!r} needs the prometheus-client package, which is not "
+            "installed: pip install 'cmactor[metrics]' (or remove the key)"
+        ) from None
+    return metrics.Exporter(address, read)

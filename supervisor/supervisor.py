@@ -14,17 +14,17 @@ import weakref
 
 from cmactor import cmfrontend
 from cmactor import protocol as P
-from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError, StartupError
+from cmactor.errors import StartupError
 
-from . import health, server, store
+from . import server, state, stats, store
 from .audit import AuditLog
 from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
+from .control import Control
 from .deadlock import WaitGraph
-from .journal import Journal
 from .lifecycle import Lifecycle
 from .logs import ModuleLogs
 from .loop import EventLoop
-from .modules import Module, unknown_module
+from .modules import Module
 from .recovery import Recovery
 from .restart import RestartPolicy
 from .routing import Router
@@ -101,33 +101,13 @@ class Supervisor:
             os.path.join(self.state_dir, "logs"), self.modules, self.options["log_max_bytes"], self.options["log_backups"]
         )
         self._logs.check()  # StartupError naming the path if a module's log cannot be written
-        journal_dir = os.path.join(self.state_dir, "journal")
-        store.private_dir(journal_dir)
-        for mod in self.modules.values():
-            opts = mod.options
-            mod.journal = Journal(
-                os.path.join(journal_dir, f"{mod.name}.jsonl"), opts["journal_max_records"], opts["journal_max_bytes"]
-            )
-            try:
-                mod.journal.open(self.recover)
-            except store.StoreError as exc:
-                for opened in self.modules.values():
-                    if opened.journal is not None:
-                        opened.journal.close()
-                raise StartupError(f"{exc}; remove it, or start without --recover (its changes are then lost)") from None
-        path = self.options["socket"] or server.default_socket_path(self.state_dir)
-        path = os.path.abspath(os.path.join(self.base_dir, path))
+        state.open_journals(self.modules, self.state_dir, self.recover)
         try:
-            listening = server.listen(path, self.options["allowed_uids"])
-        except OSError as exc:
-            for mod in self.modules.values():
-                mod.journal.close()
-            raise StartupError(f"cannot listen on {path}: {exc}") from None
+            listening = state.listen(self.state_dir, self.base_dir, self.options["socket"], self.options["allowed_uids"])
+        except StartupError:
+            state.close_journals(self.modules)
+            raise
         self.socket_path = listening[1]
-        store.remove_leftovers(self.state_dir)  # ours alone now: no other supervisor listens here
-        os.makedirs(os.path.dirname(server.socket_pointer(self.state_dir)), mode=0o700, exist_ok=True)
-        with open(server.socket_pointer(self.state_dir), "w") as f:
-            f.write(self.socket_path)
         self._build(sections, listening)
         self._loop.start(on_death=self._die)
         _running.add(self)
@@ -161,7 +141,6 @@ class Supervisor:
         self._server = server.Server(
             loop,
             listening,
-            self._handle,
             self.options["max_frame"],
             self.options["allowed_uids"],
             **{key: self.options[key] for key in server.LIMITS},
@@ -178,6 +157,10 @@ class Supervisor:
         )
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
+        self._control = control = Control(
+            modules, self._server, router, graph, saver, recovery, lifecycle, self._audit, self._logs
+        )
+        self._server.on_request = control.handle
         workers.on_exit = recovery.on_exit
         workers.on_output = self._logs.output
         loop.after_output(self._logs.flush)
@@ -201,18 +184,8 @@ class Supervisor:
 
     def _serve_metrics(self):
         """Serve /metrics where [supervisor] metrics says; else stop and raise StartupError."""
-        address = self.options["metrics"]
         try:
-            try:
-                from . import metrics
-            except ImportError as exc:
-                if exc.name != "prometheus_client":
-                    raise
-                raise StartupError(
-                    f"[supervisor] metrics = {address!r} needs the prometheus-client package, which is not "
-                    "installed: pip install 'cmactor[metrics]' (or remove the key)"
-                ) from None
-            self._metrics = metrics.Exporter(address, self._figures)
+            self._metrics = stats.exporter(self.options["metrics"], self._figures)
         except StartupError:
             self.stop()
             raise
@@ -220,7 +193,8 @@ class Supervisor:
 
     def _figures(self, timeout):
         """(Any thread: the metrics collector's.) What status shows, copied on the loop thread."""
-        copy = self._loop.call_async(lambda: {"modules": self._status(), "supervisor": self._own_status()})
+        control = self._control
+        copy = self._loop.call_async(lambda: {"modules": control.status(), "supervisor": control.own_status()})
         return copy.result(timeout)
 
     def _read_config(self):
@@ -246,12 +220,12 @@ class Supervisor:
 
     def status(self):
         """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
-        return self._loop.call(self._status)
+        return self._loop.call(self._control.status)
 
     def supervisor_status(self):
         """The supervisor's own figures: audit log lines that could not be written and the last error,
         clients connected, and saves (ok, errors by type, duration histogram)."""
-        return self._loop.call(self._own_status)
+        return self._loop.call(self._control.own_status)
 
     def save(self, user="supervisor"):
         """Save every READY module's persistent tables to the config file; return a summary.
@@ -305,54 +279,6 @@ class Supervisor:
 
     # -- on the loop thread ------------------------------------------------
 
-    def _handle(self, client, request):
-        """A valid request from a client: data requests are routed, control requests answered here."""
-        op, rid = request["op"], request["id"]
-        if op in P.DATA_OPS:
-            self._router.route(client, request)
-            return
-        try:
-            if op == "status":
-                status = self._status(request.get("module"))
-                client.answer({"id": rid, "ok": True, "status": status, "supervisor": self._own_status()})
-            elif op == "save":
-                refusal = self._graph.refuse_save(request.get("caller"))
-                if refusal is not None:
-                    raise DeadlockDetectedError(refusal)
-                self._saver.request((client, rid), request.get("user", ""))  # answered when it ends
-            elif op == "export":
-                refusal = self._graph.refuse_save(request.get("caller"))  # it runs the save walk
-                if refusal is not None:
-                    raise DeadlockDetectedError(refusal)
-                self._saver.export((client, rid), request.get("user", ""), request.get("modules"))
-            elif op == "restart":
-                self._recovery.restart(request["module"])
-                client.answer({"id": rid, "ok": True})
-            elif op == "stop":
-                log.info("stop requested by %s", request.get("user") or "a client")
-                client.answer({"id": rid, "ok": True})  # before the stop closes the clients
-                self._lifecycle.begin_stop()
-            else:  # ping
-                client.answer({"id": rid, "ok": True})
-        except Error as exc:
-            client.answer_error(rid, type(exc), str(exc))
-
-    def _status(self, only=None):
-        """Every module's status, or only the one named ``only``."""
-        if only is not None and only not in self.modules:
-            raise ProgrammingError(unknown_module(only, self.modules))
-        chosen = self.modules.items() if only is None else [(only, self.modules[only])]
-        return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
-
-    def _own_status(self):
-        return {
-            "audit_failures": self._audit.failures,
-            "audit_error": self._audit.last_error,
-            "clients": self._server.client_count,
-            "saves": self._saver.stats.snapshot(),
-            **self._logs.status(),
-        }
-
     def _die(self):
         """The loop died of an error: no worker may outlive it."""
         for mod in self.modules.values():
@@ -368,8 +294,7 @@ class Supervisor:
             pass
         self._audit.close()
         self._logs.close()
-        for mod in self.modules.values():
-            mod.journal.close()
+        state.close_journals(self.modules)
         self._loop.finish()
 
     def _log_record(self, mod, record):

@@ -2,7 +2,6 @@
 
 import pickle
 import select
-import socket
 import struct
 import threading
 import time

@@ -1,0 +1,79 @@
+"""The control requests: status, save, export, restart, stop and ping.
+
+The server hands every valid request to ``Control.handle``; data requests go on
+to the router, control requests are answered here from the parts that own what
+they ask about. ``status()`` and ``own_status()`` are also what the public
+Supervisor.status() and the metrics collector read.
+"""
+
+import logging
+
+from cmactor import protocol as P
+from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
+
+from . import health
+from .modules import unknown_module
+
+log = logging.getLogger("cmactor.supervisor")
+
+
+class Control:
+    def __init__(self, modules, server, router, graph, saver, recovery, lifecycle, audit, logs):
+        self._modules = modules
+        self._server = server
+        self._router = router
+        self._graph = graph
+        self._saver = saver
+        self._recovery = recovery
+        self._lifecycle = lifecycle
+        self._audit = audit
+        self._logs = logs
+
+    def handle(self, client, request):
+        """A valid request from a client: data requests are routed, control requests answered."""
+        op, rid = request["op"], request["id"]
+        if op in P.DATA_OPS:
+            self._router.route(client, request)
+            return
+        try:
+            if op == "status":
+                status = self.status(request.get("module"))
+                client.answer({"id": rid, "ok": True, "status": status, "supervisor": self.own_status()})
+            elif op == "save" or op == "export":
+                refusal = self._graph.refuse_save(request.get("caller"))  # an export runs the save walk too
+                if refusal is not None:
+                    raise DeadlockDetectedError(refusal)
+                user = request.get("user", "")
+                if op == "save":
+                    self._saver.request((client, rid), user)  # answered when it ends
+                else:
+                    self._saver.export((client, rid), user, request.get("modules"))
+            elif op == "restart":
+                self._recovery.restart(request["module"])
+                client.answer({"id": rid, "ok": True})
+            elif op == "stop":
+                log.info("stop requested by %s", request.get("user") or "a client")
+                client.answer({"id": rid, "ok": True})  # before the stop closes the clients
+                self._lifecycle.begin_stop()
+            else:  # ping
+                client.answer({"id": rid, "ok": True})
+        except Error as exc:
+            client.answer_error(rid, type(exc), str(exc))
+
+    def status(self, only=None):
+        """Every module's status, or only the one named ``only``."""
+        modules = self._modules
+        if only is not None and only not in modules:
+            raise ProgrammingError(unknown_module(only, modules))
+        chosen = modules.items() if only is None else [(only, modules[only])]
+        return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
+
+    def own_status(self):
+        """The supervisor's own figures: audit and log failures, clients, saves."""
+        return {
+            "audit_failures": self._audit.failures,
+            "audit_error": self._audit.last_error,
+            "clients": self._server.client_count,
+            "saves": self._saver.stats.snapshot(),
+            **self._logs.status(),
+        }
