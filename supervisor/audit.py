@@ -36,6 +36,7 @@ class AuditLog:
         self.last_error = None
         self._warned_at = None
         self._unwarned = 0
+        self.schedule = None  # the loop's after_output: flush() once a turn has lines
 
     def _format_time(self, now):
         """UTC time to the millisecond, ISO 8601; the date part is formatted once a second."""
@@ -46,10 +47,12 @@ class AuditLog:
         return f"{self._stamp}.{int((now - second) * 1000):03d}+00:00"
 
     def record(self, user, uid, pid, op, module, table, params, outcome):
+        if not self._pending and self.schedule is not None:
+            self.schedule(self.flush)  # the turn's first line
         self._pending.append((time.time(), user, uid, pid, op, module, table, params, outcome))
 
     def flush(self):
-        """Once per loop turn: one write for all the lines of that turn."""
+        """At the end of a turn: one write for all the lines of that turn."""
         if not self._pending:
             return
         lines = []

@@ -16,6 +16,8 @@ from .modules import unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 
+_DATA_OPS = frozenset(P.DATA_OPS)
+
 
 class Control:
     def __init__(self, modules, server, router, graph, saver, recovery, lifecycle, audit, logs):
@@ -31,10 +33,10 @@ class Control:
 
     def handle(self, client, request):
         """A valid request from a client: data requests are routed, control requests answered."""
-        op, rid = request["op"], request["id"]
-        if op in P.DATA_OPS:
+        if request["op"] in _DATA_OPS:
             self._router.route(client, request)
             return
+        op, rid = request["op"], request["id"]
         try:
             if op == "status":
                 status = self.status(request.get("module"))

@@ -97,7 +97,8 @@ def _stamp(now):
 
 
 class ModuleLogs:
-    """The log file of every module, on the loop thread; flush() once per loop turn."""
+    """The log file of every module, on the loop thread; flush() at the end of a turn that
+    brought lines (``schedule``, the loop's after_output, is asked for it)."""
 
     def __init__(self, log_dir, names, max_bytes, backups):
         self.dir = log_dir
@@ -106,6 +107,7 @@ class ModuleLogs:
         self.last_error = None
         self._warned = set()  # modules whose failure was logged
         self._pending = {}  # module name -> texts to write at the end of the turn
+        self.schedule = None
 
     def path(self, name):
         return os.path.join(self.dir, f"{name}.log")
@@ -132,19 +134,24 @@ class ModuleLogs:
     def _fix(self):
         return f"make {self.dir} a directory that uid {os.geteuid()} can write, or choose another state_dir"
 
+    def _texts(self, name):
+        if not self._pending and self.schedule is not None:
+            self.schedule(self.flush)  # the turn's first lines
+        return self._pending.setdefault(name, [])
+
     def record(self, mod, level, logger, text):
         """A log record of the module's worker."""
-        self._pending.setdefault(mod.name, []).append(
+        self._texts(mod.name).append(
             f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n"
         )
 
     def output(self, mod, lines):
         """Lines the module's worker (or a process it started) wrote to stdout or stderr."""
         stamp = _stamp(time.time())
-        self._pending.setdefault(mod.name, []).append("".join(f"{stamp} OUTPUT  {line}\n" for line in lines))
+        self._texts(mod.name).append("".join(f"{stamp} OUTPUT  {line}\n" for line in lines))
 
     def flush(self):
-        """After each loop turn's output: what the turn brought, one write per module."""
+        """After the turn's output: what the turn brought, one write per module."""
         pending, self._pending = self._pending, {}
         for name, texts in pending.items():
             self._write(name, "".join(texts).encode("utf-8", "backslashreplace"))

@@ -45,7 +45,8 @@ class EventLoop:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._sel.register(self._wake_r, _READ, (self._run_calls, self._wake_r, None))
-        self._timers = []  # heap of (when, seq, fn, args)
+        self._timers = []  # heap of (when, seq, fn, args); never replaced: the loop holds it
+        self._done = False
         self._timer_seq = itertools.count()
         self._dirty = set()  # endpoints with output waiting
         # mark(endpoint): it has output (or a drained() check) for the end of this turn.
@@ -53,8 +54,11 @@ class EventLoop:
         self.mark = self._dirty.add
         self._writing = set()  # ... whose sockets are registered for write readiness
         self._unread = {}  # endpoint -> its registration's data, while it is not read from
-        self._before_output = []  # run before each turn's output (journal fsyncs)
-        self._after_output = []  # run after it (the audit log)
+        # Asked for by the parts with work for the end of this turn, each once: run before
+        # its output (journal fsyncs) or after it (the audit and module logs). A turn
+        # that asked for none (most gets) calls nothing.
+        self._before_output = {}
+        self._after_output = {}
 
     # -- running ---------------------------------------------------------
 
@@ -65,6 +69,7 @@ class EventLoop:
 
     def finish(self):
         """(Loop thread.) End the loop after this turn; calls made from now on fail."""
+        self._done = True  # what the loop itself checks each turn: cheaper than the Event
         with self._calls_lock:
             self._finished.set()
 
@@ -80,15 +85,24 @@ class EventLoop:
             self._thread.join()
 
     def before_output(self, fn):
-        self._before_output.append(fn)
+        """Run ``fn()`` once before this turn's output (the replies waiting on it)."""
+        self._before_output[fn] = None
 
     def after_output(self, fn):
-        self._after_output.append(fn)
+        """Run ``fn()`` once after this turn's output."""
+        self._after_output[fn] = None
 
     def _run(self, on_death):
+        select = self._sel.select
+        timers = self._timers
         try:
-            while not self._finished.is_set():
-                for key, mask in self._sel.select(self._timer_delay()):
+            while not self._done:
+                if timers:
+                    delay = timers[0][0] - time.monotonic()
+                    delay = delay if delay > 0.0 else 0.0
+                else:
+                    delay = None
+                for key, mask in select(delay):
                     on_read, arg, endpoint = key.data
                     try:
                         if mask & _READ:
@@ -99,10 +113,12 @@ class EventLoop:
                         log.exception("internal error handling %s; the supervisor carries on", on_read.__qualname__)
                 self._output()
                 # Timers after the turn's output: replies are not kept waiting for them.
-                if self._timers and self._timers[0][0] <= time.monotonic():
+                if timers and timers[0][0] <= time.monotonic():
                     self._run_timers()
                     self._output()
-                self._run_hooks(self._after_output)
+                if self._after_output:
+                    hooks, self._after_output = self._after_output, {}
+                    self._run_hooks(hooks)
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
             on_death()
@@ -157,11 +173,6 @@ class EventLoop:
     def after(self, delay, fn, *args):
         """Run ``fn(*args)`` on the loop thread in ``delay`` seconds."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn, args))
-
-    def _timer_delay(self):
-        if not self._timers:
-            return None
-        return max(0.0, self._timers[0][0] - time.monotonic())
 
     def _run_timers(self):
         now = time.monotonic()
@@ -231,11 +242,14 @@ class EventLoop:
                 log.exception("internal error in %s; the supervisor carries on", fn.__qualname__)
 
     def _output(self):
-        self._run_hooks(self._before_output)  # before the replies that depend on them go out
+        if self._before_output:  # before the replies that depend on them go out
+            hooks, self._before_output = self._before_output, {}
+            self._run_hooks(hooks)
         if not self._dirty:
             return
         dirty = tuple(self._dirty)
         self._dirty.clear()
+        writing = self._writing
         for endpoint in dirty:
             sock = endpoint.sock
             if sock is None or not endpoint.out:
@@ -252,8 +266,11 @@ class EventLoop:
             endpoint.sent()
             if endpoint.sock is None:
                 continue  # sent() closed it (a client over its backlog bound)
-            self._want_write(endpoint, bool(endpoint.out))
-            if not endpoint.out:
+            if endpoint.out:
+                self._want_write(endpoint, True)
+            else:
+                if endpoint in writing:
+                    self._want_write(endpoint, False)
                 endpoint.drained()
 
     def _want_write(self, endpoint, want):

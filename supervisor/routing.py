@@ -33,7 +33,6 @@ class Router:
         self._unjournaled = {}  # mod -> the OSError its journal raised this turn
         self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
         self.on_journal_full = None  # fn(mod): its journal passed its bound, to be compacted
-        loop.before_output(self._sync_journals)
 
     # -- in -------------------------------------------------------------
 
@@ -185,6 +184,7 @@ class Router:
             except OSError as exc:
                 self._unjournaled[mod] = exc
         self._unsynced.append((mod, pending, entries))
+        self._loop.before_output(self._sync_journals)
 
     def on_notify(self, mod, notify):
         pending = mod.inflight.get(notify.sid)

@@ -609,6 +609,8 @@ def _name(rid, op, key, value):
 # A data request with no other keys has nothing left to check once module, table,
 # params, vr and notify are: the usual get or set.
 _PLAIN_KEYS = frozenset(("id", "op", "module", "table", "params", "user", "vr", "notify"))
+_DATA_OPS = frozenset(P.DATA_OPS)
+_OPS = frozenset(P.DATA_OPS + P.CONTROL_OPS)
 
 
 def parse_request(msg):
@@ -623,21 +625,25 @@ def parse_request(msg):
     if type(rid) is not int:
         raise BadRequest(None, ProgrammingError, f"request 'id' must be an integer, got {_show(rid)}")
     op = msg.get("op")
-    if type(op) is not str or (op not in P.DATA_OPS and op not in P.CONTROL_OPS):
+    if type(op) is not str or op not in _OPS:
         known = ", ".join(P.DATA_OPS + P.CONTROL_OPS)
         raise BadRequest(rid, ProgrammingError, f"unknown op {_show(op)}; known ops: {known}")
     user = msg.get("user", "")
     if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
-    if op not in P.DATA_OPS:
+    if op not in _DATA_OPS:
         if op == "restart" or (op == "status" and msg.get("module") is not None):
             _name(rid, op, "module", msg.get("module"))
         if op == "export":
             _modules(rid, msg.get("modules"))
         _check_caller(rid, msg.get("caller"))
         return msg
-    _name(rid, op, "module", msg.get("module"))
-    _name(rid, op, "table", msg.get("table"))
+    # The name checks' common case inline: a name seen before (one set lookup each).
+    module, table = msg.get("module"), msg.get("table")
+    if type(module) is not str or module not in _good_names:
+        _name(rid, op, "module", module)
+    if type(table) is not str or table not in _good_names:
+        _name(rid, op, "table", table)
     msg["params"] = _str_map(rid, "params", msg.get("params"))
     vr = msg.get("vr")
     if vr is not None and type(vr) is not str:

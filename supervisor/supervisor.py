@@ -137,7 +137,7 @@ class Supervisor:
         self._audit = AuditLog(
             os.path.join(self.state_dir, "audit.log"), self.options["log_max_bytes"], self.options["log_backups"]
         )
-        loop.after_output(self._audit.flush)
+        self._audit.schedule = loop.after_output
         self._server = server.Server(
             loop,
             listening,
@@ -163,7 +163,7 @@ class Supervisor:
         self._server.on_request = control.handle
         workers.on_exit = recovery.on_exit
         workers.on_output = self._logs.output
-        loop.after_output(self._logs.flush)
+        self._logs.schedule = loop.after_output
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
         if self.notifier is not None:

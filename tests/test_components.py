@@ -1031,13 +1031,13 @@ def test_the_loop_dying_calls_on_death():
 class RouterLoop:
     def __init__(self):
         self.timers = []
-        self.before = []
+        self.before = {}  # asked for this turn, each once, as EventLoop keeps them
 
     def after(self, delay, fn, *args):
         self.timers.append((delay, fn, args))
 
     def before_output(self, fn):
-        self.before.append(fn)
+        self.before[fn] = None
 
 
 class RouteChannel:
