@@ -1,6 +1,8 @@
+import contextlib
 import multiprocessing.forkserver
 import os
 import socket
+import subprocess
 import time
 
 import psutil
@@ -112,3 +114,16 @@ def supervisor(tmp_path):
     yield make
     for sup in started:
         sup.stop()
+
+
+@contextlib.contextmanager
+def tmpfs(path, options, why):
+    """A tmpfs mounted on ``path`` (an existing directory) with mount ``options`` for the
+    block, unmounted after; the test is skipped, saying ``why`` it needs one, if it cannot be."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs {why}: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

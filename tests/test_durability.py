@@ -9,11 +9,10 @@ import json
 import os
 import signal
 import stat
-import subprocess
 import threading
 
 import pytest
-from conftest import agent, wait_for
+from conftest import agent, tmpfs, wait_for
 
 import cmactor
 
@@ -23,13 +22,8 @@ ECHO = agent("echo.py:main")
 @contextlib.contextmanager
 def small_disk(path, size="512k"):
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {result.stderr.decode().strip()}")
-    try:
+    with tmpfs(path, f"size={size}", "to fill (needs root)"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(disk):

@@ -11,7 +11,7 @@ import threading
 
 import psutil
 import pytest
-from conftest import agent, wait_for
+from conftest import agent, tmpfs, wait_for
 from test_cli import cmactor_cmd
 from test_durability import fill, small_disk
 
@@ -187,13 +187,8 @@ def read_only_dir(path):
         path.chmod(0o500)
         yield path
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,mode=0700", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(path, "ro,mode=0700", "read-only"):
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_a_log_directory_that_cannot_be_written_stops_the_start_naming_the_file(tmp_path, supervisor):
