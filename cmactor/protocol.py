@@ -7,6 +7,7 @@ both hops keeps the hot path simple.
 """
 
 import collections
+import functools
 import re
 import struct
 import threading
@@ -44,8 +45,9 @@ DEFAULT_BATCH = 1000
 # Each kind's layout is written once, here, as a named tuple class: ``Reply.of(sid,
 # error, entries, dirty)`` builds one for the wire (a plain tuple, the kind filled
 # in: msgpack packs it as the same array a list would be, and it costs a third of a
-# named tuple's construction on the hot path), and decode() reads one from the
-# wire as a ``Reply`` whose fields have names.
+# named tuple's construction on the hot path), and ``Reply.read(message)`` (or
+# decode(), for a message of any kind) reads one from the wire as a ``Reply`` whose
+# fields have names.
 _KINDS = {}
 _new_tuple = tuple.__new__
 
@@ -60,6 +62,8 @@ def _kind(code, name, fields, doc):
         return (code, *values)
 
     cls.of = staticmethod(of)
+    # A partial of tuple.__new__: called for every message, it costs no Python frame.
+    cls.read = functools.partial(_new_tuple, cls)
     cls.CODE = code
     cls.__doc__ = doc
     _KINDS[code] = cls

@@ -41,7 +41,7 @@ from .pool import CallbackPool
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
 _REQ, _LOAD, _SAVE, _STOP, _PING = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE
 _PONG = P.Pong.of()
-_decode = P.decode
+_read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
 
 class _ChannelHandler(logging.Handler):
@@ -156,13 +156,13 @@ class Runtime:
                 # does not take is passed over.
                 kind = msg[0]
                 if kind == _REQ:
-                    item = self._route(_decode(msg))
+                    item = self._route(_read_req(msg))
                     if item is not None:
                         serial.append(item)
                 elif kind == _LOAD:
-                    serial.append((_decode(msg), None))
+                    serial.append((_read_load(msg), None))
                 elif kind == _SAVE:
-                    serial.append((_decode(msg), None))
+                    serial.append((_read_save(msg), None))
                 elif kind == _PING:
                     self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
                 elif kind == _STOP:

@@ -30,7 +30,6 @@ log = logging.getLogger("cmactor.supervisor")
 # can deadlock. The fork server is a single-threaded process forked once, early.
 START_METHOD = "forkserver"
 
-_decode = P.decode
 _PING = P.Ping.of()
 
 # A worker's output line longer than this (one printed without a newline) is cut into
@@ -178,7 +177,7 @@ class Workers:
 
     def handle(self, kind, handler):
         """Call ``handler(mod, message)`` for each message of class ``kind`` (protocol.Reply, ...)."""
-        self._handlers[kind.CODE] = handler
+        self._handlers[kind.CODE] = (handler, kind.read)
 
     def spawn(self, mod):
         """Start a worker for ``mod``; None, or why it could not be started."""
@@ -246,7 +245,8 @@ class Workers:
                 self._close_channel(mod)  # the sentinel reports the exit itself
                 return
             for message in channel.reader.feed(data):
-                handlers[message[0]](mod, _decode(message))
+                handler, read = handlers[message[0]]
+                handler(mod, read(message))
             if not drain:
                 return
 
