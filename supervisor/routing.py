@@ -49,7 +49,7 @@ class Router:
                 self.fail(pending, DeadlockDetectedError, refusal)
                 return
         if mod.accepting and not self._closed:
-            self._dispatch(mod, pending)
+            self._dispatch(mod, pending, pending.received_at)  # now: no second clock read
             return
         hold = request.get("hold")
         explicit = hold is not None
@@ -59,9 +59,9 @@ class Router:
             return
         self._hold(mod, [pending], hold)
 
-    def _dispatch(self, mod, pending):
+    def _dispatch(self, mod, pending, now=None):
         req = pending.request
-        pending.dispatched_at = time.monotonic()
+        pending.dispatched_at = time.monotonic() if now is None else now
         if mod.async_ops:  # counted against the pool by the deadlock detector
             pending.is_async = (req["table"], req["op"]) in mod.async_ops
         flags = P.F_NOTIFY if req.get("notify") else 0
