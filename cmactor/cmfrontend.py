@@ -133,7 +133,7 @@ def wait_until_ready(socket_path, module, timeout):
         pause = min(pause * 2, 0.2)
 
 
-def _open_index(params):
+def open_index(params):
     """A getnext's index columns when a param names one with no start value (None):
     then every param is an index column, its value where the walk starts. Otherwise
     None: the agent's declaration, or every field, carries the walk."""
@@ -142,6 +142,23 @@ def _open_index(params):
     if not any(value is None for value in params.values()):
         return None
     return [key for key in params if isinstance(key, str)]
+
+
+def walk(send, request, batch_size, cap):
+    """A getnext walk in batches, each run inside the agent's worker: ``send(request)``
+    returns a reply map, and each batch resumes after the last row of the one before.
+    Returns (up to ``cap`` rows, whether the agent reported more after the last)."""
+    rows = []
+    request["after"] = None
+    while True:
+        request["batch"] = min(batch_size, max(1, cap - len(rows)))
+        reply = send(request)
+        rows.extend(reply["rows"])
+        if not reply.get("more") or not reply["rows"]:
+            return rows, False
+        if len(rows) >= cap:
+            return rows, True
+        request["after"] = rows[-1]
 
 
 class Connection:
@@ -278,7 +295,7 @@ class Cursor:
         op, module, table = parse_operation(operation)
         index = None
         if op == "getnext":
-            index = list(self.index) if self.index is not None else _open_index(params)
+            index = list(self.index) if self.index is not None else open_index(params)
         params = wire_params(params)
         if self.messages:
             self.messages = []
@@ -316,26 +333,18 @@ class Cursor:
                 request["hold"] = float(self.retry_timeout)
 
     def _walk(self, request, module, table):
-        rows = []
-        after = None
         cap = self.max_rows if self.limit is None else min(self.limit, self.max_rows)
-        while True:
-            request["batch"] = min(self.batch_size, max(1, cap - len(rows)))
-            request["after"] = after
-            reply = self._send(request)
-            rows.extend(reply["rows"])
-            if not reply.get("more") or not reply["rows"]:
-                return rows
-            if self.limit is not None and len(rows) >= self.limit:
-                self.more = True
-                return rows
-            if len(rows) >= self.max_rows:
-                raise OperationalError(
-                    f"getnext {module}.{table}: stopped at max_rows={self.max_rows} while the agent still "
-                    f"reports more(); raise Cursor.max_rows for a bigger table, or check that "
-                    f"{table}_get advances to the next row and stops calling ctx.more() at the end"
-                )
-            after = rows[-1]
+        rows, more = walk(self._send, request, self.batch_size, cap)
+        if not more:
+            return rows
+        if self.limit is not None and len(rows) >= self.limit:
+            self.more = True
+            return rows
+        raise OperationalError(
+            f"getnext {module}.{table}: stopped at max_rows={self.max_rows} while the agent still "
+            f"reports more(); raise Cursor.max_rows for a bigger table, or check that "
+            f"{table}_get advances to the next row and stops calling ctx.more() at the end"
+        )
 
     def _on_notify(self, text):
         self.messages.append(text)

@@ -379,17 +379,7 @@ class Cursor:
     def _walk(self, message):
         # Ask for one row past max_rows: a row there tells a table that goes on from
         # one that ends exactly at the cap.
-        cap = self.max_rows + 1
-        rows = []
-        after = None
-        while True:
-            message["batch"] = min(self.batch_size, cap - len(rows))
-            message["after"] = after
-            reply = self._send(message)
-            rows += reply["rows"]
-            if not reply.get("more") or not reply["rows"] or len(rows) >= cap:
-                break
-            after = rows[-1]
+        rows, _ = cmfrontend.walk(self._send, message, self.batch_size, self.max_rows + 1)
         if len(rows) <= self.max_rows:
             return rows, None
         del rows[self.max_rows :]

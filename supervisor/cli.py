@@ -35,12 +35,20 @@ class CliError(Exception):
     """A problem to report in one line."""
 
 
+def config_file(args):
+    """The cmactor.toml a command names (-c), else ./cmactor.toml unless --socket or
+    $CMACTOR_SOCKET says where the supervisor is; None when there is none."""
+    if args.config is not None:
+        return args.config
+    if not args.socket and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
+        return "cmactor.toml"
+    return None
+
+
 def resolve_socket(args):
     if args.socket:
         return args.socket
-    config = args.config
-    if config is None and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
-        config = "cmactor.toml"
+    config = config_file(args)
     if config is None:
         return cmfrontend.default_socket()
     options, _, base_dir = load_toml(config)
@@ -210,9 +218,7 @@ def walk_index(args, params):
     param when one is key=None, as cmfrontend reads params), or None: the agent's."""
     if args.command != "getnext":
         return None
-    if args.index is not None:
-        return args.index
-    return list(params) if any(value is None for value in params.values()) else None
+    return args.index if args.index is not None else cmfrontend.open_index(params)
 
 
 def next_page_hint(args, params, index, last, shown):
@@ -306,9 +312,7 @@ def _log_path(args):
     try:
         conn = _connect(args)
     except OperationalError as exc:
-        config = args.config
-        if config is None and not args.socket and not os.environ.get("CMACTOR_SOCKET") and os.path.exists("cmactor.toml"):
-            config = "cmactor.toml"
+        config = config_file(args)
         if config is None:
             raise CliError(f"{exc}; for the logs of a supervisor that is not running, name its config file with -c") from None
         options, modules, base_dir = load_toml(config)

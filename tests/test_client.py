@@ -166,3 +166,11 @@ def test_module_unavailable_built_as_the_original_builds_it():
     # No module to ask about: it waits out its timeout, calls back, never raises.
     assert cmactor.ModuleUnavailable("no name here").when_ready(lambda: called.append(1), timeout=0.2) is False
     assert called == [1] and time.monotonic() - started >= 0.2
+
+
+def test_when_ready_with_no_supervisor_to_ask_waits_out_its_timeout(tmp_path):
+    exc = cmactor.ModuleUnavailable("vlanmgr")
+    exc.socket_path = str(tmp_path / "nobody.sock")  # nothing listens: not ready, never an error
+    started = time.monotonic()
+    assert exc.when_ready(timeout=0.3) is False
+    assert 0.3 <= time.monotonic() - started < 5
