@@ -185,15 +185,18 @@ class Actions:
 
     # -- requests ------------------------------------------------------------
 
-    def execute(self, req, method, is_async):
-        """Run the action ``method`` (from lookup) for the Req ``req`` and send its Reply."""
+    def execute(self, req, method, is_async, send=None):
+        """Run the action ``method`` (from lookup) for the Req ``req`` and send its Reply, to
+        ``send`` if given (a direct read's client: cmactor/direct.py)."""
+        if send is None:
+            send = self._send
         sid = req.sid
         op = req.op
         notify = None
         if req.flags & P.F_NOTIFY:
 
             def notify(text):
-                self._send(P.Notify.of(sid, text))
+                send(P.Notify.of(sid, text))
 
         with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
             try:
@@ -238,7 +241,7 @@ class Actions:
             # The reply goes out before any tidying, the caller's reset included: the
             # client waits for it, and work done after a send overlaps with the
             # supervisor's (perf/README.md).
-            self._send(reply)
+            send(reply)
 
     # -- load and save ---------------------------------------------------------
 

@@ -1,8 +1,16 @@
 """PEP-249 shaped client: connect(), Connection, Cursor, Row and the exception tree.
 
-One Connection is one Unix socket to a supervisor; a request is sent and its
-reply awaited before the next (``threadsafety = 1``: share the module between
-threads, not a connection).
+One Connection is one Unix socket to a supervisor, and one to the worker of each
+module it reads from directly; a request is sent and its reply awaited before
+the next (``threadsafety = 1``: share the module between threads, not a
+connection).
+
+Direct reads: a get, getone or getnext sent from outside an agent action goes
+straight to the module's worker (cmactor/direct.py), at the address the
+supervisor gives for it on first use (the ``route`` op). Anything else, a read
+the worker sends back (``redirect``: the module is not READY there), and a read
+whose worker socket fails (the worker died, say: reads can be sent twice) goes
+to the supervisor, which holds it as it holds any request.
 """
 
 import os
@@ -39,6 +47,11 @@ paramstyle = "named"
 DEFAULT_SOCKET = os.path.join(".cmactor", "run", "cm.sock")
 
 STRING = str  # the type_code of every column: values cross the boundary as strings
+
+_READ_OPS = frozenset(P.READ_OPS)
+# Seconds a module with no route (not READY, its worker socket just failed) is read
+# through the supervisor before its route is asked for again.
+ROUTE_RETRY = 1.0
 
 Row = namedtuple("Row", "rowid opStatus opMsg field_values")
 
@@ -169,9 +182,13 @@ class Connection:
         self.username = str(username)
         self.print_callback = print_callback
         self._lock = threading.Lock()
-        self._frames = deque()
-        self._reader = P.FrameReader(max_frame=None)
         self._next_id = 0
+        self._timeout = timeout
+        # module -> its worker's _Direct, or the monotonic time until which it is read
+        # through the supervisor (no route); the generation of a worker socket that
+        # failed, so that a route the supervisor has not yet seen fail is not reused.
+        self._routes = {}
+        self._failed = {}
         self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:
@@ -183,6 +200,7 @@ class Connection:
                 "start one with `cmactor run CONFIG.toml`, or give its socket_path (socket=, "
                 "CMACTOR_SOCKET or --socket)"
             ) from None
+        self._stream = _Stream(self._sock, "supervisor")
         self.closed = False
 
     def cursor(self, vr_name=None):
@@ -199,6 +217,10 @@ class Connection:
         if not self.closed:
             self.closed = True
             self._sock.close()
+            for route in self._routes.values():
+                if type(route) is _Direct:
+                    route.close()
+            self._routes.clear()
 
     def __enter__(self):
         return self
@@ -214,33 +236,82 @@ class Connection:
         """Send one request map and return its reply map; errors are raised."""
         with self._lock:
             self._check_open()
-            self._next_id += 1
-            rid = message["id"] = self._next_id
             message["user"] = self.username
             caller = cmbackend.current_caller()
             if caller is not None:
                 message["caller"] = list(caller)
-            try:
-                self._sock.sendall(P.pack(message))
-                while True:
-                    frame = self._next_frame()
-                    if frame.get("id") != rid:
-                        if frame.get("id") is None and "error" in frame:
-                            raise from_wire(frame["error"])
-                        continue
-                    if "notify" in frame:
-                        if on_notify is not None:
-                            on_notify(frame["notify"])
-                        continue
-                    if not frame.get("ok"):
-                        raise self._error(frame.get("error") or {}, message)
-                    return frame
-            except (OSError, P.FrameError) as exc:
-                self.close()
-                what = "timed out" if isinstance(exc, TimeoutError) else f"failed ({exc})"
-                raise OperationalError(
-                    f"connection to the supervisor at {self.socket_path} {what} during {message.get('op')}"
-                ) from None
+            elif message["op"] in _READ_OPS and "hold" not in message:
+                route = self._route(message["module"])
+                if route is not None:
+                    reply = self._direct(route, message, on_notify)
+                    if reply is not None:
+                        return reply
+            return self._brokered(message, on_notify)
+
+    def _brokered(self, message, on_notify):
+        """``request`` through the supervisor."""
+        self._next_id += 1
+        rid = message["id"] = self._next_id
+        try:
+            frame = self._stream.exchange(message, rid, on_notify)
+        except (OSError, P.FrameError) as exc:
+            self.close()
+            what = "timed out" if isinstance(exc, TimeoutError) else f"failed ({exc})"
+            raise OperationalError(
+                f"connection to the supervisor at {self.socket_path} {what} during {message.get('op')}"
+            ) from None
+        if not frame.get("ok"):
+            raise self._error(frame.get("error") or {}, message)
+        return frame
+
+    def _route(self, module):
+        """The _Direct to read ``module`` from, or None: read it through the supervisor."""
+        route = self._routes.get(module)
+        if type(route) is _Direct:
+            return route
+        if route is not None and time.monotonic() < route:
+            return None
+        self._routes[module] = time.monotonic() + ROUTE_RETRY  # unless a route is found below
+        try:
+            found = self._brokered({"op": "route", "module": module, "user": self.username}, None)["route"]
+        except ProgrammingError:
+            return None  # an unknown module, say: the read itself gets the supervisor's error
+        if found is None or self._failed.get(module) == found["generation"]:
+            return None
+        try:
+            route = _Direct(found["path"], found["generation"], self._timeout)
+        except OSError:
+            self._failed[module] = found["generation"]
+            return None
+        self._routes[module] = route
+        return route
+
+    def _direct(self, route, message, on_notify):
+        """``request`` to the module's worker: the reply, or None when the worker sends it
+        back or its socket fails (then the caller sends it to the supervisor)."""
+        self._next_id += 1
+        rid = message["id"] = self._next_id
+        try:
+            frame = route.stream.exchange(message, rid, on_notify)
+        except TimeoutError:
+            self.close()  # as a timeout through the supervisor does: its late reply is unwanted
+            raise OperationalError(
+                f"connection to module {message['module']!r}'s worker at {route.path} timed out during {message['op']}"
+            ) from None
+        except (OSError, P.FrameError):
+            self._drop_route(message["module"], route)
+            return None
+        if frame.get("ok"):
+            return frame
+        if frame.get("redirect") or frame.get("id") is None:
+            self._drop_route(message["module"], route)
+            return None
+        raise self._error(frame.get("error") or {}, message)
+
+    def _drop_route(self, module, route):
+        route.close()
+        self._failed[module] = route.generation
+        self._routes[module] = time.monotonic() + ROUTE_RETRY
 
     def _error(self, wire, message):
         exc = from_wire(wire)
@@ -249,13 +320,59 @@ class Connection:
             exc.socket_path = self.socket_path
         return exc
 
+
+class _Stream:
+    """One socket's frames: a request out, and frames in until its final reply."""
+
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self._peer = peer
+        self._reader = P.FrameReader(max_frame=None)
+        self._frames = deque()
+
+    def exchange(self, message, rid, on_notify):
+        """Send ``message`` and return the final reply to ``rid`` (ok or not), or a frame
+        about the whole stream (id None). notify_cli text goes to ``on_notify``."""
+        self.sock.sendall(P.pack(message))
+        while True:
+            frame = self._next_frame()
+            fid = frame.get("id")
+            if fid != rid:
+                if fid is None and "error" in frame:
+                    return frame
+                continue
+            if "notify" in frame:
+                if on_notify is not None:
+                    on_notify(frame["notify"])
+                continue
+            return frame
+
     def _next_frame(self):
         while not self._frames:
-            data = self._sock.recv(P.READ_SIZE)
+            data = self.sock.recv(P.READ_SIZE)
             if not data:
-                raise OSError("the supervisor closed the connection")
+                raise OSError(f"the {self._peer} closed the connection")
             self._frames.extend(self._reader.feed(data))
         return self._frames.popleft()
+
+
+class _Direct:
+    """A connection to one module's worker (its route from the supervisor)."""
+
+    def __init__(self, path, generation, timeout):
+        self.path = path
+        self.generation = generation
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        self.stream = _Stream(sock, "module's worker")
+
+    def close(self):
+        self.stream.sock.close()
 
 
 class Cursor:

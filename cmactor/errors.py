@@ -130,6 +130,14 @@ WIRE_ERRORS = {
 }
 
 
+def action_timed_out(op, module, table, limit):
+    """The OperationalError text for a request not answered within action_timeout."""
+    return (
+        f"{op} {module}.{table} timed out: not done within action_timeout={limit:g}s; "
+        "it may still finish and take effect"
+    )
+
+
 def to_wire(exc_type, message):
     """The wire form of an error: a plain map, never a pickled exception."""
     return {"type": exc_type.__name__, "message": str(message)}

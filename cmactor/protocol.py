@@ -25,7 +25,9 @@ READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
-CONTROL_OPS = ("status", "save", "stop", "restart", "ping", "export")
+CONTROL_OPS = ("status", "save", "stop", "restart", "ping", "export", "route")
+# Data ops a client may send straight to the module's worker (cmactor/direct.py).
+READ_OPS = ("get", "getone", "getnext")
 
 # op -> action method suffix: get, getone and getnext all read through <table>_get.
 ACTION_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}
@@ -86,6 +88,7 @@ Load = _kind(2, "Load", "sid section journal", "Load saved rows (JSON bytes or N
 Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
 Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")
 Ping = _kind(5, "Ping", "", "Are you alive? Answered with a Pong by whichever lane thread reads.")
+Serve = _kind(6, "Serve", "", "The module is READY: serve reads sent to the worker's own socket (cmactor/direct.py).")
 # worker -> supervisor
 Init = _kind(10, "Init", "persistent_list config_deps async_actions pool_size", "cmbackend_init() was called.")
 Ready = _kind(11, "Ready", "", "The agent called ready().")

@@ -12,7 +12,9 @@ Threads in a worker:
   work while the reading thread runs a serial action; its EOF means the
   supervisor is gone, and the worker then takes its whole process group down;
 - the pool (pool.CallbackPool, unless the agent gives its own): @async_action
-  requests, concurrently.
+  requests, concurrently;
+- the direct socket's (direct.py): one accepting, one per client reading from
+  the module straight, each running a serial read itself when the lane is free.
 
 This module owns the channel (sends under one lock), the lanes, the doorbell and
 the progress slots; actions.Actions calls the agent on whichever thread runs the
@@ -32,14 +34,16 @@ import time
 import traceback
 
 from . import cmbackend, exos
+from . import figures as F
 from . import protocol as P
 from .actions import Actions, error_reply
+from .direct import DirectServer
 from .errors import ProgrammingError
 from .pool import CallbackPool
 
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
-_REQ, _LOAD, _SAVE, _STOP, _PING = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE
+_REQ, _LOAD, _SAVE, _STOP, _PING, _SERVE = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE, P.Serve.CODE
 _PONG = P.Pong.of()
 _read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
@@ -62,6 +66,9 @@ class Runtime:
     """The worker side of one module: its socket, its agent, its lanes."""
 
     def __init__(self, module, sock, doorbell, pool_size, slots):
+        # Mailbox items are (message, method, send): a Req with the action that serves
+        # it, or a Load or Save (method None), and where its answer goes (the
+        # supervisor's channel, or a direct client's connection).
         self.module = module
         self._sock = sock
         self._doorbell = doorbell
@@ -80,6 +87,9 @@ class Runtime:
         self._mailbox = collections.deque()
         self._serial_busy = False
         self._reading = False
+        self._saving = 0  # Saves read and not yet answered: direct reads wait behind them
+        self._saved = threading.Condition(self._lane_lock)  # notified as each one is answered
+        self.direct = None  # the DirectServer, when the supervisor gave the worker a socket
         self._shared_pool = CallbackPool(pool_size, f"{module}-pool")
         # Until the agent registers: the shared pool, and Actions that refuse every
         # request (register() replaces both).
@@ -160,12 +170,18 @@ class Runtime:
                     if item is not None:
                         serial.append(item)
                 elif kind == _LOAD:
-                    serial.append((_read_load(msg), None))
+                    serial.append((_read_load(msg), None, None))
                 elif kind == _SAVE:
-                    serial.append((_read_save(msg), None))
+                    with self._lane_lock:
+                        self._saving += 1  # from now on direct reads queue behind it
+                    serial.append((_read_save(msg), None, None))
                 elif kind == _PING:
                     self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
+                elif kind == _SERVE:
+                    self.direct.serving = True
                 elif kind == _STOP:
+                    if self.direct is not None:
+                        self.direct.finish()  # reads clients sent here directly are answered first
                     _exit(0)
             if serial:
                 with self._lane_lock:
@@ -209,33 +225,66 @@ class Runtime:
     # -- dispatch ----------------------------------------------------------
 
     def _route(self, req):
-        """Hand an async request to the pool, or return (req, method) for the serial lane."""
+        """Hand an async request to the pool, or return its mailbox item for the serial lane."""
         try:
             method, is_async = self._actions.lookup(req.table, req.op)
         except ProgrammingError as exc:
             self.send(error_reply(req.sid, ProgrammingError, exc))
             return None
         if is_async:
-            self._pool.submit(self._run_async, req, method)
+            self._pool.submit(self._run_async, req, method, self.send)
             return None
-        return (req, method)
+        return (req, method, self.send)
 
-    def _run_serial(self, item):
+    def serve_direct(self, req, send):
+        """A read from a direct client (direct.py), on its connection's thread, after any
+        save under way (as the supervisor holds requests during one). A serial read runs
+        here if the lane is free, else in the mailbox. An async one runs here, not in the
+        pool: nothing the deadlock detector cannot see may take a pool thread, and
+        nothing waits on this thread but its own client."""
+        try:
+            method, is_async = self._actions.lookup(req.table, req.op)
+        except ProgrammingError as exc:
+            send(error_reply(req.sid, ProgrammingError, exc))
+            return
+        with self._lane_lock:
+            if self._saving:
+                counts = self.direct.counts
+                counts.add(F.QUEUED, 1)
+                while self._saving:
+                    self._saved.wait()
+                counts.add(F.QUEUED, -1)
+            if not is_async:
+                if self._serial_busy:
+                    self._mailbox.append((req, method, send))
+                    return
+                self._serial_busy = True
+        if is_async:
+            self._actions.execute(req, method, True, send)
+        else:
+            self._run_serial((req, method, send), reads=False)
+
+    def _run_serial(self, item, reads=True):
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
 
-        Returns True if this thread should read the socket next (nobody else does).
+        Returns True if this thread should read the supervisor's socket next (nobody
+        else does). A direct client's thread (``reads`` False) never does: it wakes
+        an idle lane thread instead.
         """
         slots = self._slots
         while True:
-            msg, method = item
+            msg, method, send = item
             slots[SLOT_SERIAL_SID] = msg.sid
             slots[SLOT_SERIAL_START] = time.monotonic_ns()
             if method is not None:
-                self._actions.execute(msg, method, False)
+                self._actions.execute(msg, method, False, send)
             elif type(msg) is P.Load:
                 self.send(self._actions.load(msg))
             else:
                 self.send(self._actions.save(msg))
+                with self._lane_lock:
+                    self._saving -= 1
+                    self._saved.notify_all()
             slots[SLOT_SERIAL_START] = 0
             with self._lane_lock:
                 if self._mailbox:
@@ -244,8 +293,11 @@ class Runtime:
                 self._serial_busy = False
                 if self._reading:
                     return False
-                self._reading = True
-                return True
+                if reads:
+                    self._reading = True
+                    return True
+                self._cv.notify()
+                return False
 
     def _async_slot(self):
         """This pool thread's slot index, taken on first use; None when all are taken."""
@@ -257,16 +309,16 @@ class Runtime:
             self._slot_of.index = index
         return index
 
-    def _run_async(self, req, method):
+    def _run_async(self, req, method, send):
         index = self._async_slot()
         if index is None:
             self._slots[P.SLOT_OVERFLOW] = 1
-            self._actions.execute(req, method, True)
+            self._actions.execute(req, method, True, send)
             return
         base = P.async_slot(index)
         self._slots[base] = req.sid
         self._slots[base + 1] = time.monotonic_ns()
-        self._actions.execute(req, method, True)
+        self._actions.execute(req, method, True, send)
         self._slots[base + 1] = 0
         self._slots[base] = 0
 
@@ -391,7 +443,7 @@ def _redirect_output(output):
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
-def main(spec, sock, doorbell, slots, output):
+def main(spec, sock, doorbell, slots, output, direct=None):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
     # which reaches processes the agent started even after the worker is gone.
@@ -408,11 +460,15 @@ def main(spec, sock, doorbell, slots, output):
         exos.install()
     module = spec["module"]
     runtime = Runtime(module, sock, doorbell, spec["pool_size"], slots)
+    if direct is not None:  # (its listening socket, its figures' shared array)
+        runtime.direct = DirectServer(runtime, direct[0], spec["direct"], direct[1])
     root = logging.getLogger()
     root.handlers[:] = [_ChannelHandler(runtime)]
     root.setLevel(spec["log_level"])
     cmbackend.attach_runtime(runtime)
     runtime.start()
+    if runtime.direct is not None:
+        runtime.direct.start()
     entry = spec["entry"]
     as_main = ":" not in entry
     status = exit_message = None

@@ -174,6 +174,9 @@ SUPERVISOR_OPTIONS = {
     "frame_timeout": (_positive_number, 10.0),
     # Where /metrics is served (metrics.py, the cmactor[metrics] extra); None: nothing is bound.
     "metrics": (_address, None),
+    # get, getone and getnext from clients go straight to the module's worker, on a
+    # socket of its own (cmactor/direct.py); false: every request goes through here.
+    "direct_reads": (_flag, True),
 }
 
 AGENT_OPTIONS = {

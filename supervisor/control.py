@@ -1,4 +1,4 @@
-"""The control requests: status, save, export, restart, stop and ping.
+"""The control requests: status, save, export, restart, stop, ping and route.
 
 The server hands every valid request to ``Control.handle``; data requests go on
 to the router, control requests are answered here from the parts that own what
@@ -12,7 +12,7 @@ from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 
 from . import health
-from .modules import unknown_module
+from .modules import READY, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -50,6 +50,8 @@ class Control:
                     self._saver.request((client, rid), user)  # answered when it ends
                 else:
                     self._saver.export((client, rid), user, request.get("modules"))
+            elif op == "route":
+                client.answer({"id": rid, "ok": True, "route": self.route(request["module"])})
             elif op == "restart":
                 self._recovery.restart(request["module"])
                 client.answer({"id": rid, "ok": True})
@@ -69,6 +71,17 @@ class Control:
             raise ProgrammingError(unknown_module(only, modules))
         chosen = modules.items() if only is None else [(only, modules[only])]
         return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
+
+    def route(self, name):
+        """Where a client reads ``name`` from directly ({"path", "generation"} of its worker's
+        socket), or None: send its reads here (not READY, direct reads off)."""
+        mod = self._modules.get(name)
+        if mod is None:
+            raise ProgrammingError(unknown_module(name, self._modules))
+        channel = mod.channel
+        if mod.state != READY or channel is None or not channel.open or not channel.serving:
+            return None
+        return channel.route
 
     def own_status(self):
         """The supervisor's own figures: audit and log failures, clients, saves."""

@@ -131,6 +131,7 @@ class Lifecycle:
         mod.ready_called = True
         if mod.state == STARTING:  # ready() without cmbackend_init(): no tables, nothing to load
             mod.move(READY)
+            mod.channel.serve()
             log.info("module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)
             self._router.release_held(mod)
             self._advance_waiting()
@@ -151,6 +152,7 @@ class Lifecycle:
         if mod.state != LOADING or not (mod.loaded and mod.ready_called):
             return
         mod.move(READY)
+        mod.channel.serve()  # reads from clients may now go to the worker's own socket
         if not mod.load_errors:
             mod.error = None
         log.info("module %s READY (pid %d)", mod.name, mod.pid)

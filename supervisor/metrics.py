@@ -30,8 +30,14 @@ READ_TIMEOUT = 5.0
 
 # status key -> (metric name, help), per module; a None figure (no worker) has no sample.
 _GAUGES = {
-    "queue": ("cmactor_module_held_requests", "Requests held for the module while it is not READY"),
-    "inflight": ("cmactor_module_inflight_requests", "Requests sent to the module's worker and not answered yet"),
+    "queue": (
+        "cmactor_module_held_requests",
+        "Requests held for the module while it is not READY, or direct reads waiting in its worker behind a save",
+    ),
+    "inflight": (
+        "cmactor_module_inflight_requests",
+        "Requests sent to the module's worker, or read from it directly, and not answered yet",
+    ),
     "unsaved": ("cmactor_module_unsaved", "1 when the module has changes that are not in the config file"),
     "uptime": ("cmactor_module_uptime_seconds", "Seconds since the module's current worker started"),
     "rss": ("cmactor_module_rss_bytes", "Resident memory of the module's worker"),
@@ -104,7 +110,8 @@ def _modules(status):
     )
     latency = HistogramMetricFamily(
         "cmactor_request_duration_seconds",
-        "Seconds from the supervisor reading a request to its answer (held time and journal fsync included)",
+        "Seconds from the supervisor (or, for a direct read, the worker) reading a request to its answer "
+        "(held time and journal fsync included)",
         labels=["module", "op"],
     )
     fsync = HistogramMetricFamily(
@@ -126,7 +133,14 @@ def _modules(status):
             latency.add_metric([name, op], _buckets(timed["seconds"]), timed["seconds"]["sum"])
         if entry["journal_fsync"] is not None:
             fsync.add_metric([name], _buckets(entry["journal_fsync"]), entry["journal_fsync"]["sum"])
+    direct = GaugeMetricFamily(
+        "cmactor_module_direct_connections", "Clients connected to the module's worker for direct reads", labels=["module"]
+    )
+    for name, entry in status.items():
+        if entry["direct"] is not None:
+            direct.add_metric([name], entry["direct"]["connections"])
     yield state
+    yield direct
     yield from gauges.values()
     yield from counters.values()
     yield from (requests, latency, fsync)

@@ -18,6 +18,7 @@ in for tuples of states repeated by the code that asks.
 import logging
 import time
 
+from cmactor import figures as F
 from cmactor.errors import InternalError
 from cmactor.protocol import DATA_OPS
 
@@ -140,6 +141,7 @@ class Module:
         "loaded",
         "load_errors",
         "request_stats",
+        "figures",
         "observer",
     )
 
@@ -164,6 +166,7 @@ class Module:
         self.started_at = None
         self.last_exit = None
         self.request_stats = request_stats(DATA_OPS)  # op -> stats.Timed, recorded by the Router
+        self.figures = None  # the current worker's direct read figures (cmactor/figures.py), shared memory
         self.observer = None  # fn(module), called after each state change
         self._clear_start_up()
 
@@ -221,17 +224,52 @@ class Module:
     def uptime(self):
         return time.monotonic() - self.started_at if self.running and self.started_at is not None else None
 
+    def fold_figures(self):
+        """Its worker is gone: count the reads it served directly in the module's figures."""
+        if self.figures is not None:
+            for op, figures in F.read(self.figures).items():
+                self.request_stats[op].add(*figures)
+            self.figures = None
+
+    def _requests(self):
+        """The request figures: the supervisor's, and the reads the worker served directly."""
+        stats = self.request_stats
+        if self.figures is None:
+            return {op: timed.snapshot() for op, timed in stats.items()}
+        merged = dict(stats)
+        for op, figures in F.read(self.figures).items():
+            merged[op] = stats[op].copy()
+            merged[op].add(*figures)
+        return {op: timed.snapshot() for op, timed in merged.items()}
+
+    def _direct(self):
+        """Where clients read from its worker, and what they have there now (None: nowhere)."""
+        channel = self.channel
+        if channel is None or channel.route is None or channel.sock is None:
+            return None
+        counts = self.figures
+        return {
+            **channel.route,
+            "serving": channel.serving,
+            "connections": counts[F.CONNECTIONS],
+            "inflight": counts[F.INFLIGHT],
+            "queue": counts[F.QUEUED],
+        }
+
     def status(self):
         """The status entry of this module, but for the psutil figures."""
         uptime = self.uptime()
+        direct = self._direct()
         return {
             "state": self.state,
             "pid": self.pid,
             "restarts": self.restarts,
             "unsaved": self.unsaved,
             "uptime": None if uptime is None else round(uptime, 3),
-            "queue": len(self.held),
-            "inflight": len(self.inflight),
+            # Direct reads count too: those waiting in the worker behind a save, and
+            # those it is running (the "direct" entry has them on their own).
+            "queue": len(self.held) + (direct["queue"] if direct else 0),
+            "inflight": len(self.inflight) + (direct["inflight"] if direct else 0),
             "last_exit": self.last_exit,
             "error": self.error,
             "waiting_on": self.waiting_on if self.state == WAITING_DEPS else None,
@@ -239,7 +277,8 @@ class Module:
             "load_errors": self.load_errors,
             "config_deps": list(self.config_deps),
             "persistent_list": list(self.persistent_list),
-            "requests": {op: timed.snapshot() for op, timed in self.request_stats.items()},
+            "requests": self._requests(),
+            "direct": direct,
             "journal_fsync": None if self.journal is None else self.journal.fsync_seconds.snapshot(),
         }
 

@@ -11,7 +11,7 @@ import logging
 import time
 
 from cmactor import protocol as P
-from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError
+from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out
 
 from .modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
 from .workers import describe_exit
@@ -187,12 +187,7 @@ class Recovery:
             for sid in expired:
                 pending = mod.inflight.pop(sid)
                 req = pending.request
-                self._router.fail(
-                    pending,
-                    OperationalError,
-                    f"{req['op']} {mod.name}.{req['table']} timed out: not done within action_timeout={limit:g}s; "
-                    "it may still finish and take effect",
-                )
+                self._router.fail(pending, OperationalError, action_timed_out(req["op"], mod.name, req["table"], limit))
             if mod.process is None or mod.leaving:
                 continue
             stuck = self._stuck(mod, now, now_ns)

@@ -11,11 +11,8 @@ are fixed when the figures are made, and nothing is allocated per event.
 from bisect import bisect_left
 
 from cmactor.errors import StartupError
+from cmactor.figures import REQUEST_BOUNDS
 
-# Upper bounds in seconds (Prometheus' "le": a value equal to a bound falls in
-# its bucket). A get takes ~130 µs on a quiet 2-vCPU VM; a set to a persistent
-# table adds an fsync (~200 µs on ext4, tens of ms on a busy disk).
-REQUEST_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FSYNC_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # A save walks every persistent table and writes one file: 100k rows take ~0.7 s.
 SAVE_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -67,6 +64,21 @@ class Timed:
 
     def snapshot(self):
         return {"ok": self.ok, "errors": dict(self.errors), "seconds": self.seconds.snapshot()}
+
+    def add(self, ok, errors, buckets, seconds):
+        """Count events recorded elsewhere (a worker's direct reads, cmactor/figures.py)."""
+        self.ok += ok
+        for name, count in errors.items():
+            self.errors[name] = self.errors.get(name, 0) + count
+        counts = self.seconds.counts
+        for index, count in enumerate(buckets):
+            counts[index] += count
+        self.seconds.sum += seconds
+
+    def copy(self):
+        twin = Timed(self.seconds.bounds)
+        twin.add(self.ok, self.errors, self.seconds.counts, self.seconds.sum)
+        return twin
 
 
 def request_stats(ops):

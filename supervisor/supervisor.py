@@ -150,7 +150,11 @@ class Supervisor:
         self._server.on_drop = router.forget_client
         self._saver = saver = Saver(modules, loop, router, self._audit, self.config_path, sections)
         self._workers = workers = Workers(
-            loop, socket_path=self.socket_path, base_dir=self.base_dir, log_level=self.options["log_level"]
+            loop,
+            socket_path=self.socket_path,
+            base_dir=self.base_dir,
+            log_level=self.options["log_level"],
+            direct=self._direct_options(),
         )
         self._lifecycle = lifecycle = Lifecycle(
             modules, loop, workers, router, saver, stop_timeout=self.options["stop_timeout"], on_stopped=self._close
@@ -181,6 +185,13 @@ class Supervisor:
             (P.Pong, recovery.on_pong),
         ):
             workers.handle(kind, handler)
+
+    def _direct_options(self):
+        """How workers serve direct reads (cmactor/direct.py): the client socket's own bounds."""
+        if not self.options["direct_reads"]:
+            return None
+        options = {key: self.options[key] for key in ("allowed_uids", "max_frame", "max_client_requests", "frame_timeout")}
+        return {**options, "supervisor_socket": self.socket_path}
 
     def _serve_metrics(self):
         """Serve /metrics where [supervisor] metrics says; else stop and raise StartupError."""

@@ -8,21 +8,31 @@ messages) and handed to the handler registered for its kind.
 A third pair carries the worker's stdout and stderr (its fds 1 and 2, inherited
 by the processes it starts): the supervisor reads it in the loop and hands the
 lines to the module's log (logs.py), which it alone writes, so it can rotate it.
+
+With direct reads on, each start also binds the worker's own socket beside the
+supervisor's, named after it: ``cm.sock.<generation>`` (a new name at every
+start, so a client holding an old route can never reach the next worker), and hands the listening
+socket and a shared array for its figures (cmactor/figures.py) to the worker.
+The socket file goes when the worker is reaped.
 """
 
 import itertools
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import socket
+import stat
 import sys
 
+from cmactor import figures as F
 from cmactor import protocol as P
 from cmactor import worker
 
 from . import health
 from .loop import recv
+from .server import MAX_SOCKET_PATH, listen
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -31,6 +41,7 @@ log = logging.getLogger("cmactor.supervisor")
 START_METHOD = "forkserver"
 
 _PING = P.Ping.of()
+_SERVE = P.Serve.of()
 
 # A worker's output line longer than this (one printed without a newline) is cut into
 # lines of this size: what is kept of a line waiting for its newline stays bounded.
@@ -47,9 +58,11 @@ class Channel:
     from one counter that only grows, so that after a crash the lane's last
     started id (progress slots) splits the unanswered requests in two."""
 
-    __slots__ = ("sock", "doorbell", "reader", "out", "pinged_at", "_sids", "_mark", "_ring", "_serial_sids")
+    __slots__ = (
+        "sock", "doorbell", "reader", "out", "pinged_at", "route", "serving", "_sids", "_mark", "_ring", "_serial_sids"
+    )
 
-    def __init__(self, sock, doorbell, sids, mark):
+    def __init__(self, sock, doorbell, sids, mark, route=None):
         self.sock = sock
         self.doorbell = doorbell  # rung when async work is sent while serial work is unanswered
         self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
@@ -59,6 +72,8 @@ class Channel:
         self._ring = False  # async work went into this turn's output
         self._serial_sids = set()  # serial requests sent and not yet answered
         self.pinged_at = None  # when the oldest unanswered Ping was sent
+        self.route = route  # {"path", "generation"} of the worker's direct socket, or None
+        self.serving = False  # the worker was told it may serve direct reads
 
     @property
     def open(self):
@@ -104,6 +119,12 @@ class Channel:
 
     def pong(self):
         self.pinged_at = None
+
+    def serve(self):
+        """The module is READY: its worker may serve reads on its own socket, if it has one."""
+        if self.route is not None and not self.serving:
+            self.serving = True
+            self._send(_SERVE)
 
     # endpoint interface (loop.py)
     def sent(self):
@@ -160,8 +181,14 @@ class Workers:
     ``on_exit(mod)`` is called when a worker's process sentinel fires, and
     ``on_output(mod, lines)`` with the lines it wrote to stdout or stderr."""
 
-    def __init__(self, loop, *, socket_path, base_dir, log_level):
+    def __init__(self, loop, *, socket_path, base_dir, log_level, direct=None):
         self._loop = loop
+        # Direct reads: the options a worker's socket is served with (cmactor/direct.py),
+        # or None when [supervisor] direct_reads is off.
+        self._direct = direct
+        self._generations = itertools.count(1)
+        if direct is not None:
+            _remove_stale_sockets(socket_path)
         self._handlers = {}
         self.on_exit = None
         self.on_output = None
@@ -197,7 +224,11 @@ class Workers:
             "log_level": self._log_level,
         }
         opened = []
+        route = direct = None
         try:  # each step can fail with the process out of fds (EMFILE) or memory
+            if self._direct is not None:
+                route, direct = self._bind_direct(mod, opened)
+                spec["direct"] = {**self._direct, "action_timeout": mod.options["action_timeout"]}
             parent, child = socket.socketpair()
             opened += (parent, child)
             bell, bell_child = socket.socketpair()
@@ -207,22 +238,29 @@ class Workers:
             opened += (out, out_child)
             slots = self._mp.RawArray("q", P.SLOTS_SIZE)
             process = self._mp.Process(
-                target=worker.main, args=(spec, child, bell_child, slots, out_child), name=f"cmactor-{mod.name}"
+                target=worker.main,
+                args=(spec, child, bell_child, slots, out_child, direct),
+                name=f"cmactor-{mod.name}",
             )
             process.start()
         except Exception as exc:
             for sock in opened:
                 sock.close()
+            if route is not None:
+                _unlink(route["path"])
             return f"could not start a worker process: {type(exc).__name__}: {exc}"
         child.close()  # else the worker's death would never show as EOF here
         bell_child.close()
         out_child.close()
+        if direct is not None:
+            direct[0].close()  # the worker's now: the supervisor never accepts on it
+            mod.figures = direct[1]
         parent.setblocking(False)
         bell.setblocking(False)
         out.setblocking(False)
         mod.process = process
         mod.slots = slots
-        mod.channel = Channel(parent, bell, self._sids, self._loop.mark)
+        mod.channel = Channel(parent, bell, self._sids, self._loop.mark, route)
         mod.psutil = health.track(process.pid)
         self._loop.watch(parent, self._read, mod, mod.channel)
         # The Output, not the module, is what the loop hands back: a read that was ready
@@ -232,6 +270,19 @@ class Workers:
         self._loop.watch(process.sentinel, self.on_exit, mod)
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
         return None
+
+    def _bind_direct(self, mod, opened):
+        """Bind the worker's direct socket: (route, (listening socket, figures array)), or
+        (None, None) when its path would be too long for AF_UNIX (reads then go through
+        the supervisor, as with direct_reads off)."""
+        generation = next(self._generations)
+        path = f"{self._socket_path}.{generation}"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            log.warning("module %s: no direct reads: the socket path %s is too long for AF_UNIX", mod.name, path)
+            return None, None
+        listener = listen(path, self._direct["allowed_uids"])[0]
+        opened.append(listener)
+        return {"path": path, "generation": generation}, (listener, self._mp.RawArray("q", F.SIZE))
 
     def _read(self, mod, drain=False):
         """What the worker sent: one read, or (``drain``) all it sent before it died."""
@@ -298,6 +349,9 @@ class Workers:
             self._read(mod, drain=True)  # replies it sent before dying still count
             self._close_channel(mod)
         kill_group(pid)
+        if mod.channel.route is not None:
+            _unlink(mod.channel.route["path"])
+            mod.fold_figures()
         output = self._outputs.get(mod.name)
         if output is not None:
             # Its last words reach the log. Then our end is closed even if a process it
@@ -322,6 +376,23 @@ class Workers:
         """SIGKILL the worker's whole process group; its sentinel reports the exit."""
         if mod.process is not None:
             kill_group(mod.process.pid)
+
+
+def _remove_stale_sockets(socket_path):
+    """Worker sockets a killed supervisor left beside its own socket, which is ours now."""
+    directory, name = os.path.split(socket_path)
+    ours = re.compile(re.escape(name) + r"\.[0-9]+\Z")
+    for entry in os.listdir(directory or "."):
+        path = os.path.join(directory, entry)
+        if ours.match(entry) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            _unlink(path)
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def kill_group(pid):

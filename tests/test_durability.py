@@ -114,7 +114,8 @@ def test_a_busy_serial_lane_still_answers_heartbeats(supervisor):
 
 
 def test_a_pool_stuck_past_hang_timeout_restarts_the_worker(supervisor):
-    sup = supervisor({"echo": {"entry": ECHO, "pool_size": 2, "hang_timeout": 1}})
+    # Through the supervisor: a direct read of an @async_action takes no pool thread.
+    sup = supervisor({"echo": {"entry": ECHO, "pool_size": 2, "hang_timeout": 1}}, direct_reads=False)
     conns = [sup.connect() for _ in range(2)]
     errors = []
 
@@ -238,7 +239,7 @@ def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor)
 
 
 def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypatch):
-    sup = supervisor({"echo": ECHO})
+    sup = supervisor({"echo": ECHO}, direct_reads=False)  # the gets must pass through the router
     cur = sup.connect().cursor()
     route = sup._router.route
 

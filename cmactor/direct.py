@@ -1,0 +1,330 @@
+"""A worker's own socket: clients read from the module here, one hop, no supervisor.
+
+The supervisor binds the socket in its owner-only run directory, hands it to the
+worker at start and tells clients where it is (the ``route`` op) once the module
+is READY; until the worker hears so (protocol.Serve), and for anything but a get,
+getone or getnext from outside an agent action, a request is answered with
+``redirect``: send it to the supervisor instead. Writes, saves and agents' own
+calls always go there: the journal, the audit log and the wait-for graph are the
+supervisor's.
+
+Each connection has a thread that reads its frames and hands each read to the
+Runtime, which runs it on the serial lane (on this thread when the lane is free)
+or the pool, as it would a request from the supervisor. Bytes from clients are
+untrusted here too: the same peer uid check, frame size cap, frame timeout and
+request validation (validate.py) as the supervisor's socket, and a bound on the
+requests one connection has in flight. A client that stops reading its replies
+is dropped after frame_timeout, so it cannot hold a lane. A read not answered
+within the module's action_timeout is answered as the supervisor answers one
+(OperationalError), and its connection dropped: the thread is still in the
+action, and the client's next read goes elsewhere.
+"""
+
+import itertools
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+from . import figures as F
+from . import protocol as P
+from .errors import InterfaceError, ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out, to_wire
+from .validate import BadRequest, parse_request, peer_uid
+
+log = logging.getLogger("cmactor.worker")
+
+# Direct connections one worker serves at once (a thread each); past it a client is
+# sent to the supervisor, which has its own bounds.
+MAX_CONNECTIONS = 256
+# accept() failing for want of descriptors: the pause before the next try.
+ACCEPT_PAUSE = 0.5
+
+_READ_OPS = frozenset(P.READ_OPS)
+_REPLY, _NOTIFY = P.Reply.CODE, P.Notify.CODE
+_new_req = P.Req.read
+_now = time.monotonic_ns
+
+
+def _timeval(seconds):
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
+class DirectServer:
+    """The accepting side of a worker's direct socket."""
+
+    def __init__(self, runtime, listener, options, counts):
+        self._runtime = runtime
+        self._listener = listener
+        self._allowed_uids = frozenset((os.getuid(), *options["allowed_uids"]))
+        self._max_frame = options["max_frame"]
+        self._max_requests = options["max_client_requests"]
+        self._frame_timeout = options["frame_timeout"]
+        self._supervisor = options["supervisor_socket"]
+        self._action_timeout = options["action_timeout"]
+        self.counts = F.Counter(counts)
+        self._running = {}  # _Answer -> None: requests handed on and not answered, oldest first
+        self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
+        self._connections = 0
+        self._lock = threading.Lock()
+        self.serving = False  # the supervisor said the module is READY (protocol.Serve)
+
+    def start(self):
+        self._listener.setblocking(True)
+        module = self._runtime.module
+        threading.Thread(target=self._accept, name=f"{module}-direct", daemon=True).start()
+        threading.Thread(target=self._watch, name=f"{module}-direct-watchdog", daemon=True).start()
+
+    def finish(self):
+        """The supervisor said stop: send new reads back to it, and return once those under
+        way are answered (its stop_timeout bounds the wait)."""
+        self.serving = False
+        while True:
+            with self._lock:
+                if not self._running:
+                    return
+            time.sleep(0.01)
+
+    def _watch(self):
+        """Answer reads that outlive action_timeout, as the supervisor's watchdog does."""
+        limit = self._action_timeout
+        tick = min(1.0, max(0.05, limit / 4))
+        while True:
+            time.sleep(tick)
+            due = time.monotonic_ns() - limit * 1e9
+            with self._lock:
+                expired = []
+                for answer in self._running:  # oldest first
+                    if answer.since > due:
+                        break
+                    expired.append(answer)
+            for answer in expired:
+                answer.time_out(limit)
+
+    def running(self, answer, is_running):
+        with self._lock:
+            if is_running:
+                self._running[answer] = None
+            else:
+                self._running.pop(answer, None)
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError as exc:
+                log.warning("module %s: direct socket: accept failed (%s); retrying in %gs",
+                            self._runtime.module, exc, ACCEPT_PAUSE)
+                time.sleep(ACCEPT_PAUSE)
+                continue
+            try:
+                refusal = self._refusal(sock)
+            except OSError:
+                sock.close()
+                continue
+            if refusal is not None:
+                _close_with(sock, refusal)
+                continue
+            threading.Thread(target=self._serve, args=(sock,), name=f"{self._runtime.module}-direct-client",
+                             daemon=True).start()
+
+    def _refusal(self, sock):
+        """Why a new connection is not served (its closing frame), or None; counts it in if it is."""
+        uid = peer_uid(sock)
+        if uid is not None and uid not in self._allowed_uids:
+            log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
+            return {"id": None, "ok": False, "error": to_wire(
+                InterfaceError, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it")}
+        with self._lock:
+            if self._connections >= MAX_CONNECTIONS:
+                return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already")
+            self._connections += 1
+        self.counts.add(F.CONNECTIONS, 1)
+        return None
+
+    def redirect(self, rid, why):
+        """The answer that sends request ``rid`` (None: every request) to the supervisor."""
+        message = (f"module {self._runtime.module!r}'s worker does not serve this request on its own socket "
+                   f"({why}); send it to the supervisor at {self._supervisor}")
+        return {"id": rid, "ok": False, "redirect": True, "error": to_wire(ModuleUnavailable, message)}
+
+    def _serve(self, sock):
+        connection = _Connection(self, sock)
+        try:
+            connection.run()
+        finally:
+            connection.close()
+            sock.close()  # here, by the thread reading it: a reply sent later fails on the closed object
+            with self._lock:
+                self._connections -= 1
+            self.counts.add(F.CONNECTIONS, -1)
+
+    def request(self, connection, message):
+        """One decoded frame from ``connection``: check it, then run it or answer why not."""
+        try:
+            request = parse_request(message)
+        except BadRequest as exc:
+            connection.send_map({"id": exc.rid, "ok": False, "error": to_wire(exc.exc_type, str(exc))})
+            return
+        rid, op = request["id"], request["op"]
+        if op not in _READ_OPS:
+            connection.send_map(self.redirect(rid, f"{op} is not a read"))
+            return
+        if request.get("caller") is not None or request.get("hold") is not None:
+            connection.send_map(self.redirect(rid, "an agent's call and a held request go through the supervisor"))
+            return
+        runtime = self._runtime
+        if request["module"] != runtime.module:
+            connection.send_map({"id": rid, "ok": False, "error": to_wire(
+                ProgrammingError, f"this socket serves module {runtime.module!r}, not {request['module']!r}: "
+                "ask the supervisor for the module's route")})
+            return
+        if not self.serving:
+            connection.send_map(self.redirect(rid, "the module is not READY yet"))
+            return
+        connection.begin()
+        table = request["table"]
+        req = _new_req((P.Req.CODE, next(self._sids), op, table, request["params"], request.get("vr"),
+                        P.F_NOTIFY if request.get("notify") else 0, request["batch"], request["after"],
+                        request.get("index"), request.get("match")))
+        self.counts.add(F.INFLIGHT, 1)
+        answer = _Answer(self, connection, rid, op, table)
+        self.running(answer, True)
+        runtime.serve_direct(req, answer)
+
+
+class _Connection:
+    """One direct client: its socket, its reader, and what it has in flight."""
+
+    def __init__(self, server, sock):
+        self._server = server
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        # Past this many requests in flight, its socket is not read until replies drain.
+        self._free = threading.Semaphore(server._max_requests)
+        self._timeout = server._frame_timeout
+        # Blocking calls that give up after frame_timeout (SO_RCVTIMEO/SO_SNDTIMEO): a
+        # read wakes to check an unfinished frame's age, a reply a client does not take
+        # drops it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
+        self.closed = False
+
+    def run(self):
+        reader = P.FrameReader(self._server._max_frame)
+        frame_since = None
+        while not self.closed:
+            try:
+                data = self._sock.recv(P.READ_SIZE)
+            except BlockingIOError:  # SO_RCVTIMEO passed with nothing read
+                if frame_since is not None and time.monotonic() - frame_since >= self._timeout:
+                    self.fail_stream(
+                        f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
+                        "arrived; frame_timeout); send each frame whole; closing this connection")
+                    return
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                messages = reader.feed(data)
+            except P.FrameError as exc:
+                self.fail_stream(f"{exc}; closing this connection")
+                return
+            for message in messages:
+                self._server.request(self, message)
+            if not reader.partial:
+                frame_since = None
+            elif messages or frame_since is None:
+                frame_since = time.monotonic()
+
+    def begin(self):
+        """A request is handed on: wait while the connection has its bound in flight."""
+        self._free.acquire()
+
+    def done(self):
+        self._free.release()
+
+    def send(self, frame, answer=None):
+        """Send one frame; a client that does not take it within frame_timeout is dropped.
+        With ``answer``, the frame is its final reply, sent once: False if it was already."""
+        try:
+            with self._send_lock:
+                if answer is not None:
+                    if answer.answered:
+                        return False
+                    answer.answered = True
+                self._sock.sendall(frame)
+        except OSError:
+            self.close()
+        return True
+
+    def send_map(self, message):
+        self.send(P.pack(message))
+
+    def fail_stream(self, message):
+        self.send_map({"id": None, "ok": False, "error": to_wire(InterfaceError, message)})
+
+    def close(self):
+        """Drop the client. Only shut down here: the reading thread, which this wakes, closes
+        the socket, so that no thread can find its descriptor reused under it."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Answer:
+    """Where one direct request's Reply and Notify messages go (actions.Actions sends
+    them as it would to the supervisor): frames for its client, and its figures. The
+    final reply is sent once: by the action, or by the watchdog at action_timeout."""
+
+    __slots__ = ("_server", "_connection", "_rid", "_op", "_table", "since", "answered")
+
+    def __init__(self, server, connection, rid, op, table):
+        self._server = server
+        self._connection = connection
+        self._rid = rid
+        self._op = op
+        self._table = table
+        self.since = _now()
+        self.answered = False  # under the connection's send lock
+
+    def __call__(self, message):
+        if message[0] == _NOTIFY:
+            if not self.answered:
+                self._connection.send_map({"id": self._rid, "notify": message[2]})
+            return
+        _, _, error, entries, _ = message
+        if error is None:
+            frame = P.reply_frame(self._rid, entries)
+        else:
+            frame = P.pack({"id": self._rid, "ok": False, "error": error})
+        if self._connection.send(frame, self):
+            self._end(None if error is None else error["type"])
+
+    def time_out(self, limit):
+        message = action_timed_out(self._op, self._server._runtime.module, self._table, limit)
+        frame = P.pack({"id": self._rid, "ok": False, "error": to_wire(OperationalError, message)})
+        if self._connection.send(frame, self):
+            self._end(OperationalError.__name__)
+            self._connection.close()
+
+    def _end(self, error_type):
+        self._server.running(self, False)
+        self._connection.done()
+        self._server.counts.answered(self._op, error_type, _now() - self.since)
+
+
+def _close_with(sock, message):
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(P.pack(message))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    sock.close()
