@@ -247,15 +247,23 @@ class _Connection:
     def done(self):
         self._free.release()
 
-    def send(self, frame, answer=None):
-        """Send one frame; a client that does not take it within frame_timeout is dropped.
-        With ``answer``, the frame is its final reply, sent once: False if it was already."""
+    def send(self, frame):
+        """Send one frame; a client that does not take it within frame_timeout is dropped."""
         try:
             with self._send_lock:
-                if answer is not None:
-                    if answer.answered:
-                        return False
-                    answer.answered = True
+                self._sock.sendall(frame)
+        except OSError:
+            self.close()
+
+    def reply(self, answer, frame, error_type):
+        """Send ``answer``'s final reply, once: False if it was sent already. It is counted
+        first, so that a status asked for once the client has it includes it."""
+        try:
+            with self._send_lock:
+                if answer.answered:
+                    return False
+                answer.answered = True
+                answer.end(error_type)
                 self._sock.sendall(frame)
         except OSError:
             self.close()
@@ -301,20 +309,17 @@ class _Answer:
             return
         _, _, error, entries, _ = message
         if error is None:
-            frame = P.reply_frame(self._rid, entries)
+            self._connection.reply(self, P.reply_frame(self._rid, entries), None)
         else:
-            frame = P.pack({"id": self._rid, "ok": False, "error": error})
-        if self._connection.send(frame, self):
-            self._end(None if error is None else error["type"])
+            self._connection.reply(self, P.pack({"id": self._rid, "ok": False, "error": error}), error["type"])
 
     def time_out(self, limit):
         message = action_timed_out(self._op, self._server._runtime.module, self._table, limit)
         frame = P.pack({"id": self._rid, "ok": False, "error": to_wire(OperationalError, message)})
-        if self._connection.send(frame, self):
-            self._end(OperationalError.__name__)
+        if self._connection.reply(self, frame, OperationalError.__name__):
             self._connection.close()
 
-    def _end(self, error_type):
+    def end(self, error_type):
         self._server.running(self, False)
         self._connection.done()
         self._server.counts.answered(self._op, error_type, _now() - self.since)

@@ -1,0 +1,23 @@
+"""A test agent for reads that talk back: notify_cli from a get, and from an async one."""
+
+from cmactor import async_action, ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+
+class Reader(CmAgent):
+    def event_generate_default(self):
+        ready()
+
+    def say_get(self, ctx):
+        for i in range(int(ctx.params.get("times", "2"))):
+            ctx.notify_cli(f"line {i} for {ctx.vr_name}")
+        ctx.fields = {"said": ctx.params.get("times", "2")}
+
+    @async_action
+    def asay_get(self, ctx):
+        ctx.notify_cli("from the async lane")
+        ctx.fields = {"said": "1"}
+
+
+def main():
+    cmbackend_init(Reader())
