@@ -52,6 +52,7 @@ _READ_OPS = frozenset(P.READ_OPS)
 # Seconds a module with no route (not READY, its worker socket just failed) is read
 # through the supervisor before its route is asked for again.
 ROUTE_RETRY = 1.0
+_NO_ROUTE = "no route"  # a module whose worker has no socket of its own (direct_reads off)
 
 Row = namedtuple("Row", "rowid opStatus opMsg field_values")
 
@@ -269,13 +270,17 @@ class Connection:
         route = self._routes.get(module)
         if type(route) is _Direct:
             return route
-        if route is not None and time.monotonic() < route:
+        if route is _NO_ROUTE or (route is not None and time.monotonic() < route):
             return None
         self._routes[module] = time.monotonic() + ROUTE_RETRY  # unless a route is found below
         try:
-            found = self._brokered({"op": "route", "module": module, "user": self.username}, None)["route"]
+            reply = self._brokered({"op": "route", "module": module, "user": self.username}, None)
         except ProgrammingError:
             return None  # an unknown module, say: the read itself gets the supervisor's error
+        if not reply.get("direct_reads"):
+            self._routes[module] = _NO_ROUTE
+            return None
+        found = reply["route"]
         if found is None or self._failed.get(module) == found["generation"]:
             return None
         try:

@@ -45,6 +45,7 @@ _READ_OPS = frozenset(P.READ_OPS)
 _REPLY, _NOTIFY = P.Reply.CODE, P.Notify.CODE
 _new_req = P.Req.read
 _now = time.monotonic_ns
+_thread_id = threading.get_ident
 
 
 def _timeval(seconds):
@@ -210,8 +211,15 @@ class _Connection:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
         self.closed = False
+        # What the connection's own thread answers while it serves what one read brought
+        # is sent in one write at the end: 32 pipelined reads, one syscall and one
+        # wake-up of the client, not 32. Other threads (a lane thread that ran a
+        # queued read, the watchdog) send at once.
+        self._owner = None
+        self._out = []
 
     def run(self):
+        self._owner = _thread_id()
         reader = P.FrameReader(self._server._max_frame)
         frame_since = None
         while not self.closed:
@@ -235,6 +243,7 @@ class _Connection:
                 return
             for message in messages:
                 self._server.request(self, message)
+            self.flush()
             if not reader.partial:
                 frame_since = None
             elif messages or frame_since is None:
@@ -242,18 +251,35 @@ class _Connection:
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
-        self._free.acquire()
+        if not self._free.acquire(blocking=False):
+            self.flush()
+            self._free.acquire()
 
     def done(self):
         self._free.release()
 
     def send(self, frame):
-        """Send one frame; a client that does not take it within frame_timeout is dropped."""
+        """Send one frame (the connection's own thread: at its next flush); a client that
+        does not take it within frame_timeout is dropped."""
+        if _thread_id() == self._owner:
+            self._out.append(frame)
+            return
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
         except OSError:
             self.close()
+
+    def flush(self):
+        """(The connection's own thread.) Send what it answered since the last flush."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                with self._send_lock:
+                    self._sock.sendall(data)
+            except OSError:
+                self.close()
 
     def reply(self, answer, frame, error_type):
         """Send ``answer``'s final reply, once: False if it was sent already. It is counted
@@ -264,7 +290,10 @@ class _Connection:
                     return False
                 answer.answered = True
                 answer.end(error_type)
-                self._sock.sendall(frame)
+                if _thread_id() == self._owner:
+                    self._out.append(frame)
+                else:
+                    self._sock.sendall(frame)
         except OSError:
             self.close()
         return True
@@ -312,6 +341,9 @@ class _Answer:
             self._connection.reply(self, P.reply_frame(self._rid, entries), None)
         else:
             self._connection.reply(self, P.pack({"id": self._rid, "ok": False, "error": error}), error["type"])
+
+    def flush(self):
+        self._connection.flush()
 
     def time_out(self, limit):
         message = action_timed_out(self._op, self._server._runtime.module, self._table, limit)

@@ -262,14 +262,15 @@ class Runtime:
         if is_async:
             self._actions.execute(req, method, True, send)
         else:
-            self._run_serial((req, method, send), reads=False)
+            self._run_serial((req, method, send), reads=False, flush=send.flush)
 
-    def _run_serial(self, item, reads=True):
+    def _run_serial(self, item, reads=True, flush=None):
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
 
         Returns True if this thread should read the supervisor's socket next (nobody
         else does). A direct client's thread (``reads`` False) never does: it wakes
-        an idle lane thread instead.
+        an idle lane thread instead, and sends its own client's answers (``flush``)
+        before it runs anyone else's work from the mailbox.
         """
         slots = self._slots
         while True:
@@ -289,15 +290,18 @@ class Runtime:
             with self._lane_lock:
                 if self._mailbox:
                     item = self._mailbox.popleft()
-                    continue
-                self._serial_busy = False
-                if self._reading:
+                else:
+                    self._serial_busy = False
+                    if self._reading:
+                        return False
+                    if reads:
+                        self._reading = True
+                        return True
+                    self._cv.notify()
                     return False
-                if reads:
-                    self._reading = True
-                    return True
-                self._cv.notify()
-                return False
+            if flush is not None:
+                flush()
+                flush = None
 
     def _async_slot(self):
         """This pool thread's slot index, taken on first use; None when all are taken."""

@@ -126,6 +126,10 @@ def _groups(sizes, sup, conn):
     def cursor_procs(operation, params, n, warmup):
         return b.clients([path], (operation, params), n=n, inflight=1, warmup=warmup, main=s.cursor_main)
 
+    # The direct-read rows (a supervisor of their own with direct reads on), on a
+    # runtime that has them; _skipped_rows() says so otherwise.
+    direct = s.direct_reads_available()
+
     def ms(row):
         return f"{row['p50_us'] / 1000:,.0f} ms"
 
@@ -158,6 +162,11 @@ def _groups(sizes, sup, conn):
             Step("get_raw", "get, raw client process, 1 in flight", "ops/s", "two_hop",
                  lambda: b.clients([path], b.request("kv"), inflight=1, **ping),
                  "same get from its own process, no Cursor: the floor's client"),
+            *([Step("get_direct", "get, direct, sequential (Cursor)", "ops/s", "one_hop",
+                    lambda: s.direct_clients(1, ("get bench.kv", {"key": "k"}), inflight=1, main=s.cursor_main,
+                                             **ping),
+                    "the get row's Cursor process against a supervisor of its own with direct reads on: the "
+                    "Cursor asks for the route once, then reads from the worker's own socket")] if direct else []),
             Step("getnext_10k", "getnext walk, 10k rows (Cursor)", "rows/s", "two_hop",
                  lambda: s.walk(conn.cursor(), 10_000, small), walk_note(10_000)),
             Step("dbapi_walk_10k", "exos_dbapi walk 10k rows (request, iterrow)", "rows/s", "getnext_10k",
@@ -175,6 +184,15 @@ def _groups(sizes, sup, conn):
             Step("async_4x32", f"async get, {CLIENTS} client procs x {INFLIGHT} in flight", "ops/s", "two_hop_4x32",
                  lambda: b.clients([path] * CLIENTS, b.request("akv"), inflight=INFLIGHT, **per_client),
                  "@async_action get, raw protocol"),
+            Step("one_hop_4x32", f"floor: one hop, {CLIENTS} clients x {INFLIGHT} in flight", "ops/s", None,
+                 lambda: b.one_hop(**per_client, n_clients=CLIENTS, inflight=INFLIGHT),
+                 f"{CLIENTS} client processes <-> one worker process (a selectors loop), a socketpair each"),
+            *([Step("async_4x32_direct", f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
+                    "ops/s", "one_hop_4x32",
+                    lambda: s.direct_clients(CLIENTS, b.request("akv"), inflight=INFLIGHT, main=s.direct_client_main,
+                                             **per_client),
+                    "@async_action get, raw protocol to the worker's own socket (each client asks the supervisor "
+                    "for the route once); direct reads on")] if direct else []),
         ], rounds),
         ([
             Step("chain_free", f"chain A(async)->B->C, {CLIENTS} client procs", "chains/s", None,
@@ -246,13 +264,23 @@ def _groups(sizes, sup, conn):
 
 def _skipped_rows(s):
     """Rows for measurements that cannot run here, with the reason as their note."""
-    if s.ray_available():
-        return []
-    return [{
-        "key": "ray", "name": "peer: Ray actor get", "kind": "baseline", "unit": "ops/s", "rate": None,
-        "p50_us": None, "p99_us": None, "baseline": None, "ratio": None, "rounds": 0,
-        "note": "skipped: ray is not importable here (not installed); the peer comparison runs when it is",
-    }]
+
+    def skipped(key, name, kind, baseline, note):
+        return {"key": key, "name": name, "kind": kind, "unit": "ops/s", "rate": None, "p50_us": None,
+                "p99_us": None, "baseline": baseline, "ratio": None, "rounds": 0, "note": note}
+
+    rows = []
+    if not s.direct_reads_available():
+        why = "skipped: this runtime has no direct reads (no supervisor option direct_reads)"
+        rows += [
+            skipped("get_direct", "get, direct, sequential (Cursor)", "scenario", "one_hop", why),
+            skipped("async_4x32_direct", f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
+                    "scenario", "one_hop_4x32", why),
+        ]
+    if not s.ray_available():
+        rows.append(skipped("ray", "peer: Ray actor get", "baseline", None,
+                            "skipped: ray is not importable here (not installed); the peer comparison runs when it is"))
+    return rows
 
 
 def _measure(group, rounds, say):

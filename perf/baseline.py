@@ -301,6 +301,32 @@ def serve_broker(client_socks, worker):
                 buf.clear()
 
 
+def serve_workers(socks):
+    """serve_worker for several clients at once (one hop, pipelined): one process, a
+    ``selectors`` loop over every client's socket, all replies to one read in one send.
+    Returns when every client has gone."""
+    quiet_child()
+    sel = selectors.DefaultSelector()
+    for sock in socks:
+        sel.register(sock, selectors.EVENT_READ, P.FrameReader(max_frame=None))
+    left = len(socks)
+    while left:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            data = _recv_or_eof(sock)
+            if not data:
+                sel.unregister(sock)  # the others may still be in a round
+                left -= 1
+                continue
+            out = bytearray()
+            for msg in key.data.feed(data):
+                out += P.pack({"id": msg["id"], "ok": True, "rows": [ROW], "more": False})
+            try:
+                sock.sendall(out)
+            except OSError:
+                pass  # a client that went away: its EOF comes next turn
+
+
 def _recv_or_eof(sock):
     try:
         return sock.recv(P.READ_SIZE)
@@ -317,18 +343,26 @@ def signal_ready(conn):
 
 
 @contextlib.contextmanager
-def one_hop(n, warmup):
-    """Client process <-> worker process over one AF_UNIX socketpair, one request in flight."""
+def one_hop(n, warmup, n_clients=1, inflight=1):
+    """Client process <-> worker process over one AF_UNIX socketpair, ``inflight`` in flight.
+
+    ``n_clients`` > 1: that many client processes, a socketpair each, to one worker
+    process serving them all (``serve_workers``): the twin of ``two_hop`` with as many
+    clients, without the broker (what a direct read, cmactor/direct.py, skips)."""
     ctx = context()
-    client_end, worker_end = socket.socketpair()
+    pairs = [socket.socketpair() for _ in range(n_clients)]
+    socks = [s for pair in pairs for s in pair]
     worker = None
     try:
-        worker = start(ctx, serve_worker, worker_end)
-        worker_end.close()
-        with clients([client_end], request(), n, 1, warmup) as round_:
+        if n_clients == 1:
+            worker = start(ctx, serve_worker, pairs[0][1])
+        else:
+            worker = start(ctx, serve_workers, [w for _, w in pairs])
+        close_all(w for _, w in pairs)  # the worker has its own
+        with clients([c for c, _ in pairs], request(), n, inflight, warmup) as round_:
             yield round_
     finally:
-        close_all([client_end, worker_end])
+        close_all(socks)
         reap([worker])
 
 

@@ -2,9 +2,12 @@
 
 The supervisor runs in this process (its loop is a thread) and the agents in
 forkserver workers, as with an embedded ``cmactor.Supervisor``. Most scenarios
-share one supervisor (``supervisor()``); start-up, save and load start
-supervisors of their own (``own_supervisor()``). Sequential scenarios use the
-public client (``sup.connect().cursor().execute``) from this process; pipelined
+share one supervisor (``supervisor()``), which runs with direct reads off so that
+every request is brokered, as before direct reads existed; the direct-read
+scenarios (``direct_clients()``) start one of their own with direct reads on, and
+so do start-up, save and load (``own_supervisor()``, the default options).
+Sequential scenarios use the public client (``sup.connect().cursor().execute``),
+from this process or a client process of its own (``cursor_main``); pipelined
 ones and the call chains use raw client processes (perf.baseline.clients),
 because a Cursor has one request in flight per connection.
 
@@ -36,6 +39,23 @@ from .baseline import Result, pc, percentile
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents", "bench.py") + ":main"
 
+# A supervisor's route for a module can be None for a moment after READY (until its
+# worker has been told to serve): seconds to keep asking.
+ROUTE_WAIT = 10.0
+
+
+def direct_reads_available():
+    """Whether this runtime has direct reads (the supervisor option ``direct_reads``)."""
+    from cmsupervisor.config import SUPERVISOR_OPTIONS
+
+    return "direct_reads" in SUPERVISOR_OPTIONS
+
+
+def brokered_options():
+    """The Supervisor options that send every request through the supervisor: direct
+    reads off (nothing on a runtime that predates them, where every request is brokered)."""
+    return {"direct_reads": False} if direct_reads_available() else {}
+
 
 @contextlib.contextmanager
 def supervisor():
@@ -46,6 +66,10 @@ def supervisor():
     - ``victim`` and ``jvictim``: the restart scenarios' modules (no restart delay,
       no quarantine); ``jvictim`` gets a journal of rows first;
     - ``chain_a``, ``chain_b``, ``chain_c``: agents that call each other.
+
+    Direct reads are off (``brokered_options``): the Cursors' gets, the agents' own
+    unchecked gets and the restart rows' gets all go through the supervisor, as
+    they did before direct reads, so their rows stay comparable with older runs.
     """
     import cmactor
 
@@ -58,9 +82,11 @@ def supervisor():
         victim = {"entry": AGENT, "restart_delay": 0, "max_restarts": 1_000_000}
         agents = {"bench": AGENT, "victim": victim, "jvictim": dict(victim)}
         agents.update({f"chain_{x}": AGENT for x in "abc"})
-        sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING")
+        sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING", **brokered_options())
         try:
             sup.start(timeout=60)
+            if sup.status()["bench"].get("direct") is not None:
+                raise RuntimeError("the shared supervisor serves direct reads: its rows would not be brokered")
             yield sup
         finally:
             sup.stop()
@@ -69,12 +95,13 @@ def supervisor():
 
 
 @contextlib.contextmanager
-def own_supervisor(agents, state_dir, timer=None):
+def own_supervisor(agents, state_dir, timer=None, **options):
     """A supervisor of its own on ``state_dir``, started (``timer``: a list to which
-    the time of start() is appended, ns) and always stopped."""
+    the time of start() is appended, ns) and always stopped. ``options``: more
+    Supervisor options (default: the runtime's defaults)."""
     import cmactor
 
-    sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING")
+    sup = cmactor.Supervisor(agents, state_dir=state_dir, log_level="WARNING", **options)
     try:
         t0 = pc()
         sup.start(timeout=60)
@@ -150,6 +177,84 @@ def cursor_main(path, message, inflight, warmup, ctl):
             if n is None:
                 break
             result = back_to_back(cur, operation, params, n)
+
+
+# -- direct reads ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def direct_supervisor():
+    """A supervisor of its own running bench.py as ``bench`` with direct reads on, once
+    its worker serves them (its route is given out); state in a temporary directory."""
+    state_dir = tempfile.mkdtemp(prefix="cmbench-direct-")
+    try:
+        with own_supervisor({"bench": AGENT}, state_dir, direct_reads=True) as sup:
+            deadline = time.monotonic() + ROUTE_WAIT
+            while not (sup.status()["bench"].get("direct") or {}).get("serving"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"module bench serves no direct reads {ROUTE_WAIT:g}s after READY")
+                time.sleep(0.01)
+            yield sup
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def direct_clients(n_clients, message, n, inflight, warmup, main):
+    """``baseline.clients`` (``n_clients`` processes running ``main``: ``cursor_main``
+    or ``direct_client_main``) pointed at a ``direct_supervisor()``. After the
+    clients' warm-up, checks that each holds a connection to the worker's own
+    socket, i.e. that its reads did go direct."""
+    with direct_supervisor() as sup:
+        with baseline.clients([sup.socket_path] * n_clients, message, n=n, inflight=inflight, warmup=warmup,
+                              main=main) as round_:
+            direct = sup.status()["bench"]["direct"]
+            if direct["connections"] < n_clients:
+                raise RuntimeError(f"{direct['connections']} direct connections to bench's worker after the "
+                                   f"warm-up, expected {n_clients}: the reads went through the supervisor")
+            yield round_
+
+
+def ask_route(path, module, timeout=ROUTE_WAIT):
+    """Ask the supervisor at ``path`` where to read ``module`` from directly (the
+    ``route`` op): {"path", "generation"}. Asks again while it says None (not serving
+    yet), up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(baseline.TIMEOUT)
+        sock.connect(path)
+        reader = P.FrameReader(max_frame=None)
+        for rid in itertools.count(1):
+            sock.sendall(P.pack({"id": rid, "op": "route", "module": module, "user": "bench"}))
+            reply = None
+            while reply is None:
+                data = sock.recv(P.READ_SIZE)
+                if not data:
+                    raise ConnectionError("the supervisor closed the connection")
+                reply = next((m for m in reader.feed(data) if m.get("id") in (rid, None)), None)
+            if not reply.get("ok"):
+                raise RuntimeError(f"route {module}: {reply.get('error')}")
+            if reply["route"] is not None:
+                return reply["route"]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the supervisor gave no route to {module} within {timeout:g}s")
+            time.sleep(0.01)
+    finally:
+        sock.close()
+
+
+def direct_client_main(path, message, inflight, warmup, ctl):
+    """Client process (``baseline.clients(main=direct_client_main)``): ask the supervisor
+    at ``path`` for the route of ``message``'s module once, then run
+    ``baseline.client_main`` (the raw client) against the worker's own socket."""
+    baseline.quiet_child()
+    try:
+        route = ask_route(path, message["module"])
+    except Exception as exc:  # the parent raises it as "did not start"
+        ctl.send(f"no route to module {message['module']!r}: {exc}")
+        return
+    baseline.client_main(route["path"], message, inflight, warmup, ctl)
 
 
 @contextlib.contextmanager

@@ -27,10 +27,23 @@ How a request flows, all on the loop thread (loop.py) but for the worker::
                         ▼
     client ◀──frame── server.py         Client.out, flushed by loop.py once per turn
 
+A client's read (get, getone, getnext, not from inside an agent action) takes one
+hop instead, once the module is READY: control.py answers ``route`` with the
+worker's own socket, which workers.py binds at each start and hands to the worker::
+
+    client ──frame──▶ cmactor/direct.py     the worker's socket: uid check, frames, the
+                        │                   same checks (cmactor/validate.py)
+                      cmactor/worker.py     Runtime.serve_direct: the serial lane (on this
+                        │                   thread when free) or, async, this thread; behind a save
+                      cmactor/actions.py    the agent
+                        │
+    client ◀──frame── cmactor/direct.py     the reply, counted in shared memory (figures.py)
+
 Where a crash enters: the worker's process sentinel fires in the loop, and
 recovery.py reaps it (workers.py), fails the requests its lanes had started,
 holds the others in routing.py for the restart, and asks restart.py whether to
-restart it or quarantine it (lifecycle.py). Start-up and stop are lifecycle.py:
+restart it or quarantine it (lifecycle.py). Its direct clients see their socket
+fail and send the read again, to the supervisor, where it is held likewise. Start-up and stop are lifecycle.py:
 Init → WAITING_DEPS (deps.py) → LOADING (the saved section from saving.py, plus
 the journal) → READY, and dependents first on the way down. supervisor.py builds
 these parts, gives each the others it calls, and is the public facade.

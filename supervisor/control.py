@@ -51,7 +51,8 @@ class Control:
                 else:
                     self._saver.export((client, rid), user, request.get("modules"))
             elif op == "route":
-                client.answer({"id": rid, "ok": True, "route": self.route(request["module"])})
+                route = self.route(request["module"])
+                client.answer({"id": rid, "ok": True, "route": route, "direct_reads": route is not False})
             elif op == "restart":
                 self._recovery.restart(request["module"])
                 client.answer({"id": rid, "ok": True})
@@ -74,14 +75,17 @@ class Control:
 
     def route(self, name):
         """Where a client reads ``name`` from directly ({"path", "generation"} of its worker's
-        socket), or None: send its reads here (not READY, direct reads off)."""
+        socket); None: send its reads here for now (it is not READY); False: its worker
+        has no socket of its own (direct_reads off)."""
         mod = self._modules.get(name)
         if mod is None:
             raise ProgrammingError(unknown_module(name, self._modules))
         channel = mod.channel
-        if mod.state != READY or channel is None or not channel.open or not channel.serving:
+        if mod.state != READY or channel is None or not channel.open:
             return None
-        return channel.route
+        if channel.route is None:
+            return False
+        return channel.route if channel.serving else None
 
     def own_status(self):
         """The supervisor's own figures: audit and log failures, clients, saves."""

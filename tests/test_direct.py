@@ -282,7 +282,8 @@ def test_direct_reads_off(supervisor):
     assert thread.startswith("echo-lane")
     assert sup.status()["echo"]["direct"] is None
     with sup.connect() as conn:
-        assert conn.request({"op": "route", "module": "echo"})["route"] is None
+        reply = conn.request({"op": "route", "module": "echo"})
+        assert reply["route"] is False and reply["direct_reads"] is False
     assert not [n for n in os.listdir(os.path.dirname(sup.socket_path)) if n.startswith("cm.sock.")]
 
 
