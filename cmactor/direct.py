@@ -65,7 +65,6 @@ class DirectServer:
         self._supervisor = options["supervisor_socket"]
         self._action_timeout = options["action_timeout"]
         self.counts = F.Counter(counts)
-        self._running = {}  # _Answer -> None: requests handed on and not answered, oldest first
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
         self._connections = 0
         self._lock = threading.Lock()
@@ -81,10 +80,7 @@ class DirectServer:
         """The supervisor said stop: send new reads back to it, and return once those under
         way are answered (its stop_timeout bounds the wait)."""
         self.serving = False
-        while True:
-            with self._lock:
-                if not self._running:
-                    return
+        while self.counts.running():
             time.sleep(0.01)
 
     def _watch(self):
@@ -94,21 +90,10 @@ class DirectServer:
         while True:
             time.sleep(tick)
             due = time.monotonic_ns() - limit * 1e9
-            with self._lock:
-                expired = []
-                for answer in self._running:  # oldest first
-                    if answer.since > due:
-                        break
-                    expired.append(answer)
-            for answer in expired:
+            for answer in self.counts.running():  # oldest first
+                if answer.since > due:
+                    break
                 answer.time_out(limit)
-
-    def running(self, answer, is_running):
-        with self._lock:
-            if is_running:
-                self._running[answer] = None
-            else:
-                self._running.pop(answer, None)
 
     def _accept(self):
         while True:
@@ -172,7 +157,7 @@ class DirectServer:
         if op not in _READ_OPS:
             connection.send_map(self.redirect(rid, f"{op} is not a read"))
             return
-        if request.get("caller") is not None or request.get("hold") is not None:
+        if "caller" in request or "hold" in request:
             connection.send_map(self.redirect(rid, "an agent's call and a held request go through the supervisor"))
             return
         runtime = self._runtime
@@ -189,9 +174,8 @@ class DirectServer:
         req = _new_req((P.Req.CODE, next(self._sids), op, table, request["params"], request.get("vr"),
                         P.F_NOTIFY if request.get("notify") else 0, request["batch"], request["after"],
                         request.get("index"), request.get("match")))
-        self.counts.add(F.INFLIGHT, 1)
         answer = _Answer(self, connection, rid, op, table)
-        self.running(answer, True)
+        self.counts.began(answer)
         runtime.serve_direct(req, answer)
 
 
@@ -202,8 +186,14 @@ class _Connection:
         self._server = server
         self._sock = sock
         self._send_lock = threading.Lock()
-        # Past this many requests in flight, its socket is not read until replies drain.
-        self._free = threading.Semaphore(server._max_requests)
+        # Past max_client_requests in flight, its socket is not read until replies drain.
+        # In flight = begun - ended: each count has one writer at a time (begun: this
+        # connection's thread; ended: whoever holds the send lock), so no lock is taken
+        # to count a request in.
+        self._begun = self._ended = 0
+        self._max_requests = server._max_requests
+        self._room = threading.Condition(self._send_lock)
+        self._waiting = False  # its thread waits for room
         self._timeout = server._frame_timeout
         # Blocking calls that give up after frame_timeout (SO_RCVTIMEO/SO_SNDTIMEO): a
         # read wakes to check an unfinished frame's age, a reply a client does not take
@@ -251,12 +241,14 @@ class _Connection:
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
-        if not self._free.acquire(blocking=False):
-            self.flush()
-            self._free.acquire()
-
-    def done(self):
-        self._free.release()
+        if self._begun - self._ended >= self._max_requests:
+            self.flush()  # the answers it waits for may be its own
+            with self._room:
+                self._waiting = True
+                while self._begun - self._ended >= self._max_requests:
+                    self._room.wait()
+                self._waiting = False
+        self._begun += 1
 
     def send(self, frame):
         """Send one frame (the connection's own thread: at its next flush); a client that
@@ -290,6 +282,9 @@ class _Connection:
                     return False
                 answer.answered = True
                 answer.end(error_type)
+                self._ended += 1
+                if self._waiting:
+                    self._room.notify()
                 if _thread_id() == self._owner:
                     self._out.append(frame)
                 else:
@@ -352,9 +347,7 @@ class _Answer:
             self._connection.close()
 
     def end(self, error_type):
-        self._server.running(self, False)
-        self._connection.done()
-        self._server.counts.answered(self._op, error_type, _now() - self.since)
+        self._server.counts.answered(self, self._op, error_type, _now() - self.since)
 
 
 def _close_with(sock, message):
