@@ -13,8 +13,11 @@ Runtime, which runs it on the serial lane (on this thread when the lane is free)
 or the pool, as it would a request from the supervisor. Bytes from clients are
 untrusted here too: the same peer uid check, frame size cap, frame timeout and
 request validation (validate.py) as the supervisor's socket, and a bound on the
-requests one connection has in flight. A client that stops reading its replies
-is dropped after frame_timeout, so it cannot hold a lane. A read not answered
+requests one connection has in flight. No thread ever blocks on a client's
+socket: what a client does not take at once waits in its backlog, written by one
+writer thread as the client reads, and a client whose backlog passes
+max_client_backlog, or does not move for frame_timeout, is dropped; so a client
+that stops reading cannot hold a lane, or get the worker killed as hung. A read not answered
 within the module's action_timeout is answered as the supervisor answers one
 (OperationalError), and its connection dropped: the thread is still in the
 action, and the client's next read goes elsewhere.
@@ -23,6 +26,7 @@ action, and the client's next read goes elsewhere.
 import itertools
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -40,6 +44,9 @@ log = logging.getLogger("cmactor.worker")
 MAX_CONNECTIONS = 256
 # accept() failing for want of descriptors: the pause before the next try.
 ACCEPT_PAUSE = 0.5
+# Answers a connection's own thread gathers before it writes them (whatever it read
+# brought: one write, not one per reply), at most.
+BATCH_BYTES = 256 * 1024
 
 _READ_OPS = frozenset(P.READ_OPS)
 _REPLY, _NOTIFY = P.Reply.CODE, P.Notify.CODE
@@ -64,7 +71,9 @@ class DirectServer:
         self._frame_timeout = options["frame_timeout"]
         self._supervisor = options["supervisor_socket"]
         self._action_timeout = options["action_timeout"]
+        self.max_backlog = options["max_client_backlog"]
         self.counts = F.Counter(counts)
+        self.writer = _Writer(self._frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
         self._connections = 0
         self._lock = threading.Lock()
@@ -75,6 +84,7 @@ class DirectServer:
         module = self._runtime.module
         threading.Thread(target=self._accept, name=f"{module}-direct", daemon=True).start()
         threading.Thread(target=self._watch, name=f"{module}-direct-watchdog", daemon=True).start()
+        threading.Thread(target=self.writer.run, name=f"{module}-direct-writer", daemon=True).start()
 
     def finish(self):
         """The supervisor said stop: send new reads back to it, and return once those under
@@ -109,8 +119,8 @@ class DirectServer:
             except OSError:
                 sock.close()
                 continue
-            if refusal is not None:
-                _close_with(sock, refusal)
+            if refusal is not None:  # told why in a thread of its own: it waits for the client to go
+                threading.Thread(target=_close_with, args=(sock, refusal, self._frame_timeout), daemon=True).start()
                 continue
             threading.Thread(target=self._serve, args=(sock,), name=f"{self._runtime.module}-direct-client",
                              daemon=True).start()
@@ -167,7 +177,7 @@ class DirectServer:
                 "ask the supervisor for the module's route")})
             return
         if not self.serving:
-            connection.send_map(self.redirect(rid, "the module is not READY yet"))
+            connection.send_map(self.redirect(rid, "the module is not READY: starting, loading or stopping"))
             return
         connection.begin()
         table = request["table"]
@@ -195,18 +205,20 @@ class _Connection:
         self._room = threading.Condition(self._send_lock)
         self._waiting = False  # its thread waits for room
         self._timeout = server._frame_timeout
-        # Blocking calls that give up after frame_timeout (SO_RCVTIMEO/SO_SNDTIMEO): a
-        # read wakes to check an unfinished frame's age, a reply a client does not take
-        # drops it.
+        # Reads give up after frame_timeout (SO_RCVTIMEO), to check an unfinished frame's age.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._timeout))
         self.closed = False
         # What the connection's own thread answers while it serves what one read brought
-        # is sent in one write at the end: 32 pipelined reads, one syscall and one
+        # is written at the end, in one write: 32 pipelined reads, one syscall and one
         # wake-up of the client, not 32. Other threads (a lane thread that ran a
-        # queued read, the watchdog) send at once.
+        # queued read, the watchdog) write at once.
         self._owner = None
         self._out = []
+        self._out_bytes = 0
+        # What the client did not take yet (the writer thread writes it); since when it
+        # last took some. Under the send lock.
+        self._backlog = bytearray()
+        self.moved_at = 0.0
 
     def run(self):
         self._owner = _thread_id()
@@ -232,12 +244,19 @@ class _Connection:
                 self.fail_stream(f"{exc}; closing this connection")
                 return
             for message in messages:
+                if self.closed:
+                    return  # dropped: what it sent after is not run
                 self._server.request(self, message)
             self.flush()
             if not reader.partial:
                 frame_since = None
             elif messages or frame_since is None:
                 frame_since = time.monotonic()
+            elif time.monotonic() - frame_since >= self._timeout:  # a frame dribbled in, byte by byte
+                self.fail_stream(
+                    f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
+                    "arrived; frame_timeout); send each frame whole; closing this connection")
+                return
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
@@ -251,63 +270,170 @@ class _Connection:
         self._begun += 1
 
     def send(self, frame):
-        """Send one frame (the connection's own thread: at its next flush); a client that
-        does not take it within frame_timeout is dropped."""
-        if _thread_id() == self._owner:
-            self._out.append(frame)
-            return
-        try:
-            with self._send_lock:
-                self._sock.sendall(frame)
-        except OSError:
-            self.close()
+        """Send one frame (from the connection's own thread: at its next flush)."""
+        with self._send_lock:
+            self._queue(frame)
 
     def flush(self):
         """(The connection's own thread.) Send what it answered since the last flush."""
         if self._out:
-            data = b"".join(self._out)
-            self._out.clear()
-            try:
-                with self._send_lock:
-                    self._sock.sendall(data)
-            except OSError:
-                self.close()
+            with self._send_lock:
+                self._write_out()
 
     def reply(self, answer, frame, error_type):
         """Send ``answer``'s final reply, once: False if it was sent already. It is counted
         first, so that a status asked for once the client has it includes it."""
-        try:
-            with self._send_lock:
-                if answer.answered:
-                    return False
-                answer.answered = True
-                answer.end(error_type)
-                self._ended += 1
-                if self._waiting:
-                    self._room.notify()
-                if _thread_id() == self._owner:
-                    self._out.append(frame)
-                else:
-                    self._sock.sendall(frame)
-        except OSError:
-            self.close()
+        with self._send_lock:
+            if answer.answered:
+                return False
+            answer.answered = True
+            answer.end(error_type)
+            self._ended += 1
+            if self._waiting:
+                self._room.notify()
+            self._queue(frame)
         return True
+
+    def _queue(self, frame):
+        if _thread_id() != self._owner:
+            self._write(frame)
+            return
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if self._out_bytes >= BATCH_BYTES:
+            self._write_out()
+
+    def _write_out(self):
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._out_bytes = 0
+        self._write(data)
+
+    def _write(self, data):
+        """(Under the send lock.) Write what the socket takes now; the rest joins the backlog."""
+        if self.closed:
+            return
+        if not self._backlog:
+            try:
+                sent = self._sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+            self.moved_at = time.monotonic()
+            self._server.writer.watch(self)
+        self._backlog += data
+        if len(self._backlog) > self._server.max_backlog:
+            log.warning("module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
+                        self._server._runtime.module, self._server.max_backlog)
+            self.close()
+
+    def write_backlog(self):
+        """(The writer thread.) Write what the socket takes of the backlog; True once it is empty."""
+        with self._send_lock:
+            if self.closed:
+                return True
+            try:
+                sent = self._sock.send(self._backlog, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.close()
+                return True
+            if sent:
+                del self._backlog[:sent]
+                self.moved_at = time.monotonic()
+            return not self._backlog
 
     def send_map(self, message):
         self.send(P.pack(message))
 
     def fail_stream(self, message):
         self.send_map({"id": None, "ok": False, "error": to_wire(InterfaceError, message)})
+        self.flush()
 
     def close(self):
         """Drop the client. Only shut down here: the reading thread, which this wakes, closes
         the socket, so that no thread can find its descriptor reused under it."""
         if not self.closed:
             self.closed = True
+            self._backlog = bytearray()
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    @property
+    def sock(self):
+        return self._sock
+
+
+class _Writer:
+    """Writes the backlogs of clients slower than their replies, as each client's socket
+    takes them; drops a client whose backlog has not moved for frame_timeout."""
+
+    def __init__(self, timeout):
+        self._timeout = timeout
+        self._selector = selectors.DefaultSelector()
+        self._bell, self._ring = socket.socketpair()
+        self._bell.setblocking(False)
+        self._ring.setblocking(False)
+        self._selector.register(self._bell, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._new = []  # connections with a backlog, for the writer thread to watch
+
+    def watch(self, connection):
+        with self._lock:
+            self._new.append(connection)
+        try:
+            self._ring.send(b"!")
+        except BlockingIOError:
+            pass  # rung already
+
+    def run(self):
+        watched = set()
+        while True:
+            for key, _ in self._selector.select(min(1.0, self._timeout / 4)):
+                if key.fileobj is self._bell:
+                    while _drained(self._bell):
+                        pass
+                elif key.data.write_backlog():
+                    self._forget(key.data, watched)
+            with self._lock:
+                new, self._new = self._new, []
+            for connection in new:
+                if connection not in watched and not connection.closed:
+                    try:
+                        self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+                    except (KeyError, ValueError):  # closed meanwhile
+                        continue
+                    watched.add(connection)
+            now = time.monotonic()
+            for connection in list(watched):
+                if connection.closed or now - connection.moved_at >= self._timeout:
+                    if not connection.closed:
+                        log.warning("a direct client took none of its replies for %gs (frame_timeout); dropped",
+                                    self._timeout)
+                    connection.close()
+                    self._forget(connection, watched)
+
+    def _forget(self, connection, watched):
+        watched.discard(connection)
+        try:
+            self._selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass
+
+
+def _drained(sock):
+    try:
+        return bool(sock.recv(4096))
+    except BlockingIOError:
+        return False
 
 
 class _Answer:
@@ -350,11 +476,16 @@ class _Answer:
         self._server.counts.answered(self, self._op, error_type, _now() - self.since)
 
 
-def _close_with(sock, message):
+def _close_with(sock, message, timeout):
+    """Tell a refused client why, then wait (up to ``timeout``) for it to go: a client that
+    sends its request as it is refused would get EPIPE instead of reading why, were the
+    socket closed at once."""
     try:
-        sock.settimeout(1.0)
+        sock.settimeout(timeout)
         sock.sendall(P.pack(message))
         sock.shutdown(socket.SHUT_WR)
+        while sock.recv(P.READ_SIZE):
+            pass
     except OSError:
         pass
     sock.close()

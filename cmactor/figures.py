@@ -38,25 +38,38 @@ _ERROR_INDEX = {name: _ERRORS + n for n, name in enumerate(ERROR_TYPES)}
 
 class Counter:
     """The worker's side: the threads serving direct reads count through one lock (an
-    int64 increment in shared memory is a read and a write, not atomic)."""
+    int64 increment in shared memory is a read and a write, not atomic), which also
+    keeps the requests in flight, oldest first, for the worker's watchdog."""
 
-    __slots__ = ("_array", "_lock")
+    __slots__ = ("_array", "_lock", "_running")
 
     def __init__(self, array):
         self._array = array
         self._lock = threading.Lock()
+        self._running = {}  # request -> None: a dict keeps arrival order
 
     def add(self, index, delta):
         with self._lock:
             self._array[index] += delta
 
-    def answered(self, op, error_type, nanoseconds):
-        """One direct request of ``op`` answered: ``error_type`` None, or its error's type name."""
+    def began(self, request):
+        with self._lock:
+            self._running[request] = None
+            self._array[INFLIGHT] += 1
+
+    def running(self):
+        """The requests in flight, oldest first."""
+        with self._lock:
+            return list(self._running)
+
+    def answered(self, request, op, error_type, nanoseconds):
+        """``request`` of ``op`` answered: ``error_type`` None, or its error's type name."""
         base = _OP_BASE[op]
         slot = base + (_OK if error_type is None else _ERROR_INDEX.get(error_type, _ERRORS))
         bucket = base + _BUCKETS + bisect_left(_BOUNDS_NS, nanoseconds)
         array = self._array
         with self._lock:
+            del self._running[request]
             array[INFLIGHT] -= 1
             array[slot] += 1
             array[bucket] += 1

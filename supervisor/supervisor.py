@@ -190,7 +190,8 @@ class Supervisor:
         """How workers serve direct reads (cmactor/direct.py): the client socket's own bounds."""
         if not self.options["direct_reads"]:
             return None
-        options = {key: self.options[key] for key in ("allowed_uids", "max_frame", "max_client_requests", "frame_timeout")}
+        keys = ("allowed_uids", "max_frame", "max_client_requests", "max_client_backlog", "frame_timeout")
+        options = {key: self.options[key] for key in keys}
         return {**options, "supervisor_socket": self.socket_path}
 
     def _serve_metrics(self):
