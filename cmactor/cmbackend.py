@@ -16,7 +16,13 @@ _runtime = None
 # The action running on the current thread (set by acting_for), so that a request
 # made from inside an action can tell the supervisor who is calling: (module, lane,
 # request id). The supervisor's deadlock detector builds its wait-for graph from it.
-_current = threading.local()
+class _Caller(threading.local):
+    # The default on the class: a thread that never ran an action finds it there, where
+    # getattr(local, name, None) would raise and catch an AttributeError on every request.
+    caller = None
+
+
+_current = _Caller()
 
 
 def async_action(method):
@@ -194,7 +200,7 @@ def attach_runtime(runtime):
 
 def current_caller():
     """(module, lane, request id) of the action running on this thread, or None outside actions."""
-    return getattr(_current, "caller", None)
+    return _current.caller
 
 
 class acting_for:
