@@ -10,19 +10,17 @@ import collections
 import os
 import pickle
 import select
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import msgpack
 import psutil
 import pytest
-from conftest import agent, raw, read_frames, wait_for
+from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,9 +36,6 @@ MiB = 1024 * 1024
 GET_DEFAULT = {"id": 1, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}
 DEFAULT_REPLY = {"id": 1, "ok": True, "rows": [{"key": "default", "value": "yes"}], "more": False}
 
-
-def frame(body):
-    return struct.pack(">I", len(body)) + body
 
 
 def dial(path, timeout=10, patience=0):
@@ -422,42 +417,9 @@ def test_a_frame_dribbled_a_byte_at_a_time_is_dropped_after_frame_timeout(worker
 # -- requests -----------------------------------------------------------------------------
 
 
-def nested(depth, leaf=b"\x01"):
-    """msgpack bytes of a value nested ``depth`` arrays deep (the packer stops at 511)."""
-    return b"\x91" * depth + leaf
-
-
-DEEP = "[[[[...]]]]"  # how the error messages show a value nested too deep to print
-
-
 def test_deeply_nested_fields_get_a_clear_error(worker):
-    expected = {
-        "id": f"request 'id' must be an integer, got {DEEP}",
-        "op": f"unknown op {DEEP}",
-        "module": f"getnext: bad module name {DEEP}",
-        "table": f"getnext: bad table name {DEEP}",
-        "params": "'params' must be a map of str to str, got list",
-        "vr": "'vr' must be a str or nil, got list",
-        "notify": "'notify' must be true, false or nil, got list",
-        "user": "'user' must be a str, got list",
-        "after": "'after' must be a map of str to str, got list",
-        "batch": f"'batch' must be an integer from 1 to 100000, got {DEEP}",
-        "hold": "'hold' must be a number of seconds, got list",
-        "caller": f"'caller' must be [module, 'serial'|'async', request id], got {DEEP}",
-        "index": f"'index' holds {DEEP}; column names are non-empty str",
-        "match": f"'match' holds {DEEP}; column names are non-empty str",
-    }
     sock = worker.connect()
-    for field, text in expected.items():
-        request = {"id": 5, "op": "getnext", "module": "echo", "table": "kv"}
-        request.pop(field, None)
-        body = msgpack.packb(request)
-        body = bytes([body[0] + 1]) + body[1:] + msgpack.packb(field) + nested(1000)  # one more fixmap entry
-        sock.sendall(frame(body))
-        [reply] = read_frames(sock)
-        assert reply["ok"] is False and reply["error"]["type"] == "ProgrammingError", field
-        assert text in reply["error"]["message"], (field, reply)
-        assert reply["id"] == (None if field == "id" else 5)
+    send_deeply_nested_fields(sock)
     sock.sendall(P.pack(GET_DEFAULT))
     assert read_frames(sock) == [DEFAULT_REPLY]
     sock.close()
@@ -887,15 +849,6 @@ except OSError as exc:
     frames.append(type(exc).__name__)
 print(repr(frames))
 """
-
-
-@pytest.fixture
-def reachable():
-    """A directory every user can enter (tmp_path's parents are root's alone)."""
-    path = tempfile.mkdtemp(prefix="cmactor-test-")
-    os.chmod(path, 0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_as(uid, socket_path, mode="send"):

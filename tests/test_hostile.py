@@ -9,18 +9,16 @@ import collections
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 import psutil
 import pytest
-from conftest import agent, kv_rows, raw, read_frames, wait_for
+from conftest import agent, frame, kv_rows, raw, read_frames, wait_for
 
 from cmactor import protocol as P
 from cmactor.errors import ConfigError, StartupError
@@ -231,15 +229,6 @@ def test_an_existing_socket_directory_keeps_its_mode(supervisor, tmp_path):
     cur = sup.connect().cursor()
     cur.execute("get echo.kv", {"key": "default"})
     assert cur.fetchone() == ("default", "yes")
-
-
-@pytest.fixture
-def reachable():
-    """A directory every user can enter (tmp_path's parents are root's alone)."""
-    path = tempfile.mkdtemp(prefix="cmactor-test-")
-    os.chmod(path, 0o711)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_the_socket_directory_made_for_allowed_uids_lets_them_in(supervisor, tmp_path, reachable):

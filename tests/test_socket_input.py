@@ -8,7 +8,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import agent, raw, read_frames, wait_for
+from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, wait_for
 
 from cmactor import protocol as P
 
@@ -32,9 +32,6 @@ def still_serving(sup):
     cur.execute("get echo.kv", {"key": "default"})
     return cur.fetchone() == ("default", "yes")
 
-
-def frame(body):
-    return struct.pack(">I", len(body)) + body
 
 
 def test_garbage_bytes_get_an_error_and_the_connection_is_dropped(sup):
@@ -146,41 +143,10 @@ def test_malformed_requests_get_a_clear_error_and_the_connection_stays_usable(su
     assert reply == {"id": 9, "ok": True, "rows": [{"key": "default", "value": "yes"}], "more": False}
 
 
-def nested(depth, leaf=b"\x01"):
-    """msgpack bytes of a value nested ``depth`` arrays deep (the packer stops at 511)."""
-    return b"\x91" * depth + leaf
-
-
-DEEP = "[[[[...]]]]"  # how the error messages show a value nested too deep to print
-
-
 def test_deeply_nested_fields_get_a_clear_error(sup):
-    # 1000 deep: msgpack decodes it (it stops at 1024), and a builtin repr of it raises
-    # RecursionError, which used to leave the request without a reply.
-    expected = {
-        "id": f"request 'id' must be an integer, got {DEEP}",
-        "op": f"unknown op {DEEP}",
-        "module": f"getnext: bad module name {DEEP}",
-        "table": f"getnext: bad table name {DEEP}",
-        "params": "'params' must be a map of str to str, got list",
-        "vr": "'vr' must be a str or nil, got list",
-        "notify": "'notify' must be true, false or nil, got list",
-        "user": "'user' must be a str, got list",
-        "after": "'after' must be a map of str to str, got list",
-        "batch": f"'batch' must be an integer from 1 to 100000, got {DEEP}",
-        "hold": "'hold' must be a number of seconds, got list",
-        "caller": f"'caller' must be [module, 'serial'|'async', request id], got {DEEP}",
-    }
-    sock = raw(sup)
-    for field, text in expected.items():
-        request = {"id": 5, "op": "getnext", "module": "echo", "table": "kv"}
-        request.pop(field, None)
-        body = msgpack.packb(request)
-        body = bytes([body[0] + 1]) + body[1:] + msgpack.packb(field) + nested(1000)  # one more fixmap entry
-        sock.sendall(frame(body))
-        [reply] = read_frames(sock)
-        assert reply["ok"] is False and reply["error"]["type"] == "ProgrammingError", field
-        assert text in reply["error"]["message"], field
+    # A builtin repr of such a value raises RecursionError, which used to leave the
+    # request without a reply.
+    send_deeply_nested_fields(raw(sup))
     assert still_serving(sup)
 
 
