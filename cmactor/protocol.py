@@ -56,20 +56,26 @@ _new_tuple = tuple.__new__
 
 def _kind(code, name, fields, doc):
     cls = collections.namedtuple(name, ("kind", *fields.split()))
-    size = len(cls._fields) - 1
-
-    def of(*values):
-        if len(values) != size:
-            raise TypeError(f"{name} takes {size} fields ({fields}), got {len(values)}")
-        return (code, *values)
-
-    cls.of = staticmethod(of)
+    cls.of = staticmethod(_constructor(code, name, cls._fields[1:]))
     # A partial of tuple.__new__: called for every message, it costs no Python frame.
     cls.read = functools.partial(_new_tuple, cls)
     cls.CODE = code
     cls.__doc__ = doc
     _KINDS[code] = cls
     return cls
+
+
+def _constructor(code, name, fields):
+    """``of(field, ...)``: the plain tuple (code, field, ...). Made from source, as
+    namedtuple makes its own __new__: named parameters, so a wrong count is Python's own
+    TypeError naming them, at no cost per call (a check of *args cost a third of a
+    Reply's construction)."""
+    items = ", ".join((str(code), *fields)) + ("," if not fields else "")
+    namespace = {}
+    exec(f"def of({', '.join(fields)}):\n    return ({items})\n", namespace)
+    of = namespace["of"]
+    of.__qualname__ = f"{name}.of"
+    return of
 
 
 def decode(message):
@@ -130,7 +136,7 @@ def reply_entries(rows, more):
     the "ok", "rows" and "more" entries of the client's reply map, without the map's
     header. The supervisor only adds the request id (reply_frame) and never decodes
     or re-encodes the rows: a getnext batch of 1000 rows crosses it as one bytes copy."""
-    return _packer().pack({"ok": True, "rows": rows, "more": more})[1:]  # [0] is the fixmap header
+    return _packers.packer.pack({"ok": True, "rows": rows, "more": more})[1:]  # [0] is the fixmap header
 
 
 # A fixmap of 4 entries, then the key "id": reply_entries() brings the other 3.
@@ -139,7 +145,7 @@ _REPLY_HEAD = b"\x84\xa2id"
 
 def reply_frame(rid, entries):
     """The frame {"id": rid, "ok": True, "rows": ..., "more": ...} from reply_entries()."""
-    head = _REPLY_HEAD + _packer().pack(rid)
+    head = _REPLY_HEAD + _packers.packer.pack(rid)
     return HEADER.pack(len(head) + len(entries)) + head + entries
 
 
@@ -147,21 +153,20 @@ class FrameError(Exception):
     """The byte stream is not a valid sequence of frames; the stream cannot be resynced."""
 
 
-_packers = threading.local()
+class _Packers(threading.local):
+    # One Packer per thread, reused (msgpack.packb() builds a new one on every call),
+    # made the first time a thread asks: a threading.local subclass runs __init__ once
+    # per thread, so a plain attribute read finds it.
+    def __init__(self):
+        self.packer = msgpack.Packer(use_bin_type=True)
 
 
-def _packer():
-    # One Packer per thread, reused: msgpack.packb() builds a new one on every call.
-    try:
-        return _packers.packer
-    except AttributeError:
-        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
-        return packer
+_packers = _Packers()
 
 
 def pack(obj):
     """One frame: length header + msgpack body."""
-    body = _packer().pack(obj)
+    body = _packers.packer.pack(obj)
     return HEADER.pack(len(body)) + body
 
 
