@@ -77,6 +77,7 @@ class Runtime:
         self._slot_lock = threading.Lock()
         self._slots_used = 0
         self._send_lock = threading.Lock()
+        self._to_supervisor = self.send  # one bound method: mailbox items are told apart by it
         self._stream = P.FrameReader(max_frame=None)  # the supervisor is trusted
         # The lanes' shared state, under _lane_lock: serial work in arrival order,
         # whether a thread is running it, whether a thread is reading the socket.
@@ -232,9 +233,9 @@ class Runtime:
             self.send(error_reply(req.sid, ProgrammingError, exc))
             return None
         if is_async:
-            self._pool.submit(self._run_async, req, method, self.send)
+            self._pool.submit(self._run_async, req, method, self._to_supervisor)
             return None
-        return (req, method, self.send)
+        return (req, method, self._to_supervisor)
 
     def serve_direct(self, req, send):
         """A read from a direct client (direct.py), on its connection's thread, after any
@@ -290,6 +291,13 @@ class Runtime:
             with self._lane_lock:
                 if self._mailbox:
                     item = self._mailbox.popleft()
+                    if not self._reading and item[2] is not self._to_supervisor:
+                        # A direct read is about to hold the lane while nobody reads the
+                        # supervisor's socket. The supervisor rings the doorbell only while
+                        # serial work it sent is unanswered, and it knows nothing of this
+                        # read: async work its calls cause would go unread. Wake the idle
+                        # lane thread to read instead.
+                        self._cv.notify()
                 else:
                     self._serial_busy = False
                     if self._reading:

@@ -19,6 +19,7 @@ from cmactor import protocol as P
 
 ECHO = agent("echo.py:main")
 READER = agent("reader.py:main")
+CALLER = agent("caller.py:main")
 
 
 def direct_entry(sup, module="echo"):
@@ -195,6 +196,25 @@ def test_a_worker_not_ready_sends_reads_to_the_supervisor(supervisor):
     sock.close()
     cur.execute("get echo.kv", {"key": "default"})  # held by the supervisor until READY
     assert cur.fetchone() == ("default", "yes")
+
+
+def test_a_direct_read_run_by_a_lane_thread_leaves_the_other_to_read(supervisor):
+    # A lane thread busy with the supervisor's serial work leaves the socket unread (the
+    # supervisor rings the doorbell for async work meanwhile). A direct read queued
+    # behind that work is run next by the same thread; its call into the module's own
+    # async action must still be read, though the supervisor knows of no serial work.
+    sup = supervisor({"a": CALLER})
+    conn = sup.connect(timeout=20)
+    slow = threading.Thread(target=conn.request, args=({"op": "get", "module": "a", "table": "z",
+                                                        "params": {"secs": "0.5"}, "hold": 5},))
+    slow.start()  # held requests go through the supervisor: onto a lane thread
+    wait_for(lambda: sup.status()["a"]["inflight"] == 1)
+    reader = sup.connect(timeout=20).cursor()
+    start = time.monotonic()
+    reader.execute("get a.s", {"chain": "a:a"})  # queued behind the slow one; then calls a.a
+    assert dict(zip([d[0] for d in reader.description], reader.fetchone())) == {"depth": "2"}
+    assert time.monotonic() - start < 10
+    slow.join(10)
 
 
 def test_a_quarantined_module_is_unavailable(supervisor):

@@ -48,6 +48,11 @@ class Caller(CmAgent):
     def s_get(self, ctx):
         self._hop(ctx)
 
+    def z_get(self, ctx):
+        """A slow serial action: the lane is busy for ``secs``."""
+        time.sleep(float(ctx.params.get("secs", "0.5")))
+        ctx.fields = {"slept": ctx.params.get("secs", "0.5")}
+
     @async_action
     def a_get(self, ctx):
         self._hop(ctx)
