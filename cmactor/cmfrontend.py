@@ -304,18 +304,22 @@ class Connection:
                 f"connection to module {message['module']!r}'s worker at {route.path} timed out during {message['op']}"
             ) from None
         except (OSError, P.FrameError):
-            self._drop_route(message["module"], route)
+            self._drop_route(message["module"], route, failed=True)
             return None
         if frame.get("ok"):
             return frame
         if frame.get("redirect") or frame.get("id") is None:
-            self._drop_route(message["module"], route)
+            self._drop_route(message["module"], route, failed=False)
             return None
         raise self._error(frame.get("error") or {}, message)
 
-    def _drop_route(self, module, route):
+    def _drop_route(self, module, route, failed):
+        """Read ``module`` through the supervisor for ROUTE_RETRY seconds; a worker whose
+        socket ``failed`` (it died, say) is not read from again, even while the supervisor
+        has not yet seen it go and hands out its route."""
         route.close()
-        self._failed[module] = route.generation
+        if failed:
+            self._failed[module] = route.generation
         self._routes[module] = time.monotonic() + ROUTE_RETRY
 
     def _error(self, wire, message):

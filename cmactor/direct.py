@@ -44,6 +44,9 @@ log = logging.getLogger("cmactor.worker")
 MAX_CONNECTIONS = 256
 # accept() failing for want of descriptors: the pause before the next try.
 ACCEPT_PAUSE = 0.5
+# Refused clients waited for at once (each by a thread, up to frame_timeout); more are
+# told why and closed.
+MAX_REFUSING = 16
 # Answers a connection's own thread gathers before it writes them (whatever it read
 # brought: one write, not one per reply), at most.
 BATCH_BYTES = 256 * 1024
@@ -76,6 +79,8 @@ class DirectServer:
         self.writer = _Writer(self._frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
         self._connections = 0
+        self._live = set()  # the connections being served
+        self._refusing = 0  # connections being told why they are refused, each by a thread
         self._lock = threading.Lock()
         self.serving = False  # the supervisor said the module is READY (protocol.Serve)
 
@@ -90,7 +95,8 @@ class DirectServer:
         """The supervisor said stop: send new reads back to it, and return once those under
         way are answered (its stop_timeout bounds the wait)."""
         self.serving = False
-        while self.counts.running():
+        time.sleep(0.05)  # a read that passed the serving check as it changed is counted in by now
+        while self.counts.running() or any(connection.unsent() for connection in list(self._live)):
             time.sleep(0.01)
 
     def _watch(self):
@@ -119,11 +125,41 @@ class DirectServer:
             except OSError:
                 sock.close()
                 continue
-            if refusal is not None:  # told why in a thread of its own: it waits for the client to go
-                threading.Thread(target=_close_with, args=(sock, refusal, self._frame_timeout), daemon=True).start()
+            if refusal is not None:
+                self._refuse(sock, refusal)
                 continue
-            threading.Thread(target=self._serve, args=(sock,), name=f"{self._runtime.module}-direct-client",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(sock,), name=f"{self._runtime.module}-direct-client",
+                                 daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: the client reads through the supervisor
+                log.warning("module %s: direct socket: cannot start a thread (%s)", self._runtime.module, exc)
+                sock.close()
+                with self._lock:
+                    self._connections -= 1
+                self.counts.add(F.CONNECTIONS, -1)
+
+    def _refuse(self, sock, refusal):
+        """Tell a refused client why: in a thread of its own, which waits for the client to
+        go, while fewer than MAX_REFUSING do; past that, at once."""
+        with self._lock:
+            waits = self._refusing < MAX_REFUSING
+            self._refusing += waits
+        if waits:
+            try:
+                threading.Thread(target=self._refused, args=(sock, refusal, self._frame_timeout),
+                                 daemon=True).start()
+                return
+            except RuntimeError:
+                with self._lock:
+                    self._refusing -= 1
+        _close_with(sock, refusal, 0.1)
+
+    def _refused(self, sock, refusal, timeout):
+        try:
+            _close_with(sock, refusal, timeout)
+        finally:
+            with self._lock:
+                self._refusing -= 1
 
     def _refusal(self, sock):
         """Why a new connection is not served (its closing frame), or None; counts it in if it is."""
@@ -147,12 +183,14 @@ class DirectServer:
 
     def _serve(self, sock):
         connection = _Connection(self, sock)
+        with self._lock:
+            self._live.add(connection)
         try:
             connection.run()
         finally:
-            connection.close()
-            sock.close()  # here, by the thread reading it: a reply sent later fails on the closed object
+            connection.release()
             with self._lock:
+                self._live.discard(connection)
                 self._connections -= 1
             self.counts.add(F.CONNECTIONS, -1)
 
@@ -274,6 +312,14 @@ class _Connection:
         with self._send_lock:
             self._queue(frame)
 
+    def send_now(self, frame):
+        """Send one frame now, after what the connection's thread gathered (notify_cli text:
+        the client shows it as it comes)."""
+        with self._send_lock:
+            if self._out:
+                self._write_out()
+            self._write(frame)
+
     def flush(self):
         """(The connection's own thread.) Send what it answered since the last flush."""
         if self._out:
@@ -332,6 +378,13 @@ class _Connection:
                         self._server._runtime.module, self._server.max_backlog)
             self.close()
 
+    def drop_after_writing(self):
+        """Drop the client once what its thread gathered is written (as far as the socket takes it)."""
+        with self._send_lock:
+            if self._out:
+                self._write_out()
+            self.close()
+
     def write_backlog(self):
         """(The writer thread.) Write what the socket takes of the backlog; True once it is empty."""
         with self._send_lock:
@@ -358,7 +411,7 @@ class _Connection:
 
     def close(self):
         """Drop the client. Only shut down here: the reading thread, which this wakes, closes
-        the socket, so that no thread can find its descriptor reused under it."""
+        the socket (release), so that no thread can find its descriptor reused under it."""
         if not self.closed:
             self.closed = True
             self._backlog = bytearray()
@@ -366,6 +419,17 @@ class _Connection:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def release(self):
+        """(The reading thread, at the end.) Close the socket, under the send lock: a thread
+        sending to it meanwhile finishes first, and any later finds it closed."""
+        with self._send_lock:
+            self.close()
+            self._sock.close()
+
+    def unsent(self):
+        """Bytes of answers gathered or waiting for the client to take them (none once dropped)."""
+        return 0 if self.closed else self._out_bytes + len(self._backlog)
 
     @property
     def sock(self):
@@ -385,6 +449,7 @@ class _Writer:
         self._selector.register(self._bell, selectors.EVENT_READ)
         self._lock = threading.Lock()
         self._new = []  # connections with a backlog, for the writer thread to watch
+        self._watched = set()  # (the writer thread's) connections whose sockets it waits on
 
     def watch(self, connection):
         with self._lock:
@@ -395,31 +460,51 @@ class _Writer:
             pass  # rung already
 
     def run(self):
-        watched = set()
         while True:
-            for key, _ in self._selector.select(min(1.0, self._timeout / 4)):
-                if key.fileobj is self._bell:
-                    while _drained(self._bell):
-                        pass
-                elif key.data.write_backlog():
-                    self._forget(key.data, watched)
-            with self._lock:
-                new, self._new = self._new, []
-            for connection in new:
-                if connection not in watched and not connection.closed:
-                    try:
-                        self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
-                    except (KeyError, ValueError):  # closed meanwhile
-                        continue
-                    watched.add(connection)
-            now = time.monotonic()
-            for connection in list(watched):
-                if connection.closed or now - connection.moved_at >= self._timeout:
-                    if not connection.closed:
-                        log.warning("a direct client took none of its replies for %gs (frame_timeout); dropped",
-                                    self._timeout)
-                    connection.close()
-                    self._forget(connection, watched)
+            self.turn(min(1.0, self._timeout / 4))
+
+    def turn(self, wait):
+        """Write what the watched sockets take, waiting up to ``wait`` seconds for one; then
+        drop stalled connections and watch new ones."""
+        watched = self._watched
+        for key, _ in self._selector.select(wait):
+            if key.fileobj is self._bell:
+                while _drained(self._bell):
+                    pass
+            elif key.data.write_backlog():
+                self._forget(key.data, watched)
+        # Gone or stalled connections first: a new one may have the descriptor of a
+        # closed one that is still registered.
+        now = time.monotonic()
+        for connection in list(watched):
+            if connection.closed or now - connection.moved_at >= self._timeout:
+                if not connection.closed:
+                    log.warning("a direct client took none of its replies for %gs (frame_timeout); dropped",
+                                self._timeout)
+                connection.close()
+                self._forget(connection, watched)
+        with self._lock:
+            new, self._new = self._new, []
+        for connection in new:
+            if connection not in watched and not connection.closed:
+                self._watch(connection, watched)
+
+    def _watch(self, connection, watched):
+        try:
+            self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+        except ValueError:  # closed meanwhile
+            return
+        except KeyError:  # its descriptor is a closed connection's, registered still
+            stale = self._selector.get_map().get(connection.sock.fileno())
+            if stale is None:
+                return
+            stale.data.close()
+            self._forget(stale.data, watched)
+            try:
+                self._selector.register(connection.sock, selectors.EVENT_WRITE, connection)
+            except (KeyError, ValueError):
+                return
+        watched.add(connection)
 
     def _forget(self, connection, watched):
         watched.discard(connection)
@@ -455,7 +540,7 @@ class _Answer:
     def __call__(self, message):
         if message[0] == _NOTIFY:
             if not self.answered:
-                self._connection.send_map({"id": self._rid, "notify": message[2]})
+                self._connection.send_now(P.pack({"id": self._rid, "notify": message[2]}))
             return
         _, _, error, entries, _ = message
         if error is None:
@@ -470,7 +555,7 @@ class _Answer:
         message = action_timed_out(self._op, self._server._runtime.module, self._table, limit)
         frame = P.pack({"id": self._rid, "ok": False, "error": to_wire(OperationalError, message)})
         if self._connection.reply(self, frame, OperationalError.__name__):
-            self._connection.close()
+            self._connection.drop_after_writing()
 
     def end(self, error_type):
         self._server.counts.answered(self, self._op, error_type, _now() - self.since)

@@ -88,6 +88,9 @@ class Runtime:
         self._mailbox = collections.deque()
         self._serial_busy = False
         self._reading = False
+        # A mailbox item a direct client's thread hands to the idle lane thread, with the
+        # lane still held, when it has run its own read: it goes back to its client.
+        self._handoff = None
         self._saving = 0  # Saves read and not yet answered: direct reads wait behind them
         self._saved = threading.Condition(self._lane_lock)  # notified as each one is answered
         self.direct = None  # the DirectServer, when the supervisor gave the worker a socket
@@ -138,13 +141,17 @@ class Runtime:
         cv = self._cv
         while True:
             with cv:
-                while self._reading:
+                while self._reading and self._handoff is None:
                     cv.wait()
-                self._reading = True
-            # This thread's turn: read, run what it read, read again unless the
-            # other lane thread took over the socket meanwhile. (The mailbox is
-            # drained by whichever thread holds the serial lane: it never waits
-            # for a thread here.)
+                item, self._handoff = self._handoff, None
+                if item is None:
+                    self._reading = True
+            # This thread's turn: the serial lane a direct client's thread handed over,
+            # or reading, running what it read, and reading again unless the other lane
+            # thread took over the socket meanwhile. (The mailbox is drained by whichever
+            # lane thread holds the serial lane: it never waits for a thread here.)
+            if item is not None and not self._run_serial(item):
+                continue
             while self._run_serial(self._read_until_serial_work()):
                 pass
 
@@ -263,15 +270,16 @@ class Runtime:
         if is_async:
             self._actions.execute(req, method, True, send)
         else:
-            self._run_serial((req, method, send), reads=False, flush=send.flush)
+            self._run_serial((req, method, send), direct=True)
 
-    def _run_serial(self, item, reads=True, flush=None):
+    def _run_serial(self, item, direct=False):
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
 
         Returns True if this thread should read the supervisor's socket next (nobody
-        else does). A direct client's thread (``reads`` False) never does: it wakes
-        an idle lane thread instead, and sends its own client's answers (``flush``)
-        before it runs anyone else's work from the mailbox.
+        else does). A direct client's thread (``direct``) runs only its own read: it
+        hands the rest of the mailbox, and the lane, to the idle lane thread, and goes
+        back to its client (were it to run the mailbox, clients that keep it full could
+        keep it from its own socket for ever).
         """
         slots = self._slots
         while True:
@@ -289,6 +297,10 @@ class Runtime:
                     self._saved.notify_all()
             slots[SLOT_SERIAL_START] = 0
             with self._lane_lock:
+                if self._mailbox and direct:
+                    self._handoff = self._mailbox.popleft()
+                    self._cv.notify()
+                    return False
                 if self._mailbox:
                     item = self._mailbox.popleft()
                     if not self._reading and item[2] is not self._to_supervisor:
@@ -302,14 +314,11 @@ class Runtime:
                     self._serial_busy = False
                     if self._reading:
                         return False
-                    if reads:
+                    if not direct:
                         self._reading = True
                         return True
                     self._cv.notify()
                     return False
-            if flush is not None:
-                flush()
-                flush = None
 
     def _async_slot(self):
         """This pool thread's slot index, taken on first use; None when all are taken."""

@@ -119,6 +119,50 @@ def test_reads_notify_the_client_from_either_lane(supervisor):
     assert sup.status()["reader"]["requests"]["get"]["ok"] == 2
 
 
+def test_notify_text_arrives_as_it_is_sent_not_with_the_reply(supervisor):
+    sup = supervisor({"reader": READER})
+    seen = []
+    cur = sup.connect(print_callback=lambda text: seen.append(time.monotonic())).cursor()
+    cur.execute("get reader.say", {"times": 1})  # the route, and the worker's socket
+    start = time.monotonic()
+    cur.execute("get reader.slowsay", {"secs": 0.6})
+    assert cur.messages == ["started"] and seen[-1] - start < 0.4 < time.monotonic() - start
+
+
+def test_clients_that_keep_the_serial_lane_busy_do_not_starve_one_another(supervisor):
+    # The thread of a client that finds the lane free runs its own read, then hands the
+    # lane on: were it to run the mailbox, others keeping it full would keep it there.
+    sup = supervisor({"a": CALLER})
+    sup.connect().cursor().execute("get a.z", {"secs": 0})
+    path = direct_entry(sup, "a")["path"]
+    until = time.monotonic() + 2
+    gaps = []
+
+    def flood():
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        reader, rid, out, last, longest = P.FrameReader(max_frame=None), 0, 0, time.monotonic(), 0.0
+        while time.monotonic() < until:
+            while out < 8:
+                rid += 1
+                out += 1
+                sock.sendall(P.pack({"id": rid, "op": "get", "module": "a", "table": "z", "params": {"secs": "0.002"}}))
+            got = len(reader.feed(sock.recv(65536)))
+            out -= got
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+        sock.close()
+        gaps.append(longest)
+
+    threads = [threading.Thread(target=flood) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(gaps) == 3 and max(gaps) < 1.0, gaps
+
+
 def test_a_get_after_a_set_sees_it(supervisor):
     sup = supervisor({"echo": ECHO})
     cur = sup.connect().cursor()

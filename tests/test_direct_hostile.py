@@ -7,6 +7,7 @@ must still be served both directly and through the supervisor.
 """
 
 import collections
+import contextlib
 import os
 import pickle
 import select
@@ -890,3 +891,47 @@ def test_an_allowed_uid_is_served_on_the_worker_socket(supervisor, reachable):
                                frame_timeout=FRAME_TIMEOUT))
     assert run_as(NOBODY, worker.path) == [DEFAULT_REPLY]
     worker.assert_unharmed()
+
+
+class _Backlogged:
+    """What the writer needs of a connection with replies its client has not taken."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.closed = False
+        self.moved_at = time.monotonic()
+        self.writes = 0
+
+    def write_backlog(self):
+        self.writes += 1
+        return False
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_writer_watches_a_client_that_reuses_a_dropped_ones_descriptor():
+    from cmactor.direct import _Writer
+
+    writer = _Writer(timeout=30)
+    old_end, old_peer = socket.socketpair()
+    old_end.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            old_end.send(b"x" * 65536)  # full: only a backlog would be written now
+    old = _Backlogged(old_end)
+    writer.watch(old)
+    writer.turn(0)
+    fd = old_end.fileno()
+    old.close()  # its reading thread drops it and closes the socket
+    old_end.close()
+    new_end, new_peer = socket.socketpair()
+    reused = new_end if new_end.fileno() == fd else new_peer
+    assert reused.fileno() == fd
+    new = _Backlogged(reused)
+    writer.watch(new)
+    writer.turn(0)
+    writer.turn(0.5)  # its socket can take bytes: the writer must be waiting on it
+    assert new.writes >= 1
+    for sock in (old_peer, new_end, new_peer):
+        sock.close()

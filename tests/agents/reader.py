@@ -1,5 +1,7 @@
 """A test agent for reads that talk back: notify_cli from a get, and from an async one."""
 
+import time
+
 from cmactor import async_action, ready
 from cmactor.cmbackend import CmAgent, cmbackend_init
 
@@ -12,6 +14,11 @@ class Reader(CmAgent):
         for i in range(int(ctx.params.get("times", "2"))):
             ctx.notify_cli(f"line {i} for {ctx.vr_name}")
         ctx.fields = {"said": ctx.params.get("times", "2")}
+
+    def slowsay_get(self, ctx):
+        ctx.notify_cli("started")
+        time.sleep(float(ctx.params.get("secs", "0.5")))
+        ctx.fields = {"said": "1"}
 
     @async_action
     def asay_get(self, ctx):
