@@ -53,6 +53,7 @@ BATCH_BYTES = 256 * 1024
 
 _READ_OPS = frozenset(P.READ_OPS)
 _REPLY, _NOTIFY = P.Reply.CODE, P.Notify.CODE
+_DIRTY = P.Dirty.of()
 _new_req = P.Req.read
 _now = time.monotonic_ns
 _thread_id = threading.get_ident
@@ -174,6 +175,9 @@ class DirectServer:
             self._connections += 1
         self.counts.add(F.CONNECTIONS, 1)
         return None
+
+    def tell_supervisor(self, message):
+        self._runtime.send(message)
 
     def redirect(self, rid, why):
         """The answer that sends request ``rid`` (None: every request) to the supervisor."""
@@ -542,8 +546,10 @@ class _Answer:
             if not self.answered:
                 self._connection.send_now(P.pack({"id": self._rid, "notify": message[2]}))
             return
-        _, _, error, entries, _ = message
+        _, _, error, entries, dirty = message
         if error is None:
+            if dirty:  # as the supervisor marks a module unsaved for any reply that says so
+                self._server.tell_supervisor(_DIRTY)
             self._connection.reply(self, P.reply_frame(self._rid, entries), None)
         else:
             self._connection.reply(self, P.pack({"id": self._rid, "ok": False, "error": error}), error["type"])

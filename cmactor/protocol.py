@@ -105,6 +105,7 @@ Fatal = _kind(15, "Fatal", "message detail", "The entry raised or returned witho
 Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event error, first row errors, rows failed.")
 Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
 Pong = _kind(18, "Pong", "", "The answer to a Ping.")
+Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module has changes not saved.")
 
 # Progress slots: an int64 array in shared memory per worker, written by its lanes
 # as they start and finish work, so that after a crash the supervisor knows which

@@ -255,6 +255,8 @@ class Runtime:
         except ProgrammingError as exc:
             send(error_reply(req.sid, ProgrammingError, exc))
             return
+        if self._saving:
+            send.flush()  # what this client was answered before leaves before the wait
         with self._lane_lock:
             if self._saving:
                 counts = self.direct.counts

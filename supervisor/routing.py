@@ -174,6 +174,10 @@ class Router:
                 return
         self.answer(pending, reply.error, reply.entries)
 
+    def on_dirty(self, mod, _dirty):
+        """A read the worker served directly said it changed the config (ctx.dirty)."""
+        mod.unsaved = True
+
     def _journal(self, mod, pending, entries):
         """Append an acknowledged change to its module's journal; the answer waits for
         the journal's fsync, at the end of the turn (_sync_journals)."""

@@ -183,6 +183,7 @@ class Supervisor:
             (P.Saved, saver.on_saved),
             (P.Fatal, lifecycle.on_fatal),
             (P.Pong, recovery.on_pong),
+            (P.Dirty, router.on_dirty),
         ):
             workers.handle(kind, handler)
 

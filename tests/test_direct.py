@@ -163,6 +163,16 @@ def test_clients_that_keep_the_serial_lane_busy_do_not_starve_one_another(superv
     assert len(gaps) == 3 and max(gaps) < 1.0, gaps
 
 
+def test_a_direct_read_that_sets_dirty_marks_the_module_unsaved(supervisor):
+    sup = supervisor({"reader": READER})
+    cur = sup.connect().cursor()
+    cur.execute("get reader.say", {"times": 0})
+    assert sup.status()["reader"]["unsaved"] is False
+    cur.execute("get reader.touch")
+    wait_for(lambda: sup.status()["reader"]["unsaved"] is True)
+    assert direct_entry(sup, "reader")["connections"] == 1
+
+
 def test_a_get_after_a_set_sees_it(supervisor):
     sup = supervisor({"echo": ECHO})
     cur = sup.connect().cursor()

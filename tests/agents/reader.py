@@ -15,6 +15,10 @@ class Reader(CmAgent):
             ctx.notify_cli(f"line {i} for {ctx.vr_name}")
         ctx.fields = {"said": ctx.params.get("times", "2")}
 
+    def touch_get(self, ctx):
+        ctx.dirty = True  # a read that changed something: the module has unsaved changes
+        ctx.fields = {"touched": "1"}
+
     def slowsay_get(self, ctx):
         ctx.notify_cli("started")
         time.sleep(float(ctx.params.get("secs", "0.5")))
