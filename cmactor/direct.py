@@ -9,18 +9,18 @@ calls always go there: the journal, the audit log and the wait-for graph are the
 supervisor's.
 
 Each connection has a thread that reads its frames and hands each read to the
-Runtime, which runs it on the serial lane (on this thread when the lane is free)
-or the pool, as it would a request from the supervisor. Bytes from clients are
-untrusted here too: the same peer uid check, frame size cap, frame timeout and
-request validation (validate.py) as the supervisor's socket, and a bound on the
-requests one connection has in flight. No thread ever blocks on a client's
-socket: what a client does not take at once waits in its backlog, written by one
-writer thread as the client reads, and a client whose backlog passes
-max_client_backlog, or does not move for frame_timeout, is dropped; so a client
-that stops reading cannot hold a lane, or get the worker killed as hung. A read not answered
-within the module's action_timeout is answered as the supervisor answers one
-(OperationalError), and its connection dropped: the thread is still in the
-action, and the client's next read goes elsewhere.
+Runtime (worker.Runtime.serve_direct): a serial read runs on the serial lane (on
+this thread when the lane is free), an @async_action read on this thread. Bytes
+from clients are untrusted here too: the same peer uid check, frame size cap,
+frame timeout and request validation (validate.py) as the supervisor's socket,
+and a bound on the requests one connection has in flight. No thread ever blocks
+on a client's socket: what a client does not take at once waits in its backlog,
+written by one writer thread as the client reads, and a client whose backlog
+passes max_client_backlog, or does not move for frame_timeout, is dropped; so a
+client that stops reading cannot hold a lane, or get the worker killed as hung.
+A read not answered within the module's action_timeout is answered as the
+supervisor answers one (OperationalError), and its connection dropped: the
+thread is still in the action, and the client's next read goes elsewhere.
 """
 
 import itertools
@@ -52,7 +52,7 @@ MAX_REFUSING = 16
 BATCH_BYTES = 256 * 1024
 
 _READ_OPS = frozenset(P.READ_OPS)
-_REPLY, _NOTIFY = P.Reply.CODE, P.Notify.CODE
+_NOTIFY = P.Notify.CODE
 _DIRTY = P.Dirty.of()
 _new_req = P.Req.read
 _now = time.monotonic_ns

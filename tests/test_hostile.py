@@ -18,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from conftest import agent, frame, kv_rows, raw, read_frames, wait_for
+from conftest import agent, kv_rows, raw, read_frames, wait_for
 
 from cmactor import protocol as P
 from cmactor.errors import ConfigError, StartupError
