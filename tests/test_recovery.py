@@ -233,6 +233,15 @@ def test_stop_kills_what_outlives_stop_timeout(supervisor):
     assert errors and isinstance(errors[0], cmactor.OperationalError)
 
 
+def _running(pid):
+    """Whether ``pid`` is a process that has not ended (a zombie has; so has one that is gone
+    between two looks at it)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.mark.parametrize("busy", [False, True])
 def test_workers_are_gone_within_a_second_of_the_supervisor_dying(tmp_path, busy):
     """Idle or busy in a long serial action (nothing reads its socket then), a worker
@@ -261,7 +270,7 @@ def test_workers_are_gone_within_a_second_of_the_supervisor_dying(tmp_path, busy
         proc.kill()
         proc.wait(10)
         killed = time.monotonic()
-        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        while any(_running(p) for p in pids):
             assert time.monotonic() - killed < 1.0, "workers outlived their supervisor by a second"
             time.sleep(0.01)
     finally:
