@@ -271,9 +271,7 @@ class _Connection:
                 data = self._sock.recv(P.READ_SIZE)
             except BlockingIOError:  # SO_RCVTIMEO passed with nothing read
                 if frame_since is not None and time.monotonic() - frame_since >= self._timeout:
-                    self.fail_stream(
-                        f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
-                        "arrived; frame_timeout); send each frame whole; closing this connection")
+                    self._frame_timed_out(reader)
                     return
                 continue
             except OSError:
@@ -295,10 +293,13 @@ class _Connection:
             elif messages or frame_since is None:
                 frame_since = time.monotonic()
             elif time.monotonic() - frame_since >= self._timeout:  # a frame dribbled in, byte by byte
-                self.fail_stream(
-                    f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
-                    "arrived; frame_timeout); send each frame whole; closing this connection")
+                self._frame_timed_out(reader)
                 return
+
+    def _frame_timed_out(self, reader):
+        self.fail_stream(
+            f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
+            "arrived; frame_timeout); send each frame whole; closing this connection")
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
