@@ -190,12 +190,9 @@ class Connection:
         # failed, so that a route the supervisor has not yet seen fail is not reused.
         self._routes = {}
         self._failed = {}
-        self._sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
         try:
-            self._sock.connect(self.socket_path)
+            self._sock = _connected(self.socket_path, timeout)
         except OSError as exc:
-            self._sock.close()
             raise OperationalError(
                 f"cannot reach a cmactor supervisor at {self.socket_path}: {exc.strerror or exc}; "
                 "start one with `cmactor run CONFIG.toml`, or give its socket_path (socket=, "
@@ -330,6 +327,18 @@ class Connection:
         return exc
 
 
+def _connected(path, timeout):
+    """A Unix socket connected to ``path``, with ``timeout``; OSError (and nothing left open) if not."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Stream:
     """One socket's frames: a request out, and frames in until its final reply."""
 
@@ -371,14 +380,7 @@ class _Direct:
     def __init__(self, path, generation, timeout):
         self.path = path
         self.generation = generation
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError:
-            sock.close()
-            raise
-        self.stream = _Stream(sock, "module's worker")
+        self.stream = _Stream(_connected(path, timeout), "module's worker")
 
     def close(self):
         self.stream.sock.close()

@@ -79,8 +79,7 @@ class DirectServer:
         self.counts = F.Counter(counts)
         self.writer = _Writer(self._frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
-        self._connections = 0
-        self._live = set()  # the connections being served
+        self._live = set()  # the connections being served (the accept thread alone adds to it)
         self._refusing = 0  # connections being told why they are refused, each by a thread
         self._lock = threading.Lock()
         self.serving = False  # the supervisor said the module is READY (protocol.Serve)
@@ -123,21 +122,23 @@ class DirectServer:
                 continue
             try:
                 refusal = self._refusal(sock)
+                if refusal is None:
+                    connection = _Connection(self, sock)
             except OSError:
                 sock.close()
                 continue
             if refusal is not None:
                 self._refuse(sock, refusal)
                 continue
+            with self._lock:
+                self._live.add(connection)
+            self.counts.add(F.CONNECTIONS, 1)
             try:
-                threading.Thread(target=self._serve, args=(sock,), name=f"{self._runtime.module}-direct-client",
+                threading.Thread(target=self._serve, args=(connection,), name=f"{self._runtime.module}-direct-client",
                                  daemon=True).start()
             except RuntimeError as exc:  # no thread to be had: the client reads through the supervisor
                 log.warning("module %s: direct socket: cannot start a thread (%s)", self._runtime.module, exc)
-                sock.close()
-                with self._lock:
-                    self._connections -= 1
-                self.counts.add(F.CONNECTIONS, -1)
+                self._forget(connection)
 
     def _refuse(self, sock, refusal):
         """Tell a refused client why: in a thread of its own, which waits for the client to
@@ -163,17 +164,14 @@ class DirectServer:
                 self._refusing -= 1
 
     def _refusal(self, sock):
-        """Why a new connection is not served (its closing frame), or None; counts it in if it is."""
+        """Why a new connection is not served (its closing frame), or None."""
         uid = peer_uid(sock)
         if uid is not None and uid not in self._allowed_uids:
             log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
             return {"id": None, "ok": False, "error": to_wire(
                 InterfaceError, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it")}
-        with self._lock:
-            if self._connections >= MAX_CONNECTIONS:
-                return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already")
-            self._connections += 1
-        self.counts.add(F.CONNECTIONS, 1)
+        if len(self._live) >= MAX_CONNECTIONS:
+            return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already")
         return None
 
     def tell_supervisor(self, message):
@@ -185,18 +183,17 @@ class DirectServer:
                    f"({why}); send it to the supervisor at {self._supervisor}")
         return {"id": rid, "ok": False, "redirect": True, "error": to_wire(ModuleUnavailable, message)}
 
-    def _serve(self, sock):
-        connection = _Connection(self, sock)
-        with self._lock:
-            self._live.add(connection)
+    def _serve(self, connection):
         try:
             connection.run()
         finally:
-            connection.release()
-            with self._lock:
-                self._live.discard(connection)
-                self._connections -= 1
-            self.counts.add(F.CONNECTIONS, -1)
+            self._forget(connection)
+
+    def _forget(self, connection):
+        connection.release()
+        with self._lock:
+            self._live.discard(connection)
+        self.counts.add(F.CONNECTIONS, -1)
 
     def request(self, connection, message):
         """One decoded frame from ``connection``: check it, then run it or answer why not."""

@@ -228,6 +228,7 @@ class Workers:
         try:  # each step can fail with the process out of fds (EMFILE) or memory
             if self._direct is not None:
                 route, direct = self._bind_direct(mod, opened)
+            if direct is not None:
                 spec["direct"] = {**self._direct, "action_timeout": mod.options["action_timeout"]}
             parent, child = socket.socketpair()
             opened += (parent, child)

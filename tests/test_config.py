@@ -42,6 +42,7 @@ def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
         ("[agents.x]\nentry = 'm:f'\npool_size = 0\n", "pool_size: expected a whole number >= 1"),
         ("[agents.bad-name]\nentry = 'm:f'\n", "module name 'bad-name' must start with a letter"),
         ("[agent.x]\nentry = 'm:f'\n", "unknown table(s) agent"),
+        ("[supervisor]\ndirect_reads = 'yes'\n[agents.x]\nentry='m:f'\n", "[supervisor].direct_reads: expected true or false, got 'yes'"),
     ],
 )
 def test_bad_toml_is_refused_with_file_and_key(tmp_path, text, message):
