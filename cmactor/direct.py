@@ -8,27 +8,36 @@ getone or getnext from outside an agent action, a request is answered with
 calls always go there: the journal, the audit log and the wait-for graph are the
 supervisor's.
 
-Each connection has a thread that reads its frames and hands each read to the
-Runtime (worker.Runtime.serve_direct): a serial read runs on the serial lane (on
-this thread when the lane is free), an @async_action read on this thread. Bytes
-from clients are untrusted here too: the same peer uid check, frame size cap,
-frame timeout and request validation (validate.py) as the supervisor's socket,
-and a bound on the requests one connection has in flight. No thread ever blocks
-on a client's socket: what a client does not take at once waits in its backlog,
-written by one writer thread as the client reads, and a client whose backlog
-passes max_client_backlog, or does not move for frame_timeout, is dropped; so a
-client that stops reading cannot hold a lane, or get the worker killed as hung.
-A read not answered within the module's action_timeout is answered as the
-supervisor answers one (OperationalError), and its connection dropped: the
-thread is still in the action, and the client's next read goes elsewhere.
+One thread at a time, the reader, waits on every connection at once (epoll) and
+serves each client that sent something in turn: it hands each read to the Runtime
+(worker.Runtime.serve_direct), where a serial read runs on the serial lane (on the
+reader when the lane is free) and an @async_action read on the reader. One thread
+and no hand-offs between threads for the common case: four pipelining clients on
+threads of their own lost a third of their rate to the GIL (perf/README.md). A
+reader that spends HANDOFF in one client's batch (its action blocks, a save runs,
+the client's bound of reads in flight is reached) hands the reading on: the
+watchdog starts a new reader, which serves everyone else meanwhile; the old one
+ends with that batch. So nothing waits on a reader for long but its own client.
+
+Bytes from clients are untrusted here too: the same peer uid check, frame size
+cap, frame timeout and request validation (validate.py) as the supervisor's
+socket, and a bound on the requests one connection has in flight. No thread ever
+blocks on a client's socket: what a client does not take at once waits in its
+backlog, written by one writer thread as the client reads, and a client whose
+backlog passes max_client_backlog, or does not move for frame_timeout, is
+dropped; so a client that stops reading cannot hold a lane, or get the worker
+killed as hung. A read not answered within the module's action_timeout is
+answered as the supervisor answers one (OperationalError), and its connection
+dropped: a thread is still in the action, and the client's next read goes
+elsewhere.
 """
 
 import itertools
 import logging
 import os
+import select
 import selectors
 import socket
-import struct
 import threading
 import time
 
@@ -39,16 +48,20 @@ from .validate import BadRequest, parse_request, peer_uid
 
 log = logging.getLogger("cmactor.worker")
 
-# Direct connections one worker serves at once (a thread each); past it a client is
-# sent to the supervisor, which has its own bounds.
+# Direct connections one worker serves at once; past it a client is sent to the
+# supervisor, which has its own bounds.
 MAX_CONNECTIONS = 256
 # accept() failing for want of descriptors: the pause before the next try.
 ACCEPT_PAUSE = 0.5
+# A reader serving one client's batch this long hands the reading on to a new reader
+# (DirectServer._hand_on); the watchdog looks this often while clients are connected.
+HANDOFF = 0.02
+HANDOFF_NS = int(HANDOFF * 1e9)
 # Refused clients waited for at once (each by a thread, up to frame_timeout); more are
 # told why and closed.
 MAX_REFUSING = 16
-# Answers a connection's own thread gathers before it writes them (whatever it read
-# brought: one write, not one per reply), at most.
+# Answers the thread serving a connection gathers before it writes them (whatever one
+# read brought: one write, not one per reply), at most.
 BATCH_BYTES = 256 * 1024
 
 _READ_OPS = frozenset(P.READ_OPS)
@@ -59,12 +72,8 @@ _now = time.monotonic_ns
 _thread_id = threading.get_ident
 
 
-def _timeval(seconds):
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-
-
 class DirectServer:
-    """The accepting side of a worker's direct socket."""
+    """The accepting side of a worker's direct socket, its readers and its watchdog."""
 
     def __init__(self, runtime, listener, options, counts):
         self._runtime = runtime
@@ -79,37 +88,131 @@ class DirectServer:
         self.counts = F.Counter(counts)
         self.writer = _Writer(self._frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
-        self._live = set()  # the connections being served (the accept thread alone adds to it)
+        self._epoll = select.epoll()
+        self._connections = {}  # descriptor -> the connection served on it
         self._refusing = 0  # connections being told why they are refused, each by a thread
         self._lock = threading.Lock()
+        # The reader is the thread whose turn it is (``_turn``); ``_busy`` is (the
+        # connection it serves, since when) while it serves one, for the watchdog to see
+        # a stuck reader and hand the socket to a new one.
+        self._turn = 0
+        self._busy = None
+        self._connected = threading.Event()  # set as a client connects: the watchdog looks again
         self.serving = False  # the supervisor said the module is READY (protocol.Serve)
 
     def start(self):
         self._listener.setblocking(True)
         module = self._runtime.module
-        threading.Thread(target=self._accept, name=f"{module}-direct", daemon=True).start()
+        threading.Thread(target=self._accept, name=f"{module}-direct-accept", daemon=True).start()
         threading.Thread(target=self._watch, name=f"{module}-direct-watchdog", daemon=True).start()
         threading.Thread(target=self.writer.run, name=f"{module}-direct-writer", daemon=True).start()
+        self._new_reader(self._turn).start()
 
     def finish(self):
         """The supervisor said stop: send new reads back to it, and return once those under
         way are answered (its stop_timeout bounds the wait)."""
         self.serving = False
         time.sleep(0.05)  # a read that passed the serving check as it changed is counted in by now
-        while self.counts.running() or any(connection.unsent() for connection in list(self._live)):
+        while self.counts.running() or any(c.unsent() for c in list(self._connections.values())):
             time.sleep(0.01)
 
-    def _watch(self):
-        """Answer reads that outlive action_timeout, as the supervisor's watchdog does."""
-        limit = self._action_timeout
-        tick = min(1.0, max(0.05, limit / 4))
+    # -- reading ---------------------------------------------------------------
+
+    def _new_reader(self, turn):
+        return threading.Thread(target=self._read, args=(turn,), name=f"{self._runtime.module}-direct-reader",
+                                daemon=True)
+
+    def _read(self, turn):
+        """Serve the clients that sent something, one after the other, until the watchdog
+        hands the reading on (this thread being stuck in one client's batch)."""
+        poll = self._epoll.poll
+        connections = self._connections
         while True:
-            time.sleep(tick)
-            due = time.monotonic_ns() - limit * 1e9
-            for answer in self.counts.running():  # oldest first
-                if answer.since > due:
-                    break
-                answer.time_out(limit)
+            for fd, _ in poll():
+                connection = connections.get(fd)
+                if connection is None:
+                    continue
+                self._busy = (connection, _now())
+                try:
+                    alive = connection.serve()
+                except Exception:  # a bug: this client is dropped, not every client
+                    log.exception("module %s: direct socket: serving a client failed", self._runtime.module)
+                    alive = False
+                with self._lock:
+                    handed_on = self._turn != turn
+                    if not handed_on:
+                        self._busy = None
+                if not alive:
+                    self._drop(connection)
+                elif handed_on:  # the new reader may read this client again
+                    self._epoll.register(fd, select.EPOLLIN)
+                if handed_on:
+                    return
+
+    def _hand_on(self, now):
+        """(The watchdog.) A reader that has served one client's batch for HANDOFF starts a
+        new reader, which serves the other clients meanwhile: a read blocked in its action,
+        behind a save or behind its client's own bound stops no other client for long."""
+        with self._lock:
+            busy = self._busy
+            if busy is None or now - busy[1] < HANDOFF_NS:
+                return
+            connection = busy[0]
+            self._epoll.unregister(connection.fd)  # its stuck reader still serves it
+            self._turn += 1
+            self._busy = None
+            try:
+                self._new_reader(self._turn).start()
+            except RuntimeError as exc:  # no thread to be had: the stuck reader reads on
+                self._turn -= 1
+                self._busy = busy
+                self._epoll.register(connection.fd, select.EPOLLIN)
+                log.warning("module %s: direct socket: cannot start a reader (%s)", self._runtime.module, exc)
+
+    def _drop(self, connection):
+        try:
+            self._epoll.unregister(connection.fd)
+        except (OSError, ValueError):  # unregistered at a hand-on
+            pass
+        with self._lock:
+            del self._connections[connection.fd]
+        connection.release()  # only now may the descriptor be reused, by a new connection
+        self.counts.add(F.CONNECTIONS, -1)
+
+    # -- the watchdog -------------------------------------------------------------
+
+    def _watch(self):
+        """Hand the reading on from a stuck reader; answer reads that outlive action_timeout,
+        as the supervisor's watchdog does; drop clients whose frames do not finish."""
+        limit = self._action_timeout
+        action_tick = min(1.0, max(0.05, limit / 4))
+        frame_tick = min(1.0, self._frame_timeout / 4)
+        next_action = next_frame = 0.0
+        while True:
+            if self._connections:
+                time.sleep(HANDOFF)
+            else:  # nothing to hand on until a client comes
+                self._connected.wait(action_tick)
+                self._connected.clear()
+            now = time.monotonic()
+            self._hand_on(_now())
+            if now >= next_action:
+                next_action = now + action_tick
+                due = _now() - limit * 1e9
+                for answer in self.counts.running():  # oldest first
+                    if answer.since > due:
+                        break
+                    answer.time_out(limit)
+            if now >= next_frame:
+                next_frame = now + frame_tick
+                for connection in list(self._connections.values()):
+                    since = connection.frame_since
+                    if since is not None and now - since >= self._frame_timeout:
+                        connection.fail(
+                            f"a frame started {self._frame_timeout:g}s ago is unfinished ({connection.partial} "
+                            "bytes of it arrived; frame_timeout); send each frame whole; closing this connection")
+
+    # -- accepting -----------------------------------------------------------------
 
     def _accept(self):
         while True:
@@ -131,14 +234,10 @@ class DirectServer:
                 self._refuse(sock, refusal)
                 continue
             with self._lock:
-                self._live.add(connection)
+                self._connections[connection.fd] = connection
             self.counts.add(F.CONNECTIONS, 1)
-            try:
-                threading.Thread(target=self._serve, args=(connection,), name=f"{self._runtime.module}-direct-client",
-                                 daemon=True).start()
-            except RuntimeError as exc:  # no thread to be had: the client reads through the supervisor
-                log.warning("module %s: direct socket: cannot start a thread (%s)", self._runtime.module, exc)
-                self._forget(connection)
+            self._epoll.register(connection.fd, select.EPOLLIN)
+            self._connected.set()
 
     def _refuse(self, sock, refusal):
         """Tell a refused client why: in a thread of its own, which waits for the client to
@@ -170,9 +269,11 @@ class DirectServer:
             log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
             return {"id": None, "ok": False, "error": to_wire(
                 InterfaceError, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it")}
-        if len(self._live) >= MAX_CONNECTIONS:
+        if len(self._connections) >= MAX_CONNECTIONS:
             return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already")
         return None
+
+    # -- requests --------------------------------------------------------------------
 
     def tell_supervisor(self, message):
         self._runtime.send(message)
@@ -182,18 +283,6 @@ class DirectServer:
         message = (f"module {self._runtime.module!r}'s worker does not serve this request on its own socket "
                    f"({why}); send it to the supervisor at {self._supervisor}")
         return {"id": rid, "ok": False, "redirect": True, "error": to_wire(ModuleUnavailable, message)}
-
-    def _serve(self, connection):
-        try:
-            connection.run()
-        finally:
-            self._forget(connection)
-
-    def _forget(self, connection):
-        connection.release()
-        with self._lock:
-            self._live.discard(connection)
-        self.counts.add(F.CONNECTIONS, -1)
 
     def request(self, connection, message):
         """One decoded frame from ``connection``: check it, then run it or answer why not."""
@@ -234,21 +323,23 @@ class _Connection:
     def __init__(self, server, sock):
         self._server = server
         self._sock = sock
+        self.fd = sock.fileno()
+        self._reader = P.FrameReader(server._max_frame)
         self._send_lock = threading.Lock()
         # Past max_client_requests in flight, its socket is not read until replies drain.
-        # In flight = begun - ended: each count has one writer at a time (begun: this
-        # connection's thread; ended: whoever holds the send lock), so no lock is taken
-        # to count a request in.
+        # In flight = begun - ended: each count has one writer at a time (begun: the
+        # thread serving the connection; ended: whoever holds the send lock), so no lock
+        # is taken to count a request in.
         self._begun = self._ended = 0
         self._max_requests = server._max_requests
         self._room = threading.Condition(self._send_lock)
-        self._waiting = False  # its thread waits for room
-        self._timeout = server._frame_timeout
-        # Reads give up after frame_timeout (SO_RCVTIMEO), to check an unfinished frame's age.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._timeout))
+        self._waiting = False  # its reader waits for room
         self.closed = False
-        # What the connection's own thread answers while it serves what one read brought
-        # is written at the end, in one write: 32 pipelined reads, one syscall and one
+        # Since when a frame it started is unfinished (None: none is); the watchdog drops
+        # the client at frame_timeout.
+        self.frame_since = None
+        # What the thread serving it answers while it serves what one read brought is
+        # written at the end, in one write: 32 pipelined reads, one syscall and one
         # wake-up of the client, not 32. Other threads (a lane thread that ran a
         # queued read, the watchdog) write at once.
         self._owner = None
@@ -259,44 +350,42 @@ class _Connection:
         self._backlog = bytearray()
         self.moved_at = 0.0
 
-    def run(self):
+    def serve(self):
+        """(The thread reading it now.) Serve what the client sent; False once the
+        connection is over (the client went, a bad frame, dropped)."""
+        if self.closed:
+            return False
+        try:
+            data = self._sock.recv(P.READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        reader = self._reader
+        try:
+            messages = reader.feed(data)
+        except P.FrameError as exc:
+            self.fail(f"{exc}; closing this connection")
+            return False
         self._owner = _thread_id()
-        reader = P.FrameReader(self._server._max_frame)
-        frame_since = None
-        while not self.closed:
-            try:
-                data = self._sock.recv(P.READ_SIZE)
-            except BlockingIOError:  # SO_RCVTIMEO passed with nothing read
-                if frame_since is not None and time.monotonic() - frame_since >= self._timeout:
-                    self._frame_timed_out(reader)
-                    return
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                messages = reader.feed(data)
-            except P.FrameError as exc:
-                self.fail_stream(f"{exc}; closing this connection")
-                return
-            for message in messages:
-                if self.closed:
-                    return  # dropped: what it sent after is not run
-                self._server.request(self, message)
-            self.flush()
-            if not reader.partial:
-                frame_since = None
-            elif messages or frame_since is None:
-                frame_since = time.monotonic()
-            elif time.monotonic() - frame_since >= self._timeout:  # a frame dribbled in, byte by byte
-                self._frame_timed_out(reader)
-                return
+        request = self._server.request
+        for message in messages:
+            if self.closed:
+                break  # dropped: what it sent after is not run
+            request(self, message)
+        self.flush()
+        self._owner = None
+        if not reader.partial:
+            self.frame_since = None
+        elif messages or self.frame_since is None:  # a frame dribbled in keeps its start
+            self.frame_since = time.monotonic()
+        return not self.closed
 
-    def _frame_timed_out(self, reader):
-        self.fail_stream(
-            f"a frame started {self._timeout:g}s ago is unfinished ({reader.partial} bytes of it "
-            "arrived; frame_timeout); send each frame whole; closing this connection")
+    @property
+    def partial(self):
+        return self._reader.partial
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
@@ -310,12 +399,12 @@ class _Connection:
         self._begun += 1
 
     def send(self, frame):
-        """Send one frame (from the connection's own thread: at its next flush)."""
+        """Send one frame (from the thread serving the connection: at its next flush)."""
         with self._send_lock:
             self._queue(frame)
 
     def send_now(self, frame):
-        """Send one frame now, after what the connection's thread gathered (notify_cli text:
+        """Send one frame now, after what the thread serving it gathered (notify_cli text:
         the client shows it as it comes)."""
         with self._send_lock:
             if self._out:
@@ -323,10 +412,11 @@ class _Connection:
             self._write(frame)
 
     def flush(self):
-        """(The connection's own thread.) Send what it answered since the last flush."""
+        """(Its reader.) Send what it answered since the last flush."""
         if self._out:
             with self._send_lock:
-                self._write_out()
+                if self._out:  # not written meanwhile by a drop
+                    self._write_out()
 
     def reply(self, answer, frame, error_type):
         """Send ``answer``'s final reply, once: False if it was sent already. It is counted
@@ -380,11 +470,14 @@ class _Connection:
                         self._server._runtime.module, self._server.max_backlog)
             self.close()
 
-    def drop_after_writing(self):
-        """Drop the client once what its thread gathered is written (as far as the socket takes it)."""
+    def drop_after_writing(self, frame=None):
+        """Drop the client once what its reader gathered, then ``frame``, is written (as far
+        as the socket takes it)."""
         with self._send_lock:
             if self._out:
                 self._write_out()
+            if frame is not None:
+                self._write(frame)
             self.close()
 
     def write_backlog(self):
@@ -407,9 +500,9 @@ class _Connection:
     def send_map(self, message):
         self.send(P.pack(message))
 
-    def fail_stream(self, message):
-        self.send_map({"id": None, "ok": False, "error": to_wire(InterfaceError, message)})
-        self.flush()
+    def fail(self, message):
+        """Tell the client why its stream is refused, then drop it."""
+        self.drop_after_writing(P.pack({"id": None, "ok": False, "error": to_wire(InterfaceError, message)}))
 
     def close(self):
         """Drop the client. Only shut down here: the reading thread, which this wakes, closes

@@ -13,8 +13,9 @@ Threads in a worker:
   supervisor is gone, and the worker then takes its whole process group down;
 - the pool (pool.CallbackPool, unless the agent gives its own): @async_action
   requests, concurrently;
-- the direct socket's (direct.py): one accepting, one per client reading from
-  the module straight, each running a serial read itself when the lane is free.
+- the direct socket's (direct.py): one accepting, a reader serving the clients
+  that read from the module straight (running a serial read itself when the lane
+  is free), a watchdog and a writer.
 
 This module owns the channel (sends under one lock), the lanes, the doorbell and
 the progress slots; actions.Actions calls the agent on whichever thread runs the
@@ -88,8 +89,8 @@ class Runtime:
         self._mailbox = collections.deque()
         self._serial_busy = False
         self._reading = False
-        # A mailbox item a direct client's thread hands to the idle lane thread, with the
-        # lane still held, when it has run its own read: it goes back to its client.
+        # A mailbox item the direct reader hands to the idle lane thread, with the lane
+        # still held, when it has run its own read: it goes back to its clients.
         self._handoff = None
         self._saving = 0  # Saves read and not yet answered: direct reads wait behind them
         self._saved = threading.Condition(self._lane_lock)  # notified as each one is answered
@@ -146,7 +147,7 @@ class Runtime:
                 item, self._handoff = self._handoff, None
                 if item is None:
                     self._reading = True
-            # This thread's turn: the serial lane a direct client's thread handed over,
+            # This thread's turn: the serial lane the direct reader handed over,
             # or reading, running what it read, and reading again unless the other lane
             # thread took over the socket meanwhile. (The mailbox is drained by whichever
             # lane thread holds the serial lane: it never waits for a thread here.)
@@ -245,11 +246,11 @@ class Runtime:
         return (req, method, self._to_supervisor)
 
     def serve_direct(self, req, send):
-        """A read from a direct client (direct.py), on its connection's thread, after any
-        save under way (as the supervisor holds requests during one). A serial read runs
-        here if the lane is free, else in the mailbox. An async one runs here, not in the
-        pool: nothing the deadlock detector cannot see may take a pool thread, and
-        nothing waits on this thread but its own client."""
+        """A read from a direct client (direct.py), on the direct reader, after any save
+        under way (as the supervisor holds requests during one). A serial read runs here
+        if the lane is free, else in the mailbox. An async one runs here, not in the
+        pool: nothing the deadlock detector cannot see may take a pool thread, and a
+        reader stuck here hands the other clients to a new one."""
         try:
             method, is_async = self._actions.lookup(req.table, req.op)
         except ProgrammingError as exc:
@@ -278,10 +279,10 @@ class Runtime:
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
 
         Returns True if this thread should read the supervisor's socket next (nobody
-        else does). A direct client's thread (``direct``) runs only its own read: it
-        hands the rest of the mailbox, and the lane, to the idle lane thread, and goes
-        back to its client (were it to run the mailbox, clients that keep it full could
-        keep it from its own socket for ever).
+        else does). The direct reader (``direct``) runs only its own read: it hands the
+        rest of the mailbox, and the lane, to the idle lane thread, and goes back to its
+        clients (were it to run the mailbox, clients that keep it full would keep it
+        there).
         """
         slots = self._slots
         while True:

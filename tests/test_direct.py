@@ -99,7 +99,7 @@ def test_reads_go_to_the_worker_and_writes_to_the_supervisor(supervisor):
     cur.execute("get echo.ctx")
     [row] = cur.fetchall()
     thread = dict(zip([d[0] for d in cur.description], row))["thread"]
-    assert thread == "echo-direct-client"  # run on its connection's thread, the lane being free
+    assert thread == "echo-direct-reader"  # run by the reader itself, the lane being free
     cur.execute("set echo.kv", {"key": "a", "value": "1"})
     after = sup.status()["echo"]
     assert after["requests"]["get"]["ok"] == before["get"]["ok"] + 1
@@ -346,6 +346,23 @@ def test_status_shows_a_slow_direct_read_in_flight(supervisor):
     assert status["direct"]["inflight"] == 1
     thread.join(10)
     assert sup.status()["echo"]["inflight"] == 0
+
+
+@pytest.mark.parametrize("slow, fast", [("sleep", "actx"), ("asleep", "kv")])
+def test_a_read_stuck_in_its_action_holds_up_no_other_client(supervisor, slow, fast):
+    # The reader runs a read itself (a serial one holding the lane, or an async one);
+    # one that stays in its action hands the other clients on to a new reader.
+    sup = supervisor({"echo": {"entry": ECHO, "pool_size": 2}})
+    stuck = threading.Thread(target=lambda: sup.connect().cursor().execute(f"get echo.{slow}", {"secs": 3}))
+    stuck.start()
+    wait_for(lambda: sup.status()["echo"]["direct"]["inflight"] == 1)
+    cur = sup.connect().cursor()
+    for _ in range(20):
+        cur.execute(f"get echo.{fast}", {"key": "default"})
+        assert cur.fetchall()
+    assert sup.status()["echo"]["direct"]["inflight"] == 1  # all 20 were read while it slept
+    stuck.join(10)
+    assert sup.status()["echo"]["direct"]["inflight"] == 0
 
 
 def test_direct_reads_off(supervisor):
