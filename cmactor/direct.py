@@ -332,6 +332,7 @@ class _Connection:
         # is taken to count a request in.
         self._begun = self._ended = 0
         self._max_requests = server._max_requests
+        self._counts = server.counts
         self._room = threading.Condition(self._send_lock)
         self._waiting = False  # its reader waits for room
         self.closed = False
@@ -425,7 +426,7 @@ class _Connection:
             if answer.answered:
                 return False
             answer.answered = True
-            answer.end(error_type)
+            self._counts.answered(answer, error_type, _now())
             self._ended += 1
             if self._waiting:
                 self._room.notify()
@@ -621,13 +622,13 @@ class _Answer:
     them as it would to the supervisor): frames for its client, and its figures. The
     final reply is sent once: by the action, or by the watchdog at action_timeout."""
 
-    __slots__ = ("_server", "_connection", "_rid", "_op", "_table", "since", "answered")
+    __slots__ = ("_server", "_connection", "_rid", "op", "_table", "since", "answered")
 
     def __init__(self, server, connection, rid, op, table):
         self._server = server
         self._connection = connection
         self._rid = rid
-        self._op = op
+        self.op = op
         self._table = table
         self.since = _now()
         self.answered = False  # under the connection's send lock
@@ -649,13 +650,10 @@ class _Answer:
         self._connection.flush()
 
     def time_out(self, limit):
-        message = action_timed_out(self._op, self._server._runtime.module, self._table, limit)
+        message = action_timed_out(self.op, self._server._runtime.module, self._table, limit)
         frame = P.pack({"id": self._rid, "ok": False, "error": to_wire(OperationalError, message)})
         if self._connection.reply(self, frame, OperationalError.__name__):
             self._connection.drop_after_writing()
-
-    def end(self, error_type):
-        self._server.counts.answered(self, self._op, error_type, _now() - self.since)
 
 
 def _close_with(sock, message, timeout):

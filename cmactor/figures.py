@@ -2,11 +2,14 @@
 the worker, read by the supervisor (status, /metrics) without a message.
 
 The layout is one int64 array: how many direct connections are open, how many
-direct requests are in flight and how many wait behind a save, then per read op
-the requests that succeeded, those that failed by error type, a latency
-histogram over the supervisor's own buckets (REQUEST_BOUNDS) and the latency sum
-in nanoseconds. The supervisor adds them to the module's request figures, and
-folds a dead worker's into them before the next one starts from zero.
+direct requests began and how many wait behind a save, then per read op the
+requests that failed by error type, a latency histogram over the supervisor's
+own buckets (REQUEST_BOUNDS) and the latency sum in nanoseconds. What is not
+written is derived (read()): a request answered is in one bucket, so those that
+succeeded are the buckets' sum less the errors, and those in flight are the ones
+begun less the ones answered: three writes per request, not five. The supervisor
+adds them to the module's request figures, and folds a dead worker's into them
+before the next one starts from zero.
 """
 
 import threading
@@ -23,10 +26,9 @@ _BOUNDS_NS = tuple(int(bound * 1e9) for bound in REQUEST_BOUNDS)
 
 ERROR_TYPES = tuple(WIRE_ERRORS)
 
-CONNECTIONS, INFLIGHT, QUEUED = 0, 1, 2
+CONNECTIONS, BEGUN, QUEUED = 0, 1, 2
 _HEADER = 3
-_OK = 0
-_ERRORS = 1
+_ERRORS = 0
 _BUCKETS = _ERRORS + len(ERROR_TYPES)
 _SUM = _BUCKETS + len(REQUEST_BOUNDS) + 1
 _BLOCK = _SUM + 1
@@ -39,12 +41,13 @@ _ERROR_INDEX = {name: _ERRORS + n for n, name in enumerate(ERROR_TYPES)}
 class Counter:
     """The worker's side: the threads serving direct reads count through one lock (an
     int64 increment in shared memory is a read and a write, not atomic), which also
-    keeps the requests in flight, oldest first, for the worker's watchdog."""
+    keeps the requests in flight, oldest first, for the worker's watchdog. A request
+    is an object with ``op`` and ``since`` (monotonic ns) attributes."""
 
     __slots__ = ("_array", "_lock", "_running")
 
     def __init__(self, array):
-        self._array = array
+        self._array = memoryview(array).cast("B").cast("q")  # a third cheaper to index than the ctypes array
         self._lock = threading.Lock()
         self._running = {}  # request -> None: a dict keeps arrival order
 
@@ -55,25 +58,25 @@ class Counter:
     def began(self, request):
         with self._lock:
             self._running[request] = None
-            self._array[INFLIGHT] += 1
+            self._array[BEGUN] += 1
 
     def running(self):
         """The requests in flight, oldest first."""
         with self._lock:
             return list(self._running)
 
-    def answered(self, request, op, error_type, nanoseconds):
-        """``request`` of ``op`` answered: ``error_type`` None, or its error's type name."""
-        base = _OP_BASE[op]
-        slot = base + (_OK if error_type is None else _ERROR_INDEX.get(error_type, _ERRORS))
+    def answered(self, request, error_type, now):
+        """``request`` answered at ``now``: ``error_type`` None, or its error's type name."""
+        nanoseconds = now - request.since
+        base = _OP_BASE[request.op]
         bucket = base + _BUCKETS + bisect_left(_BOUNDS_NS, nanoseconds)
         array = self._array
         with self._lock:
             del self._running[request]
-            array[INFLIGHT] -= 1
-            array[slot] += 1
             array[bucket] += 1
             array[base + _SUM] += nanoseconds
+            if error_type is not None:
+                array[base + _ERROR_INDEX.get(error_type, _ERRORS)] += 1
 
 
 def read(array):
@@ -82,5 +85,12 @@ def read(array):
     for op, base in _OP_BASE.items():
         errors = {name: array[index + base] for name, index in _ERROR_INDEX.items() if array[index + base]}
         buckets = list(array[base + _BUCKETS : base + _SUM])
-        figures[op] = (array[base + _OK], errors, buckets, array[base + _SUM] / 1e9)
+        figures[op] = (sum(buckets) - sum(errors.values()), errors, buckets, array[base + _SUM] / 1e9)
     return figures
+
+
+def inflight(array):
+    """Direct requests begun and not answered yet. The answered are read first: a request
+    is counted in before it is answered, so the difference is never below zero."""
+    answered = sum(sum(array[base + _BUCKETS : base + _SUM]) for base in _OP_BASE.values())
+    return array[BEGUN] - answered

@@ -257,23 +257,30 @@ class Runtime:
             send(error_reply(req.sid, ProgrammingError, exc))
             return
         if self._saving:
-            send.flush()  # what this client was answered before leaves before the wait
-        with self._lane_lock:
-            if self._saving:
-                counts = self.direct.counts
-                counts.add(F.QUEUED, 1)
-                while self._saving:
-                    self._saved.wait()
-                counts.add(F.QUEUED, -1)
-            if not is_async:
-                if self._serial_busy:
-                    self._mailbox.append((req, method, send))
-                    return
-                self._serial_busy = True
+            with self._lane_lock:
+                self._wait_for_saves(send)
         if is_async:
+            # No lock: a save read just after the check is one this read came before.
             self._actions.execute(req, method, True, send)
-        else:
-            self._run_serial((req, method, send), direct=True)
+            return
+        with self._lane_lock:
+            self._wait_for_saves(send)  # one read since the check: this read goes after it all the same
+            if self._serial_busy:
+                self._mailbox.append((req, method, send))
+                return
+            self._serial_busy = True
+        self._run_serial((req, method, send), direct=True)
+
+    def _wait_for_saves(self, send):
+        """(A direct read, holding the lane lock.) Wait until the saves read so far are
+        answered, counted as queued meanwhile."""
+        if self._saving:
+            send.flush()  # what its client was answered before leaves before the wait
+            counts = self.direct.counts
+            counts.add(F.QUEUED, 1)
+            while self._saving:
+                self._saved.wait()
+            counts.add(F.QUEUED, -1)
 
     def _run_serial(self, item, direct=False):
         """Run ``item``, then the mailbox in order, holding the serial lane; then release it.

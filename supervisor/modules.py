@@ -252,7 +252,7 @@ class Module:
             **channel.route,
             "serving": channel.serving,
             "connections": counts[F.CONNECTIONS],
-            "inflight": counts[F.INFLIGHT],
+            "inflight": F.inflight(counts),
             "queue": counts[F.QUEUED],
         }
 
