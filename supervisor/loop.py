@@ -22,7 +22,7 @@ import heapq
 import itertools
 import logging
 import os
-import selectors
+import select
 import threading
 import time
 
@@ -30,13 +30,21 @@ from cmactor import protocol as P
 
 log = logging.getLogger("cmactor.supervisor")
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+# What a registration waits for: reading, writing, both (or neither: not registered).
+_READ, _WRITE = 1, 2
+_EPOLL = {_READ: select.EPOLLIN, _WRITE: select.EPOLLOUT, _READ | _WRITE: select.EPOLLIN | select.EPOLLOUT}
+# An epoll event other than EPOLLIN (EPOLLOUT, a hang-up, an error) makes a socket
+# ready to write; one other than EPOLLOUT, ready to read (as the selectors module says).
+_NOT_IN = ~select.EPOLLIN
+_NOT_OUT = ~select.EPOLLOUT
 
 
 class EventLoop:
     def __init__(self):
-        self._sel = selectors.DefaultSelector()
+        # epoll itself, not a selectors.Selector: the selector's select() costs four
+        # Python calls a turn and one per event, and a get is two turns.
+        self._epoll = select.epoll()
+        self._watched = {}  # fd -> ((on_read, arg, endpoint), what it waits for, its file object)
         self._thread = None
         self._finished = threading.Event()
         self._calls = []
@@ -44,7 +52,7 @@ class EventLoop:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, _READ, (self._run_calls, self._wake_r, None))
+        self.watch(self._wake_r, self._run_calls, self._wake_r)
         self._timers = []  # heap of (when, seq, fn, args); never replaced: the loop holds it
         self._done = False
         self._timer_seq = itertools.count()
@@ -93,32 +101,35 @@ class EventLoop:
         self._after_output[fn] = None
 
     def _run(self, on_death):
-        select = self._sel.select
+        poll = self._epoll.poll
+        watched = self._watched
         timers = self._timers
+        monotonic = time.monotonic
+        delay = max(timers[0][0] - monotonic(), 0.0) if timers else -1.0  # -1: no timer, no limit
         try:
             while not self._done:
-                if timers:
-                    delay = timers[0][0] - time.monotonic()
-                    delay = delay if delay > 0.0 else 0.0
-                else:
-                    delay = None
-                for key, mask in select(delay):
-                    on_read, arg, endpoint = key.data
+                for fd, event in poll(delay, len(watched)):
+                    found = watched.get(fd)
+                    if found is None:
+                        continue  # unwatched by a handler earlier in this turn
+                    (on_read, arg, endpoint), waits, _ = found
                     try:
-                        if mask & _READ:
+                        if event & _NOT_OUT and waits & _READ:
                             on_read(arg)
-                        if mask & _WRITE:
+                        if event & _NOT_IN and waits & _WRITE:
                             self._dirty.add(endpoint)  # the rest of its output goes out this turn
                     except Exception:
                         log.exception("internal error handling %s; the supervisor carries on", on_read.__qualname__)
                 self._output()
                 # Timers after the turn's output: replies are not kept waiting for them.
-                if timers and timers[0][0] <= time.monotonic():
+                now = monotonic()  # one clock read a turn: for the timers due and the next wait
+                if timers and timers[0][0] <= now:
                     self._run_timers()
                     self._output()
                 if self._after_output:
                     hooks, self._after_output = self._after_output, {}
                     self._run_hooks(hooks)
+                delay = max(timers[0][0] - now, 0.0) if timers else -1.0
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
             on_death()
@@ -127,7 +138,7 @@ class EventLoop:
             with self._calls_lock:
                 self._finished.set()
                 calls, self._calls = self._calls, []
-                self._sel.close()
+                self._epoll.close()
                 os.close(self._wake_r)
                 os.close(self._wake_w)
             for _, _, future in calls:
@@ -188,13 +199,39 @@ class EventLoop:
     def watch(self, fileobj, on_read, arg, endpoint=None):
         """Call ``on_read(arg)`` whenever ``fileobj`` is readable. ``endpoint``: the
         endpoint whose socket ``fileobj`` is, if it is one (for write readiness)."""
-        self._sel.register(fileobj, _READ, (on_read, arg, endpoint))
+        self._set(fileobj, _READ, (on_read, arg, endpoint))
 
     def unwatch(self, fileobj):
-        try:
-            self._sel.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+        self._set(fileobj, 0, None)
+
+    def _set(self, fileobj, waits, data):
+        """Register ``fileobj`` (a file object or descriptor) for ``waits`` (_READ, _WRITE,
+        both) with ``data``; 0: unregister it."""
+        fd = self._fd(fileobj)
+        if fd is None:
+            return
+        registered = fd in self._watched
+        if not waits:
+            if registered:
+                del self._watched[fd]
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:  # closed already: epoll forgot it then
+                    pass
+            return
+        if registered:
+            self._epoll.modify(fd, _EPOLL[waits])
+        else:
+            self._epoll.register(fd, _EPOLL[waits])
+        self._watched[fd] = (data, waits, fileobj)
+
+    def _fd(self, fileobj):
+        """The descriptor ``fileobj`` is registered under (a closed socket is found by
+        itself), or None."""
+        fd = fileobj if type(fileobj) is int else fileobj.fileno()
+        if fd >= 0:
+            return fd
+        return next((fd for fd, (_, _, watched) in self._watched.items() if watched is fileobj), None)
 
     def close_endpoint(self, endpoint):
         """Stop watching an endpoint's socket, and close it."""
@@ -208,7 +245,7 @@ class EventLoop:
         """Stop calling the endpoint's ``on_read`` until ``resume_reading``; its output
         still goes out. Nothing is read, so its peer blocks once its socket is full."""
         if endpoint not in self._unread:
-            self._unread[endpoint] = self._sel.get_key(endpoint.sock).data
+            self._unread[endpoint] = self._watched[endpoint.sock.fileno()][0]
             self._register(endpoint, self._unread[endpoint])
 
     def resume_reading(self, endpoint):
@@ -220,16 +257,8 @@ class EventLoop:
         """Register an endpoint's socket for what it waits for now: reading unless it is
         paused, writing while output is left. An endpoint waiting for neither is not
         registered at all (a selector refuses an empty event mask)."""
-        sock = endpoint.sock
-        events = (0 if endpoint in self._unread else _READ) | (_WRITE if endpoint in self._writing else 0)
-        registered = sock in self._sel.get_map()
-        if not events:
-            if registered:
-                self._sel.unregister(sock)
-        elif registered:
-            self._sel.modify(sock, events, data)
-        else:
-            self._sel.register(sock, events, data)
+        waits = (0 if endpoint in self._unread else _READ) | (_WRITE if endpoint in self._writing else 0)
+        self._set(endpoint.sock, waits, data)
 
     # -- output ----------------------------------------------------------
 
@@ -281,7 +310,7 @@ class EventLoop:
         else:
             self._writing.discard(endpoint)
         data = self._unread.get(endpoint)
-        self._register(endpoint, self._sel.get_key(endpoint.sock).data if data is None else data)
+        self._register(endpoint, self._watched[endpoint.sock.fileno()][0] if data is None else data)
 
 
 def recv(sock):
