@@ -6,9 +6,8 @@ the ``cmactor`` command.
 
 How a request flows, all on the loop thread (loop.py) but for the worker::
 
-    client ──frame──▶ server.py         Server: accept, uid check, read, parse_request
-                        │
-                      control.py        Control.handle: a control op is answered here
+    client ──frame──▶ server.py         Server: accept, uid check, read, parse_request;
+                        │               a control op goes to control.py (Control.handle)
                         │ data op
                         ▼
                       routing.py        Router: admit (deadlock.py WaitGraph), hold while

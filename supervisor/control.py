@@ -1,8 +1,7 @@
 """The control requests: status, save, export, restart, stop, ping and route.
 
-The server hands every valid request to ``Control.handle``; data requests go on
-to the router, control requests are answered here from the parts that own what
-they ask about. ``status()`` and ``own_status()`` are also what the public
+The server hands every valid control request to ``Control.handle`` (data requests
+go to the router), answered here from the parts that own what they ask about. ``status()`` and ``own_status()`` are also what the public
 Supervisor.status() and the metrics collector read.
 """
 
@@ -16,14 +15,10 @@ from .modules import READY, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 
-_DATA_OPS = frozenset(P.DATA_OPS)
-
-
 class Control:
-    def __init__(self, modules, server, router, graph, saver, recovery, lifecycle, audit, logs):
+    def __init__(self, modules, server, graph, saver, recovery, lifecycle, audit, logs):
         self._modules = modules
         self._server = server
-        self._router = router
         self._graph = graph
         self._saver = saver
         self._recovery = recovery
@@ -32,10 +27,7 @@ class Control:
         self._logs = logs
 
     def handle(self, client, request):
-        """A valid request from a client: data requests are routed, control requests answered."""
-        if request["op"] in _DATA_OPS:
-            self._router.route(client, request)
-            return
+        """A valid control request from a client: answer it."""
         op, rid = request["op"], request["id"]
         try:
             if op == "status":

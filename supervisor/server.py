@@ -42,6 +42,8 @@ BACKLOG_GRACE = 5.0
 # trying again at once would spin. The listener is left alone this long instead.
 ACCEPT_PAUSE = 0.5
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_DATA_OPS = frozenset(P.DATA_OPS)
+
 
 def default_socket_path(state_dir):
     """Where a supervisor listens unless [supervisor] socket says otherwise."""
@@ -240,7 +242,9 @@ class Server:
     ):
         self.loop = loop
         self._listener, self.socket_path, self._private_dir = listening  # from listen()
-        self.on_request = None  # (client, request) for each valid request: Control.handle
+        # (client, request) for each valid request: a data request's (Router.route), a
+        # control request's (Control.handle).
+        self.on_data = self.on_control = None
         self._max_frame = max_frame
         self._allowed_uids = frozenset(allowed_uids)
         self._max_requests = max_client_requests
@@ -329,7 +333,7 @@ class Server:
     def _serve(self, client, messages):
         """Hand each request on, or answer it if it is bad; at max_client_requests in
         flight, stop reading and keep the rest until replies drain."""
-        handle = self.on_request
+        on_data, on_control = self.on_data, self.on_control
         limit = self._max_requests
         for index, message in enumerate(messages):
             if client.in_flight >= limit:
@@ -344,7 +348,7 @@ class Server:
             client.in_flight += 1
             owed = client.in_flight
             try:
-                handle(client, request)
+                (on_data if request["op"] in _DATA_OPS else on_control)(client, request)
             except Exception as exc:  # a bug: it must cost this request only, never the loop
                 log.exception("internal error handling request %r of client pid %s", request["id"], client.peer_pid)
                 if client.in_flight < owed:

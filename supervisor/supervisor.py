@@ -162,9 +162,10 @@ class Supervisor:
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
         self._control = control = Control(
-            modules, self._server, router, graph, saver, recovery, lifecycle, self._audit, self._logs
+            modules, self._server, graph, saver, recovery, lifecycle, self._audit, self._logs
         )
-        self._server.on_request = control.handle
+        self._server.on_data = router.route
+        self._server.on_control = control.handle
         workers.on_exit = recovery.on_exit
         workers.on_output = self._logs.output
         self._logs.schedule = loop.after_output

@@ -90,7 +90,8 @@ class Channel:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))
+        self.out += P.pack(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))  # _send inlined: every request
+        self._mark(self)
         return sid
 
     def answered(self, sid):
