@@ -67,3 +67,27 @@ def test_bench_quick_prints_every_row():
             assert name.startswith("peer: Ray") and "skipped: ray is not importable" in result.stdout, rows[0]
     # The progress lines on stderr name the scenario that runs.
     assert "perf: round 1/3: get, sequential (Cursor)" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_ab_pairs_rounds_of_two_installs():
+    # Both sides are this install here: the pairing, the runners and the summary work.
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.ab", sys.executable, "--keys", "one_hop,get", "--pairs", "2", "--runs", "2",
+         "--quick"], capture_output=True, text=True, timeout=280, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("one_hop", "get"):
+        [line] = [line for line in result.stdout.splitlines() if line.startswith(f"{key}: ")]
+        assert re.fullmatch(rf"{key}: this/other median \d+\.\d{{3}} over 4 pairs \(quartiles [\d.]+-[\d.]+\)", line)
+        assert result.stderr.count(f"{key} this/other median") == 2  # one line per run
+
+
+@pytest.mark.timeout(120)
+def test_ab_names_a_row_it_does_not_know():
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.ab", sys.executable, "--keys", "nosuch", "--quick"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "did not start: no such row: nosuch; rows: one_hop," in result.stderr
