@@ -1,4 +1,4 @@
-"""The supervisor's event loop: one thread, one selector, timers, batched output.
+"""The supervisor's event loop: one thread, one epoll, timers, batched output.
 
 It waits at once on the listening socket, every client, every worker socket,
 every worker's process sentinel (a crash is seen the moment it happens, no
