@@ -241,14 +241,14 @@ def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor)
 def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypatch):
     sup = supervisor({"echo": ECHO}, direct_reads=False)  # the gets must pass through the router
     cur = sup.connect().cursor()
-    route = sup._router.route
+    route = sup._server.on_data  # the router's route, which the server hands data requests to
 
     def buggy(client, request):
         if request["table"] == "boom":
             raise RuntimeError("a bug in routing")
         return route(client, request)
 
-    monkeypatch.setattr(sup._router, "route", buggy)
+    monkeypatch.setattr(sup._server, "on_data", buggy)
     with pytest.raises(cmactor.InternalError, match="internal error handling get: RuntimeError: a bug in routing"):
         cur.execute("get echo.boom")
     cur.execute("get echo.kv", {"key": "default"})
