@@ -1,19 +1,20 @@
 """The control requests: status, save, export, restart, stop, ping and route.
 
 The server hands every valid control request to ``Control.handle`` (data requests
-go to the router), answered here from the parts that own what they ask about. ``status()`` and ``own_status()`` are also what the public
-Supervisor.status() and the metrics collector read.
+go to the router), answered here from the parts that own what they ask about.
+``status()`` and ``own_status()`` are also what the public Supervisor.status() and
+the metrics collector read.
 """
 
 import logging
 
-from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 
 from . import health
 from .modules import READY, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
+
 
 class Control:
     def __init__(self, modules, server, graph, saver, recovery, lifecycle, audit, logs):
