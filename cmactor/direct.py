@@ -142,10 +142,10 @@ class DirectServer:
                     handed_on = self._turn != turn
                     if not handed_on:
                         self._busy = None
+                if alive and handed_on:  # the new reader may read this client again
+                    alive = self._register(connection)
                 if not alive:
                     self._drop(connection)
-                elif handed_on:  # the new reader may read this client again
-                    self._epoll.register(fd, select.EPOLLIN)
                 if handed_on:
                     return
 
@@ -166,8 +166,18 @@ class DirectServer:
             except RuntimeError as exc:  # no thread to be had: the stuck reader reads on
                 self._turn -= 1
                 self._busy = busy
-                self._epoll.register(connection.fd, select.EPOLLIN)
+                if not self._register(connection):
+                    connection.close()  # its reader drops it at the end of the batch
                 log.warning("module %s: direct socket: cannot start a reader (%s)", self._runtime.module, exc)
+
+    def _register(self, connection):
+        """Have the reader poll ``connection``; False if epoll will not have it (out of memory, say)."""
+        try:
+            self._epoll.register(connection.fd, select.EPOLLIN)
+            return True
+        except OSError as exc:
+            log.warning("module %s: direct socket: cannot watch a client (%s); dropped", self._runtime.module, exc)
+            return False
 
     def _drop(self, connection):
         try:
@@ -236,7 +246,9 @@ class DirectServer:
             with self._lock:
                 self._connections[connection.fd] = connection
             self.counts.add(F.CONNECTIONS, 1)
-            self._epoll.register(connection.fd, select.EPOLLIN)
+            if not self._register(connection):  # the client reads through the supervisor
+                self._drop(connection)
+                continue
             self._connected.set()
 
     def _refuse(self, sock, refusal):
@@ -370,6 +382,11 @@ class _Connection:
         except P.FrameError as exc:
             self.fail(f"{exc}; closing this connection")
             return False
+        # Before the reads run (they may wait): a frame finished now is not timed out.
+        if not reader.partial:
+            self.frame_since = None
+        elif messages or self.frame_since is None:  # a frame dribbled in keeps its start
+            self.frame_since = time.monotonic()
         self._owner = _thread_id()
         request = self._server.request
         for message in messages:
@@ -378,10 +395,6 @@ class _Connection:
             request(self, message)
         self.flush()
         self._owner = None
-        if not reader.partial:
-            self.frame_since = None
-        elif messages or self.frame_since is None:  # a frame dribbled in keeps its start
-            self.frame_since = time.monotonic()
         return not self.closed
 
     @property

@@ -3,13 +3,13 @@ the worker, read by the supervisor (status, /metrics) without a message.
 
 The layout is one int64 array: how many direct connections are open, how many
 direct requests began and how many wait behind a save, then per read op the
-requests that failed by error type, a latency histogram over the supervisor's
-own buckets (REQUEST_BOUNDS) and the latency sum in nanoseconds. What is not
-written is derived (read()): a request answered is in one bucket, so those that
-succeeded are the buckets' sum less the errors, and those in flight are the ones
-begun less the ones answered: three writes per request, not five. The supervisor
-adds them to the module's request figures, and folds a dead worker's into them
-before the next one starts from zero.
+requests that succeeded, those that failed by error type, a latency histogram
+over the supervisor's own buckets (REQUEST_BOUNDS) and the latency sum in
+nanoseconds: three writes per request (its outcome, its bucket, the sum). Those
+in flight are not written but derived (inflight()): the ones begun less the ones
+answered, which are in the buckets. The supervisor adds them to the module's
+request figures, and folds a dead worker's into them before the next one starts
+from zero.
 """
 
 import threading
@@ -28,7 +28,8 @@ ERROR_TYPES = tuple(WIRE_ERRORS)
 
 CONNECTIONS, BEGUN, QUEUED = 0, 1, 2
 _HEADER = 3
-_ERRORS = 0
+_OK = 0
+_ERRORS = 1
 _BUCKETS = _ERRORS + len(ERROR_TYPES)
 _SUM = _BUCKETS + len(REQUEST_BOUNDS) + 1
 _BLOCK = _SUM + 1
@@ -73,10 +74,9 @@ class Counter:
         array = self._array
         with self._lock:
             del self._running[request]
+            array[base + (_OK if error_type is None else _ERROR_INDEX.get(error_type, _ERRORS))] += 1
             array[bucket] += 1
             array[base + _SUM] += nanoseconds
-            if error_type is not None:
-                array[base + _ERROR_INDEX.get(error_type, _ERRORS)] += 1
 
 
 def read(array):
@@ -85,7 +85,7 @@ def read(array):
     for op, base in _OP_BASE.items():
         errors = {name: array[index + base] for name, index in _ERROR_INDEX.items() if array[index + base]}
         buckets = list(array[base + _BUCKETS : base + _SUM])
-        figures[op] = (sum(buckets) - sum(errors.values()), errors, buckets, array[base + _SUM] / 1e9)
+        figures[op] = (array[base + _OK], errors, buckets, array[base + _SUM] / 1e9)
     return figures
 
 

@@ -108,11 +108,14 @@ class EventLoop:
         delay = max(timers[0][0] - monotonic(), 0.0) if timers else -1.0  # -1: no timer, no limit
         try:
             while not self._done:
-                for fd, event in poll(delay, len(watched)):
-                    found = watched.get(fd)
-                    if found is None:
-                        continue  # unwatched by a handler earlier in this turn
-                    (on_read, arg, endpoint), waits, _ = found
+                # Each event with the registration it was polled for: a handler may close
+                # a descriptor and a new one take its number within the turn (a worker
+                # reaped and restarted), and the old event must not reach the new owner.
+                for fd, event, polled in [(fd, event, watched.get(fd)) for fd, event in poll(delay, len(watched))]:
+                    current = watched.get(fd)
+                    if polled is None or current is None or current[0] is not polled[0]:
+                        continue  # unwatched, or watched anew, by a handler earlier in this turn
+                    (on_read, arg, endpoint), waits, _ = current
                     try:
                         if event & _NOT_OUT and waits & _READ:
                             on_read(arg)
@@ -122,14 +125,19 @@ class EventLoop:
                         log.exception("internal error handling %s; the supervisor carries on", on_read.__qualname__)
                 self._output()
                 # Timers after the turn's output: replies are not kept waiting for them.
-                now = monotonic()  # one clock read a turn: for the timers due and the next wait
+                now = monotonic()  # for the timers due, and the next wait unless more ran since
                 if timers and timers[0][0] <= now:
                     self._run_timers()
                     self._output()
+                    now = None
                 if self._after_output:
                     hooks, self._after_output = self._after_output, {}
                     self._run_hooks(hooks)
-                delay = max(timers[0][0] - now, 0.0) if timers else -1.0
+                    now = None
+                if timers:
+                    delay = max(timers[0][0] - (monotonic() if now is None else now), 0.0)
+                else:
+                    delay = -1.0
         except BaseException:
             log.exception("the supervisor loop died; killing every worker")
             on_death()

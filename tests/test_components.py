@@ -996,6 +996,47 @@ def test_a_handler_that_raises_is_logged_and_the_loop_goes_on(loop, caplog):
     assert loop.deaths == []
 
 
+def test_an_event_for_a_descriptor_closed_in_its_turn_does_not_reach_the_next_owner(loop):
+    # Two sockets ready in one turn; the first handler closes the other's descriptor and
+    # another socket takes its number, as when a worker is reaped and restarted in one
+    # turn: the event polled for the old socket is not the new one's.
+    pairs = [socket.socketpair() for _ in range(2)]
+    fresh, fresh_peer = socket.socketpair()
+    calls, reused = [], []
+
+    def on_read(index):
+        calls.append(index)
+        pairs[index][0].recv(10)
+        if reused:
+            return
+        other = pairs[1 - index][0]
+        fd = other.fileno()
+        loop.unwatch(other)
+        other.close()
+        os.dup2(fresh.fileno(), fd)  # the number now names a socket with nothing to read
+        reused.append(fd)
+        loop.watch(fd, lambda _: calls.append("new owner"), None)
+
+    def arm():
+        for index, (ours, theirs) in enumerate(pairs):
+            ours.setblocking(False)
+            loop.watch(ours, on_read, index)
+            theirs.send(b"x")  # both ready before the loop polls again
+
+    loop.call(arm)
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(calls) == 1 and calls[0] in (0, 1), calls
+    [fd] = reused
+    loop.call(loop.unwatch, fd)
+    os.close(fd)
+    for sock in (*pairs[0], *pairs[1], fresh, fresh_peer):
+        sock.close()
+    assert loop.deaths == []
+
+
 def test_calls_after_finish_raise(loop):
     loop.call(loop.finish)
     loop.join()

@@ -415,6 +415,20 @@ def test_a_frame_dribbled_a_byte_at_a_time_is_dropped_after_frame_timeout(worker
     worker.assert_unharmed()
 
 
+def test_a_frame_finished_before_a_slow_read_is_not_timed_out(worker):
+    # The frame's last bytes arrive, then its read runs past frame_timeout: the frame is
+    # whole, so the client is served, not dropped as unfinished.
+    whole = P.pack({"id": 5, "op": "get", "module": "echo", "table": "sleep", "params": {"secs": "1.5"}})
+    sock = worker.connect()
+    sock.sendall(whole[:10])
+    time.sleep(0.2)  # the worker reads the start of the frame, well within the timeout
+    sock.sendall(whole[10:])
+    [reply] = read_frames(sock)
+    assert reply["id"] == 5 and reply["ok"] is True, reply
+    sock.close()
+    worker.assert_unharmed()
+
+
 # -- requests -----------------------------------------------------------------------------
 
 
