@@ -45,6 +45,7 @@ class EventLoop:
         # Python calls a turn and one per event, and a get is two turns.
         self._epoll = select.epoll()
         self._watched = {}  # fd -> ((on_read, arg, endpoint), what it waits for, its file object)
+        self._unwatched = set()  # descriptors unwatched since the last poll
         self._thread = None
         self._finished = threading.Event()
         self._calls = []
@@ -103,19 +104,24 @@ class EventLoop:
     def _run(self, on_death):
         poll = self._epoll.poll
         watched = self._watched
+        unwatched = self._unwatched
         timers = self._timers
         monotonic = time.monotonic
         delay = max(timers[0][0] - monotonic(), 0.0) if timers else -1.0  # -1: no timer, no limit
         try:
             while not self._done:
-                # Each event with the registration it was polled for: a handler may close
-                # a descriptor and a new one take its number within the turn (a worker
-                # reaped and restarted), and the old event must not reach the new owner.
-                for fd, event, polled in [(fd, event, watched.get(fd)) for fd, event in poll(delay, len(watched))]:
-                    current = watched.get(fd)
-                    if polled is None or current is None or current[0] is not polled[0]:
-                        continue  # unwatched, or watched anew, by a handler earlier in this turn
-                    (on_read, arg, endpoint), waits, _ = current
+                if unwatched:
+                    unwatched.clear()
+                for fd, event in poll(delay, len(watched)):
+                    # A handler earlier in this turn may have unwatched this descriptor, and
+                    # a new socket taken its number (a worker reaped and restarted): the
+                    # event was for the old one.
+                    if fd in unwatched:
+                        continue
+                    found = watched.get(fd)
+                    if found is None:
+                        continue
+                    (on_read, arg, endpoint), waits, _ = found
                     try:
                         if event & _NOT_OUT and waits & _READ:
                             on_read(arg)
@@ -222,6 +228,7 @@ class EventLoop:
         if not waits:
             if registered:
                 del self._watched[fd]
+                self._unwatched.add(fd)
                 try:
                     self._epoll.unregister(fd)
                 except OSError:  # closed already: epoll forgot it then
