@@ -13,7 +13,7 @@ serves each client that sent something in turn: it hands each read to the Runtim
 (worker.Runtime.serve_direct), where a serial read runs on the serial lane (on the
 reader when the lane is free) and an @async_action read on the reader. One thread
 and no hand-offs between threads for the common case: four pipelining clients on
-threads of their own lost a third of their rate to the GIL (perf/README.md). A
+threads of their own lost about a third of their rate to the GIL (perf/README.md). A
 reader that spends HANDOFF in one client's batch (its action blocks, a save runs,
 the client's bound of reads in flight is reached) hands the reading on: the
 watchdog starts a new reader, which serves everyone else meanwhile; the old one
