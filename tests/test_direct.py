@@ -365,6 +365,25 @@ def test_a_read_stuck_in_its_action_holds_up_no_other_client(supervisor, slow, f
     assert sup.status()["echo"]["direct"]["inflight"] == 0
 
 
+def test_a_reader_that_cannot_hand_on_reads_on_once_its_read_ends(supervisor, tmp_path):
+    # No thread to be had for a new reader: the stuck one keeps the reading, so another
+    # client's read waits for it rather than being lost, and the worker says why.
+    sup = supervisor({"reader": READER})
+    sup.connect().cursor().execute("get reader.threadless")
+    pid = sup.status()["reader"]["pid"]
+    stuck = threading.Thread(target=lambda: sup.connect().cursor().execute("get reader.slowsay", {"secs": 1}))
+    stuck.start()
+    wait_for(lambda: sup.status()["reader"]["direct"]["inflight"] == 1)
+    other = sup.connect().cursor()
+    other.execute("get reader.asay")  # async: a new reader would have answered it at once
+    assert other.fetchall() == [("1",)]
+    assert sup.status()["reader"]["direct"]["inflight"] == 0  # it was read only once the slow read ended
+    stuck.join(10)
+    log_path = tmp_path / "state" / "logs" / "reader.log"
+    wait_for(lambda: "cannot start a reader (can't start new thread)" in log_path.read_text())
+    assert sup.status()["reader"]["pid"] == pid
+
+
 def test_direct_reads_off(supervisor):
     sup = supervisor({"echo": ECHO}, direct_reads=False)
     cur = sup.connect().cursor()

@@ -24,6 +24,18 @@ class Reader(CmAgent):
         time.sleep(float(ctx.params.get("secs", "0.5")))
         ctx.fields = {"said": "1"}
 
+    def threadless_get(self, ctx):
+        # From now on the worker's direct socket cannot start a new reader, as in a process
+        # out of threads (tests/test_direct.py).
+        from cmactor import direct
+
+        class Refused:
+            def start(self):
+                raise RuntimeError("can't start new thread")
+
+        direct.DirectServer._new_reader = lambda server, turn: Refused()
+        ctx.fields = {"threadless": "1"}
+
     @async_action
     def asay_get(self, ctx):
         ctx.notify_cli("from the async lane")
