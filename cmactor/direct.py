@@ -164,8 +164,7 @@ class DirectServer:
             try:
                 self._new_reader(self._turn).start()
             except RuntimeError as exc:  # no thread to be had: the stuck reader reads on
-                self._turn -= 1
-                self._busy = busy
+                self._turn -= 1  # (and _busy stays None: this batch is not tried again, nor logged again)
                 if not self._register(connection):
                     connection.close()  # its reader drops it at the end of the batch
                 log.warning("module %s: direct socket: cannot start a reader (%s)", self._runtime.module, exc)

@@ -381,6 +381,7 @@ def test_a_reader_that_cannot_hand_on_reads_on_once_its_read_ends(supervisor, tm
     stuck.join(10)
     log_path = tmp_path / "state" / "logs" / "reader.log"
     wait_for(lambda: "cannot start a reader (can't start new thread)" in log_path.read_text())
+    assert log_path.read_text().count("cannot start a reader") == 1  # once for the stuck batch, not each look
     assert sup.status()["reader"]["pid"] == pid
 
 
