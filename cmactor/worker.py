@@ -256,15 +256,16 @@ class Runtime:
         except ProgrammingError as exc:
             send(error_reply(req.sid, ProgrammingError, exc))
             return
-        if self._saving:
-            with self._lane_lock:
-                self._wait_for_saves(send)
         if is_async:
-            # No lock: a save read just after the check is one this read came before.
+            # The lane lock only while a save is read: one read just after this check is
+            # one the read came before.
+            if self._saving:
+                with self._lane_lock:
+                    self._wait_for_saves(send)
             self._actions.execute(req, method, True, send)
             return
         with self._lane_lock:
-            self._wait_for_saves(send)  # one read since the check: this read goes after it all the same
+            self._wait_for_saves(send)
             if self._serial_busy:
                 self._mailbox.append((req, method, send))
                 return

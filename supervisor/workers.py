@@ -90,8 +90,7 @@ class Channel:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self.out += P.pack(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))  # _send inlined: every request
-        self._mark(self)
+        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))
         return sid
 
     def answered(self, sid):

@@ -91,3 +91,14 @@ def test_ab_names_a_row_it_does_not_know():
     )
     assert result.returncode == 2
     assert "did not start: no such row: nosuch; rows: one_hop," in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_ab_names_an_other_python_that_cannot_run(tmp_path):
+    missing = str(tmp_path / "no-venv" / "bin" / "python")
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.ab", missing, "--keys", "one_hop", "--quick"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("perf.ab: ") and missing in result.stderr

@@ -70,7 +70,7 @@ def test_async_hops_through_a_blocked_serial_lane_are_still_seen(five):
 
 def test_pool_exhaustion_is_a_deadlock(supervisor):
     # The chain's first call through the supervisor, so that it takes a pool thread (a
-    # direct read of an @async_action runs on its connection's thread, outside the pool).
+    # direct read of an @async_action runs on the worker's direct reader, outside the pool).
     sup = supervisor({"p": caller(caller_pool=2), "q": caller(caller_pool=3)}, direct_reads=False)
     row = run_chain(sup, [("p", "a"), ("p", "a"), ("p", "a")])
     assert "all 2 threads of p's pool are taken by calls waiting on this one" in row["deadlock"]
