@@ -17,7 +17,7 @@ Threads in a worker:
   that read from the module straight (running a serial read itself when the lane
   is free), a watchdog and a writer.
 
-This module owns the channel (sends under one lock), the lanes, the doorbell and
+This module owns the channel (its writes combined: outbox.py), the lanes, the doorbell and
 the progress slots; actions.Actions calls the agent on whichever thread runs the
 work. The worker knows its socket and its agent, nothing about other modules.
 """
@@ -40,6 +40,7 @@ from . import protocol as P
 from .actions import Actions, error_reply
 from .direct import DirectServer
 from .errors import ProgrammingError
+from .outbox import Outbox
 from .pool import CallbackPool
 
 # Module globals for what the lane threads read per message (one lookup, not two).
@@ -77,7 +78,7 @@ class Runtime:
         self._slot_of = threading.local()
         self._slot_lock = threading.Lock()
         self._slots_used = 0
-        self._send_lock = threading.Lock()
+        self._outbox = Outbox(sock)
         self._to_supervisor = self.send  # one bound method: mailbox items are told apart by it
         self._stream = P.FrameReader(max_frame=None)  # the supervisor is trusted
         # The lanes' shared state, under _lane_lock: serial work in arrival order,
@@ -105,9 +106,15 @@ class Runtime:
     # -- channel ---------------------------------------------------------
 
     def send(self, msg):
-        data = P.pack(msg)
-        with self._send_lock:
-            self._sock.sendall(data)
+        self._outbox.send(P.pack(msg))
+
+    def flush(self):
+        """Before the process ends: wait until every message sent so far is in the socket
+        (unless the supervisor is gone)."""
+        try:
+            self._outbox.flush()
+        except OSError:
+            pass
 
     def start(self):
         for n in (1, 2):
@@ -191,6 +198,7 @@ class Runtime:
                 elif kind == _STOP:
                     if self.direct is not None:
                         self.direct.finish()  # reads clients sent here directly are answered first
+                    self.flush()
                     _exit(0)
             if serial:
                 with self._lane_lock:
@@ -529,6 +537,7 @@ def main(spec, sock, doorbell, slots, output, direct=None):
     if status:
         said = f": {exit_message}" if exit_message else f" (its stderr is in its log: cmactor logs {module})"
         _fatal(runtime, f"entry {entry!r} exited with status {status}{said}", "", status)
+    runtime.flush()  # the log records of its last moments
     _exit(0)
 
 
@@ -537,4 +546,5 @@ def _fatal(runtime, message, detail, status=1):
         runtime.send(P.Fatal.of(message, detail))
     except OSError:
         pass
+    runtime.flush()
     _exit(status)

@@ -139,6 +139,7 @@ class Lifecycle:
         self._maybe_ready(mod)
 
     def on_fatal(self, mod, fatal):
+        mod.fatal = True
         mod.error = fatal.message
         log.error("module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else "")
 
@@ -149,7 +150,10 @@ class Lifecycle:
             mod.error = f"{mod.error}; {reason}" if mod.error else reason
 
     def _maybe_ready(self, mod):
-        if mod.state != LOADING or not (mod.loaded and mod.ready_called):
+        # A worker that reported it is ending never goes READY: its entry may fail just
+        # after registering while its lane threads load the config, and the report
+        # (on the main thread) may then arrive before their last word.
+        if mod.state != LOADING or not (mod.loaded and mod.ready_called) or mod.fatal:
             return
         mod.move(READY)
         mod.channel.serve()  # reads from clients may now go to the worker's own socket

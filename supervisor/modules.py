@@ -140,6 +140,7 @@ class Module:
         "ready_called",
         "loaded",
         "load_errors",
+        "fatal",
         "request_stats",
         "figures",
         "observer",
@@ -196,6 +197,7 @@ class Module:
         self.ready_called = False
         self.loaded = False
         self.load_errors = 0
+        self.fatal = False  # the worker reported it is ending (protocol.Fatal)
 
     @property
     def accepting(self):

@@ -19,6 +19,7 @@ import time
 import pytest
 from cmsupervisor import graphs, store
 from cmsupervisor.deadlock import WaitGraph
+from cmsupervisor.lifecycle import Lifecycle
 from cmsupervisor.loop import EventLoop
 from cmsupervisor.modules import (
     FAILED,
@@ -136,6 +137,7 @@ def test_moving_to_starting_resets_the_start_up_flags_and_stamps_started_at(sour
         ready_called=True,
         loaded=True,
         load_errors=4,
+        fatal=True,
         started_at=None,
         restarts=3,
         last_exit="exit code 1",
@@ -145,7 +147,7 @@ def test_moving_to_starting_resets_the_start_up_flags_and_stamps_started_at(sour
     after = time.monotonic()
     assert mod.state == STARTING
     assert (mod.error, mod.waiting_on, mod.last_event) == (None, None, None)
-    assert (mod.saving, mod.ready_called, mod.loaded, mod.load_errors) == (False, False, False, 0)
+    assert (mod.saving, mod.ready_called, mod.loaded, mod.load_errors, mod.fatal) == (False, False, False, 0, False)
     assert before <= mod.started_at <= after
     # What is not start-up state carries over to the new worker.
     assert (mod.restarts, mod.last_exit) == (3, "exit code 1")
@@ -155,6 +157,18 @@ def test_other_moves_keep_the_start_up_flags():
     mod = module("ports", READY, error="load errors", loaded=True, ready_called=True, load_errors=2, started_at=1.0)
     mod.move(FAILED)
     assert (mod.error, mod.loaded, mod.ready_called, mod.load_errors, mod.started_at) == ("load errors", True, True, 2, 1.0)
+
+
+def test_a_worker_that_reported_it_is_ending_does_not_go_ready():
+    # Its entry failed on the main thread just after registering, while a lane thread
+    # loaded the config: the Fatal can arrive before the lane's Loaded and Ready.
+    mod = module("x", LOADING)
+    lifecycle = Lifecycle({"x": mod}, None, None, None, None, stop_timeout=1, on_stopped=None)
+    lifecycle.on_fatal(mod, wire(P.Fatal, "entry 'x.py:main' raised RuntimeError: boom", ""))
+    lifecycle.on_loaded(mod, wire(P.Loaded, 1, None, [], 0))
+    lifecycle.on_ready(mod, wire(P.Ready))
+    assert mod.state == LOADING
+    assert mod.error == "entry 'x.py:main' raised RuntimeError: boom"
 
 
 PREDICATES = {

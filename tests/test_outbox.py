@@ -1,0 +1,123 @@
+"""The worker's outbox: frames from many threads on one real socket, combined, in order, bounded."""
+
+import socket
+import threading
+
+import pytest
+
+from cmactor.outbox import Outbox
+
+BIG = 4 << 20  # far more than the socket pair buffers: its sendall blocks until the peer reads
+
+
+@pytest.fixture
+def pair():
+    writer, reader = socket.socketpair()
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield writer, reader
+    writer.close()
+    reader.close()
+
+
+def _read_exactly(sock, size):
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 16))
+        assert chunk, "the writer closed early"
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _start(target, *args):
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _blocked_writer(outbox, reader):
+    """A thread writing a frame the peer has begun to read and stopped: it holds the socket."""
+    big = b"A" * BIG
+    thread = _start(outbox.send, big)
+    first = reader.recv(1024)
+    assert first and big.startswith(first)
+    return thread, BIG - len(first)
+
+
+def test_a_sender_that_finds_another_writing_leaves_its_frame_and_returns(pair):
+    writer, reader = pair
+    outbox = Outbox(writer)
+    holder, rest = _blocked_writer(outbox, reader)
+    sender = _start(outbox.send, b"B-frame")
+    sender.join(timeout=10)
+    assert not sender.is_alive(), "the second sender waited for the first one's write"
+    assert holder.is_alive()
+    data = _read_exactly(reader, rest + len(b"B-frame"))
+    holder.join(timeout=10)
+    assert data == b"A" * rest + b"B-frame"
+
+
+def test_a_sender_waits_its_turn_past_the_bound(pair):
+    writer, reader = pair
+    outbox = Outbox(writer, bound=4)
+    holder, rest = _blocked_writer(outbox, reader)
+    sent = []
+
+    def send_ten():
+        for n in range(10):
+            outbox.send(b"%d;" % n)
+            sent.append(n)
+
+    sender = _start(send_ten)
+    sender.join(timeout=0.5)
+    assert sender.is_alive() and sent == [0, 1, 2, 3], "the fifth frame should wait for the socket"
+    frames = b"".join(b"%d;" % n for n in range(10))
+    data = _read_exactly(reader, rest + len(frames))
+    sender.join(timeout=10)
+    holder.join(timeout=10)
+    assert not sender.is_alive() and sent == list(range(10))
+    assert data == b"A" * rest + frames
+
+
+def test_flush_returns_once_the_frames_left_to_another_thread_are_written(pair):
+    writer, reader = pair
+    outbox = Outbox(writer)
+    holder, rest = _blocked_writer(outbox, reader)
+    outbox.send(b"fatal")
+    flusher = _start(outbox.flush)
+    flusher.join(timeout=0.5)
+    assert flusher.is_alive(), "flush returned before the frame it waits for was written"
+    data = _read_exactly(reader, rest + len(b"fatal"))
+    flusher.join(timeout=10)
+    holder.join(timeout=10)
+    assert not flusher.is_alive() and data.endswith(b"fatal")
+
+
+@pytest.mark.parametrize("bound", [1, 256])
+def test_many_threads_sending_at_once_lose_nothing_and_keep_each_ones_order(pair, bound):
+    writer, reader = pair
+    outbox = Outbox(writer, bound=bound)
+    threads, per_thread = 8, 500
+    frames = {t: [b"%d:%d;" % (t, n) for n in range(per_thread)] for t in range(threads)}
+    total = sum(len(frame) for sent in frames.values() for frame in sent)
+    received = []
+    reading = _start(lambda: received.append(_read_exactly(reader, total)))
+    start = threading.Barrier(threads)
+
+    def send_all(sent):
+        start.wait()
+        for frame in sent:
+            outbox.send(frame)
+
+    senders = [_start(send_all, sent) for sent in frames.values()]
+    for thread in senders:
+        thread.join(timeout=30)
+    outbox.flush()
+    reading.join(timeout=30)
+    assert received, "not every frame arrived"
+    seen = {t: [] for t in range(threads)}
+    for frame in received[0].split(b";")[:-1]:
+        t, _ = frame.split(b":")
+        seen[int(t)].append(frame + b";")
+    assert seen == frames
