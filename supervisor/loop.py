@@ -68,6 +68,10 @@ class EventLoop:
         # that asked for none (most gets) calls nothing.
         self._before_output = {}
         self._after_output = {}
+        # The turn's time (monotonic): read once as its events are polled (and again
+        # before its timers run), so that requests and answers are timed to the turn
+        # they arrived in without a clock read each.
+        self.now = time.monotonic()
 
     # -- running ---------------------------------------------------------
 
@@ -112,7 +116,9 @@ class EventLoop:
             while not self._done:
                 if unwatched:
                     unwatched.clear()
-                for fd, event in poll(delay, len(watched)):
+                events = poll(delay, len(watched))
+                self.now = monotonic()
+                for fd, event in events:
                     # A handler earlier in this turn may have unwatched this descriptor, and
                     # a new socket taken its number (a worker reaped and restarted): the
                     # event was for the old one.
@@ -131,7 +137,7 @@ class EventLoop:
                         log.exception("internal error handling %s; the supervisor carries on", on_read.__qualname__)
                 self._output()
                 # Timers after the turn's output: replies are not kept waiting for them.
-                now = monotonic()  # for the timers due, and the next wait unless more ran since
+                now = self.now = monotonic()  # for the timers due, and the next wait unless more ran since
                 if timers and timers[0][0] <= now:
                     self._run_timers()
                     self._output()

@@ -61,11 +61,11 @@ class Pending:
         "client", "rid", "request", "hold", "deadline", "sid", "issuer", "is_async", "dispatched_at", "received_at"
     )
 
-    def __init__(self, client, rid, request):
+    def __init__(self, client, rid, request, received_at):
         self.client = client
         self.rid = rid
         self.request = request
-        self.received_at = time.monotonic()  # its latency, held or not, runs from here to its answer
+        self.received_at = received_at  # (monotonic) its latency, held or not, runs from here to its answer
         self.hold = None  # while held for its module: seconds it may wait, and until when
         self.deadline = None
         self.sid = None

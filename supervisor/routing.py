@@ -31,6 +31,7 @@ class Router:
         self._closed = False  # the supervisor is stopping: nothing is held or sent any more
         self._unsynced = []  # (mod, pending, entries): journaled this turn, answered once fsynced
         self._unjournaled = {}  # mod -> the OSError its journal raised this turn
+        self._answered = []  # (request, error type or None, seconds): figures for after the output
         self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
         self.on_journal_full = None  # fn(mod): its journal passed its bound, to be compacted
 
@@ -39,7 +40,7 @@ class Router:
     def route(self, client, request):
         name = request["module"]
         mod = self._modules.get(name)
-        pending = Pending(client, request["id"], request)
+        pending = Pending(client, request["id"], request, self._loop.now)
         if mod is None:
             self.fail(pending, ProgrammingError, unknown_module(name, self._modules))
             return
@@ -49,7 +50,7 @@ class Router:
                 self.fail(pending, DeadlockDetectedError, refusal)
                 return
         if mod.accepting and not self._closed:
-            self._dispatch(mod, pending, pending.received_at)  # now: no second clock read
+            self._dispatch(mod, pending)
             return
         hold = request.get("hold")
         explicit = hold is not None
@@ -59,9 +60,9 @@ class Router:
             return
         self._hold(mod, [pending], hold)
 
-    def _dispatch(self, mod, pending, now=None):
+    def _dispatch(self, mod, pending):
         req = pending.request
-        pending.dispatched_at = time.monotonic() if now is None else now
+        pending.dispatched_at = self._loop.now
         if mod.async_ops:  # counted against the pool by the deadlock detector
             pending.is_async = (req["table"], req["op"]) in mod.async_ops
         flags = P.F_NOTIFY if req.get("notify") else 0
@@ -205,11 +206,12 @@ class Router:
         if pending.issuer is not None:
             self._graph.forget(pending)
         req = pending.request
+        # Its figure after the turn's output: the reply leaves first (work before a send
+        # is round-trip time, perf/README.md), timed to the turn the answer came in.
+        if not self._answered:
+            self._loop.after_output(self._record_answers)
+        self._answered.append((req, None if error is None else error["type"], self._loop.now - pending.received_at))
         op = req["op"]
-        mod = self._modules.get(req["module"])
-        if mod is not None:  # else it named no module of ours: nobody's figure
-            error_type = None if error is None else error["type"]
-            mod.request_stats[op].record(error_type, time.monotonic() - pending.received_at)
         if op in _CHANGES:
             outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
             client = pending.client
@@ -217,6 +219,15 @@ class Router:
                 req.get("user", ""), client.peer_uid, client.peer_pid,
                 op, req["module"], req["table"], req["params"], outcome,
             )
+
+    def _record_answers(self):
+        """After the turn's output: the figures of the requests answered in it."""
+        answered, self._answered = self._answered, []
+        modules = self._modules
+        for req, error_type, seconds in answered:
+            mod = modules.get(req["module"])
+            if mod is not None:  # else it named no module of ours: nobody's figure
+                mod.request_stats[req["op"]].record(error_type, seconds)
 
     def fail(self, pending, exc_type, message):
         self.answer(pending, to_wire(exc_type, message))

@@ -41,7 +41,7 @@ from cmsupervisor.routing import Router
 from cmsupervisor.saving import Saver
 
 from cmactor import protocol as P
-from cmactor.errors import DatabaseError, InternalError, OperationalError
+from cmactor.errors import DatabaseError, InternalError, OperationalError, to_wire
 
 ALL_STATES = [STOPPED, STARTING, WAITING_DEPS, LOADING, READY, RESTARTING, FAILED, STOPPING]
 
@@ -218,7 +218,7 @@ def graph_of(*mods):
 
 
 def agent_call(caller, lane, sid, target, table="t", op="get"):
-    return Pending(None, 1, {"module": target, "table": table, "op": op, "caller": [caller, lane, sid]})
+    return Pending(None, 1, {"module": target, "table": table, "op": op, "caller": [caller, lane, sid]}, 0.0)
 
 
 def admit(graph, modules, pending):
@@ -289,7 +289,7 @@ def test_forget_removes_the_edge():
 def test_forget_module_drops_the_edges_of_its_lanes_and_running_actions():
     a = module("a", READY, async_ops=frozenset({("t", "get")}), pool_size=1)
     modules, graph = graph_of(a, module("b", READY))
-    running = Pending(None, 9, {"module": "a", "table": "t", "op": "get"})
+    running = Pending(None, 9, {"module": "a", "table": "t", "op": "get"}, 0.0)
     running.is_async, running.sid = True, 5
     a.inflight[5] = running
     assert admit(graph, modules, agent_call("a", "serial", 1, "b")) is None  # a's lane waits on b
@@ -321,7 +321,7 @@ def test_a_call_to_an_async_action_gets_its_own_executor():
 def running_async(mod, *sids):
     """Async requests ``sids`` of ``mod`` in flight, in that order."""
     for sid in sids:
-        busy = Pending(None, sid, {"module": mod.name, "table": "t", "op": "get"})
+        busy = Pending(None, sid, {"module": mod.name, "table": "t", "op": "get"}, 0.0)
         busy.is_async, busy.sid = True, sid
         mod.inflight[sid] = busy
 
@@ -371,7 +371,7 @@ def test_refusals_held_returns_held_calls_whose_caller_the_module_now_waits_on()
     modules, graph = graph_of(a, module("b", LOADING), module("c", READY))
     from_b = agent_call("b", "serial", 1, "a", table="x", op="set")
     from_c = agent_call("c", "serial", 2, "a")
-    from_client = Pending(None, 3, {"module": "a", "table": "t", "op": "get"})
+    from_client = Pending(None, 3, {"module": "a", "table": "t", "op": "get"}, 0.0)
     assert admit(graph, modules, from_b) is None  # a's deps are not known yet
     assert admit(graph, modules, from_c) is None
     a.held.extend([from_client, from_b, from_c])
@@ -401,7 +401,7 @@ def test_callers_that_are_gone_are_admitted():
 
 
 def pend(sid, is_async):
-    p = Pending(None, sid, {"module": "m", "table": "t", "op": "get"})
+    p = Pending(None, sid, {"module": "m", "table": "t", "op": "get"}, 0.0)
     p.sid, p.is_async = sid, is_async
     return p
 
@@ -1087,12 +1087,17 @@ class RouterLoop:
     def __init__(self):
         self.timers = []
         self.before = {}  # asked for this turn, each once, as EventLoop keeps them
+        self.behind = {}  # ... for after its output
+        self.now = 1000.0  # the turn's time, as EventLoop.now: a test moves it
 
     def after(self, delay, fn, *args):
         self.timers.append((delay, fn, args))
 
     def before_output(self, fn):
         self.before[fn] = None
+
+    def after_output(self, fn):
+        self.behind[fn] = None
 
 
 class RouteChannel:
@@ -1218,7 +1223,7 @@ def test_a_client_that_leaves_takes_its_held_requests_with_it():
     r.router.forget_client(gone)
     assert [p.rid for p in r.modules["ports"].held] == [stays] and len(r.modules["vlan"].held) == 0
     assert r.graph.admit(r.modules["ports"], Pending(r.client, 9, {
-        "module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]})) is None  # no edge left
+        "module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]}, 0.0)) is None  # no edge left
 
 
 def test_many_held_requests_with_distinct_deadlines_expire_without_a_scan_each():
@@ -1252,7 +1257,7 @@ def test_hold_again_puts_requests_first_in_line():
     r = RouterSetup({"ports": RESTARTING}, hold_timeout=3)
     mod = r.modules["ports"]
     later = r.route("ports")
-    crashed = [Pending(r.client, 100, {}), Pending(r.client, 101, {})]
+    crashed = [Pending(r.client, 100, {}, 0.0), Pending(r.client, 101, {}, 0.0)]
     r.router.hold_again(mod, crashed)
     assert [p.rid for p in mod.held] == [100, 101, later]
     assert crashed[0].hold == 3
@@ -1335,6 +1340,24 @@ def test_close_fails_every_held_request_and_nothing_more_is_sent():
     late = r.route("acl")
     assert errors(r.client)[-1] == (late, "ModuleUnavailable", "module 'acl' is unavailable: the supervisor is stopping")
     assert r.modules["acl"].channel.requests == []
+
+
+def test_an_answer_is_counted_after_the_turns_output_timed_from_turn_to_turn():
+    r = RouterSetup({"ports": READY})
+    mod = r.modules["ports"]
+    r.route("ports")
+    r.route("ports")
+    r.route("nowhere")  # an unknown module's request: answered, nobody's figure
+    r.loop.now += 0.25
+    r.router.on_reply(mod, wire(P.Reply, 1, None, P.reply_entries([], False), False))
+    r.router.on_reply(mod, wire(P.Reply, 2, to_wire(DatabaseError, "boom"), None, False))
+    assert len(frames(r.client)) == 1 and len(errors(r.client)) == 2  # the answers are out
+    assert mod.request_stats["get"].snapshot()["seconds"]["count"] == 0  # the figures are not yet
+    (record,) = r.loop.behind
+    record()
+    figures = mod.request_stats["get"].snapshot()
+    assert (figures["ok"], figures["errors"]) == (1, {"DatabaseError": 1})
+    assert figures["seconds"]["count"] == 2 and figures["seconds"]["sum"] == pytest.approx(0.5)
 
 
 def test_a_dirty_set_on_a_persistent_table_is_journaled_before_its_answer():
