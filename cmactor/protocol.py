@@ -115,7 +115,7 @@ Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module
 SLOT_SERIAL_SID = 0  # id of the last item the serial lane started
 SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
 SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
-ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread
+ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread: its last sid, and when it began (0 once done)
 SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS
 
 

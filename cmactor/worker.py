@@ -359,8 +359,11 @@ class Runtime:
         self._slots[base] = req.sid
         self._slots[base + 1] = time.monotonic_ns()
         self._actions.execute(req, method, True, send)
+        # The action is over; its sid stays in the slot until this thread's next request.
+        # Its reply may still wait in the outbox for another thread to write it, and a
+        # worker killed then must count the request as started, not run it again (a
+        # request answered meanwhile is not in flight, so its sid there counts for nothing).
         self._slots[base + 1] = 0
-        self._slots[base] = 0
 
 
 def _loadable(module, agent, persistent):

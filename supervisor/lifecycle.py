@@ -129,7 +129,7 @@ class Lifecycle:
 
     def on_ready(self, mod, _ready):
         mod.ready_called = True
-        if mod.state == STARTING:  # ready() without cmbackend_init(): no tables, nothing to load
+        if mod.state == STARTING and not mod.fatal:  # ready() without cmbackend_init(): no tables, nothing to load
             mod.move(READY)
             mod.channel.serve()
             log.info("module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)

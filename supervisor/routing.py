@@ -249,6 +249,7 @@ class Router:
                     broken[mod] = exc
         for mod in broken:
             mod.journal.rollback()
+        self._loop.tick()  # the fsyncs are part of these answers' time
         for mod, pending, entries in waiting:
             exc = broken.get(mod)
             if exc is None:

@@ -1099,6 +1099,11 @@ class RouterLoop:
     def after_output(self, fn):
         self.behind[fn] = None
 
+    def tick(self):
+        self.now += self.tick_takes  # as though the turn's work so far took this long
+
+    tick_takes = 0.0
+
 
 class RouteChannel:
     def __init__(self, sids):
@@ -1370,11 +1375,15 @@ def test_a_dirty_set_on_a_persistent_table_is_journaled_before_its_answer():
     assert mod.journal.appended == [("set", "port", {"name": "1", "speed": "10G"})]
     assert mod.unsaved is True and mod.inflight == {} and mod.channel.answers == [1]
     assert frames(r.client) == [] and mod.journal.syncs == 0  # the answer waits for the fsync
+    r.loop.tick_takes = 0.003  # the fsync
     (sync,) = r.loop.before
     sync()
     sync()  # once per touched journal, not again
     assert mod.journal.syncs == 1
     assert frames(r.client) == [{"id": rid, "ok": True, "rows": [], "more": False}]
+    (record,) = r.loop.behind
+    record()
+    assert mod.request_stats["set"].snapshot()["seconds"]["sum"] == pytest.approx(0.003)  # the fsync counts
     assert r.audit.records == [("alice", "set", "ports", "port", {"name": "1", "speed": "10G"}, "ok")]
     assert r.audit.peers == [(FakeClient.peer_uid, FakeClient.peer_pid)]
 

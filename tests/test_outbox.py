@@ -1,10 +1,18 @@
-"""The worker's outbox: frames from many threads on one real socket, combined, in order, bounded."""
+"""The worker's outbox: frames from many threads on one real socket, combined, in order, bounded;
+and what a reply left in it means for a worker that dies (the progress slots)."""
 
+import array
 import socket
 import threading
+import time
 
 import pytest
+from cmsupervisor.modules import Pending
+from cmsupervisor.recovery import split_started
 
+from cmactor import protocol as P
+from cmactor import worker
+from cmactor.cmbackend import CmAgent, async_action
 from cmactor.outbox import Outbox
 
 BIG = 4 << 20  # far more than the socket pair buffers: its sendall blocks until the peer reads
@@ -121,3 +129,36 @@ def test_many_threads_sending_at_once_lose_nothing_and_keep_each_ones_order(pair
         t, _ = frame.split(b":")
         seen[int(t)].append(frame + b";")
     assert seen == frames
+
+
+class _AsyncAgent(CmAgent):
+    @async_action
+    def kv_get(self, ctx):
+        ctx.fields = {"key": "k", "value": "v"}
+
+
+def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair):
+    # A worker killed while another thread writes: the reply of an async request that
+    # ran is still in the outbox, so the request must fail as started, not run again.
+    writer, reader = pair
+    slots = array.array("q", [0] * P.SLOTS_SIZE)
+    runtime = worker.Runtime("m", writer, None, 2, slots)
+    runtime.register(_AsyncAgent(), [], [])
+    init = _read_exactly(reader, len(P.pack(P.Init.of([], [], ["kv_get"], 2))))
+    assert P.FrameReader().feed(init)[0][0] == P.Init.CODE
+    holder, rest = _blocked_writer(runtime._outbox, reader)
+    request = P.Req.read(P.decode(P.Req.of(7, "get", "kv", {}, None, 0, 1, None, None, None)))
+    runtime._route(request)  # to the pool, as the reading lane thread hands it on
+    deadline = time.monotonic() + 10
+    while not (slots[P.async_slot(0)] == 7 and slots[P.async_slot(0) + 1] == 0):  # ran, and finished
+        assert time.monotonic() < deadline, f"the action did not end with its sid kept in its slot: {list(slots[:5])}"
+        time.sleep(0.01)
+    assert holder.is_alive(), "the big frame was written: the reply did not have to wait"
+    pending = Pending(None, 1, {"module": "m", "table": "kv", "op": "get"}, 0.0)
+    pending.sid, pending.is_async = 7, True
+    started, waiting = split_started({7: pending}, slots)
+    assert (started, waiting) == ([pending], [])
+    _read_exactly(reader, rest)  # the big frame, then the reply the writer took on
+    holder.join(timeout=10)
+    (reply,) = P.FrameReader(max_frame=None).feed(reader.recv(1 << 16))
+    assert P.decode(reply).sid == 7
