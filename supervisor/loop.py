@@ -282,7 +282,7 @@ class EventLoop:
     def _register(self, endpoint, data):
         """Register an endpoint's socket for what it waits for now: reading unless it is
         paused, writing while output is left. An endpoint waiting for neither is not
-        registered at all (a selector refuses an empty event mask)."""
+        registered at all (nor polled for hang-ups it would not act on)."""
         waits = (0 if endpoint in self._unread else _READ) | (_WRITE if endpoint in self._writing else 0)
         self._set(endpoint.sock, waits, data)
 

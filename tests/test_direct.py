@@ -385,6 +385,20 @@ def test_a_reader_that_cannot_hand_on_reads_on_once_its_read_ends(supervisor, tm
     assert sup.status()["reader"]["pid"] == pid
 
 
+def test_a_client_epoll_will_not_watch_is_dropped_and_reads_through_the_supervisor(supervisor, tmp_path):
+    sup = supervisor({"reader": READER})
+    first = sup.connect()
+    first.cursor().execute("get reader.unwatchable")
+    pid = sup.status()["reader"]["pid"]
+    cur = sup.connect().cursor()
+    cur.execute("get reader.say", {"times": 0})
+    assert cur.fetchall() == [("0",)]  # answered all the same, by the supervisor
+    log_path = tmp_path / "state" / "logs" / "reader.log"
+    wait_for(lambda: "cannot watch a client ([Errno 12] Cannot allocate memory); dropped" in log_path.read_text())
+    wait_for(lambda: direct_entry(sup, "reader")["connections"] == 1)  # the first client's alone
+    assert sup.status()["reader"]["pid"] == pid
+
+
 def test_direct_reads_off(supervisor):
     sup = supervisor({"echo": ECHO}, direct_reads=False)
     cur = sup.connect().cursor()

@@ -36,6 +36,26 @@ class Reader(CmAgent):
         direct.DirectServer._new_reader = lambda server, turn: Refused()
         ctx.fields = {"threadless": "1"}
 
+    def unwatchable_get(self, ctx):
+        # From now on the worker's direct socket cannot watch a new client, as with epoll
+        # out of memory (tests/test_direct.py).
+        import errno
+
+        from cmactor import cmbackend
+
+        server = cmbackend._runtime.direct
+        real = server._epoll
+
+        class Refusing:
+            def register(self, fd, events):
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        server._epoll = Refusing()
+        ctx.fields = {"unwatchable": "1"}
+
     @async_action
     def asay_get(self, ctx):
         ctx.notify_cli("from the async lane")
