@@ -13,7 +13,7 @@ import logging
 import traceback
 
 from . import protocol as P
-from .cmbackend import ActionStopped, CmContext, acting_for
+from .cmbackend import ActionStopped, CmContext, acting, acting_for
 from .errors import DatabaseError, DataError, ProgrammingError, to_wire
 
 # The worker's records, whichever of its files logs them: one logger name to filter on.
@@ -198,7 +198,10 @@ class Actions:
             def notify(text):
                 send(P.Notify.of(sid, text))
 
-        with acting_for(self.module, ASYNC if is_async else SERIAL, sid):
+        # The caller set and reset here, not with acting_for: it runs for every request,
+        # where the context manager's three calls were a twentieth of a worker's get.
+        acting.caller = (self.module, ASYNC if is_async else SERIAL, sid)
+        try:
             try:
                 if op == "getnext":
                     index = self._walk_index(req.table, req.index)
@@ -215,7 +218,7 @@ class Actions:
                     )
                     dirty = False
                 else:
-                    ctx = CmContext(req.params, req.vr, op, is_async=is_async, notify=notify)
+                    ctx = CmContext(req.params, req.vr, op, is_async, False, False, notify)
                     method(ctx)
                     row = _row(ctx.fields)
                     rows = [row] if row else []
@@ -242,6 +245,8 @@ class Actions:
             # client waits for it, and work done after a send overlaps with the
             # supervisor's (perf/README.md).
             send(reply)
+        finally:
+            acting.caller = None
 
     # -- load and save ---------------------------------------------------------
 

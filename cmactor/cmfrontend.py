@@ -235,7 +235,7 @@ class Connection:
         with self._lock:
             self._check_open()
             message["user"] = self.username
-            caller = cmbackend.current_caller()
+            caller = cmbackend.acting.caller  # current_caller(), without its call
             if caller is not None:
                 message["caller"] = list(caller)
             elif message["op"] in _READ_OPS and "hold" not in message:

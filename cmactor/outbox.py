@@ -8,7 +8,8 @@ BOUND = 256
 
 
 class Outbox:
-    """Frames that threads send on one socket, written in the order they were sent.
+    """Messages that threads send on one socket, framed by ``pack`` on the sending
+    thread and written in the order they were sent.
 
     A thread that finds another one writing leaves its frame to that one, which writes
     it next, in one sendall with whatever else was left meanwhile. So pool threads
@@ -22,18 +23,28 @@ class Outbox:
     write means the reader is gone, and the worker ends then anyway.
     """
 
-    def __init__(self, sock, bound=BOUND):
+    def __init__(self, sock, pack, bound=BOUND):
         self._sock = sock
+        self._pack = pack
         self._bound = bound
         self._queued = collections.deque()
-        self._writing = threading.Lock()  # held by the thread writing the queue
+        self._writing = threading.Lock()  # held by the thread writing
 
-    def send(self, frame):
+    def send(self, message):
+        frame = self._pack(message)
         queued = self._queued
-        queued.append(frame)
         writing = self._writing
-        # Checked again after each write: a frame left by a thread that found this one
-        # writing (its failed acquire came before the release) is this thread's to write.
+        if not queued and writing.acquire(False):
+            # Nobody writing and nothing left to write (one thread answering, as a serial
+            # lane does): the frame goes straight out, never queued.
+            try:
+                self._sock.sendall(frame)
+            finally:
+                writing.release()
+        else:
+            queued.append(frame)
+        # Checked after each write: a frame left by a thread that found this one writing
+        # (its failed acquire came before the release) is this thread's to write.
         while queued:
             if not writing.acquire(len(queued) > self._bound):
                 return  # the writing thread writes this frame too

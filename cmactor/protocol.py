@@ -106,6 +106,7 @@ Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event
 Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
 Pong = _kind(18, "Pong", "", "The answer to a Ping.")
 Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module has changes not saved.")
+Serving = _kind(20, "Serving", "", "The answer to a Serve: the worker's socket serves reads from now on.")
 
 # Progress slots: an int64 array in shared memory per worker, written by its lanes
 # as they start and finish work, so that after a crash the supervisor knows which
@@ -180,11 +181,14 @@ def pack(obj):
 class FrameReader:
     """Incremental frame decoder: feed bytes, get whole messages."""
 
-    __slots__ = ("_buf", "_max")
+    __slots__ = ("_buf", "_max", "partial")
 
     def __init__(self, max_frame=MAX_FRAME):
         self._buf = bytearray()
         self._max = max_frame
+        # Bytes of a frame that has started and not finished (0: none): len(_buf), kept
+        # as a plain attribute since the server reads it after every read.
+        self.partial = 0
 
     def feed(self, data):
         if not self._buf:
@@ -193,7 +197,10 @@ class FrameReader:
             if end >= 4:
                 (size,) = HEADER.unpack_from(data)
                 if end == size + 4 and (self._max is None or size <= self._max):
-                    return [self._decode(data[4:])]
+                    try:  # _decode's work, inline: this runs for every request and reply
+                        return [_unpackb(data[4:], raw=False, strict_map_key=True)]
+                    except Exception as exc:
+                        raise _not_msgpack(exc) from None
         buf = self._buf
         buf += data
         out = []
@@ -210,16 +217,20 @@ class FrameReader:
             pos += 4 + size
         if pos:
             del buf[:pos]
+        self.partial = len(buf)
         return out
-
-    @property
-    def partial(self):
-        """Bytes of a frame that has started and not finished (0: none)."""
-        return len(self._buf)
 
     @staticmethod
     def _decode(body):
         try:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types on garbage
-            raise FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})") from None
+            return _unpackb(body, raw=False, strict_map_key=True)
+        except Exception as exc:
+            raise _not_msgpack(exc) from None
+
+
+_unpackb = msgpack.unpackb
+
+
+def _not_msgpack(exc):
+    # msgpack raises several unrelated types on garbage
+    return FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})")

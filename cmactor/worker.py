@@ -46,7 +46,7 @@ from .pool import CallbackPool
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
 _REQ, _LOAD, _SAVE, _STOP, _PING, _SERVE = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE, P.Serve.CODE
-_PONG = P.Pong.of()
+_PONG, _SERVING = P.Pong.of(), P.Serving.of()
 _read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
 
@@ -78,8 +78,11 @@ class Runtime:
         self._slot_of = threading.local()
         self._slot_lock = threading.Lock()
         self._slots_used = 0
-        self._outbox = Outbox(sock)
-        self._to_supervisor = self.send  # one bound method: mailbox items are told apart by it
+        self._outbox = Outbox(sock, P.pack)
+        # send(message): to the supervisor, from any thread. The outbox's own method, so
+        # that a reply costs no call of the runtime's on its way out; and one bound
+        # method, by which mailbox items bound for the supervisor are told apart.
+        self.send = self._to_supervisor = self._outbox.send
         self._stream = P.FrameReader(max_frame=None)  # the supervisor is trusted
         # The lanes' shared state, under _lane_lock: serial work in arrival order,
         # whether a thread is running it, whether a thread is reading the socket.
@@ -104,9 +107,6 @@ class Runtime:
         self.ready_called = False
 
     # -- channel ---------------------------------------------------------
-
-    def send(self, msg):
-        self._outbox.send(P.pack(msg))
 
     def flush(self):
         """Before the process ends: wait until every message sent so far is in the socket
@@ -195,6 +195,7 @@ class Runtime:
                     self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
                 elif kind == _SERVE:
                     self.direct.serving = True
+                    self.send(_SERVING)  # the supervisor hands out the socket's route from now on
                 elif kind == _STOP:
                     if self.direct is not None:
                         self.direct.finish()  # reads clients sent here directly are answered first
@@ -205,7 +206,8 @@ class Runtime:
                     if not self._serial_busy:  # then the mailbox is empty: only a lane holder drains it
                         self._serial_busy = True
                         self._reading = False
-                        self._mailbox.extend(serial[1:])
+                        if len(serial) > 1:
+                            self._mailbox.extend(serial[1:])
                         return serial[0]
                     self._mailbox.extend(serial)
 

@@ -44,18 +44,20 @@ def _start(target, *args):
     return thread
 
 
-def _blocked_writer(outbox, reader):
-    """A thread writing a frame the peer has begun to read and stopped: it holds the socket."""
+def _blocked_writer(outbox, reader, pack=bytes):
+    """A thread writing a frame the peer has begun to read and stopped: it holds the socket.
+    Returns the thread and the bytes of its frame left to read."""
     big = b"A" * BIG
+    frame = pack(big)
     thread = _start(outbox.send, big)
     first = reader.recv(1024)
-    assert first and big.startswith(first)
-    return thread, BIG - len(first)
+    assert first and frame.startswith(first)
+    return thread, len(frame) - len(first)
 
 
 def test_a_sender_that_finds_another_writing_leaves_its_frame_and_returns(pair):
     writer, reader = pair
-    outbox = Outbox(writer)
+    outbox = Outbox(writer, bytes)
     holder, rest = _blocked_writer(outbox, reader)
     sender = _start(outbox.send, b"B-frame")
     sender.join(timeout=10)
@@ -68,7 +70,7 @@ def test_a_sender_that_finds_another_writing_leaves_its_frame_and_returns(pair):
 
 def test_a_sender_waits_its_turn_past_the_bound(pair):
     writer, reader = pair
-    outbox = Outbox(writer, bound=4)
+    outbox = Outbox(writer, bytes, bound=4)
     holder, rest = _blocked_writer(outbox, reader)
     sent = []
 
@@ -90,7 +92,7 @@ def test_a_sender_waits_its_turn_past_the_bound(pair):
 
 def test_flush_returns_once_the_frames_left_to_another_thread_are_written(pair):
     writer, reader = pair
-    outbox = Outbox(writer)
+    outbox = Outbox(writer, bytes)
     holder, rest = _blocked_writer(outbox, reader)
     outbox.send(b"fatal")
     flusher = _start(outbox.flush)
@@ -105,7 +107,7 @@ def test_flush_returns_once_the_frames_left_to_another_thread_are_written(pair):
 @pytest.mark.parametrize("bound", [1, 256])
 def test_many_threads_sending_at_once_lose_nothing_and_keep_each_ones_order(pair, bound):
     writer, reader = pair
-    outbox = Outbox(writer, bound=bound)
+    outbox = Outbox(writer, bytes, bound=bound)
     threads, per_thread = 8, 500
     frames = {t: [b"%d:%d;" % (t, n) for n in range(per_thread)] for t in range(threads)}
     total = sum(len(frame) for sent in frames.values() for frame in sent)
@@ -146,7 +148,7 @@ def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair
     runtime.register(_AsyncAgent(), [], [])
     init = _read_exactly(reader, len(P.pack(P.Init.of([], [], ["kv_get"], 2))))
     assert P.FrameReader().feed(init)[0][0] == P.Init.CODE
-    holder, rest = _blocked_writer(runtime._outbox, reader)
+    holder, rest = _blocked_writer(runtime._outbox, reader, P.pack)
     request = P.Req.read(P.decode(P.Req.of(7, "get", "kv", {}, None, 0, 1, None, None, None)))
     runtime._route(request)  # to the pool, as the reading lane thread hands it on
     deadline = time.monotonic() + 10
