@@ -3,6 +3,7 @@ prints a row for every scenario. Speeds are not checked: they belong to perf/REA
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -102,3 +103,64 @@ def test_ab_names_an_other_python_that_cannot_run(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.startswith("perf.ab: ") and missing in result.stderr
+
+
+# -- perf.instructions: instructions per get, counted by valgrind -----------------------
+
+
+def _cachegrind_file(path, ir, i1, d1):
+    path.write_text(
+        "desc: I1 cache: 32768 B, 64 B, 8-way associative\ncmd: python\n"
+        "events: Ir I1mr ILmr Dr D1mr DLmr Dw D1mw DLmw\nfl=x.c\nfn=f\n1 5 0 0 0 0 0 0 0 0\n"
+        f"summary: {ir} {i1} 0 7 {d1} 0 3 1 0\n"
+    )
+    return str(path)
+
+
+def test_instructions_per_get_are_the_difference_of_two_runs_over_the_gets_between(tmp_path):
+    from cmactor_perf import instructions as I
+
+    counts = I.read_counts(_cachegrind_file(tmp_path / "a", 1000, 40, 9))
+    assert counts["Ir"] == 1000 and counts["I1mr"] == 40 and counts["D1mr"] == 9 and counts["Dw"] == 3
+    short = {role: {"Ir": 1000, "I1mr": 40, "D1mr": 9} for role in I.ROLES}
+    long = {role: {"Ir": 1000 + 100 * n, "I1mr": 40 + n, "D1mr": 9 + 2 * n} for n, role in enumerate(I.ROLES, 1)}
+    figures = I.per_get(short, long, 10)
+    assert figures["supervisor"] == {"Ir": 10, "I1mr": 0.1, "D1mr": 0.2}
+    assert figures["client"] == {"Ir": 30, "I1mr": 0.3, "D1mr": 0.6}
+    lines = I.table({"this": figures, "other": I.per_get(short, long, 5)}).splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["supervisor", "worker", "client", "total"]
+    assert lines[-1].split()[1] == "60" and lines[-1].split()[-1] == "0.500"  # 60 a get against 120
+
+
+def test_instructions_names_a_cachegrind_file_that_is_not_whole(tmp_path):
+    from cmactor_perf import instructions as I
+
+    cut = tmp_path / "cut"
+    cut.write_text("events: Ir\nfl=x.c\n")
+    with pytest.raises(RuntimeError, match=r"cut is not a whole cachegrind output file"):
+        I.read_counts(str(cut))
+
+
+@pytest.mark.timeout(60)
+def test_instructions_says_valgrind_is_missing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.instructions"], capture_output=True, text=True, timeout=50, cwd=ROOT,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "valgrind is not on PATH" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.timeout(600)
+def test_instructions_counts_each_process_of_a_get():
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.instructions", "--gets", "300"], capture_output=True, text=True, timeout=580,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: [float(v.replace(",", "")) for v in line.split()[1:]] for line in result.stdout.splitlines()[1:]}
+    assert list(rows) == ["supervisor", "worker", "client", "total"]
+    for role in ("supervisor", "worker", "client"):
+        assert 5_000 < rows[role][0] < 1_000_000, (role, result.stdout)  # instructions a get: a process's share
+    assert abs(rows["total"][0] - sum(rows[role][0] for role in ("supervisor", "worker", "client"))) < 3
