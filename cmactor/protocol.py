@@ -232,5 +232,5 @@ _unpackb = msgpack.unpackb
 
 
 def _not_msgpack(exc):
-    # msgpack raises several unrelated types on garbage
+    """The FrameError for a body msgpack would not decode (it raises several unrelated types on garbage)."""
     return FrameError(f"frame is not valid msgpack ({type(exc).__name__}: {exc})")

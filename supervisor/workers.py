@@ -59,7 +59,8 @@ class Channel:
     started id (progress slots) splits the unanswered requests in two."""
 
     __slots__ = (
-        "sock", "doorbell", "reader", "out", "pinged_at", "route", "told_to_serve", "serving", "_sids", "_mark", "_ring", "_serial_sids"
+        "sock", "doorbell", "reader", "out", "pinged_at", "route", "told_to_serve", "serving",
+        "_sids", "_mark", "_ring", "_serial_sids",
     )
 
     def __init__(self, sock, doorbell, sids, mark, route=None):
@@ -217,6 +218,7 @@ class Workers:
 
     @staticmethod
     def on_serving(mod, _serving):
+        """A worker's Serving: clients may be given its route."""
         mod.channel.on_serving()
 
     def spawn(self, mod):

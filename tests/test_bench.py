@@ -159,7 +159,10 @@ def test_instructions_counts_each_process_of_a_get():
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split()[0]: [float(v.replace(",", "")) for v in line.split()[1:]] for line in result.stdout.splitlines()[1:]}
+    rows = {}
+    for line in result.stdout.splitlines()[1:]:
+        name, *figures = line.split()
+        rows[name] = [float(figure.replace(",", "")) for figure in figures]
     assert list(rows) == ["supervisor", "worker", "client", "total"]
     for role in ("supervisor", "worker", "client"):
         assert 5_000 < rows[role][0] < 1_000_000, (role, result.stdout)  # instructions a get: a process's share
