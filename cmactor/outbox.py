@@ -55,8 +55,12 @@ class Outbox:
 
     def flush(self):
         """Wait until every frame sent so far is written (before the process ends)."""
-        with self._writing:
-            self._write()
+        while True:
+            with self._writing:
+                self._write()
+            # A frame left by a thread that found this one writing is this one's to write.
+            if not self._queued:
+                return
 
     def _write(self):
         """(Holding _writing.) Write every queued frame, in one sendall."""

@@ -164,3 +164,32 @@ def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair
     holder.join(timeout=10)
     (reply,) = P.FrameReader(max_frame=None).feed(reader.recv(1 << 16))
     assert P.decode(reply).sid == 7
+
+
+def test_a_frame_sent_while_flush_writes_is_written_before_flush_returns(pair):
+    writer, reader = pair
+    flushing, go_on = threading.Event(), threading.Event()
+
+    class HeldByFlush:
+        """The socket, whose write from the flushing thread waits until told to go on."""
+
+        def sendall(self, data):
+            if threading.current_thread().name == "flusher":
+                flushing.set()
+                assert go_on.wait(10)
+            writer.sendall(data)
+
+    outbox = Outbox(HeldByFlush(), bytes)
+    outbox._queued.append(b"queued;")  # a frame left to whoever writes next
+    flusher = threading.Thread(target=outbox.flush, name="flusher", daemon=True)
+    flusher.start()
+    assert flushing.wait(10)
+    late = _start(outbox.send, b"late;")  # finds flush writing: leaves its frame to it
+    late.join(timeout=10)
+    assert not late.is_alive()
+    go_on.set()
+    flusher.join(timeout=10)
+    assert not flusher.is_alive()
+    reader.settimeout(5)  # a frame left queued never arrives
+    assert _read_exactly(reader, len(b"queued;late;")) == b"queued;late;"
+    assert not outbox._queued, "flush returned with a frame left queued"
