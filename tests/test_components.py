@@ -1547,7 +1547,7 @@ def test_a_route_is_handed_out_only_once_the_worker_says_it_serves():
         mod = module("m", READY, channel=channel)
         control = Control({"m": mod}, None, None, None, None, None, None, None)
         channel.serve()
-        channel.serve()  # READY again later (a save ended, say): told once
+        channel.serve()  # told once, however often asked
         assert [message[0] for message in P.FrameReader().feed(bytes(channel.out))] == [P.Serve.CODE]
         assert control.route("m") is None  # told, not yet heard from
         Workers.on_serving(mod, P.Serving.read(P.decode(P.Serving.of())))
