@@ -1,11 +1,10 @@
 """A worker's own socket: clients read from the module here, one hop, no supervisor.
 
 The supervisor binds the socket in its owner-only run directory, hands it to the
-worker at start, tells it once the module is READY (protocol.Serve), and tells
-clients where it is (the ``route`` op) once the worker said it serves (Serving).
-Until the worker hears so, and for anything but a get, getone or getnext from
-outside an agent action, a request is answered with ``redirect``: send it to the
-supervisor instead. Writes, saves and agents' own
+worker at start and tells clients where it is (the ``route`` op) once the module
+is READY; until the worker hears so (protocol.Serve), and for anything but a get,
+getone or getnext from outside an agent action, a request is answered with
+``redirect``: send it to the supervisor instead. Writes, saves and agents' own
 calls always go there: the journal, the audit log and the wait-for graph are the
 supervisor's.
 

@@ -106,7 +106,6 @@ Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event
 Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
 Pong = _kind(18, "Pong", "", "The answer to a Ping.")
 Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module has changes not saved.")
-Serving = _kind(20, "Serving", "", "The answer to a Serve: the worker's socket serves reads from now on.")
 
 # Progress slots: an int64 array in shared memory per worker, written by its lanes
 # as they start and finish work, so that after a crash the supervisor knows which

@@ -46,7 +46,7 @@ from .pool import CallbackPool
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
 _REQ, _LOAD, _SAVE, _STOP, _PING, _SERVE = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE, P.Serve.CODE
-_PONG, _SERVING = P.Pong.of(), P.Serving.of()
+_PONG = P.Pong.of()
 _read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
 
@@ -195,7 +195,6 @@ class Runtime:
                     self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
                 elif kind == _SERVE:
                     self.direct.serving = True
-                    self.send(_SERVING)  # the supervisor hands out the socket's route from now on
                 elif kind == _STOP:
                     if self.direct is not None:
                         self.direct.finish()  # reads clients sent here directly are answered first

@@ -40,7 +40,7 @@ from .baseline import Result, pc, percentile
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agents", "bench.py") + ":main"
 
 # A supervisor's route for a module can be None for a moment after READY (until its
-# worker said it serves direct reads): seconds to keep asking.
+# worker has been told to serve): seconds to keep asking.
 ROUTE_WAIT = 10.0
 
 

@@ -185,7 +185,6 @@ class Supervisor:
             (P.Fatal, lifecycle.on_fatal),
             (P.Pong, recovery.on_pong),
             (P.Dirty, router.on_dirty),
-            (P.Serving, workers.on_serving),
         ):
             workers.handle(kind, handler)
 

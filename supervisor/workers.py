@@ -59,8 +59,7 @@ class Channel:
     started id (progress slots) splits the unanswered requests in two."""
 
     __slots__ = (
-        "sock", "doorbell", "reader", "out", "pinged_at", "route", "told_to_serve", "serving",
-        "_sids", "_mark", "_ring", "_serial_sids",
+        "sock", "doorbell", "reader", "out", "pinged_at", "route", "serving", "_sids", "_mark", "_ring", "_serial_sids"
     )
 
     def __init__(self, sock, doorbell, sids, mark, route=None):
@@ -74,12 +73,7 @@ class Channel:
         self._serial_sids = set()  # serial requests sent and not yet answered
         self.pinged_at = None  # when the oldest unanswered Ping was sent
         self.route = route  # {"path", "generation"} of the worker's direct socket, or None
-        # Direct reads: the worker was told it may serve them (Serve sent); it said it
-        # does (Serving came back). Clients get the route only then: a read the worker
-        # takes before it has read the Serve would be sent back, and its client would
-        # read through the supervisor for a while.
-        self.told_to_serve = False
-        self.serving = False
+        self.serving = False  # the worker was told it may serve direct reads
 
     @property
     def open(self):
@@ -128,13 +122,9 @@ class Channel:
 
     def serve(self):
         """The module is READY: its worker may serve reads on its own socket, if it has one."""
-        if self.route is not None and not self.told_to_serve:
-            self.told_to_serve = True
+        if self.route is not None and not self.serving:
+            self.serving = True
             self._send(_SERVE)
-
-    def on_serving(self):
-        """The worker serves reads on its own socket now (its answer to the Serve)."""
-        self.serving = True
 
     # endpoint interface (loop.py)
     def sent(self):
@@ -215,11 +205,6 @@ class Workers:
     def handle(self, kind, handler):
         """Call ``handler(mod, message)`` for each message of class ``kind`` (protocol.Reply, ...)."""
         self._handlers[kind.CODE] = (handler, kind.read)
-
-    @staticmethod
-    def on_serving(mod, _serving):
-        """A worker's Serving: clients may be given its route."""
-        mod.channel.on_serving()
 
     def spawn(self, mod):
         """Start a worker for ``mod``; None, or why it could not be started."""

@@ -18,7 +18,6 @@ import time
 
 import pytest
 from cmsupervisor import graphs, store
-from cmsupervisor.control import Control
 from cmsupervisor.deadlock import WaitGraph
 from cmsupervisor.lifecycle import Lifecycle
 from cmsupervisor.loop import EventLoop
@@ -40,7 +39,6 @@ from cmsupervisor.recovery import Recovery, split_started
 from cmsupervisor.restart import RestartPolicy
 from cmsupervisor.routing import Router
 from cmsupervisor.saving import Saver
-from cmsupervisor.workers import Channel, Workers
 
 from cmactor import protocol as P
 from cmactor.errors import DatabaseError, InternalError, OperationalError, to_wire
@@ -1530,25 +1528,3 @@ def test_find_path_find_cycle_and_describe():
     assert graphs.find_cycle("s", succ) == ["s", "s"]
     assert graphs.describe(["a", "b", "a"]) == "a → b → a"
     assert graphs.describe([1, 2], name=lambda n: f"n{n}") == "n1 → n2"
-
-
-# ---------------------------------------------------------------------------
-# 8. a worker channel's direct route (workers.py, control.py)
-# ---------------------------------------------------------------------------
-
-
-def test_a_route_is_handed_out_only_once_the_worker_says_it_serves():
-    # A read the worker takes before it has read its Serve is sent back, and the client
-    # then reads through the supervisor for a while: the route waits for Serving.
-    sock, peer = socket.socketpair()
-    with sock, peer:
-        route = {"path": "/run/x.sock.1", "generation": 1}
-        channel = Channel(sock, None, itertools.count(1), lambda _endpoint: None, route)
-        mod = module("m", READY, channel=channel)
-        control = Control({"m": mod}, None, None, None, None, None, None, None)
-        channel.serve()
-        channel.serve()  # told once, however often asked
-        assert [message[0] for message in P.FrameReader().feed(bytes(channel.out))] == [P.Serve.CODE]
-        assert control.route("m") is None  # told, not yet heard from
-        Workers.on_serving(mod, P.Serving.read(P.decode(P.Serving.of())))
-        assert control.route("m") == route

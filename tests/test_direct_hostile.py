@@ -113,9 +113,9 @@ class Worker:
         self.route = {"path": status["direct"]["path"], "generation": status["direct"]["generation"]}
         self.path = self.route["path"]
         self.log_path = os.path.join(sup.state_dir, "logs", "echo.log")
-        # The supervisor says "serving" once the worker said it serves: the first read is
-        # its own, not sent back.
-        assert self.get_directly() == [DEFAULT_REPLY]
+        # The supervisor says "serving" once it has told the worker; the worker redirects
+        # reads until it has heard.
+        wait_for(lambda: self.get_directly() == [DEFAULT_REPLY], timeout=5)
 
     def connect(self, timeout=10, patience=0):
         return dial(self.path, timeout, patience)
