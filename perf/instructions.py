@@ -103,12 +103,15 @@ def table(sides):
     head = f"{'per get':<12}" + "".join(f"{name + ' ' + event:>14}" for name in names for event in EVENTS)
     if len(names) == 2:
         head += f"{'Ir ' + names[0] + '/' + names[1]:>16}"
+    rows = {role: {name: sides[name][role] for name in names} for role in ROLES}
+    rows["total"] = {
+        name: {event: sum(sides[name][role][event] for role in ROLES) for event in EVENTS} for name in names
+    }
     lines = [head]
-    totals = {name: {event: sum(sides[name][role][event] for role in ROLES) for event in EVENTS} for name in names}
-    for role, rows in [(role, {name: sides[name][role] for name in names}) for role in ROLES] + [("total", totals)]:
-        line = f"{role:<12}" + "".join(f"{rows[name][event]:>14,.0f}" for name in names for event in EVENTS)
+    for role, row in rows.items():
+        line = f"{role:<12}" + "".join(f"{row[name][event]:>14,.0f}" for name in names for event in EVENTS)
         if len(names) == 2:
-            line += f"{rows[names[0]]['Ir'] / rows[names[1]]['Ir']:>16.3f}"
+            line += f"{row[names[0]]['Ir'] / row[names[1]]['Ir']:>16.3f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -127,6 +130,10 @@ def main(argv=None):
         return 0
     if args.gets < 1:
         parser.error("--gets must be at least 1")
+    if args.other_python is not None and shutil.which(args.other_python) is None:
+        print(f"perf.instructions: {args.other_python} is not an interpreter that can run; give another "
+              "install's Python (its venv's bin/python)", file=sys.stderr)
+        return 2
     if shutil.which("valgrind") is None:
         print("perf.instructions: valgrind is not on PATH; it counts the instructions (apt install valgrind)",
               file=sys.stderr)

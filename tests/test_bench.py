@@ -151,6 +151,18 @@ def test_instructions_says_valgrind_is_missing(tmp_path):
     assert "valgrind is not on PATH" in result.stderr and result.stdout == ""
 
 
+@pytest.mark.timeout(60)
+def test_instructions_names_an_other_python_that_cannot_run(tmp_path):
+    missing = str(tmp_path / "no-venv" / "bin" / "python")
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.instructions", missing, "--gets", "1"], capture_output=True, text=True,
+        timeout=50, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"perf.instructions: {missing} is not an interpreter that can run; give another " \
+        "install's Python (its venv's bin/python)\n"
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 @pytest.mark.timeout(600)
 def test_instructions_counts_each_process_of_a_get():
