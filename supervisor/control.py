@@ -2,12 +2,19 @@
 
 The server hands every valid control request to ``Control.handle`` (data requests
 go to the router), answered here from the parts that own what they ask about.
-``status()`` and ``own_status()`` are also what the public Supervisor.status() and
-the metrics collector read.
+``status()`` and ``figures()`` are also what the public Supervisor.status() and the
+metrics collector read.
+
+A status is made in two steps, so that the loop thread, which serves every client,
+is held only for the first: ``copy()`` on the loop thread takes what the loop owns
+(states, counters, histogram counts) and which psutil.Process each worker has; the
+psutil figures are then sampled on another thread (health.Sampler) and added.
 """
 
+import functools
 import logging
 
+from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 
 from . import health
@@ -17,7 +24,8 @@ log = logging.getLogger("cmactor.supervisor")
 
 
 class Control:
-    def __init__(self, modules, server, graph, saver, recovery, lifecycle, audit, logs):
+    def __init__(self, loop, modules, server, graph, saver, recovery, lifecycle, audit, logs):
+        self._loop = loop
         self._modules = modules
         self._server = server
         self._graph = graph
@@ -26,14 +34,17 @@ class Control:
         self._lifecycle = lifecycle
         self._audit = audit
         self._logs = logs
+        self._sampler = health.Sampler()
 
     def handle(self, client, request):
         """A valid control request from a client: answer it."""
         op, rid = request["op"], request["id"]
         try:
             if op == "status":
-                status = self.status(request.get("module"))
-                client.answer({"id": rid, "ok": True, "status": status, "supervisor": self.own_status()})
+                status, workers = self.copy(request.get("module"))
+                own = self.own_status()
+                answer = functools.partial(self._post_status, client, rid, status, own)
+                self._sampler.sample_later(workers, answer)  # answered from the sampler's thread
             elif op == "save" or op == "export":
                 refusal = self._graph.refuse_save(request.get("caller"))  # an export runs the save walk too
                 if refusal is not None:
@@ -58,13 +69,41 @@ class Control:
         except Error as exc:
             client.answer_error(rid, type(exc), str(exc))
 
-    def status(self, only=None):
-        """Every module's status, or only the one named ``only``."""
+    def _post_status(self, client, rid, status, own, figures):
+        """(The sampler's helper thread.) Complete the status answer and encode it here: the
+        loop thread only queues the bytes."""
+        frame = P.pack({"id": rid, "ok": True, "status": _with(status, figures), "supervisor": own})
+        try:
+            self._loop.call_async(client.answer_frame, frame)
+        except RuntimeError:
+            pass  # the supervisor stopped meanwhile, and closed the client with it
+
+    def close(self):
+        """(Loop thread, as the supervisor stops.) End the sampler's helper thread."""
+        self._sampler.close()
+
+    def copy(self, only=None):
+        """(Loop thread.) Every module's status, or only the one named ``only``, but for the
+        psutil figures; and name -> the psutil.Process to sample them from (None: no worker)."""
         modules = self._modules
         if only is not None and only not in modules:
             raise ProgrammingError(unknown_module(only, modules))
         chosen = modules.items() if only is None else [(only, modules[only])]
-        return {name: {**mod.status(), **health.sample(mod.psutil)} for name, mod in chosen}
+        return {name: mod.status() for name, mod in chosen}, {name: mod.psutil for name, mod in chosen}
+
+    def status(self, only=None):
+        """(Any thread but the loop's: the public Supervisor.status().) Every module's status, or
+        only the one named ``only``: copied on the loop thread, its workers sampled on this one."""
+        status, workers = self._loop.call(self.copy, only)
+        return _with(status, self._sampler.sample(workers))
+
+    def figures(self, timeout):
+        """(The metrics thread.) What a client's status shows, own_status() included, for a
+        scrape: {"modules": ..., "supervisor": ...}. TimeoutError if the loop does not copy its
+        figures within ``timeout`` seconds (it is stuck), RuntimeError if it has stopped."""
+        copied = self._loop.call_async(lambda: (self.copy(), self.own_status()))
+        (status, workers), own = copied.result(timeout)
+        return {"modules": _with(status, self._sampler.sample(workers)), "supervisor": own}
 
     def route(self, name):
         """Where a client reads ``name`` from directly ({"path", "generation"} of its worker's
@@ -89,3 +128,10 @@ class Control:
             "saves": self._saver.stats.snapshot(),
             **self._logs.status(),
         }
+
+
+def _with(status, figures):
+    """``status`` (Control.copy) with each module's psutil ``figures`` added."""
+    for name, entry in status.items():
+        entry.update(figures[name])
+    return status

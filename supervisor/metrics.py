@@ -1,17 +1,21 @@
 """Prometheus metrics: ``/metrics`` over HTTP while the supervisor runs (``[supervisor] metrics``).
 
-Nothing here keeps a figure. At each scrape the collector asks the supervisor's
-loop thread for the figures ``status`` shows (one copy, made on the thread that
-owns them: Supervisor._figures) and turns them into metric families, so a scrape
-and ``cmactor status`` always agree. Each supervisor has its own registry:
-several in one process (tests do that) never clash. prometheus_client's own
-HTTP server serves it, on a thread of its own. This module needs the optional
-extra ``cmactor[metrics]``; the supervisor imports it only when the key is set.
+Nothing here keeps a figure. To make the page the collector reads the figures
+``status`` shows (Control.figures: copied on the loop thread that owns them, the
+workers' psutil figures sampled on the page's own thread) and turns them into metric
+families, so a scrape and ``cmactor status`` always agree. Pages are made one at a
+time, and one is served again for REUSE seconds after it is made: scrapes during a
+making get its page, so a scrape flood costs the supervisor one making per REUSE
+seconds (httpserve.py serves it, on two threads whatever clients do). Each supervisor
+has its own registry: several in one process (tests do that) never clash. This module
+needs the optional extra ``cmactor[metrics]``; the supervisor imports it only when the
+key is set.
 """
 
+import functools
 import logging
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -19,6 +23,7 @@ from prometheus_client.utils import floatToGoString
 from cmactor.errors import StartupError
 
 from .config import parse_address
+from .httpserve import PageServer
 from .modules import TRANSITIONS
 
 log = logging.getLogger("cmactor.supervisor")
@@ -27,6 +32,9 @@ WHERE = "[supervisor] metrics"
 # Seconds a scrape waits for the loop thread. Past it the loop is stuck, and the
 # scrape says so (cmactor_up 0) instead of hanging until Prometheus gives up.
 READ_TIMEOUT = 5.0
+# Seconds a page is served again after it is made: Prometheus scrapes a target every
+# 15 s or so, so only a flood (or several scrapers at once) ever sees one twice.
+REUSE = 1.0
 
 # status key -> (metric name, help), per module; a None figure (no worker) has no sample.
 _GAUGES = {
@@ -59,20 +67,19 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Figures(read))
         ProcessCollector(registry=self.registry)  # the supervisor process itself: cpu, memory, open fds
+        render = functools.partial(generate_latest, self.registry)
         try:
-            self._httpd, self._thread = start_http_server(port, host, registry=self.registry)
+            self._server = PageServer(host, port, "/metrics", render, CONTENT_TYPE_LATEST, REUSE)
         except OSError as exc:  # the port is taken, the host is not one of this machine's, or unknown
             raise StartupError(
                 f"{WHERE} = {address!r}: cannot serve /metrics there: {exc}; free the port or choose another "
                 "(port 0: any free one), on an address of this host"
             ) from None
-        host, port = self._httpd.server_address[:2]
+        host, port = self._server.address
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
     def close(self):
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+        self._server.close()
 
 
 class Figures(Collector):
@@ -82,7 +89,11 @@ class Figures(Collector):
         self._read = read
 
     def collect(self):
-        up = GaugeMetricFamily("cmactor_up", "1 when the supervisor's loop answered this scrape; 0: stuck or stopped")
+        up = GaugeMetricFamily(
+            "cmactor_up",
+            "1 when the supervisor's loop answered for this page; 0: stuck or stopped (a page is served again for "
+            f"{REUSE:g}s after it is made)",
+        )
         try:
             figures = self._read(READ_TIMEOUT)
         except (TimeoutError, RuntimeError) as exc:

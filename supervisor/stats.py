@@ -2,7 +2,7 @@
 
 Kept where the events happen (Router.answer for requests, Saver for saves,
 Journal.sync for fsyncs), on the loop thread, and read through ``status``, and
-by the Prometheus collector (metrics.py) at scrape time: one set of figures,
+by the Prometheus collector (metrics.py) when it makes a page: one set of figures,
 two ways to see them. Every request passes through ``Timed.record``, so it
 costs an attribute increment or a dict increment, and a bisect: the buckets
 are fixed when the figures are made, and nothing is allocated per event.

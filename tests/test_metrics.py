@@ -1,12 +1,16 @@
 """Prometheus metrics: a real supervisor, /metrics scraped over HTTP and parsed with
-prometheus_client's own parser; the figures, the status that shows the same ones, bad addresses."""
+prometheus_client's own parser; the figures, the status that shows the same ones, bad addresses,
+and the HTTP server's bounds against clients that hold, flood or send what it does not serve."""
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 
 import psutil
@@ -16,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
-from cmsupervisor import metrics
+from cmsupervisor import health, httpserve, metrics
 from cmsupervisor.config import load_toml
 from cmsupervisor.stats import Histogram, Timed
 
@@ -40,6 +44,13 @@ def value(samples, name, **labels):
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+@pytest.fixture
+def fresh_pages(monkeypatch):
+    """Every scrape makes its page, for a test that scrapes right after each event to see
+    it counted (a page is otherwise served again for metrics.REUSE: tested on its own)."""
+    monkeypatch.setattr(metrics, "REUSE", 0.0)
+
+
 def test_histogram_buckets_are_upper_bounds_and_cumulative():
     hist = Histogram((0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 1.0, 7.0):  # a value equal to a bound falls in its bucket ("le")
@@ -57,7 +68,7 @@ def test_histogram_buckets_are_upper_bounds_and_cumulative():
     }
 
 
-def test_figures_follow_requests_saves_and_restarts(supervisor):
+def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
     sup = supervisor({"echo": ECHO, "other": ECHO}, metrics=ANY_PORT)
     assert sup.metrics_url.startswith("http://127.0.0.1:") and sup.metrics_url.endswith("/metrics")
     first = scrape(sup)
@@ -227,3 +238,179 @@ def test_the_extra_missing_is_a_startup_error_saying_what_to_install(tmp_path):
         f"cmactor: StartupError: [supervisor] metrics = '{ANY_PORT}' needs the prometheus-client package, "
         "which is not installed: pip install 'cmactor[metrics]'"
     ) in result.stderr
+
+
+# -- the HTTP server: bounded whatever clients do -------------------------------------
+
+
+def _address(sup):
+    host, port = sup.metrics_url.split("//")[1].split("/")[0].rsplit(":", 1)
+    return host, int(port)
+
+
+def _exchange(sup, data):
+    """Send ``data`` on a new connection, then read until the server closes it."""
+    with socket.create_connection(_address(sup), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _closed(sock):
+    """Whether the server closed ``sock`` (reading nothing more from it)."""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_half_sent_requests_hold_no_thread_and_keep_no_scrape_out(supervisor, monkeypatch):
+    monkeypatch.setattr(httpserve, "REQUEST_TIMEOUT", 1.5)
+    sup = supervisor({"echo": ECHO}, metrics=ANY_PORT)
+    scrape(sup)  # every thread the server will ever have has started
+    threads = psutil.Process().num_threads()
+    held = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(_address(sup), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # and never the empty line that ends it
+            sock.setblocking(False)
+            held.append(sock)
+        assert psutil.Process().num_threads() <= threads + 2  # prometheus_client's server: 300 more
+        assert not _closed(held[-1])
+        started = time.monotonic()
+        assert value(scrape(sup), "cmactor_up") == 1
+        assert time.monotonic() - started < 3
+        # The oldest were closed to make room (MAX_CONNECTIONS); the others at REQUEST_TIMEOUT.
+        wait_for(lambda: all(_closed(sock) for sock in held), timeout=10)
+        assert psutil.Process().num_threads() <= threads + 2
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_an_oversized_request_is_refused(supervisor):
+    sup = supervisor({"echo": ECHO}, metrics=ANY_PORT)
+    big = b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 10_000 + b"\r\n\r\n"
+    answer = _exchange(sup, big)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+    assert b"over 8192 bytes; send a shorter request" in answer
+    endless = b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 10_000  # the head never ends
+    assert _exchange(sup, endless).startswith(b"HTTP/1.1 431 ")
+    assert value(scrape(sup), "cmactor_up") == 1  # and the server serves on
+
+
+def test_only_get_and_head_of_metrics_are_served(supervisor):
+    sup = supervisor({"echo": ECHO}, metrics=ANY_PORT)
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(sup.metrics_url.replace("/metrics", "/other"), timeout=10)
+    assert raised.value.code == 404
+    assert b"nothing at '/other': this server serves /metrics only" in raised.value.read()
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(urllib.request.Request(sup.metrics_url, data=b"x", method="POST"), timeout=10)
+    assert raised.value.code == 405 and raised.value.headers["Allow"] == "GET, HEAD"
+    assert _exchange(sup, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+    connection = http.client.HTTPConnection(*_address(sup), timeout=10)
+    connection.request("HEAD", "/metrics")
+    reply = connection.getresponse()
+    assert reply.status == 200 and int(reply.headers["Content-Length"]) > 1000
+    assert reply.headers["Connection"] == "close" and reply.read() == b""
+    connection.close()
+    with urllib.request.urlopen(sup.metrics_url + "?name=cmactor_up", timeout=10) as reply:  # a query is no other page
+        assert reply.headers["Content-Type"] == metrics.CONTENT_TYPE_LATEST
+
+
+def test_a_scrape_flood_neither_holds_the_loop_nor_makes_a_page_per_scrape(supervisor, monkeypatch):
+    making, made = [], []
+    collect = metrics.Figures.collect
+
+    def counted(self):
+        making.append(None)
+        made.append(len(making))  # how many were being made at once
+        try:
+            yield from collect(self)
+        finally:
+            making.pop()
+
+    monkeypatch.setattr(metrics.Figures, "collect", counted)
+    sup = supervisor({"echo": ECHO, "other": ECHO}, metrics=ANY_PORT, direct_reads=False)  # gets through the loop
+    stop, scrapes = threading.Event(), []
+
+    def flood():
+        while not stop.is_set():
+            scrape(sup)
+            scrapes.append(None)
+
+    flooders = [threading.Thread(target=flood) for _ in range(4)]
+    started = time.monotonic()
+    for thread in flooders:
+        thread.start()
+    try:
+        wait_for(lambda: len(scrapes) >= 20)
+        slowest = 0.0
+        with sup.connect() as conn:
+            cur = conn.cursor()
+            for _ in range(500):
+                before = time.monotonic()
+                cur.execute("get echo.kv", {"key": "default"})
+                slowest = max(slowest, time.monotonic() - before)
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join()
+    elapsed = time.monotonic() - started
+    assert slowest < 0.5  # a hang check, not a speed claim
+    assert max(made) == 1  # never two makings at once
+    assert len(made) <= elapsed / metrics.REUSE + 2  # one per REUSE seconds, not one per scrape
+
+
+def test_a_page_is_served_again_for_a_while_then_made_anew(supervisor):
+    sup = supervisor({"echo": ECHO}, metrics=ANY_PORT, direct_reads=False)
+    first = scrape(sup)
+    with sup.connect() as conn:
+        conn.cursor().execute("get echo.kv", {"key": "default"})
+        again = scrape(sup)
+    assert value(again, "cmactor_requests_total", module="echo", op="get", outcome="ok") == 0
+    assert again == first
+    time.sleep(metrics.REUSE)
+    assert value(scrape(sup), "cmactor_requests_total", module="echo", op="get", outcome="ok") == 1
+
+
+def test_status_samples_each_worker_off_the_loop_thread(supervisor, monkeypatch):
+    sampled_on = []
+    sample = health.sample
+
+    def recorded(proc):
+        sampled_on.append(threading.current_thread().name)
+        return sample(proc)
+
+    monkeypatch.setattr(health, "sample", recorded)
+    sup = supervisor({"echo": ECHO, "other": ECHO, "third": ECHO}, metrics=ANY_PORT)
+    with sup.connect() as conn:
+        answered = conn.request({"op": "status"})
+        one = conn.request({"op": "status", "module": "other"})["status"]
+        with pytest.raises(cmactor.ProgrammingError, match="unknown module 'nosuch'; this supervisor runs: echo"):
+            conn.request({"op": "status", "module": "nosuch"})
+    assert set(one) == {"other"} and one["other"]["rss"] > 1_000_000
+    assert answered["supervisor"]["clients"] >= 1
+    public = sup.status()
+    samples = scrape(sup)
+    for status in (answered["status"], public):
+        assert set(status) == {"echo", "other", "third"}
+        for entry in status.values():
+            assert entry["state"] == "READY" and entry["pid"] is not None
+            assert entry["rss"] > 1_000_000 and entry["threads"] >= 1 and entry["cpu"] >= 0
+            assert entry["cpu_seconds"] >= 0
+    for module in ("echo", "other", "third"):
+        assert value(samples, "cmactor_module_threads", module=module) >= 1
+    assert len(sampled_on) == 3 + 1 + 3 + 3
+    assert "cmactor-supervisor" not in sampled_on  # the loop thread
+    assert {"cmactor-status", threading.current_thread().name, "cmactor-metrics-page"} == set(sampled_on)
+    sup.stop()
+    threads = {thread.name for thread in threading.enumerate()}
+    assert not threads & {"cmactor-status", "cmactor-metrics-http", "cmactor-metrics-page"}  # none outlives it
