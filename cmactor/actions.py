@@ -27,7 +27,11 @@ class _FieldError(Exception):
 
 
 class _EventFailed(Exception):
-    """An agent event (load, save or default) raised or stopped."""
+    """An agent event (load, save or default) raised or stopped; ``detail``: its traceback, if it raised."""
+
+    def __init__(self, message, detail=None):
+        super().__init__(message)
+        self.detail = detail
 
 
 class _SaveFailed(Exception):
@@ -257,8 +261,9 @@ class Actions:
         except ActionStopped as stop:
             raise _EventFailed(f"{name} stopped: {stop.message}") from None
         except BaseException as exc:
-            log.error("module %s: %s raised\n%s", self.module, name, traceback.format_exc().rstrip())
-            raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}") from None
+            detail = traceback.format_exc().rstrip()
+            log.error("module %s: %s raised\n%s", self.module, name, detail)
+            raise _EventFailed(f"{name} raised {type(exc).__name__}: {exc}", detail) from None
 
     def load(self, msg):
         """Load saved rows and journaled changes (or generate defaults); the Loaded to report.
@@ -268,7 +273,7 @@ class Actions:
         """
         failures = []
         failed = 0
-        error = None
+        error = detail = None
         with acting_for(self.module, SERIAL, msg.sid):
             try:
                 if msg.section is None and not msg.journal:
@@ -297,8 +302,8 @@ class Actions:
                     finally:
                         self._event("event_load_complete")
             except _EventFailed as exc:
-                error = str(exc)
-        return P.Loaded.of(msg.sid, error, failures, failed)
+                error, detail = str(exc), exc.detail
+        return P.Loaded.of(msg.sid, error, failures, failed, detail)
 
     def _load_row(self, op, table, row):
         """Replay one row as <table>_<op> with is_load; the error text, or None."""

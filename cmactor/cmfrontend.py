@@ -14,6 +14,7 @@ to the supervisor, which holds it as it holds any request.
 """
 
 import os
+import re
 import socket as _socket
 import threading
 import time
@@ -109,7 +110,9 @@ def description(columns):
 
 
 def wire_params(params):
-    """Request parameters as the wire carries them: str keys, ``str(value)`` values; None is left out."""
+    """Request parameters as the wire carries them: str keys, ``str(value)`` values; None is left out.
+    Text that UTF-8 cannot encode is refused when the request is packed (_not_unicode):
+    the encode that packing does anyway finds it, and other text is not looked at twice."""
     if params is None:
         return {}
     if type(params) is not dict and not isinstance(params, Mapping):  # the ABC check is the slow one
@@ -121,6 +124,30 @@ def wire_params(params):
         if value is not None:
             out[key] = value if type(value) is str else str(value)
     return out
+
+
+# How Python decodes a byte that is not UTF-8 (sys.argv, os.fsdecode): the one str that
+# UTF-8, so msgpack, cannot encode.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_unicode(message, exc):
+    """The ProgrammingError for a request that msgpack could not pack (``exc``, its
+    UnicodeEncodeError): it names the param, or the request's field, whose text is not
+    valid Unicode."""
+    candidates = []
+    for key, value in (message.get("params") or {}).items():
+        candidates += [(f"param name {key!r}", key), (f"param {key!r}", value)]
+    candidates += [(f"the request's {field!r}", value) for field, value in message.items() if field != "params"]
+    for what, value in candidates:
+        for text in value if isinstance(value, list) else [value]:
+            found = _LONE_SURROGATE.search(text) if isinstance(text, str) else None
+            if found:
+                return ProgrammingError(
+                    f"{what} holds text that is not valid Unicode (a lone surrogate {found.group()!r} at "
+                    f"position {found.start()}: the command line held a byte that is not UTF-8?); pass UTF-8 text"
+                )
+    return ProgrammingError(f"the request holds text that is not valid Unicode ({exc}); pass UTF-8 text")
 
 
 def wait_until_ready(socket_path, module, timeout):
@@ -301,8 +328,14 @@ class Connection:
                 f"connection to module {message['module']!r}'s worker at {route.path} timed out during {message['op']}"
             ) from None
         except (OSError, P.FrameError):
-            self._drop_route(message["module"], route, failed=True)
-            return None
+            # The worker may have closed an idle connection, or dropped this one: a new one
+            # is tried once (reads can run twice) before the route counts as failed.
+            try:
+                route.reconnect(self._timeout)
+                frame = route.stream.exchange(message, rid, on_notify)
+            except (OSError, P.FrameError):
+                self._drop_route(message["module"], route, failed=True)
+                return None
         if frame.get("ok"):
             return frame
         if frame.get("redirect") or frame.get("id") is None:
@@ -351,7 +384,11 @@ class _Stream:
     def exchange(self, message, rid, on_notify):
         """Send ``message`` and return the final reply to ``rid`` (ok or not), or a frame
         about the whole stream (id None). notify_cli text goes to ``on_notify``."""
-        self.sock.sendall(P.pack(message))
+        try:
+            data = P.pack(message)
+        except UnicodeEncodeError as exc:
+            raise _not_unicode(message, exc) from None
+        self.sock.sendall(data)
         while True:
             frame = self._next_frame()
             fid = frame.get("id")
@@ -381,6 +418,11 @@ class _Direct:
         self.path = path
         self.generation = generation
         self.stream = _Stream(_connected(path, timeout), "module's worker")
+
+    def reconnect(self, timeout):
+        """A new connection to the same worker; OSError if it is not there any more."""
+        self.close()
+        self.stream = _Stream(_connected(self.path, timeout), "module's worker")
 
     def close(self):
         self.stream.sock.close()

@@ -30,6 +30,15 @@ killed as hung. A read not answered within the module's action_timeout is
 answered as the supervisor answers one (OperationalError), and its connection
 dropped: a thread is still in the action, and the client's next read goes
 elsewhere.
+
+What all clients together can make the worker hold is bounded as well: their
+unfinished frames (max_frames_total) and their unread replies
+(max_direct_backlog_total), past which the client holding the most is dropped; a
+connection idle for direct_idle_timeout is closed, and at MAX_CONNECTIONS the one
+idle longest makes room for a new client; direct reads of @async_action run at once
+on at most as many readers as the pool has threads (worker.Runtime), each in a
+progress slot where the supervisor sees it hang. What a dropped client held is handed
+back to the system by the watchdog (trim.py).
 """
 
 import itertools
@@ -44,6 +53,7 @@ import time
 from . import figures as F
 from . import protocol as P
 from .errors import InterfaceError, ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out, to_wire
+from .trim import release_free_memory
 from .validate import BadRequest, parse_request, peer_uid
 
 log = logging.getLogger("cmactor.worker")
@@ -60,6 +70,8 @@ HANDOFF_NS = int(HANDOFF * 1e9)
 # Refused clients waited for at once (each by a thread, up to frame_timeout); more are
 # told why and closed.
 MAX_REFUSING = 16
+# At MAX_CONNECTIONS, a connection idle this long is closed to let a new client in.
+EVICT_IDLE = 1.0
 # Answers the thread serving a connection gathers before it writes them (whatever one
 # read brought: one write, not one per reply), at most.
 BATCH_BYTES = 256 * 1024
@@ -85,6 +97,15 @@ class DirectServer:
         self._supervisor = options["supervisor_socket"]
         self._action_timeout = options["action_timeout"]
         self.max_backlog = options["max_client_backlog"]
+        self._max_frames = options["max_frames_total"]
+        self._max_backlogs = options["max_direct_backlog_total"]
+        self._idle_timeout = options["direct_idle_timeout"]
+        # Bytes of every connection's unfinished frame, and of every connection's backlog,
+        # as each last counted itself: bounded for all clients together. Under their own
+        # lock, taken innermost (a connection's send lock may be held).
+        self._totals_lock = threading.Lock()
+        self._frames = 0
+        self._backlogs = 0
         self.counts = F.Counter(counts)
         self.writer = _Writer(self._frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
@@ -98,6 +119,7 @@ class DirectServer:
         self._turn = 0
         self._busy = None
         self._connected = threading.Event()  # set as a client connects: the watchdog looks again
+        self._trim_due = False  # a connection was dropped: the watchdog hands its memory back
         self.serving = False  # the supervisor said the module is READY (protocol.Serve)
 
     def start(self):
@@ -187,12 +209,14 @@ class DirectServer:
             del self._connections[connection.fd]
         connection.release()  # only now may the descriptor be reused, by a new connection
         self.counts.add(F.CONNECTIONS, -1)
+        self._trim_due = True  # the watchdog gives what it held back to the system
 
     # -- the watchdog -------------------------------------------------------------
 
     def _watch(self):
         """Hand the reading on from a stuck reader; answer reads that outlive action_timeout,
-        as the supervisor's watchdog does; drop clients whose frames do not finish."""
+        as the supervisor's watchdog does; drop clients whose frames do not finish, and
+        close connections idle for direct_idle_timeout."""
         limit = self._action_timeout
         action_tick = min(1.0, max(0.05, limit / 4))
         frame_tick = min(1.0, self._frame_timeout / 4)
@@ -205,6 +229,9 @@ class DirectServer:
                 self._connected.clear()
             now = time.monotonic()
             self._hand_on(_now())
+            if self._trim_due:
+                self._trim_due = False
+                release_free_memory()
             if now >= next_action:
                 next_action = now + action_tick
                 due = _now() - limit * 1e9
@@ -220,6 +247,8 @@ class DirectServer:
                         connection.fail(
                             f"a frame started {self._frame_timeout:g}s ago is unfinished ({connection.partial} "
                             "bytes of it arrived; frame_timeout); send each frame whole; closing this connection")
+                    elif connection.idle_for(now) >= self._idle_timeout:
+                        connection.close()  # its client connects again at its next read (cmfrontend)
 
     # -- accepting -----------------------------------------------------------------
 
@@ -280,9 +309,58 @@ class DirectServer:
             log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
             return {"id": None, "ok": False, "error": to_wire(
                 InterfaceError, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it")}
-        if len(self._connections) >= MAX_CONNECTIONS:
-            return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already")
+        if len(self._connections) >= MAX_CONNECTIONS and not self._evict_idle():
+            return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already, none of them idle")
         return None
+
+    def _evict_idle(self):
+        """(At MAX_CONNECTIONS.) Close the connection idle longest, if one has been idle at
+        least EVICT_IDLE: a client that keeps connections open without reading must not
+        keep direct reads from everyone else. True if one was closed."""
+        now = time.monotonic()
+        idle = [c for c in list(self._connections.values()) if c.idle_for(now) >= EVICT_IDLE]
+        if not idle:
+            return False
+        min(idle, key=lambda c: c.active_at).close()
+        return True
+
+    # -- what all clients may make the worker hold ----------------------------------
+
+    def count_frame(self, connection, size):
+        """``connection``'s unfinished frame is ``size`` bytes now. Past max_frames_total for
+        all clients, the one holding the most is dropped."""
+        with self._totals_lock:
+            self._frames += size - connection.frame_counted
+            connection.frame_counted = size
+            over = self._frames > self._max_frames
+        if over:
+            self._drop_largest("frame_counted", "unfinished frame", "max_frames_total", self._max_frames)
+
+    def count_backlog(self, delta):
+        """(Under a connection's send lock.) Backlogs grew or shrank by ``delta`` bytes; past
+        max_direct_backlog_total, the client with the largest is dropped (its reads go
+        through the supervisor)."""
+        with self._totals_lock:
+            self._backlogs += delta
+            over = self._backlogs > self._max_backlogs
+        if over:
+            self._drop_largest("backlog_counted", "unread replies", "max_direct_backlog_total", self._max_backlogs)
+
+    def _drop_largest(self, field, what, key, limit):
+        connections = [c for c in list(self._connections.values()) if not c.closed]
+        if not connections:
+            return
+        largest = max(connections, key=lambda c: getattr(c, field))
+        log.warning("module %s: dropped the direct client holding the most %s (%d bytes): all direct clients' "
+                    "passed %s=%d bytes", self._runtime.module, what, getattr(largest, field), key, limit)
+        largest.close()
+
+    def forget_counts(self, connection):
+        """(A connection released.) What it still counted counts for nothing now."""
+        with self._totals_lock:
+            self._frames -= connection.frame_counted
+            self._backlogs -= connection.backlog_counted
+            connection.frame_counted = connection.backlog_counted = 0
 
     # -- requests --------------------------------------------------------------------
 
@@ -361,6 +439,16 @@ class _Connection:
         # last took some. Under the send lock.
         self._backlog = bytearray()
         self.moved_at = 0.0
+        # What it holds as counted in the server's totals (DirectServer.count_frame, count_backlog).
+        self.frame_counted = 0
+        self.backlog_counted = 0
+        self.active_at = time.monotonic()  # when it last sent something: idle since then
+
+    def idle_for(self, now):
+        """Seconds it has been idle (nothing in flight, nothing unsent, no frame begun); 0 if busy."""
+        if self.closed or self._begun != self._ended or self._backlog or self._reader.partial:
+            return 0.0
+        return now - self.active_at
 
     def serve(self):
         """(The thread reading it now.) Serve what the client sent; False once the
@@ -381,11 +469,16 @@ class _Connection:
         except P.FrameError as exc:
             self.fail(f"{exc}; closing this connection")
             return False
+        self.active_at = now = time.monotonic()
         # Before the reads run (they may wait): a frame finished now is not timed out.
         if not reader.partial:
             self.frame_since = None
-        elif messages or self.frame_since is None:  # a frame dribbled in keeps its start
-            self.frame_since = time.monotonic()
+            if self.frame_counted:
+                self._server.count_frame(self, 0)
+        else:
+            if messages or self.frame_since is None:  # a frame dribbled in keeps its start
+                self.frame_since = now
+            self._server.count_frame(self, reader.partial)
         self._owner = _thread_id()
         request = self._server.request
         for message in messages:
@@ -445,6 +538,16 @@ class _Connection:
             self._queue(frame)
         return True
 
+    def withdraw(self, answer, frame):
+        """Send ``frame`` as ``answer``'s final word, not counted as served (a redirect)."""
+        with self._send_lock:
+            answer.answered = True
+            self._counts.withdraw(answer)
+            self._ended += 1
+            if self._waiting:
+                self._room.notify()
+            self._queue(frame)
+
     def _queue(self, frame):
         if _thread_id() != self._owner:
             self._write(frame)
@@ -478,6 +581,8 @@ class _Connection:
             self.moved_at = time.monotonic()
             self._server.writer.watch(self)
         self._backlog += data
+        self.backlog_counted += len(data)
+        self._server.count_backlog(len(data))
         if len(self._backlog) > self._server.max_backlog:
             log.warning("module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
                         self._server._runtime.module, self._server.max_backlog)
@@ -508,6 +613,8 @@ class _Connection:
             if sent:
                 del self._backlog[:sent]
                 self.moved_at = time.monotonic()
+                self.backlog_counted -= sent
+                self._server.count_backlog(-sent)
             return not self._backlog
 
     def send_map(self, message):
@@ -534,6 +641,8 @@ class _Connection:
         with self._send_lock:
             self.close()
             self._sock.close()
+            self._reader = P.FrameReader(0)  # its unfinished frame goes now, not with the last reference
+        self._server.forget_counts(self)
 
     def unsent(self):
         """Bytes of answers gathered or waiting for the client to take them (none once dropped)."""
@@ -660,6 +769,19 @@ class _Answer:
 
     def flush(self):
         self._connection.flush()
+
+    def redirect(self, why):
+        """Send it to the supervisor instead (``why`` says why), withdrawn from the figures."""
+        self._connection.withdraw(self, P.pack(self._server.redirect(self._rid, why)))
+
+    @property
+    def gone(self):
+        """Its client hung up (or was dropped): running it would answer nobody."""
+        return self._connection.closed
+
+    def not_run(self):
+        """Count it as answered, not run: its client is gone."""
+        self._connection.reply(self, b"", OperationalError.__name__)
 
     def time_out(self, limit):
         message = action_timed_out(self.op, self._server._runtime.module, self._table, limit)

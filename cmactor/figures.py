@@ -61,6 +61,12 @@ class Counter:
             self._running[request] = None
             self._array[BEGUN] += 1
 
+    def withdraw(self, request):
+        """``request`` is not served here after all (sent to the supervisor): uncounted."""
+        with self._lock:
+            del self._running[request]
+            self._array[BEGUN] -= 1
+
     def running(self):
         """The requests in flight, oldest first."""
         with self._lock:

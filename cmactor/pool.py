@@ -33,6 +33,15 @@ class CallbackPool:
         if wake is not None:
             wake.release()
 
+    def cancel(self, matches):
+        """Take out the calls still queued whose arguments ``matches(args)``: they will not
+        run. Returns their arguments."""
+        with self._lock:
+            taken = [args for _, args in self._work if matches(args)]
+            if taken:
+                self._work = collections.deque(item for item in self._work if not matches(item[1]))
+        return taken
+
     def _call_one(self):
         """(Holding _lock.) Get one more thread going: the last idle one, or a new one."""
         if self._idle:

@@ -95,6 +95,7 @@ Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
 Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")
 Ping = _kind(5, "Ping", "", "Are you alive? Answered with a Pong by whichever lane thread reads.")
 Serve = _kind(6, "Serve", "", "The module is READY: serve reads sent to the worker's own socket (cmactor/direct.py).")
+Cancel = _kind(7, "Cancel", "sids", "Their client is gone: drop these requests if they have not started.")
 # worker -> supervisor
 Init = _kind(10, "Init", "persistent_list config_deps async_actions pool_size", "cmbackend_init() was called.")
 Ready = _kind(11, "Ready", "", "The agent called ready().")
@@ -102,7 +103,10 @@ Reply = _kind(12, "Reply", "sid error entries dirty", "A request's answer: an er
 Notify = _kind(13, "Notify", "sid text", "notify_cli() text for a request's client.")
 Log = _kind(14, "Log", "level name text", "A log record of the worker's.")
 Fatal = _kind(15, "Fatal", "message detail", "The entry raised or returned without registering; the worker exits.")
-Loaded = _kind(16, "Loaded", "sid error failures failed", "The load ended: event error, first row errors, rows failed.")
+Loaded = _kind(
+    16, "Loaded", "sid error failures failed detail",
+    "The load ended: event error, first row errors, rows failed, and the event's traceback (or None).",
+)
 Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
 Pong = _kind(18, "Pong", "", "The answer to a Ping.")
 Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module has changes not saved.")
@@ -116,11 +120,25 @@ SLOT_SERIAL_SID = 0  # id of the last item the serial lane started
 SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
 SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
 ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread: its last sid, and when it began (0 once done)
-SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS
+# Then one (sid, start) pair per direct read of an @async_action running on a direct
+# reader (cmactor/direct.py), taken for the read and given back after it: at most
+# direct_async_limit() run at once, and the supervisor sees any that hang.
+DIRECT_SLOTS = 64
+SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS + 2 * DIRECT_SLOTS
 
 
 def async_slot(index):
     return 3 + 2 * index
+
+
+def direct_slot(index):
+    return 3 + 2 * ASYNC_SLOTS + 2 * index
+
+
+def direct_async_limit(pool_size):
+    """Direct reads of @async_action a worker runs at once: as many as its pool has threads
+    (an executor that does not say: DIRECT_SLOTS). Past it they go through the supervisor."""
+    return min(pool_size or DIRECT_SLOTS, DIRECT_SLOTS)
 
 
 # Row errors a worker reports in detail after a load; the rest are counted.

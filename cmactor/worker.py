@@ -39,13 +39,14 @@ from . import figures as F
 from . import protocol as P
 from .actions import Actions, error_reply
 from .direct import DirectServer
-from .errors import ProgrammingError
+from .errors import OperationalError, ProgrammingError
 from .outbox import Outbox
 from .pool import CallbackPool
 
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
 _REQ, _LOAD, _SAVE, _STOP, _PING, _SERVE = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE, P.Serve.CODE
+_CANCEL = P.Cancel.CODE
 _PONG = P.Pong.of()
 _read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
@@ -105,6 +106,7 @@ class Runtime:
         self._pool = self._shared_pool
         self._actions = Actions(module, None, self.send)
         self.ready_called = False
+        self._limit_direct_async(pool_size)
 
     # -- channel ---------------------------------------------------------
 
@@ -195,6 +197,8 @@ class Runtime:
                     self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
                 elif kind == _SERVE:
                     self.direct.serving = True
+                elif kind == _CANCEL:
+                    self._cancel(frozenset(msg[1]), serial)
                 elif kind == _STOP:
                     if self.direct is not None:
                         self.direct.finish()  # reads clients sent here directly are answered first
@@ -209,6 +213,28 @@ class Runtime:
                             self._mailbox.extend(serial[1:])
                         return serial[0]
                     self._mailbox.extend(serial)
+
+    def _cancel(self, sids, just_read):
+        """The supervisor's clients that sent requests ``sids`` are gone: those still waiting
+        for the serial lane (in the mailbox, or among the items ``just_read``) or for a
+        thread of the shared pool are dropped, each answered as not run, so that a client
+        that hangs up does not keep the module busy with work nobody will read."""
+
+        def ours(item):
+            return item[2] is self._to_supervisor and item[0].sid in sids
+
+        with self._lane_lock:
+            dropped = [item[0].sid for item in self._mailbox if ours(item)]
+            if dropped:
+                kept = [item for item in self._mailbox if not ours(item)]
+                self._mailbox.clear()
+                self._mailbox.extend(kept)
+        dropped += [item[0].sid for item in just_read if ours(item)]
+        just_read[:] = [item for item in just_read if not ours(item)]
+        if self._pool is self._shared_pool:  # an agent's own executor cannot be searched
+            dropped += [args[0].sid for args in self._pool.cancel(lambda args: args[0].sid in sids)]
+        for sid in dropped:
+            self.send(error_reply(sid, OperationalError, "not run: the client that sent it disconnected first"))
 
     # -- registration (called from cmbackend) -----------------------------
 
@@ -232,6 +258,7 @@ class Runtime:
         # The pool before the actions: a lane thread that finds an async action
         # through the new Actions submits it to self._pool.
         self._pool = agent.pool or self._shared_pool
+        self._limit_direct_async(_pool_size(self._pool))
         read_only = [table for table in persistent if table not in loadable]
         self._actions = Actions(self.module, agent, self.send, read_only)
         self.send(P.Init.of(loadable, deps, async_actions, _pool_size(self._pool)))
@@ -266,12 +293,7 @@ class Runtime:
             send(error_reply(req.sid, ProgrammingError, exc))
             return
         if is_async:
-            # The lane lock only while a save is read: one read just after this check is
-            # one the read came before.
-            if self._saving:
-                with self._lane_lock:
-                    self._wait_for_saves(send)
-            self._actions.execute(req, method, True, send)
+            self._serve_direct_async(req, method, send)
             return
         with self._lane_lock:
             self._wait_for_saves(send)
@@ -280,6 +302,31 @@ class Runtime:
                 return
             self._serial_busy = True
         self._run_serial((req, method, send), direct=True)
+
+    def _serve_direct_async(self, req, method, send):
+        """A direct read of an @async_action, on this reader, in a direct slot of the progress
+        array: the supervisor sees it hang as it sees a pool thread hang. With every slot
+        taken (as many as the pool has threads) the read goes through the supervisor."""
+        with self._slot_lock:
+            index = self._direct_slots.pop() if self._direct_slots else None
+        if index is None:
+            send.redirect(f"its {self._direct_limit} threads for direct reads of @async_action are all busy")
+            return
+        base = P.direct_slot(index)
+        slots = self._slots
+        try:
+            # The lane lock only while a save is read: one read just after this check is
+            # one the read came before.
+            if self._saving:
+                with self._lane_lock:
+                    self._wait_for_saves(send)
+            slots[base] = req.sid
+            slots[base + 1] = time.monotonic_ns()
+            self._actions.execute(req, method, True, send)
+        finally:
+            slots[base + 1] = 0
+            with self._slot_lock:
+                self._direct_slots.append(index)
 
     def _wait_for_saves(self, send):
         """(A direct read, holding the lane lock.) Wait until the saves read so far are
@@ -302,20 +349,24 @@ class Runtime:
         there).
         """
         slots = self._slots
+        to_supervisor = self._to_supervisor
         while True:
             msg, method, send = item
-            slots[SLOT_SERIAL_SID] = msg.sid
-            slots[SLOT_SERIAL_START] = time.monotonic_ns()
-            if method is not None:
-                self._actions.execute(msg, method, False, send)
-            elif type(msg) is P.Load:
-                self.send(self._actions.load(msg))
+            if method is not None and send is not to_supervisor and send.gone:
+                send.not_run()  # a direct read whose client hung up while it waited: nobody reads it
             else:
-                self.send(self._actions.save(msg))
-                with self._lane_lock:
-                    self._saving -= 1
-                    self._saved.notify_all()
-            slots[SLOT_SERIAL_START] = 0
+                slots[SLOT_SERIAL_SID] = msg.sid
+                slots[SLOT_SERIAL_START] = time.monotonic_ns()
+                if method is not None:
+                    self._actions.execute(msg, method, False, send)
+                elif type(msg) is P.Load:
+                    self.send(self._actions.load(msg))
+                else:
+                    self.send(self._actions.save(msg))
+                    with self._lane_lock:
+                        self._saving -= 1
+                        self._saved.notify_all()
+                slots[SLOT_SERIAL_START] = 0
             with self._lane_lock:
                 if self._mailbox and direct:
                     self._handoff = self._mailbox.popleft()
@@ -339,6 +390,13 @@ class Runtime:
                         return True
                     self._cv.notify()
                     return False
+
+    def _limit_direct_async(self, pool_size):
+        """Direct reads of @async_action run at once, at most: one a pool thread (their free
+        direct slots). Set before any direct read can run (at start, and as the agent
+        registers, which comes before READY)."""
+        self._direct_limit = P.direct_async_limit(pool_size)
+        self._direct_slots = list(range(self._direct_limit))
 
     def _async_slot(self):
         """This pool thread's slot index, taken on first use; None when all are taken."""

@@ -3,10 +3,13 @@
 Client commands find the supervisor's socket from, in order: ``--socket``,
 ``--config`` (its state_dir), ``$CMACTOR_SOCKET``, ``./cmactor.toml``, and the
 default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
-Errors print one line on stderr and exit with status 1. ``getnext --max-rows N``
-shows a page; when the table goes on, a line on stderr gives the next page's command.
-``logs`` shows a module's log (tail.py); ``export`` and ``apply`` write and replay
-config as commands (commands.py).
+Errors print one line on stderr and exit with status 1; any other exception is a
+one-line internal error, status 3 (``CMACTOR_TRACEBACK=1`` shows its traceback).
+What comes from data (values, notes, notify_cli text, error messages) is escaped
+where it goes to a terminal (terminal.py). ``getnext --max-rows N`` shows a page;
+when the table goes on, a line on stderr gives the next page's command. ``logs``
+shows a module's log (tail.py); ``export`` and ``apply`` write and replay config as
+commands (commands.py).
 """
 
 import argparse
@@ -24,11 +27,16 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, OperationalError, StartupError
 from cmactor.protocol import DATA_OPS
 
-from . import commands, notify, tail
+from . import commands, fds, journal, notify, tail, terminal
 from .config import load_toml
 from .server import default_socket_path, socket_pointer
+from .store import StoreError
 
 STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
+
+# The exit status of an exception the CLI does not expect (a bug, or an environment it
+# cannot work in); 1 is an error it reports, 2 a usage error (argparse), 130 Ctrl-C.
+INTERNAL_ERROR = 3
 
 
 class CliError(Exception):
@@ -87,18 +95,25 @@ def _cell(value):
     return str(value)
 
 
-def print_table(headers, rows, out=sys.stdout):
+def print_table(headers, rows, out=None):
+    out = sys.stdout if out is None else out
     rows = [[_cell(v) for v in row] for row in rows]
     if out.isatty():
+        headers = [terminal.escaped(h) for h in headers]
+        rows = [[terminal.escaped(c) for c in row] for row in rows]
         try:
             from rich.console import Console
             from rich.table import Table
+            from rich.text import Text
         except ImportError:
             pass
         else:
-            table = Table(*headers)
+            # Text, not str: rich would read "[red]" in a value as markup (and "[/x]" as an error).
+            table = Table()
+            for header in headers:
+                table.add_column(Text(header))
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*map(Text, row))
             Console(file=out).print(table)
             return
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
@@ -136,13 +151,16 @@ def show_status(status, fmt):
 
 
 def cmd_run(args):
+    # The whole process is the supervisor's: every descriptor the hard limit allows is
+    # room for modules and clients (it waits with epoll, never select()).
+    fds.raise_soft_limit()
     overrides = {}
     if args.state_dir:
         overrides["state_dir"] = os.path.abspath(args.state_dir)
     if args.log_level:
         overrides["log_level"] = args.log_level
     sup = cmactor.Supervisor.from_toml(
-        args.config_file, ignore_config=args.ignore_config, recover=args.recover, **overrides
+        args.config_file, ignore_config=args.ignore_config, recover=not args.saved_only, **overrides
     )
     logging.basicConfig(
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
@@ -184,11 +202,7 @@ def _connect(args, print_callback=None):
 def cmd_data(args):
     params = parse_params(args.params, none=args.command == "getnext")
     index = walk_index(args, params)
-
-    def notify(text):
-        print(text, file=sys.stderr, flush=True)
-
-    with _connect(args, notify) as conn:
+    with _connect(args, terminal.say) as conn:
         cur = conn.cursor(vr_name=args.vr)
         if args.command == "getnext":
             cur.index = index
@@ -209,7 +223,7 @@ def cmd_data(args):
     if more:
         # On stderr, so that stdout stays the rows (valid JSON with --format json).
         sys.stdout.flush()
-        print(next_page_hint(args, params, index, rows[-1], len(rows)), file=sys.stderr)
+        terminal.say(next_page_hint(args, params, index, rows[-1], len(rows)))
     return 0
 
 
@@ -258,16 +272,14 @@ def cmd_status(args):
     show_status(reply["status"], args.format)
     audit = reply.get("supervisor", {})
     if audit.get("audit_failures"):  # on stderr in both formats: --format json keeps its shape
-        print(
+        terminal.say(
             f"cmactor: warning: {audit['audit_failures']} audit log lines could not be written "
-            f"(last: {audit['audit_error']})",
-            file=sys.stderr,
+            f"(last: {audit['audit_error']})"
         )
     if audit.get("log_failures"):
-        print(
+        terminal.say(
             f"cmactor: warning: {audit['log_failures']} module log lines could not be written "
-            f"(last: {audit['log_error']})",
-            file=sys.stderr,
+            f"(last: {audit['log_error']})"
         )
     return 0
 
@@ -279,7 +291,7 @@ def cmd_save(args):
         print(json.dumps(saved, indent=2))
     else:
         modules = ", ".join(saved["modules"]) or "no module"
-        print(f"saved {saved['rows']} rows of {modules} to {saved['file']}")
+        terminal.say(f"saved {saved['rows']} rows of {modules} to {saved['file']}", sys.stdout)
     return 0
 
 
@@ -348,18 +360,35 @@ def cmd_export(args):
         reply = conn.request({"op": "export", "modules": args.modules or None})
     sections = {name: json.loads(section) for name, section in reply["export"]}
     if args.format == "json":
-        _write_bytes(json.dumps(sections, indent=2, ensure_ascii=False).encode() + b"\n")
+        text = json.dumps(sections, indent=2, ensure_ascii=False)
+        _write_bytes((terminal.json_escaped(text) if sys.stdout.isatty() else text).encode() + b"\n")
         return 0
-    try:  # every line made before any is printed: an export is whole or not at all
-        lines = [
-            commands.export_line(module, table, row)
-            for module, tables in sections.items()
-            for table, rows in tables.items()
-            for row in rows
-        ]
+    _write_commands(
+        ("set", module, table, row) for module, tables in sections.items() for table, rows in tables.items() for row in rows
+    )
+    return 0
+
+
+def _write_commands(changes):
+    """Print (op, module, table, params) as the lines cmactor apply reads: every line made
+    before any is printed, so that the output is whole or not at all."""
+    try:
+        lines = [commands.export_line(module, table, row, op) for op, module, table, row in changes]
     except commands.CommandError as exc:
         raise CliError(str(exc)) from None
+    if sys.stdout.isatty():  # each line on one line: a newline in a value is shown as \n
+        lines = map(terminal.escaped, lines)
     _write_bytes("".join(line + "\n" for line in lines).encode())
+
+
+def cmd_journal(args):
+    changes = []
+    for path in args.files:
+        try:
+            changes += journal.as_commands(path)
+        except StoreError as exc:
+            raise CliError(f"{exc}; name journal files (state_dir/journal/MODULE.jsonl...) or snapshots (MODULE.snapshot...)") from None
+    _write_commands(changes)
     return 0
 
 
@@ -387,7 +416,7 @@ def _commands(count):
 def _refuse(name, malformed):
     """Report every bad line of an apply file, and refuse it whole."""
     for number, problem in sorted(malformed):
-        print(f"cmactor: {name} line {number}: {problem}", file=sys.stderr)
+        terminal.say(f"cmactor: {name} line {number}: {problem}")
     bad = "1 bad line" if len(malformed) == 1 else f"{len(malformed)} bad lines"
     raise CliError(f"{name}: {bad}; nothing was applied (fix the file and apply it again)")
 
@@ -399,11 +428,7 @@ def cmd_apply(args):
     found, malformed = commands.parse(_read_commands(args.file))
     if malformed:
         _refuse(name, malformed)
-
-    def notify(text):
-        print(text, file=sys.stderr, flush=True)
-
-    with _connect(args, notify) as conn:
+    with _connect(args, terminal.say) as conn:
         modules = conn.request({"op": "status"})["status"]
         runs = ", ".join(sorted(modules))
         unknown = [(c.line, f"unknown module {c.module!r}; the supervisor runs: {runs}") for c in found if c.module not in modules]
@@ -418,24 +443,23 @@ def cmd_apply(args):
                 failed.append(command.line)
                 problem = f"{name}: line {command.line} failed: {type(exc).__name__}: {exc}"
                 if args.keep_going and not conn.closed:
-                    print(f"cmactor: {problem}", file=sys.stderr)
+                    terminal.say(f"cmactor: {problem}")
                     continue
                 if applied:
                     lines = f"line {applied[0]}" if len(applied) == 1 else f"lines {applied[0]}-{applied[-1]}"
                     went_in = f"applied {lines} ({_commands(len(applied))})"
                 else:
                     went_in = "nothing was applied"
-                print(f"cmactor: {problem}; {went_in}; nothing after line {command.line} was sent", file=sys.stderr)
+                terminal.say(f"cmactor: {problem}; {went_in}; nothing after line {command.line} was sent")
                 return 1
             applied.append(command.line)
     if failed:
-        print(
+        terminal.say(
             f"cmactor: {name}: {len(applied)} of {_commands(len(found))} applied; {len(failed)} failed "
-            f"({'line' if len(failed) == 1 else 'lines'} {', '.join(map(str, failed))})",
-            file=sys.stderr,
+            f"({'line' if len(failed) == 1 else 'lines'} {', '.join(map(str, failed))})"
         )
         return 1
-    print(f"applied {_commands(len(applied))} from {name}")
+    terminal.say(f"applied {_commands(len(applied))} from {name}", sys.stdout)
     return 0
 
 
@@ -488,6 +512,14 @@ EXPORT_HELP = (
     "reads them back exactly; modules dependencies first, tables in persistent_list order. A value that is "
     "None is left out. Every module named (default: every module) must be READY."
 )
+JOURNAL_HELP = (
+    "Print the changes a module's journal (state_dir/journal/MODULE.jsonl, or one moved aside by "
+    "`cmactor run --saved-only`, MODULE.jsonl.aside-TIME, or kept by an earlier cmactor, MODULE.jsonl.old) or its "
+    "snapshot (MODULE.snapshot...) holds, as the lines cmactor apply reads: a snapshot's rows as sets, a journal's "
+    "records as the set or setop each was, in order, the module named after the file. Nothing is sent: "
+    "`cmactor journal FILE ... | cmactor apply -` replays them into the running supervisor (a snapshot first, "
+    "then the journal after it)."
+)
 APPLY_HELP = (
     "Replay FILE, lines of 'set|setop MODULE.TABLE key=value ...' (as cmactor export writes; words quoted "
     "as in a shell, values taken literally: key=None is the text None), in order. Blank lines and lines "
@@ -537,10 +569,18 @@ def build_parser():
         action="store_true",
         help="if the saved config file is unusable, rename it aside and start with defaults",
     )
-    run.add_argument(
+    start_from = run.add_mutually_exclusive_group()
+    start_from.add_argument(
         "--recover",
         action="store_true",
-        help="also replay the changes journaled since the last save (after a crash of the supervisor itself)",
+        help="load the saved config and the changes journaled since the last save (the default; kept for scripts)",
+    )
+    start_from.add_argument(
+        "--saved-only",
+        action="store_true",
+        help="start from the saved config file alone: each module's journal of unsaved changes is moved aside "
+        "(journal/MODULE.jsonl.aside-TIME, named in the log, never deleted; `cmactor journal FILE | cmactor "
+        "apply -` replays it)",
     )
     run.add_argument(
         "--strict",
@@ -596,6 +636,11 @@ def build_parser():
     )
     export.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to export (default: every module)")
     export.set_defaults(func=cmd_export)
+    replay = sub.add_parser(
+        "journal", help="print the changes journal files hold as commands, for cmactor apply", description=JOURNAL_HELP
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE", help="journal or snapshot files, in the order to replay them")
+    replay.set_defaults(func=cmd_journal)
     apply = sub.add_parser(
         "apply", parents=[common], help="replay a file of set/setop commands, as cmactor export writes", description=APPLY_HELP
     )
@@ -632,7 +677,7 @@ def main(argv=None):
     try:
         return args.func(args)
     except (Error, ConfigError, StartupError, CliError) as exc:
-        print(f"cmactor: {type(exc).__name__}: {exc}", file=sys.stderr)
+        terminal.say(f"cmactor: {type(exc).__name__}: {exc}")
         return 1
     except BrokenPipeError:  # `cmactor logs vlan | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
@@ -640,6 +685,16 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("cmactor: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("CMACTOR_TRACEBACK"):
+            raise
+        # One line whatever the message holds: a user gets an error, not a traceback.
+        print(
+            f"cmactor: internal error: {type(exc).__name__}: {terminal.escaped(str(exc))}; "
+            "run it again with CMACTOR_TRACEBACK=1 in the environment to see the traceback",
+            file=sys.stderr,
+        )
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -172,6 +172,15 @@ SUPERVISOR_OPTIONS = {
     "max_client_backlog": (_positive, 64 * 1024 * 1024),
     "max_backlog_total": (_positive, 512 * 1024 * 1024),
     "frame_timeout": (_positive_number, 10.0),
+    # Unfinished frames of all clients held by the supervisor, and by each worker for its
+    # direct clients; past it the client holding the most is dropped.
+    "max_frames_total": (_positive, 16 * 1024 * 1024),
+    # A worker's unsent replies to all its direct clients; past it the client with the
+    # most is dropped (its reads then go through the supervisor).
+    "max_direct_backlog_total": (_positive, 16 * 1024 * 1024),
+    # A direct connection with nothing in flight for this long is closed (the client
+    # connects again at its next read).
+    "direct_idle_timeout": (_positive_number, 60.0),
     # Where /metrics is served (metrics.py, the cmactor[metrics] extra); None: nothing is bound.
     "metrics": (_address, None),
     # get, getone and getnext from clients go straight to the module's worker, on a
@@ -222,6 +231,17 @@ def validate(where, raw, schema):
     return out
 
 
+def supervisor_options(where, raw):
+    """The [supervisor] options ``raw``, checked (validate) and against each other."""
+    options = validate(where, raw, SUPERVISOR_OPTIONS)
+    if options["max_frames_total"] < options["max_frame"]:
+        raise ConfigError(
+            f"{where}.max_frames_total: {options['max_frames_total']} is less than max_frame "
+            f"({options['max_frame']}), so a frame of max_frame bytes could never arrive; make it at least max_frame"
+        )
+    return options
+
+
 def resolve_entry(entry, base_dir, where):
     """Make a file entry absolute (relative to ``base_dir``) and check the file exists."""
     target, sep, func = entry.rpartition(":")
@@ -268,6 +288,6 @@ def load_toml(path):
     if extra:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor] and [agents.NAME]")
     base_dir = os.path.dirname(path)
-    options = validate(f"{path}: [supervisor]", data.get("supervisor", {}), SUPERVISOR_OPTIONS)
+    options = supervisor_options(f"{path}: [supervisor]", data.get("supervisor", {}))
     agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]")
     return options, agents, base_dir

@@ -20,6 +20,7 @@ fsync. A last line torn by a crash mid-write fails its checksum (or has no
 newline) and is dropped, never replayed half.
 """
 
+import datetime
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ class Journal:
         self.max_bytes = max_bytes
         self.records = []  # [op, table, params], in the order they were acknowledged
         self.snapshot = None  # the module's tables at the last compaction (JSON bytes), or None
+        self.base_bytes = 0  # what a compaction would write, about (set_base)
         self._file = None
         self._pending = False
         self._synced = 0  # records known to be on disk
@@ -47,42 +49,48 @@ class Journal:
         self.fsync_seconds = Histogram(FSYNC_BOUNDS)  # each sync()'s fsync: what a set to a persistent table waits for
 
     def open(self, recover):
-        """Open for appending. With ``recover`` the records on disk are kept (and
-        returned for replay); without, they are unsaved changes a fresh start
-        discards, and the file is kept aside as ``.old`` for an operator."""
+        """Open for appending; return the files moved aside (a list of paths).
+
+        With ``recover`` (every start but an operator's choice of the saved config
+        alone) the snapshot and the records on disk are loaded: a restarted
+        supervisor, after a crash or a clean stop alike, has the config it had.
+        Without, they are moved aside under names of their own, kept, never
+        deleted (``as_commands`` turns them into commands to replay them)."""
         if recover:
             self.records = read(self.path)
             if os.path.exists(self.snapshot_path):
                 self.snapshot = store.read(self.snapshot_path).get(_module(self.path))
+            moved = []
         else:
-            if os.path.exists(self.path) and os.path.getsize(self.path):
-                count = len(read(self.path))
-                os.replace(self.path, self.path + ".old")
-                log.warning(
-                    "%s: %d unsaved changes discarded by a fresh start (kept as %s.old; "
-                    "`cmactor run --recover` replays them)",
-                    self.path,
-                    count,
-                    self.path,
-                )
-            if os.path.exists(self.snapshot_path):
-                os.replace(self.snapshot_path, self.snapshot_path + ".old")
-                log.warning("%s: unsaved snapshot discarded by a fresh start (kept as .old)", self.snapshot_path)
+            moved = [_move_aside(path) for path in (self.snapshot_path, self.path) if _holds_data(path)]
         self._reopen()
-        return self.records
+        return moved
+
+    def left_by_older_versions(self):
+        """Files an earlier cmactor kept aside as ``.old`` at a start without its --recover,
+        snapshot first: changes that are in no running config. Not loaded; named."""
+        return [path + ".old" for path in (self.snapshot_path, self.path) if _holds_data(path + ".old")]
+
+    def set_base(self, size):
+        """The module's tables, as last written whole (its section of the config file, or
+        the snapshot), take ``size`` bytes. The journal is compacted only once it has
+        grown as large: each compaction rewrites the whole tables, so what compaction
+        writes in all stays within twice what the records themselves took."""
+        self.base_bytes = size
 
     @property
     def full(self):
-        """Past its bound: time to compact it."""
-        return bool(
-            (self.max_records and len(self.records) >= self.max_records)
-            or (self.max_bytes and self._synced_size >= self.max_bytes)
+        """Past its bound, and as large as the tables a compaction would write: time to compact it."""
+        past = (self.max_records and len(self.records) >= self.max_records) or (
+            self.max_bytes and self._synced_size >= self.max_bytes
         )
+        return bool(past) and self._synced_size >= self.base_bytes
 
     def compacted(self, snapshot, count):
         """The snapshot file now holds the tables as of the first ``count`` records: keep it
         in memory (a restart loads it), and drop those records."""
         self.snapshot = snapshot
+        self.base_bytes = len(snapshot)
         self.drop_first(count)
 
     def forget_snapshot(self):
@@ -110,7 +118,7 @@ class Journal:
         write leaves the record out (rollback() undoes what may have reached the file)."""
         self.records.append([op, table, params])
         self._pending = True
-        self._file.write(_encode(op, table, params))
+        self._file.write(encode(op, table, params))
 
     def sync(self):
         """Make every appended record durable, or raise OSError (then call rollback())."""
@@ -146,7 +154,7 @@ class Journal:
         tmp = self.path + ".tmp"
         with open(tmp, "wb", opener=store.owner_only) as f:  # a failure here leaves the journal as it was
             for op, table, params in rest:
-                f.write(_encode(op, table, params))
+                f.write(encode(op, table, params))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -163,18 +171,65 @@ def _module(path):
     return os.path.basename(path).removesuffix(".jsonl")
 
 
-def _encode(op, table, params):
+def _holds_data(path):
+    try:
+        return os.lstat(path).st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def _move_aside(path):
+    """Rename ``path`` to a name of its own, ``PATH.aside-<time>``; return that name."""
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+    aside = f"{path}.aside-{stamp}"
+    number = 1
+    while os.path.lexists(aside):  # two starts within a second: never overwrite the first
+        number += 1
+        aside = f"{path}.aside-{stamp}-{number}"
+    os.rename(path, aside)
+    return aside
+
+
+def as_commands(path):
+    """The changes a journal or snapshot file holds, as (op, module, table, params) in the
+    order they would load: a snapshot's rows as sets, a journal's records as they were
+    made. The module is the one the file is named after. StoreError if it is not one."""
+    name = os.path.basename(path)
+    module, _, kind = name.partition(".")
+    if kind.startswith("snapshot"):
+        section = store.read(path).get(module)
+        if section is None:
+            raise store.StoreError(f"{path} holds no section for module {module!r}, whose name it bears")
+        tables = json.loads(section)
+        return [("set", module, table, row) for table, rows in tables.items() for row in rows]
+    if kind.startswith("jsonl"):
+        return [(op, module, table, params) for op, table, params in read(path, strict=True)]
+    raise store.StoreError(
+        f"{path} is neither a journal (MODULE.jsonl...) nor a snapshot (MODULE.snapshot...) of cmactor's"
+    )
+
+
+def encode(op, table, params):
+    """One record as a journal line: what each acknowledged set or setop appends."""
     data = json.dumps([op, table, params], separators=(",", ":"), ensure_ascii=False).encode()
     return b"%08x " % zlib.crc32(data) + data + b"\n"
 
 
-def read(path):
-    """The records of a journal file; a torn or damaged tail is dropped with a warning."""
+def read(path, strict=False):
+    """The records of a journal file; a torn or damaged tail is dropped with a warning.
+    ``strict``: a file that is not there, or whose first line is not a record, is a
+    StoreError (a file named by an operator, not the journal a start opens)."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=store.no_follow) as f:
             lines = f.read().split(b"\n")
     except FileNotFoundError:
+        if strict:
+            raise store.StoreError(f"{path}: no such file") from None
         return []
+    except OSError as exc:
+        raise store.StoreError(f"journal {path} cannot be read: {store.reason(exc)}") from None
+    if strict and lines[0] and _decode(lines[0]) is None:
+        raise store.StoreError(f"{path} is not a cmactor journal: its first line is not a record")
     records = []
     complete, tail = lines[:-1], lines[-1]
     for number, line in enumerate(complete, 1):

@@ -13,20 +13,27 @@ import threading
 from cmactor import protocol as P
 
 from . import deps
-from .modules import FAILED, LOADING, READY, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
+from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
+from .workers import SpawnFailed
 
 log = logging.getLogger("cmactor.supervisor")
+
+# Seconds before a start that failed for want of descriptors or processes is tried
+# again, doubling up to the last.
+RETRY_FIRST = 0.05
+RETRY_MAX = 5.0
 
 
 class Lifecycle:
     """``on_stopped()`` is called once every worker is gone after a stop."""
 
-    def __init__(self, modules, loop, workers, router, saver, *, stop_timeout, on_stopped):
+    def __init__(self, modules, loop, workers, router, saver, logs, *, stop_timeout, on_stopped):
         self._modules = modules
         self._loop = loop
         self._workers = workers
         self._router = router
         self._saver = saver
+        self._logs = logs  # logs.ModuleLogs: what is said of a module goes to its own log too
         self._stop_timeout = stop_timeout
         self._on_stopped = on_stopped
         self.starting = True  # start() has not returned yet: a crash then is a failed start
@@ -42,12 +49,28 @@ class Lifecycle:
             if error is not None:
                 self.quarantine(mod, error)
 
-    def launch(self, mod):
-        """Start a worker for ``mod`` (STARTING); None, or why no process could be started."""
-        error = self._workers.spawn(mod)
-        if error is None:
-            mod.move(STARTING)
-        return error
+    def launch(self, mod, retry_in=RETRY_FIRST):
+        """Start a worker for ``mod`` (STARTING); None, or why no process could be started.
+
+        A start that fails for want of file descriptors or processes is no fault of the
+        module's: it waits in RESTARTING and is tried again in ``retry_in`` seconds
+        (doubling up to RETRY_MAX), as long as it takes, never counted as a crash."""
+        try:
+            self._workers.spawn(mod)
+        except SpawnFailed as exc:
+            if not exc.shortage:
+                return str(exc)
+            mod.move(RESTARTING)
+            mod.error = f"{exc}; trying again in {retry_in:g}s"
+            self._logs.report(mod, logging.WARNING, "module %s: %s", mod.name, mod.error)
+            self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
+            return None
+        mod.move(STARTING)
+        return None
+
+    def _retry_launch(self, mod, retry_in):
+        if mod.state == RESTARTING and mod.process is None and not self.stopping:
+            self.launch(mod, retry_in)
 
     def on_init(self, mod, init):
         """The agent called cmbackend_init(): check its config_deps, then wait for them."""
@@ -97,6 +120,7 @@ class Lifecycle:
         snapshot = mod.journal.snapshot  # newer than the config file when there is one
         section = self._saver.section(mod.name) if snapshot is None else snapshot
         journal = mod.journal.records
+        mod.journal.set_base(0 if section is None else len(section))
         mod.last_event = "event_generate_default" if section is None and not journal else "event_load_start"
         mod.channel.load(section, journal)
         # Changes replayed from the journal (or its snapshot) are not in the config file: still unsaved.
@@ -109,18 +133,19 @@ class Lifecycle:
         mod.loaded = True
         mod.load_errors = failed = loaded.failed
         failures = loaded.failures
+        report = self._logs.report
         for failure in failures:
-            log.error(
-                "module %s: saved row of table %s did not load: %s; row: %s",
-                mod.name,
-                failure["table"],
-                failure["message"],
-                failure["row"],
+            report(
+                mod, logging.ERROR, "module %s: saved row of table %s did not load: %s; row: %s",
+                mod.name, failure["table"], failure["message"], failure["row"],
             )
         if failed > len(failures):
-            log.error("module %s: %d more saved rows did not load", mod.name, failed - len(failures))
+            report(mod, logging.ERROR, "module %s: %d more saved rows did not load", mod.name, failed - len(failures))
+        if loaded.error is not None and not mod.ready_called:
+            self._start_failed(mod, f"{loaded.error}, before ready() was called", loaded.detail)
+            return
         if loaded.error is not None:
-            log.error("module %s: %s", mod.name, loaded.error)
+            report(mod, logging.ERROR, "module %s: %s", mod.name, loaded.error)
             mod.error = loaded.error
         elif failed:
             first = failures[0]
@@ -132,21 +157,33 @@ class Lifecycle:
         if mod.state == STARTING and not mod.fatal:  # ready() without cmbackend_init(): no tables, nothing to load
             mod.move(READY)
             mod.channel.serve()
-            log.info("module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)
+            self._logs.report(mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)
             self._router.release_held(mod)
             self._advance_waiting()
             return
         self._maybe_ready(mod)
 
     def on_fatal(self, mod, fatal):
+        """The worker said it is ending (its entry raised, returned or exited): its exit follows."""
         mod.fatal = True
         mod.error = fatal.message
-        log.error("module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else "")
+        mod.traceback = fatal.detail or None
+        self._logs.report(mod, logging.ERROR, "module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else "")
+
+    def _start_failed(self, mod, reason, detail):
+        """An event raised before the agent called ready(): the module cannot come up. Its
+        worker is ended at once, and its exit is a crash like any other (recovery.py):
+        quarantined during start(), else restarted as its restart policy says."""
+        mod.fatal = True  # never READY, whatever its worker still sends
+        mod.error = f"start failed: {reason}"
+        mod.traceback = detail
+        self._logs.report(mod, logging.ERROR, "module %s: %s; ending its worker", mod.name, mod.error)
+        self._workers.kill(mod)
 
     def _check_stuck(self, mod, process):
         if mod.process is process and mod.state == LOADING:
             reason = f"stuck: ready() not called within {mod.options['load_timeout']:g}s; last event {mod.last_event}"
-            log.warning("module %s %s", mod.name, reason)
+            self._logs.report(mod, logging.WARNING, "module %s %s", mod.name, reason)
             mod.error = f"{mod.error}; {reason}" if mod.error else reason
 
     def _maybe_ready(self, mod):
@@ -159,12 +196,12 @@ class Lifecycle:
         mod.channel.serve()  # reads from clients may now go to the worker's own socket
         if not mod.load_errors:
             mod.error = None
-        log.info("module %s READY (pid %d)", mod.name, mod.pid)
+        self._logs.report(mod, logging.INFO, "module %s READY (pid %d)", mod.name, mod.pid)
         self._router.release_held(mod)
         self._advance_waiting()  # which ends with check_start()
 
     def quarantine(self, mod, reason):
-        log.error("module %s FAILED: %s", mod.name, reason)
+        self._logs.report(mod, logging.ERROR, "module %s FAILED: %s", mod.name, reason)
         mod.move(FAILED)
         mod.error = reason
         self._workers.kill(mod)
@@ -196,6 +233,21 @@ class Lifecycle:
             else:
                 reasons[mod.name] = f"{mod.state}: {mod.last_event or 'no event'} still running"
         return reasons
+
+    def summary(self):
+        """(one line on every module that is not READY, whether all are READY): what a start
+        ends with, counting STOPPED and FAILED modules as what they are."""
+        modules = self._modules
+        others = self.not_ready()
+        for mod in modules.values():
+            if mod.state == STOPPED:
+                others[mod.name] = (
+                    f"STOPPED: its worker ended ({mod.last_exit}) and restart = {mod.options['restart']!r} leaves it so"
+                )
+        if not others:
+            return f"all {len(modules)} modules READY", True
+        ready = len(modules) - len(others)
+        return f"{ready} of {len(modules)} modules READY; " + "; ".join(f"{n}: {why}" for n, why in others.items()), False
 
     def end_start(self):
         self.starting = False
@@ -230,14 +282,14 @@ class Lifecycle:
                 continue
             if any(mod.name in other.config_deps for other in alive if other is not mod):
                 continue  # dependents stop first
-            log.info("module %s stopping", mod.name)
+            self._logs.report(mod, logging.INFO, "module %s stopping", mod.name)
             mod.move(STOPPING)
             mod.channel.stop()
 
     def _kill_remaining(self):
         for mod in self._modules.values():
             if mod.process is not None:
-                log.warning("module %s did not stop within stop_timeout; killing it", mod.name)
+                self._logs.report(mod, logging.WARNING, "module %s did not stop within stop_timeout; killing it", mod.name)
                 self._workers.kill(mod)
 
     def exited_while_stopping(self, mod):

@@ -145,6 +145,14 @@ class ModuleLogs:
             f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n"
         )
 
+    def report(self, mod, level, message, *args):
+        """What the supervisor says of a module (it started, crashed, failed to start, ...):
+        logged on the supervisor's logger and written in the module's own log, where an
+        operator reading it looks first."""
+        log.log(level, message, *args)
+        text = message % args if args else message
+        self._texts(mod.name).append(f"{_stamp(time.time())} {logging.getLevelName(level):<7} {log.name}: {text}\n")
+
     def output(self, mod, lines):
         """Lines the module's worker (or a process it started) wrote to stdout or stderr."""
         stamp = _stamp(time.time())

@@ -54,7 +54,8 @@ class EventLoop:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.watch(self._wake_r, self._run_calls, self._wake_r)
-        self._timers = []  # heap of (when, seq, fn, args); never replaced: the loop holds it
+        self._timers = []  # heap of [when, seq, fn, args]; never replaced: the loop holds it
+        self._cancelled = 0  # timers in the heap that were cancelled (fn None)
         self._done = False
         self._timer_seq = itertools.count()
         self._dirty = set()  # endpoints with output waiting
@@ -207,13 +208,36 @@ class EventLoop:
     # -- timers ------------------------------------------------------------
 
     def after(self, delay, fn, *args):
-        """Run ``fn(*args)`` on the loop thread in ``delay`` seconds."""
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), fn, args))
+        """Run ``fn(*args)`` on the loop thread in ``delay`` seconds; the timer, for cancel()."""
+        timer = [time.monotonic() + delay, next(self._timer_seq), fn, args]
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def cancel(self, timer):
+        """Never run ``timer``, and let go of what its call holds now, not at its time:
+        a request held for a day by a client that left must not keep its params that long.
+        Cancelled timers are swept out once they are half the heap."""
+        if timer[2] is None:
+            return
+        timer[2] = None
+        timer[3] = ()
+        self._cancelled += 1
+        timers = self._timers
+        if self._cancelled > 64 and self._cancelled * 2 > len(timers):
+            timers[:] = [t for t in timers if t[2] is not None]
+            heapq.heapify(timers)
+            self._cancelled = 0
 
     def _run_timers(self):
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, fn, args = heapq.heappop(self._timers)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            timer = heapq.heappop(timers)
+            fn, args = timer[2], timer[3]
+            if fn is None:
+                self._cancelled -= 1
+                continue
+            timer[2] = None  # run: a cancel() from now on is a no-op
             try:
                 fn(*args)
             except Exception:

@@ -58,7 +58,7 @@ class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
     __slots__ = (
-        "client", "rid", "request", "hold", "deadline", "sid", "issuer", "is_async", "dispatched_at", "received_at"
+        "client", "rid", "request", "hold", "timer", "sid", "issuer", "is_async", "dispatched_at", "received_at"
     )
 
     def __init__(self, client, rid, request, received_at):
@@ -66,8 +66,8 @@ class Pending:
         self.rid = rid
         self.request = request
         self.received_at = received_at  # (monotonic) its latency, held or not, runs from here to its answer
-        self.hold = None  # while held for its module: seconds it may wait, and until when
-        self.deadline = None
+        self.hold = None  # while held for its module: seconds it may wait, and the loop timer that ends it
+        self.timer = None
         self.sid = None
         self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
         self.is_async = False  # the target action is an @async_action
@@ -141,6 +141,7 @@ class Module:
         "loaded",
         "load_errors",
         "fatal",
+        "traceback",
         "request_stats",
         "figures",
         "observer",
@@ -198,6 +199,7 @@ class Module:
         self.loaded = False
         self.load_errors = 0
         self.fatal = False  # the worker reported it is ending (protocol.Fatal)
+        self.traceback = None  # of the exception that ended its start (an event's, or the entry's)
 
     @property
     def accepting(self):
@@ -274,6 +276,7 @@ class Module:
             "inflight": len(self.inflight) + (direct["inflight"] if direct else 0),
             "last_exit": self.last_exit,
             "error": self.error,
+            "traceback": self.traceback,
             "waiting_on": self.waiting_on if self.state == WAITING_DEPS else None,
             "saving": self.saving,
             "load_errors": self.load_errors,

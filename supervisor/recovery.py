@@ -16,8 +16,6 @@ from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError
 from .modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
 from .workers import describe_exit
 
-log = logging.getLogger("cmactor.supervisor")
-
 
 def split_started(inflight, slots):
     """Unanswered requests of a dead worker: (started, not started), from its progress slots."""
@@ -33,8 +31,14 @@ def split_started(inflight, slots):
     return started, waiting
 
 
+def _stuck_in(slots, first, count, limit):
+    """How many of ``count`` (sid, start) slot pairs from ``first`` hold an action started
+    before ``limit`` (monotonic ns) and not finished: one slice read, not a read a slot."""
+    return sum(1 for started in slots[first + 1 : first + 2 * count : 2] if 0 < started < limit)
+
+
 class Recovery:
-    def __init__(self, modules, loop, workers, router, graph, saver, lifecycle):
+    def __init__(self, modules, loop, workers, router, graph, saver, lifecycle, logs):
         self._modules = modules
         self._loop = loop
         self._workers = workers
@@ -42,6 +46,7 @@ class Recovery:
         self._graph = graph
         self._saver = saver
         self._lifecycle = lifecycle
+        self._logs = logs  # logs.ModuleLogs: a crash is reported in the module's own log too
 
     def on_exit(self, mod):
         """A worker's process ended, for whatever reason."""
@@ -69,8 +74,10 @@ class Recovery:
             self._router.hold_again(mod, waiting)  # they run after the restart
         self._saver.worker_died(mod, reason)
         if stopping or mod.state == STOPPING:
+            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s) in the stop", mod.name, pid, reason)
             self._lifecycle.exited_while_stopping(mod)
-        elif mod.state == RESTARTING:  # an operator asked for this restart
+        elif mod.state == RESTARTING:  # asked for: an operator's restart, or a journal that failed
+            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s); starting it again", mod.name, pid, reason)
             self._respawn(mod)
         elif mod.state != FAILED:
             self._exited(mod, pid, code, reason)
@@ -81,7 +88,10 @@ class Recovery:
         if policy == "always" or (policy == "on-failure" and code != 0):
             self._crashed(mod, f"worker pid {pid}", reason, time.monotonic() - mod.started_at)
         elif code == 0:
-            log.info("module %s: worker pid %d ended (%s); restart = %r leaves it STOPPED", mod.name, pid, reason, policy)
+            self._logs.report(
+                mod, logging.INFO, "module %s: worker pid %d ended (%s); restart = %r leaves it STOPPED",
+                mod.name, pid, reason, policy,
+            )
             mod.move(STOPPED)
             self._router.fail_held(mod)
             self._lifecycle.check_start()
@@ -102,7 +112,7 @@ class Recovery:
                 f"crashed more than {mod.policy.max_restarts} times within {mod.policy.window:g}s; last: {reason}",
             )
             return
-        log.error("module %s: %s %s; restarting in %.2fs", mod.name, what, reason, delay)
+        self._logs.report(mod, logging.ERROR, "module %s: %s %s; restarting in %.2fs", mod.name, what, reason, delay)
         mod.move(RESTARTING)
         self._loop.after(delay, self._respawn, mod)
 
@@ -121,7 +131,7 @@ class Recovery:
         from those. Not a crash: the restart policy does not count it."""
         if mod.process is None or mod.leaving:
             return
-        log.error("module %s: %s; restarting its worker without the changes", mod.name, reason)
+        self._logs.report(mod, logging.ERROR, "module %s: %s; restarting its worker without the changes", mod.name, reason)
         mod.move(RESTARTING)
         mod.error = reason
         self._workers.kill(mod)  # on_exit respawns it
@@ -152,13 +162,21 @@ class Recovery:
         started = slots[P.SLOT_SERIAL_START]
         if started and started < limit:
             return f"its serial lane was stuck in one action for more than hang_timeout={hang:g}s"
-        if mod.pool_size is not None and len(mod.inflight) >= mod.pool_size:
-            stuck = sum(1 for i in range(P.ASYNC_SLOTS) if 0 < slots[P.async_slot(i) + 1] < limit)
-            if stuck >= mod.pool_size:
-                return (
-                    f"all {mod.pool_size} threads of its pool were stuck in one @async_action each for more "
-                    f"than hang_timeout={hang:g}s"
-                )
+        # Counted from the slots alone, not from the requests in flight: a request that
+        # timed out is answered and forgotten here while its action still holds its thread.
+        # A pool's threads take the first slots, one each; direct reads, the first of theirs.
+        pool = mod.pool_size
+        if pool is not None and _stuck_in(slots, P.async_slot(0), min(pool, P.ASYNC_SLOTS), limit) >= pool:
+            return (
+                f"all {pool} threads of its pool were stuck in one @async_action each for more "
+                f"than hang_timeout={hang:g}s"
+            )
+        direct = P.direct_async_limit(pool)
+        if _stuck_in(slots, P.direct_slot(0), direct, limit) >= direct:
+            return (
+                f"all {direct} threads for direct reads of @async_action were stuck in one action each for more "
+                f"than hang_timeout={hang:g}s"
+            )
         heartbeat = mod.options["heartbeat_timeout"]
         if heartbeat:
             channel = mod.channel
@@ -193,7 +211,7 @@ class Recovery:
             stuck = self._stuck(mod, now, now_ns)
             if stuck is not None:
                 mod.error = stuck
-                log.error("module %s: %s; killing the worker", mod.name, stuck)
+                self._logs.report(mod, logging.ERROR, "module %s: %s; killing the worker", mod.name, stuck)
                 self._workers.kill(mod)
         if not self._lifecycle.stopping:
             tick = min(

@@ -11,7 +11,6 @@ setops are written to the audit log. Each answer is counted in its module's
 request figures (stats.py): op, outcome and latency from receipt to answer.
 """
 
-import time
 
 from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
@@ -83,56 +82,75 @@ class Router:
     # -- holding ----------------------------------------------------------
 
     def _hold(self, mod, requests, hold, front=False):
-        deadline = time.monotonic() + hold
+        """Hold ``requests`` for ``mod``, each on a timer of its own that a release or its
+        client's leaving cancels: the timer is all that would keep it in memory."""
+        after = self._loop.after
         for pending in requests:
-            pending.hold, pending.deadline = hold, deadline
+            pending.hold = hold
+            pending.timer = after(hold, self._expire_held, mod, pending)
         if front:
             mod.held.prepend(requests)
         else:
             mod.held.extend(requests)
-        self._loop.after(hold, self._expire_held, mod, requests)
 
     def hold_again(self, mod, requests):
         """Requests a dead worker had not started: first in line once it is back."""
         if requests:
             self._hold(mod, requests, self.hold_timeout, front=True)
 
-    def _expire_held(self, mod, requests):
-        """The hold of ``requests`` is over: fail those still held (a request held again
-        later has a later deadline, and its own timer)."""
-        now = time.monotonic()
+    def _expire_held(self, mod, pending):
+        """The hold of ``pending`` is over: fail it."""
+        mod.held.remove(pending)
+        pending.timer = None
+        self.fail(pending, ModuleUnavailable, f"{self.unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
+
+    def _unhold_one(self, mod, pending):
+        mod.held.remove(pending)
+        self._loop.cancel(pending.timer)
+        pending.timer = None
+
+    def _unhold(self, mod):
+        """Every request held for ``mod``, oldest first, taken out with its timer cancelled."""
+        cancel = self._loop.cancel
+        requests = mod.held.take_all()
         for pending in requests:
-            if pending in mod.held and pending.deadline <= now:
-                mod.held.remove(pending)
-                self.fail(pending, ModuleUnavailable, f"{self.unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
+            cancel(pending.timer)
+            pending.timer = None
+        return requests
 
     def release_held(self, mod):
         """``mod`` may accept requests again: send what was held for it, oldest first.
         Nothing goes to a worker that is gone: its requests wait for the next one."""
         if not (mod.accepting and mod.channel.open):
             return
-        for pending in mod.held.take_all():
+        for pending in self._unhold(mod):
             if pending.client.closed:
                 self._graph.forget(pending)  # nobody waits for it any more
             else:
                 self._dispatch(mod, pending)
 
     def fail_held(self, mod):
-        for pending in mod.held.take_all():
+        for pending in self._unhold(mod):
             self.fail(pending, ModuleUnavailable, self.unavailable(mod))
 
     def forget_client(self, client):
-        """``client`` is gone: what is held for it is dropped, never sent to a worker."""
+        """``client`` is gone: what is held for it is dropped at once, never sent to a worker;
+        what its module's worker has not started yet is cancelled there (the worker answers
+        each so, to nobody)."""
         for mod in self._modules.values():
             for pending in mod.held:
                 if pending.client is client:
-                    mod.held.remove(pending)
+                    self._unhold_one(mod, pending)
                     self._graph.forget(pending)
+            if mod.inflight and mod.channel.open:
+                sids = [sid for sid, pending in mod.inflight.items() if pending.client is client]
+                if sids:
+                    mod.channel.cancel(sids)
 
     def refuse_held_cycles(self, mod):
         """``mod`` now waits on its config_deps: refuse held calls that can never be served."""
         for pending, refusal in self._graph.refusals_held(mod):
-            mod.held.remove(pending)
+            self._unhold_one(mod, pending)
             self.fail(pending, DeadlockDetectedError, refusal)
 
     def close(self):

@@ -226,6 +226,7 @@ class Saver:
                 # which a restart replays again on top of the same rows.
                 log.error("module %s: could not truncate its journal after the save: %s", name, exc)
             journal.forget_snapshot()  # older than what the file now holds
+            journal.set_base(len(job.sections[name]))
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
         self._end(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
 

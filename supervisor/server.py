@@ -20,6 +20,7 @@ import time
 
 from cmactor import protocol as P
 from cmactor.errors import InterfaceError, InternalError, to_wire
+from cmactor.trim import release_free_memory
 from cmactor.validate import BadRequest, parse_request, peer_credentials, peer_uid
 
 from .config import SUPERVISOR_OPTIONS
@@ -31,7 +32,7 @@ log = logging.getLogger("cmactor.supervisor")
 MAX_SOCKET_PATH = 107
 
 # The [supervisor] keys that bound what clients can make the server hold (Server).
-LIMITS = ("max_client_requests", "max_client_backlog", "max_backlog_total", "frame_timeout")
+LIMITS = ("max_client_requests", "max_client_backlog", "max_backlog_total", "frame_timeout", "max_frames_total")
 _DEFAULTS = {key: SUPERVISOR_OPTIONS[key][1] for key in LIMITS}
 
 # Seconds the unsent replies of all clients may stay over max_backlog_total before the
@@ -61,7 +62,8 @@ def listen(path, allowed_uids=()):
     Returns (socket, path actually bound, private dir to remove or None). A path
     too long for AF_UNIX moves the socket to a short private directory. A directory
     made here is 0700, or 0711 when ``allowed_uids`` may connect: they must reach
-    the socket, which is then made 0666 (the peer uid check in Server is the gate).
+    the socket, which is then made 0666 (the peer uid check in Server is the gate);
+    else it is 0600.
     A directory that exists is never changed, and is refused if another user could
     replace the socket in it.
     """
@@ -85,14 +87,26 @@ def listen(path, allowed_uids=()):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        if allowed_uids:
-            os.chmod(path, 0o666)
+        # Connecting takes write permission on the socket: owner-only unless allowed_uids
+        # must get in, whom the peer uid check in Server then lets through alone.
+        os.chmod(path, 0o666 if allowed_uids else 0o600)
         sock.listen(128)
     except OSError:
         sock.close()
         raise
     sock.setblocking(False)
     return sock, path, private_dir
+
+
+def unlisten(sock, path, private_dir):
+    """Undo listen(): close the socket, remove its file (and the private directory made for it)."""
+    sock.close()
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    if private_dir:
+        shutil.rmtree(private_dir, ignore_errors=True)
 
 
 def _check_directory(directory, allowed_uids):
@@ -140,7 +154,7 @@ class Client:
 
     __slots__ = (
         "sock", "reader", "out", "closed", "closing", "peer_pid", "peer_uid", "in_flight", "reading",
-        "unserved", "frame_since", "frame_timer", "counted", "_server", "_mark",
+        "unserved", "frame_since", "frame_timer", "counted", "frame_counted", "_server", "_mark",
     )
 
     def __init__(self, server, sock, max_frame, peer_pid=None, peer_uid=None):
@@ -159,6 +173,7 @@ class Client:
         self.frame_since = None  # when the unfinished frame its reader holds was started
         self.frame_timer = False  # a frame_timeout check is due for it
         self.counted = 0  # len(out) as counted in the server's total backlog
+        self.frame_counted = 0  # its unfinished frame's bytes as counted in the server's total
 
     def _queue(self, data):
         if not self.closed:
@@ -223,7 +238,10 @@ class Server:
       the total is below it again, and while it stays above, the client with the
       largest backlog is dropped every BACKLOG_GRACE seconds;
     - an unfinished frame: one started must be complete within ``frame_timeout``
-      (its size is capped by ``max_frame`` from its header).
+      (its size is capped by ``max_frame`` from its header);
+    - unfinished frames of all clients: past ``max_frames_total`` bytes, the client
+      holding the largest is dropped (many clients each dribbling a frame of
+      ``max_frame`` would otherwise pin that much each).
 
     ``on_drop(client)``, if set, is called for each client dropped.
     """
@@ -239,6 +257,7 @@ class Server:
         max_client_backlog=_DEFAULTS["max_client_backlog"],
         max_backlog_total=_DEFAULTS["max_backlog_total"],
         frame_timeout=_DEFAULTS["frame_timeout"],
+        max_frames_total=_DEFAULTS["max_frames_total"],
     ):
         self.loop = loop
         self._listener, self.socket_path, self._private_dir = listening  # from listen()
@@ -251,6 +270,9 @@ class Server:
         self._max_backlog = max_client_backlog
         self._max_total = max_backlog_total
         self._frame_timeout = frame_timeout
+        self._max_frames = max_frames_total
+        self._frames = 0  # bytes of every client's unfinished frame, as counted
+        self._trim_due = False  # clients were dropped: what they held goes back to the system
         self.on_drop = None
         self._clients = set()
         self._backlog = 0  # unsent reply bytes of every client, as of its last flush
@@ -327,8 +349,27 @@ class Server:
         if reader.partial:
             if messages or client.frame_since is None:  # a frame started in this read
                 self._frame_started(client)
+            self._count_frame(client, reader.partial)
         else:
             client.frame_since = None
+            if client.frame_counted:
+                self._count_frame(client, 0)
+
+    def _count_frame(self, client, size):
+        """Count ``client``'s unfinished frame at ``size`` bytes; past max_frames_total for
+        all clients, drop the one holding the most."""
+        if client.closed:
+            return  # dropped meanwhile: it counts for nothing now
+        self._frames += size - client.frame_counted
+        client.frame_counted = size
+        if self._frames > self._max_frames:
+            largest = max(self._clients, key=lambda each: each.frame_counted)
+            log.warning(
+                "dropped client pid %s uid %s: its unfinished frame of %d bytes is the largest while the "
+                "unfinished frames of all clients total %d bytes, over max_frames_total (%d)",
+                largest.peer_pid, largest.peer_uid, largest.frame_counted, self._frames, self._max_frames,
+            )
+            self.drop(largest)
 
     def _serve(self, client, messages):
         """Hand each request on, or answer it if it is bad; at max_client_requests in
@@ -497,11 +538,21 @@ class Server:
         client.sock = None
         client.out = bytearray()  # its unsent replies go now, not when the last reference does
         client.unserved = ()
+        client.reader = P.FrameReader(0)  # and its unfinished frame
+        self._frames -= client.frame_counted
+        client.frame_counted = 0
         self._backlog -= client.counted
         client.counted = 0
         self._check_total()
         if self.on_drop is not None:
-            self.on_drop(client)
+            self.on_drop(client)  # which lets go of what was held for it
+        if not self._trim_due:  # once a turn at most, after what the drops freed is freed
+            self._trim_due = True
+            self.loop.after(0, self._trim)
+
+    def _trim(self):
+        self._trim_due = False
+        release_free_memory()
 
     def close(self):
         """Drop every client, stop listening and remove the socket (and its private directory)."""
@@ -510,11 +561,5 @@ class Server:
         if self._listener is None:
             return
         self.loop.unwatch(self._listener)
-        self._listener.close()
+        unlisten(self._listener, self.socket_path, self._private_dir)
         self._listener = None
-        try:
-            os.unlink(self.socket_path)
-        except OSError:
-            pass
-        if self._private_dir:
-            shutil.rmtree(self._private_dir, ignore_errors=True)

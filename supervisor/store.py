@@ -9,6 +9,7 @@ at load time as bytes: the supervisor checks the file but never parses rows.
 """
 
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -30,12 +31,12 @@ class StoreError(Exception):
 def read(path):
     """Sections by module name ({} when there is no file yet), or StoreError."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=no_follow) as f:
             data = f.read()
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise StoreError(f"config file {path} cannot be read: {exc.strerror}") from None
+        raise StoreError(f"config file {path} cannot be read: {reason(exc)}") from None
     head, newline, body = data.partition(b"\n")
     try:
         header = json.loads(head)
@@ -114,10 +115,24 @@ def write(path, sections):
     return header
 
 
+def no_follow(path, flags):
+    """open() opener that refuses a symbolic link (ELOOP) instead of following it: nothing
+    under state_dir is a link cmactor made, and one planted there could point anywhere."""
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)
+
+
+def reason(exc):
+    """An OSError's reason, naming a symbolic link for what it is."""
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which cmactor never follows under state_dir; remove it"
+    return exc.strerror
+
+
 def owner_only(path, flags):
     """open() opener for a file that holds config values (which may be secrets): made
-    0600, and one left readable by others (by hand, or by an older cmactor) is made 0600."""
-    fd = os.open(path, flags, 0o600)
+    0600, and one left readable by others (by hand, or by an older cmactor) is made 0600.
+    A symbolic link is refused, not followed (OSError, errno ELOOP)."""
+    fd = no_follow(path, flags)
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
         try:
@@ -130,9 +145,11 @@ def owner_only(path, flags):
 def private_dir(path):
     """Make directory ``path`` (0700) if it is missing; one of ours that others may enter is
     made 0700 where it can be. OSError if it cannot be made (FileExistsError: a file is
-    in the way)."""
+    in the way) or is a symbolic link (never followed)."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, f"{path} is a symbolic link, which cmactor never follows under state_dir; remove it")
     if st.st_mode & 0o077 and st.st_uid == os.geteuid():
         try:
             os.chmod(path, 0o700)

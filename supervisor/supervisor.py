@@ -16,9 +16,9 @@ from cmactor import cmfrontend
 from cmactor import protocol as P
 from cmactor.errors import StartupError
 
-from . import server, state, stats, store
+from . import fds, server, state, stats, store
 from .audit import AuditLog
-from .config import SUPERVISOR_OPTIONS, agents_config, load_toml, validate
+from .config import agents_config, load_toml, supervisor_options
 from .control import Control
 from .deadlock import WaitGraph
 from .lifecycle import Lifecycle
@@ -52,12 +52,14 @@ class Supervisor:
     ``entry``. Relative paths are relative to ``base_dir`` (the config file's
     directory for :meth:`from_toml`, else the current directory). Other keyword
     options are the ``[supervisor]`` keys of a cmactor.toml. ``ignore_config``: start with defaults when the saved config file
-    is unusable, after renaming it aside (else start refuses). ``recover``: also
-    replay the journals of changes made after the last save (else a fresh start
-    loads the saved config only).
+    is unusable, after renaming it aside (else start refuses). ``recover`` (the
+    default): each module is loaded with its saved config followed by the journal of
+    the changes acknowledged since, whether the last supervisor crashed or stopped
+    cleanly; False starts from the saved config alone, moving the journals aside
+    (kept, and named in the log) — an operator's explicit choice (``--saved-only``).
     """
 
-    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, recover=False, **options):
+    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, recover=True, **options):
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         self.ignore_config = ignore_config
         self.recover = recover
@@ -65,7 +67,7 @@ class Supervisor:
         # and the stop: `cmactor run` under systemd sets one, an embedding program need not.
         self.notifier = None
         self._metrics = None  # metrics.Exporter while /metrics is served
-        self.options = validate("Supervisor options", {"state_dir": state_dir, **options}, SUPERVISOR_OPTIONS)
+        self.options = supervisor_options("Supervisor options", {"state_dir": state_dir, **options})
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
         agent_options = agents_config(agents, self.base_dir)
@@ -73,6 +75,7 @@ class Supervisor:
         self.hold_timeout = self.options["hold_timeout"]
         self.socket_path = None
         self._loop = None
+        self._lock = None  # state.StateLock while started
 
     @classmethod
     def from_toml(cls, path, **overrides):
@@ -93,19 +96,15 @@ class Supervisor:
         if self._loop is not None:
             raise RuntimeError("this Supervisor was already started")
         timeout = self.options["start_timeout"] if timeout is None else timeout
+        fds.ensure(len(self.modules))  # StartupError with the numbers when the modules cannot fit
         # What cmactor creates is owner-only: the config, journal and audit log hold config
         # values. The state directory is also entered by allowed_uids (to reach the socket).
-        os.makedirs(self.state_dir, mode=0o711 if self.options["allowed_uids"] else 0o700, exist_ok=True)
-        sections = self._read_config()
-        self._logs = ModuleLogs(
-            os.path.join(self.state_dir, "logs"), self.modules, self.options["log_max_bytes"], self.options["log_backups"]
-        )
-        self._logs.check()  # StartupError naming the path if a module's log cannot be written
-        state.open_journals(self.modules, self.state_dir, self.recover)
+        # Nothing in it is read, renamed or created before its lock is held.
+        self._lock = state.lock(self.state_dir, 0o711 if self.options["allowed_uids"] else 0o700)
         try:
-            listening = state.listen(self.state_dir, self.base_dir, self.options["socket"], self.options["allowed_uids"])
-        except StartupError:
-            state.close_journals(self.modules)
+            sections, listening = self._open_state()
+        except BaseException:
+            self._lock.release()
             raise
         self.socket_path = listening[1]
         self._build(sections, listening)
@@ -124,19 +123,39 @@ class Supervisor:
         self._loop.call(self._lifecycle.end_start)
         if self.notifier is not None:
             self._loop.call(self.notifier.ready)
-        if reasons:
-            log.error("%d of %d modules not READY after start; serving the others: %s", len(reasons), len(self.modules), detail)
+        summary, all_ready = self._loop.call(self._lifecycle.summary)
+        if all_ready:
+            log.info("%s; listening on %s", summary, self.socket_path)
         else:
-            log.info("all %d modules READY; listening on %s", len(self.modules), self.socket_path)
+            log.error("%s; serving the others, listening on %s", summary, self.socket_path)
         return self
+
+    def _open_state(self):
+        """(The state_dir locked.) Read the config file, open the logs, the audit log and the
+        journals, and listen: (the config's sections, the socket as server.listen returns
+        it). StartupError with what was opened closed again."""
+        store.remove_leftovers(self.state_dir)  # ours alone: no other supervisor writes here
+        sections = self._read_config()
+        max_bytes, backups = self.options["log_max_bytes"], self.options["log_backups"]
+        self._logs = ModuleLogs(os.path.join(self.state_dir, "logs"), self.modules, max_bytes, backups)
+        self._logs.check()  # StartupError naming the path if a module's log cannot be written
+        audit = os.path.join(self.state_dir, "audit.log")
+        try:
+            self._audit = AuditLog(audit, max_bytes, backups)
+        except OSError as exc:
+            raise StartupError(f"audit log {audit} cannot be written: {store.reason(exc)}") from None
+        try:
+            state.open_journals(self.modules, self.state_dir, self.recover)
+            return sections, state.listen(self.state_dir, self.base_dir, self.options["socket"], self.options["allowed_uids"])
+        except StartupError:
+            state.close_journals(self.modules)
+            self._audit.close()
+            raise
 
     def _build(self, sections, listening):
         """Make the parts; each is given the others it calls (see the package docstring)."""
         modules = self.modules
         self._loop = loop = EventLoop()
-        self._audit = AuditLog(
-            os.path.join(self.state_dir, "audit.log"), self.options["log_max_bytes"], self.options["log_backups"]
-        )
         self._audit.schedule = loop.after_output
         self._server = server.Server(
             loop,
@@ -157,12 +176,13 @@ class Supervisor:
             direct=self._direct_options(),
         )
         self._lifecycle = lifecycle = Lifecycle(
-            modules, loop, workers, router, saver, stop_timeout=self.options["stop_timeout"], on_stopped=self._close
+            modules, loop, workers, router, saver, self._logs,
+            stop_timeout=self.options["stop_timeout"], on_stopped=self._close,
         )
         saver.on_idle = lifecycle.continue_stop
-        self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle)
+        self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle, self._logs)
         self._control = control = Control(
-            modules, self._server, graph, saver, recovery, lifecycle, self._audit, self._logs
+            loop, modules, self._server, graph, saver, recovery, lifecycle, self._audit, self._logs
         )
         self._server.on_data = router.route
         self._server.on_control = control.handle
@@ -192,24 +212,21 @@ class Supervisor:
         """How workers serve direct reads (cmactor/direct.py): the client socket's own bounds."""
         if not self.options["direct_reads"]:
             return None
-        keys = ("allowed_uids", "max_frame", "max_client_requests", "max_client_backlog", "frame_timeout")
+        keys = (
+            "allowed_uids", "max_frame", "max_client_requests", "max_client_backlog", "frame_timeout",
+            "max_frames_total", "max_direct_backlog_total", "direct_idle_timeout",
+        )
         options = {key: self.options[key] for key in keys}
         return {**options, "supervisor_socket": self.socket_path}
 
     def _serve_metrics(self):
         """Serve /metrics where [supervisor] metrics says; else stop and raise StartupError."""
         try:
-            self._metrics = stats.exporter(self.options["metrics"], self._figures)
+            self._metrics = stats.exporter(self.options["metrics"], self._control.figures)
         except StartupError:
             self.stop()
             raise
         log.info("serving Prometheus metrics at %s", self._metrics.url)
-
-    def _figures(self, timeout):
-        """(Any thread: the metrics collector's.) What status shows, copied on the loop thread."""
-        control = self._control
-        copy = self._loop.call_async(lambda: {"modules": control.status(), "supervisor": control.own_status()})
-        return copy.result(timeout)
 
     def _read_config(self):
         try:
@@ -233,8 +250,9 @@ class Supervisor:
         return None if self._metrics is None else self._metrics.url
 
     def status(self):
-        """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ..."""
-        return self._loop.call(self._control.status)
+        """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ...
+        (copied on the loop thread; the workers' psutil figures are read on the calling thread)."""
+        return self._control.status()
 
     def supervisor_status(self):
         """The supervisor's own figures: audit log lines that could not be written and the last error,
@@ -302,6 +320,7 @@ class Supervisor:
     def _close(self):
         self._saver.shutdown()
         self._server.close()
+        self._control.close()
         try:
             os.unlink(server.socket_pointer(self.state_dir))
         except OSError:
@@ -309,6 +328,7 @@ class Supervisor:
         self._audit.close()
         self._logs.close()
         state.close_journals(self.modules)
+        self._lock.release()  # last: the next supervisor may take the state_dir over now
         self._loop.finish()
 
     def _log_record(self, mod, record):

@@ -16,6 +16,7 @@ socket and a shared array for its figures (cmactor/figures.py) to the worker.
 The socket file goes when the worker is reaped.
 """
 
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -49,6 +50,29 @@ MAX_LINE = 16 * 1024
 # What is read of a dead worker's output: more than its socket can hold (everything it
 # wrote), and a bound on a process it started that goes on writing.
 DRAIN_MAX = 1024 * 1024
+
+
+# A start that fails with one of these lacks what passes (descriptors, processes, memory):
+# no fault of the module's, so it is tried again rather than counted as a crash.
+_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS))
+
+
+class SpawnFailed(Exception):
+    """No worker process could be started. ``shortage``: for want of file descriptors,
+    processes or memory (or the fork server died of it: multiprocessing starts a new
+    one at the next try), which passes; else something a retry will not mend."""
+
+    def __init__(self, message, shortage):
+        super().__init__(message)
+        self.shortage = shortage
+
+
+def _is_shortage(exc):
+    if isinstance(exc, OSError) and exc.errno in _SHORTAGE:
+        return True
+    # The fork server hangs up when it fails to fork (EAGAIN) or to receive the
+    # descriptors (EMFILE) in its own process: EOF here.
+    return isinstance(exc, EOFError | ConnectionError)
 
 
 class Channel:
@@ -108,6 +132,12 @@ class Channel:
 
     def stop(self):
         self._send(P.Stop.of())
+
+    def cancel(self, sids):
+        """The client of requests ``sids`` is gone: the worker drops those it has not started
+        (and answers each so). Rung: its reading thread may be running serial work."""
+        self._ring = True
+        self._send(P.Cancel.of(sids))
 
     def ping(self, now):
         """Ask the worker whether it is alive (it answers from whichever lane thread reads,
@@ -207,7 +237,7 @@ class Workers:
         self._handlers[kind.CODE] = (handler, kind.read)
 
     def spawn(self, mod):
-        """Start a worker for ``mod``; None, or why it could not be started."""
+        """Start a worker for ``mod``, or raise SpawnFailed saying why it could not be started."""
         env = dict(os.environ)
         env.update(mod.options["env"])
         env["CMACTOR_SOCKET"] = self._socket_path
@@ -249,7 +279,7 @@ class Workers:
                 sock.close()
             if route is not None:
                 _unlink(route["path"])
-            return f"could not start a worker process: {type(exc).__name__}: {exc}"
+            raise SpawnFailed(f"could not start a worker process: {type(exc).__name__}: {exc}", _is_shortage(exc)) from None
         child.close()  # else the worker's death would never show as EOF here
         bell_child.close()
         out_child.close()
@@ -260,7 +290,7 @@ class Workers:
         bell.setblocking(False)
         out.setblocking(False)
         mod.process = process
-        mod.slots = slots
+        mod.slots = memoryview(slots).cast("B").cast("q")  # read by index and slice, faster than ctypes
         mod.channel = Channel(parent, bell, self._sids, self._loop.mark, route)
         mod.psutil = health.track(process.pid)
         self._loop.watch(parent, self._read, mod, mod.channel)
@@ -270,7 +300,6 @@ class Workers:
         self._loop.watch(out, self._read_output, output)
         self._loop.watch(process.sentinel, self.on_exit, mod)
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
-        return None
 
     def _bind_direct(self, mod, opened):
         """Bind the worker's direct socket: (route, (listening socket, figures array)), or

@@ -432,7 +432,7 @@ def test_load_replays_saved_rows_then_the_journal_as_loads(sent):
     section = json.dumps({"t": [{"k": "1", "v": "a"}, {"k": "2", "v": None}]}).encode()
     journal = [["setop", "t", {"k": "1", "op": "flip"}], ["set", "t", {"k": "3", "v": "c"}]]
     loaded = P.decode(actions.load(wire(P.Load, 21, section, journal)))
-    assert loaded == P.Loaded.of(21, None, [], 0)
+    assert loaded == P.Loaded.of(21, None, [], 0, None)
     assert names(agent) == ["event_load_start", "t_set", "t_set", "t_setop", "t_set", "event_load_complete"]
     caller = (MODULE, "serial", 21)
     assert agent.calls[1:5] == [
@@ -466,7 +466,8 @@ def test_load_complete_runs_even_when_load_start_raises(actions, agent, caplog):
     agent.fail["event_load_start"] = RuntimeError("no disk")
     with caplog.at_level(logging.ERROR, logger="cmactor.worker"):
         loaded = P.decode(actions.load(wire(P.Load, 24, json.dumps({"t": [{"k": "1"}]}).encode(), [])))
-    assert loaded == P.Loaded.of(24, "event_load_start raised RuntimeError: no disk", [], 0)
+    assert loaded[:-1] == P.Loaded.of(24, "event_load_start raised RuntimeError: no disk", [], 0, None)[:-1]
+    assert loaded.detail.startswith("Traceback") and loaded.detail.endswith("RuntimeError: no disk")
     assert names(agent) == ["event_load_start", "event_load_complete"]
     assert "module fake: event_load_start raised" in caplog.records[0].getMessage()
 
@@ -478,12 +479,12 @@ def test_a_stopped_load_complete_is_the_error(actions, agent):
 
 
 def test_with_nothing_saved_the_agent_generates_defaults(actions, agent):
-    assert actions.load(wire(P.Load, 26, None, [])) == P.Loaded.of(26, None, [], 0)
+    assert actions.load(wire(P.Load, 26, None, [])) == P.Loaded.of(26, None, [], 0, None)
     assert names(agent) == ["event_generate_default"]
-    assert actions.load(wire(P.Load, 27, b"{}", [])) == P.Loaded.of(27, None, [], 0)  # saved empty: a load, not defaults
+    assert actions.load(wire(P.Load, 27, b"{}", [])) == P.Loaded.of(27, None, [], 0, None)  # saved empty: a load, not defaults
     assert names(agent)[1:] == ["event_load_start", "event_load_complete"]
     agent.calls.clear()
-    assert actions.load(wire(P.Load, 28, None, [["set", "t", {"k": "9"}]])) == P.Loaded.of(28, None, [], 0)  # journal only
+    assert actions.load(wire(P.Load, 28, None, [["set", "t", {"k": "9"}]])) == P.Loaded.of(28, None, [], 0, None)  # journal only
     assert names(agent) == ["event_load_start", "t_set", "event_load_complete"]
 
 

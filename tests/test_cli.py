@@ -1,8 +1,12 @@
 """The cmactor command, run as a real process with real signals."""
 
 import contextlib
+import importlib.util
+import io
 import json
 import os
+import pty
+import select
 import shlex
 import signal
 import subprocess
@@ -12,6 +16,9 @@ import time
 import psutil
 import pytest
 from conftest import agent
+
+from cmsupervisor import cli as cli_module
+from cmsupervisor.commands import export_line
 
 ECHO = agent("echo.py:main")
 
@@ -327,3 +334,151 @@ def test_key_none_names_an_index_column_with_no_start_value(catalog):
 def test_bad_paging_options_are_usage_errors(option, message):
     result = cli("getnext", "cat.item", *option)
     assert result.returncode == 2 and message in result.stderr
+
+
+def on_terminal(*args):
+    """Run cmactor with its stdout and its stderr each on a pseudo-terminal of its own, 200
+    columns wide: (exit status, what the stdout terminal got, what the stderr one got),
+    bytes, each "\\r\\n" of the terminal read as "\\n"."""
+    ends = [pty.openpty() for _ in range(2)]
+    env = dict(os.environ, COLUMNS="200", LINES="50")
+    try:
+        proc = subprocess.Popen(
+            cmactor_cmd() + list(args), stdin=subprocess.DEVNULL, stdout=ends[0][1], stderr=ends[1][1], env=env
+        )
+    finally:
+        for _, slave in ends:
+            os.close(slave)
+    got = {master: b"" for master, _ in ends}
+    reading = set(got)
+    deadline = time.monotonic() + 20
+    try:
+        while reading:
+            ready, _, _ = select.select(list(reading), [], [], max(0, deadline - time.monotonic()))
+            assert ready, f"cmactor {' '.join(args)} still writing after 20 s"
+            for master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    data = b""
+                got[master] += data
+                if not data:
+                    reading.discard(master)
+        status = proc.wait(20)
+    finally:
+        proc.kill()
+        for master in got:
+            os.close(master)
+    return (status, *(got[master].replace(b"\r\n", b"\n") for master, _ in ends))
+
+
+# What a value must never do to the terminal it is shown on: clear it, retitle it (OSC ..
+# BEL), colour it (C1's CSI), be read as rich markup or an emoji code; and how it is shown.
+EVIL = "\x1b[2J\x1b]0;pwned\x07 [red]uplink[/red] [/bold] x :thumbs_up: \x9b31m\x7f\ttab\nline"
+EVIL_SHOWN = r"\x1b[2J\x1b]0;pwned\x07 [red]uplink[/red] [/bold] x :thumbs_up: \x9b31m\x7f\ttab\nline"
+RICH = importlib.util.find_spec("rich") is not None
+RAW_CONTROLS = [b"\x1b[2J", b"\x1b]0", b"\x07", "\x9b".encode(), b"\x7f", b"\ttab", b"\nline"]
+
+
+def shows_escaped(shown):
+    """``shown`` (a terminal's bytes) has EVIL escaped, and none of its controls raw (rich
+    adds its own ESC sequences for styles, so ESC itself may be there)."""
+    assert EVIL_SHOWN.encode() in shown, shown
+    assert not [raw for raw in RAW_CONTROLS if raw in shown], shown
+
+
+def test_values_shown_on_a_terminal_are_escaped_and_never_read_as_markup(supervisor):
+    sup = supervisor({"echo": ECHO, "r": agent("reader.py:main")})
+    sup.connect().cursor().execute("set echo.kv", {"key": "evil", "value": EVIL})
+    socket = ("--socket", sup.socket_path)
+    for command in (["get", "echo.kv", "key=evil"], ["getnext", "echo.kv"], ["set", "echo.kv", "key=evil2", f"value={EVIL}"]):
+        status, out, err = on_terminal(*socket, *command)
+        assert (status, err) == (0, b""), (command, err)
+        shows_escaped(out)
+        assert ("│".encode() in out) == RICH  # its table, where it is installed
+    status, out, err = on_terminal(*socket, "export")
+    assert (status, err) == (0, b"")
+    shows_escaped(out)
+    assert f"set echo.kv key=evil value='{EVIL_SHOWN}'".encode() in out.splitlines()
+
+    # On stderr: an error's message, notify_cli text, a page's next command.
+    status, out, err = on_terminal(*socket, "set", "echo.boom", f"why={EVIL}")
+    assert (status, out) == (1, b"")
+    assert err == f"cmactor: DatabaseError: refused: {EVIL_SHOWN}\n".encode()
+    status, out, err = on_terminal(*socket, "get", "r.say", "times=1", "--vr", EVIL)
+    assert (status, err) == (0, f"line 0 for {EVIL_SHOWN}\n".encode())
+    status, out, err = on_terminal(*socket, "getnext", "echo.kv", "key=default", "--max-rows", "1")
+    assert status == 0 and err.endswith(b"\n") and err.count(b"\n") == 1
+    shows_escaped(err)
+
+
+def test_values_written_to_a_pipe_stay_exactly_as_they_are(supervisor):
+    sup = supervisor({"echo": ECHO})
+    sup.connect().cursor().execute("set echo.kv", {"key": "evil", "value": EVIL})
+    socket = ["--socket", sup.socket_path]
+    got = subprocess.run(cmactor_cmd() + socket + ["get", "echo.kv", "key=evil"], capture_output=True, timeout=30)
+    assert got.stdout == b"key   value\nevil  " + EVIL.encode() + b"\n"
+    exported = subprocess.run(cmactor_cmd() + socket + ["export"], capture_output=True, timeout=30)
+    assert exported.stdout == (
+        export_line("echo", "kv", {"key": "default", "value": "yes"}) + "\n" + export_line("echo", "kv", {"key": "evil", "value": EVIL}) + "\n"
+    ).encode()
+    as_json = subprocess.run(cmactor_cmd() + socket + ["--format", "json", "export"], capture_output=True, timeout=30)
+    assert json.loads(as_json.stdout) == {"echo": {"kv": [{"key": "default", "value": "yes"}, {"key": "evil", "value": EVIL}]}}
+    assert "\x9b".encode() in as_json.stdout  # as json.dumps(ensure_ascii=False) writes it
+    status, out, err = on_terminal(*socket, "--format", "json", "export")
+    assert json.loads(out) == json.loads(as_json.stdout)  # the same JSON on a terminal, its C1 and DEL escaped
+    assert b"\\u009b31m\\u007f" in out and not [raw for raw in RAW_CONTROLS if raw in out]
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_a_table_on_a_terminal_without_rich_is_escaped_too(monkeypatch):
+    for name in ("rich", "rich.console", "rich.table", "rich.text"):
+        monkeypatch.setitem(sys.modules, name, None)  # import rich fails, as where it is not installed
+    out = Terminal()
+    cli_module.print_table(["key", "value\x1b[1m"], [["evil", EVIL]], out)
+    assert out.getvalue().splitlines() == ["key   value\\x1b[1m", "evil  " + EVIL_SHOWN]
+
+
+NOT_UTF8 = "holds text that is not valid Unicode (a lone surrogate '\\udcff' at position {}: the command line held a byte that is not UTF-8?); pass UTF-8 text"
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        ([b"set", b"echo.kv", b"key=\xff"], f"param 'key' {NOT_UTF8.format(0)}"),
+        ([b"get", b"echo.kv", b"key=ab\xff"], f"param 'key' {NOT_UTF8.format(2)}"),
+        ([b"set", b"echo.kv", b"k\xff=1"], f"param name 'k\\udcff' {NOT_UTF8.format(1)}"),
+        ([b"get", b"echo.kv", b"key=a", b"--vr", b"\xff"], f"the request's 'vr' {NOT_UTF8.format(0)}"),
+    ],
+)
+def test_a_command_line_byte_that_is_not_utf8_is_an_error_naming_the_param(supervisor, args, problem):
+    sup = supervisor({"echo": ECHO})
+    command = [os.fsencode(word) for word in cmactor_cmd()] + [b"--socket", os.fsencode(sup.socket_path)] + args
+    result = subprocess.run(command, capture_output=True, timeout=30)
+    assert (result.returncode, result.stdout) == (1, b"")
+    assert result.stderr.decode() == f"cmactor: ProgrammingError: {problem}\n"
+    cur = sup.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert cur.fetchall() == [("default", "yes")]
+
+
+def test_an_unexpected_exception_is_one_line_and_its_own_exit_status(supervisor):
+    sup = supervisor({"echo": ECHO})
+    sup.connect().cursor().execute("set echo.kv", {"key": "z", "value": "Zürich"})
+    command = cmactor_cmd() + ["--socket", sup.socket_path, "get", "echo.kv", "key=z"]
+    environ = {name: value for name, value in os.environ.items() if name != "CMACTOR_TRACEBACK"}
+    ascii_only = dict(environ, PYTHONIOENCODING="ascii")  # stdout cannot write the value
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=ascii_only)
+    assert result.returncode == cli_module.INTERNAL_ERROR == 3
+    assert result.stderr.startswith("cmactor: internal error: UnicodeEncodeError: 'ascii' codec can't encode character '\\xfc'")
+    assert result.stderr.endswith("; run it again with CMACTOR_TRACEBACK=1 in the environment to see the traceback\n")
+    assert result.stderr.count("\n") == 1
+    traced = subprocess.run(command, capture_output=True, text=True, timeout=30, env=dict(ascii_only, CMACTOR_TRACEBACK="1"))
+    assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr
+    assert traced.stderr.rstrip().splitlines()[-1].startswith("UnicodeEncodeError: 'ascii' codec")

@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 
 import pytest
 from cmsupervisor import graphs, store
@@ -159,13 +160,23 @@ def test_other_moves_keep_the_start_up_flags():
     assert (mod.error, mod.loaded, mod.ready_called, mod.load_errors, mod.started_at) == ("load errors", True, True, 2, 1.0)
 
 
+class Reports:
+    """ModuleLogs' report(): what the supervisor said of each module, kept."""
+
+    def __init__(self):
+        self.lines = []
+
+    def report(self, mod, level, message, *args):
+        self.lines.append((mod.name, level, message % args))
+
+
 def test_a_worker_that_reported_it_is_ending_does_not_go_ready():
     # Its entry failed on the main thread just after registering, while a lane thread
     # loaded the config: the Fatal can arrive before the lane's Loaded and Ready.
     mod = module("x", LOADING)
-    lifecycle = Lifecycle({"x": mod}, None, None, None, None, stop_timeout=1, on_stopped=None)
+    lifecycle = Lifecycle({"x": mod}, None, None, None, None, Reports(), stop_timeout=1, on_stopped=None)
     lifecycle.on_fatal(mod, wire(P.Fatal, "entry 'x.py:main' raised RuntimeError: boom", ""))
-    lifecycle.on_loaded(mod, wire(P.Loaded, 1, None, [], 0))
+    lifecycle.on_loaded(mod, wire(P.Loaded, 1, None, [], 0, None))
     lifecycle.on_ready(mod, wire(P.Ready))
     assert mod.state == LOADING
     assert mod.error == "entry 'x.py:main' raised RuntimeError: boom"
@@ -433,7 +444,8 @@ def test_split_started_by_the_progress_slots(make):
 
 
 class LaunchFails:
-    """A lifecycle whose every start of a worker fails, as with the process out of fds."""
+    """A lifecycle whose every start of a worker fails, as with a process that cannot be made
+    (a shortage of descriptors is retried by the lifecycle itself, never reaching here)."""
 
     starting = stopping = False
 
@@ -441,7 +453,7 @@ class LaunchFails:
         self.quarantined = []
 
     def launch(self, mod):
-        return "could not start a worker process: OSError: [Errno 24] Too many open files"
+        return "could not start a worker process: PicklingError: cannot pickle the agent's options"
 
     def quarantine(self, mod, reason):
         self.quarantined.append(reason)
@@ -454,10 +466,10 @@ def test_a_restart_that_cannot_start_a_process_backs_off_then_quarantines():
     )
     mod = module("m", RESTARTING, policy=policy, started_at=time.monotonic() - 100)  # it had run for long
     loop, lifecycle = RouterLoop(), LaunchFails()
-    recovery = Recovery({"m": mod}, loop, None, None, None, None, lifecycle)
+    recovery = Recovery({"m": mod}, loop, None, None, None, None, lifecycle, Reports())
     for expected in (0.1, 0.2, 0.4):  # the backoff grows: a failed start has no uptime
         recovery._respawn(mod)
-        assert mod.state == RESTARTING and "Too many open files" in mod.last_exit
+        assert mod.state == RESTARTING and "cannot pickle" in mod.last_exit
         delay, fn, args = loop.timers.pop()
         assert delay == expected and fn == recovery._respawn and args == (mod,)
     recovery._respawn(mod)
@@ -516,6 +528,10 @@ class FakeJournal:
         self.snapshots_forgotten = 0
         self.snapshot_path = snapshot_path
         self.compactions = []
+        self.base_bytes = None
+
+    def set_base(self, size):
+        self.base_bytes = size
 
     def compacted(self, snapshot, count):
         self.compactions.append((snapshot, count))
@@ -874,6 +890,35 @@ def test_call_runs_on_the_loop_thread_and_returns_or_raises(loop):
     assert loop.deaths == []
 
 
+def test_a_cancelled_timer_never_runs_and_lets_go_of_its_arguments_at_once(loop):
+    fired = []
+    done = threading.Event()
+    big_holder = Holder(bytearray(1 << 20))
+    kept = weakref.ref(big_holder)
+
+    def schedule():
+        timers = [loop.after(0.05, fired.append, n) for n in range(200)]
+        doomed = loop.after(0.01, fired.append, big_holder)
+        loop.cancel(doomed)
+        loop.cancel(doomed)  # twice: nothing more
+        for timer in timers[:150]:  # past half the heap: swept out now, not at their time
+            loop.cancel(timer)
+        loop.after(0.1, done.set)
+        return len(loop._timers)
+
+    # Swept when the cancelled passed half the heap (101 of 201): 100 left, and done.set.
+    assert loop.call(schedule) == 101
+    del big_holder
+    assert kept() is None  # the cancelled timer no longer holds it
+    assert done.wait(5)
+    assert fired == list(range(150, 200))
+
+
+class Holder:
+    def __init__(self, value):
+        self.value = value
+
+
 def test_timers_fire_in_deadline_order_and_a_failing_one_is_logged(loop, caplog):
     caplog.set_level(logging.ERROR, logger="cmactor.supervisor")
     fired = []
@@ -1091,7 +1136,13 @@ class RouterLoop:
         self.now = 1000.0  # the turn's time, as EventLoop.now: a test moves it
 
     def after(self, delay, fn, *args):
-        self.timers.append((delay, fn, args))
+        timer = [delay, fn, args]
+        self.timers.append(timer)
+        return timer
+
+    def cancel(self, timer):
+        if timer in self.timers:
+            self.timers.remove(timer)
 
     def before_output(self, fn):
         self.before[fn] = None
@@ -1209,14 +1260,14 @@ def test_requests_to_a_loading_module_are_held_and_released_in_order():
     assert [p.hold for p in mod.held] == [7.5, 7.5, 7.5]
     held = list(mod.held)
     assert [(delay, fn.__name__, args) for delay, fn, args in r.loop.timers] == [
-        (7.5, "_expire_held", (mod, [pending])) for pending in held
+        (7.5, "_expire_held", (mod, pending)) for pending in held
     ]
     gone_client.closed = True
     mod.state = READY
     r.router.release_held(mod)
     assert [(sid, params) for sid, _, _, params, *_ in mod.channel.requests] == [(1, {"n": "1"}), (2, {"n": "2"})]
     assert [p.rid for p in mod.inflight.values()] == [first, second]
-    assert len(mod.held) == 0
+    assert len(mod.held) == 0 and r.loop.timers == []  # released: their timers cancelled
 
 
 def test_a_client_that_leaves_takes_its_held_requests_with_it():
@@ -1227,6 +1278,7 @@ def test_a_client_that_leaves_takes_its_held_requests_with_it():
     r.route("vlan", client=gone, caller=["ports", "serial", 3])
     r.router.forget_client(gone)
     assert [p.rid for p in r.modules["ports"].held] == [stays] and len(r.modules["vlan"].held) == 0
+    assert [args[1].rid for _, _, args in r.loop.timers] == [stays]  # theirs cancelled: nothing keeps them
     assert r.graph.admit(r.modules["ports"], Pending(r.client, 9, {
         "module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]}, 0.0)) is None  # no edge left
 
@@ -1267,7 +1319,7 @@ def test_hold_again_puts_requests_first_in_line():
     assert [p.rid for p in mod.held] == [100, 101, later]
     assert crashed[0].hold == 3
     r.router.hold_again(mod, [])
-    assert len(r.loop.timers) == 2
+    assert len(r.loop.timers) == 3  # one a request
 
 
 def test_a_request_to_an_unknown_module_names_the_known_ones():

@@ -15,6 +15,8 @@ import pytest
 from conftest import agent, tmpfs, wait_for
 
 import cmactor
+from cmsupervisor import store
+from cmsupervisor.journal import encode as journal_record
 
 ECHO = agent("echo.py:main")
 
@@ -206,8 +208,8 @@ def test_a_journal_past_its_bound_is_compacted_and_a_restart_loads_the_snapshot(
     assert dict(cur.fetchall()) == expected
     assert sup.status()["echo"]["unsaved"] is True
     sup.stop()
-    # The supervisor itself died: --recover loads the snapshot too.
-    again = supervisor({"echo": options}, state_dir=state, recover=True)
+    # The supervisor stopped: the next start loads the snapshot too.
+    again = supervisor({"echo": options}, state_dir=state)
     cur = again.connect().cursor()
     cur.execute("getnext echo.kv")
     assert dict(cur.fetchall()) == expected
@@ -216,13 +218,18 @@ def test_a_journal_past_its_bound_is_compacted_and_a_restart_loads_the_snapshot(
     assert again.status()["echo"]["unsaved"] is False
     cur.execute("set echo.kv", {"key": "k0", "value": "after"})
     again.stop()
-    fresh = supervisor({"echo": options}, state_dir=state)  # no --recover: the saved config only
-    cur = fresh.connect().cursor()
+    plain = supervisor({"echo": options}, state_dir=state)
+    cur = plain.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert dict(cur.fetchall()) == {**expected, "k0": "after"}
+    plain.stop()
+    saved_only = supervisor({"echo": options}, state_dir=state, recover=False)  # the saved config alone
+    cur = saved_only.connect().cursor()
     cur.execute("getnext echo.kv")
     assert dict(cur.fetchall()) == expected
 
 
-def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor):
+def test_saved_only_moves_an_unsaved_snapshot_aside(tmp_path, supervisor):
     state = tmp_path / "state"
     options = {"entry": ECHO, "journal_max_records": 5}
     sup = supervisor({"echo": options}, state_dir=state)
@@ -231,11 +238,12 @@ def test_without_recover_an_unsaved_snapshot_is_kept_aside(tmp_path, supervisor)
         cur.execute("set echo.kv", {"key": f"k{n}", "value": "v"})
     wait_for(lambda: (state / "journal" / "echo.snapshot").exists())
     sup.stop()
-    fresh = supervisor({"echo": options}, state_dir=state)
+    fresh = supervisor({"echo": options}, state_dir=state, recover=False)
     cur = fresh.connect().cursor()
     cur.execute("getnext echo.kv")
     assert dict(cur.fetchall()) == {"default": "yes"}
-    assert (state / "journal" / "echo.snapshot.old").exists() and not (state / "journal" / "echo.snapshot").exists()
+    assert len(list((state / "journal").glob("echo.snapshot.aside-*"))) == 1
+    assert not (state / "journal" / "echo.snapshot").exists()
 
 
 def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypatch):
@@ -269,10 +277,38 @@ def test_an_audit_line_that_cannot_be_encoded_is_dropped_alone(tmp_path):
     assert audit.failures == 1 and "TypeError" in audit.last_error
 
 
-def test_a_damaged_snapshot_stops_a_recover_start_naming_it(tmp_path, supervisor):
+def test_a_damaged_snapshot_stops_the_start_naming_it(tmp_path, supervisor):
     state = tmp_path / "state"
     (state / "journal").mkdir(parents=True)
     (state / "journal" / "echo.snapshot").write_text("not a snapshot\n")
-    sup = supervisor({"echo": ECHO}, state_dir=state, recover=True, start=False)
-    with pytest.raises(cmactor.StartupError, match=r"echo.snapshot is not a cmactor config file.*without --recover"):
+    sup = supervisor({"echo": ECHO}, state_dir=state, start=False)
+    with pytest.raises(cmactor.StartupError, match=r"echo.snapshot is not a cmactor config file.*--saved-only"):
         sup.start()
+
+
+def test_what_compaction_writes_in_all_stays_within_three_times_what_the_sets_wrote(tmp_path, supervisor, monkeypatch):
+    snapshots = []
+    write = store.write
+
+    def counted(path, sections):
+        header = write(path, sections)
+        snapshots.append(os.path.getsize(path))
+        return header
+
+    monkeypatch.setattr(store, "write", counted)
+    options = {"entry": ECHO, "journal_max_bytes": 64 * 1024, "journal_max_records": 0}
+    sup = supervisor({"echo": options}, state_dir=tmp_path / "state")
+    cur = sup.connect().cursor()
+    journaled = 0
+    for n in range(400):  # the table grows to 3.2 MiB, 64 KiB of journal at a time
+        params = {"key": f"k{n:03d}", "value": "v" * 8192}
+        cur.execute("set echo.kv", params)
+        journaled += len(journal_record("set", "kv", params))
+    wait_for(lambda: not sup._loop.call(lambda: sup._saver.running))
+    assert len(snapshots) >= 2, "the journal was never compacted"
+    # Each compaction rewrites the whole table: one every 64 KiB wrote 25 times what the sets did.
+    assert sum(snapshots) <= 3 * journaled, f"compaction wrote {sum(snapshots)} bytes for {journaled} journaled"
+    os.kill(sup.status()["echo"]["pid"], signal.SIGKILL)  # and a restart still has it all
+    wait_for(lambda: sup.status()["echo"]["restarts"] == 1 and sup.status()["echo"]["state"] == "READY")
+    cur.execute("getnext echo.kv")
+    assert len(cur.fetchall()) == 401

@@ -5,19 +5,21 @@ import concurrent.futures
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import agent
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_cli import cmactor_cmd
 from test_components import SaveSetup
 
 import cmactor
 from cmsupervisor import cli, store
-from cmsupervisor.commands import Command, export_line, parse
+from cmsupervisor.commands import Command, CommandError, export_line, parse, split_line
 from cmsupervisor.modules import READY, RESTARTING
 
 SWITCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "switch")
@@ -270,6 +272,120 @@ keys = st.text(min_size=1).filter(lambda key: "=" not in key)
 def test_any_row_reads_back_exactly(row):
     (command,), malformed = parse(export_line("mod", "tbl", row) + "\n")
     assert malformed == [] and command.params == row
+
+
+# Any character, lone surrogates too (text a client decoded from bytes that were not
+# UTF-8), with the ones that quoting is about drawn half the time.
+QUOTING = " \t\r\n'\"\\=#$`\x00\x1b\x7f\x85\u2028\udcff"
+ANY_CHAR = st.one_of(st.sampled_from(QUOTING), st.characters(exclude_categories=()))
+LINE_CHAR = st.one_of(st.sampled_from(QUOTING.replace("\n", "")), st.characters(exclude_categories=(), exclude_characters="\n"))
+any_key = st.text(ANY_CHAR, min_size=1).filter(lambda key: "=" not in key)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.dictionaries(any_key, st.text(ANY_CHAR), max_size=4), max_size=4))
+def test_a_file_of_rows_of_any_text_reads_back_row_by_row_with_their_line_numbers(rows):
+    lines = [export_line("mod", "tbl", row) for row in rows]
+    found, malformed = parse("".join(line + "\n" for line in lines))
+    assert malformed == []
+    assert [command.params for command in found] == rows
+    starts = [1 + sum(line.count("\n") + 1 for line in lines[:n]) for n in range(len(lines))]
+    assert [command.line for command in found] == starts
+
+
+SHLEX_ERRORS = {
+    "No closing quotation": "a quote opened on this line is never closed",
+    "No escaped character": "the line ends with a backslash, which escapes nothing",
+}
+
+
+@settings(max_examples=500)
+@given(st.text(LINE_CHAR))
+@example("a\\")
+@example("'a\\' b")
+@example('"a\\"')
+@example('"a\\\\" "\\x" "\\\'" \'\\"\' \\\\ \\a')
+@example("'' \"\" a''b \\ \t\r x")
+@example("k='one' 'two'\"three\"four\\ five")
+def test_a_line_splits_into_the_words_shlex_split_gives(line):
+    try:
+        expected = shlex.split(line)
+    except ValueError as exc:
+        expected = SHLEX_ERRORS[str(exc)]
+    try:
+        words = split_line(line)
+    except CommandError as exc:
+        words = str(exc)
+    assert words == expected
+
+
+def test_a_20_mib_line_is_read_in_linear_time():
+    # Every "'" of the value is written '"'"': the line is pieces of quoted text all along.
+    value = ("it's a \"quoted\" \\ path, Zürich; " * 700_000)[: 20 * 1024 * 1024]
+    line = export_line("m", "t", {"k": value})
+    started = time.monotonic()
+    (command,), malformed = parse(line + "\n")
+    assert time.monotonic() - started < 30  # under 1 s here; with shlex.split it never finished
+    assert malformed == [] and command.params == {"k": value}
+
+
+def unclosed_quote_file():
+    """1000 commands for echo.kv: a quote never closed on line 3, bad lines at 500 and 1000."""
+    lines = [f"set echo.kv key=k{n} value=v{n}" for n in range(1, 1001)]
+    lines[2] = "set echo.kv key='never closed"
+    lines[499] = "sett echo.kv key=x"
+    lines[999] = "set echo.kv novalue"
+    return "\n".join(lines) + "\n"
+
+
+UNCLOSED_QUOTE_PROBLEMS = [
+    (3, "a quote opened on this line is never closed"),
+    (500, "unknown op 'sett'; a line is set|setop MODULE.TABLE key=value ..."),
+    (1000, "'novalue' is not key=value; a line is set|setop MODULE.TABLE key=value ..."),
+]
+
+
+def test_a_quote_never_closed_hides_no_other_bad_line():
+    started = time.monotonic()
+    found, malformed = parse(unclosed_quote_file())
+    assert time.monotonic() - started < 10  # a few ms here; shlex re-split the growing text for 15 s
+    assert malformed == UNCLOSED_QUOTE_PROBLEMS
+    assert [command.line for command in found] == [n for n in range(1, 1001) if n not in (3, 500, 1000)]
+
+
+def test_after_a_quote_never_closed_each_line_is_read_on_its_own():
+    text = (
+        "set a.t k='one\n"
+        "two' v='three\n"  # the quote that closes is line 1's; line 2's never is
+        "set a.t k=1\n"
+        'set a.t k="x\n'  # would go on to line 5 before line 2's quote was found unclosed
+        'y"\n'
+        "set a.t k=2\n"
+    )
+    found, malformed = parse(text)
+    assert malformed == [
+        (1, "a quote opened on line 2 is never closed"),
+        (4, "a quote opened on this line is never closed"),
+        (5, "a quote opened on this line is never closed"),
+    ]
+    assert [(command.line, command.params) for command in found] == [(3, {"k": "1"}), (6, {"k": "2"})]
+    found, malformed = parse("set a.t k='one\ntwo' v=\\\nset a.t k=3\n")
+    assert malformed == [(1, "line 2 ends with a backslash, which escapes nothing")]
+    assert found == [Command(3, "set", "a", "t", {"k": "3"})]
+
+
+def test_apply_reports_every_bad_line_after_a_quote_never_closed_and_applies_nothing(tmp_path, supervisor):
+    sup = supervisor({"echo": ECHO})
+    path = tmp_path / "kv.conf"
+    path.write_text(unclosed_quote_file())
+    applied = cmactor_cli("--socket", sup.socket_path, "apply", str(path))
+    assert (applied.returncode, applied.stdout) == (1, b"")
+    assert applied.stderr.decode().splitlines() == [f"cmactor: {path} line {n}: {problem}" for n, problem in UNCLOSED_QUOTE_PROBLEMS] + [
+        f"cmactor: CliError: {path}: 3 bad lines; nothing was applied (fix the file and apply it again)"
+    ]
+    cur = sup.connect().cursor()
+    cur.execute("getnext echo.kv")
+    assert cur.fetchall() == [("default", "yes")]
 
 
 def test_an_export_waits_for_the_save_under_way_and_changes_nothing_it_walks(tmp_path):

@@ -374,6 +374,10 @@ def test_past_max_backlog_total_no_client_is_read_and_the_largest_backlog_is_dro
         ("max_backlog_total", 1.5, "expected a whole number >= 0, got 1.5"),
         ("frame_timeout", 0, "expected a number of seconds > 0, got 0"),
         ("frame_timeout", float("inf"), "expected a finite number of seconds, got inf"),
+        ("max_frames_total", 0, "expected a whole number >= 1, got 0"),
+        ("max_frames_total", 1024, r"1024 is less than max_frame \(8388608\), so a frame of max_frame bytes could never"),
+        ("max_direct_backlog_total", "16M", "expected a whole number >= 0, got '16M'"),
+        ("direct_idle_timeout", 0, "expected a number of seconds > 0, got 0"),
     ],
 )
 def test_the_bounds_are_checked_like_every_option(key, value, words):
@@ -395,9 +399,9 @@ if __name__ == "__main__":
     limit = int(sys.argv[3])
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     logging.basicConfig(level=logging.INFO)
-    # Restarts that fail for want of descriptors are crashes to the restart policy: with
-    # the default max_restarts the module would be quarantined while the test holds them.
-    agents = {"echo": {"entry": sys.argv[1], "max_restarts": 1000, "restart_delay_max": 0.5}}
+    # The default restart policy: restarts that fail for want of descriptors are retried,
+    # never counted as crashes, so the module is not quarantined while the test holds them.
+    agents = {"echo": sys.argv[1]}
     with cmactor.Supervisor(agents, state_dir=sys.argv[2]) as sup:
         print(sup.socket_path, flush=True)
         sys.stdin.read()
@@ -477,6 +481,7 @@ def test_out_of_descriptors_the_supervisor_waits_instead_of_spinning_and_recover
     os.kill(worker_pid, signal.SIGKILL)  # its restart needs descriptors too
     spent = cpu_seconds(supervisor_process, 1.0)
     assert spent < 0.5, f"the supervisor spent {spent:.2f}s of CPU in 1s restarting a worker without descriptors"
+    time.sleep(2)  # longer than max_restarts failed starts would take to quarantine it (1.55 s)
     for sock in socks:
         sock.close()
     cur = cmactor.connect(socket=path, timeout=10).cursor()

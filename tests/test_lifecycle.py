@@ -241,5 +241,5 @@ def test_long_state_dir_moves_the_socket_to_a_short_private_dir(supervisor, tmp_
 
 def test_a_second_supervisor_on_the_same_state_dir_is_refused(supervisor, tmp_path):
     supervisor({"echo": ECHO}, state_dir=tmp_path / "shared")
-    with pytest.raises(cmactor.StartupError, match="another supervisor is already listening"):
+    with pytest.raises(cmactor.StartupError, match=f"is in use: the supervisor pid {os.getpid()} holds its lock"):
         supervisor({"echo": ECHO}, state_dir=tmp_path / "shared")

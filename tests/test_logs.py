@@ -52,8 +52,10 @@ def test_records_stdout_and_stderr_land_in_each_modules_own_log(supervisor, capl
     cur.execute("get echo.log", {"msg": "hi"})
     log = logged(sup, "record 0")
     pid = sup.status()["chatty"]["pid"]
+    # What the supervisor says of the module is in its log too.
+    assert f"INFO    cmactor.supervisor: module chatty READY (pid {pid})" in log
     # In the order written, each line stamped; stdout and stderr alike are OUTPUT.
-    lines = [line.split(" ", 2)[2] for line in log.splitlines()]
+    lines = [line.split(" ", 2)[2] for line in log.splitlines() if " cmactor.supervisor: " not in line]
     assert lines == [
         f"OUTPUT  chatty pid {pid} started",
         "OUTPUT  out 0 Zürich ☃",
@@ -84,9 +86,14 @@ def test_a_crashed_workers_last_words_reach_the_log_before_its_restart(superviso
         # the socket holds, so the worker is gone before the supervisor has read it all.
         burst = "".join(f"burst {n}.{i} " + "-" * 1000 + "\n" for i in range(300)) + f"unended {n}"
         pid, new_pid = restart(sup, cur, text=f"bye {n}.{{n}}", count="50", tail=burst)
-        said = [line.split("OUTPUT  ")[1] for line in logged(sup, f"chatty pid {new_pid} started").splitlines()]
+        log = logged(sup, f"chatty pid {new_pid} started")
+        said = [line.split("OUTPUT  ")[1] for line in log.splitlines() if "OUTPUT  " in line]
         last_words = said[said.index(f"chatty pid {pid} started") + 1 : said.index(f"chatty pid {new_pid} started")]
         assert last_words == [f"bye {n}.{i}" for i in range(50)] + burst.split("\n")
+        # Its crash, and the restart, are reported in its own log after its last words.
+        assert log.index(f"unended {n}") < log.index(f"module chatty: worker pid {pid} exit code") < log.index(
+            f"chatty pid {new_pid} started"
+        )
 
 
 def test_a_process_holding_the_output_open_does_not_keep_a_dead_worker_or_its_descriptors(supervisor):
@@ -123,7 +130,7 @@ def test_output_without_newlines_is_cut_into_lines_of_the_cap(supervisor):
     cur.execute("set chatty.say", {"text": "x" * 1000, "to": "raw", "count": "100"})  # 100 kB, no newline
     cur.execute("set chatty.say", {"text": "end"})
     log = logged(sup, "end")
-    output = [line.split("OUTPUT  ", 1)[1] for line in log.splitlines()[1:]]
+    output = [line.split("OUTPUT  ", 1)[1] for line in log.splitlines()[1:] if "OUTPUT  " in line]
     assert "".join(output) == "x" * 100_000 + "end"
     assert max(map(len, output)) == MAX_LINE
 
@@ -269,8 +276,10 @@ def test_cmactor_logs_reads_a_stopped_supervisors_logs_through_its_config_file(t
     with cmactor.Supervisor.from_toml(config) as sup:
         sup.connect().cursor().execute("set chatty.say", {"text": "before the stop"})
         logged(sup, "before the stop")
-    assert cli.main(["-c", str(config), "logs", "chatty", "-n", "1"]) == 0
-    assert capsys.readouterr().out.endswith("OUTPUT  before the stop\n")
+    assert cli.main(["-c", str(config), "logs", "chatty", "-n", "3"]) == 0
+    last = capsys.readouterr().out.splitlines()
+    assert last[0].endswith("OUTPUT  before the stop")
+    assert last[1].endswith("module chatty stopping") and "worker pid" in last[2] and "in the stop" in last[2]
     assert cli.main(["-c", str(config), "logs", "other"]) == 1
     assert capsys.readouterr().err == f"cmactor: CliError: unknown module 'other'; {config} configures: chatty\n"
     assert cli.main(["--socket", str(tmp_path / "none.sock"), "logs", "chatty"]) == 1
@@ -290,10 +299,14 @@ def test_cmactor_logs_follow_goes_on_across_a_rotation(supervisor):
     threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
 
     def next_said():
-        return lines.get(timeout=10).split("OUTPUT  ")[1].strip()
+        while True:
+            line = lines.get(timeout=10)
+            if "OUTPUT  " in line:
+                return line.split("OUTPUT  ")[1].strip()
 
     try:
-        assert next_said().startswith("chatty pid")  # the last line so far: it follows from here
+        first = lines.get(timeout=10)  # the last line so far: it follows from here
+        assert "module chatty READY" in first or "OUTPUT  chatty pid" in first
         cur.execute("set chatty.say", {"text": "said {n} " + "-" * 60})
         assert next_said() == "said 0 " + "-" * 60
         cur.execute("set chatty.say", {"text": "burst {n} " + "-" * 60, "count": "50"})  # one rotation
@@ -302,3 +315,53 @@ def test_cmactor_logs_follow_goes_on_across_a_rotation(supervisor):
     finally:
         follower.terminate()
         follower.wait(10)
+
+
+LINE = 64  # bytes a line of the follow tests takes
+PER_FILE = 4096 // LINE  # lines a log of log_max_bytes 4096 holds
+
+
+def numbered(n):
+    return (b"line %08d " % n).ljust(LINE - 1, b"-") + b"\n"
+
+
+@pytest.mark.parametrize(
+    "backups, bursts",
+    [
+        (5, [3, 1, 5, 2, 6, 4]),  # 6: the file followed is rotated past the 5 kept, and read from its open fd
+        (2, [3, 1, 3]),
+        (0, [1, 1, 1]),  # each rotation removes the file and starts over: one file a burst, none lost
+    ],
+)
+def test_cmactor_logs_follow_reads_every_file_rotated_between_two_looks(tmp_path, backups, bursts):
+    config = tmp_path / "cmactor.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "state"\n[agents.chatty]\nentry = "{CHATTY}"\n')
+    logs = tmp_path / "state" / "logs"
+    logs.mkdir(parents=True)
+    stale = logs / "chatty.log.9"  # left by a config that kept more: older than all, never shown
+    stale.write_bytes(b"stale\n")
+    os.utime(stale, (1, 1))
+    # The supervisor's own writer, in this process: the lines go in as fast as it rotates.
+    log = RotatingFile(str(logs / "chatty.log"), 4096, backups)
+    log.write(b"start".ljust(LINE - 1, b"-") + b"\n")
+    follower = subprocess.Popen(cmactor_cmd() + ["-c", str(config), "logs", "chatty", "-n", "1", "-f"], stdout=subprocess.PIPE)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
+    try:
+        assert lines.get(timeout=10).startswith(b"start-")  # it holds the log open: bursts can begin
+        written, seen = 0, []
+        for rotations in bursts:
+            # One write of that many files' worth of lines (the log holds one line more: that
+            # many rotations exactly): the renames come microseconds apart, well within one
+            # of the follower's looks, 0.2 s apart.
+            count = rotations * PER_FILE
+            log.write(b"".join(numbered(n) for n in range(written, written + count)))
+            written += count
+            while not seen or seen[-1] < written - 1:  # its last line: the follower caught up
+                seen.append(int(lines.get(timeout=10).split()[1]))
+        assert seen == list(range(written))  # in order, none skipped, none twice
+        assert len(os.listdir(logs)) == 2 + backups  # the log, the rotated ones kept, the stale one
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        log.close()

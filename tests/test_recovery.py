@@ -1,6 +1,7 @@
 """Crashed agents come back with the config they had; nobody waiting on them hangs."""
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -99,7 +100,7 @@ def test_journal_records_are_durable_before_the_reply(supervisor):
     assert json.loads(data) == ["set", "kv", {"key": "k", "value": "v"}] and len(crc) == 8
 
 
-def test_a_fresh_start_loads_saved_config_only_and_recover_replays_the_journal(supervisor, tmp_path):
+def test_every_start_replays_the_journal_and_only_saved_only_moves_it_aside(supervisor, tmp_path, caplog):
     state = tmp_path / "state"
     sup = supervisor({"echo": ECHO}, state_dir=state)
     cur = sup.connect().cursor()
@@ -107,19 +108,28 @@ def test_a_fresh_start_loads_saved_config_only_and_recover_replays_the_journal(s
     sup.save()
     for key in ("j1", "j2", "j3"):
         cur.execute("set echo.kv", {"key": key, "value": key})
-    sup.stop()
+    sup.stop()  # a clean stop: the running config survives it as a crash's does
     journal = state / "journal" / "echo.jsonl"
     with open(journal, "ab") as f:
         f.write(b"0badc0de [\"set\",\"kv\",{\"key\":\"to")  # torn: the supervisor died mid-write
-    recovered = supervisor({"echo": ECHO}, state_dir=state, recover=True)
-    got = kv_rows(recovered.connect().cursor())
+    again = supervisor({"echo": ECHO}, state_dir=state)  # a plain start
+    got = kv_rows(again.connect().cursor())
     assert {k: got[k] for k in ("saved", "j1", "j2", "j3")} == {"saved": "1", "j1": "j1", "j2": "j2", "j3": "j3"}
     assert not any(k.startswith("to") for k in got)
-    assert recovered.status()["echo"]["unsaved"] is True
+    assert again.status()["echo"]["unsaved"] is True
+    again.stop()
+    recovered = supervisor({"echo": ECHO}, state_dir=state, recover=True)  # --recover: accepted, the same
+    assert sorted(kv_rows(recovered.connect().cursor())) == ["default", "j1", "j2", "j3", "saved"]
     recovered.stop()
-    fresh = supervisor({"echo": ECHO}, state_dir=state)
-    assert sorted(kv_rows(fresh.connect().cursor())) == ["default", "saved"]
-    assert (state / "journal" / "echo.jsonl.old").exists()
+    kept = journal.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="cmactor.supervisor"):
+        saved_only = supervisor({"echo": ECHO}, state_dir=state, recover=False)  # --saved-only
+    assert sorted(kv_rows(saved_only.connect().cursor())) == ["default", "saved"]
+    assert saved_only.status()["echo"]["unsaved"] is False
+    [aside] = (state / "journal").glob("echo.jsonl.aside-*")
+    assert aside.read_bytes() == kept  # moved, never deleted
+    message = next(r.getMessage() for r in caplog.records if "moved aside" in r.getMessage())
+    assert f"moved aside to {aside}" in message and f"cmactor journal {aside} | cmactor apply -" in message
 
 
 def test_a_damaged_record_in_the_middle_drops_it_and_the_rest(tmp_path, caplog):

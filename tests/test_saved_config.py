@@ -64,7 +64,7 @@ def test_save_stop_start_replays_the_rows_in_saved_order(supervisor, tmp_path):
     assert again.status()["echo"]["unsaved"] is False  # rows loaded from the file leave it clean
 
 
-def test_unsaved_changes_are_not_loaded_by_a_fresh_start(supervisor, tmp_path):
+def test_unsaved_changes_survive_a_clean_stop_and_still_show_as_unsaved(supervisor, tmp_path):
     state = tmp_path / "state"
     sup = supervisor({"echo": ECHO}, state_dir=state)
     cur = sup.connect().cursor()
@@ -73,7 +73,11 @@ def test_unsaved_changes_are_not_loaded_by_a_fresh_start(supervisor, tmp_path):
     cur.execute("set echo.kv", {"key": "unsaved", "value": "1"})
     sup.stop()
     again = supervisor({"echo": ECHO}, state_dir=state)
-    assert list(kv_rows(again.connect().cursor())) == ["default", "saved"]
+    assert list(kv_rows(again.connect().cursor())) == ["default", "saved", "unsaved"]
+    assert again.status()["echo"]["unsaved"] is True
+    again.stop()
+    saved_only = supervisor({"echo": ECHO}, state_dir=state, recover=False)
+    assert list(kv_rows(saved_only.connect().cursor())) == ["default", "saved"]
 
 
 def test_the_file_has_format_version_time_modules_and_checksum(supervisor):
