@@ -16,20 +16,12 @@ import time
 import psutil
 import pytest
 from conftest import agent
+from processes import cli, cmactor_cmd
 
 from cmsupervisor import cli as cli_module
 from cmsupervisor.commands import export_line
 
 ECHO = agent("echo.py:main")
-
-
-def cmactor_cmd():
-    script = os.path.join(os.path.dirname(sys.executable), "cmactor")
-    return [script] if os.path.exists(script) else [sys.executable, "-m", "cmsupervisor.cli"]
-
-
-def cli(*args, cwd=None):
-    return subprocess.run(cmactor_cmd() + list(args), capture_output=True, text=True, timeout=30, cwd=cwd)
 
 
 @pytest.fixture

@@ -896,9 +896,9 @@ def test_a_cancelled_timer_never_runs_and_lets_go_of_its_arguments_at_once(loop)
     big_holder = Holder(bytearray(1 << 20))
     kept = weakref.ref(big_holder)
 
-    def schedule():
+    def schedule(held):
         timers = [loop.after(0.05, fired.append, n) for n in range(200)]
-        doomed = loop.after(0.01, fired.append, big_holder)
+        doomed = loop.after(0.01, fired.append, held)
         loop.cancel(doomed)
         loop.cancel(doomed)  # twice: nothing more
         for timer in timers[:150]:  # past half the heap: swept out now, not at their time
@@ -907,7 +907,7 @@ def test_a_cancelled_timer_never_runs_and_lets_go_of_its_arguments_at_once(loop)
         return len(loop._timers)
 
     # Swept when the cancelled passed half the heap (101 of 201): 100 left, and done.set.
-    assert loop.call(schedule) == 101
+    assert loop.call(schedule, big_holder) == 101
     del big_holder
     assert kept() is None  # the cancelled timer no longer holds it
     assert done.wait(5)

@@ -14,7 +14,7 @@ import pytest
 from conftest import agent
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_cli import cmactor_cmd
+from processes import cmactor_cmd
 from test_components import SaveSetup
 
 import cmactor

@@ -12,7 +12,7 @@ import threading
 import psutil
 import pytest
 from conftest import agent, tmpfs, wait_for
-from test_cli import cmactor_cmd
+from processes import cmactor_cmd
 from test_durability import fill, small_disk
 
 import cmactor

@@ -99,7 +99,7 @@ def test_save_over_the_socket_and_the_cli_command(supervisor):
         conn.cursor().execute("set echo.kv", {"key": "k", "value": "1"})
         saved = conn.request({"op": "save"})["saved"]
     assert saved["modules"] == ["echo"] and saved["rows"] == 2
-    from test_cli import cli
+    from processes import cli
 
     result = cli("--socket", sup.socket_path, "save")
     assert result.returncode == 0 and result.stdout.startswith("saved 2 rows of echo to ")
@@ -237,7 +237,7 @@ def test_a_corrupt_config_file_is_refused_by_name(supervisor, tmp_path, corrupt,
 def test_cli_run_ignore_config(tmp_path):
     import subprocess
 
-    from test_cli import cmactor_cmd
+    from processes import cmactor_cmd
 
     state = tmp_path / "state"
     state.mkdir()

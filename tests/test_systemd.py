@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 from conftest import HERE, agent, wait_for
-from test_cli import cli, cmactor_cmd
+from processes import cli, cmactor_cmd
 
 from cmsupervisor import notify
 
