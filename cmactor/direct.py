@@ -327,36 +327,41 @@ class DirectServer:
     # -- what all clients may make the worker hold ----------------------------------
 
     def count_frame(self, connection, size):
-        """``connection``'s unfinished frame is ``size`` bytes now. Past max_frames_total for
-        all clients, the one holding the most is dropped."""
+        """``connection``'s unfinished frame is ``size`` bytes now. When that takes all
+        clients' past max_frames_total, the one holding the most is dropped."""
         with self._totals_lock:
+            if connection.closed:
+                return  # counted out as it closed (forget_counts)
+            grew = size > connection.frame_counted
             self._frames += size - connection.frame_counted
             connection.frame_counted = size
-            over = self._frames > self._max_frames
+            over = grew and self._frames > self._max_frames
         if over:
             self._drop_largest("frame_counted", "unfinished frame", "max_frames_total", self._max_frames)
 
-    def count_backlog(self, delta):
-        """(Under a connection's send lock.) Backlogs grew or shrank by ``delta`` bytes; past
-        max_direct_backlog_total, the client with the largest is dropped (its reads go
-        through the supervisor)."""
+    def count_backlog(self, connection, delta):
+        """(Under ``connection``'s send lock.) Its backlog grew or shrank by ``delta`` bytes.
+        When that takes all clients' past max_direct_backlog_total, the client with the
+        largest is dropped (its reads go through the supervisor)."""
         with self._totals_lock:
+            if connection.closed:
+                return
+            connection.backlog_counted += delta
             self._backlogs += delta
-            over = self._backlogs > self._max_backlogs
+            over = delta > 0 and self._backlogs > self._max_backlogs
         if over:
             self._drop_largest("backlog_counted", "unread replies", "max_direct_backlog_total", self._max_backlogs)
 
     def _drop_largest(self, field, what, key, limit):
-        connections = [c for c in list(self._connections.values()) if not c.closed]
-        if not connections:
-            return
-        largest = max(connections, key=lambda c: getattr(c, field))
+        largest = max(list(self._connections.values()), key=lambda c: getattr(c, field), default=None)
+        if largest is None or not getattr(largest, field):
+            return  # what is over is still counted for connections already closing
         log.warning("module %s: dropped the direct client holding the most %s (%d bytes): all direct clients' "
                     "passed %s=%d bytes", self._runtime.module, what, getattr(largest, field), key, limit)
         largest.close()
 
     def forget_counts(self, connection):
-        """(A connection released.) What it still counted counts for nothing now."""
+        """(A connection closing, once.) What it counted counts for nothing from now on."""
         with self._totals_lock:
             self._frames -= connection.frame_counted
             self._backlogs -= connection.backlog_counted
@@ -581,8 +586,7 @@ class _Connection:
             self.moved_at = time.monotonic()
             self._server.writer.watch(self)
         self._backlog += data
-        self.backlog_counted += len(data)
-        self._server.count_backlog(len(data))
+        self._server.count_backlog(self, len(data))
         if len(self._backlog) > self._server.max_backlog:
             log.warning("module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
                         self._server._runtime.module, self._server.max_backlog)
@@ -613,8 +617,7 @@ class _Connection:
             if sent:
                 del self._backlog[:sent]
                 self.moved_at = time.monotonic()
-                self.backlog_counted -= sent
-                self._server.count_backlog(-sent)
+                self._server.count_backlog(self, -sent)
             return not self._backlog
 
     def send_map(self, message):
@@ -630,6 +633,7 @@ class _Connection:
         if not self.closed:
             self.closed = True
             self._backlog = bytearray()
+            self._server.forget_counts(self)  # what it held is let go now: it counts against nobody
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -642,7 +646,6 @@ class _Connection:
             self.close()
             self._sock.close()
             self._reader = P.FrameReader(0)  # its unfinished frame goes now, not with the last reference
-        self._server.forget_counts(self)
 
     def unsent(self):
         """Bytes of answers gathered or waiting for the client to take them (none once dropped)."""

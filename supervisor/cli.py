@@ -383,7 +383,7 @@ def _write_commands(changes):
 
 def cmd_journal(args):
     changes = []
-    for path in args.files:
+    for path in journal.replay_order(args.files):
         try:
             changes += journal.as_commands(path)
         except StoreError as exc:
@@ -516,9 +516,10 @@ JOURNAL_HELP = (
     "Print the changes a module's journal (state_dir/journal/MODULE.jsonl, or one moved aside by "
     "`cmactor run --saved-only`, MODULE.jsonl.aside-TIME, or kept by an earlier cmactor, MODULE.jsonl.old) or its "
     "snapshot (MODULE.snapshot...) holds, as the lines cmactor apply reads: a snapshot's rows as sets, a journal's "
-    "records as the set or setop each was, in order, the module named after the file. Nothing is sent: "
-    "`cmactor journal FILE ... | cmactor apply -` replays them into the running supervisor (a snapshot first, "
-    "then the journal after it)."
+    "records as the set or setop each was, the module named after the file. The files are taken in the order "
+    "their changes were made, whatever order they are named in: per module, .old ones, then those moved aside, "
+    "oldest first, then the live ones, a snapshot before the journal beside it. Nothing is sent: "
+    "`cmactor journal FILE ... | cmactor apply -` replays them into the running supervisor."
 )
 APPLY_HELP = (
     "Replay FILE, lines of 'set|setop MODULE.TABLE key=value ...' (as cmactor export writes; words quoted "

@@ -25,12 +25,17 @@ log = logging.getLogger("cmactor.supervisor")
 EMPTY = {"rss": None, "cpu": None, "cpu_seconds": None, "threads": None}
 
 
+# psutil's own errors, and an OSError of its reads of /proc (EMFILE when the process is
+# out of descriptors): a worker that cannot be sampled has no figures, nothing worse.
+_UNREADABLE = (psutil.Error, OSError)
+
+
 def track(pid):
     try:
         proc = psutil.Process(pid)
         proc.cpu_percent(None)
         return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+    except _UNREADABLE:
         return None
 
 
@@ -49,7 +54,7 @@ def sample(proc):
             }
         # After the reads: a pid taken by another process before them would be that one's figures.
         return figures if proc.is_running() else dict(EMPTY)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+    except _UNREADABLE:
         return dict(EMPTY)
 
 
@@ -99,8 +104,12 @@ class Sampler:
                     return
                 batch, self._waiting = self._waiting, []
             procs = {id(proc): proc for workers, _ in batch for proc in workers.values()}
-            with self._sampling:
-                figures = {key: sample(proc) for key, proc in procs.items()}
+            try:
+                with self._sampling:
+                    figures = {key: sample(proc) for key, proc in procs.items()}
+            except Exception:  # a bug: the requests waiting are answered without figures, and the helper lives on
+                log.exception("internal error sampling the workers for a status request; answered without figures")
+                figures = {key: dict(EMPTY) for key in procs}
             for workers, then in batch:
                 try:
                     then({name: figures[id(proc)] for name, proc in workers.items()})

@@ -17,7 +17,15 @@ One file per module, ``state_dir/journal/<module>.jsonl``, one record a line:
 appends records during a turn and fsyncs each touched journal once at the end
 of the turn, before that turn's replies are sent: concurrent requests share one
 fsync. A last line torn by a crash mid-write fails its checksum (or has no
-newline) and is dropped, never replayed half.
+newline) and is dropped, never replayed half; a start cuts it off the file (kept
+aside as ``.damaged-<time>``) before appending, so that the next record is not
+written after it, where the next read would drop it too.
+
+What a save or compaction covers is told by the request ids (sids) the records
+came from, kept in memory beside them: the save walk runs on the module's serial
+lane after every serial request sent before it, so the records of those are in
+what it writes, wherever they stand in the journal; an @async_action's change
+answered while the walk ran may or may not be, and its record is kept.
 """
 
 import datetime
@@ -40,6 +48,8 @@ class Journal:
         self.max_records = max_records  # 0: no bound
         self.max_bytes = max_bytes
         self.records = []  # [op, table, params], in the order they were acknowledged
+        self._tags = []  # (sid, is_async, position) of each record: what a save walk covers (covered())
+        self._appended = 0  # records appended since the journal was opened: the position of the next
         self.snapshot = None  # the module's tables at the last compaction (JSON bytes), or None
         self.base_bytes = 0  # what a compaction would write, about (set_base)
         self._file = None
@@ -57,14 +67,35 @@ class Journal:
         Without, they are moved aside under names of their own, kept, never
         deleted (``as_commands`` turns them into commands to replay them)."""
         if recover:
-            self.records = read(self.path)
+            self.records = self._read_and_cut()
+            self._tags = [(0, False, 0)] * len(self.records)  # loaded before any walk: every save covers them
             if os.path.exists(self.snapshot_path):
-                self.snapshot = store.read(self.snapshot_path).get(_module(self.path))
+                self.snapshot = store.read(self.snapshot_path, "snapshot").get(_module(self.path))
             moved = []
         else:
             moved = [_move_aside(path) for path in (self.snapshot_path, self.path) if _holds_data(path)]
         self._reopen()
         return moved
+
+    def _read_and_cut(self):
+        """The records on disk; a damaged or torn tail is cut off the file (its bytes kept
+        aside as PATH.damaged-<time>, and named) so that appends follow the last good record."""
+        try:
+            with open(self.path, "rb", opener=store.no_follow) as f:
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise store.StoreError(f"journal {self.path} cannot be read: {store.reason(exc)}") from None
+        records, end = scan(self.path, data)
+        if end < len(data):
+            aside = _aside_name(self.path, "damaged")
+            with open(aside, "wb", opener=store.owner_only) as f:
+                f.write(data[end:])
+            os.truncate(self.path, end)
+            _sync_dir(self.path)
+            log.warning("%s: its damaged end (%d bytes) is cut off and kept as %s", self.path, len(data) - end, aside)
+        return records
 
     def left_by_older_versions(self):
         """Files an earlier cmactor kept aside as ``.old`` at a start without its --recover,
@@ -86,12 +117,16 @@ class Journal:
         )
         return bool(past) and self._synced_size >= self.base_bytes
 
-    def compacted(self, snapshot, count):
-        """The snapshot file now holds the tables as of the first ``count`` records: keep it
-        in memory (a restart loads it), and drop those records."""
+    def position(self):
+        """Where the journal is now: given to covered() by a save walk that starts now."""
+        return self._appended
+
+    def compacted(self, snapshot, save_sid, walk_start):
+        """The snapshot file now holds the tables a save walk (covered()) saw: keep it in
+        memory (a restart loads it), and drop the records it covers."""
         self.snapshot = snapshot
         self.base_bytes = len(snapshot)
-        self.drop_first(count)
+        self.drop_covered(save_sid, walk_start)
 
     def forget_snapshot(self):
         """A save wrote newer rows to the config file: the snapshot must never load again."""
@@ -104,7 +139,9 @@ class Journal:
             pass
         except OSError as exc:
             log.error("%s: cannot remove this snapshot, now older than the config file: %s; remove it by hand "
-                      "before a `--recover` start", self.snapshot_path, exc)
+                      "before the next start, which would load it", self.snapshot_path, exc)
+        else:
+            _sync_dir(self.snapshot_path)
 
     def _reopen(self):
         if self._file is not None:
@@ -113,10 +150,13 @@ class Journal:
         self._synced = len(self.records)
         self._synced_size = self._file.tell()
 
-    def append(self, op, table, params):
-        """Add a record; it is durable only once sync() has returned. OSError from the
-        write leaves the record out (rollback() undoes what may have reached the file)."""
+    def append(self, op, table, params, sid=0, is_async=False):
+        """Add the record of request ``sid`` (an @async_action's if ``is_async``); it is
+        durable only once sync() has returned. OSError from the write leaves the record
+        out (rollback() undoes what may have reached the file)."""
         self.records.append([op, table, params])
+        self._tags.append((sid, is_async, self._appended))
+        self._appended += 1
         self._pending = True
         self._file.write(encode(op, table, params))
 
@@ -135,6 +175,7 @@ class Journal:
         """Forget the records appended since the last sync, in memory and on disk: a write
         or fsync failed, so their changes are refused and must not be replayed."""
         del self.records[self._synced :]
+        del self._tags[self._synced :]
         self._pending = False
         try:
             self._file.close()  # drops what is still buffered; may fail to flush it, which is fine
@@ -148,17 +189,28 @@ class Journal:
             log.error("%s: cannot cut off records that failed to be written (%s); they may be replayed", self.path, exc)
         self._reopen()
 
-    def drop_first(self, count):
-        """Forget the first ``count`` records (now in the config file); keep the rest on disk."""
-        rest = self.records[count:]
+    def covered(self, save_sid, walk_start):
+        """Which records a save walk saw: the walk was request ``save_sid`` and started at
+        position ``walk_start`` (position()). It ran on the serial lane after every request
+        sent before it, so it saw their changes; an @async_action's change recorded after
+        it started ran beside it, and may not have been seen. A list of booleans."""
+        return [sid < save_sid and not (is_async and at >= walk_start) for sid, is_async, at in self._tags]
+
+    def drop_covered(self, save_sid, walk_start):
+        """Forget the records a save walk saw (now in the config file or a snapshot); keep
+        the rest on disk. OSError leaves the journal as it was."""
+        keep = [not seen for seen in self.covered(save_sid, walk_start)]
+        rest = [record for record, kept in zip(self.records, keep) if kept]
         tmp = self.path + ".tmp"
-        with open(tmp, "wb", opener=store.owner_only) as f:  # a failure here leaves the journal as it was
+        with open(tmp, "wb", opener=store.owner_only) as f:
             for op, table, params in rest:
                 f.write(encode(op, table, params))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        _sync_dir(self.path)
         self.records = rest
+        self._tags = [tag for tag, kept in zip(self._tags, keep) if kept]
         self._reopen()
 
     def close(self):
@@ -178,16 +230,47 @@ def _holds_data(path):
         return False
 
 
-def _move_aside(path):
-    """Rename ``path`` to a name of its own, ``PATH.aside-<time>``; return that name."""
+def _aside_name(path, why):
+    """A name of its own for what is kept of ``path``: ``PATH.<why>-<time>``."""
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    aside = f"{path}.aside-{stamp}"
+    aside = f"{path}.{why}-{stamp}"
     number = 1
-    while os.path.lexists(aside):  # two starts within a second: never overwrite the first
+    while os.path.lexists(aside):  # twice within a second: never overwrite the first
         number += 1
-        aside = f"{path}.aside-{stamp}-{number}"
-    os.rename(path, aside)
+        aside = f"{path}.{why}-{stamp}-{number}"
     return aside
+
+
+def _move_aside(path):
+    """Rename ``path`` to ``PATH.aside-<time>``; return that name."""
+    aside = _aside_name(path, "aside")
+    os.rename(path, aside)
+    _sync_dir(path)
+    return aside
+
+
+def _sync_dir(path):
+    """fsync the directory of ``path``: a rename, cut or unlink in it survives a power cut."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replay_order(paths):
+    """``paths`` of journal and snapshot files in the order their changes were made: per
+    module, what an earlier cmactor kept (``.old``), then what was moved aside, oldest
+    first (``.aside-<time>``), then the live files; a snapshot before the journal beside
+    it (its records came after it). A shell glob sorts them otherwise."""
+
+    def made(path):
+        module, _, rest = os.path.basename(path).partition(".")
+        kind, _, kept_as = rest.partition(".")
+        generation = (0, "") if kept_as == "old" else (1, kept_as) if kept_as else (2, "")
+        return module, generation, 0 if kind == "snapshot" else 1
+
+    return sorted(paths, key=made)
 
 
 def as_commands(path):
@@ -197,7 +280,7 @@ def as_commands(path):
     name = os.path.basename(path)
     module, _, kind = name.partition(".")
     if kind.startswith("snapshot"):
-        section = store.read(path).get(module)
+        section = store.read(path, "snapshot").get(module)
         if section is None:
             raise store.StoreError(f"{path} holds no section for module {module!r}, whose name it bears")
         tables = json.loads(section)
@@ -221,27 +304,36 @@ def read(path, strict=False):
     StoreError (a file named by an operator, not the journal a start opens)."""
     try:
         with open(path, "rb", opener=store.no_follow) as f:
-            lines = f.read().split(b"\n")
+            data = f.read()
     except FileNotFoundError:
         if strict:
             raise store.StoreError(f"{path}: no such file") from None
         return []
     except OSError as exc:
         raise store.StoreError(f"journal {path} cannot be read: {store.reason(exc)}") from None
-    if strict and lines[0] and _decode(lines[0]) is None:
+    if strict and data and _decode(data.partition(b"\n")[0]) is None:
         raise store.StoreError(f"{path} is not a cmactor journal: its first line is not a record")
+    return scan(path, data)[0]
+
+
+def scan(path, data):
+    """(records, where the last good one ends) of a journal's bytes; what follows a damaged
+    record, or a last one torn by a crash mid-write, is dropped with a warning naming ``path``."""
     records = []
+    end = 0
+    lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     for number, line in enumerate(complete, 1):
         record = _decode(line)
         if record is None:
             dropped = len(complete) - number + 1
             log.warning("%s: record %d is damaged; it and the %d after it are dropped", path, number, dropped - 1)
-            return records
+            return records, end
         records.append(record)
+        end += len(line) + 1
     if tail:
         log.warning("%s: the last record is torn (a crash during its write); dropped", path)
-    return records
+    return records, end
 
 
 def _decode(line):

@@ -34,6 +34,7 @@ class Lifecycle:
         self._router = router
         self._saver = saver
         self._logs = logs  # logs.ModuleLogs: what is said of a module goes to its own log too
+        self._retries = {}  # module name -> the loop timer of its next try at a start (launch)
         self._stop_timeout = stop_timeout
         self._on_stopped = on_stopped
         self.starting = True  # start() has not returned yet: a crash then is a failed start
@@ -55,6 +56,9 @@ class Lifecycle:
         A start that fails for want of file descriptors or processes is no fault of the
         module's: it waits in RESTARTING and is tried again in ``retry_in`` seconds
         (doubling up to RETRY_MAX), as long as it takes, never counted as a crash."""
+        retry = self._retries.pop(mod.name, None)
+        if retry is not None:  # a launch asked for meanwhile (an operator's restart) replaces it
+            self._loop.cancel(retry)
         try:
             self._workers.spawn(mod)
         except SpawnFailed as exc:
@@ -63,12 +67,13 @@ class Lifecycle:
             mod.move(RESTARTING)
             mod.error = f"{exc}; trying again in {retry_in:g}s"
             self._logs.report(mod, logging.WARNING, "module %s: %s", mod.name, mod.error)
-            self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
+            self._retries[mod.name] = self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
             return None
         mod.move(STARTING)
         return None
 
     def _retry_launch(self, mod, retry_in):
+        del self._retries[mod.name]
         if mod.state == RESTARTING and mod.process is None and not self.stopping:
             self.launch(mod, retry_in)
 
@@ -144,12 +149,14 @@ class Lifecycle:
         if loaded.error is not None and not mod.ready_called:
             self._start_failed(mod, f"{loaded.error}, before ready() was called", loaded.detail)
             return
-        if loaded.error is not None:
+        if loaded.error is not None:  # an event that raised after ready(): READY, and said so
             report(mod, logging.ERROR, "module %s: %s", mod.name, loaded.error)
-            mod.error = loaded.error
+            mod.load_problem = loaded.error
         elif failed:
             first = failures[0]
-            mod.error = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
+            mod.load_problem = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
+        if mod.load_problem is not None:
+            mod.error = mod.load_problem
         self._maybe_ready(mod)
 
     def on_ready(self, mod, _ready):
@@ -194,8 +201,7 @@ class Lifecycle:
             return
         mod.move(READY)
         mod.channel.serve()  # reads from clients may now go to the worker's own socket
-        if not mod.load_errors:
-            mod.error = None
+        mod.error = mod.load_problem  # what the load went through stays; a note that it was stuck goes
         self._logs.report(mod, logging.INFO, "module %s READY (pid %d)", mod.name, mod.pid)
         self._router.release_held(mod)
         self._advance_waiting()  # which ends with check_start()
@@ -230,6 +236,8 @@ class Lifecycle:
                 reasons[mod.name] = f"WAITING_DEPS on {mod.waiting_on!r} ({self._modules[mod.waiting_on].state})"
             elif mod.state == LOADING and mod.loaded:
                 reasons[mod.name] = f"LOADING: {mod.last_event} returned but ready() was never called"
+            elif mod.state == RESTARTING and mod.error:  # a start waiting for descriptors, say
+                reasons[mod.name] = f"RESTARTING: {mod.error}"
             else:
                 reasons[mod.name] = f"{mod.state}: {mod.last_event or 'no event'} still running"
         return reasons

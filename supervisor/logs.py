@@ -123,13 +123,13 @@ class ModuleLogs:
                 "(each module's log is kept there)"
             ) from None
         except OSError as exc:
-            raise StartupError(f"log directory {self.dir} cannot be made: {exc.strerror}; {self._fix()}") from None
+            raise StartupError(f"log directory {self.dir} cannot be made: {store.reason(exc, self._fix())}") from None
         for name in self._files:
             path = self.path(name)
             try:
                 os.close(store.owner_only(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
             except OSError as exc:
-                raise StartupError(f"log file {path} cannot be written: {exc.strerror}; {self._fix()}") from None
+                raise StartupError(f"log file {path} cannot be written: {store.reason(exc, self._fix())}") from None
 
     def _fix(self):
         return f"make {self.dir} a directory that uid {os.geteuid()} can write, or choose another state_dir"

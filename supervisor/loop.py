@@ -87,6 +87,14 @@ class EventLoop:
         with self._calls_lock:
             self._finished.set()
 
+    def close(self):
+        """Release what a loop that never ran holds (a start that failed before it did)."""
+        with self._calls_lock:
+            self._finished.set()
+            self._epoll.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
     @property
     def finished(self):
         return self._finished.is_set()

@@ -140,6 +140,7 @@ class Module:
         "ready_called",
         "loaded",
         "load_errors",
+        "load_problem",
         "fatal",
         "traceback",
         "request_stats",
@@ -198,6 +199,7 @@ class Module:
         self.ready_called = False
         self.loaded = False
         self.load_errors = 0
+        self.load_problem = None  # what went wrong in a load that still ended READY (rows, an event after ready())
         self.fatal = False  # the worker reported it is ending (protocol.Fatal)
         self.traceback = None  # of the exception that ended its start (an event's, or the entry's)
 

@@ -117,7 +117,9 @@ class Recovery:
         self._loop.after(delay, self._respawn, mod)
 
     def _respawn(self, mod):
-        if mod.state != RESTARTING or self._lifecycle.stopping:
+        # A backoff's timer can outlive what it was for: an operator's restart, say, started
+        # a worker meanwhile, or killed one that is still to be reaped.
+        if mod.state != RESTARTING or self._lifecycle.stopping or mod.process is not None:
             return
         mod.restarts += 1
         error = self._lifecycle.launch(mod)

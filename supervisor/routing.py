@@ -203,7 +203,7 @@ class Router:
         if mod not in self._unjournaled:
             req = pending.request
             try:
-                mod.journal.append(req["op"], req["table"], req["params"])
+                mod.journal.append(req["op"], req["table"], req["params"], pending.sid, pending.is_async)
             except OSError as exc:
                 self._unjournaled[mod] = exc
         self._unsynced.append((mod, pending, entries))

@@ -40,7 +40,7 @@ class SaveJob:
         self.sections = dict(previous)  # name -> JSON bytes; saved ones replace these
         self.saved = []  # names walked in this run
         self.was_unsaved = {}  # name -> dirty bit before the run cleared it
-        self.journaled = {}  # name -> journal records acknowledged before its walk began
+        self.walks = {}  # name -> (the Save's sid, the journal's position then): what the walk covers
         self.rows = 0
         self.current = None  # the Module being walked
         self.sid = None
@@ -164,12 +164,13 @@ class Saver:
                     return
                 continue  # its last saved section is carried over
             mod.saving = True
-            job.journaled[mod.name] = len(mod.journal.records)  # these the walk will include
             # Cleared now: a change acknowledged during the walk marks it again.
             if not job.snapshot and not job.export:
                 job.was_unsaved[mod.name] = mod.unsaved
                 mod.unsaved = False
+            start = mod.journal.position()
             job.sid = mod.channel.save(mod.persistent_list)
+            job.walks[mod.name] = (job.sid, start)  # which records it covers: Journal.covered
             return
         if job.export:
             self._end(job, None, [[name, job.sections[name]] for name in job.saved])
@@ -219,13 +220,16 @@ class Saver:
         self._sections = job.sections
         for name in job.saved:  # now in the config file
             journal = self._modules[name].journal
+            # The snapshot first: were the supervisor killed between the two, a start would
+            # load the config file and the whole journal (records the file holds too, again),
+            # never the old snapshot with the journal's records after the save missing.
+            journal.forget_snapshot()  # older than what the file now holds
             try:
-                journal.drop_first(job.journaled[name])
+                journal.drop_covered(*job.walks[name])
             except OSError as exc:
                 # The save stands; the journal keeps records the file now holds too,
                 # which a restart replays again on top of the same rows.
                 log.error("module %s: could not truncate its journal after the save: %s", name, exc)
-            journal.forget_snapshot()  # older than what the file now holds
             journal.set_base(len(job.sections[name]))
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
         self._end(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
@@ -235,7 +239,7 @@ class Saver:
         journal = self._modules[name].journal
         try:
             future.result()
-            journal.compacted(job.sections[name], job.journaled[name])
+            journal.compacted(job.sections[name], *job.walks[name])
         except OSError as exc:
             # Nothing is lost: the journal still holds every record. It goes on growing
             # until a save, or until a later compaction succeeds.

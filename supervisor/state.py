@@ -52,7 +52,7 @@ def lock(state_dir, mode):
     try:
         fd = store.owner_only(path, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        raise StartupError(f"cannot open the lock file {path}: {exc.strerror}; {_fix(state_dir)}") from None
+        raise StartupError(f"cannot open the lock file {path}: {store.reason(exc, _fix(state_dir))}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -113,7 +113,7 @@ def open_journals(modules, state_dir, recover):
     try:
         store.private_dir(directory)
     except OSError as exc:
-        raise StartupError(f"journal directory {directory} cannot be used: {exc}; {_fix(state_dir)}") from None
+        raise StartupError(f"journal directory {directory} cannot be used: {store.reason(exc, _fix(state_dir))}") from None
     for mod in modules.values():
         opts = mod.options
         mod.journal = Journal(
@@ -130,7 +130,7 @@ def open_journals(modules, state_dir, recover):
         except OSError as exc:
             close_journals(modules)
             raise StartupError(
-                f"journal {mod.journal.path} cannot be opened: {store.reason(exc)}; {_fix(state_dir)}"
+                f"journal {mod.journal.path} cannot be opened: {store.reason(exc, _fix(state_dir))}"
             ) from None
         if moved:
             log.warning(
@@ -174,5 +174,7 @@ def listen(state_dir, base_dir, socket_option, allowed_uids):
             f.write(listening[1])
     except OSError as exc:
         server.unlisten(*listening)
-        raise StartupError(f"cannot record the socket's path in {pointer}: {exc}; {_fix(state_dir)}") from None
+        raise StartupError(
+            f"cannot record the socket's path in {pointer}: {store.reason(exc, _fix(state_dir))}"
+        ) from None
     return listening

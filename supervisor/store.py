@@ -28,35 +28,36 @@ class StoreError(Exception):
     """The config file cannot be used; the message names the file and what is wrong."""
 
 
-def read(path):
-    """Sections by module name ({} when there is no file yet), or StoreError."""
+def read(path, what="config file"):
+    """Sections by module name ({} when there is no file yet), or StoreError naming the file
+    as ``what`` (a journal snapshot has the config file's format)."""
     try:
         with open(path, "rb", opener=no_follow) as f:
             data = f.read()
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise StoreError(f"config file {path} cannot be read: {reason(exc)}") from None
+        raise StoreError(f"{what} {path} cannot be read: {reason(exc)}") from None
     head, newline, body = data.partition(b"\n")
     try:
         header = json.loads(head)
     except ValueError:
-        raise StoreError(f"config file {path} is not a cmactor config file: its first line is not JSON") from None
+        raise StoreError(f"{what} {path} is not a cmactor config file: its first line is not JSON") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise StoreError(f"config file {path} is not a cmactor config file (no format {FORMAT!r} header)")
+        raise StoreError(f"{what} {path} is not a cmactor config file (no format {FORMAT!r} header)")
     if header.get("version") != VERSION:
         raise StoreError(
-            f"config file {path} has format version {header.get('version')!r}; this cmactor reads version {VERSION}"
+            f"{what} {path} has format version {header.get('version')!r}; this cmactor reads version {VERSION}"
         )
     body = body[:-1] if body.endswith(b"\n") else body
     length = header.get("length")
     if not newline or len(body) != length:
-        raise StoreError(f"config file {path} is truncated: its body has {len(body)} bytes, the header says {length}")
+        raise StoreError(f"{what} {path} is truncated: its body has {len(body)} bytes, the header says {length}")
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
-        raise StoreError(f"config file {path} fails its checksum: it was damaged or edited after it was saved")
+        raise StoreError(f"{what} {path} fails its checksum: it was damaged or edited after it was saved")
     modules = header.get("modules", {})
     if not isinstance(modules, dict):
-        raise StoreError(f"config file {path}: its header's module table is a {type(modules).__name__}, not a map")
+        raise StoreError(f"{what} {path}: its header's module table is a {type(modules).__name__}, not a map")
     sections = {}
     for name, span in modules.items():
         if not (
@@ -65,7 +66,7 @@ def read(path):
             and all(type(n) is int for n in span)
             and 0 <= span[0] <= span[0] + span[1] <= len(body)
         ):
-            raise StoreError(f"config file {path}: bad section bounds for module {name!r}: {span!r}")
+            raise StoreError(f"{what} {path}: bad section bounds for module {name!r}: {span!r}")
         sections[name] = body[span[0] : span[0] + span[1]]
     return sections
 
@@ -121,11 +122,12 @@ def no_follow(path, flags):
     return os.open(path, flags | os.O_NOFOLLOW, 0o600)
 
 
-def reason(exc):
-    """An OSError's reason, naming a symbolic link for what it is."""
+def reason(exc, fix=None):
+    """An OSError's reason, and ``fix`` (what to do about it) if given; a symbolic link is
+    named for what it is, with its own fix."""
     if exc.errno == errno.ELOOP:
         return "it is a symbolic link, which cmactor never follows under state_dir; remove it"
-    return exc.strerror
+    return exc.strerror if fix is None else f"{exc.strerror}; {fix}"
 
 
 def owner_only(path, flags):

@@ -76,6 +76,7 @@ class Supervisor:
         self.socket_path = None
         self._loop = None
         self._lock = None  # state.StateLock while started
+        self._control = None  # control.Control, once built
 
     @classmethod
     def from_toml(cls, path, **overrides):
@@ -107,8 +108,12 @@ class Supervisor:
             self._lock.release()
             raise
         self.socket_path = listening[1]
-        self._build(sections, listening)
-        self._loop.start(on_death=self._die)
+        try:
+            self._build(sections, listening)
+            self._loop.start(on_death=self._die)
+        except BaseException:  # out of descriptors or threads, say: nothing may stay held
+            self._abandon(listening)
+            raise
         _running.add(self)
         if self.options["metrics"] is not None:
             self._serve_metrics()
@@ -151,6 +156,18 @@ class Supervisor:
             state.close_journals(self.modules)
             self._audit.close()
             raise
+
+    def _abandon(self, listening):
+        """A start that failed once the state was open: close what was opened, socket,
+        journals, audit log, the status helper, and release the state_dir's lock."""
+        if self._control is not None:
+            self._control.close()
+        if self._loop is not None:
+            self._loop.close()
+        server.unlisten(*listening)
+        state.close_journals(self.modules)
+        self._audit.close()
+        self._lock.release()
 
     def _build(self, sections, listening):
         """Make the parts; each is given the others it calls (see the package docstring)."""

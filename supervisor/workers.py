@@ -289,16 +289,30 @@ class Workers:
         parent.setblocking(False)
         bell.setblocking(False)
         out.setblocking(False)
-        mod.process = process
-        mod.slots = memoryview(slots).cast("B").cast("q")  # read by index and slice, faster than ctypes
-        mod.channel = Channel(parent, bell, self._sids, self._loop.mark, route)
-        mod.psutil = health.track(process.pid)
-        self._loop.watch(parent, self._read, mod, mod.channel)
+        channel = Channel(parent, bell, self._sids, self._loop.mark, route)
         # The Output, not the module, is what the loop hands back: a read that was ready
         # in the turn its worker was reaped finds it closed, not the next worker's.
-        output = self._outputs[mod.name] = Output(mod, out)
-        self._loop.watch(out, self._read_output, output)
-        self._loop.watch(process.sentinel, self.on_exit, mod)
+        output = Output(mod, out)
+        try:  # epoll may refuse (out of memory): then no worker must run unseen
+            self._loop.watch(parent, self._read, mod, channel)
+            self._loop.watch(out, self._read_output, output)
+            self._loop.watch(process.sentinel, self.on_exit, mod)
+        except OSError as exc:
+            for watched in (parent, out, process.sentinel):
+                self._loop.unwatch(watched)
+            for sock in (parent, bell, out):
+                sock.close()
+            kill_group(process.pid, leader=True)
+            process.join()
+            process.close()
+            if route is not None:
+                _unlink(route["path"])
+            raise SpawnFailed(f"could not watch a new worker: {type(exc).__name__}: {exc}", _is_shortage(exc)) from None
+        mod.process = process
+        mod.slots = memoryview(slots).cast("B").cast("q")  # read by index and slice, faster than ctypes
+        mod.channel = channel
+        mod.psutil = health.track(process.pid)
+        self._outputs[mod.name] = output
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
 
     def _bind_direct(self, mod, opened):
@@ -405,7 +419,7 @@ class Workers:
     def kill(mod):
         """SIGKILL the worker's whole process group; its sentinel reports the exit."""
         if mod.process is not None:
-            kill_group(mod.process.pid)
+            kill_group(mod.process.pid, leader=True)
 
 
 def _remove_stale_sockets(socket_path):
@@ -425,11 +439,15 @@ def _unlink(path):
         pass
 
 
-def kill_group(pid):
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def kill_group(pid, leader=False):
+    """SIGKILL the process group worker ``pid`` leads; ``leader``: the worker itself too,
+    which is alive (not yet reaped) and, just started, may not have made its group yet."""
+    kills = (os.killpg, os.kill) if leader else (os.killpg,)
+    for kill in kills:
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def describe_exit(code):

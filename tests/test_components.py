@@ -533,13 +533,18 @@ class FakeJournal:
     def set_base(self, size):
         self.base_bytes = size
 
-    def compacted(self, snapshot, count):
-        self.compactions.append((snapshot, count))
-        self.drop_first(count)
+    def position(self):
+        return len(self.records)
 
-    def drop_first(self, count):
-        self.dropped.append(count)
-        self.records = self.records[count:]
+    def compacted(self, snapshot, save_sid, walk_start):
+        self.compactions.append((snapshot, save_sid, walk_start))
+        self.drop_covered(save_sid, walk_start)
+
+    def drop_covered(self, save_sid, walk_start):
+        """As Journal.drop_covered with every record added after the walk began an
+        @async_action's: those are kept."""
+        self.dropped.append((save_sid, walk_start))
+        self.records = self.records[walk_start:]
 
     def forget_snapshot(self):
         self.snapshots_forgotten += 1
@@ -632,7 +637,7 @@ def test_a_compaction_walks_one_module_into_its_snapshot_and_leaves_it_unsaved(s
     ports.journal.records.append(["set", "port", {"n": "late"}])  # acknowledged during the walk: kept
     s.walked("ports", b'{"port":[{"n":"2"}]}')
     s.loop.pump()  # the snapshot is written
-    assert ports.journal.compactions == [(b'{"port":[{"n":"2"}]}', 3)]
+    assert ports.journal.compactions == [(b'{"port":[{"n":"2"}]}', 1, 3)]  # the Save's sid, the walk's start
     assert ports.journal.records == [["set", "port", {"n": "late"}]]
     assert store.read(ports.journal.snapshot_path) == {"ports": b'{"port":[{"n":"2"}]}'}
     assert not os.path.exists(s.path)  # the config file is not touched
@@ -678,7 +683,7 @@ def test_a_save_walks_modules_dependencies_first_and_writes_the_file(saves):
     summary = done.result(timeout=5)
     assert summary == {"file": s.path, "modules": ["vlan", "ports"], "rows": 3}
     assert store.read(s.path) == {"vlan": b'{"vlan":[1]}', "ports": b'{"port":[1,2]}'}
-    assert s.modules["vlan"].journal.dropped == [2]  # the record that came during the walk stays
+    assert s.modules["vlan"].journal.dropped == [(1, 2)]  # the record that came during the walk stays
     assert s.modules["vlan"].journal.records == [["set", "vlan", {"late": "1"}]]
     assert s.modules["vlan"].journal.snapshots_forgotten == 1  # older than the file now
     assert s.modules["plain"].channel.saves == []
@@ -1180,8 +1185,8 @@ class RouteJournal:
         self.path = "/state/journal/x.jsonl"
         self.full = False
 
-    def append(self, op, table, params):
-        self.appended.append((op, table, params))
+    def append(self, op, table, params, sid=0, is_async=False):
+        self.appended.append((op, table, params, sid, is_async))
 
     def sync(self):
         self.syncs += 1
@@ -1424,7 +1429,7 @@ def test_a_dirty_set_on_a_persistent_table_is_journaled_before_its_answer():
     rid = r.route("ports", op="set", table="port", params={"name": "1", "speed": "10G"})
     entries = P.reply_entries([], False)
     r.router.on_reply(mod, wire(P.Reply, 1, None, entries, True))
-    assert mod.journal.appended == [("set", "port", {"name": "1", "speed": "10G"})]
+    assert mod.journal.appended == [("set", "port", {"name": "1", "speed": "10G"}, 1, False)]  # its sid: what a save covers
     assert mod.unsaved is True and mod.inflight == {} and mod.channel.answers == [1]
     assert frames(r.client) == [] and mod.journal.syncs == 0  # the answer waits for the fsync
     r.loop.tick_takes = 0.003  # the fsync

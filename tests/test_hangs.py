@@ -1,6 +1,11 @@
 """Hung work is seen whatever the timeouts: an @async_action that never returns holds its
-thread after its client's request timed out, through the supervisor or read directly."""
+thread after its client's request timed out, through the supervisor or read directly;
+and a worker the loop could not watch is ended, not left running unseen."""
 
+import errno
+import multiprocessing.forkserver
+import os
+import signal
 import threading
 
 import psutil
@@ -73,3 +78,24 @@ def test_a_hung_serial_lane_is_restarted_even_after_its_request_timed_out(superv
             conn.cursor().execute("get echo.spin")
     status = wait_for(lambda: (s := sup.status()["echo"])["restarts"] == 1 and s["state"] == "READY" and s, timeout=20)
     assert "its serial lane was stuck in one action for more than hang_timeout=1.5s" in status["last_exit"]
+
+
+def test_a_restart_the_loop_cannot_watch_is_undone_and_tried_again(supervisor, monkeypatch):
+    sup = supervisor({"echo": ECHO})
+    workers = sup._workers
+    watch = sup._loop.watch
+    refused = []
+
+    def watch_or_refuse_once(fileobj, on_read, arg, endpoint=None):
+        if on_read == workers.on_exit and not refused:  # the new worker's sentinel: epoll is out of memory
+            refused.append(arg.name)
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return watch(fileobj, on_read, arg, endpoint)
+
+    monkeypatch.setattr(sup._loop, "watch", watch_or_refuse_once)
+    first = sup.status()["echo"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    status = wait_for(lambda: (s := sup.status()["echo"])["state"] == "READY" and s["pid"] != first and s, timeout=20)
+    assert refused == ["echo"] and status["restarts"] == 1
+    fork_server = psutil.Process(multiprocessing.forkserver._forkserver._forkserver_pid)
+    assert [p.pid for p in fork_server.children()] == [status["pid"]]  # the one started unwatched was ended

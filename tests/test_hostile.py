@@ -494,3 +494,34 @@ def test_out_of_descriptors_the_supervisor_waits_instead_of_spinning_and_recover
     pauses = text.count("cannot accept clients")
     assert 1 <= pauses <= 20, f"{pauses} lines logged for the pauses of about 2s"
 
+
+
+# A supervisor whose process runs out of descriptors while a client is connected: its
+# status answers go on (the workers' figures cannot be read then, and are left out).
+STATUS_WITHOUT_DESCRIPTORS = """
+import os, sys
+import cmactor
+
+if __name__ == "__main__":
+    with cmactor.Supervisor({"echo": sys.argv[1]}, state_dir=sys.argv[2]) as sup:
+        conn = cmactor.connect(socket=sup.socket_path, timeout=10)
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        during = conn.request({"op": "status"})["status"]["echo"]
+        for fd in held:
+            os.close(fd)
+        after = cmactor.connect(socket=sup.socket_path, timeout=10).request({"op": "status"})["status"]["echo"]
+        print(during["state"], during["rss"], after["state"], after["rss"] > 0, flush=True)
+"""
+
+
+def test_status_is_answered_while_the_supervisor_is_out_of_descriptors_and_after(tmp_path):
+    script = tmp_path / "no_fds.py"
+    script.write_text(STATUS_WITHOUT_DESCRIPTORS)
+    done = subprocess.run([sys.executable, str(script), ECHO, str(tmp_path / "state")], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.stdout.split() == ["READY", "None", "READY", "True"], done.stderr[-2000:]

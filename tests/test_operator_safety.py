@@ -307,3 +307,50 @@ def test_a_start_that_cannot_fit_its_modules_in_the_descriptors_says_so_with_the
         "and it may open 1,024 (hard limit 1,024): raise the hard limit"
     ) in refused.stderr
     assert not (tmp_path / "state").exists()  # refused before anything was made
+
+
+def test_a_set_acknowledged_after_a_start_on_a_torn_journal_survives_the_next_start(supervisor, tmp_path):
+    state_dir = tmp_path / "state"
+    first = supervisor({"echo": ECHO}, state_dir=state_dir)
+    first.connect().cursor().execute("set echo.kv", {"key": "a", "value": "1"})
+    first.stop()
+    with open(state_dir / "journal" / "echo.jsonl", "ab") as f:
+        f.write(b'0badc0de ["set","kv",{"key":"to')  # the supervisor was killed in the middle of a write
+    second = supervisor({"echo": ECHO}, state_dir=state_dir)
+    second.connect().cursor().execute("set echo.kv", {"key": "b", "value": "2"})
+    second.stop()
+    third = supervisor({"echo": ECHO}, state_dir=state_dir)
+    rows = kv_rows(third.connect().cursor())
+    assert (rows.get("a"), rows.get("b")) == ("1", "2")
+    assert len(list((state_dir / "journal").glob("echo.jsonl.damaged-*"))) == 1
+
+
+def test_an_event_that_raises_after_ready_leaves_the_module_ready_and_says_so(supervisor, tmp_path):
+    late = tmp_path / "late.py"
+    late.write_text(
+        "from cmactor import ready\nfrom cmactor.cmbackend import CmAgent, cmbackend_init\n\n\n"
+        "class Late(CmAgent):\n    def event_generate_default(self):\n        ready()\n"
+        "        raise KeyError('after ready')\n\n\ndef main():\n    cmbackend_init(Late())\n"
+    )
+    sup = supervisor({"late": f"{late}:main"}, state_dir=tmp_path / "s")
+    status = sup.status()["late"]
+    assert status["state"] == "READY"
+    assert status["error"] == "event_generate_default raised KeyError: 'after ready'"
+
+
+def test_a_start_that_fails_after_taking_the_lock_lets_go_of_everything(tmp_path, monkeypatch):
+    import cmsupervisor.supervisor as facade
+
+    def no_descriptors(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+
+    state_dir = tmp_path / "state"
+    fds = len(os.listdir("/proc/self/fd"))
+    with monkeypatch.context() as patched:
+        patched.setattr(facade, "Workers", no_descriptors)
+        with pytest.raises(OSError, match="Too many open files"):
+            cmactor.Supervisor({"echo": ECHO}, state_dir=state_dir).start()
+    assert len(os.listdir("/proc/self/fd")) == fds  # socket, journal, audit log, loop: all closed
+    assert not (state_dir / "run" / "cm.sock").exists()
+    with cmactor.Supervisor({"echo": ECHO}, state_dir=state_dir) as sup:  # the lock was let go
+        assert sup.status()["echo"]["state"] == "READY"

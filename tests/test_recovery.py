@@ -149,6 +149,46 @@ def test_a_damaged_record_in_the_middle_drops_it_and_the_rest(tmp_path, caplog):
     assert "record 3 is damaged; it and the 1 after it are dropped" in caplog.text
 
 
+def test_a_torn_tail_is_cut_off_at_open_so_that_later_records_are_not_lost_behind_it(tmp_path, caplog):
+    from cmsupervisor import journal as J
+
+    path = tmp_path / "j.jsonl"
+    first = J.Journal(str(path))
+    first.open(recover=True)
+    first.append("set", "kv", {"key": "a"})
+    first.sync()
+    first.close()
+    with open(path, "ab") as f:
+        f.write(b'0badc0de ["set","kv",{"key":"torn')  # a crash in the middle of a write
+    again = J.Journal(str(path))
+    again.open(recover=True)
+    assert [r[2]["key"] for r in again.records] == ["a"]
+    again.append("set", "kv", {"key": "b"})  # acknowledged after the restart
+    again.sync()
+    again.close()
+    assert [r[2]["key"] for r in J.read(str(path))] == ["a", "b"]  # not dropped behind the torn bytes
+    [kept] = tmp_path.glob("j.jsonl.damaged-*")
+    assert kept.read_bytes() == b'0badc0de ["set","kv",{"key":"torn'
+    assert f"its damaged end (33 bytes) is cut off and kept as {kept}" in caplog.text
+
+
+def test_a_save_walk_covers_the_serial_changes_sent_before_it_and_no_async_one_answered_during_it(tmp_path):
+    from cmsupervisor import journal as J
+
+    journal = J.Journal(str(tmp_path / "j.jsonl"))
+    journal.open(recover=True)
+    journal.append("set", "kv", {"key": "before"}, sid=3)
+    walk_start = journal.position()  # the Save is sent: sid 10
+    journal.append("setop", "kv", {"key": "serial"}, sid=7)  # in flight then: ran on the lane before the walk
+    journal.append("setop", "kv", {"key": "async"}, sid=8, is_async=True)  # ran beside the walk
+    journal.append("set", "kv", {"key": "after"}, sid=12)  # sent once the walk was over
+    assert journal.covered(10, walk_start) == [True, True, False, False]
+    journal.drop_covered(10, walk_start)
+    assert [r[2]["key"] for r in journal.records] == ["async", "after"]
+    assert [r[2]["key"] for r in J.read(journal.path)] == ["async", "after"]
+    journal.close()
+
+
 def test_crash_inside_an_action_fails_that_client_and_a_queued_request_runs_after_the_restart(supervisor):
     sup = supervisor({"echo": ECHO})
     results = {}
@@ -296,3 +336,26 @@ def test_status_reports_health_figures_and_the_last_exit(supervisor):
     assert status["last_exit"] == "killed by SIGKILL" and status["restarts"] == 1
     assert status["rss"] > 1_000_000 and status["threads"] >= 3 and status["cpu"] >= 0
     assert status["uptime"] >= 0.1 and status["queue"] == 0 and status["inflight"] == 0
+
+
+def test_journal_files_are_replayed_in_the_order_their_changes_were_made():
+    from cmsupervisor.journal import replay_order
+
+    named = [  # as a shell glob lists them
+        "j/kv.jsonl",
+        "j/kv.jsonl.aside-20261205T100000",
+        "j/kv.jsonl.aside-20261205T090000",
+        "j/kv.jsonl.old",
+        "j/kv.snapshot",
+        "j/kv.snapshot.aside-20261205T100000",
+        "j/kv.snapshot.old",
+    ]
+    assert replay_order(named) == [
+        "j/kv.snapshot.old",
+        "j/kv.jsonl.old",
+        "j/kv.jsonl.aside-20261205T090000",
+        "j/kv.snapshot.aside-20261205T100000",
+        "j/kv.jsonl.aside-20261205T100000",
+        "j/kv.snapshot",
+        "j/kv.jsonl",
+    ]

@@ -1,0 +1,48 @@
+"""A test agent whose change is not idempotent: a setop adds to a counter, so a record
+replayed twice, or lost, shows in the count."""
+
+import time
+
+from cmactor import ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+
+class Counter(CmAgent):
+    index_columns = {"ctr": ("name",)}
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def event_generate_default(self):
+        ready()
+
+    def event_load_complete(self):
+        ready()
+
+    def ctr_get(self, ctx):
+        names = sorted(self.counts)
+        if ctx.is_getnext:
+            after = ctx.params.get("name")
+            later = [n for n in names if after is None or n > after]
+            if not later:
+                return
+            name = later[0]
+            if len(later) > 1:
+                ctx.more()
+        else:
+            name = ctx.params["name"]
+        ctx.fields = {"name": name, "count": self.counts.get(name, 0)}
+
+    def ctr_set(self, ctx):  # a saved row, loaded back
+        self.counts[ctx.params["name"]] = int(ctx.params["count"])
+
+    def ctr_setop(self, ctx):  # add "by" (1), after "sleep" seconds
+        time.sleep(float(ctx.params.get("sleep", "0")) if not ctx.is_load else 0)
+        name = ctx.params["name"]
+        self.counts[name] = self.counts.get(name, 0) + int(ctx.params.get("by", "1"))
+        ctx.fields = {"name": name, "count": self.counts[name]}
+
+
+def main():
+    cmbackend_init(Counter(), persistent_list=["ctr"])
