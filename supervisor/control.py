@@ -18,7 +18,7 @@ from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 
 from . import health
-from .modules import READY, unknown_module
+from .modules import READY, finish_status, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -89,7 +89,7 @@ class Control:
         if only is not None and only not in modules:
             raise ProgrammingError(unknown_module(only, modules))
         chosen = modules.items() if only is None else [(only, modules[only])]
-        return {name: mod.status() for name, mod in chosen}, {name: mod.psutil for name, mod in chosen}
+        return {name: mod.copy_status() for name, mod in chosen}, {name: mod.psutil for name, mod in chosen}
 
     def status(self, only=None):
         """(Any thread but the loop's: the public Supervisor.status().) Every module's status, or
@@ -131,7 +131,8 @@ class Control:
 
 
 def _with(status, figures):
-    """``status`` (Control.copy) with each module's psutil ``figures`` added."""
+    """``status`` (Control.copy) made what status shows (modules.finish_status), with each
+    module's psutil ``figures`` added."""
     for name, entry in status.items():
-        entry.update(figures[name])
+        finish_status(entry).update(figures[name])
     return status

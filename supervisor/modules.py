@@ -22,7 +22,7 @@ from cmactor import figures as F
 from cmactor.errors import InternalError
 from cmactor.protocol import DATA_OPS
 
-from .stats import request_stats
+from .stats import FSYNC_BOUNDS, Timed, request_stats, snapshot
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -237,23 +237,12 @@ class Module:
                 self.request_stats[op].add(*figures)
             self.figures = None
 
-    def _requests(self):
-        """The request figures: the supervisor's, and the reads the worker served directly."""
-        stats = self.request_stats
-        if self.figures is None:
-            return {op: timed.snapshot() for op, timed in stats.items()}
-        merged = dict(stats)
-        for op, figures in F.read(self.figures).items():
-            merged[op] = stats[op].copy()
-            merged[op].add(*figures)
-        return {op: timed.snapshot() for op, timed in merged.items()}
-
-    def _direct(self):
-        """Where clients read from its worker, and what they have there now (None: nowhere)."""
+    def _direct(self, counts):
+        """Where clients read from its worker, and what they have there now, from its figures
+        ``counts`` (None: nowhere)."""
         channel = self.channel
-        if channel is None or channel.route is None or channel.sock is None:
+        if channel is None or channel.route is None or channel.sock is None or counts is None:
             return None
-        counts = self.figures
         return {
             **channel.route,
             "serving": channel.serving,
@@ -262,10 +251,14 @@ class Module:
             "queue": counts[F.QUEUED],
         }
 
-    def status(self):
-        """The status entry of this module, but for the psutil figures."""
+    def copy_status(self):
+        """(Loop thread.) The status entry of this module but for the psutil figures, with its
+        request and fsync figures as they are kept, copied: finish_status() makes them what
+        status shows, on another thread (the loop thread serves every client, and that work
+        was most of a status of 200 modules)."""
+        figures = None if self.figures is None else memoryview(bytes(self.figures)).cast("q")  # one copy of the worker's
         uptime = self.uptime()
-        direct = self._direct()
+        direct = self._direct(figures)
         return {
             "state": self.state,
             "pid": self.pid,
@@ -284,10 +277,32 @@ class Module:
             "load_errors": self.load_errors,
             "config_deps": list(self.config_deps),
             "persistent_list": list(self.persistent_list),
-            "requests": self._requests(),
+            "requests": ({op: timed.raw() for op, timed in self.request_stats.items()}, figures),
             "direct": direct,
-            "journal_fsync": None if self.journal is None else self.journal.fsync_seconds.snapshot(),
+            "journal_fsync": None if self.journal is None else self.journal.fsync_seconds.raw(),
         }
+
+    def status(self):
+        """The status entry of this module, but for the psutil figures."""
+        return finish_status(self.copy_status())
+
+
+def finish_status(entry):
+    """(Any thread.) A copy_status() entry as status shows it: the request figures, the
+    supervisor's and the reads the worker served directly together, and histogram snapshots."""
+    raws, figures = entry["requests"]
+    served = F.read(figures) if figures is not None else {}
+    requests = {}
+    for op, raw in raws.items():
+        timed = Timed(F.REQUEST_BOUNDS)
+        timed.add(*raw)
+        if op in served:
+            timed.add(*served[op])
+        requests[op] = timed.snapshot()
+    entry["requests"] = requests
+    if entry["journal_fsync"] is not None:
+        entry["journal_fsync"] = snapshot(FSYNC_BOUNDS, entry["journal_fsync"])
+    return entry
 
 
 def unknown_module(name, modules):

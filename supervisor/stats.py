@@ -35,11 +35,22 @@ class Histogram:
     def snapshot(self):
         """A copy for status: ``count``, ``sum`` and ``buckets``, each ``[bound, values <= bound]``
         (cumulative, as Prometheus reads them; ``count`` is the +Inf bucket)."""
-        buckets, total = [], 0
-        for bound, count in zip(self.bounds, self.counts):
-            total += count
-            buckets.append([bound, total])
-        return {"count": total + self.counts[-1], "sum": self.sum, "buckets": buckets}
+        return snapshot(self.bounds, self.raw())
+
+    def raw(self):
+        """Its figures as they are kept, copied: cheap to take where they are kept (the
+        loop thread), and made a snapshot of elsewhere (snapshot())."""
+        return list(self.counts), self.sum
+
+
+def snapshot(bounds, raw):
+    """Histogram.snapshot() of the figures Histogram.raw() took, for histograms of ``bounds``."""
+    counts, total_sum = raw
+    buckets, total = [], 0
+    for bound, count in zip(bounds, counts):
+        total += count
+        buckets.append([bound, total])
+    return {"count": total + counts[-1], "sum": total_sum, "buckets": buckets}
 
 
 class Timed:
@@ -64,6 +75,12 @@ class Timed:
 
     def snapshot(self):
         return {"ok": self.ok, "errors": dict(self.errors), "seconds": self.seconds.snapshot()}
+
+    def raw(self):
+        """Its figures, copied, in the order add() takes them (ok, errors, bucket counts, sum):
+        Timed(bounds).add(*raw) makes it again, away from where it is kept."""
+        counts, total = self.seconds.raw()
+        return self.ok, dict(self.errors), counts, total
 
     def add(self, ok, errors, buckets, seconds):
         """Count events recorded elsewhere (a worker's direct reads, cmactor/figures.py)."""

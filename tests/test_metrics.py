@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
-from cmsupervisor import health, httpserve, metrics
+from cmsupervisor import control, health, httpserve, metrics, modules
 from cmsupervisor.config import load_toml
 from cmsupervisor.stats import Histogram, Timed
 
@@ -383,13 +383,20 @@ def test_a_page_is_served_again_for_a_while_then_made_anew(supervisor):
 
 def test_status_samples_each_worker_off_the_loop_thread(supervisor, monkeypatch):
     sampled_on = []
+    formatted_on = set()
     sample = health.sample
+    finish = modules.finish_status
 
     def recorded(proc):
         sampled_on.append(threading.current_thread().name)
         return sample(proc)
 
+    def finished(entry):
+        formatted_on.add(threading.current_thread().name)
+        return finish(entry)
+
     monkeypatch.setattr(health, "sample", recorded)
+    monkeypatch.setattr(control, "finish_status", finished)  # the histograms made, figures merged
     sup = supervisor({"echo": ECHO, "other": ECHO, "third": ECHO}, metrics=ANY_PORT)
     with sup.connect() as conn:
         answered = conn.request({"op": "status"})
@@ -411,6 +418,7 @@ def test_status_samples_each_worker_off_the_loop_thread(supervisor, monkeypatch)
     assert len(sampled_on) == 3 + 1 + 3 + 3
     assert "cmactor-supervisor" not in sampled_on  # the loop thread
     assert {"cmactor-status", threading.current_thread().name, "cmactor-metrics-page"} == set(sampled_on)
+    assert "cmactor-supervisor" not in formatted_on and formatted_on
     sup.stop()
     threads = {thread.name for thread in threading.enumerate()}
     assert not threads & {"cmactor-status", "cmactor-metrics-http", "cmactor-metrics-page"}  # none outlives it
