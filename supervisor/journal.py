@@ -80,13 +80,9 @@ class Journal:
     def _read_and_cut(self):
         """The records on disk; a damaged or torn tail is cut off the file (its bytes kept
         aside as PATH.damaged-<time>, and named) so that appends follow the last good record."""
-        try:
-            with open(self.path, "rb", opener=store.no_follow) as f:
-                data = f.read()
-        except FileNotFoundError:
+        data = _file_bytes(self.path)
+        if data is None:
             return []
-        except OSError as exc:
-            raise store.StoreError(f"journal {self.path} cannot be read: {store.reason(exc)}") from None
         records, end = scan(self.path, data)
         if end < len(data):
             aside = _aside_name(self.path, "damaged")
@@ -302,18 +298,26 @@ def read(path, strict=False):
     """The records of a journal file; a torn or damaged tail is dropped with a warning.
     ``strict``: a file that is not there, or whose first line is not a record, is a
     StoreError (a file named by an operator, not the journal a start opens)."""
-    try:
-        with open(path, "rb", opener=store.no_follow) as f:
-            data = f.read()
-    except FileNotFoundError:
+    data = _file_bytes(path)
+    if data is None:
         if strict:
-            raise store.StoreError(f"{path}: no such file") from None
+            raise store.StoreError(f"{path}: no such file")
         return []
-    except OSError as exc:
-        raise store.StoreError(f"journal {path} cannot be read: {store.reason(exc)}") from None
     if strict and data and _decode(data.partition(b"\n")[0]) is None:
         raise store.StoreError(f"{path} is not a cmactor journal: its first line is not a record")
     return scan(path, data)[0]
+
+
+def _file_bytes(path):
+    """What journal ``path`` holds, None if there is no such file; StoreError if it cannot
+    be read (a symbolic link is never followed)."""
+    try:
+        with open(path, "rb", opener=store.no_follow) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise store.StoreError(f"journal {path} cannot be read: {store.reason(exc)}") from None
 
 
 def scan(path, data):

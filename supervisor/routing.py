@@ -11,7 +11,6 @@ setops are written to the audit log. Each answer is counted in its module's
 request figures (stats.py): op, outcome and latency from receipt to answer.
 """
 
-
 from cmactor import protocol as P
 from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
 

@@ -354,3 +354,18 @@ def test_a_start_that_fails_after_taking_the_lock_lets_go_of_everything(tmp_path
     assert not (state_dir / "run" / "cm.sock").exists()
     with cmactor.Supervisor({"echo": ECHO}, state_dir=state_dir) as sup:  # the lock was let go
         assert sup.status()["echo"]["state"] == "READY"
+
+
+def test_cmactor_journal_refuses_what_is_not_a_journal_in_one_line(tmp_path):
+    other = tmp_path / "notes.txt"
+    other.write_text("not a journal\n")
+    lying = tmp_path / "kv.jsonl.old"
+    lying.write_text("not a record\n")
+    for path, problem in (
+        (other, "is neither a journal (MODULE.jsonl...) nor a snapshot (MODULE.snapshot...)"),
+        (lying, "is not a cmactor journal: its first line is not a record"),
+        (tmp_path / "gone.jsonl", "gone.jsonl: no such file"),
+    ):
+        refused = cli("journal", path)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.count("\n") == 1 and problem in refused.stderr, refused.stderr
