@@ -6,10 +6,10 @@ Agent authors use ``cmbackend_init``, ``CmAgent``, ``CmContext``, ``ready`` and
 
 import logging
 
-from . import errors
-from .cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
-from .cmfrontend import Connection, Cursor, Row, connect
-from .errors import *  # noqa: F403 - the exception tree, errors.__all__
+from cmactor import errors
+from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
+from cmactor.cmfrontend import Connection, Cursor, Row, connect
+from cmactor.errors import *  # noqa: F403 - the exception tree, errors.__all__
 
 # As libraries do: records go where the application's logging config sends them,
 # and nowhere (not Python's last-resort stderr handler) when it has none.

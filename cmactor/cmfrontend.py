@@ -21,9 +21,9 @@ import time
 from collections import deque, namedtuple
 from collections.abc import Mapping
 
-from . import cmbackend
-from . import protocol as P
-from .errors import (  # noqa: F401 - re-exported: PEP 249 puts these on the module
+from cmactor import cmbackend
+from cmactor.wire import protocol as P
+from cmactor.errors import (  # noqa: F401 - re-exported: PEP 249 puts these on the module
     DatabaseError,
     DataError,
     DeadlockDetectedError,

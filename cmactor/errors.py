@@ -88,7 +88,7 @@ class ModuleUnavailable(OperationalError):
         A module that is FAILED, stopping or gone makes this wait out the timeout
         (it may be restarted meanwhile); it never waits longer.
         """
-        from .cmfrontend import wait_until_ready  # the client needs this module first
+        from cmactor.cmfrontend import wait_until_ready  # the client needs this module first
 
         ready = wait_until_ready(self.socket_path, self.module_name, timeout)
         if callback is not None:

@@ -25,10 +25,10 @@ ERROR row; a request to a module that is still loading is held by the supervisor
 (up to its hold_timeout) instead of failing at once.
 """
 
-from . import cmfrontend
-from . import protocol as P
-from .cmfrontend import Row
-from .errors import (  # noqa: F401 - re-exported: apps catch these from this module
+from cmactor import cmfrontend
+from cmactor.wire import protocol as P
+from cmactor.cmfrontend import Row
+from cmactor.errors import (  # noqa: F401 - re-exported: apps catch these from this module
     DatabaseError,
     DataError,
     DeadlockDetectedError,

@@ -29,7 +29,7 @@ import statistics
 import time
 from array import array
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 pc = time.perf_counter_ns
 
@@ -67,7 +67,7 @@ def context():
     is already running (a supervisor started it), this preload changes nothing.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["cmactor.worker", __name__])
+    ctx.set_forkserver_preload(["cmactor.worker.process", __name__])
     return ctx
 
 

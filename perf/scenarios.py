@@ -32,7 +32,7 @@ import tempfile
 import time
 from array import array
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 from . import baseline
 from .baseline import Result, pc, percentile
@@ -74,7 +74,7 @@ def supervisor():
     import cmactor
 
     # Start the fork server now, with the preload of perf.baseline.context()
-    # (cmactor.worker and the floors' code): started by sup.start() it would lack the
+    # (cmactor.worker.process and the floors' code): started by sup.start() it would lack the
     # floors' code, and every floor process would import it (~10 ms a start).
     baseline.start_once(baseline.context())
     state_dir = tempfile.mkdtemp(prefix="cmbench-")

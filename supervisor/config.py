@@ -12,7 +12,7 @@ import re
 import tomllib
 
 from cmactor.errors import ConfigError
-from cmactor.protocol import MAX_FRAME, NAME_RE
+from cmactor.wire.protocol import MAX_FRAME, NAME_RE
 
 REQUIRED = object()
 

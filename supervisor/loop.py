@@ -26,7 +26,7 @@ import select
 import threading
 import time
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 log = logging.getLogger("cmactor.supervisor")
 

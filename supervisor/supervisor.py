@@ -13,23 +13,27 @@ import os
 import weakref
 
 from cmactor import cmfrontend
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import StartupError
 
-from . import fds, server, state, stats, store
-from .audit import AuditLog
-from .config import agents_config, load_toml, supervisor_options
-from .control import Control
-from .deadlock import WaitGraph
-from .lifecycle import Lifecycle
-from .logs import ModuleLogs
-from .loop import EventLoop
-from .modules import Module
-from .recovery import Recovery
-from .restart import RestartPolicy
-from .routing import Router
-from .saving import Saver
-from .workers import Workers
+from cmsupervisor.supervision import fds
+from cmsupervisor.front import server
+from cmsupervisor.persistence import state
+from cmsupervisor.observability import stats
+from cmsupervisor.persistence import store
+from cmsupervisor.observability.audit import AuditLog
+from cmsupervisor.config import agents_config, load_toml, supervisor_options
+from cmsupervisor.front.control import Control
+from cmsupervisor.front.deadlock import WaitGraph
+from cmsupervisor.supervision.lifecycle import Lifecycle
+from cmsupervisor.observability.logs import ModuleLogs
+from cmsupervisor.loop import EventLoop
+from cmsupervisor.supervision.modules import Module
+from cmsupervisor.supervision.recovery import Recovery
+from cmsupervisor.supervision.restart import RestartPolicy
+from cmsupervisor.front.routing import Router
+from cmsupervisor.persistence.saving import Saver
+from cmsupervisor.supervision.workers import Workers
 
 log = logging.getLogger("cmactor.supervisor")
 

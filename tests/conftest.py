@@ -12,7 +12,7 @@ import msgpack
 import psutil
 import pytest
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENTS = os.path.join(HERE, "agents")

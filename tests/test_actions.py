@@ -7,8 +7,8 @@ import msgpack
 import pytest
 
 from cmactor import cmbackend
-from cmactor import protocol as P
-from cmactor.actions import Actions
+from cmactor.wire import protocol as P
+from cmactor.worker.actions import Actions
 from cmactor.cmbackend import CmAgent, async_action
 from cmactor.errors import ProgrammingError
 

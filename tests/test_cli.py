@@ -18,8 +18,8 @@ import pytest
 from conftest import agent
 from processes import cli, cmactor_cmd
 
-from cmsupervisor import cli as cli_module
-from cmsupervisor.commands import export_line
+from cmsupervisor.cli import program as cli_module
+from cmsupervisor.cli.commands import export_line
 
 ECHO = agent("echo.py:main")
 

@@ -18,11 +18,12 @@ import time
 import weakref
 
 import pytest
-from cmsupervisor import graphs, store
-from cmsupervisor.deadlock import WaitGraph
-from cmsupervisor.lifecycle import Lifecycle
+from cmsupervisor import graphs
+from cmsupervisor.persistence import store
+from cmsupervisor.front.deadlock import WaitGraph
+from cmsupervisor.supervision.lifecycle import Lifecycle
 from cmsupervisor.loop import EventLoop
-from cmsupervisor.modules import (
+from cmsupervisor.supervision.modules import (
     FAILED,
     LOADING,
     READY,
@@ -36,12 +37,12 @@ from cmsupervisor.modules import (
     Pending,
     unknown_module,
 )
-from cmsupervisor.recovery import Recovery, split_started
-from cmsupervisor.restart import RestartPolicy
-from cmsupervisor.routing import Router
-from cmsupervisor.saving import Saver
+from cmsupervisor.supervision.recovery import Recovery, split_started
+from cmsupervisor.supervision.restart import RestartPolicy
+from cmsupervisor.front.routing import Router
+from cmsupervisor.persistence.saving import Saver
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import DatabaseError, InternalError, OperationalError, to_wire
 
 ALL_STATES = [STOPPED, STARTING, WAITING_DEPS, LOADING, READY, RESTARTING, FAILED, STOPPING]

@@ -15,7 +15,7 @@ import pytest
 from conftest import agent, kv_rows, read_frames, wait_for
 
 import cmactor
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 ECHO = agent("echo.py:main")
 READER = agent("reader.py:main")

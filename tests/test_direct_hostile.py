@@ -25,7 +25,7 @@ from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import WIRE_ERRORS
 
 ECHO = agent("echo.py:main")
@@ -842,7 +842,7 @@ def test_a_client_that_never_reads_does_not_get_the_worker_killed_as_hung(superv
 # sends ("send-late": Connection.request sends, then reads), and prints what it read.
 CLIENT_AS = """
 import os, select, socket, sys, time
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 path, uid, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 os.setgroups([])
 os.setgid(uid)
@@ -925,7 +925,7 @@ class _Backlogged:
 
 
 def test_the_writer_watches_a_client_that_reuses_a_dropped_ones_descriptor():
-    from cmactor.direct import _Writer
+    from cmactor.worker.direct import _Writer
 
     writer = _Writer(timeout=30)
     old_end, old_peer = socket.socketpair()

@@ -15,9 +15,9 @@ import pytest
 from conftest import agent, raw, read_frames, tmpfs, wait_for
 
 import cmactor
-from cmactor import protocol as P
-from cmsupervisor import store
-from cmsupervisor.journal import encode as journal_record
+from cmactor.wire import protocol as P
+from cmsupervisor.persistence import store
+from cmsupervisor.persistence.journal import encode as journal_record
 
 ECHO = agent("echo.py:main")
 
@@ -265,7 +265,7 @@ def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypat
 
 
 def test_an_audit_line_that_cannot_be_encoded_is_dropped_alone(tmp_path):
-    from cmsupervisor.audit import AuditLog
+    from cmsupervisor.observability.audit import AuditLog
 
     audit = AuditLog(str(tmp_path / "audit.log"))
     audit.record("u", 0, 1, "set", "m", "t", {b"bin": "key"}, "ok")  # a bug upstream, not a stop

@@ -13,7 +13,7 @@ from conftest import AGENTS, agent, wait_for
 import cmactor
 from cmactor import exos
 from cmactor.errors import ConfigError, ModuleUnavailable, ProgrammingError, StartupError
-from cmsupervisor import store
+from cmsupervisor.persistence import store
 
 APP = agent("exos_app.py")
 

@@ -18,9 +18,10 @@ from processes import cmactor_cmd
 from test_components import SaveSetup
 
 import cmactor
-from cmsupervisor import cli, store
-from cmsupervisor.commands import Command, CommandError, export_line, parse, split_line
-from cmsupervisor.modules import READY, RESTARTING
+from cmsupervisor.cli import program as cli
+from cmsupervisor.persistence import store
+from cmsupervisor.cli.commands import Command, CommandError, export_line, parse, split_line
+from cmsupervisor.supervision.modules import READY, RESTARTING
 
 SWITCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "switch")
 SWITCH_AGENTS = {name: os.path.join(SWITCH, f"{name}.py:main") for name in ("ports", "vlan", "stats")}

@@ -20,9 +20,9 @@ import psutil
 import pytest
 from conftest import agent, kv_rows, raw, read_frames, wait_for
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import ConfigError, StartupError
-from cmsupervisor import server
+from cmsupervisor.front import server
 from cmsupervisor.config import SUPERVISOR_OPTIONS
 
 ECHO = agent("echo.py:main")

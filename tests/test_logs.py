@@ -17,10 +17,10 @@ from processes import cmactor_cmd
 from test_durability import fill, small_disk
 
 import cmactor
-from cmsupervisor import cli
-from cmsupervisor.logs import RotatingFile
-from cmsupervisor.tail import last_lines
-from cmsupervisor.workers import MAX_LINE
+from cmsupervisor.cli import program as cli
+from cmsupervisor.observability.logs import RotatingFile
+from cmsupervisor.cli.tail import last_lines
+from cmsupervisor.supervision.workers import MAX_LINE
 
 CHATTY = agent("chatty.py:main")
 ECHO = agent("echo.py:main")

@@ -20,9 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
-from cmsupervisor import control, health, httpserve, metrics, modules
+from cmsupervisor.front import control
+from cmsupervisor.supervision import health
+from cmsupervisor.observability import httpserve
+from cmsupervisor.observability import metrics
+from cmsupervisor.supervision import modules
 from cmsupervisor.config import load_toml
-from cmsupervisor.stats import Histogram, Timed
+from cmsupervisor.observability.stats import Histogram, Timed
 
 ECHO = agent("echo.py:main")
 ANY_PORT = "127.0.0.1:0"

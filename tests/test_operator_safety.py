@@ -17,7 +17,7 @@ from processes import Run, cli
 
 import cmactor
 from cmactor.errors import StartupError
-from cmsupervisor import state
+from cmsupervisor.persistence import state
 
 ECHO = agent("echo.py:main")
 NOBODY = pwd.getpwnam("nobody").pw_uid
@@ -72,7 +72,7 @@ def test_a_second_run_touches_nothing_and_a_plain_start_after_sigkill_has_every_
 
 LOCK_AND_SLEEP = """
 import sys, time
-from cmsupervisor import state
+from cmsupervisor.persistence import state
 held = state.lock(sys.argv[1], 0o700)
 print("locked", flush=True)
 time.sleep(60)

@@ -2,7 +2,7 @@
 
 import threading
 
-from cmactor.pool import CallbackPool
+from cmactor.worker.pool import CallbackPool
 
 
 def test_callback_pool_gives_every_waiting_action_a_thread_up_to_its_size():

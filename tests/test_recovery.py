@@ -46,7 +46,7 @@ def test_big_saved_config_and_journal_load_after_a_restart(supervisor, tmp_path)
     """A LOAD message far bigger than a socket buffer still reaches the worker whole."""
     import socket as _socket
 
-    from cmactor import protocol as P
+    from cmactor.wire import protocol as P
 
     state = tmp_path / "state"
     sup = supervisor({"echo": ECHO}, state_dir=state)
@@ -133,7 +133,7 @@ def test_every_start_replays_the_journal_and_only_saved_only_moves_it_aside(supe
 
 
 def test_a_damaged_record_in_the_middle_drops_it_and_the_rest(tmp_path, caplog):
-    from cmsupervisor import journal as J
+    from cmsupervisor.persistence import journal as J
 
     path = tmp_path / "j.jsonl"
     good = J.Journal(str(path))
@@ -150,7 +150,7 @@ def test_a_damaged_record_in_the_middle_drops_it_and_the_rest(tmp_path, caplog):
 
 
 def test_a_torn_tail_is_cut_off_at_open_so_that_later_records_are_not_lost_behind_it(tmp_path, caplog):
-    from cmsupervisor import journal as J
+    from cmsupervisor.persistence import journal as J
 
     path = tmp_path / "j.jsonl"
     first = J.Journal(str(path))
@@ -173,7 +173,7 @@ def test_a_torn_tail_is_cut_off_at_open_so_that_later_records_are_not_lost_behin
 
 
 def test_a_save_walk_covers_the_serial_changes_sent_before_it_and_no_async_one_answered_during_it(tmp_path):
-    from cmsupervisor import journal as J
+    from cmsupervisor.persistence import journal as J
 
     journal = J.Journal(str(tmp_path / "j.jsonl"))
     journal.open(recover=True)
@@ -339,7 +339,7 @@ def test_status_reports_health_figures_and_the_last_exit(supervisor):
 
 
 def test_journal_files_are_replayed_in_the_order_their_changes_were_made():
-    from cmsupervisor.journal import replay_order
+    from cmsupervisor.persistence.journal import replay_order
 
     named = [  # as a shell glob lists them
         "j/kv.jsonl",

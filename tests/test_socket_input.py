@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, wait_for
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
 ECHO = agent("echo.py:main")
 
@@ -196,7 +196,7 @@ def test_abusive_clients_in_parallel_do_not_disturb_a_good_one(sup):
 def test_other_uids_are_refused(sup, monkeypatch):
     import os
 
-    from cmsupervisor import server
+    from cmsupervisor.front import server
 
     real_uid = os.getuid()
     monkeypatch.setattr(server, "peer_uid", lambda sock: real_uid + 4242)

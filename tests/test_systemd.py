@@ -16,7 +16,7 @@ import pytest
 from conftest import HERE, agent, wait_for
 from processes import cli, cmactor_cmd
 
-from cmsupervisor import notify
+from cmsupervisor.observability import notify
 
 ECHO = agent("echo.py:main")
 WATCHDOG_USEC = 300_000  # pings every 0.15 s

@@ -4,13 +4,14 @@ import json
 
 import msgpack
 import pytest
-from cmsupervisor import deps, store
-from cmsupervisor.restart import RestartPolicy
-from cmsupervisor.server import BadRequest, parse_request
+from cmsupervisor.supervision import deps
+from cmsupervisor.persistence import store
+from cmsupervisor.supervision.restart import RestartPolicy
+from cmsupervisor.front.server import BadRequest, parse_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.cmbackend import ActionStopped, CmAgent, CmContext, async_action
 from cmactor.cmfrontend import description, parse_operation, wire_params
 from cmactor.errors import (

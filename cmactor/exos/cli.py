@@ -36,9 +36,9 @@ import json
 import shlex
 import threading
 
-from .. import cmfrontend
-from .. import protocol as P
-from ..errors import Error
+from cmactor import cmfrontend
+from cmactor.wire import protocol as P
+from cmactor.errors import Error
 
 # The first argument of an exec_cli_async callback: a block of a command's output,
 # or the end of one command (EXOS names; one of each per command here).

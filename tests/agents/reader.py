@@ -27,7 +27,7 @@ class Reader(CmAgent):
     def threadless_get(self, ctx):
         # From now on the worker's direct socket cannot start a new reader, as in a process
         # out of threads (tests/test_direct.py).
-        from cmactor import direct
+        from cmactor.worker import direct
 
         class Refused:
             def start(self):

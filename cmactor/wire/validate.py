@@ -11,8 +11,8 @@ import reprlib
 import socket
 import struct
 
-from . import protocol as P
-from .errors import ProgrammingError
+from cmactor.wire import protocol as P
+from cmactor.errors import ProgrammingError
 
 _PEERCRED = struct.Struct("3i")
 

@@ -10,11 +10,11 @@ first, each module once its in-flight requests are answered.
 import logging
 import threading
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 
-from . import deps
-from .modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
-from .workers import SpawnFailed
+from cmsupervisor.supervision import deps
+from cmsupervisor.supervision.modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
+from cmsupervisor.supervision.workers import SpawnFailed
 
 log = logging.getLogger("cmactor.supervisor")
 

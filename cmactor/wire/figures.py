@@ -15,8 +15,8 @@ from zero.
 import threading
 from bisect import bisect_left
 
-from .errors import WIRE_ERRORS
-from .protocol import READ_OPS
+from cmactor.errors import WIRE_ERRORS
+from cmactor.wire.protocol import READ_OPS
 
 # Upper bounds in seconds (Prometheus' "le": a value equal to a bound falls in
 # its bucket). A get takes ~130 µs through the supervisor on a quiet 2-vCPU VM; a

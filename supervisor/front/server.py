@@ -18,13 +18,13 @@ import stat
 import tempfile
 import time
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import InterfaceError, InternalError, to_wire
-from cmactor.trim import release_free_memory
-from cmactor.validate import BadRequest, parse_request, peer_credentials, peer_uid
+from cmactor.wire.trim import release_free_memory
+from cmactor.wire.validate import BadRequest, parse_request, peer_credentials, peer_uid
 
-from .config import SUPERVISOR_OPTIONS
-from .loop import recv
+from cmsupervisor.config import SUPERVISOR_OPTIONS
+from cmsupervisor.loop import recv
 
 log = logging.getLogger("cmactor.supervisor")
 

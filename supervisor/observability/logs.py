@@ -22,7 +22,7 @@ import time
 
 from cmactor.errors import StartupError
 
-from . import store
+from cmsupervisor.persistence import store
 
 log = logging.getLogger("cmactor.supervisor")
 

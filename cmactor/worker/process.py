@@ -34,14 +34,14 @@ import threading
 import time
 import traceback
 
-from . import cmbackend, exos
-from . import figures as F
-from . import protocol as P
-from .actions import Actions, error_reply
-from .direct import DirectServer
-from .errors import OperationalError, ProgrammingError
-from .outbox import Outbox
-from .pool import CallbackPool
+from cmactor import cmbackend, exos
+from cmactor.wire import figures as F
+from cmactor.wire import protocol as P
+from cmactor.worker.actions import Actions, error_reply
+from cmactor.worker.direct import DirectServer
+from cmactor.errors import OperationalError, ProgrammingError
+from cmactor.worker.outbox import Outbox
+from cmactor.worker.pool import CallbackPool
 
 # Module globals for what the lane threads read per message (one lookup, not two).
 SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START

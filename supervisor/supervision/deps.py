@@ -1,7 +1,7 @@
 """The config_deps graph: unknown names, cycles, dependency order, READY gating."""
 
-from . import graphs
-from .modules import FAILED, READY, STOPPED, WAITING_DEPS
+from cmsupervisor import graphs
+from cmsupervisor.supervision.modules import FAILED, READY, STOPPED, WAITING_DEPS
 
 _ENDED = (FAILED, STOPPED)  # STOPPED outside a stop: it exited and its restart policy left it so
 

@@ -14,11 +14,11 @@ psutil figures are then sampled on another thread (health.Sampler) and added.
 import functools
 import logging
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 
-from . import health
-from .modules import READY, finish_status, unknown_module
+from cmsupervisor.supervision import health
+from cmsupervisor.supervision.modules import READY, finish_status, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -11,7 +11,7 @@ ones and reads every file rotated after it, in order, before the log itself.
 import os
 import time
 
-from .config import MAX_LOG_BACKUPS
+from cmsupervisor.config import MAX_LOG_BACKUPS
 
 BLOCK = 65536
 FOLLOW_INTERVAL = 0.2  # seconds between looks at a log that has nothing new

@@ -27,13 +27,13 @@ import socket
 import stat
 import sys
 
-from cmactor import figures as F
-from cmactor import protocol as P
-from cmactor import worker
+from cmactor.wire import figures as F
+from cmactor.wire import protocol as P
+from cmactor.worker import process as worker
 
-from . import health
-from .loop import recv
-from .server import MAX_SOCKET_PATH, listen
+from cmsupervisor.supervision import health
+from cmsupervisor.loop import recv
+from cmsupervisor.front.server import MAX_SOCKET_PATH, listen
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -230,7 +230,7 @@ class Workers:
         self._mp = multiprocessing.get_context(START_METHOD)
         # Preloaded in the fork server, so a worker (and a restart) starts with the
         # runtime already imported: a fork, not a fresh interpreter.
-        self._mp.set_forkserver_preload(["cmactor.worker"])
+        self._mp.set_forkserver_preload(["cmactor.worker.process"])
 
     def handle(self, kind, handler):
         """Call ``handler(mod, message)`` for each message of class ``kind`` (protocol.Reply, ...)."""

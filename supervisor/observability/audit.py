@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-from .logs import RotatingFile
+from cmsupervisor.observability.logs import RotatingFile
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -22,9 +22,9 @@ from prometheus_client.utils import floatToGoString
 
 from cmactor.errors import StartupError
 
-from .config import parse_address
-from .httpserve import PageServer
-from .modules import TRANSITIONS
+from cmsupervisor.config import parse_address
+from cmsupervisor.observability.httpserve import PageServer
+from cmsupervisor.supervision.modules import TRANSITIONS
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -25,12 +25,17 @@ import threading
 import cmactor
 from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, OperationalError, StartupError
-from cmactor.protocol import DATA_OPS
+from cmactor.wire.protocol import DATA_OPS
 
-from . import commands, fds, journal, notify, tail, terminal
-from .config import load_toml
-from .server import default_socket_path, socket_pointer
-from .store import StoreError
+from cmsupervisor.cli import commands
+from cmsupervisor.supervision import fds
+from cmsupervisor.persistence import journal
+from cmsupervisor.observability import notify
+from cmsupervisor.cli import tail
+from cmsupervisor.cli import terminal
+from cmsupervisor.config import load_toml
+from cmsupervisor.front.server import default_socket_path, socket_pointer
+from cmsupervisor.persistence.store import StoreError
 
 STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
 
@@ -668,7 +673,7 @@ def _declare_main_module():
     """
     main_module = sys.modules.get("__main__")
     spec = getattr(main_module, "__spec__", None)
-    if main_module is not None and (spec is None or spec.name == "cmsupervisor.cli"):
+    if main_module is not None and spec is None:
         main_module.__spec__ = importlib.util.find_spec("cmsupervisor.__main__")
 
 
@@ -697,6 +702,3 @@ def main(argv=None):
         )
         return INTERNAL_ERROR
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ import collections
 import re
 import shlex
 
-from cmactor.protocol import NAME_RE
+from cmactor.wire.protocol import NAME_RE
 
 OPS = ("set", "setop")
 SYNTAX = "set|setop MODULE.TABLE key=value ..."

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 
-from .modules import READY
+from cmsupervisor.supervision.modules import READY
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -11,7 +11,7 @@ are fixed when the figures are made, and nothing is allocated per event.
 from bisect import bisect_left
 
 from cmactor.errors import StartupError
-from cmactor.figures import REQUEST_BOUNDS
+from cmactor.wire.figures import REQUEST_BOUNDS
 
 FSYNC_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # A save walks every persistent table and writes one file: 100k rows take ~0.7 s.
@@ -108,7 +108,7 @@ def exporter(address, read):
     """A metrics.Exporter serving /metrics at ``address`` from ``read``; imported only here,
     since it needs the optional extra. StartupError when it is not installed."""
     try:
-        from . import metrics
+        from cmsupervisor.observability import metrics
     except ImportError as exc:
         if exc.name != "prometheus_client":
             raise

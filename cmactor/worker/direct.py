@@ -50,11 +50,11 @@ import socket
 import threading
 import time
 
-from . import figures as F
-from . import protocol as P
-from .errors import InterfaceError, ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out, to_wire
-from .trim import release_free_memory
-from .validate import BadRequest, parse_request, peer_uid
+from cmactor.wire import figures as F
+from cmactor.wire import protocol as P
+from cmactor.errors import InterfaceError, ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out, to_wire
+from cmactor.wire.trim import release_free_memory
+from cmactor.wire.validate import BadRequest, parse_request, peer_uid
 
 log = logging.getLogger("cmactor.worker")
 

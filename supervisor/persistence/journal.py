@@ -35,8 +35,8 @@ import os
 import time
 import zlib
 
-from . import store
-from .stats import FSYNC_BOUNDS, Histogram
+from cmsupervisor.persistence import store
+from cmsupervisor.observability.stats import FSYNC_BOUNDS, Histogram
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -17,8 +17,8 @@ every executor on it would wait forever, so the call is refused at once with the
 cycle written out. Any call that cannot close a cycle is admitted.
 """
 
-from . import graphs
-from .modules import READY, WAITING_DEPS, Module
+from cmsupervisor import graphs
+from cmsupervisor.supervision.modules import READY, WAITING_DEPS, Module
 
 
 class WaitGraph:

@@ -18,11 +18,11 @@ in for tuples of states repeated by the code that asks.
 import logging
 import time
 
-from cmactor import figures as F
+from cmactor.wire import figures as F
 from cmactor.errors import InternalError
-from cmactor.protocol import DATA_OPS
+from cmactor.wire.protocol import DATA_OPS
 
-from .stats import FSYNC_BOUNDS, Timed, request_stats, snapshot
+from cmsupervisor.observability.stats import FSYNC_BOUNDS, Timed, request_stats, snapshot
 
 log = logging.getLogger("cmactor.supervisor")
 

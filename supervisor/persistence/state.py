@@ -19,8 +19,9 @@ import stat
 
 from cmactor.errors import StartupError
 
-from . import server, store
-from .journal import Journal
+from cmsupervisor.front import server
+from cmsupervisor.persistence import store
+from cmsupervisor.persistence.journal import Journal
 
 log = logging.getLogger("cmactor.supervisor")
 

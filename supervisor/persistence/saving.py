@@ -17,9 +17,10 @@ import time
 
 from cmactor.errors import DatabaseError, OperationalError, ProgrammingError, to_wire
 
-from . import deps, store
-from .modules import READY, unknown_module
-from .stats import SAVE_BOUNDS, Timed
+from cmsupervisor.supervision import deps
+from cmsupervisor.persistence import store
+from cmsupervisor.supervision.modules import READY, unknown_module
+from cmsupervisor.observability.stats import SAVE_BOUNDS, Timed
 
 log = logging.getLogger("cmactor.supervisor")
 

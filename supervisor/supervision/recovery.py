@@ -10,11 +10,11 @@ restart (see the progress slots in cmactor/protocol.py). The restart policy
 import logging
 import time
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out
 
-from .modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
-from .workers import describe_exit
+from cmsupervisor.supervision.modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
+from cmsupervisor.supervision.workers import describe_exit
 
 
 def split_started(inflight, slots):

@@ -11,10 +11,10 @@ setops are written to the audit log. Each answer is counted in its module's
 request figures (stats.py): op, outcome and latency from receipt to answer.
 """
 
-from cmactor import protocol as P
+from cmactor.wire import protocol as P
 from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
 
-from .modules import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS, Pending, unknown_module
+from cmsupervisor.supervision.modules import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS, Pending, unknown_module
 
 _CHANGES = ("set", "setop")
 

@@ -1,0 +1,1 @@
+"""What all three processes share: framing, message kinds, request checks, shared-memory figures."""

@@ -1,0 +1,1 @@
+"""The worker process: one per agent, its lanes, its channel to the supervisor, its direct socket."""

@@ -1,0 +1,1 @@
+"""Observability: counters and histograms, /metrics, module logs, the audit log, systemd notification."""

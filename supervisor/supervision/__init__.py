@@ -1,0 +1,1 @@
+"""Supervision: module records and states, worker processes, bringing modules up, restarts, health."""
