@@ -120,8 +120,9 @@ def _groups(sizes, sup, conn):
         return lambda row: f"one walk: {rows / row['rate'] * 1000:.0f} ms; ratio: rows/s over the floor's round trips/s"
 
     def chain(via):
-        return b.clients([path] * CLIENTS, b.request("chain", "chain_a", params={"via": via}), inflight=1,
-                         **sizes["chains"])
+        return b.clients(
+            [path] * CLIENTS, b.request("chain", "chain_a", params={"via": via}), inflight=1, **sizes["chains"]
+        )
 
     def cursor_procs(operation, params, n, warmup):
         return b.clients([path], (operation, params), n=n, inflight=1, warmup=warmup, main=s.cursor_main)
@@ -137,128 +138,352 @@ def _groups(sizes, sup, conn):
     journal, rows = sizes["journal"], sizes["rows"]
     restarts = sizes["restarts"]
     groups = [
-        ([
-            Step("one_hop", "floor: one hop, 1 in flight", "ops/s", None,
-                 lambda: b.one_hop(**ping), "client process <-> worker process, one socketpair"),
-            Step("two_hop", "floor: two hops, 1 in flight", "ops/s", None,
-                 lambda: b.two_hop(**ping), "client -> broker -> worker -> back, selectors broker"),
-            Step("get", "get, sequential (Cursor)", "ops/s", "two_hop",
-                 lambda: cursor_procs("get bench.kv", {"key": "k"}, **ping),
-                 "the public client in a process of its own, as the floor's client is"),
-            Step("set", "set, sequential (Cursor)", "ops/s", "two_hop",
-                 lambda: cursor_procs("set bench.kv", {"key": "k", "value": "v"}, **ping), ""),
-            Step("set_journal", "set, persistent table (Cursor)", "ops/s", "two_hop",
-                 lambda: cursor_procs("set bench.pkv", {"key": "k", "value": "v"},
-                                      n=ping["n"] // 2, warmup=ping["warmup"] // 2),
-                 "each set is journaled and fsynced before the reply (state_dir on " + s.filesystem() + ")"),
-            Step("journal_cost", "journal cost per set (persistent - plain)", "us/set", "set",
-                 lambda: s.extra_cost("set_journal", "set"),
-                 "mean time per set on the persistent table minus a plain set's, same round (p50: same for "
-                 "the p50s); ratio: that extra over a plain set's mean", kind="derived", derived=True),
-            Step("get_inproc", "get, sequential (Cursor in the supervisor's process)", "ops/s", "two_hop",
-                 lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
-                 "sup.connect() from a thread of the process the supervisor is embedded in: it shares the GIL "
-                 "with the supervisor's loop"),
-            Step("get_raw", "get, raw client process, 1 in flight", "ops/s", "two_hop",
-                 lambda: b.clients([path], b.request("kv"), inflight=1, **ping),
-                 "same get from its own process, no Cursor: the floor's client"),
-            *([Step("get_direct", "get, direct, sequential (Cursor)", "ops/s", "one_hop",
-                    lambda: s.direct_clients(1, ("get bench.kv", {"key": "k"}), inflight=1, main=s.cursor_main,
-                                             **ping),
-                    "the get row's Cursor process against a supervisor of its own with direct reads on: the "
-                    "Cursor asks for the route once, then reads from the worker's own socket")] if direct else []),
-            Step("getnext_10k", "getnext walk, 10k rows (Cursor)", "rows/s", "two_hop",
-                 lambda: s.walk(conn.cursor(), 10_000, small), walk_note(10_000)),
-            Step("dbapi_walk_10k", "exos_dbapi walk 10k rows (request, iterrow)", "rows/s", "getnext_10k",
-                 lambda: s.dbapi_walk(conn, 10_000, small),
-                 lambda row: f"one walk and its rows read: {10_000 / row['rate'] * 1000:.0f} ms; "
-                             "ratio: over the Cursor's 10k walk"),
-            Step("getnext_100k", "getnext walk, 100k rows (Cursor)", "rows/s", "two_hop",
-                 lambda: s.walk(conn.cursor(), 100_000, big), walk_note(100_000)),
-        ], rounds),
-        ([
-            Step("two_hop_32", f"floor: two hops, 1 client x {INFLIGHT} in flight", "ops/s", None,
-                 lambda: b.two_hop(**pipe, inflight=INFLIGHT), ""),
-            Step("two_hop_4x32", f"floor: two hops, {CLIENTS} clients x {INFLIGHT} in flight", "ops/s", None,
-                 lambda: b.two_hop(**per_client, n_clients=CLIENTS, inflight=INFLIGHT), ""),
-            Step("async_4x32", f"async get, {CLIENTS} client procs x {INFLIGHT} in flight", "ops/s", "two_hop_4x32",
-                 lambda: b.clients([path] * CLIENTS, b.request("akv"), inflight=INFLIGHT, **per_client),
-                 "@async_action get, raw protocol"),
-            Step("one_hop_4x32", f"floor: one hop, {CLIENTS} clients x {INFLIGHT} in flight", "ops/s", None,
-                 lambda: b.one_hop(**per_client, n_clients=CLIENTS, inflight=INFLIGHT),
-                 f"{CLIENTS} client processes <-> one worker process (a selectors loop), a socketpair each"),
-            *([Step("async_4x32_direct", f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
-                    "ops/s", "one_hop_4x32",
-                    lambda: s.direct_clients(CLIENTS, b.request("akv"), inflight=INFLIGHT, main=s.direct_client_main,
-                                             **per_client),
-                    "@async_action get, raw protocol to the worker's own socket (each client asks the supervisor "
-                    "for the route once); direct reads on")] if direct else []),
-        ], rounds),
-        ([
-            Step("chain_free", f"chain A(async)->B->C, {CLIENTS} client procs", "chains/s", None,
-                 lambda: chain("chain_b,chain_c"),
-                 f"A's @async_action calls B's serial action, which calls C's; {CLIENTS} raw client processes, "
-                 "1 chain in flight each", kind="scenario"),
-            Step("chain_cycle", f"chain A(async)->B->A, {CLIENTS} client procs", "chains/s", "chain_free",
-                 lambda: chain("chain_b,chain_a"),
-                 "deadlock-prone: B's serial action calls back into A's serial lane (fine: A's first action is "
-                 "async); ratio: over the cycle-free chain"),
-            Step("calls_plain", "get from an agent, unchecked", "ops/s", None,
-                 lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "plain", **sizes["calls"]),
-                 "chain_a's @async_action gets bench.kv in a loop on a thread the agent started (no caller: "
-                 "not checked); timed in the agent", kind="scenario"),
-            Step("calls_checked", "get from an agent, checked", "ops/s", "calls_plain",
-                 lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "checked", **sizes["calls"]),
-                 "the same gets on the action's own thread: each carries its caller and is checked"),
-            Step("admit", "deadlock check (WaitGraph.admit)", "us/check", "calls_plain",
-                 lambda: s.admit_timing(sup, "calls_plain"),
-                 "time in WaitGraph.admit per checked call (chains and checked gets of the round), wrapped on "
-                 "the instance; ratio: over the mean round trip of an unchecked get", kind="derived", derived=True),
-        ], rounds),
-        ([
-            Step("forkserver_start", "floor: forkserver Process start", "starts/s", None,
-                 lambda: b.forkserver_start(**sizes["starts"]), "Process() to the child's first message"),
-            Step("restart", "restart after SIGKILL, to answering", "starts/s", "forkserver_start",
-                 lambda: s.restart_to_ready(sup, conn, "victim", **restarts),
-                 lambda row: f"kill -9 the worker; time until a get is answered by the new one; "
-                             f"p50/p99 over {row['rounds'] * restarts['n']} kills"),
-            Step("restart_journal", f"restart after SIGKILL, {journal // 1000}k journaled rows", "starts/s",
-                 "forkserver_start",
-                 lambda: s.restart_to_ready(sup, conn, "jvictim", journal_rows=journal, **restarts),
-                 lambda row: f"the same, the new worker replaying {journal:,} unsaved sets from the journal "
-                             f"before READY; p50/p99 over {row['rounds'] * restarts['n']} kills"),
-            *(Step(f"startup_{n}", f"start {n} modules (deps DAG) to all READY", "modules/s", "forkserver_start",
-                   lambda dag=dags[n]: s.startup(dag, **sizes["startup"]),
-                   lambda row, n=n: f"Supervisor.start() until it returns, every module READY: {ms(row)} "
-                                    f"(p50); random config_deps DAG, {sum(map(len, dags[n].values()))} edges, "
-                                    f"longest chain {s.dag_depth(dags[n])} modules; ratio: {n} forkserver "
-                                    f"starts one after another / this")
-              for n in STARTUP_SIZES),
-        ], sizes["start_rounds"]),
-        ([
-            Step("save", f"save {rows // 1000}k rows (Supervisor.save)", "rows/s", None,
-                 lambda: s.save_rows(rows, sizes["saves"]),
-                 lambda row: f"one save: {ms(row)} (p50): the agent's getnext walk, JSON, an atomic write "
-                             f"with fsyncs", kind="scenario"),
-            Step("load", f"load {rows // 1000}k rows (fresh start to READY)", "rows/s", None,
-                 lambda: s.load_rows(rows, sizes["saves"]),
-                 lambda row: f"one start: {ms(row)} (p50): read and check the file, start the worker, replay "
-                             f"every row as pkv_set", kind="scenario"),
-        ], rounds),
+        (
+            [
+                Step(
+                    "one_hop",
+                    "floor: one hop, 1 in flight",
+                    "ops/s",
+                    None,
+                    lambda: b.one_hop(**ping),
+                    "client process <-> worker process, one socketpair",
+                ),
+                Step(
+                    "two_hop",
+                    "floor: two hops, 1 in flight",
+                    "ops/s",
+                    None,
+                    lambda: b.two_hop(**ping),
+                    "client -> broker -> worker -> back, selectors broker",
+                ),
+                Step(
+                    "get",
+                    "get, sequential (Cursor)",
+                    "ops/s",
+                    "two_hop",
+                    lambda: cursor_procs("get bench.kv", {"key": "k"}, **ping),
+                    "the public client in a process of its own, as the floor's client is",
+                ),
+                Step(
+                    "set",
+                    "set, sequential (Cursor)",
+                    "ops/s",
+                    "two_hop",
+                    lambda: cursor_procs("set bench.kv", {"key": "k", "value": "v"}, **ping),
+                    "",
+                ),
+                Step(
+                    "set_journal",
+                    "set, persistent table (Cursor)",
+                    "ops/s",
+                    "two_hop",
+                    lambda: cursor_procs(
+                        "set bench.pkv", {"key": "k", "value": "v"}, n=ping["n"] // 2, warmup=ping["warmup"] // 2
+                    ),
+                    "each set is journaled and fsynced before the reply (state_dir on " + s.filesystem() + ")",
+                ),
+                Step(
+                    "journal_cost",
+                    "journal cost per set (persistent - plain)",
+                    "us/set",
+                    "set",
+                    lambda: s.extra_cost("set_journal", "set"),
+                    "mean time per set on the persistent table minus a plain set's, same round (p50: same for "
+                    "the p50s); ratio: that extra over a plain set's mean",
+                    kind="derived",
+                    derived=True,
+                ),
+                Step(
+                    "get_inproc",
+                    "get, sequential (Cursor in the supervisor's process)",
+                    "ops/s",
+                    "two_hop",
+                    lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
+                    "sup.connect() from a thread of the process the supervisor is embedded in: it shares the GIL "
+                    "with the supervisor's loop",
+                ),
+                Step(
+                    "get_raw",
+                    "get, raw client process, 1 in flight",
+                    "ops/s",
+                    "two_hop",
+                    lambda: b.clients([path], b.request("kv"), inflight=1, **ping),
+                    "same get from its own process, no Cursor: the floor's client",
+                ),
+                *(
+                    [
+                        Step(
+                            "get_direct",
+                            "get, direct, sequential (Cursor)",
+                            "ops/s",
+                            "one_hop",
+                            lambda: s.direct_clients(
+                                1, ("get bench.kv", {"key": "k"}), inflight=1, main=s.cursor_main, **ping
+                            ),
+                            "the get row's Cursor process against a supervisor of its own with direct reads on: the "
+                            "Cursor asks for the route once, then reads from the worker's own socket",
+                        )
+                    ]
+                    if direct
+                    else []
+                ),
+                Step(
+                    "getnext_10k",
+                    "getnext walk, 10k rows (Cursor)",
+                    "rows/s",
+                    "two_hop",
+                    lambda: s.walk(conn.cursor(), 10_000, small),
+                    walk_note(10_000),
+                ),
+                Step(
+                    "dbapi_walk_10k",
+                    "exos_dbapi walk 10k rows (request, iterrow)",
+                    "rows/s",
+                    "getnext_10k",
+                    lambda: s.dbapi_walk(conn, 10_000, small),
+                    lambda row: (
+                        f"one walk and its rows read: {10_000 / row['rate'] * 1000:.0f} ms; "
+                        "ratio: over the Cursor's 10k walk"
+                    ),
+                ),
+                Step(
+                    "getnext_100k",
+                    "getnext walk, 100k rows (Cursor)",
+                    "rows/s",
+                    "two_hop",
+                    lambda: s.walk(conn.cursor(), 100_000, big),
+                    walk_note(100_000),
+                ),
+            ],
+            rounds,
+        ),
+        (
+            [
+                Step(
+                    "two_hop_32",
+                    f"floor: two hops, 1 client x {INFLIGHT} in flight",
+                    "ops/s",
+                    None,
+                    lambda: b.two_hop(**pipe, inflight=INFLIGHT),
+                    "",
+                ),
+                Step(
+                    "two_hop_4x32",
+                    f"floor: two hops, {CLIENTS} clients x {INFLIGHT} in flight",
+                    "ops/s",
+                    None,
+                    lambda: b.two_hop(**per_client, n_clients=CLIENTS, inflight=INFLIGHT),
+                    "",
+                ),
+                Step(
+                    "async_4x32",
+                    f"async get, {CLIENTS} client procs x {INFLIGHT} in flight",
+                    "ops/s",
+                    "two_hop_4x32",
+                    lambda: b.clients([path] * CLIENTS, b.request("akv"), inflight=INFLIGHT, **per_client),
+                    "@async_action get, raw protocol",
+                ),
+                Step(
+                    "one_hop_4x32",
+                    f"floor: one hop, {CLIENTS} clients x {INFLIGHT} in flight",
+                    "ops/s",
+                    None,
+                    lambda: b.one_hop(**per_client, n_clients=CLIENTS, inflight=INFLIGHT),
+                    f"{CLIENTS} client processes <-> one worker process (a selectors loop), a socketpair each",
+                ),
+                *(
+                    [
+                        Step(
+                            "async_4x32_direct",
+                            f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
+                            "ops/s",
+                            "one_hop_4x32",
+                            lambda: s.direct_clients(
+                                CLIENTS, b.request("akv"), inflight=INFLIGHT, main=s.direct_client_main, **per_client
+                            ),
+                            "@async_action get, raw protocol to the worker's own socket (each client asks the supervisor "
+                            "for the route once); direct reads on",
+                        )
+                    ]
+                    if direct
+                    else []
+                ),
+            ],
+            rounds,
+        ),
+        (
+            [
+                Step(
+                    "chain_free",
+                    f"chain A(async)->B->C, {CLIENTS} client procs",
+                    "chains/s",
+                    None,
+                    lambda: chain("chain_b,chain_c"),
+                    f"A's @async_action calls B's serial action, which calls C's; {CLIENTS} raw client processes, "
+                    "1 chain in flight each",
+                    kind="scenario",
+                ),
+                Step(
+                    "chain_cycle",
+                    f"chain A(async)->B->A, {CLIENTS} client procs",
+                    "chains/s",
+                    "chain_free",
+                    lambda: chain("chain_b,chain_a"),
+                    "deadlock-prone: B's serial action calls back into A's serial lane (fine: A's first action is "
+                    "async); ratio: over the cycle-free chain",
+                ),
+                Step(
+                    "calls_plain",
+                    "get from an agent, unchecked",
+                    "ops/s",
+                    None,
+                    lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "plain", **sizes["calls"]),
+                    "chain_a's @async_action gets bench.kv in a loop on a thread the agent started (no caller: "
+                    "not checked); timed in the agent",
+                    kind="scenario",
+                ),
+                Step(
+                    "calls_checked",
+                    "get from an agent, checked",
+                    "ops/s",
+                    "calls_plain",
+                    lambda: s.agent_calls(conn.cursor(), "chain_a", "bench.kv", "checked", **sizes["calls"]),
+                    "the same gets on the action's own thread: each carries its caller and is checked",
+                ),
+                Step(
+                    "admit",
+                    "deadlock check (WaitGraph.admit)",
+                    "us/check",
+                    "calls_plain",
+                    lambda: s.admit_timing(sup, "calls_plain"),
+                    "time in WaitGraph.admit per checked call (chains and checked gets of the round), wrapped on "
+                    "the instance; ratio: over the mean round trip of an unchecked get",
+                    kind="derived",
+                    derived=True,
+                ),
+            ],
+            rounds,
+        ),
+        (
+            [
+                Step(
+                    "forkserver_start",
+                    "floor: forkserver Process start",
+                    "starts/s",
+                    None,
+                    lambda: b.forkserver_start(**sizes["starts"]),
+                    "Process() to the child's first message",
+                ),
+                Step(
+                    "restart",
+                    "restart after SIGKILL, to answering",
+                    "starts/s",
+                    "forkserver_start",
+                    lambda: s.restart_to_ready(sup, conn, "victim", **restarts),
+                    lambda row: (
+                        f"kill -9 the worker; time until a get is answered by the new one; "
+                        f"p50/p99 over {row['rounds'] * restarts['n']} kills"
+                    ),
+                ),
+                Step(
+                    "restart_journal",
+                    f"restart after SIGKILL, {journal // 1000}k journaled rows",
+                    "starts/s",
+                    "forkserver_start",
+                    lambda: s.restart_to_ready(sup, conn, "jvictim", journal_rows=journal, **restarts),
+                    lambda row: (
+                        f"the same, the new worker replaying {journal:,} unsaved sets from the journal "
+                        f"before READY; p50/p99 over {row['rounds'] * restarts['n']} kills"
+                    ),
+                ),
+                *(
+                    Step(
+                        f"startup_{n}",
+                        f"start {n} modules (deps DAG) to all READY",
+                        "modules/s",
+                        "forkserver_start",
+                        lambda dag=dags[n]: s.startup(dag, **sizes["startup"]),
+                        lambda row, n=n: (
+                            f"Supervisor.start() until it returns, every module READY: {ms(row)} "
+                            f"(p50); random config_deps DAG, {sum(map(len, dags[n].values()))} edges, "
+                            f"longest chain {s.dag_depth(dags[n])} modules; ratio: {n} forkserver "
+                            f"starts one after another / this"
+                        ),
+                    )
+                    for n in STARTUP_SIZES
+                ),
+            ],
+            sizes["start_rounds"],
+        ),
+        (
+            [
+                Step(
+                    "save",
+                    f"save {rows // 1000}k rows (Supervisor.save)",
+                    "rows/s",
+                    None,
+                    lambda: s.save_rows(rows, sizes["saves"]),
+                    lambda row: (
+                        f"one save: {ms(row)} (p50): the agent's getnext walk, JSON, an atomic write with fsyncs"
+                    ),
+                    kind="scenario",
+                ),
+                Step(
+                    "load",
+                    f"load {rows // 1000}k rows (fresh start to READY)",
+                    "rows/s",
+                    None,
+                    lambda: s.load_rows(rows, sizes["saves"]),
+                    lambda row: (
+                        f"one start: {ms(row)} (p50): read and check the file, start the worker, replay "
+                        f"every row as pkv_set"
+                    ),
+                    kind="scenario",
+                ),
+            ],
+            rounds,
+        ),
     ]
     if s.ray_available():
-        groups.append(([
-            Step("ray_seq", "peer: Ray actor get, 1 in flight", "ops/s", None,
-                 lambda: s.ray_calls(inflight=1, **ping), "ray.get(actor.get.remote()) back to back"),
-            Step("get_vs_ray", "get, sequential (Cursor), vs Ray", "ops/s", "ray_seq",
-                 lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
-                 "ratio: cmactor / Ray"),
-            Step("ray_32", f"peer: Ray actor get, {INFLIGHT} in flight", "ops/s", None,
-                 lambda: s.ray_calls(inflight=INFLIGHT, **pipe), "ray.wait on the outstanding refs"),
-            Step("get_32_vs_ray", f"get, raw client process, {INFLIGHT} in flight, vs Ray", "ops/s", "ray_32",
-                 lambda: b.clients([path], b.request("kv"), inflight=INFLIGHT, **pipe),
-                 "serial-lane get; ratio: cmactor / Ray"),
-        ], rounds))
+        groups.append(
+            (
+                [
+                    Step(
+                        "ray_seq",
+                        "peer: Ray actor get, 1 in flight",
+                        "ops/s",
+                        None,
+                        lambda: s.ray_calls(inflight=1, **ping),
+                        "ray.get(actor.get.remote()) back to back",
+                    ),
+                    Step(
+                        "get_vs_ray",
+                        "get, sequential (Cursor), vs Ray",
+                        "ops/s",
+                        "ray_seq",
+                        lambda: s.sequential(conn.cursor(), "get bench.kv", {"key": "k"}, **ping),
+                        "ratio: cmactor / Ray",
+                    ),
+                    Step(
+                        "ray_32",
+                        f"peer: Ray actor get, {INFLIGHT} in flight",
+                        "ops/s",
+                        None,
+                        lambda: s.ray_calls(inflight=INFLIGHT, **pipe),
+                        "ray.wait on the outstanding refs",
+                    ),
+                    Step(
+                        "get_32_vs_ray",
+                        f"get, raw client process, {INFLIGHT} in flight, vs Ray",
+                        "ops/s",
+                        "ray_32",
+                        lambda: b.clients([path], b.request("kv"), inflight=INFLIGHT, **pipe),
+                        "serial-lane get; ratio: cmactor / Ray",
+                    ),
+                ],
+                rounds,
+            )
+        )
     return groups
 
 
@@ -266,20 +491,43 @@ def _skipped_rows(s):
     """Rows for measurements that cannot run here, with the reason as their note."""
 
     def skipped(key, name, kind, baseline, note):
-        return {"key": key, "name": name, "kind": kind, "unit": "ops/s", "rate": None, "p50_us": None,
-                "p99_us": None, "baseline": baseline, "ratio": None, "rounds": 0, "note": note}
+        return {
+            "key": key,
+            "name": name,
+            "kind": kind,
+            "unit": "ops/s",
+            "rate": None,
+            "p50_us": None,
+            "p99_us": None,
+            "baseline": baseline,
+            "ratio": None,
+            "rounds": 0,
+            "note": note,
+        }
 
     rows = []
     if not s.direct_reads_available():
         why = "skipped: this runtime has no direct reads (no supervisor option direct_reads)"
         rows += [
             skipped("get_direct", "get, direct, sequential (Cursor)", "scenario", "one_hop", why),
-            skipped("async_4x32_direct", f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
-                    "scenario", "one_hop_4x32", why),
+            skipped(
+                "async_4x32_direct",
+                f"async get, direct, {CLIENTS} client procs x {INFLIGHT} in flight",
+                "scenario",
+                "one_hop_4x32",
+                why,
+            ),
         ]
     if not s.ray_available():
-        rows.append(skipped("ray", "peer: Ray actor get", "baseline", None,
-                            "skipped: ray is not importable here (not installed); the peer comparison runs when it is"))
+        rows.append(
+            skipped(
+                "ray",
+                "peer: Ray actor get",
+                "baseline",
+                None,
+                "skipped: ray is not importable here (not installed); the peer comparison runs when it is",
+            )
+        )
     return rows
 
 
@@ -305,7 +553,7 @@ def _measure(group, rounds, say):
         mine = results[step.key]
         samples = [x for r in mine for x in (r.samples or ())]
 
-        def summary(field, q):
+        def summary(field, q, mine=mine, samples=samples):
             if getattr(mine[0], field) is None:
                 return None
             if samples:  # every sample of every round, pooled

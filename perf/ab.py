@@ -144,8 +144,9 @@ def main(argv=None):
         parser.error("--pairs and --runs must be at least 1")
     keys = [key for key in args.keys.split(",") if key]
     try:
-        ratios = run(args.other_python, keys, args.pairs, args.runs, args.quick,
-                     say=lambda line: print(line, file=sys.stderr))
+        ratios = run(
+            args.other_python, keys, args.pairs, args.runs, args.quick, say=lambda line: print(line, file=sys.stderr)
+        )
     except (OSError, RuntimeError) as exc:
         print(f"perf.ab: {exc}", file=sys.stderr)
         return 2

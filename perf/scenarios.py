@@ -206,12 +206,15 @@ def direct_clients(n_clients, message, n, inflight, warmup, main):
     clients' warm-up, checks that each holds a connection to the worker's own
     socket, i.e. that its reads did go direct."""
     with direct_supervisor() as sup:
-        with baseline.clients([sup.socket_path] * n_clients, message, n=n, inflight=inflight, warmup=warmup,
-                              main=main) as round_:
+        with baseline.clients(
+            [sup.socket_path] * n_clients, message, n=n, inflight=inflight, warmup=warmup, main=main
+        ) as round_:
             direct = sup.status()["bench"]["direct"]
             if direct["connections"] < n_clients:
-                raise RuntimeError(f"{direct['connections']} direct connections to bench's worker after the "
-                                   f"warm-up, expected {n_clients}: the reads went through the supervisor")
+                raise RuntimeError(
+                    f"{direct['connections']} direct connections to bench's worker after the "
+                    f"warm-up, expected {n_clients}: the reads went through the supervisor"
+                )
             yield round_
 
 
@@ -424,8 +427,9 @@ def admit_timing(sup, plain):
         if not samples:
             raise RuntimeError("no call was checked: did the agents' calls carry their caller?")
         mean = sum(samples) / len(samples)
-        result = Result(mean / 1000, percentile(samples, 50), percentile(samples, 99),
-                        ratio=mean * latest[plain].rate / 1e9)
+        result = Result(
+            mean / 1000, percentile(samples, 50), percentile(samples, 99), ratio=mean * latest[plain].rate / 1e9
+        )
         del samples[:]
         return result
 

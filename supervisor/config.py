@@ -286,7 +286,9 @@ def load_toml(path):
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     extra = set(data) - {"supervisor", "agents"}
     if extra:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor] and [agents.NAME]")
+        raise ConfigError(
+            f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor] and [agents.NAME]"
+        )
     base_dir = os.path.dirname(path)
     options = supervisor_options(f"{path}: [supervisor]", data.get("supervisor", {}))
     agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]")

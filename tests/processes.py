@@ -17,7 +17,9 @@ def cmactor_cmd():
 
 def cli(*args, timeout=30, **kwargs):
     """Run one `cmactor` command to its end: the CompletedProcess (text)."""
-    return subprocess.run(cmactor_cmd() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        cmactor_cmd() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 class Run:
@@ -27,7 +29,10 @@ class Run:
     def __init__(self, config, *args, timeout=60, **kwargs):
         self.proc = subprocess.Popen(
             cmactor_cmd() + ["run", str(config), *map(str, args)],
-            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            **kwargs,
         )
         self.lines = []
         deadline = time.monotonic() + timeout
@@ -51,7 +56,11 @@ class Run:
     def workers(self):
         """The worker processes it started (children of its fork server)."""
         try:
-            return [p for p in psutil.Process(self.pid).children(recursive=True) if "forkserver" not in " ".join(p.cmdline())]
+            return [
+                p
+                for p in psutil.Process(self.pid).children(recursive=True)
+                if "forkserver" not in " ".join(p.cmdline())
+            ]
         except psutil.NoSuchProcess:
             return []
 

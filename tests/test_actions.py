@@ -7,10 +7,10 @@ import msgpack
 import pytest
 
 from cmactor import cmbackend
-from cmactor.wire import protocol as P
-from cmactor.worker.actions import Actions
 from cmactor.cmbackend import CmAgent, async_action
 from cmactor.errors import ProgrammingError
+from cmactor.wire import protocol as P
+from cmactor.worker.actions import Actions
 
 MODULE = "fake"
 
@@ -108,7 +108,9 @@ def actions(agent, sent):
     return actions_for(agent, sent)
 
 
-def req(op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None, index=None, match=None):
+def req(
+    op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None, index=None, match=None
+):
     return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after, index, match)
 
 
@@ -208,7 +210,10 @@ def test_notify_text_goes_out_only_when_the_client_asked(run, sent):
     assert [msg for msg, _ in sent if type(msg) is P.Notify] == []
     run(req(op="setop", sid=4, flags=P.F_NOTIFY), actions=talker)
     notes = [(msg, caller) for msg, caller in sent if type(msg) is P.Notify]
-    assert notes == [(P.Notify.of(4, "half way"), (MODULE, "serial", 4)), (P.Notify.of(4, "100"), (MODULE, "serial", 4))]
+    assert notes == [
+        (P.Notify.of(4, "half way"), (MODULE, "serial", 4)),
+        (P.Notify.of(4, "100"), (MODULE, "serial", 4)),
+    ]
 
 
 # -- lookup ------------------------------------------------------------------------
@@ -336,13 +341,22 @@ def test_a_walk_with_index_columns_carries_only_those_of_the_previous_row(sent):
     assert agent.calls[:3] == [{}, {"g": "a", "p": "1"}, {"g": "a", "p": "2"}]
     agent.calls.clear()
     # A param that is not an index column rides along as the filter it is.
-    assert keys(walk_of(agent, sent, params={"up": "yes"}, index=["g", "p"])) == [("a", "1"), ("b", "1"), ("b", "2"), ("c", "2")]
+    assert keys(walk_of(agent, sent, params={"up": "yes"}, index=["g", "p"])) == [
+        ("a", "1"),
+        ("b", "1"),
+        ("b", "2"),
+        ("c", "2"),
+    ]
     assert agent.calls[1] == {"up": "yes", "g": "a", "p": "1"}
 
 
 def test_a_start_value_of_an_index_column_only_starts_the_walk(sent):
     agent = Members()
-    assert keys(walk_of(agent, sent, params={"g": "b", "p": "1"}, index=["g", "p"])) == [("b", "2"), ("c", "1"), ("c", "2")]
+    assert keys(walk_of(agent, sent, params={"g": "b", "p": "1"}, index=["g", "p"])) == [
+        ("b", "2"),
+        ("c", "1"),
+        ("c", "2"),
+    ]
     assert agent.calls[:2] == [{"g": "b", "p": "1"}, {"g": "b", "p": "2"}]
     # An index column the rows lack keeps its param in every call (a search direction, say).
     agent.calls.clear()
@@ -376,7 +390,12 @@ def test_a_request_index_adds_to_the_declared_key_and_never_replaces_it(sent):
     agent = Members()
     agent.index_columns = {"m": ("g", "p")}
     # exec_cli's "show next m g=b": only g named; the declared key still carries p.
-    assert keys(walk_of(agent, sent, params={"g": "b"}, index=["g"])) == [("b", "1"), ("b", "2"), ("c", "1"), ("c", "2")]
+    assert keys(walk_of(agent, sent, params={"g": "b"}, index=["g"])) == [
+        ("b", "1"),
+        ("b", "2"),
+        ("c", "1"),
+        ("c", "2"),
+    ]
     agent.calls.clear()
     walk_of(agent, sent, params={"dir": "1"}, index=["dir"])
     assert agent.calls[1] == {"dir": "1", "g": "a", "p": "1"}
@@ -454,7 +473,9 @@ def test_load_counts_every_failed_row_and_details_the_first_ones(sent):
     assert loaded.failures[0] == {"table": "t", "row": {"k": "0", "v": "refuse"}, "message": "refused 0"}
     assert agent.rows == [{"k": "ok", "v": "fine"}]  # the load went on past the failures
     agent.fail["t_set"] = ValueError("bad row")
-    few = P.decode(Actions(MODULE, agent, sent.append).load(wire(P.Load, 23, json.dumps({"nosuch": [{}], "t": [{}]}).encode(), [])))
+    few = P.decode(
+        Actions(MODULE, agent, sent.append).load(wire(P.Load, 23, json.dumps({"nosuch": [{}], "t": [{}]}).encode(), []))
+    )
     assert few.failures == [
         {"table": "nosuch", "row": {}, "message": "the agent has no nosuch_set method"},
         {"table": "t", "row": {}, "message": "ValueError: bad row"},
@@ -481,10 +502,14 @@ def test_a_stopped_load_complete_is_the_error(actions, agent):
 def test_with_nothing_saved_the_agent_generates_defaults(actions, agent):
     assert actions.load(wire(P.Load, 26, None, [])) == P.Loaded.of(26, None, [], 0, None)
     assert names(agent) == ["event_generate_default"]
-    assert actions.load(wire(P.Load, 27, b"{}", [])) == P.Loaded.of(27, None, [], 0, None)  # saved empty: a load, not defaults
+    assert actions.load(wire(P.Load, 27, b"{}", [])) == P.Loaded.of(
+        27, None, [], 0, None
+    )  # saved empty: a load, not defaults
     assert names(agent)[1:] == ["event_load_start", "event_load_complete"]
     agent.calls.clear()
-    assert actions.load(wire(P.Load, 28, None, [["set", "t", {"k": "9"}]])) == P.Loaded.of(28, None, [], 0, None)  # journal only
+    assert actions.load(wire(P.Load, 28, None, [["set", "t", {"k": "9"}]])) == P.Loaded.of(
+        28, None, [], 0, None
+    )  # journal only
     assert names(agent) == ["event_load_start", "t_set", "event_load_complete"]
 
 

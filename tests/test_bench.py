@@ -53,9 +53,7 @@ def bench_cmd():
 
 @pytest.mark.timeout(300)
 def test_bench_quick_prints_every_row():
-    result = subprocess.run(
-        bench_cmd() + ["bench", "--quick"], capture_output=True, text=True, timeout=280, cwd=ROOT
-    )
+    result = subprocess.run(bench_cmd() + ["bench", "--quick"], capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].startswith("machine: ")
@@ -74,8 +72,23 @@ def test_bench_quick_prints_every_row():
 def test_ab_pairs_rounds_of_two_installs():
     # Both sides are this install here: the pairing, the runners and the summary work.
     result = subprocess.run(
-        [sys.executable, "-m", "perf.ab", sys.executable, "--keys", "one_hop,get", "--pairs", "2", "--runs", "2",
-         "--quick"], capture_output=True, text=True, timeout=280, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "perf.ab",
+            sys.executable,
+            "--keys",
+            "one_hop,get",
+            "--pairs",
+            "2",
+            "--runs",
+            "2",
+            "--quick",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for key in ("one_hop", "get"):
@@ -88,7 +101,10 @@ def test_ab_pairs_rounds_of_two_installs():
 def test_ab_names_a_row_it_does_not_know():
     result = subprocess.run(
         [sys.executable, "-m", "perf.ab", sys.executable, "--keys", "nosuch", "--quick"],
-        capture_output=True, text=True, timeout=100, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     assert "did not start: no such row: nosuch; rows: one_hop," in result.stderr
@@ -99,7 +115,10 @@ def test_ab_names_an_other_python_that_cannot_run(tmp_path):
     missing = str(tmp_path / "no-venv" / "bin" / "python")
     result = subprocess.run(
         [sys.executable, "-m", "perf.ab", missing, "--keys", "one_hop", "--quick"],
-        capture_output=True, text=True, timeout=100, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("perf.ab: ") and missing in result.stderr
@@ -144,7 +163,11 @@ def test_instructions_names_a_cachegrind_file_that_is_not_whole(tmp_path):
 @pytest.mark.timeout(60)
 def test_instructions_says_valgrind_is_missing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "perf.instructions"], capture_output=True, text=True, timeout=50, cwd=ROOT,
+        [sys.executable, "-m", "perf.instructions"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
         env={**os.environ, "PATH": str(tmp_path)},
     )
     assert result.returncode == 2
@@ -155,19 +178,27 @@ def test_instructions_says_valgrind_is_missing(tmp_path):
 def test_instructions_names_an_other_python_that_cannot_run(tmp_path):
     missing = str(tmp_path / "no-venv" / "bin" / "python")
     result = subprocess.run(
-        [sys.executable, "-m", "perf.instructions", missing, "--gets", "1"], capture_output=True, text=True,
-        timeout=50, cwd=ROOT,
+        [sys.executable, "-m", "perf.instructions", missing, "--gets", "1"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=ROOT,
     )
     assert result.returncode == 2
-    assert result.stderr == f"perf.instructions: {missing} is not an interpreter that can run; give another " \
+    assert (
+        result.stderr == f"perf.instructions: {missing} is not an interpreter that can run; give another "
         "install's Python (its venv's bin/python)\n"
+    )
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 @pytest.mark.timeout(600)
 def test_instructions_counts_each_process_of_a_get():
     result = subprocess.run(
-        [sys.executable, "-m", "perf.instructions", "--gets", "300"], capture_output=True, text=True, timeout=580,
+        [sys.executable, "-m", "perf.instructions", "--gets", "300"],
+        capture_output=True,
+        text=True,
+        timeout=580,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -67,8 +67,18 @@ def test_what_a_client_that_left_had_held_is_let_go_at_once(run):
     for round_ in range(4):
         sock = connected(run.socket)
         for n in range(40):  # held for a day each: x is FAILED, and the hold is explicit
-            sock.sendall(frame({"id": n, "op": "set", "module": "x", "table": "kv",
-                                "params": {"key": "k", "value": value}, "hold": 86400.0}))
+            sock.sendall(
+                frame(
+                    {
+                        "id": n,
+                        "op": "set",
+                        "module": "x",
+                        "table": "kv",
+                        "params": {"key": "k", "value": value},
+                        "hold": 86400.0,
+                    }
+                )
+            )
         sock.close()
         answered(run.socket)
         grown = wait_for(lambda: (rss(run.pid) - base <= FLAT) or None, timeout=10, interval=0.2)
@@ -169,8 +179,12 @@ def test_reads_a_client_that_hung_up_had_queued_are_not_run(supervisor, direct):
     socks = []
     for _ in range(20):  # 20 x 256 reads of 10 ms: 51 s of the serial lane
         sock = connected(path)
-        sock.sendall(b"".join(frame({"id": n, "op": "get", "module": "echo", "table": "sleep",
-                                     "params": {"secs": "0.01"}}) for n in range(256)))
+        sock.sendall(
+            b"".join(
+                frame({"id": n, "op": "get", "module": "echo", "table": "sleep", "params": {"secs": "0.01"}})
+                for n in range(256)
+            )
+        )
         socks.append(sock)
     time.sleep(0.5)
     for sock in socks:

@@ -117,7 +117,13 @@ def test_sigint_while_starting_still_stops_cleanly(config):
 def test_socket_from_environment_and_stop_command(config, running):
     socket_path = (config.parent / "state" / "run" / "socket.path").read_text()
     env = dict(os.environ, CMACTOR_SOCKET=socket_path)
-    result = subprocess.run(cmactor_cmd() + ["get", "echo.kv", "key=default", "--format", "json"], capture_output=True, text=True, env=env, timeout=30)
+    result = subprocess.run(
+        cmactor_cmd() + ["get", "echo.kv", "key=default", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
     assert json.loads(result.stdout) == [{"key": "default", "value": "yes"}]
     stopped = subprocess.run(cmactor_cmd() + ["stop"], capture_output=True, text=True, env=env, timeout=30)
     assert stopped.returncode == 0
@@ -310,7 +316,9 @@ def test_key_none_names_an_index_column_with_no_start_value(catalog):
     assert names() == [f"item{i:02d}" for i in range(0, 25, 3)]
     pairs = json.loads(cli("-c", catalog, "--format", "json", "getnext", "cat.pair", "group=c", "member=None").stdout)
     assert pairs == [{"group": "c", "member": m} for m in ("1", "2", "3")]
-    assert "key=None (a None param: an index column with no start value)" in " ".join(cli("getnext", "--help").stdout.split())
+    assert "key=None (a None param: an index column with no start value)" in " ".join(
+        cli("getnext", "--help").stdout.split()
+    )
     # Elsewhere None is text, as it always was: a set sends "None".
     assert "no item 'None'" in cli("-c", catalog, "get", "cat.item", "name=None").stderr
 
@@ -383,7 +391,11 @@ def test_values_shown_on_a_terminal_are_escaped_and_never_read_as_markup(supervi
     sup = supervisor({"echo": ECHO, "r": agent("reader.py:main")})
     sup.connect().cursor().execute("set echo.kv", {"key": "evil", "value": EVIL})
     socket = ("--socket", sup.socket_path)
-    for command in (["get", "echo.kv", "key=evil"], ["getnext", "echo.kv"], ["set", "echo.kv", "key=evil2", f"value={EVIL}"]):
+    for command in (
+        ["get", "echo.kv", "key=evil"],
+        ["getnext", "echo.kv"],
+        ["set", "echo.kv", "key=evil2", f"value={EVIL}"],
+    ):
         status, out, err = on_terminal(*socket, *command)
         assert (status, err) == (0, b""), (command, err)
         shows_escaped(out)
@@ -411,11 +423,19 @@ def test_values_written_to_a_pipe_stay_exactly_as_they_are(supervisor):
     got = subprocess.run(cmactor_cmd() + socket + ["get", "echo.kv", "key=evil"], capture_output=True, timeout=30)
     assert got.stdout == b"key   value\nevil  " + EVIL.encode() + b"\n"
     exported = subprocess.run(cmactor_cmd() + socket + ["export"], capture_output=True, timeout=30)
-    assert exported.stdout == (
-        export_line("echo", "kv", {"key": "default", "value": "yes"}) + "\n" + export_line("echo", "kv", {"key": "evil", "value": EVIL}) + "\n"
-    ).encode()
+    assert (
+        exported.stdout
+        == (
+            export_line("echo", "kv", {"key": "default", "value": "yes"})
+            + "\n"
+            + export_line("echo", "kv", {"key": "evil", "value": EVIL})
+            + "\n"
+        ).encode()
+    )
     as_json = subprocess.run(cmactor_cmd() + socket + ["--format", "json", "export"], capture_output=True, timeout=30)
-    assert json.loads(as_json.stdout) == {"echo": {"kv": [{"key": "default", "value": "yes"}, {"key": "evil", "value": EVIL}]}}
+    assert json.loads(as_json.stdout) == {
+        "echo": {"kv": [{"key": "default", "value": "yes"}, {"key": "evil", "value": EVIL}]}
+    }
     assert "\x9b".encode() in as_json.stdout  # as json.dumps(ensure_ascii=False) writes it
     status, out, err = on_terminal(*socket, "--format", "json", "export")
     assert json.loads(out) == json.loads(as_json.stdout)  # the same JSON on a terminal, its C1 and DEL escaped
@@ -468,9 +488,13 @@ def test_an_unexpected_exception_is_one_line_and_its_own_exit_status(supervisor)
     ascii_only = dict(environ, PYTHONIOENCODING="ascii")  # stdout cannot write the value
     result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=ascii_only)
     assert result.returncode == cli_module.INTERNAL_ERROR == 3
-    assert result.stderr.startswith("cmactor: internal error: UnicodeEncodeError: 'ascii' codec can't encode character '\\xfc'")
+    assert result.stderr.startswith(
+        "cmactor: internal error: UnicodeEncodeError: 'ascii' codec can't encode character '\\xfc'"
+    )
     assert result.stderr.endswith("; run it again with CMACTOR_TRACEBACK=1 in the environment to see the traceback\n")
     assert result.stderr.count("\n") == 1
-    traced = subprocess.run(command, capture_output=True, text=True, timeout=30, env=dict(ascii_only, CMACTOR_TRACEBACK="1"))
+    traced = subprocess.run(
+        command, capture_output=True, text=True, timeout=30, env=dict(ascii_only, CMACTOR_TRACEBACK="1")
+    )
     assert traced.returncode == 1 and "Traceback (most recent call last)" in traced.stderr
     assert traced.stderr.rstrip().splitlines()[-1].startswith("UnicodeEncodeError: 'ascii' codec")

@@ -18,11 +18,16 @@ import time
 import weakref
 
 import pytest
+
+from cmactor.errors import DatabaseError, InternalError, OperationalError, to_wire
+from cmactor.wire import protocol as P
 from cmsupervisor import graphs
-from cmsupervisor.persistence import store
 from cmsupervisor.front.deadlock import WaitGraph
-from cmsupervisor.supervision.lifecycle import Lifecycle
+from cmsupervisor.front.routing import Router
 from cmsupervisor.loop import EventLoop
+from cmsupervisor.persistence import store
+from cmsupervisor.persistence.saving import Saver
+from cmsupervisor.supervision.lifecycle import Lifecycle
 from cmsupervisor.supervision.modules import (
     FAILED,
     LOADING,
@@ -39,11 +44,6 @@ from cmsupervisor.supervision.modules import (
 )
 from cmsupervisor.supervision.recovery import Recovery, split_started
 from cmsupervisor.supervision.restart import RestartPolicy
-from cmsupervisor.front.routing import Router
-from cmsupervisor.persistence.saving import Saver
-
-from cmactor.wire import protocol as P
-from cmactor.errors import DatabaseError, InternalError, OperationalError, to_wire
 
 ALL_STATES = [STOPPED, STARTING, WAITING_DEPS, LOADING, READY, RESTARTING, FAILED, STOPPING]
 
@@ -158,7 +158,13 @@ def test_moving_to_starting_resets_the_start_up_flags_and_stamps_started_at(sour
 def test_other_moves_keep_the_start_up_flags():
     mod = module("ports", READY, error="load errors", loaded=True, ready_called=True, load_errors=2, started_at=1.0)
     mod.move(FAILED)
-    assert (mod.error, mod.loaded, mod.ready_called, mod.load_errors, mod.started_at) == ("load errors", True, True, 2, 1.0)
+    assert (mod.error, mod.loaded, mod.ready_called, mod.load_errors, mod.started_at) == (
+        "load errors",
+        True,
+        True,
+        2,
+        1.0,
+    )
 
 
 class Reports:
@@ -278,7 +284,9 @@ def test_a_save_from_a_lane_the_save_must_walk_is_refused():
     modules["b"].persistent_list = ["cfg"]
     assert graph.refuse_save(None) is None  # not from an action
     assert graph.refuse_save(["a", "serial", 1]) is None  # a has no tables; nothing waits on a
-    assert graph.refuse_save(["b", "serial", 1]).startswith("a save asked for by b would deadlock: b → b (the save walks 'b'")
+    assert graph.refuse_save(["b", "serial", 1]).startswith(
+        "a save asked for by b would deadlock: b → b (the save walks 'b'"
+    )
     # b's serial lane waits on a call to a: a save from a's lane would wait on b, which waits on a.
     assert admit(graph, modules, agent_call("b", "serial", 2, "a")) is None
     assert ": a → b → a (the save walks 'b' on its serial lane)" in graph.refuse_save(["a", "serial", 3])
@@ -745,9 +753,7 @@ def test_a_failed_walk_fails_the_whole_run_and_leaves_the_file_alone(saves):
     with pytest.raises(DatabaseError) as caught:
         done.result(timeout=5)
     assert type(caught.value) is DatabaseError
-    assert str(caught.value) == (
-        f"save failed: module 'ports': port_get raised KeyError; {s.path} was not changed"
-    )
+    assert str(caught.value) == (f"save failed: module 'ports': port_get raised KeyError; {s.path} was not changed")
     with open(s.path, "rb") as f:
         assert f.read() == before
     assert s.saver.section("vlan") == b'{"vlan":["old"]}'  # the walked section is not kept either
@@ -1238,7 +1244,9 @@ def test_a_request_to_a_ready_module_is_dispatched():
     r = RouterSetup({"ports": READY})
     rid = r.route("ports", params={"name": "1"}, vr="VR-Mgmt", notify=True)
     mod = r.modules["ports"]
-    assert mod.channel.requests == [(1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, None, None, False)]
+    assert mod.channel.requests == [
+        (1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, None, None, False)
+    ]
     assert list(mod.inflight) == [1]
     pending = mod.inflight[1]
     assert (pending.rid, pending.sid) == (rid, 1) and pending.dispatched_at is not None
@@ -1285,8 +1293,13 @@ def test_a_client_that_leaves_takes_its_held_requests_with_it():
     r.router.forget_client(gone)
     assert [p.rid for p in r.modules["ports"].held] == [stays] and len(r.modules["vlan"].held) == 0
     assert [args[1].rid for _, _, args in r.loop.timers] == [stays]  # theirs cancelled: nothing keeps them
-    assert r.graph.admit(r.modules["ports"], Pending(r.client, 9, {
-        "module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]}, 0.0)) is None  # no edge left
+    assert (
+        r.graph.admit(
+            r.modules["ports"],
+            Pending(r.client, 9, {"module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]}, 0.0),
+        )
+        is None
+    )  # no edge left
 
 
 def test_many_held_requests_with_distinct_deadlines_expire_without_a_scan_each():
@@ -1401,7 +1414,11 @@ def test_close_fails_every_held_request_and_nothing_more_is_sent():
     ]
     assert all(len(m.held) == 0 for m in r.modules.values())
     late = r.route("acl")
-    assert errors(r.client)[-1] == (late, "ModuleUnavailable", "module 'acl' is unavailable: the supervisor is stopping")
+    assert errors(r.client)[-1] == (
+        late,
+        "ModuleUnavailable",
+        "module 'acl' is unavailable: the supervisor is stopping",
+    )
     assert r.modules["acl"].channel.requests == []
 
 
@@ -1430,7 +1447,9 @@ def test_a_dirty_set_on_a_persistent_table_is_journaled_before_its_answer():
     rid = r.route("ports", op="set", table="port", params={"name": "1", "speed": "10G"})
     entries = P.reply_entries([], False)
     r.router.on_reply(mod, wire(P.Reply, 1, None, entries, True))
-    assert mod.journal.appended == [("set", "port", {"name": "1", "speed": "10G"}, 1, False)]  # its sid: what a save covers
+    assert mod.journal.appended == [
+        ("set", "port", {"name": "1", "speed": "10G"}, 1, False)
+    ]  # its sid: what a save covers
     assert mod.unsaved is True and mod.inflight == {} and mod.channel.answers == [1]
     assert frames(r.client) == [] and mod.journal.syncs == 0  # the answer waits for the fsync
     r.loop.tick_takes = 0.003  # the fsync

@@ -18,7 +18,9 @@ def write(tmp_path, text):
 def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
     (tmp_path / "agents").mkdir()
     (tmp_path / "agents" / "echo.py").write_text(open(ECHO.split(":")[0]).read())
-    path = write(tmp_path, '[supervisor]\nstate_dir = "st"\nhold_timeout = 2\n[agents.e]\nentry = "agents/echo.py:main"\n')
+    path = write(
+        tmp_path, '[supervisor]\nstate_dir = "st"\nhold_timeout = 2\n[agents.e]\nentry = "agents/echo.py:main"\n'
+    )
     sup = cmactor.Supervisor.from_toml(path)
     assert sup.state_dir == str(tmp_path / "st")
     assert sup.hold_timeout == 2.0
@@ -29,8 +31,14 @@ def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
     "text, message",
     [
         ("[agents.x\n", "is not valid TOML"),
-        ("[supervisor]\nhold_timeout = -1\n[agents.x]\nentry='m:f'\n", "[supervisor].hold_timeout: expected a number of seconds >= 0, got -1"),
-        ("[supervisor]\nhold_timeout = '3'\n[agents.x]\nentry='m:f'\n", "hold_timeout: expected a number of seconds >= 0, got '3'"),
+        (
+            "[supervisor]\nhold_timeout = -1\n[agents.x]\nentry='m:f'\n",
+            "[supervisor].hold_timeout: expected a number of seconds >= 0, got -1",
+        ),
+        (
+            "[supervisor]\nhold_timeout = '3'\n[agents.x]\nentry='m:f'\n",
+            "hold_timeout: expected a number of seconds >= 0, got '3'",
+        ),
         ("[supervisor]\nlog_level = 'LOUD'\n[agents.x]\nentry='m:f'\n", "unknown log level 'LOUD'"),
         ("[supervisor]\n", "expected at least one agent"),
         ("[agents.x]\nmax_restarts = 2\n", "[agents].x: missing required key 'entry'"),
@@ -42,7 +50,10 @@ def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
         ("[agents.x]\nentry = 'm:f'\npool_size = 0\n", "pool_size: expected a whole number >= 1"),
         ("[agents.bad-name]\nentry = 'm:f'\n", "module name 'bad-name' must start with a letter"),
         ("[agent.x]\nentry = 'm:f'\n", "unknown table(s) agent"),
-        ("[supervisor]\ndirect_reads = 'yes'\n[agents.x]\nentry='m:f'\n", "[supervisor].direct_reads: expected true or false, got 'yes'"),
+        (
+            "[supervisor]\ndirect_reads = 'yes'\n[agents.x]\nentry='m:f'\n",
+            "[supervisor].direct_reads: expected true or false, got 'yes'",
+        ),
     ],
 )
 def test_bad_toml_is_refused_with_file_and_key(tmp_path, text, message):

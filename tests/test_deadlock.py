@@ -25,7 +25,7 @@ def run_chain(sup, chain):
     """Send ``chain`` (list of (module, lane)) from a client; return the top row as a dict."""
     (first, lane), rest = chain[0], chain[1:]
     cur = sup.connect(timeout=60).cursor()
-    cur.execute(f"get {first}.{'a' if lane == 'a' else 's'}", {"chain": ",".join(f"{m}:{l}" for m, l in rest)})
+    cur.execute(f"get {first}.{'a' if lane == 'a' else 's'}", {"chain": ",".join(f"{m}:{ln}" for m, ln in rest)})
     return dict(zip([d[0] for d in cur.description], cur.fetchone()))
 
 

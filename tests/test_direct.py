@@ -72,8 +72,13 @@ CASES = [
 def _without_thread_and_pid(result):
     """ctx rows name the thread and pid that ran them: the only thing allowed to differ."""
     if isinstance(result[0], list):
-        rows = [tuple("-" if isinstance(v, str) and ("lane" in v or "pool" in v or "direct" in v or v.isdigit())
-                      else v for v in row) for row in result[0]]
+        rows = [
+            tuple(
+                "-" if isinstance(v, str) and ("lane" in v or "pool" in v or "direct" in v or v.isdigit()) else v
+                for v in row
+            )
+            for row in result[0]
+        ]
         return (rows, *result[1:])
     return result
 
@@ -259,8 +264,9 @@ def test_a_direct_read_run_by_a_lane_thread_leaves_the_other_to_read(supervisor)
     # async action must still be read, though the supervisor knows of no serial work.
     sup = supervisor({"a": CALLER})
     conn = sup.connect(timeout=20)
-    slow = threading.Thread(target=conn.request, args=({"op": "get", "module": "a", "table": "z",
-                                                        "params": {"secs": "0.5"}, "hold": 5},))
+    slow = threading.Thread(
+        target=conn.request, args=({"op": "get", "module": "a", "table": "z", "params": {"secs": "0.5"}, "hold": 5},)
+    )
     slow.start()  # held requests go through the supervisor: onto a lane thread
     wait_for(lambda: sup.status()["a"]["inflight"] == 1)
     reader = sup.connect(timeout=20).cursor()
@@ -299,7 +305,9 @@ def test_reads_during_a_save_wait_behind_it(supervisor):
             reader.execute(operation, {"key": "default"})
             done[name] = time.monotonic()
 
-    readers = [threading.Thread(target=read, args=(n, f"get echo.{t}")) for n, t in (("serial", "kv"), ("async", "actx"))]
+    readers = [
+        threading.Thread(target=read, args=(n, f"get echo.{t}")) for n, t in (("serial", "kv"), ("async", "actx"))
+    ]
     for r in readers:
         r.start()
     status = wait_for(lambda: (s := sup.status()["echo"])["queue"] == 2 and s)
@@ -416,7 +424,9 @@ def test_a_stuck_direct_read_times_out_and_the_module_serves_on(supervisor):
     sup = supervisor({"echo": {"entry": ECHO, "action_timeout": 0.5, "pool_size": 2}})
     cur = sup.connect().cursor()
     start = time.monotonic()
-    with pytest.raises(cmactor.OperationalError, match="get echo.asleep timed out: not done within action_timeout=0.5s"):
+    with pytest.raises(
+        cmactor.OperationalError, match="get echo.asleep timed out: not done within action_timeout=0.5s"
+    ):
         cur.execute("get echo.asleep", {"secs": 5})
     assert time.monotonic() - start < 4
     status = sup.status()["echo"]
@@ -462,7 +472,10 @@ def test_the_worker_refuses_what_it_does_not_serve(supervisor):
         reply = ask(sock, message)
         assert reply["id"] == message["id"] and reply["redirect"] is True and words in reply["error"]["message"]
     reply = ask(sock, {"id": 5, "op": "get", "module": "other", "table": "kv"})
-    assert reply["error"]["type"] == "ProgrammingError" and "serves module 'echo', not 'other'" in reply["error"]["message"]
+    assert (
+        reply["error"]["type"] == "ProgrammingError"
+        and "serves module 'echo', not 'other'" in reply["error"]["message"]
+    )
     reply = ask(sock, {"id": 6, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}})
     assert reply["error"]["type"] == "ProgrammingError" and "'params.key' must be a str" in reply["error"]["message"]
     reply = ask(sock, {"id": 8, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}})

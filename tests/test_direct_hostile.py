@@ -25,8 +25,8 @@ from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cmactor.wire import protocol as P
 from cmactor.errors import WIRE_ERRORS
+from cmactor.wire import protocol as P
 
 ECHO = agent("echo.py:main")
 MAX_FRAME = 64 * 1024
@@ -36,7 +36,6 @@ MiB = 1024 * 1024
 
 GET_DEFAULT = {"id": 1, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}
 DEFAULT_REPLY = {"id": 1, "ok": True, "rows": [{"key": "default", "value": "yes"}], "more": False}
-
 
 
 def dial(path, timeout=10, patience=0):
@@ -188,11 +187,15 @@ def check_error_reply(reply):
 
 def test_random_bytes_get_errors_or_a_close_and_harm_nobody(worker):
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.one_of(
-        st.binary(max_size=300),
-        st.binary(max_size=200).map(frame),  # a right header, a random body
-        st.tuples(st.integers(0, 2 * MAX_FRAME), st.binary(max_size=100)).map(lambda t: struct.pack(">I", t[0]) + t[1]),
-    ))
+    @given(
+        st.one_of(
+            st.binary(max_size=300),
+            st.binary(max_size=200).map(frame),  # a right header, a random body
+            st.tuples(st.integers(0, 2 * MAX_FRAME), st.binary(max_size=100)).map(
+                lambda t: struct.pack(">I", t[0]) + t[1]
+            ),
+        )
+    )
     def check(data):
         sock = worker.connect()
         try:
@@ -203,8 +206,9 @@ def test_random_bytes_get_errors_or_a_close_and_harm_nobody(worker):
             sock.close()
         for reply in replies:
             check_error_reply(reply)
-        stream_errors = [i for i, reply in enumerate(replies) if reply["id"] is None
-                         and reply["error"]["type"] == "InterfaceError"]
+        stream_errors = [
+            i for i, reply in enumerate(replies) if reply["id"] is None and reply["error"]["type"] == "InterfaceError"
+        ]
         assert stream_errors in ([], [len(replies) - 1]), replies  # the stream's error is its last word
 
     check()
@@ -213,20 +217,49 @@ def test_random_bytes_get_errors_or_a_close_and_harm_nobody(worker):
 
 # Values that are wrong for most fields, as in test_hostile.py's fuzzer; drawn from a
 # list (cheap to generate) and, less often, built at random (nested, binary keys, ext types).
-ODD = [None, True, False, 1.5, -1, 0, 1 << 63, (1 << 64) - 1, -(1 << 63), "", "x" * 300, "\u2603", b"bin", [],
-       [1, [2]], {}, {"a": 1}, {b"k": "v"}, msgpack.ExtType(5, b"ext"), msgpack.Timestamp(1, 0),
-       float("nan"), float("inf"), -0.0]
+ODD = [
+    None,
+    True,
+    False,
+    1.5,
+    -1,
+    0,
+    1 << 63,
+    (1 << 64) - 1,
+    -(1 << 63),
+    "",
+    "x" * 300,
+    "\u2603",
+    b"bin",
+    [],
+    [1, [2]],
+    {},
+    {"a": 1},
+    {b"k": "v"},
+    msgpack.ExtType(5, b"ext"),
+    msgpack.Timestamp(1, 0),
+    float("nan"),
+    float("inf"),
+    -0.0,
+]
 KEYS = st.one_of(st.text(max_size=6), st.binary(max_size=6))
-LEAVES = st.one_of(st.sampled_from(ODD), st.integers(-(1 << 63), (1 << 64) - 1), st.text(max_size=12),
-                   st.binary(max_size=8))
+LEAVES = st.one_of(
+    st.sampled_from(ODD), st.integers(-(1 << 63), (1 << 64) - 1), st.text(max_size=12), st.binary(max_size=8)
+)
 VALUES = st.sampled_from(ODD) | st.recursive(
-    LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=5)
+    LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=5
+)
 OPS = list(P.DATA_OPS + P.CONTROL_OPS) + ["explode", "", "GET"]
 # Tables whose get is quick whatever the params (not sleep, asleep, spin, call, forever, gen).
 TABLES = ["kv", "ctx", "actx", "boom", "weird", "events", "ctl", "nosuch", "_x", "kv_get", "Kv"]
 PLAUSIBLE = {
-    "params": st.fixed_dictionaries({}, optional={"key": st.sampled_from(["default", "x", ""]),
-                                                  "kind": st.sampled_from(["values", "badkey", "notdict", "badstr"])}),
+    "params": st.fixed_dictionaries(
+        {},
+        optional={
+            "key": st.sampled_from(["default", "x", ""]),
+            "kind": st.sampled_from(["values", "badkey", "notdict", "badstr"]),
+        },
+    ),
     "user": st.sampled_from(["", "admin", "x" * 100]),
     "vr": st.sampled_from([None, "VR-Default", ""]),
     "notify": st.sampled_from([None, True, False]),
@@ -290,6 +323,7 @@ def test_random_requests_each_get_one_well_formed_reply_and_harm_nobody(worker):
 
 
 # -- frames ----------------------------------------------------------------------------
+
 
 def test_garbage_msgpack_gets_an_error_and_the_connection_is_dropped(worker):
     sock = worker.connect()
@@ -457,60 +491,118 @@ BAD_FIELDS = [
     ({"id": 5, "op": "get", "module": "__class__", "table": "kv"}, "bad module name"),
     ({"id": 5, "op": "get", "module": ["echo"], "table": "kv"}, "bad module name ['echo']"),
     ({"id": 5, "op": "get", "module": b"echo", "table": "kv"}, "get: bad module name b'echo'"),
-    ({"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300},
-     "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'"),
+    (
+        {"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300},
+        "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'",
+    ),
     ({"id": 5, "op": "get", "module": "echo", "table": "_x"}, "get: bad table name '_x'"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}}, "'params.key' must be a str, got int"),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}},
+        "'params.key' must be a str, got int",
+    ),
     ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": [1]}, "'params' must be a map"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {b"key": "x"}},
-     "'params' has a bytes key b'key'; keys must be str"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": b"x"}}, "'params.key' must be a str, got bytes"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": msgpack.ExtType(7, b"x")}},
-     "'params.key' must be a str, got ExtType"),
-    ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {b"key": "x"}},
-     "'params' has a bytes key b'key'; keys must be str"),
-    ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": "x", b"value": "y"}},
-     "'params' has a bytes key b'value'"),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {b"key": "x"}},
+        "'params' has a bytes key b'key'; keys must be str",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": b"x"}},
+        "'params.key' must be a str, got bytes",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": msgpack.ExtType(7, b"x")}},
+        "'params.key' must be a str, got ExtType",
+    ),
+    (
+        {"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {b"key": "x"}},
+        "'params' has a bytes key b'key'; keys must be str",
+    ),
+    (
+        {"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": "x", b"value": "y"}},
+        "'params' has a bytes key b'value'",
+    ),
     ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0}, "'batch' must be an integer"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "batch": "10"},
-     "'batch' must be an integer from 1 to 100000, got '10'"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 100001}, "'batch' must be an integer from 1 to 100000"),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "batch": "10"},
+        "'batch' must be an integer from 1 to 100000, got '10'",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 100001},
+        "'batch' must be an integer from 1 to 100000",
+    ),
     ({"id": 5, "op": "get", "module": "echo", "table": "kv", "vr": 3}, "'vr' must be a str"),
     ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "'user' must be a str"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "notify": "yes"}, "'notify' must be true, false or nil, got str"),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "notify": "yes"},
+        "'notify' must be true, false or nil, got str",
+    ),
     ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": -1}, "'hold' must be a number"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("nan")},
-     "'hold' must be a finite number of seconds, got nan"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("inf")},
-     "'hold' must be a finite number of seconds, got inf"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("-inf")},
-     "'hold' must be a finite number of seconds, got -inf"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": 86401},
-     "'hold' of 86401s is more than a request may be held, 86400s (a day)"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": True}, "'hold' must be a number of seconds, got bool"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", ["serial"], 1]},
-     "'caller' must be [module, 'serial'|'async', request id]"),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("nan")},
+        "'hold' must be a finite number of seconds, got nan",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("inf")},
+        "'hold' must be a finite number of seconds, got inf",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("-inf")},
+        "'hold' must be a finite number of seconds, got -inf",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": 86401},
+        "'hold' of 86401s is more than a request may be held, 86400s (a day)",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": True},
+        "'hold' must be a number of seconds, got bool",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", ["serial"], 1]},
+        "'caller' must be [module, 'serial'|'async', request id]",
+    ),
     ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", "serial", 1.5]}, "'caller' must be"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": {b"key": "a"}}, "'after' has a bytes key b'key'"),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": {b"key": "a"}},
+        "'after' has a bytes key b'key'",
+    ),
     ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": [1]}, "'after' must be a map of str to str"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"},
-     "'index' must be a list of at most 64 column names, got 'key'"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key"] * 65},
-     "'index' must be a list of at most 64 column names"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", 3]},
-     "'index' holds 3; column names are non-empty str"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": [""]}, "'index' holds ''; column names are non-empty str"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", "key"]},
-     "'index' names a column twice: ['key', 'key']"),
-    ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": ["key"]},
-     "'match' column 'key' has no value in 'params' to match rows against"),
-    ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "match": ["key"]},
-     "'match' shapes a getnext walk; get takes none"),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"},
+        "'index' must be a list of at most 64 column names, got 'key'",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key"] * 65},
+        "'index' must be a list of at most 64 column names",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", 3]},
+        "'index' holds 3; column names are non-empty str",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": [""]},
+        "'index' holds ''; column names are non-empty str",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", "key"]},
+        "'index' names a column twice: ['key', 'key']",
+    ),
+    (
+        {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": ["key"]},
+        "'match' column 'key' has no value in 'params' to match rows against",
+    ),
+    (
+        {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "match": ["key"]},
+        "'match' shapes a getnext walk; get takes none",
+    ),
     ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": {"key": 1}}, "'match' must be a list"),
     ({"id": 5, "op": "restart", "module": 3}, "restart: bad module name 3"),
     ({"id": 5, "op": "route", "module": "../x"}, "route: bad module name '../x'"),
     ({"id": 5, "op": "status", "module": "../x"}, "status: bad module name '../x'"),
-    ({"id": 5, "op": "save", "caller": ["echo", "serial", "1"]}, "'caller' must be [module, 'serial'|'async', request id]"),
+    (
+        {"id": 5, "op": "save", "caller": ["echo", "serial", "1"]},
+        "'caller' must be [module, 'serial'|'async', request id]",
+    ),
     ({"id": 5, "op": "export", "modules": "echo"}, "export: 'modules' must be a list of module names or nil"),
     ({"id": 5, "op": "export", "modules": ["../x"]}, "export: bad module name '../x'"),
 ]
@@ -523,8 +615,13 @@ def test_requests_with_bad_fields_get_an_error_naming_the_field_and_the_connecti
         sock.sendall(P.pack(message))
         [reply] = read_frames(sock)
         rid = message.get("id") if type(message) is dict and type(message.get("id")) is int else None
-        if not (reply.get("ok") is False and reply["id"] == rid and "redirect" not in reply
-                and reply["error"]["type"] == "ProgrammingError" and text in reply["error"]["message"]):
+        if not (
+            reply.get("ok") is False
+            and reply["id"] == rid
+            and "redirect" not in reply
+            and reply["error"]["type"] == "ProgrammingError"
+            and text in reply["error"]["message"]
+        ):
             wrong.append((message, reply))
         sock.sendall(P.pack(GET_DEFAULT))
         if read_frames(sock) != [DEFAULT_REPLY]:
@@ -546,7 +643,14 @@ def test_what_is_not_a_direct_read_is_redirected_to_the_supervisor(worker):
         {"id": 18, "op": "ping"},
         {"id": 19, "op": "export"},
         {"id": 20, "op": "route", "module": "echo"},
-        {"id": 21, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}, "caller": ["echo", "serial", 1]},
+        {
+            "id": 21,
+            "op": "get",
+            "module": "echo",
+            "table": "kv",
+            "params": {"key": "default"},
+            "caller": ["echo", "serial", 1],
+        },
         {"id": 22, "op": "getnext", "module": "echo", "table": "kv", "caller": ["other", "async", 7]},
         {"id": 23, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}, "hold": 1},
     ]
@@ -689,8 +793,14 @@ def test_fifty_connections_at_once_closed_abruptly_harm_nobody(worker):
 def test_abusive_clients_in_parallel_do_not_disturb_good_ones(worker):
     stop = threading.Event()
     errors = []
-    attacks = [b"\xff" * 100, struct.pack(">I", 1 << 31), P.pack([1, 2]), P.pack(GET_DEFAULT)[:7],
-               frame(b"\xc1"), P.pack({"id": 1, "op": "stop"})]
+    attacks = [
+        b"\xff" * 100,
+        struct.pack(">I", 1 << 31),
+        P.pack([1, 2]),
+        P.pack(GET_DEFAULT)[:7],
+        frame(b"\xc1"),
+        P.pack({"id": 1, "op": "stop"}),
+    ]
 
     def abuse(n):
         i = n
@@ -877,8 +987,14 @@ def run_as(uid, socket_path, mode="send"):
 def test_a_uid_not_allowed_is_refused_on_the_worker_socket_too(supervisor, reachable):
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another uid")
-    worker = Worker(supervisor({"echo": ECHO}, state_dir=os.path.join(reachable, "state"), allowed_uids=[NOBODY - 1],
-                               frame_timeout=FRAME_TIMEOUT))
+    worker = Worker(
+        supervisor(
+            {"echo": ECHO},
+            state_dir=os.path.join(reachable, "state"),
+            allowed_uids=[NOBODY - 1],
+            frame_timeout=FRAME_TIMEOUT,
+        )
+    )
     [reply] = run_as(NOBODY, worker.path, "read")  # the refusal comes unasked
     assert reply["id"] is None and reply["ok"] is False and reply["error"]["type"] == "InterfaceError"
     assert f"uid {NOBODY} may not use this supervisor" in reply["error"]["message"]
@@ -888,8 +1004,14 @@ def test_a_uid_not_allowed_is_refused_on_the_worker_socket_too(supervisor, reach
 def test_a_refused_client_that_sends_before_reading_still_reads_why(supervisor, reachable):
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another uid")
-    worker = Worker(supervisor({"echo": ECHO}, state_dir=os.path.join(reachable, "state"), allowed_uids=[NOBODY - 1],
-                               frame_timeout=FRAME_TIMEOUT))
+    worker = Worker(
+        supervisor(
+            {"echo": ECHO},
+            state_dir=os.path.join(reachable, "state"),
+            allowed_uids=[NOBODY - 1],
+            frame_timeout=FRAME_TIMEOUT,
+        )
+    )
     try:
         [reply] = run_as(NOBODY, worker.path, "send-late")
         assert reply != "BrokenPipeError", "the refused client got EPIPE, not the reason it was refused"
@@ -901,8 +1023,14 @@ def test_a_refused_client_that_sends_before_reading_still_reads_why(supervisor, 
 def test_an_allowed_uid_is_served_on_the_worker_socket(supervisor, reachable):
     if os.getuid() != 0:
         pytest.skip("needs root to run a client as another uid")
-    worker = Worker(supervisor({"echo": ECHO}, state_dir=os.path.join(reachable, "state"), allowed_uids=[NOBODY],
-                               frame_timeout=FRAME_TIMEOUT))
+    worker = Worker(
+        supervisor(
+            {"echo": ECHO},
+            state_dir=os.path.join(reachable, "state"),
+            allowed_uids=[NOBODY],
+            frame_timeout=FRAME_TIMEOUT,
+        )
+    )
     assert run_as(NOBODY, worker.path) == [DEFAULT_REPLY]
     worker.assert_unharmed()
 

@@ -182,7 +182,9 @@ def test_non_finite_numbers_in_the_config_are_refused(tmp_path):
         cmactor.Supervisor({"echo": ECHO}, state_dir=tmp_path, hold_timeout=float("nan"))
     path = tmp_path / "c.toml"
     path.write_text(f'[agents.echo]\nentry = "{ECHO}"\nhang_timeout = inf\n')
-    with pytest.raises(cmactor.ConfigError, match=r"c.toml: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf"):
+    with pytest.raises(
+        cmactor.ConfigError, match=r"c.toml: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf"
+    ):
         cmactor.Supervisor.from_toml(path)
 
 
@@ -329,7 +331,9 @@ def test_a_change_in_flight_when_a_save_starts_is_neither_lost_nor_replayed_twic
     sup = supervisor({"counter": COUNTER}, state_dir=state)
     cur = sup.connect().cursor()
     cur.execute("setop counter.ctr", {"name": "c"})
-    slow = threading.Thread(target=lambda: sup.connect().cursor().execute("setop counter.ctr", {"name": "c", "sleep": "0.5"}))
+    slow = threading.Thread(
+        target=lambda: sup.connect().cursor().execute("setop counter.ctr", {"name": "c", "sleep": "0.5"})
+    )
     slow.start()  # on the serial lane when the walk is sent: the walk runs after it, and sees it
     wait_for(lambda: sup.status()["counter"]["inflight"] == 1)
     sup.save()
@@ -344,11 +348,17 @@ def test_a_change_in_flight_when_a_compaction_starts_is_neither_lost_nor_replaye
     sup = supervisor(agents, state_dir=state)
     sup.connect().cursor().execute("setop counter.ctr", {"name": "d"})
     sock = raw(sup)  # two setops in one write: the first's record fills the journal while the second runs
-    sock.sendall(b"".join(P.pack({"id": n, "op": "setop", "module": "counter", "table": "ctr", "params": params})
-                          for n, params in ((1, {"name": "c"}), (2, {"name": "c", "sleep": "0.5"}))))
+    sock.sendall(
+        b"".join(
+            P.pack({"id": n, "op": "setop", "module": "counter", "table": "ctr", "params": params})
+            for n, params in ((1, {"name": "c"}), (2, {"name": "c", "sleep": "0.5"}))
+        )
+    )
     assert [reply["ok"] for reply in read_frames(sock, 2)] == [True, True]
     sock.close()
-    wait_for(lambda: (state / "journal" / "counter.snapshot").exists() and not sup._loop.call(lambda: sup._saver.running))
+    wait_for(
+        lambda: (state / "journal" / "counter.snapshot").exists() and not sup._loop.call(lambda: sup._saver.running)
+    )
     assert count(sup) == 2
     restarted_twice(sup, state, agents, supervisor)
 

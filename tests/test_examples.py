@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+from conftest import wait_for
+
 import cmactor
 from cmactor.exos.cli import exec_cli
-from conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +68,12 @@ def test_exos_apps_run_as_python_modules(tmp_path, monkeypatch):
             cur.execute("set vlanmgr.member", {"vlan": "v10", "port": port, "tagged": tagged})
         cur.execute("set vlanmgr.member", {"vlan": "default", "port": "9"})
         cur.execute("setop portsum.summary", {"action": "refresh"})  # queued for its dispatcher
-        wait_for(lambda: cur.execute("getnext portsum.summary").fetchall() == [("default", "9", "1", "0"), ("v10", "1,2,3", "3", "1")])
+        wait_for(
+            lambda: (
+                cur.execute("getnext portsum.summary").fetchall()
+                == [("default", "9", "1", "0"), ("v10", "1,2,3", "3", "1")]
+            )
+        )
         # A walk with a filter that is not an index column: only the tagged members.
         cur.execute("getnext vlanmgr.member", {"tagged": "yes"})
         assert cur.fetchall() == [("v10", "2", "yes")]

@@ -60,7 +60,7 @@ def test_show_one_prints_the_originals_json_on_one_line(cat):
         "data": [{"name": "item03", "size": "0", "status": "SUCCESS"}],
     }
     # A single str is one command; values are split as a shell splits them.
-    assert json.loads(exec_cli('debug cfgmgr show one cat.pair group="a b" member=\'y z\''))["data"] == [
+    assert json.loads(exec_cli("debug cfgmgr show one cat.pair group=\"a b\" member='y z'"))["data"] == [
         {"group": "a b", "member": "y z", "status": "SUCCESS"}
     ]
 

@@ -80,7 +80,9 @@ def test_a_python_module_that_raises_at_import_is_a_startup_error_naming_the_exc
 
 
 def test_a_package_without_main_is_a_startup_error_saying_what_to_add(supervisor):
-    with pytest.raises(StartupError, match=r"'nomain' is a package with no __main__ module to run: add nomain/__main__.py"):
+    with pytest.raises(
+        StartupError, match=r"'nomain' is a package with no __main__ module to run: add nomain/__main__.py"
+    ):
         supervisor({"pkg": "nomain"}, base_dir=AGENTS)
 
 
@@ -127,7 +129,11 @@ def test_ready_without_cmbackend_init_is_a_ready_module_with_no_tables(superviso
 
 
 def test_cmbackend_init_after_ready_ends_the_worker_saying_so(supervisor):
-    sup = supervisor({"app": {"entry": APP, "args": ["--init-after-ready"], "restart": "never"}})
+    sup = supervisor({"app": {"entry": APP, "args": ["--init-after-ready"], "restart": "never"}}, start=False)
+    try:  # the worker may end before or after the supervisor has seen it READY
+        sup.start()
+    except cmactor.StartupError as exc:
+        assert "cmbackend_init() called after ready() in module 'app'" in str(exc)
     wait_for(lambda: state(sup, "app")["state"] == "FAILED")
     assert "RuntimeError: cmbackend_init() called after ready() in module 'app'" in state(sup, "app")["error"]
 

@@ -103,9 +103,20 @@ def test_constants_flags_and_module_attributes():
     assert len({db.CM_OP_STATUS_SUCCESS, db.CM_OP_STATUS_MORE, db.CM_OP_STATUS_ERROR}) == 3
     assert (db.paramstyle, db.apilevel, db.threadsafety) == ("pyformat", "2.0", 1)
     assert db.Connection.paramstyle == "pyformat"
-    for name in ("Error", "Warning", "InterfaceError", "DatabaseError", "DataError", "OperationalError",
-                 "IntegrityError", "InternalError", "ProgrammingError", "NotSupportedError",
-                 "ModuleUnavailable", "DeadlockDetectedError"):
+    for name in (
+        "Error",
+        "Warning",
+        "InterfaceError",
+        "DatabaseError",
+        "DataError",
+        "OperationalError",
+        "IntegrityError",
+        "InternalError",
+        "ProgrammingError",
+        "NotSupportedError",
+        "ModuleUnavailable",
+        "DeadlockDetectedError",
+    ):
         assert getattr(db, name) is getattr(cmfrontend, name)
 
 

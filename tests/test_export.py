@@ -19,8 +19,8 @@ from test_components import SaveSetup
 
 import cmactor
 from cmsupervisor.cli import program as cli
-from cmsupervisor.persistence import store
 from cmsupervisor.cli.commands import Command, CommandError, export_line, parse, split_line
+from cmsupervisor.persistence import store
 from cmsupervisor.supervision.modules import READY, RESTARTING
 
 SWITCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "switch")
@@ -79,7 +79,10 @@ def test_export_then_apply_on_a_fresh_switch_gives_back_the_same_config(tmp_path
     text = exported.stdout.decode("utf-8")
     lines = text.splitlines()
     # Dependencies first (vlan depends on ports), tables in persistent_list order, rows in walk order.
-    assert lines[0] == "set ports.port name=1 enabled=1 speed=1000 description='two  spaces, '\"'\"'single'\"'\"' and \"double\" quotes'"
+    assert (
+        lines[0]
+        == "set ports.port name=1 enabled=1 speed=1000 description='two  spaces, '\"'\"'single'\"'\"' and \"double\" quotes'"
+    )
     assert lines[2] == "set ports.port name=3 enabled=1 speed=1000 description='Zürich ☃'"
     assert "set ports.port name=6 enabled=1 speed=1000 description=None" in lines
     assert "set ports.port name=7 enabled=1 speed=1000 description=''" in lines
@@ -88,13 +91,20 @@ def test_export_then_apply_on_a_fresh_switch_gives_back_the_same_config(tmp_path
     assert set(tables) == {"ports.port", "vlan.vlan", "vlan.member"}
     assert "stats" not in text  # no persistent tables
     (tmp_path / "switch.conf").write_bytes(exported.stdout)
-    assert source.export() == {name: rows for name, rows in json.loads(cmactor_cli("--socket", source.socket_path, "--format", "json", "export").stdout).items()}
+    assert source.export() == {
+        name: rows
+        for name, rows in json.loads(
+            cmactor_cli("--socket", source.socket_path, "--format", "json", "export").stdout
+        ).items()
+    }
     source.stop()
 
     target = supervisor(SWITCH_AGENTS, state_dir=tmp_path / "b")
     applied = cmactor_cli("--socket", target.socket_path, "apply", str(tmp_path / "switch.conf"))
     assert applied.returncode == 0, applied.stderr
-    assert applied.stdout.decode() == f"applied {len(lines) - 1} commands from {tmp_path / 'switch.conf'}\n"  # one value spans 2 lines
+    assert (
+        applied.stdout.decode() == f"applied {len(lines) - 1} commands from {tmp_path / 'switch.conf'}\n"
+    )  # one value spans 2 lines
     again = cmactor_cli("--socket", target.socket_path, "export")
     assert again.stdout == exported.stdout
     cur = target.connect().cursor()
@@ -113,7 +123,11 @@ def test_export_writes_nothing_and_leaves_unsaved_changes_unsaved(supervisor):
         saved = f.read()
     cur.execute("set echo.kv", {"key": "later", "value": "2"})
     journaled = os.path.getsize(journal)
-    assert sup.export() == {"echo": {"kv": [{"key": "default", "value": "yes"}, {"key": "later", "value": "2"}, {"key": "saved", "value": "1"}]}}
+    assert sup.export() == {
+        "echo": {
+            "kv": [{"key": "default", "value": "yes"}, {"key": "later", "value": "2"}, {"key": "saved", "value": "1"}]
+        }
+    }
     with open(config, "rb") as f:
         assert f.read() == saved
     assert os.path.getsize(journal) == journaled
@@ -141,14 +155,18 @@ def test_export_names_modules_in_dependency_order_and_refuses_unknown_or_not_rea
     status, out, err = run(capsys, "--socket", sup.socket_path, "export")
     assert (status, out) == (1, "")
     assert err.startswith("cmactor: OperationalError: cannot export module 'first': it is FAILED (")
-    assert err.endswith("not READY, so it has no live config to walk; name the modules to export, or `cmactor restart first` to bring it back\n")
+    assert err.endswith(
+        "not READY, so it has no live config to walk; name the modules to export, or `cmactor restart first` to bring it back\n"
+    )
     assert list(sup.export(["later"])) == ["later"]
 
 
 def test_a_bad_export_request_is_refused_naming_what_is_wrong(supervisor):
     sup = supervisor({"echo": ECHO})
     with sup.connect() as conn:
-        with pytest.raises(cmactor.ProgrammingError, match="export: 'modules' must be a list of module names or nil, got 'echo'"):
+        with pytest.raises(
+            cmactor.ProgrammingError, match="export: 'modules' must be a list of module names or nil, got 'echo'"
+        ):
             conn.request({"op": "export", "modules": "echo"})
         with pytest.raises(cmactor.ProgrammingError, match=r"export: bad module name '\.\./x'"):
             conn.request({"op": "export", "modules": ["../x"]})
@@ -237,15 +255,23 @@ def test_apply_refuses_a_malformed_file_whole_naming_each_bad_line(tmp_path, sup
     assert vlans(sup) == ["default"]
     path.write_bytes(b"set vlan.vlan name=ok tag=5\nset vlan.vlan name=\xff tag=6\n")
     status, out, err = run(capsys, "--socket", sup.socket_path, "apply", str(path))
-    assert (status, err) == (1, f"cmactor: CliError: {path} line 2: not UTF-8 text (invalid start byte); cmactor export writes UTF-8\n")
+    assert (status, err) == (
+        1,
+        f"cmactor: CliError: {path} line 2: not UTF-8 text (invalid start byte); cmactor export writes UTF-8\n",
+    )
     status, out, err = run(capsys, "--socket", sup.socket_path, "apply", str(tmp_path / "missing.conf"))
-    assert (status, err) == (1, f"cmactor: CliError: cannot read {tmp_path / 'missing.conf'}: No such file or directory\n")
+    assert (status, err) == (
+        1,
+        f"cmactor: CliError: cannot read {tmp_path / 'missing.conf'}: No such file or directory\n",
+    )
     assert vlans(sup) == ["default"]
 
 
 def test_apply_reads_stdin_and_runs_setops(supervisor, capsys):
     sup = supervisor(SWITCH_AGENTS)
-    commands = "set vlan.vlan name=tmp tag=7\nsetop vlan.vlan action=delete name=tmp\nsetop ports.port action=disable_all\n"
+    commands = (
+        "set vlan.vlan name=tmp tag=7\nsetop vlan.vlan action=delete name=tmp\nsetop ports.port action=disable_all\n"
+    )
     status, out, err = run(capsys, "--socket", sup.socket_path, "apply", "-", stdin=commands)
     assert (status, out) == (0, "applied 3 commands from <stdin>\n")
     assert err.splitlines()[0] == "port 1: enabled=0"  # notify_cli text, on stderr as for cmactor setop
@@ -255,13 +281,18 @@ def test_apply_reads_stdin_and_runs_setops(supervisor, capsys):
 def test_parse_counts_lines_across_quoted_newlines_and_skips_comments():
     text = "# header\n\nset a.t k='one\ntwo\nthree' x=1\n  # indented comment\nsetop a.t action=go\r\n"
     assert parse(text) == (
-        [Command(3, "set", "a", "t", {"k": "one\ntwo\nthree", "x": "1"}), Command(7, "setop", "a", "t", {"action": "go"})],
+        [
+            Command(3, "set", "a", "t", {"k": "one\ntwo\nthree", "x": "1"}),
+            Command(7, "setop", "a", "t", {"action": "go"}),
+        ],
         [],
     )
 
 
 def test_export_refuses_a_field_name_that_cannot_be_key_value():
-    with pytest.raises(Exception, match=r"module 'm' table 't' has a field named 'a=b', which cannot be written as key=value"):
+    with pytest.raises(
+        Exception, match=r"module 'm' table 't' has a field named 'a=b', which cannot be written as key=value"
+    ):
         export_line("m", "t", {"a=b": "1"})
     assert export_line("m", "t", {"k": None, "v": "1"}) == "set m.t v=1"  # None: not given
 
@@ -279,7 +310,9 @@ def test_any_row_reads_back_exactly(row):
 # UTF-8), with the ones that quoting is about drawn half the time.
 QUOTING = " \t\r\n'\"\\=#$`\x00\x1b\x7f\x85\u2028\udcff"
 ANY_CHAR = st.one_of(st.sampled_from(QUOTING), st.characters(exclude_categories=()))
-LINE_CHAR = st.one_of(st.sampled_from(QUOTING.replace("\n", "")), st.characters(exclude_categories=(), exclude_characters="\n"))
+LINE_CHAR = st.one_of(
+    st.sampled_from(QUOTING.replace("\n", "")), st.characters(exclude_categories=(), exclude_characters="\n")
+)
 any_key = st.text(ANY_CHAR, min_size=1).filter(lambda key: "=" not in key)
 
 
@@ -322,7 +355,7 @@ def test_a_line_splits_into_the_words_shlex_split_gives(line):
 
 def test_a_20_mib_line_is_read_in_linear_time():
     # Every "'" of the value is written '"'"': the line is pieces of quoted text all along.
-    value = ("it's a \"quoted\" \\ path, Zürich; " * 700_000)[: 20 * 1024 * 1024]
+    value = ('it\'s a "quoted" \\ path, Zürich; ' * 700_000)[: 20 * 1024 * 1024]
     line = export_line("m", "t", {"k": value})
     started = time.monotonic()
     (command,), malformed = parse(line + "\n")
@@ -381,16 +414,18 @@ def test_apply_reports_every_bad_line_after_a_quote_never_closed_and_applies_not
     path.write_text(unclosed_quote_file())
     applied = cmactor_cli("--socket", sup.socket_path, "apply", str(path))
     assert (applied.returncode, applied.stdout) == (1, b"")
-    assert applied.stderr.decode().splitlines() == [f"cmactor: {path} line {n}: {problem}" for n, problem in UNCLOSED_QUOTE_PROBLEMS] + [
-        f"cmactor: CliError: {path}: 3 bad lines; nothing was applied (fix the file and apply it again)"
-    ]
+    assert applied.stderr.decode().splitlines() == [
+        f"cmactor: {path} line {n}: {problem}" for n, problem in UNCLOSED_QUOTE_PROBLEMS
+    ] + [f"cmactor: CliError: {path}: 3 bad lines; nothing was applied (fix the file and apply it again)"]
     cur = sup.connect().cursor()
     cur.execute("getnext echo.kv")
     assert cur.fetchall() == [("default", "yes")]
 
 
 def test_an_export_waits_for_the_save_under_way_and_changes_nothing_it_walks(tmp_path):
-    s = SaveSetup(tmp_path, {"ports": (READY, ["port"], []), "vlan": (READY, ["vlan"], ["ports"]), "plain": (READY, [], [])})
+    s = SaveSetup(
+        tmp_path, {"ports": (READY, ["port"], []), "vlan": (READY, ["vlan"], ["ports"]), "plain": (READY, [], [])}
+    )
     try:
         saved, exported = concurrent.futures.Future(), concurrent.futures.Future()
         s.saver.request(saved, "alice")
@@ -408,8 +443,13 @@ def test_an_export_waits_for_the_save_under_way_and_changes_nothing_it_walks(tmp
         s.walked("vlan", b'{"vlan":[2]}')
         assert exported.result(timeout=5) == [["ports", b'{"port":[1]}'], ["vlan", b'{"vlan":[2]}']]
         assert s.modules["plain"].channel.saves == []  # no persistent tables: nothing to walk
-        assert vlan.unsaved is True and store.read(s.path) == written and vlan.journal.dropped == [(2, 0)]  # by the save alone
-        assert [(user, op, outcome) for user, op, *_, outcome in s.audit.records] == [("alice", "save", "ok"), ("bob", "export", "ok")]
+        assert (
+            vlan.unsaved is True and store.read(s.path) == written and vlan.journal.dropped == [(2, 0)]
+        )  # by the save alone
+        assert [(user, op, outcome) for user, op, *_, outcome in s.audit.records] == [
+            ("alice", "save", "ok"),
+            ("bob", "export", "ok"),
+        ]
         assert not s.saver.running and s.router.released == ["ports", "vlan", "ports", "vlan"]
     finally:
         s.saver.shutdown()

@@ -20,10 +20,10 @@ import psutil
 import pytest
 from conftest import agent, kv_rows, raw, read_frames, wait_for
 
-from cmactor.wire import protocol as P
 from cmactor.errors import ConfigError, StartupError
-from cmsupervisor.front import server
+from cmactor.wire import protocol as P
 from cmsupervisor.config import SUPERVISOR_OPTIONS
+from cmsupervisor.front import server
 
 ECHO = agent("echo.py:main")
 NOBODY = 65534
@@ -147,7 +147,9 @@ def test_a_fuzz_mix_from_several_clients_harms_neither_the_supervisor_nor_a_good
     fuzzers = [
         subprocess.Popen(
             [sys.executable, str(script), sup.socket_path, str(seed + i), "6"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(3)
     ]
@@ -178,7 +180,9 @@ def test_a_fuzz_mix_from_several_clients_harms_neither_the_supervisor_nor_a_good
     status = sup.status()["echo"]
     assert status["state"] == "READY" and status["restarts"] == 0, f"seed {seed}: {status}"
     errors = [record for record in caplog.records if "internal error" in record.getMessage()]
-    assert not errors, f"seed {seed}: {len(errors)} internal errors, the first: {errors[0].getMessage()} {errors[0].exc_text}"
+    assert not errors, (
+        f"seed {seed}: {len(errors)} internal errors, the first: {errors[0].getMessage()} {errors[0].exc_text}"
+    )
     with open(os.path.join(sup.state_dir, "audit.log")) as audit:
         for line in audit:
             json.loads(line)
@@ -375,7 +379,11 @@ def test_past_max_backlog_total_no_client_is_read_and_the_largest_backlog_is_dro
         ("frame_timeout", 0, "expected a number of seconds > 0, got 0"),
         ("frame_timeout", float("inf"), "expected a finite number of seconds, got inf"),
         ("max_frames_total", 0, "expected a whole number >= 1, got 0"),
-        ("max_frames_total", 1024, r"1024 is less than max_frame \(8388608\), so a frame of max_frame bytes could never"),
+        (
+            "max_frames_total",
+            1024,
+            r"1024 is less than max_frame \(8388608\), so a frame of max_frame bytes could never",
+        ),
         ("max_direct_backlog_total", "16M", "expected a whole number >= 0, got '16M'"),
         ("direct_idle_timeout", 0, "expected a number of seconds > 0, got 0"),
     ],
@@ -417,7 +425,11 @@ def low_fd_supervisor(tmp_path):
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, str(script), ECHO, str(tmp_path / "state"), "64"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, text=True, cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            cwd=tmp_path,
         )
     try:
         assert select.select([proc.stdout], [], [], 30)[0], f"no socket path: {log_path.read_text()}"
@@ -495,7 +507,6 @@ def test_out_of_descriptors_the_supervisor_waits_instead_of_spinning_and_recover
     assert 1 <= pauses <= 20, f"{pauses} lines logged for the pauses of about 2s"
 
 
-
 # A supervisor whose process runs out of descriptors while a client is connected: its
 # status answers go on (the workers' figures cannot be read then, and are left out).
 STATUS_WITHOUT_DESCRIPTORS = """
@@ -522,6 +533,11 @@ if __name__ == "__main__":
 def test_status_is_answered_while_the_supervisor_is_out_of_descriptors_and_after(tmp_path):
     script = tmp_path / "no_fds.py"
     script.write_text(STATUS_WITHOUT_DESCRIPTORS)
-    done = subprocess.run([sys.executable, str(script), ECHO, str(tmp_path / "state")], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script), ECHO, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.stdout.split() == ["READY", "None", "READY", "True"], done.stderr[-2000:]

@@ -33,7 +33,9 @@ def test_module_entry_as_package_path(supervisor, tmp_path):
     pkg = tmp_path / "mypkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "agent.py").write_text((os.path.dirname(ECHO.split(":")[0]) + "/echo.py") and open(ECHO.split(":")[0]).read())
+    (pkg / "agent.py").write_text(
+        (os.path.dirname(ECHO.split(":")[0]) + "/echo.py") and open(ECHO.split(":")[0]).read()
+    )
     sup = supervisor({"m": "mypkg.agent:main"}, base_dir=tmp_path)
     cur = sup.connect().cursor()
     cur.execute("get m.kv", {"key": "default"})
@@ -54,7 +56,9 @@ def test_dependencies_load_in_dependency_order_whatever_the_declaration_order(su
 
 
 def test_unknown_dependency_is_a_startup_error_naming_it(supervisor):
-    with pytest.raises(cmactor.StartupError, match="config_deps names 'ghost', which this supervisor does not run") as info:
+    with pytest.raises(
+        cmactor.StartupError, match="config_deps names 'ghost', which this supervisor does not run"
+    ) as info:
         supervisor({"a": echo_with_deps("ghost"), "b": ECHO})
     assert set(info.value.reasons) == {"a"}
 
@@ -97,13 +101,17 @@ def test_entry_failing_after_registering_is_a_crash(supervisor):
 
 
 def test_unimportable_module_entry_fails_start(supervisor):
-    with pytest.raises(cmactor.StartupError, match="x: FAILED: entry 'no_such_pkg.agent:main' raised ModuleNotFoundError"):
+    with pytest.raises(
+        cmactor.StartupError, match="x: FAILED: entry 'no_such_pkg.agent:main' raised ModuleNotFoundError"
+    ):
         supervisor({"x": "no_such_pkg.agent:main"})
 
 
 def test_agent_that_never_calls_ready_times_out_naming_it(supervisor):
     start = time.monotonic()
-    with pytest.raises(cmactor.StartupError, match="quiet: LOADING: event_generate_default returned but ready\\(\\) was never called"):
+    with pytest.raises(
+        cmactor.StartupError, match="quiet: LOADING: event_generate_default returned but ready\\(\\) was never called"
+    ):
         supervisor({"quiet": agent("broken.py:never_ready"), "ok": ECHO}, start_timeout=1.5)
     assert time.monotonic() - start < 10
 
@@ -139,7 +147,9 @@ def test_sigkill_restarts_the_module(supervisor):
 def test_crash_during_a_request_fails_that_request_and_others_go_on(supervisor):
     sup = supervisor({"echo": ECHO, "other": ECHO})
     cur = sup.connect().cursor()
-    with pytest.raises(cmactor.OperationalError, match="module 'echo' crashed \\(exit code 3\\) while handling set echo.exit"):
+    with pytest.raises(
+        cmactor.OperationalError, match="module 'echo' crashed \\(exit code 3\\) while handling set echo.exit"
+    ):
         cur.execute("set echo.exit", {"code": 3})
     cur.execute("get other.kv", {"key": "default"})
     cur.retries = 1  # the cursor waits for READY again
@@ -185,7 +195,11 @@ def test_a_request_with_a_nil_hold_is_held_for_the_hold_timeout(supervisor):
 
 def test_crash_loop_quarantines_and_restart_revives(supervisor):
     sup = supervisor(
-        {"echo": {"entry": ECHO, "max_restarts": 2, "restart_delay": 0.01}, "other": ECHO, "dependent": echo_with_deps("echo")}
+        {
+            "echo": {"entry": ECHO, "max_restarts": 2, "restart_delay": 0.01},
+            "other": ECHO,
+            "dependent": echo_with_deps("echo"),
+        }
     )
     killed = set()
     for _ in range(3):

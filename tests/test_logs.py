@@ -18,8 +18,8 @@ from test_durability import fill, small_disk
 
 import cmactor
 from cmsupervisor.cli import program as cli
-from cmsupervisor.observability.logs import RotatingFile
 from cmsupervisor.cli.tail import last_lines
+from cmsupervisor.observability.logs import RotatingFile
 from cmsupervisor.supervision.workers import MAX_LINE
 
 CHATTY = agent("chatty.py:main")
@@ -92,8 +92,10 @@ def test_a_crashed_workers_last_words_reach_the_log_before_its_restart(superviso
         last_words = said[said.index(f"chatty pid {pid} started") + 1 : said.index(f"chatty pid {new_pid} started")]
         assert last_words == [f"bye {n}.{i}" for i in range(50)] + burst.split("\n")
         # Its crash, and the restart, are reported in its own log after its last words.
-        assert log.index(f"unended {n}") < log.index(f"module chatty: worker pid {pid} exit code") < log.index(
-            f"chatty pid {new_pid} started"
+        assert (
+            log.index(f"unended {n}")
+            < log.index(f"module chatty: worker pid {pid} exit code")
+            < log.index(f"chatty pid {new_pid} started")
         )
 
 
@@ -185,7 +187,9 @@ def test_a_log_directory_that_is_a_file_stops_the_start_naming_it(tmp_path, supe
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "logs").write_text("not a directory")
     sup = supervisor({"echo": ECHO}, start=False)
-    with pytest.raises(cmactor.StartupError, match=r"log directory \S+/state/logs cannot be made: a file is in the way; remove"):
+    with pytest.raises(
+        cmactor.StartupError, match=r"log directory \S+/state/logs cannot be made: a file is in the way; remove"
+    ):
         sup.start()
 
 
@@ -204,7 +208,9 @@ def read_only_dir(path):
 def test_a_log_directory_that_cannot_be_written_stops_the_start_naming_the_file(tmp_path, supervisor):
     with read_only_dir(tmp_path / "state" / "logs"):
         sup = supervisor({"echo": ECHO}, start=False)
-        with pytest.raises(cmactor.StartupError, match=r"log file \S+/logs/echo.log cannot be written: .*; make \S+/logs a directory"):
+        with pytest.raises(
+            cmactor.StartupError, match=r"log file \S+/logs/echo.log cannot be written: .*; make \S+/logs a directory"
+        ):
             sup.start()
 
 
@@ -227,7 +233,10 @@ def test_a_full_disk_while_logging_is_counted_logged_once_and_never_stops_the_su
 
 def test_log_rotation_keys_are_checked(supervisor):
     for options, message in (
-        ({"log_max_bytes": 100}, r"log_max_bytes: expected a size in bytes of at least 4096 \(or 0: never rotate\), got 100"),
+        (
+            {"log_max_bytes": 100},
+            r"log_max_bytes: expected a size in bytes of at least 4096 \(or 0: never rotate\), got 100",
+        ),
         ({"log_max_bytes": "10MiB"}, r"log_max_bytes: expected a whole number >= 0, got '10MiB'"),
         ({"log_backups": 1000}, r"log_backups: expected how many rotated files to keep, 0 to 100; got 1000"),
         ({"log_backups": -1}, r"log_backups: expected a whole number >= 0, got -1"),
@@ -296,7 +305,9 @@ def test_cmactor_logs_follow_goes_on_across_a_rotation(supervisor):
     sup = supervisor({"chatty": CHATTY}, log_max_bytes=4096, log_backups=1)
     cur = sup.connect().cursor()
     follower = subprocess.Popen(
-        cmactor_cmd() + ["--socket", sup.socket_path, "logs", "chatty", "-n", "1", "-f"], stdout=subprocess.PIPE, text=True
+        cmactor_cmd() + ["--socket", sup.socket_path, "logs", "chatty", "-n", "1", "-f"],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
@@ -347,7 +358,9 @@ def test_cmactor_logs_follow_reads_every_file_rotated_between_two_looks(tmp_path
     # The supervisor's own writer, in this process: the lines go in as fast as it rotates.
     log = RotatingFile(str(logs / "chatty.log"), 4096, backups)
     log.write(b"start".ljust(LINE - 1, b"-") + b"\n")
-    follower = subprocess.Popen(cmactor_cmd() + ["-c", str(config), "logs", "chatty", "-n", "1", "-f"], stdout=subprocess.PIPE)
+    follower = subprocess.Popen(
+        cmactor_cmd() + ["-c", str(config), "logs", "chatty", "-n", "1", "-f"], stdout=subprocess.PIPE
+    )
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout], daemon=True).start()
     try:

@@ -20,13 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
-from cmsupervisor.front import control
-from cmsupervisor.supervision import health
-from cmsupervisor.observability import httpserve
-from cmsupervisor.observability import metrics
-from cmsupervisor.supervision import modules
 from cmsupervisor.config import load_toml
+from cmsupervisor.front import control
+from cmsupervisor.observability import httpserve, metrics
 from cmsupervisor.observability.stats import Histogram, Timed
+from cmsupervisor.supervision import health, modules
 
 ECHO = agent("echo.py:main")
 ANY_PORT = "127.0.0.1:0"
@@ -89,7 +87,7 @@ def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
 
     with sup.connect() as conn:
         cur = conn.cursor()
-        for n in range(5):
+        for _ in range(5):
             cur.execute("get echo.kv", {"key": "default"})
         with pytest.raises(DatabaseError):
             cur.execute("get echo.kv", {"key": "missing"})

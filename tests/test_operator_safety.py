@@ -162,7 +162,9 @@ def test_the_start_summary_counts_a_stopped_module_as_stopped(supervisor, tmp_pa
     done = tmp_path / "done.py"
     done.write_text("import sys\nsys.exit(0)\n")
     with caplog.at_level(logging.INFO, logger="cmactor.supervisor"):
-        sup = supervisor({"echo": ECHO, "done": {"entry": str(done), "restart": "on-failure"}}, state_dir=tmp_path / "s")
+        sup = supervisor(
+            {"echo": ECHO, "done": {"entry": str(done), "restart": "on-failure"}}, state_dir=tmp_path / "s"
+        )
     assert sup.status()["done"]["state"] == "STOPPED"
     messages = [r.getMessage() for r in caplog.records]
     assert not any("all 2 modules READY" in m for m in messages)
@@ -172,7 +174,9 @@ def test_the_start_summary_counts_a_stopped_module_as_stopped(supervisor, tmp_pa
     )
 
 
-def test_journals_an_earlier_version_kept_as_old_are_named_with_the_command_that_replays_them(supervisor, tmp_path, caplog):
+def test_journals_an_earlier_version_kept_as_old_are_named_with_the_command_that_replays_them(
+    supervisor, tmp_path, caplog
+):
     state_dir = tmp_path / "state"
     first = supervisor({"echo": ECHO}, state_dir=state_dir)
     first.connect().cursor().execute("set echo.kv", {"key": "kept", "value": "old"})
@@ -206,7 +210,9 @@ def test_cmactor_run_prints_why_a_start_failed_with_its_traceback(tmp_path):
     typo = tmp_path / "typo.py"
     typo.write_text(TYPO_AGENT)
     config = tmp_path / "cmactor.toml"
-    config.write_text(f'[supervisor]\nstate_dir = "state"\n[agents.echo]\nentry = "{ECHO}"\n[agents.typo]\nentry = "{typo}:main"\n')
+    config.write_text(
+        f'[supervisor]\nstate_dir = "state"\n[agents.echo]\nentry = "{ECHO}"\n[agents.typo]\nentry = "{typo}:main"\n'
+    )
     run = Run(config)
     try:
         text = run.text
@@ -269,7 +275,10 @@ def test_a_restart_whose_start_fails_follows_the_restart_policy_then_fails(super
     os.kill(sup.status()["typo"]["pid"], 9)
     status = wait_for(lambda: (s := sup.status()["typo"])["state"] == "FAILED" and s, timeout=15)
     assert status["restarts"] == 2
-    assert "crashed more than 2 times" in status["error"] and "start failed: event_generate_default raised NameError" in status["error"]
+    assert (
+        "crashed more than 2 times" in status["error"]
+        and "start failed: event_generate_default raised NameError" in status["error"]
+    )
     log = (tmp_path / "s" / "logs" / "typo.log").read_text()
     assert log.count("killed by SIGKILL; restarting in") >= 1  # crash reports are in the module's own log
     assert log.count("NameError: name 'vlasn' is not defined") >= 2

@@ -7,13 +7,13 @@ import threading
 import time
 
 import pytest
-from cmsupervisor.supervision.modules import Pending
-from cmsupervisor.supervision.recovery import split_started
 
+from cmactor.cmbackend import CmAgent, async_action
 from cmactor.wire import protocol as P
 from cmactor.worker import process as worker
-from cmactor.cmbackend import CmAgent, async_action
 from cmactor.worker.outbox import Outbox
+from cmsupervisor.supervision.modules import Pending
+from cmsupervisor.supervision.recovery import split_started
 
 BIG = 4 << 20  # far more than the socket pair buffers: its sendall blocks until the peer reads
 

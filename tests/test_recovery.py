@@ -55,10 +55,20 @@ def test_big_saved_config_and_journal_load_after_a_restart(supervisor, tmp_path)
     reader = P.FrameReader(None)
 
     def pipelined_sets(prefix, count):
-        raw.sendall(b"".join(
-            P.pack({"id": i, "op": "set", "module": "echo", "table": "kv", "params": {"key": f"{prefix}{i:05}", "value": "x" * 20}})
-            for i in range(count)
-        ))
+        raw.sendall(
+            b"".join(
+                P.pack(
+                    {
+                        "id": i,
+                        "op": "set",
+                        "module": "echo",
+                        "table": "kv",
+                        "params": {"key": f"{prefix}{i:05}", "value": "x" * 20},
+                    }
+                )
+                for i in range(count)
+            )
+        )
         replies = []
         while len(replies) < count:
             replies += reader.feed(raw.recv(65536))
@@ -111,7 +121,7 @@ def test_every_start_replays_the_journal_and_only_saved_only_moves_it_aside(supe
     sup.stop()  # a clean stop: the running config survives it as a crash's does
     journal = state / "journal" / "echo.jsonl"
     with open(journal, "ab") as f:
-        f.write(b"0badc0de [\"set\",\"kv\",{\"key\":\"to")  # torn: the supervisor died mid-write
+        f.write(b'0badc0de ["set","kv",{"key":"to')  # torn: the supervisor died mid-write
     again = supervisor({"echo": ECHO}, state_dir=state)  # a plain start
     got = kv_rows(again.connect().cursor())
     assert {k: got[k] for k in ("saved", "j1", "j2", "j3")} == {"saved": "1", "j1": "j1", "j2": "j2", "j3": "j3"}

@@ -132,7 +132,9 @@ def test_unknown_module_is_a_programming_error_listing_modules(echo):
         cur.execute("get nope.kv")
 
 
-@pytest.mark.parametrize("operation", ["get", "get echo", "fetch echo.kv", "get echo.kv extra", "get .kv", "get echo._x", 42])
+@pytest.mark.parametrize(
+    "operation", ["get", "get echo", "fetch echo.kv", "get echo.kv extra", "get .kv", "get echo._x", 42]
+)
 def test_malformed_operation_strings(echo, operation):
     cur = echo.connect().cursor()
     with pytest.raises(cmactor.ProgrammingError, match="malformed operation"):

@@ -119,7 +119,13 @@ def test_concurrent_saves_are_coalesced_and_all_answered(supervisor):
     assert names.count("event_save_start") <= 2  # the first run, then one for all who waited
 
 
-@pytest.mark.parametrize("fault, message", [("fail", "event_save_start raised RuntimeError: disk on fire"), ("stop", "kv_get stopped the save: refusing to be saved")])
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("fail", "event_save_start raised RuntimeError: disk on fire"),
+        ("stop", "kv_get stopped the save: refusing to be saved"),
+    ],
+)
 def test_a_failed_save_names_the_module_and_keeps_the_previous_file(supervisor, fault, message):
     sup = supervisor({"echo": ECHO, "other": ECHO})
     cur = sup.connect().cursor()
@@ -271,7 +277,10 @@ def test_a_row_that_fails_to_load_is_reported_and_the_load_goes_on(supervisor, t
     assert "1 saved rows did not load; first: table kv: ValueError: cannot load this row" in status["error"]
     assert list(kv_rows(again.connect().cursor())) == ["a", "c", "default"]
     logged = [r.getMessage() for r in caplog.records if "did not load" in r.getMessage()]
-    assert any("module echo: saved row of table kv did not load: ValueError: cannot load this row" in m and "'b'" in m for m in logged)
+    assert any(
+        "module echo: saved row of table kv did not load: ValueError: cannot load this row" in m and "'b'" in m
+        for m in logged
+    )
 
 
 def test_dependencies_load_only_after_they_are_ready(supervisor, tmp_path):
@@ -305,9 +314,14 @@ def test_a_module_that_never_calls_ready_is_reported_stuck(supervisor, caplog):
     first.save()
     first.stop()
     stuck = supervisor({"echo": {**echo_with(echo_never_ready="1"), "load_timeout": 0.3}}, state_dir=state, start=False)
-    with pytest.raises(cmactor.StartupError, match="echo: LOADING: event_load_complete returned but ready\\(\\) was never called"):
+    with pytest.raises(
+        cmactor.StartupError, match="echo: LOADING: event_load_complete returned but ready\\(\\) was never called"
+    ):
         stuck.start(timeout=1.5)
-    assert any("stuck: ready() not called within 0.3s; last event event_load_complete" in r.getMessage() for r in caplog.records)
+    assert any(
+        "stuck: ready() not called within 0.3s; last event event_load_complete" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_audit_log_records_sets_setops_and_saves_with_user_and_outcome(supervisor):
@@ -323,7 +337,7 @@ def test_audit_log_records_sets_setops_and_saves_with_user_and_outcome(superviso
     sup.stop()
     with open(os.path.join(sup.state_dir, "audit.log")) as f:
         lines = [json.loads(line) for line in f]
-    assert [(l["user"], l["op"], l["module"], l["table"]) for l in lines] == [
+    assert [(e["user"], e["op"], e["module"], e["table"]) for e in lines] == [
         ("alice", "set", "echo", "kv"),
         ("alice", "set", "echo", "boom"),
         ("alice", "setop", "echo", "kv"),

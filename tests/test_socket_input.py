@@ -33,7 +33,6 @@ def still_serving(sup):
     return cur.fetchone() == ("default", "yes")
 
 
-
 def test_garbage_bytes_get_an_error_and_the_connection_is_dropped(sup):
     sock = raw(sup)
     sock.sendall(frame(b"\xc1\xc1\xc1 not msgpack"))
@@ -95,41 +94,161 @@ def test_client_vanishing_mid_request_harms_nobody(sup):
         ({"id": 5, "op": "get", "module": "echo"}, "ProgrammingError", "get: bad table name None"),
         ({"id": 5, "op": "get", "module": "__class__", "table": "kv"}, "ProgrammingError", "bad module name"),
         ({"id": 5, "op": "get", "module": ["echo"], "table": "kv"}, "ProgrammingError", "bad module name ['echo']"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}}, "ProgrammingError", "'params.key' must be a str, got int"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": [1]}, "ProgrammingError", "'params' must be a map"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0}, "ProgrammingError", "'batch' must be an integer"),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": 1}},
+            "ProgrammingError",
+            "'params.key' must be a str, got int",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": [1]},
+            "ProgrammingError",
+            "'params' must be a map",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "batch": 0},
+            "ProgrammingError",
+            "'batch' must be an integer",
+        ),
         ({"id": 5, "op": "get", "module": "echo", "table": "kv", "vr": 3}, "ProgrammingError", "'vr' must be a str"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": -1}, "ProgrammingError", "'hold' must be a number"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("nan")}, "ProgrammingError", "'hold' must be a finite number of seconds, got nan"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("inf")}, "ProgrammingError", "'hold' must be a finite number of seconds, got inf"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("-inf")}, "ProgrammingError", "'hold' must be a finite number of seconds, got -inf"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": 86401}, "ProgrammingError", "'hold' of 86401s is more than a request may be held, 86400s (a day)"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": True}, "ProgrammingError", "'hold' must be a number of seconds, got bool"),
-        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {b"key": "x"}}, "ProgrammingError", "'params' has a bytes key b'key'; keys must be str"),
-        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": "x", b"value": "y"}}, "ProgrammingError", "'params' has a bytes key b'value'"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": {b"key": "a"}}, "ProgrammingError", "'after' has a bytes key b'key'"),
-        ({"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": b"x"}}, "ProgrammingError", "'params.key' must be a str, got bytes"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": msgpack.ExtType(7, b"x")}}, "ProgrammingError", "'params.key' must be a str, got ExtType"),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": -1},
+            "ProgrammingError",
+            "'hold' must be a number",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("nan")},
+            "ProgrammingError",
+            "'hold' must be a finite number of seconds, got nan",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("inf")},
+            "ProgrammingError",
+            "'hold' must be a finite number of seconds, got inf",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": float("-inf")},
+            "ProgrammingError",
+            "'hold' must be a finite number of seconds, got -inf",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": 86401},
+            "ProgrammingError",
+            "'hold' of 86401s is more than a request may be held, 86400s (a day)",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "hold": True},
+            "ProgrammingError",
+            "'hold' must be a number of seconds, got bool",
+        ),
+        (
+            {"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {b"key": "x"}},
+            "ProgrammingError",
+            "'params' has a bytes key b'key'; keys must be str",
+        ),
+        (
+            {"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": "x", b"value": "y"}},
+            "ProgrammingError",
+            "'params' has a bytes key b'value'",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "after": {b"key": "a"}},
+            "ProgrammingError",
+            "'after' has a bytes key b'key'",
+        ),
+        (
+            {"id": 5, "op": "set", "module": "echo", "table": "kv", "params": {"key": b"x"}},
+            "ProgrammingError",
+            "'params.key' must be a str, got bytes",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": msgpack.ExtType(7, b"x")}},
+            "ProgrammingError",
+            "'params.key' must be a str, got ExtType",
+        ),
         ({"id": 5, "op": ["get"], "module": "echo", "table": "kv"}, "ProgrammingError", "unknown op ['get']"),
         ({"id": 5, "op": "get", "module": b"echo", "table": "kv"}, "ProgrammingError", "get: bad module name b'echo'"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "notify": "yes"}, "ProgrammingError", "'notify' must be true, false or nil, got str"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", ["serial"], 1]}, "ProgrammingError", "'caller' must be [module, 'serial'|'async', request id]"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", "serial", 1.5]}, "ProgrammingError", "'caller' must be"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "batch": "10"}, "ProgrammingError", "'batch' must be an integer from 1 to 100000, got '10'"),
-        ({"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300}, "ProgrammingError", "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9}, "ProgrammingError", "'user' must be a str"),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "notify": "yes"},
+            "ProgrammingError",
+            "'notify' must be true, false or nil, got str",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", ["serial"], 1]},
+            "ProgrammingError",
+            "'caller' must be [module, 'serial'|'async', request id]",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "caller": ["echo", "serial", 1.5]},
+            "ProgrammingError",
+            "'caller' must be",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "batch": "10"},
+            "ProgrammingError",
+            "'batch' must be an integer from 1 to 100000, got '10'",
+        ),
+        (
+            {"id": 5, "op": "get", "table": "kv", "module": "-" + "e" * 300},
+            "ProgrammingError",
+            "bad module name '-eeeeeeeeeeeeeeeeeeeeeeeeee...eeeeeeeeeeeeeeeeeeeeeeeeeeee'",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "user": 9},
+            "ProgrammingError",
+            "'user' must be a str",
+        ),
         ({"id": 5, "op": "restart", "module": 3}, "ProgrammingError", "restart: bad module name 3"),
-        ({"id": 5, "op": "save", "caller": ["echo", "serial", "1"]}, "ProgrammingError", "'caller' must be [module, 'serial'|'async', request id]"),
+        (
+            {"id": 5, "op": "save", "caller": ["echo", "serial", "1"]},
+            "ProgrammingError",
+            "'caller' must be [module, 'serial'|'async', request id]",
+        ),
         ({"id": 5, "op": "status", "module": "../x"}, "ProgrammingError", "status: bad module name '../x'"),
-        ({"id": 5, "op": "status", "module": "nosuch"}, "ProgrammingError", "unknown module 'nosuch'; this supervisor runs: echo"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"}, "ProgrammingError", "'index' must be a list of at most 64 column names, got 'key'"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key"] * 65}, "ProgrammingError", "'index' must be a list of at most 64 column names"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", 3]}, "ProgrammingError", "'index' holds 3; column names are non-empty str"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": [""]}, "ProgrammingError", "'index' holds ''; column names are non-empty str"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", "key"]}, "ProgrammingError", "'index' names a column twice: ['key', 'key']"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": ["key"]}, "ProgrammingError", "'match' column 'key' has no value in 'params' to match rows against"),
-        ({"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "match": ["key"]}, "ProgrammingError", "'match' shapes a getnext walk; get takes none"),
-        ({"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": {"key": 1}}, "ProgrammingError", "'match' must be a list"),
+        (
+            {"id": 5, "op": "status", "module": "nosuch"},
+            "ProgrammingError",
+            "unknown module 'nosuch'; this supervisor runs: echo",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": "key"},
+            "ProgrammingError",
+            "'index' must be a list of at most 64 column names, got 'key'",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key"] * 65},
+            "ProgrammingError",
+            "'index' must be a list of at most 64 column names",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", 3]},
+            "ProgrammingError",
+            "'index' holds 3; column names are non-empty str",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": [""]},
+            "ProgrammingError",
+            "'index' holds ''; column names are non-empty str",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "index": ["key", "key"]},
+            "ProgrammingError",
+            "'index' names a column twice: ['key', 'key']",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": ["key"]},
+            "ProgrammingError",
+            "'match' column 'key' has no value in 'params' to match rows against",
+        ),
+        (
+            {"id": 5, "op": "get", "module": "echo", "table": "kv", "params": {"key": "a"}, "match": ["key"]},
+            "ProgrammingError",
+            "'match' shapes a getnext walk; get takes none",
+        ),
+        (
+            {"id": 5, "op": "getnext", "module": "echo", "table": "kv", "match": {"key": 1}},
+            "ProgrammingError",
+            "'match' must be a list",
+        ),
     ],
 )
 def test_malformed_requests_get_a_clear_error_and_the_connection_stays_usable(sup, message, error_type, text):
@@ -160,7 +279,12 @@ def test_non_string_map_keys_are_refused(sup):
 
 def test_pipelined_requests_on_one_connection_all_get_replies(sup):
     sock = raw(sup)
-    sock.sendall(b"".join(P.pack({"id": i, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}) for i in range(200)))
+    sock.sendall(
+        b"".join(
+            P.pack({"id": i, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}})
+            for i in range(200)
+        )
+    )
     replies = read_frames(sock, 200)
     assert sorted(r["id"] for r in replies) == list(range(200))
     assert all(r["ok"] for r in replies)

@@ -191,7 +191,12 @@ def test_a_stuck_loop_stops_the_watchdog_pings(supervisor, tmp_path, systemd):
 
 
 def test_from_environment_reads_and_removes_the_variables(caplog):
-    environ = {"NOTIFY_SOCKET": "@abstract", "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid()), "PATH": "/bin"}
+    environ = {
+        "NOTIFY_SOCKET": "@abstract",
+        "WATCHDOG_USEC": "2000000",
+        "WATCHDOG_PID": str(os.getpid()),
+        "PATH": "/bin",
+    }
     notifier = notify.from_environment(environ)
     assert environ == {"PATH": "/bin"}  # workers inherit the environment: not these
     assert (notifier.name, notifier._address, notifier.watchdog_interval) == ("@abstract", "\0abstract", 1.0)

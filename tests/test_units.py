@@ -4,14 +4,9 @@ import json
 
 import msgpack
 import pytest
-from cmsupervisor.supervision import deps
-from cmsupervisor.persistence import store
-from cmsupervisor.supervision.restart import RestartPolicy
-from cmsupervisor.front.server import BadRequest, parse_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cmactor.wire import protocol as P
 from cmactor.cmbackend import ActionStopped, CmAgent, CmContext, async_action
 from cmactor.cmfrontend import description, parse_operation, wire_params
 from cmactor.errors import (
@@ -22,6 +17,11 @@ from cmactor.errors import (
     from_wire,
     to_wire,
 )
+from cmactor.wire import protocol as P
+from cmsupervisor.front.server import BadRequest, parse_request
+from cmsupervisor.persistence import store
+from cmsupervisor.supervision import deps
+from cmsupervisor.supervision.restart import RestartPolicy
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.binary(),
@@ -76,8 +76,11 @@ def test_description_names_each_column_as_a_string():
     assert description(()) is None
 
 
-@given(st.lists(st.dictionaries(st.text(), st.text() | st.none(), max_size=4), max_size=5), st.booleans(),
-       st.integers(0, 2**63 - 1))
+@given(
+    st.lists(st.dictionaries(st.text(), st.text() | st.none(), max_size=4), max_size=5),
+    st.booleans(),
+    st.integers(0, 2**63 - 1),
+)
 def test_a_worker_encoded_reply_reaches_the_client_as_one_map(rows, more, rid):
     frame = P.reply_frame(rid, P.reply_entries(rows, more))
     assert P.FrameReader().feed(frame) == [{"id": rid, "ok": True, "rows": rows, "more": more}]
@@ -90,8 +93,11 @@ def request(**fields):
 def test_parse_request_fills_in_the_defaults():
     req = parse_request(request())
     assert req["params"] == {"name": "1"} and req["after"] is None and req["batch"] == P.DEFAULT_BATCH
-    req = parse_request(request(vr="VR-Mgmt", batch=5, after={"name": "1", "gone": None}, hold=0.5,
-                                caller=["vlan", "async", 3], notify=True))
+    req = parse_request(
+        request(
+            vr="VR-Mgmt", batch=5, after={"name": "1", "gone": None}, hold=0.5, caller=["vlan", "async", 3], notify=True
+        )
+    )
     assert req["batch"] == 5 and req["after"] == {"name": "1", "gone": None} and req["vr"] == "VR-Mgmt"
     assert parse_request(request(params=None))["params"] == {}
     assert parse_request({"id": 1, "op": "status"}) == {"id": 1, "op": "status"}

@@ -37,8 +37,8 @@ import shlex
 import threading
 
 from cmactor import cmfrontend
-from cmactor.wire import protocol as P
 from cmactor.errors import Error
+from cmactor.wire import protocol as P
 
 # The first argument of an exec_cli_async callback: a block of a command's output,
 # or the end of one command (EXOS names; one of each per command here).
@@ -162,7 +162,7 @@ def _run(line, session):
     try:
         words = shlex.split(line)
     except ValueError as exc:  # an unclosed quote, a trailing backslash
-        raise CLICommandError(f"{line!r}: {exc}; quote a value that holds spaces as key=\"a b\"") from None
+        raise CLICommandError(f'{line!r}: {exc}; quote a value that holds spaces as key="a b"') from None
     if words[:2] == ["debug", "cfgmgr"]:
         show = _parse_show(line, words)
         return _show(session.connection(line), *show)

@@ -90,7 +90,9 @@ Req = _kind(
     "sid op table params vr flags batch after index match",
     "A client's request for one action (or walk); index and match shape a getnext walk (actions.walk).",
 )
-Load = _kind(2, "Load", "sid section journal", "Load saved rows (JSON bytes or None) and journal records; neither: defaults.")
+Load = _kind(
+    2, "Load", "sid section journal", "Load saved rows (JSON bytes or None) and journal records; neither: defaults."
+)
 Stop = _kind(3, "Stop", "", "Leave once in-flight work is done.")
 Save = _kind(4, "Save", "sid tables", "Walk these persistent tables and return the module's section.")
 Ping = _kind(5, "Ping", "", "Are you alive? Answered with a Pong by whichever lane thread reads.")
@@ -104,10 +106,17 @@ Notify = _kind(13, "Notify", "sid text", "notify_cli() text for a request's clie
 Log = _kind(14, "Log", "level name text", "A log record of the worker's.")
 Fatal = _kind(15, "Fatal", "message detail", "The entry raised or returned without registering; the worker exits.")
 Loaded = _kind(
-    16, "Loaded", "sid error failures failed detail",
+    16,
+    "Loaded",
+    "sid error failures failed detail",
     "The load ended: event error, first row errors, rows failed, and the event's traceback (or None).",
 )
-Saved = _kind(17, "Saved", "sid error section rows", "The save walk ended: an error, or the section (JSON bytes) and its row count.")
+Saved = _kind(
+    17,
+    "Saved",
+    "sid error section rows",
+    "The save walk ended: an error, or the section (JSON bytes) and its row count.",
+)
 Pong = _kind(18, "Pong", "", "The answer to a Ping.")
 Dirty = _kind(19, "Dirty", "", "A direct read's action set ctx.dirty: the module has changes not saved.")
 

@@ -11,8 +11,8 @@ import reprlib
 import socket
 import struct
 
-from cmactor.wire import protocol as P
 from cmactor.errors import ProgrammingError
+from cmactor.wire import protocol as P
 
 _PEERCRED = struct.Struct("3i")
 
@@ -84,7 +84,9 @@ def _columns(rid, name, value):
         return None
     if type(value) is not list or len(value) > MAX_WALK_COLUMNS:
         raise BadRequest(
-            rid, ProgrammingError, f"'{name}' must be a list of at most {MAX_WALK_COLUMNS} column names, got {_show(value)}"
+            rid,
+            ProgrammingError,
+            f"'{name}' must be a list of at most {MAX_WALK_COLUMNS} column names, got {_show(value)}",
         )
     for column in value:
         if type(column) is not str or not column:
@@ -164,7 +166,9 @@ def parse_request(msg):
         unset = [column for column in match if column not in msg["params"]]
         if unset:
             raise BadRequest(
-                rid, ProgrammingError, f"'match' column {_show(unset[0])} has no value in 'params' to match rows against"
+                rid,
+                ProgrammingError,
+                f"'match' column {_show(unset[0])} has no value in 'params' to match rows against",
             )
     hold = msg.get("hold")
     if hold is not None:
@@ -187,7 +191,9 @@ def _modules(rid, modules):
     if modules is None:
         return
     if type(modules) is not list:
-        raise BadRequest(rid, ProgrammingError, f"export: 'modules' must be a list of module names or nil, got {_show(modules)}")
+        raise BadRequest(
+            rid, ProgrammingError, f"export: 'modules' must be a list of module names or nil, got {_show(modules)}"
+        )
     for name in modules:
         _name(rid, "export", "module", name)
 

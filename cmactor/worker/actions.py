@@ -12,9 +12,9 @@ import json
 import logging
 import traceback
 
-from cmactor.wire import protocol as P
 from cmactor.cmbackend import ActionStopped, CmContext, acting, acting_for
 from cmactor.errors import DatabaseError, DataError, ProgrammingError, to_wire
+from cmactor.wire import protocol as P
 
 # The worker's records, whichever of its files logs them: one logger name to filter on.
 log = logging.getLogger("cmactor.worker")

@@ -50,9 +50,16 @@ import socket
 import threading
 import time
 
+from cmactor.errors import (
+    InterfaceError,
+    ModuleUnavailable,
+    OperationalError,
+    ProgrammingError,
+    action_timed_out,
+    to_wire,
+)
 from cmactor.wire import figures as F
 from cmactor.wire import protocol as P
-from cmactor.errors import InterfaceError, ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out, to_wire
 from cmactor.wire.trim import release_free_memory
 from cmactor.wire.validate import BadRequest, parse_request, peer_uid
 
@@ -141,8 +148,9 @@ class DirectServer:
     # -- reading ---------------------------------------------------------------
 
     def _new_reader(self, turn):
-        return threading.Thread(target=self._read, args=(turn,), name=f"{self._runtime.module}-direct-reader",
-                                daemon=True)
+        return threading.Thread(
+            target=self._read, args=(turn,), name=f"{self._runtime.module}-direct-reader", daemon=True
+        )
 
     def _read(self, turn):
         """Serve the clients that sent something, one after the other, until the watchdog
@@ -246,7 +254,8 @@ class DirectServer:
                     if since is not None and now - since >= self._frame_timeout:
                         connection.fail(
                             f"a frame started {self._frame_timeout:g}s ago is unfinished ({connection.partial} "
-                            "bytes of it arrived; frame_timeout); send each frame whole; closing this connection")
+                            "bytes of it arrived; frame_timeout); send each frame whole; closing this connection"
+                        )
                     elif connection.idle_for(now) >= self._idle_timeout:
                         connection.close()  # its client connects again at its next read (cmfrontend)
 
@@ -257,8 +266,12 @@ class DirectServer:
             try:
                 sock, _ = self._listener.accept()
             except OSError as exc:
-                log.warning("module %s: direct socket: accept failed (%s); retrying in %gs",
-                            self._runtime.module, exc, ACCEPT_PAUSE)
+                log.warning(
+                    "module %s: direct socket: accept failed (%s); retrying in %gs",
+                    self._runtime.module,
+                    exc,
+                    ACCEPT_PAUSE,
+                )
                 time.sleep(ACCEPT_PAUSE)
                 continue
             try:
@@ -287,8 +300,7 @@ class DirectServer:
             self._refusing += waits
         if waits:
             try:
-                threading.Thread(target=self._refused, args=(sock, refusal, self._frame_timeout),
-                                 daemon=True).start()
+                threading.Thread(target=self._refused, args=(sock, refusal, self._frame_timeout), daemon=True).start()
                 return
             except RuntimeError:
                 with self._lock:
@@ -307,8 +319,14 @@ class DirectServer:
         uid = peer_uid(sock)
         if uid is not None and uid not in self._allowed_uids:
             log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
-            return {"id": None, "ok": False, "error": to_wire(
-                InterfaceError, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it")}
+            return {
+                "id": None,
+                "ok": False,
+                "error": to_wire(
+                    InterfaceError,
+                    f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it",
+                ),
+            }
         if len(self._connections) >= MAX_CONNECTIONS and not self._evict_idle():
             return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already, none of them idle")
         return None
@@ -356,8 +374,15 @@ class DirectServer:
         largest = max(list(self._connections.values()), key=lambda c: getattr(c, field), default=None)
         if largest is None or not getattr(largest, field):
             return  # what is over is still counted for connections already closing
-        log.warning("module %s: dropped the direct client holding the most %s (%d bytes): all direct clients' "
-                    "passed %s=%d bytes", self._runtime.module, what, getattr(largest, field), key, limit)
+        log.warning(
+            "module %s: dropped the direct client holding the most %s (%d bytes): all direct clients' "
+            "passed %s=%d bytes",
+            self._runtime.module,
+            what,
+            getattr(largest, field),
+            key,
+            limit,
+        )
         largest.close()
 
     def forget_counts(self, connection):
@@ -374,8 +399,10 @@ class DirectServer:
 
     def redirect(self, rid, why):
         """The answer that sends request ``rid`` (None: every request) to the supervisor."""
-        message = (f"module {self._runtime.module!r}'s worker does not serve this request on its own socket "
-                   f"({why}); send it to the supervisor at {self._supervisor}")
+        message = (
+            f"module {self._runtime.module!r}'s worker does not serve this request on its own socket "
+            f"({why}); send it to the supervisor at {self._supervisor}"
+        )
         return {"id": rid, "ok": False, "redirect": True, "error": to_wire(ModuleUnavailable, message)}
 
     def request(self, connection, message):
@@ -394,18 +421,38 @@ class DirectServer:
             return
         runtime = self._runtime
         if request["module"] != runtime.module:
-            connection.send_map({"id": rid, "ok": False, "error": to_wire(
-                ProgrammingError, f"this socket serves module {runtime.module!r}, not {request['module']!r}: "
-                "ask the supervisor for the module's route")})
+            connection.send_map(
+                {
+                    "id": rid,
+                    "ok": False,
+                    "error": to_wire(
+                        ProgrammingError,
+                        f"this socket serves module {runtime.module!r}, not {request['module']!r}: "
+                        "ask the supervisor for the module's route",
+                    ),
+                }
+            )
             return
         if not self.serving:
             connection.send_map(self.redirect(rid, "the module is not READY: starting, loading or stopping"))
             return
         connection.begin()
         table = request["table"]
-        req = _new_req((P.Req.CODE, next(self._sids), op, table, request["params"], request.get("vr"),
-                        P.F_NOTIFY if request.get("notify") else 0, request["batch"], request["after"],
-                        request.get("index"), request.get("match")))
+        req = _new_req(
+            (
+                P.Req.CODE,
+                next(self._sids),
+                op,
+                table,
+                request["params"],
+                request.get("vr"),
+                P.F_NOTIFY if request.get("notify") else 0,
+                request["batch"],
+                request["after"],
+                request.get("index"),
+                request.get("match"),
+            )
+        )
         answer = _Answer(self, connection, rid, op, table)
         self.counts.began(answer)
         runtime.serve_direct(req, answer)
@@ -588,8 +635,11 @@ class _Connection:
         self._backlog += data
         self._server.count_backlog(self, len(data))
         if len(self._backlog) > self._server.max_backlog:
-            log.warning("module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
-                        self._server._runtime.module, self._server.max_backlog)
+            log.warning(
+                "module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
+                self._server._runtime.module,
+                self._server.max_backlog,
+            )
             self.close()
 
     def drop_after_writing(self, frame=None):
@@ -699,8 +749,9 @@ class _Writer:
         for connection in list(watched):
             if connection.closed or now - connection.moved_at >= self._timeout:
                 if not connection.closed:
-                    log.warning("a direct client took none of its replies for %gs (frame_timeout); dropped",
-                                self._timeout)
+                    log.warning(
+                        "a direct client took none of its replies for %gs (frame_timeout); dropped", self._timeout
+                    )
                 connection.close()
                 self._forget(connection, watched)
         with self._lock:

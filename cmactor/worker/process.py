@@ -35,11 +35,11 @@ import time
 import traceback
 
 from cmactor import cmbackend, exos
+from cmactor.errors import OperationalError, ProgrammingError
 from cmactor.wire import figures as F
 from cmactor.wire import protocol as P
 from cmactor.worker.actions import Actions, error_reply
 from cmactor.worker.direct import DirectServer
-from cmactor.errors import OperationalError, ProgrammingError
 from cmactor.worker.outbox import Outbox
 from cmactor.worker.pool import CallbackPool
 

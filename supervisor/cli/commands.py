@@ -185,8 +185,7 @@ def _command(number, words):
     module, dot, table = target.partition(".")
     if not (dot and NAME_RE.match(module) and NAME_RE.match(table)):
         raise CommandError(
-            f"{target!r} is not MODULE.TABLE (two names of letters, digits and '_' joined by a dot); "
-            f"a line is {SYNTAX}"
+            f"{target!r} is not MODULE.TABLE (two names of letters, digits and '_' joined by a dot); a line is {SYNTAX}"
         )
     params = {}
     for pair in pairs:

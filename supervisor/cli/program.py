@@ -26,16 +26,13 @@ import cmactor
 from cmactor import cmfrontend
 from cmactor.errors import ConfigError, Error, OperationalError, StartupError
 from cmactor.wire.protocol import DATA_OPS
-
-from cmsupervisor.cli import commands
-from cmsupervisor.supervision import fds
-from cmsupervisor.persistence import journal
-from cmsupervisor.observability import notify
-from cmsupervisor.cli import tail
-from cmsupervisor.cli import terminal
+from cmsupervisor.cli import commands, tail, terminal
 from cmsupervisor.config import load_toml
 from cmsupervisor.front.server import default_socket_path, socket_pointer
+from cmsupervisor.observability import notify
+from cmsupervisor.persistence import journal
 from cmsupervisor.persistence.store import StoreError
+from cmsupervisor.supervision import fds
 
 STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
 
@@ -147,7 +144,19 @@ def show_status(status, fmt):
             note = f"last exit: {s['last_exit']}"
         uptime = None if s["uptime"] is None else f"{s['uptime']:.0f}s"
         rows.append(
-            [name, s["state"], s["pid"], s["restarts"], uptime, _human_bytes(s["rss"]), s["cpu"], s["queue"], s["inflight"], s["unsaved"], note]
+            [
+                name,
+                s["state"],
+                s["pid"],
+                s["restarts"],
+                uptime,
+                _human_bytes(s["rss"]),
+                s["cpu"],
+                s["queue"],
+                s["inflight"],
+                s["unsaved"],
+                note,
+            ]
         )
     print_table(("module",) + STATUS_COLUMNS + ("note",), rows)
 
@@ -331,7 +340,9 @@ def _log_path(args):
     except OperationalError as exc:
         config = config_file(args)
         if config is None:
-            raise CliError(f"{exc}; for the logs of a supervisor that is not running, name its config file with -c") from None
+            raise CliError(
+                f"{exc}; for the logs of a supervisor that is not running, name its config file with -c"
+            ) from None
         options, modules, base_dir = load_toml(config)
         log_dir = os.path.join(base_dir, options["state_dir"], "logs")
         who = f"{config} configures"
@@ -369,7 +380,10 @@ def cmd_export(args):
         _write_bytes((terminal.json_escaped(text) if sys.stdout.isatty() else text).encode() + b"\n")
         return 0
     _write_commands(
-        ("set", module, table, row) for module, tables in sections.items() for table, rows in tables.items() for row in rows
+        ("set", module, table, row)
+        for module, tables in sections.items()
+        for table, rows in tables.items()
+        for row in rows
     )
     return 0
 
@@ -392,7 +406,9 @@ def cmd_journal(args):
         try:
             changes += journal.as_commands(path)
         except StoreError as exc:
-            raise CliError(f"{exc}; name journal files (state_dir/journal/MODULE.jsonl...) or snapshots (MODULE.snapshot...)") from None
+            raise CliError(
+                f"{exc}; name journal files (state_dir/journal/MODULE.jsonl...) or snapshots (MODULE.snapshot...)"
+            ) from None
     _write_commands(changes)
     return 0
 
@@ -436,7 +452,11 @@ def cmd_apply(args):
     with _connect(args, terminal.say) as conn:
         modules = conn.request({"op": "status"})["status"]
         runs = ", ".join(sorted(modules))
-        unknown = [(c.line, f"unknown module {c.module!r}; the supervisor runs: {runs}") for c in found if c.module not in modules]
+        unknown = [
+            (c.line, f"unknown module {c.module!r}; the supervisor runs: {runs}")
+            for c in found
+            if c.module not in modules
+        ]
         if unknown:
             _refuse(name, unknown)
         cur = conn.cursor()
@@ -487,10 +507,16 @@ def _common_options(with_defaults):
     common = argparse.ArgumentParser(add_help=False)
     default = (lambda value: value) if with_defaults else (lambda value: argparse.SUPPRESS)
     common.add_argument(
-        "--socket", default=default(None), help="the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)"
+        "--socket",
+        default=default(None),
+        help="the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)",
     )
-    common.add_argument("-c", "--config", default=default(None), help="a cmactor.toml: talk to the supervisor it configures")
-    common.add_argument("--format", choices=("table", "json"), default=default("table"), help="output format (default: table)")
+    common.add_argument(
+        "-c", "--config", default=default(None), help="a cmactor.toml: talk to the supervisor it configures"
+    )
+    common.add_argument(
+        "--format", choices=("table", "json"), default=default("table"), help="output format (default: table)"
+    )
     common.add_argument("--user", default=default(os.environ.get("USER", "admin")), help="user name sent with requests")
     return common
 
@@ -562,7 +588,9 @@ def cmd_bench(args):
 def build_parser():
     common = _common_options(with_defaults=False)
     parser = argparse.ArgumentParser(
-        prog="cmactor", description="Run and talk to a cmactor supervisor.", parents=[_common_options(with_defaults=True)]
+        prog="cmactor",
+        description="Run and talk to a cmactor supervisor.",
+        parents=[_common_options(with_defaults=True)],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -629,30 +657,48 @@ def build_parser():
     restart.set_defaults(func=cmd_restart)
     sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
     logs = sub.add_parser(
-        "logs", parents=[common], help="show a module's log (its worker's log records, stdout and stderr)", description=LOGS_HELP
+        "logs",
+        parents=[common],
+        help="show a module's log (its worker's log records, stdout and stderr)",
+        description=LOGS_HELP,
     )
     logs.add_argument("module", metavar="MODULE")
-    logs.add_argument("-n", "--lines", type=_count_arg, default=20, metavar="N", help="show the last N lines (default 20)")
     logs.add_argument(
-        "-f", "--follow", action="store_true", help="then show lines as they are written, across rotations, until Ctrl-C"
+        "-n", "--lines", type=_count_arg, default=20, metavar="N", help="show the last N lines (default 20)"
+    )
+    logs.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="then show lines as they are written, across rotations, until Ctrl-C",
     )
     logs.set_defaults(func=cmd_logs)
     export = sub.add_parser(
-        "export", parents=[common], help="print the live config as set commands, for cmactor apply", description=EXPORT_HELP
+        "export",
+        parents=[common],
+        help="print the live config as set commands, for cmactor apply",
+        description=EXPORT_HELP,
     )
     export.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to export (default: every module)")
     export.set_defaults(func=cmd_export)
     replay = sub.add_parser(
         "journal", help="print the changes journal files hold as commands, for cmactor apply", description=JOURNAL_HELP
     )
-    replay.add_argument("files", nargs="+", metavar="FILE", help="journal or snapshot files, in the order to replay them")
+    replay.add_argument(
+        "files", nargs="+", metavar="FILE", help="journal or snapshot files, in the order to replay them"
+    )
     replay.set_defaults(func=cmd_journal)
     apply = sub.add_parser(
-        "apply", parents=[common], help="replay a file of set/setop commands, as cmactor export writes", description=APPLY_HELP
+        "apply",
+        parents=[common],
+        help="replay a file of set/setop commands, as cmactor export writes",
+        description=APPLY_HELP,
     )
     apply.add_argument("file", metavar="FILE", help="the file of commands; - reads stdin")
     apply.add_argument(
-        "--keep-going", action="store_true", help="on a command that fails, report it and go on (exit non-zero at the end)"
+        "--keep-going",
+        action="store_true",
+        help="on a command that fails, report it and go on (exit non-zero at the end)",
     )
     apply.set_defaults(func=cmd_apply)
     bench = sub.add_parser(
@@ -701,4 +747,3 @@ def main(argv=None):
             file=sys.stderr,
         )
         return INTERNAL_ERROR
-

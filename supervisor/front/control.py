@@ -14,9 +14,8 @@ psutil figures are then sampled on another thread (health.Sampler) and added.
 import functools
 import logging
 
-from cmactor.wire import protocol as P
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
-
+from cmactor.wire import protocol as P
 from cmsupervisor.supervision import health
 from cmsupervisor.supervision.modules import READY, finish_status, unknown_module
 

@@ -11,9 +11,8 @@ setops are written to the audit log. Each answer is counted in its module's
 request figures (stats.py): op, outcome and latency from receipt to answer.
 """
 
-from cmactor.wire import protocol as P
 from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
-
+from cmactor.wire import protocol as P
 from cmsupervisor.supervision.modules import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS, Pending, unknown_module
 
 _CHANGES = ("set", "setop")
@@ -233,8 +232,14 @@ class Router:
             outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
             client = pending.client
             self._audit.record(
-                req.get("user", ""), client.peer_uid, client.peer_pid,
-                op, req["module"], req["table"], req["params"], outcome,
+                req.get("user", ""),
+                client.peer_uid,
+                client.peer_pid,
+                op,
+                req["module"],
+                req["table"],
+                req["params"],
+                outcome,
             )
 
     def _record_answers(self):

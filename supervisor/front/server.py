@@ -18,11 +18,10 @@ import stat
 import tempfile
 import time
 
-from cmactor.wire import protocol as P
 from cmactor.errors import InterfaceError, InternalError, to_wire
+from cmactor.wire import protocol as P
 from cmactor.wire.trim import release_free_memory
 from cmactor.wire.validate import BadRequest, parse_request, peer_credentials, peer_uid
-
 from cmsupervisor.config import SUPERVISOR_OPTIONS
 from cmsupervisor.loop import recv
 
@@ -120,12 +119,16 @@ def _check_directory(directory, allowed_uids):
             f"so another user could replace the socket; {fix}"
         )
     if st.st_uid not in (os.getuid(), 0):
-        raise OSError(f"the socket's directory {directory} belongs to uid {st.st_uid}, who could replace the socket; {fix}")
+        raise OSError(
+            f"the socket's directory {directory} belongs to uid {st.st_uid}, who could replace the socket; {fix}"
+        )
     if allowed_uids and not st.st_mode & 0o001:
         log.warning(
             "allowed_uids cannot reach the socket: its directory %s is mode %04o, and cmactor changes only "
             "directories it makes; `chmod o+x %s` lets them through (the socket checks their uid)",
-            directory, stat.S_IMODE(st.st_mode), directory,
+            directory,
+            stat.S_IMODE(st.st_mode),
+            directory,
         )
 
 
@@ -153,8 +156,22 @@ class Client:
     output, and what it has in flight (see Server for the bounds)."""
 
     __slots__ = (
-        "sock", "reader", "out", "closed", "closing", "peer_pid", "peer_uid", "in_flight", "reading",
-        "unserved", "frame_since", "frame_timer", "counted", "frame_counted", "_server", "_mark",
+        "sock",
+        "reader",
+        "out",
+        "closed",
+        "closing",
+        "peer_pid",
+        "peer_uid",
+        "in_flight",
+        "reading",
+        "unserved",
+        "frame_since",
+        "frame_timer",
+        "counted",
+        "frame_counted",
+        "_server",
+        "_mark",
     )
 
     def __init__(self, server, sock, max_frame, peer_pid=None, peer_uid=None):
@@ -321,7 +338,9 @@ class Server:
         self.loop.after(ACCEPT_PAUSE, self._resume_accepting, listener)
         log.warning(
             "cannot accept clients: %s; trying again in %gs (closing clients frees descriptors; "
-            "`ulimit -n` raises the limit)", exc, ACCEPT_PAUSE,
+            "`ulimit -n` raises the limit)",
+            exc,
+            ACCEPT_PAUSE,
         )
 
     def _resume_accepting(self, listener):
@@ -367,7 +386,11 @@ class Server:
             log.warning(
                 "dropped client pid %s uid %s: its unfinished frame of %d bytes is the largest while the "
                 "unfinished frames of all clients total %d bytes, over max_frames_total (%d)",
-                largest.peer_pid, largest.peer_uid, largest.frame_counted, self._frames, self._max_frames,
+                largest.peer_pid,
+                largest.peer_uid,
+                largest.frame_counted,
+                self._frames,
+                self._max_frames,
             )
             self.drop(largest)
 
@@ -476,7 +499,11 @@ class Server:
             if size > self._max_backlog:
                 log.warning(
                     "dropped client pid %s uid %s: %d bytes of replies to it are unsent, over max_client_backlog "
-                    "(%d); it does not read its replies", client.peer_pid, client.peer_uid, size, self._max_backlog,
+                    "(%d); it does not read its replies",
+                    client.peer_pid,
+                    client.peer_uid,
+                    size,
+                    self._max_backlog,
                 )
                 self.drop(client)
                 return
@@ -508,7 +535,9 @@ class Server:
             self._warned_at = now
             log.warning(
                 "unsent replies to clients total %d bytes, over max_backlog_total (%d): no client is read until "
-                "they drain (logged at most once a minute)", self._backlog, self._max_total,
+                "they drain (logged at most once a minute)",
+                self._backlog,
+                self._max_total,
             )
         for client in self._clients:
             self._stop_reading(client)
@@ -520,8 +549,12 @@ class Server:
         largest = max(self._clients, key=lambda client: client.counted)
         log.warning(
             "dropped client pid %s uid %s, which had the largest backlog (%d bytes): unsent replies to all "
-            "clients stayed over max_backlog_total (%d) for %gs", largest.peer_pid, largest.peer_uid,
-            largest.counted, self._max_total, BACKLOG_GRACE,
+            "clients stayed over max_backlog_total (%d) for %gs",
+            largest.peer_pid,
+            largest.peer_uid,
+            largest.counted,
+            self._max_total,
+            BACKLOG_GRACE,
         )
         self.drop(largest)
         if self._held_back:

@@ -21,7 +21,6 @@ import os
 import time
 
 from cmactor.errors import StartupError
-
 from cmsupervisor.persistence import store
 
 log = logging.getLogger("cmactor.supervisor")
@@ -141,9 +140,7 @@ class ModuleLogs:
 
     def record(self, mod, level, logger, text):
         """A log record of the module's worker."""
-        self._texts(mod.name).append(
-            f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n"
-        )
+        self._texts(mod.name).append(f"{_stamp(time.time())} {logging.getLevelName(level):<7} {logger}: {text}\n")
 
     def report(self, mod, level, message, *args):
         """What the supervisor says of a module (it started, crashed, failed to start, ...):

@@ -21,7 +21,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cmactor.errors import StartupError
-
 from cmsupervisor.config import parse_address
 from cmsupervisor.observability.httpserve import PageServer
 from cmsupervisor.supervision.modules import TRANSITIONS
@@ -110,7 +109,9 @@ class Figures(Collector):
 
 def _modules(status):
     state = GaugeMetricFamily(
-        "cmactor_module_state", "1 for the module's current lifecycle state, 0 for the others", labels=["module", "state"]
+        "cmactor_module_state",
+        "1 for the module's current lifecycle state, 0 for the others",
+        labels=["module", "state"],
     )
     gauges = {key: GaugeMetricFamily(name, text, labels=["module"]) for key, (name, text) in _GAUGES.items()}
     counters = {key: CounterMetricFamily(name, text, labels=["module"]) for key, (name, text) in _COUNTERS.items()}
@@ -145,7 +146,9 @@ def _modules(status):
         if entry["journal_fsync"] is not None:
             fsync.add_metric([name], _buckets(entry["journal_fsync"]), entry["journal_fsync"]["sum"])
     direct = GaugeMetricFamily(
-        "cmactor_module_direct_connections", "Clients connected to the module's worker for direct reads", labels=["module"]
+        "cmactor_module_direct_connections",
+        "Clients connected to the module's worker for direct reads",
+        labels=["module"],
     )
     for name, entry in status.items():
         if entry["direct"] is not None:
@@ -160,7 +163,9 @@ def _modules(status):
 def _supervisor(own):
     clients = GaugeMetricFamily("cmactor_clients", "Clients connected to the frontend socket (agents' among them)")
     clients.add_metric([], own["clients"])
-    saves = CounterMetricFamily("cmactor_saves", "Saves of the config file, by outcome (ok, or the error's type)", labels=["outcome"])
+    saves = CounterMetricFamily(
+        "cmactor_saves", "Saves of the config file, by outcome (ok, or the error's type)", labels=["outcome"]
+    )
     saves.add_metric(["ok"], own["saves"]["ok"])
     for error, count in own["saves"]["errors"].items():
         saves.add_metric([error], count)

@@ -35,8 +35,8 @@ import os
 import time
 import zlib
 
-from cmsupervisor.persistence import store
 from cmsupervisor.observability.stats import FSYNC_BOUNDS, Histogram
+from cmsupervisor.persistence import store
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -134,8 +134,12 @@ class Journal:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.error("%s: cannot remove this snapshot, now older than the config file: %s; remove it by hand "
-                      "before the next start, which would load it", self.snapshot_path, exc)
+            log.error(
+                "%s: cannot remove this snapshot, now older than the config file: %s; remove it by hand "
+                "before the next start, which would load it",
+                self.snapshot_path,
+                exc,
+            )
         else:
             _sync_dir(self.snapshot_path)
 

@@ -16,11 +16,10 @@ import os
 import time
 
 from cmactor.errors import DatabaseError, OperationalError, ProgrammingError, to_wire
-
-from cmsupervisor.supervision import deps
-from cmsupervisor.persistence import store
-from cmsupervisor.supervision.modules import READY, unknown_module
 from cmsupervisor.observability.stats import SAVE_BOUNDS, Timed
+from cmsupervisor.persistence import store
+from cmsupervisor.supervision import deps
+from cmsupervisor.supervision.modules import READY, unknown_module
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -293,4 +292,6 @@ def _not_ready(mod, every):
     fix = f"`cmactor restart {mod.name}` to bring it back"
     if every:
         fix = f"name the modules to export, or {fix}"
-    return f"cannot export module {mod.name!r}: it is {mod.state}{why}, not READY, so it has no live config to walk; {fix}"
+    return (
+        f"cannot export module {mod.name!r}: it is {mod.state}{why}, not READY, so it has no live config to walk; {fix}"
+    )

@@ -18,7 +18,6 @@ import shlex
 import stat
 
 from cmactor.errors import StartupError
-
 from cmsupervisor.front import server
 from cmsupervisor.persistence import store
 from cmsupervisor.persistence.journal import Journal
@@ -114,7 +113,9 @@ def open_journals(modules, state_dir, recover):
     try:
         store.private_dir(directory)
     except OSError as exc:
-        raise StartupError(f"journal directory {directory} cannot be used: {store.reason(exc, _fix(state_dir))}") from None
+        raise StartupError(
+            f"journal directory {directory} cannot be used: {store.reason(exc, _fix(state_dir))}"
+        ) from None
     for mod in modules.values():
         opts = mod.options
         mod.journal = Journal(
@@ -137,14 +138,18 @@ def open_journals(modules, state_dir, recover):
             log.warning(
                 "module %s: started from the saved config alone (--saved-only): its unsaved changes are moved "
                 "aside to %s; to replay them: %s",
-                mod.name, " and ".join(moved), replay_command(moved),
+                mod.name,
+                " and ".join(moved),
+                replay_command(moved),
             )
         old = mod.journal.left_by_older_versions()
         if old:
             log.warning(
                 "module %s: %s holds changes an earlier cmactor set aside at a start and that no running "
                 "config has; they are not loaded; to replay them: %s (or remove the files)",
-                mod.name, " and ".join(old), replay_command(old),
+                mod.name,
+                " and ".join(old),
+                replay_command(old),
             )
 
 

@@ -88,7 +88,7 @@ def write(path, sections):
     header = {
         "format": FORMAT,
         "version": VERSION,
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "modules": spans,
         "length": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),
@@ -140,7 +140,9 @@ def owner_only(path, flags):
         try:
             os.fchmod(fd, 0o600)
         except OSError as exc:  # another user's file: we may write it, not change it
-            log.warning("%s: cannot make it owner-only (%s); others may read the config values in it", path, exc.strerror)
+            log.warning(
+                "%s: cannot make it owner-only (%s); others may read the config values in it", path, exc.strerror
+            )
     return fd
 
 
@@ -156,13 +158,17 @@ def private_dir(path):
         try:
             os.chmod(path, 0o700)
         except OSError as exc:  # e.g. a read-only mount: what is in it is checked on its own
-            log.warning("%s: cannot make it owner-only (%s); others may read what cmactor keeps there", path, exc.strerror)
+            log.warning(
+                "%s: cannot make it owner-only (%s); others may read what cmactor keeps there", path, exc.strerror
+            )
 
 
 def remove_leftovers(state_dir):
     """Remove temporary files that a supervisor killed in the middle of writing them left
     in ``state_dir``: a save's ``.config-*.tmp``, a journal truncation's ``*.jsonl.tmp``."""
-    candidates = [os.path.join(state_dir, n) for n in _listdir(state_dir) if n.startswith(".config-") and n.endswith(".tmp")]
+    candidates = [
+        os.path.join(state_dir, n) for n in _listdir(state_dir) if n.startswith(".config-") and n.endswith(".tmp")
+    ]
     journal_dir = os.path.join(state_dir, "journal")
     candidates += [os.path.join(journal_dir, n) for n in _listdir(journal_dir) if n.endswith(".tmp")]
     for path in candidates:

@@ -11,9 +11,18 @@ import logging
 import threading
 
 from cmactor.wire import protocol as P
-
 from cmsupervisor.supervision import deps
-from cmsupervisor.supervision.modules import FAILED, LOADING, READY, RESTARTING, STARTING, STOPPED, STOPPING, WAITING_DEPS, runs
+from cmsupervisor.supervision.modules import (
+    FAILED,
+    LOADING,
+    READY,
+    RESTARTING,
+    STARTING,
+    STOPPED,
+    STOPPING,
+    WAITING_DEPS,
+    runs,
+)
 from cmsupervisor.supervision.workers import SpawnFailed
 
 log = logging.getLogger("cmactor.supervisor")
@@ -141,8 +150,13 @@ class Lifecycle:
         report = self._logs.report
         for failure in failures:
             report(
-                mod, logging.ERROR, "module %s: saved row of table %s did not load: %s; row: %s",
-                mod.name, failure["table"], failure["message"], failure["row"],
+                mod,
+                logging.ERROR,
+                "module %s: saved row of table %s did not load: %s; row: %s",
+                mod.name,
+                failure["table"],
+                failure["message"],
+                failure["row"],
             )
         if failed > len(failures):
             report(mod, logging.ERROR, "module %s: %d more saved rows did not load", mod.name, failed - len(failures))
@@ -164,7 +178,9 @@ class Lifecycle:
         if mod.state == STARTING and not mod.fatal:  # ready() without cmbackend_init(): no tables, nothing to load
             mod.move(READY)
             mod.channel.serve()
-            self._logs.report(mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid)
+            self._logs.report(
+                mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid
+            )
             self._router.release_held(mod)
             self._advance_waiting()
             return
@@ -175,7 +191,9 @@ class Lifecycle:
         mod.fatal = True
         mod.error = fatal.message
         mod.traceback = fatal.detail or None
-        self._logs.report(mod, logging.ERROR, "module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else "")
+        self._logs.report(
+            mod, logging.ERROR, "module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else ""
+        )
 
     def _start_failed(self, mod, reason, detail):
         """An event raised before the agent called ready(): the module cannot come up. Its
@@ -255,7 +273,9 @@ class Lifecycle:
         if not others:
             return f"all {len(modules)} modules READY", True
         ready = len(modules) - len(others)
-        return f"{ready} of {len(modules)} modules READY; " + "; ".join(f"{n}: {why}" for n, why in others.items()), False
+        return f"{ready} of {len(modules)} modules READY; " + "; ".join(
+            f"{n}: {why}" for n, why in others.items()
+        ), False
 
     def end_start(self):
         self.starting = False
@@ -297,7 +317,9 @@ class Lifecycle:
     def _kill_remaining(self):
         for mod in self._modules.values():
             if mod.process is not None:
-                self._logs.report(mod, logging.WARNING, "module %s did not stop within stop_timeout; killing it", mod.name)
+                self._logs.report(
+                    mod, logging.WARNING, "module %s did not stop within stop_timeout; killing it", mod.name
+                )
                 self._workers.kill(mod)
 
     def exited_while_stopping(self, mod):

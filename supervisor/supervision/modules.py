@@ -18,10 +18,9 @@ in for tuples of states repeated by the code that asks.
 import logging
 import time
 
-from cmactor.wire import figures as F
 from cmactor.errors import InternalError
+from cmactor.wire import figures as F
 from cmactor.wire.protocol import DATA_OPS
-
 from cmsupervisor.observability.stats import FSYNC_BOUNDS, Timed, request_stats, snapshot
 
 log = logging.getLogger("cmactor.supervisor")
@@ -58,7 +57,16 @@ class Pending:
     """A client request the supervisor has accepted and not yet answered."""
 
     __slots__ = (
-        "client", "rid", "request", "hold", "timer", "sid", "issuer", "is_async", "dispatched_at", "received_at"
+        "client",
+        "rid",
+        "request",
+        "hold",
+        "timer",
+        "sid",
+        "issuer",
+        "is_async",
+        "dispatched_at",
+        "received_at",
     )
 
     def __init__(self, client, rid, request, received_at):
@@ -256,7 +264,9 @@ class Module:
         request and fsync figures as they are kept, copied: finish_status() makes them what
         status shows, on another thread (the loop thread serves every client, and that work
         was most of a status of 200 modules)."""
-        figures = None if self.figures is None else memoryview(bytes(self.figures)).cast("q")  # one copy of the worker's
+        figures = (
+            None if self.figures is None else memoryview(bytes(self.figures)).cast("q")
+        )  # one copy of the worker's
         uptime = self.uptime()
         direct = self._direct(figures)
         return {

@@ -10,9 +10,8 @@ restart (see the progress slots in cmactor/protocol.py). The restart policy
 import logging
 import time
 
-from cmactor.wire import protocol as P
 from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out
-
+from cmactor.wire import protocol as P
 from cmsupervisor.supervision.modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
 from cmsupervisor.supervision.workers import describe_exit
 
@@ -74,10 +73,14 @@ class Recovery:
             self._router.hold_again(mod, waiting)  # they run after the restart
         self._saver.worker_died(mod, reason)
         if stopping or mod.state == STOPPING:
-            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s) in the stop", mod.name, pid, reason)
+            self._logs.report(
+                mod, logging.INFO, "module %s: worker pid %d ended (%s) in the stop", mod.name, pid, reason
+            )
             self._lifecycle.exited_while_stopping(mod)
         elif mod.state == RESTARTING:  # asked for: an operator's restart, or a journal that failed
-            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s); starting it again", mod.name, pid, reason)
+            self._logs.report(
+                mod, logging.INFO, "module %s: worker pid %d ended (%s); starting it again", mod.name, pid, reason
+            )
             self._respawn(mod)
         elif mod.state != FAILED:
             self._exited(mod, pid, code, reason)
@@ -89,8 +92,13 @@ class Recovery:
             self._crashed(mod, f"worker pid {pid}", reason, time.monotonic() - mod.started_at)
         elif code == 0:
             self._logs.report(
-                mod, logging.INFO, "module %s: worker pid %d ended (%s); restart = %r leaves it STOPPED",
-                mod.name, pid, reason, policy,
+                mod,
+                logging.INFO,
+                "module %s: worker pid %d ended (%s); restart = %r leaves it STOPPED",
+                mod.name,
+                pid,
+                reason,
+                policy,
             )
             mod.move(STOPPED)
             self._router.fail_held(mod)
@@ -133,7 +141,9 @@ class Recovery:
         from those. Not a crash: the restart policy does not count it."""
         if mod.process is None or mod.leaving:
             return
-        self._logs.report(mod, logging.ERROR, "module %s: %s; restarting its worker without the changes", mod.name, reason)
+        self._logs.report(
+            mod, logging.ERROR, "module %s: %s; restarting its worker without the changes", mod.name, reason
+        )
         mod.move(RESTARTING)
         mod.error = reason
         self._workers.kill(mod)  # on_exit respawns it

@@ -30,10 +30,9 @@ import sys
 from cmactor.wire import figures as F
 from cmactor.wire import protocol as P
 from cmactor.worker import process as worker
-
-from cmsupervisor.supervision import health
-from cmsupervisor.loop import recv
 from cmsupervisor.front.server import MAX_SOCKET_PATH, listen
+from cmsupervisor.loop import recv
+from cmsupervisor.supervision import health
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -83,7 +82,17 @@ class Channel:
     started id (progress slots) splits the unanswered requests in two."""
 
     __slots__ = (
-        "sock", "doorbell", "reader", "out", "pinged_at", "route", "serving", "_sids", "_mark", "_ring", "_serial_sids"
+        "sock",
+        "doorbell",
+        "reader",
+        "out",
+        "pinged_at",
+        "route",
+        "serving",
+        "_sids",
+        "_mark",
+        "_ring",
+        "_serial_sids",
     )
 
     def __init__(self, sock, doorbell, sids, mark, route=None):
@@ -279,7 +288,9 @@ class Workers:
                 sock.close()
             if route is not None:
                 _unlink(route["path"])
-            raise SpawnFailed(f"could not start a worker process: {type(exc).__name__}: {exc}", _is_shortage(exc)) from None
+            raise SpawnFailed(
+                f"could not start a worker process: {type(exc).__name__}: {exc}", _is_shortage(exc)
+            ) from None
         child.close()  # else the worker's death would never show as EOF here
         bell_child.close()
         out_child.close()

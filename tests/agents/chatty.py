@@ -46,8 +46,12 @@ class Chatty(CmAgent):
     # spawn: a child that leaves the worker's process group and keeps its stdout open
     def spawn_set(self, ctx):
         child = subprocess.Popen(
-            [sys.executable, "-c", "import sys, time; print('child says hi', flush=True); time.sleep(float(sys.argv[1]))",
-             ctx.params.get("secs", "5")],
+            [
+                sys.executable,
+                "-c",
+                "import sys, time; print('child says hi', flush=True); time.sleep(float(sys.argv[1]))",
+                ctx.params.get("secs", "5"),
+            ],
             start_new_session=True,
         )
         ctx.dirty = False

@@ -1,10 +1,10 @@
 """A test app in EXOS's shape, run as a python-module; its argv says what it does.
 
-    (no args)            a backend: table info reports sys.argv, __name__ and imports
-    --plain              a plain process: ready() and nothing else, serving on
-    --exit N [--after S] then exit with status N (S seconds after ready())
-    --init-after-ready   call ready(), then cmbackend_init() (a programming error)
-    --unprovided NAME    try `import NAME` first and report the ImportError text
+(no args)            a backend: table info reports sys.argv, __name__ and imports
+--plain              a plain process: ready() and nothing else, serving on
+--exit N [--after S] then exit with status N (S seconds after ready())
+--init-after-ready   call ready(), then cmbackend_init() (a programming error)
+--unprovided NAME    try `import NAME` first and report the ImportError text
 """
 
 import argparse
