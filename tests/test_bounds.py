@@ -11,8 +11,9 @@ import time
 import msgpack
 import psutil
 import pytest
-from conftest import agent, read_frames, wait_for
+from helpers import agent, wait_for
 from processes import Run
+from rawsocket import read_frames
 
 import cmactor
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import agent, wait_for
+from helpers import agent, wait_for
 
 import cmactor
 

@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from conftest import agent
+from helpers import agent
 from processes import cli, cmactor_cmd
 
 from cmsupervisor.cli import program as cli_module

@@ -1,7 +1,7 @@
 """Supervisor configuration errors name the file, the table and the key."""
 
 import pytest
-from conftest import agent
+from helpers import agent
 
 import cmactor
 from cmactor.errors import ConfigError

@@ -12,7 +12,8 @@ import threading
 import time
 
 import pytest
-from conftest import agent, kv_rows, read_frames, wait_for
+from helpers import agent, kv_rows, wait_for
+from rawsocket import read_frames
 
 import cmactor
 from cmactor.wire import protocol as P
@@ -325,7 +326,7 @@ def test_reads_during_a_save_wait_behind_it(supervisor):
 
 
 def test_status_and_metrics_count_direct_reads_across_restarts(supervisor):
-    from test_metrics import ANY_PORT, scrape, value
+    from helpers import ANY_PORT, scrape, value
 
     sup = supervisor({"echo": ECHO}, metrics=ANY_PORT)
     cur = sup.connect().cursor()

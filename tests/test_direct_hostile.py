@@ -21,9 +21,10 @@ import time
 import msgpack
 import psutil
 import pytest
-from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, wait_for
+from helpers import agent, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rawsocket import frame, raw, read_frames, send_deeply_nested_fields
 
 from cmactor.errors import WIRE_ERRORS
 from cmactor.wire import protocol as P

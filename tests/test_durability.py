@@ -4,7 +4,6 @@ The full-disk tests mount a small tmpfs as the state directory (they run as root
 as CI does; elsewhere they are skipped, saying why).
 """
 
-import contextlib
 import json
 import os
 import signal
@@ -12,7 +11,8 @@ import stat
 import threading
 
 import pytest
-from conftest import agent, raw, read_frames, tmpfs, wait_for
+from helpers import agent, fill, small_disk, wait_for
+from rawsocket import raw, read_frames
 
 import cmactor
 from cmactor.wire import protocol as P
@@ -20,27 +20,6 @@ from cmsupervisor.persistence import store
 from cmsupervisor.persistence.journal import encode as journal_record
 
 ECHO = agent("echo.py:main")
-
-
-@contextlib.contextmanager
-def small_disk(path, size="512k"):
-    path.mkdir()
-    with tmpfs(path, f"size={size}", "to fill (needs root)"):
-        yield path
-
-
-def fill(disk):
-    """Write a file until the disk is full; return it (remove it to free the disk)."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (65536, 4096, 1):  # down to the last byte free
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"x" * size)
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_a_change_that_cannot_be_journaled_is_refused_and_undone(tmp_path, supervisor):

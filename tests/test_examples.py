@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import wait_for
+from helpers import wait_for
 
 import cmactor
 from cmactor.exos.cli import exec_cli

@@ -6,7 +6,7 @@ import re
 import threading
 
 import pytest
-from conftest import agent
+from helpers import agent
 
 import cmactor
 from cmactor.exos.cli import (

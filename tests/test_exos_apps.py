@@ -8,7 +8,7 @@ import signal
 import sys
 
 import pytest
-from conftest import AGENTS, agent, wait_for
+from helpers import AGENTS, agent, wait_for
 
 import cmactor
 from cmactor import exos

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from conftest import agent, wait_for
+from helpers import agent, wait_for
 
 from cmactor import cmfrontend
 from cmactor import exos_dbapi as db

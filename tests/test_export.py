@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
-from conftest import agent
+from fakes import SaveSetup
+from helpers import agent
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from processes import cmactor_cmd
-from test_components import SaveSetup
 
 import cmactor
 from cmsupervisor.cli import program as cli

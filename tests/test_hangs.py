@@ -10,7 +10,7 @@ import threading
 
 import psutil
 import pytest
-from conftest import agent, wait_for
+from helpers import agent, wait_for
 
 import cmactor
 

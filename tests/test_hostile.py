@@ -18,7 +18,8 @@ import time
 
 import psutil
 import pytest
-from conftest import agent, kv_rows, raw, read_frames, wait_for
+from helpers import agent, kv_rows, wait_for
+from rawsocket import raw, read_frames
 
 from cmactor.errors import ConfigError, StartupError
 from cmactor.wire import protocol as P

@@ -6,7 +6,7 @@ import time
 
 import psutil
 import pytest
-from conftest import agent, wait_for
+from helpers import agent, wait_for
 
 import cmactor
 

@@ -12,9 +12,8 @@ import threading
 
 import psutil
 import pytest
-from conftest import agent, tmpfs, wait_for
+from helpers import agent, fill, small_disk, tmpfs, wait_for
 from processes import cmactor_cmd
-from test_durability import fill, small_disk
 
 import cmactor
 from cmsupervisor.cli import program as cli

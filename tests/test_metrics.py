@@ -15,8 +15,7 @@ import urllib.request
 
 import psutil
 import pytest
-from conftest import agent, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import ANY_PORT, agent, scrape, value, wait_for
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
@@ -27,23 +26,6 @@ from cmsupervisor.observability.stats import Histogram, Timed
 from cmsupervisor.supervision import health, modules
 
 ECHO = agent("echo.py:main")
-ANY_PORT = "127.0.0.1:0"
-
-
-def scrape(sup):
-    """Every sample of /metrics: {(sample name, ((label, value), ...)): value}."""
-    with urllib.request.urlopen(sup.metrics_url, timeout=10) as reply:
-        assert reply.status == 200
-        text = reply.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples, name, **labels):
-    return samples[(name, tuple(sorted(labels.items())))]
 
 
 @pytest.fixture

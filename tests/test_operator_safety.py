@@ -12,7 +12,7 @@ import sys
 
 import psutil
 import pytest
-from conftest import agent, kv_rows, wait_for
+from helpers import agent, kv_rows, wait_for
 from processes import Run, cli
 
 import cmactor

@@ -1,5 +1,6 @@
 """Crashed agents come back with the config they had; nobody waiting on them hangs."""
 
+import array
 import json
 import logging
 import os
@@ -9,9 +10,18 @@ import time
 
 import psutil
 import pytest
-from conftest import agent, kv_rows, wait_for
+from fakes import Reports, RouterLoop, module
+from helpers import agent, kv_rows, wait_for
 
 import cmactor
+from cmactor.wire import protocol as P
+from cmsupervisor.supervision.modules import (
+    FAILED,
+    RESTARTING,
+    Pending,
+)
+from cmsupervisor.supervision.recovery import Recovery, split_started
+from cmsupervisor.supervision.restart import RestartPolicy
 
 ECHO = agent("echo.py:main")
 
@@ -369,3 +379,79 @@ def test_journal_files_are_replayed_in_the_order_their_changes_were_made():
         "j/kv.snapshot",
         "j/kv.jsonl",
     ]
+
+
+# The part on its own, with fakes.
+
+
+def pend(sid, is_async):
+    p = Pending(None, sid, {"module": "m", "table": "t", "op": "get"}, 0.0)
+    p.sid, p.is_async = sid, is_async
+    return p
+
+
+def inflight_of(*items):
+    return {sid: pend(sid, is_async) for sid, is_async in items}
+
+
+def sids(pendings):
+    return [p.sid for p in pendings]
+
+
+@pytest.mark.parametrize("make", [lambda: [0] * P.SLOTS_SIZE, lambda: array.array("q", [0] * P.SLOTS_SIZE)])
+def test_split_started_by_the_progress_slots(make):
+    slots = make()
+    # dict order is dispatch order; not sorted on purpose
+    inflight = inflight_of((6, False), (3, False), (8, True), (4, True), (5, False), (7, True), (9, True))
+    slots[P.SLOT_SERIAL_SID] = 5
+    slots[P.async_slot(0)] = 8
+    slots[P.async_slot(0) + 1] = 7  # a start time that happens to equal sid 7: not a sid
+    slots[P.async_slot(P.ASYNC_SLOTS - 1)] = 4  # the last slot counts too
+    started, waiting = split_started(inflight, slots)
+    assert sids(started) == [3, 8, 4, 5]
+    assert sids(waiting) == [6, 7, 9]
+    slots[P.SLOT_OVERFLOW] = 1
+    started, waiting = split_started(inflight, slots)
+    assert sids(started) == [3, 8, 4, 5, 7, 9]
+    assert sids(waiting) == [6]
+
+
+class LaunchFails:
+    """A lifecycle whose every start of a worker fails, as with a process that cannot be made
+    (a shortage of descriptors is retried by the lifecycle itself, never reaching here)."""
+
+    starting = stopping = False
+
+    def __init__(self):
+        self.quarantined = []
+
+    def launch(self, mod):
+        return "could not start a worker process: PicklingError: cannot pickle the agent's options"
+
+    def quarantine(self, mod, reason):
+        self.quarantined.append(reason)
+        mod.state = FAILED
+
+
+def test_a_restart_that_cannot_start_a_process_backs_off_then_quarantines():
+    policy = RestartPolicy(
+        {"max_restarts": 3, "restart_window": 60, "restart_delay": 0.1, "restart_delay_max": 5, "stable_after": 10}
+    )
+    mod = module("m", RESTARTING, policy=policy, started_at=time.monotonic() - 100)  # it had run for long
+    loop, lifecycle = RouterLoop(), LaunchFails()
+    recovery = Recovery({"m": mod}, loop, None, None, None, None, lifecycle, Reports())
+    for expected in (0.1, 0.2, 0.4):  # the backoff grows: a failed start has no uptime
+        recovery._respawn(mod)
+        assert mod.state == RESTARTING and "cannot pickle" in mod.last_exit
+        delay, fn, args = loop.timers.pop()
+        assert delay == expected and fn == recovery._respawn and args == (mod,)
+    recovery._respawn(mod)
+    assert mod.state == FAILED and "crashed more than 3 times" in lifecycle.quarantined[0]
+    assert mod.restarts == 4 and loop.timers == []
+
+
+def test_split_started_with_idle_slots_starts_nothing():
+    slots = [0] * P.SLOTS_SIZE
+    inflight = inflight_of((1, False), (2, True))
+    assert tuple(map(sids, split_started(inflight, slots))) == ([], [1, 2])
+    assert split_started({}, slots) == ([], [])

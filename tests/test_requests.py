@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from conftest import agent
+from helpers import agent
 
 import cmactor
 

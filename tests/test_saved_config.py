@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from conftest import agent, kv_rows, wait_for
+from helpers import agent, kv_rows, wait_for
 
 import cmactor
 

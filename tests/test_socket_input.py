@@ -8,7 +8,8 @@ import time
 
 import msgpack
 import pytest
-from conftest import agent, frame, raw, read_frames, send_deeply_nested_fields, wait_for
+from helpers import agent, wait_for
+from rawsocket import frame, raw, read_frames, send_deeply_nested_fields
 
 from cmactor.wire import protocol as P
 

@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from conftest import HERE, agent, wait_for
+from helpers import HERE, agent, wait_for
 from processes import cli, cmactor_cmd
 
 from cmsupervisor.observability import notify
