@@ -4,12 +4,22 @@ Agent authors use ``cmbackend_init``, ``CmAgent``, ``CmContext``, ``ready`` and
 ``async_action``; clients use ``connect``; integrators use ``Supervisor``.
 """
 
+from __future__ import annotations
+
 import logging
 
 from cmactor import errors
 from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
 from cmactor.cmfrontend import Connection, Cursor, Row, connect
 from cmactor.errors import *  # noqa: F403 - the exception tree, errors.__all__
+
+# True for type checkers only: they see Supervisor and __version__ (made by __getattr__
+# below at run time) as what they are, not as whatever __getattr__ returns.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from cmsupervisor.supervisor import Supervisor
+
+    __version__: str
 
 # As libraries do: records go where the application's logging config sends them,
 # and nowhere (not Python's last-resort stderr handler) when it has none.
@@ -21,7 +31,7 @@ __all__ = [
     "Connection",
     "Cursor",
     "Row",
-    "Supervisor",
+    "Supervisor",  # noqa: F405 - made on first use, by __getattr__ below
     "async_action",
     "cmbackend_init",
     "connect",
@@ -30,7 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
     # Lazy, so that agents and clients importing cmactor never load the supervisor.
     if name == "Supervisor":
         from cmsupervisor.supervisor import Supervisor

@@ -4,19 +4,37 @@ An agent ported from the original platform keeps its imports: inside a worker
 ``exos.api.cmbackend`` is this module (see cmactor.exos).
 """
 
+from __future__ import annotations
+
 import threading
 import types
 from collections.abc import Callable, Mapping
 
+# True for type checkers only: annotations need no typing import at run time (agents
+# and clients import this module, and typing is a good part of an import's time).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+    from typing import Any, NoReturn, Protocol, TypeVar
+
+    _F = TypeVar("_F", bound=Callable[..., object])
+
+    class _Runtime(Protocol):
+        # What this module asks of the worker's Runtime (cmactor.worker.process).
+        def register(self, agent: CmAgent, persistent: list[str], deps: list[str]) -> None: ...
+        def ready(self) -> None: ...
+
+
 # The worker's Runtime (attach_runtime) when this process is a cmactor worker; None
 # anywhere else. Kept here (not in worker) so this module does not import the worker
 # machinery.
-_runtime = None
+_runtime: _Runtime | None = None
+
 
 class _Acting(threading.local):
     # The default on the class: a thread that never ran an action finds it there, where
     # getattr(local, name, None) would raise and catch an AttributeError on every request.
-    caller = None
+    caller: tuple[str, str, int] | None = None
 
 
 # The action running on each thread, so that a request made from inside an action can
@@ -26,13 +44,13 @@ class _Acting(threading.local):
 acting = _Acting()
 
 
-def async_action(method):
+def async_action(method: _F) -> _F:
     """Mark an action to run on the agent's pool (``ctx.is_async`` True).
 
     Async actions run concurrently with each other and with the serial lane, so
     they may block (e.g. query another module) but must lock shared agent state.
     """
-    method._cmactor_async = True
+    method._cmactor_async = True  # type: ignore[attr-defined]
     return method
 
 
@@ -43,7 +61,7 @@ class ActionStopped(BaseException):
     around its own code cannot swallow the stop and carry on.
     """
 
-    def __init__(self, message):
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
@@ -53,25 +71,27 @@ class CmContext:
 
     # Defaults on the class: __init__ sets only what differs, since it runs for every
     # request before the reply can go out.
-    vr_name = None
-    is_async = False
-    is_save = False
-    is_load = False
+    vr_name: str | None = None
+    is_async: bool = False
+    is_save: bool = False
+    is_load: bool = False
     _more = False
-    _notify = None
+    _notify: Callable[[str], None] | None = None
 
     def __init__(
         self,
-        params=None,
-        vr_name=None,
-        op="get",
-        is_async=False,
-        is_save=False,
-        is_load=False,
+        params: Mapping[str, str] | None = None,
+        vr_name: str | None = None,
+        op: str = "get",
+        is_async: bool = False,
+        is_save: bool = False,
+        is_load: bool = False,
         notify: Callable[[str], None] | None = None,
-    ):
-        self.params = dict(params) if params else {}
-        self.fields = {}
+    ) -> None:
+        self.params: dict[str, str] = dict(params) if params else {}
+        # Any, not object: dict is invariant, and an action may set a dict[str, int] it
+        # built (every value but None goes to the client as str(value)).
+        self.fields: dict[str, Any] = {}
         self.dirty = op == "set" or op == "setop"
         self.is_getone = op == "get" or op == "getone"
         self.is_getnext = op == "getnext"
@@ -86,20 +106,20 @@ class CmContext:
         if notify is not None:
             self._notify = notify
 
-    def more(self):
+    def more(self) -> None:
         """Tell the client there is another row after this one (getnext only)."""
         self._more = True
 
-    def raise_error(self, msg):
+    def raise_error(self, msg: object) -> NoReturn:
         """Stop the action now and return ``msg`` to the client as an error."""
         raise ActionStopped(str(msg))
 
-    def notify_cli(self, msg):
+    def notify_cli(self, msg: object) -> None:
         """Send ``msg`` to the client's print callback, if it has one; dropped otherwise."""
         if self._notify is not None:
             self._notify(str(msg))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"CmContext(params={self.params!r}, vr_name={self.vr_name!r}, is_async={self.is_async})"
 
 
@@ -115,29 +135,29 @@ class CmAgent:
     walk. A table not named there gets every field of the previous row.
     """
 
-    index_columns: Mapping[str, tuple[str, ...]] = types.MappingProxyType({})
+    index_columns: Mapping[str, tuple[str, ...] | list[str]] = types.MappingProxyType({})
 
-    def __init__(self, pool=None):
+    def __init__(self, pool: Executor | None = None) -> None:
         # None: the worker's shared callback pool is used for @async_action methods.
         self.pool = pool
 
-    def event_load_start(self):
+    def event_load_start(self) -> None:
         """Config loading begins: set defaults; <table>_set calls with is_load follow."""
 
-    def event_load_complete(self):
+    def event_load_complete(self) -> None:
         """Config loading is done: get ready to serve and call cmactor.ready()."""
 
-    def event_save_start(self):
+    def event_save_start(self) -> None:
         """A save begins: <table>_get calls with is_save follow."""
 
-    def event_save_complete(self):
+    def event_save_complete(self) -> None:
         """The save is done."""
 
-    def event_generate_default(self):
+    def event_generate_default(self) -> None:
         """There is no saved config for this module: build defaults and call cmactor.ready()."""
 
 
-def _check_names(value, what):
+def _check_names(value: object, what: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
@@ -148,7 +168,7 @@ def _check_names(value, what):
     return list(value)
 
 
-def _check_index_columns(declared):
+def _check_index_columns(declared: object) -> None:
     if not isinstance(declared, Mapping):
         raise TypeError(
             f"cmbackend_init(): index_columns must map table names to lists of column names, "
@@ -156,11 +176,17 @@ def _check_index_columns(declared):
         )
     for table, columns in declared.items():
         if not isinstance(table, str):
-            raise TypeError(f"cmbackend_init(): index_columns has a {type(table).__name__} key {table!r}, not a table name")
+            raise TypeError(
+                f"cmbackend_init(): index_columns has a {type(table).__name__} key {table!r}, not a table name"
+            )
         _check_names(columns, f"index_columns[{table!r}]")
 
 
-def cmbackend_init(agent, persistent_list=None, config_deps=None):
+def cmbackend_init(
+    agent: CmAgent,
+    persistent_list: list[str] | tuple[str, ...] | None = None,
+    config_deps: list[str] | tuple[str, ...] | None = None,
+) -> None:
     """Register ``agent`` as this worker's backend; call once, inside a cmactor worker.
 
     ``persistent_list``: tables saved in the config file, in this order.
@@ -182,14 +208,14 @@ def cmbackend_init(agent, persistent_list=None, config_deps=None):
     _runtime.register(agent, persistent, deps)
 
 
-def ready():
+def ready() -> None:
     """Move this worker's module to READY (after its config is loaded or defaulted)."""
     if _runtime is None:
         raise RuntimeError("ready() must be called inside a cmactor worker process")
     _runtime.ready()
 
 
-def attach_runtime(runtime):
+def attach_runtime(runtime: _Runtime) -> None:
     """The worker's hook: ``runtime`` serves cmbackend_init() and ready() in this process.
 
     Called once, by ``cmactor.worker.main``, before the agent's entry runs.
@@ -198,7 +224,7 @@ def attach_runtime(runtime):
     _runtime = runtime
 
 
-def current_caller():
+def current_caller() -> tuple[str, str, int] | None:
     """(module, lane, request id) of the action running on this thread, or None outside actions."""
     return acting.caller
 
@@ -215,11 +241,11 @@ class acting_for:
 
     __slots__ = ("_caller",)
 
-    def __init__(self, module, lane, sid):
+    def __init__(self, module: str, lane: str, sid: int) -> None:
         self._caller = (module, lane, sid)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         acting.caller = self._caller
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         acting.caller = None

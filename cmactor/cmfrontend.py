@@ -13,6 +13,8 @@ whose worker socket fails (the worker died, say: reads can be sent twice) goes
 to the supervisor, which holds it as it holds any request.
 """
 
+from __future__ import annotations
+
 import os
 import re
 import socket as _socket
@@ -22,7 +24,6 @@ from collections import deque, namedtuple
 from collections.abc import Mapping
 
 from cmactor import cmbackend
-from cmactor.wire import protocol as P
 from cmactor.errors import (  # noqa: F401 - re-exported: PEP 249 puts these on the module
     DatabaseError,
     DataError,
@@ -38,6 +39,22 @@ from cmactor.errors import (  # noqa: F401 - re-exported: PEP 249 puts these on 
     Warning,
     from_wire,
 )
+from cmactor.wire import protocol as P
+
+# True for type checkers only: annotations need no typing import at run time (a
+# client's import time is a good part of a short program's).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from os import PathLike
+    from typing import Any, NamedTuple, NoReturn, Self
+
+    # A request or reply map as msgpack carries it; its values are as varied as the protocol's fields.
+    _Message = dict[str, Any]
+    # A result row as the module's worker sends it: field name -> str(value), or None (the agent's null).
+    _WireRow = dict[str, str | None]
+    # PEP 249's 7-item column description: (name, type_code, and five items cmactor leaves None).
+    _Column = tuple[str, type[str], None, None, None, None, None]
 
 apilevel = "2.0"
 threadsafety = 1
@@ -55,14 +72,30 @@ _READ_OPS = frozenset(P.READ_OPS)
 ROUTE_RETRY = 1.0
 _NO_ROUTE = "no route"  # a module whose worker has no socket of its own (direct_reads off)
 
-Row = namedtuple("Row", "rowid opStatus opMsg field_values")
+if TYPE_CHECKING:
+
+    class Row(NamedTuple):
+        """A row of ``Cursor.iterrow()`` (and of exos_dbapi's cursors): a named tuple."""
+
+        rowid: int
+        opStatus: int
+        opMsg: str
+        field_values: dict[str, str | None]
+
+else:
+    Row = namedtuple("Row", "rowid opStatus opMsg field_values")
 
 
-def default_socket():
+def default_socket() -> str:
     return os.environ.get("CMACTOR_SOCKET") or DEFAULT_SOCKET
 
 
-def connect(username="admin", print_callback=None, socket=None, timeout=None):
+def connect(
+    username: str = "admin",
+    print_callback: Callable[[str], object] | None = None,
+    socket: str | PathLike[str] | None = None,
+    timeout: float | None = None,
+) -> Connection:
     """Open a connection to a supervisor.
 
     ``socket``: its path; default ``$CMACTOR_SOCKET`` (set inside agents, so an
@@ -76,12 +109,12 @@ def connect(username="admin", print_callback=None, socket=None, timeout=None):
 
 # Operations already parsed: a program repeats the same few, and a regex match per
 # request is a good part of the client's own time. Bounded: these are only a cache.
-_operations = {}
-_descriptions = {}
+_operations: dict[str, tuple[str, str, str]] = {}
+_descriptions: dict[tuple[str, ...], tuple[_Column, ...] | None] = {}
 _CACHE_SIZE = 1024
 
 
-def parse_operation(operation):
+def parse_operation(operation: str) -> tuple[str, str, str]:
     """``"<op> <module>.<table>"`` -> (op, module, table), or ProgrammingError."""
     if type(operation) is str:
         parsed = _operations.get(operation)
@@ -99,7 +132,7 @@ def parse_operation(operation):
     return parsed
 
 
-def description(columns):
+def description(columns: tuple[str, ...]) -> tuple[_Column, ...] | None:
     """PEP 249 ``Cursor.description`` for these column names (None for no columns)."""
     found = _descriptions.get(columns)
     if found is None:
@@ -109,7 +142,7 @@ def description(columns):
     return found
 
 
-def wire_params(params):
+def wire_params(params: Mapping[str, object] | None) -> dict[str, str]:
     """Request parameters as the wire carries them: str keys, ``str(value)`` values; None is left out.
     Text that UTF-8 cannot encode is refused when the request is packed (_not_unicode):
     the encode that packing does anyway finds it, and other text is not looked at twice."""
@@ -150,7 +183,7 @@ def _not_unicode(message, exc):
     return ProgrammingError(f"the request holds text that is not valid Unicode ({exc}); pass UTF-8 text")
 
 
-def wait_until_ready(socket_path, module, timeout):
+def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None, timeout: float) -> bool:
     """Ask the supervisor at ``socket_path`` until ``module`` is READY, for at most
     ``timeout`` seconds; True if it is. Never raises: a supervisor that cannot be
     reached, or no module named (None), is a module that is not ready."""
@@ -174,7 +207,7 @@ def wait_until_ready(socket_path, module, timeout):
         pause = min(pause * 2, 0.2)
 
 
-def open_index(params):
+def open_index(params: Mapping[str, object] | None) -> list[str] | None:
     """A getnext's index columns when a param names one with no start value (None):
     then every param is an index column, its value where the walk starts. Otherwise
     None: the agent's declaration, or every field, carries the walk."""
@@ -185,11 +218,13 @@ def open_index(params):
     return [key for key in params if isinstance(key, str)]
 
 
-def walk(send, request, batch_size, cap):
+def walk(
+    send: Callable[[_Message], _Message], request: _Message, batch_size: int, cap: int
+) -> tuple[list[_WireRow], bool]:
     """A getnext walk in batches, each run inside the agent's worker: ``send(request)``
     returns a reply map, and each batch resumes after the last row of the one before.
     Returns (up to ``cap`` rows, whether the agent reported more after the last)."""
-    rows = []
+    rows: list[_WireRow] = []
     request["after"] = None
     while True:
         request["batch"] = min(batch_size, max(1, cap - len(rows)))
@@ -205,7 +240,13 @@ def walk(send, request, batch_size, cap):
 class Connection:
     """A connection to one supervisor. Use ``cursor()`` to send requests."""
 
-    def __init__(self, path, username="admin", print_callback=None, timeout=None):
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        username: str = "admin",
+        print_callback: Callable[[str], object] | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self.socket_path = os.fspath(path)
         self.username = str(username)
         self.print_callback = print_callback
@@ -215,8 +256,8 @@ class Connection:
         # module -> its worker's _Direct, or the monotonic time until which it is read
         # through the supervisor (no route); the generation of a worker socket that
         # failed, so that a route the supervisor has not yet seen fail is not reused.
-        self._routes = {}
-        self._failed = {}
+        self._routes: dict[str, _Direct | float | str] = {}
+        self._failed: dict[str, int] = {}
         try:
             self._sock = _connected(self.socket_path, timeout)
         except OSError as exc:
@@ -228,17 +269,17 @@ class Connection:
         self._stream = _Stream(self._sock, "supervisor")
         self.closed = False
 
-    def cursor(self, vr_name=None):
+    def cursor(self, vr_name: str | None = None) -> Cursor:
         return Cursor(self, vr_name)
 
-    def commit(self):
+    def commit(self) -> None:
         """No transactions yet: every set takes effect when it returns."""
         self._check_open()
 
-    def rollback(self):
+    def rollback(self) -> NoReturn:
         raise NotSupportedError("cmactor has no transactions: a set takes effect when it returns")
 
-    def close(self):
+    def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._sock.close()
@@ -247,17 +288,17 @@ class Connection:
                     route.close()
             self._routes.clear()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _check_open(self):
         if self.closed:
             raise InterfaceError("the connection is closed")
 
-    def request(self, message, on_notify=None):
+    def request(self, message: _Message, on_notify: Callable[[str], object] | None = None) -> _Message:
         """Send one request map and return its reply map; errors are raised."""
         with self._lock:
             self._check_open()
@@ -431,35 +472,35 @@ class _Direct:
 class Cursor:
     """Runs ``"<op> <module>.<table>"`` requests and holds the rows of the last one."""
 
-    arraysize = 1
+    arraysize: int = 1
 
-    def __init__(self, connection, vr_name=None):
+    def __init__(self, connection: Connection, vr_name: str | None = None) -> None:
         self.connection = connection
         self.vr_name = vr_name
         self.retries = 0
-        self.retry_timeout = 5
+        self.retry_timeout: float = 5
         self.max_rows = 100000
         # A page of a getnext walk: at most this many rows, then ``more`` says whether
         # the table goes on (pass the last row's key back to continue). None: the
         # whole walk, up to max_rows.
-        self.limit = None
+        self.limit: int | None = None
         self.more = False
         # The index (key) columns of this cursor's getnext walks: each next call of the
         # agent gets only these columns of the previous row (and the params that are
         # not among them). None: every param, when one of them is None (an index column
         # with no start value); else the agent's index_columns; else every field.
-        self.index = None
+        self.index: Sequence[str] | None = None
         self.batch_size = P.DEFAULT_BATCH
-        self.messages = []
+        self.messages: list[str] = []
         self.rowcount = -1
         self._columns = ()  # None: not worked out from _rows yet (see description)
-        self._rows = []
+        self._rows: list[_WireRow] = []
         self._pos = 0
         self.closed = False
 
     # -- executing -------------------------------------------------------
 
-    def execute(self, operation, params=None):
+    def execute(self, operation: str, params: Mapping[str, object] | None = None) -> Self:
         if self.closed:
             raise InterfaceError("the cursor is closed")
         op, module, table = parse_operation(operation)
@@ -472,7 +513,7 @@ class Cursor:
         self.rowcount = -1
         self.more = False
         self._rows, self._pos, self._columns = [], 0, ()
-        request = {"op": op, "module": module, "table": table, "params": params}
+        request: _Message = {"op": op, "module": module, "table": table, "params": params}
         if self.vr_name is not None:
             request["vr"] = self.vr_name
         if self.connection.print_callback is not None:
@@ -486,7 +527,7 @@ class Cursor:
         self._set_result(rows)
         return self
 
-    def executemany(self, operation, seq_of_params):
+    def executemany(self, operation: str, seq_of_params: Iterable[Mapping[str, object] | None]) -> None:
         for params in seq_of_params:
             self.execute(operation, params)
 
@@ -541,7 +582,7 @@ class Cursor:
         return self._columns
 
     @property
-    def description(self):
+    def description(self) -> tuple[_Column, ...] | None:
         """PEP 249: a 7-item sequence per column of the last result (names from the rows), or None."""
         return description(self._column_names())
 
@@ -551,28 +592,28 @@ class Cursor:
         names = self._column_names()
         return [tuple(row.get(name) for name in names) for row in rows]
 
-    def fetchone(self):
+    def fetchone(self) -> tuple[str | None, ...] | None:
         if self._pos >= len(self._rows):
             return None
         self._pos += 1
         return self._tuples(self._rows[self._pos - 1 : self._pos])[0]
 
-    def fetchmany(self, size=None):
+    def fetchmany(self, size: int | None = None) -> list[tuple[str | None, ...]]:
         size = self.arraysize if size is None else size
         chunk = self._rows[self._pos : self._pos + size]
         self._pos += len(chunk)
         return self._tuples(chunk)
 
-    def fetchall(self):
+    def fetchall(self) -> list[tuple[str | None, ...]]:
         chunk = self._rows[self._pos :]
         self._pos = len(self._rows)
         return self._tuples(chunk)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str | None, ...]]:
         while (row := self.fetchone()) is not None:
             yield row
 
-    def iterrow(self):
+    def iterrow(self) -> Iterator[Row]:
         """Yield the remaining rows as ``Row(rowid, opStatus, opMsg, field_values)``."""
         while self._pos < len(self._rows):
             rowid = self._pos
@@ -581,18 +622,18 @@ class Cursor:
 
     # -- PEP 249 odds and ends -------------------------------------------
 
-    def setinputsizes(self, sizes):
+    def setinputsizes(self, sizes: object) -> None:
         pass
 
-    def setoutputsize(self, size, column=None):
+    def setoutputsize(self, size: int, column: int | None = None) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
         self._rows = []
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

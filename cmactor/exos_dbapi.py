@@ -25,23 +25,36 @@ ERROR row; a request to a module that is still loading is held by the supervisor
 (up to its hold_timeout) instead of failing at once.
 """
 
+from __future__ import annotations
+
 from cmactor import cmfrontend
+from cmactor.cmfrontend import Row as Row  # "X as X": re-exported, as the errors are (apps catch them from here)
+from cmactor.errors import DatabaseError as DatabaseError
+from cmactor.errors import DataError as DataError
+from cmactor.errors import DeadlockDetectedError as DeadlockDetectedError
+from cmactor.errors import Error as Error
+from cmactor.errors import IntegrityError as IntegrityError
+from cmactor.errors import InterfaceError as InterfaceError
+from cmactor.errors import InternalError as InternalError
+from cmactor.errors import ModuleUnavailable as ModuleUnavailable
+from cmactor.errors import NotSupportedError as NotSupportedError
+from cmactor.errors import OperationalError as OperationalError
+from cmactor.errors import ProgrammingError as ProgrammingError
+from cmactor.errors import Warning as Warning
 from cmactor.wire import protocol as P
-from cmactor.cmfrontend import Row
-from cmactor.errors import (  # noqa: F401 - re-exported: apps catch these from this module
-    DatabaseError,
-    DataError,
-    DeadlockDetectedError,
-    Error,
-    IntegrityError,
-    InterfaceError,
-    InternalError,
-    ModuleUnavailable,
-    NotSupportedError,
-    OperationalError,
-    ProgrammingError,
-    Warning,
-)
+
+# True for type checkers only: annotations need no typing import at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from os import PathLike
+    from typing import Any, NoReturn, Self, overload
+
+    from cmactor.cmfrontend import _Message, _WireRow
+
+    _StrTuple = tuple[str, ...]
+else:
+    _StrTuple = tuple
 
 apilevel = "2.0"
 threadsafety = 1  # as cmfrontend: share the module between threads, not a connection
@@ -76,24 +89,22 @@ _OPS = {CM_OP_GET: "get", CM_OP_SET: "set"}
 _new_tuple = tuple.__new__
 
 
-def _check_name(what, value, given):
+def _check_name(what: str, value: object, given: str) -> None:
     if type(value) is not str or not P.NAME_RE.match(value):
-        raise ProgrammingError(
-            f"{what} {value!r} in {given} is not a name (a letter, then letters, digits or '_')"
-        )
+        raise ProgrammingError(f"{what} {value!r} in {given} is not a name (a letter, then letters, digits or '_')")
 
 
-class _OfTable(tuple):
+class _OfTable(_StrTuple):
     """What Table and Column share: a tuple that starts (module, table)."""
 
     __slots__ = ()
 
     @property
-    def module_name(self):
+    def module_name(self) -> str:
         return self[0]
 
     @property
-    def table_name(self):
+    def table_name(self) -> str:
         return self[1]
 
 
@@ -102,16 +113,16 @@ class Table(_OfTable):
 
     __slots__ = ()
 
-    def __new__(cls, module, table):
+    def __new__(cls, module: str, table: str) -> Self:
         given = f"Table({module!r}, {table!r})"
         _check_name("module", module, given)
         _check_name("table", table, given)
         return super().__new__(cls, (module, table))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Table({self[0]!r}, {self[1]!r})"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self[0]}.{self[1]}"
 
 
@@ -121,7 +132,14 @@ class Column(_OfTable):
 
     __slots__ = ()
 
-    def __new__(cls, *args):
+    if TYPE_CHECKING:
+
+        @overload
+        def __new__(cls, table: Table | tuple[str, str], name: str, /) -> Self: ...
+        @overload
+        def __new__(cls, module: str, table: str, name: str, /) -> Self: ...
+
+    def __new__(cls, *args: Any) -> Self:
         given = f"Column({', '.join(map(repr, args))})"
         if len(args) == 3:
             module, table, name = args
@@ -139,18 +157,24 @@ class Column(_OfTable):
         return super().__new__(cls, (module, table, name))
 
     @property
-    def column_name(self):
+    def column_name(self) -> str:
         return self[2]
 
     @property
-    def table(self):
+    def table(self) -> Table:
         return Table(self[0], self[1])
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Column({self[0]!r}, {self[1]!r}, {self[2]!r})"
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f"{self[0]}.{self[1]}.{self[2]}"
+
+
+if TYPE_CHECKING:
+    # What add_index and add_param take as a column: a Column, a tuple Column() takes,
+    # or a bare name (of the main table).
+    _ColumnLike = str | Column | tuple[str, str, str] | tuple[Table | tuple[str, str], str]
 
 
 class request:  # noqa: N801 - the original's name, which apps call
@@ -160,18 +184,19 @@ class request:  # noqa: N801 - the original's name, which apps call
     must be of it. ``_op_flag`` holds CM_FLAG_* bits; apps OR them in directly.
     """
 
-    def __init__(self, op=CM_OP_GET):
+    def __init__(self, op: int = CM_OP_GET) -> None:
         if op not in _OPS:
             raise ProgrammingError(f"request(op={op!r}): op must be CM_OP_GET ({CM_OP_GET}) or CM_OP_SET ({CM_OP_SET})")
         self.op = op
         self._op_flag = 0
-        self.table = None  # the main Table
-        self.index = []  # index column names, in the order added
-        self.params = {}  # column name -> value as sent (str)
-        self.fields = []  # (label, column name or None, literal): see Cursor._generate
-        self.vr_name = None
+        self.table: Table | None = None  # the main Table
+        self.index: list[str] = []  # index column names, in the order added
+        self.params: dict[str, str] = {}  # column name -> value as sent (str)
+        # (label, column name or None, literal): see Cursor._generate
+        self.fields: list[tuple[str, str | None, str]] = []
+        self.vr_name: str | None = None
 
-    def _column(self, column, call):
+    def _column(self, column: _ColumnLike, call: str) -> str:
         """``column`` (a Column, a tuple Column() takes, or a bare name) as a name of the main table."""
         if type(column) is str:
             if self.table is None:
@@ -194,17 +219,17 @@ class request:  # noqa: N801 - the original's name, which apps call
             )
         return column.column_name
 
-    def add_index(self, column):
+    def add_index(self, column: _ColumnLike) -> None:
         """An index (key) column: given a value with add_param it is fixed, else the walk moves it."""
         name = self._column(column, f"add_index({column!r})")
         if name not in self.index:
             self.index.append(name)
 
-    def add_param(self, column, value):
+    def add_param(self, column: _ColumnLike, value: object) -> None:
         """A parameter, sent to the agent as ``str(value)``."""
         self.params[self._column(column, f"add_param({column!r}, {value!r})")] = str(value)
 
-    def add_field(self, label, source):
+    def add_field(self, label: str, source: _ColumnLike | object) -> None:
         """A field of the result rows, labelled ``label``: a column's value, or
         ``source`` itself (as a string) when it is not a column."""
         call = f"add_field({label!r}, {source!r})"
@@ -217,24 +242,28 @@ class request:  # noqa: N801 - the original's name, which apps call
         else:
             self.fields.append((label, None, str(source)))
 
-    def set_vr_name(self, name):
+    def set_vr_name(self, name: str | None) -> None:
         """The virtual router the agent sees as ctx.vr_name (over the cursor's)."""
         self.vr_name = name
 
-    def as_cli(self):
+    def as_cli(self) -> None:
         self._op_flag |= CM_FLAG_CLI
 
-    def as_snmp(self):
+    def as_snmp(self) -> None:
         self._op_flag |= CM_FLAG_SNMP
 
-    def dynamic(self):
+    def dynamic(self) -> None:
         self._op_flag |= CM_FLAG_DYNAMIC
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<exos_dbapi.request {_OPS.get(self.op)} {self.table} index={self.index} params={self.params}>"
 
 
-def connect(username="admin", print_callback=None, socket=None):
+def connect(
+    username: str = "admin",
+    print_callback: Callable[[str], object] | None = None,
+    socket: str | PathLike[str] | None = None,
+) -> Connection:
     """Open a connection to a cmactor supervisor (socket as cmactor.cmfrontend.connect)."""
     return Connection(cmfrontend.connect(username, print_callback, socket))
 
@@ -246,30 +275,30 @@ class Connection:
     threadsafety = threadsafety
     paramstyle = paramstyle
 
-    def __init__(self, connection):
+    def __init__(self, connection: cmfrontend.Connection) -> None:
         self.connection = connection
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self.connection.closed
 
     @property
-    def print_callback(self):
+    def print_callback(self) -> Callable[[str], object] | None:
         return self.connection.print_callback
 
-    def cursor(self, vr_name=None):
+    def cursor(self, vr_name: str | None = None) -> Cursor:
         return Cursor(self, vr_name)
 
-    def commit(self):
+    def commit(self) -> None:
         """Nothing to do, as on the original: a set takes effect when it returns."""
 
-    def close(self):
+    def close(self) -> None:
         self.connection.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -283,27 +312,27 @@ class Cursor:
     ("too many instances"), as the original stops at 5000 rows.
     """
 
-    def __init__(self, connection, vr_name=None):
+    def __init__(self, connection: Connection, vr_name: str | None = None) -> None:
         self.connection = connection
         self.vr_name = vr_name
         self.retries = 0
-        self.retry_timeout = 5
+        self.retry_timeout: float = 5
         self.max_rows = MAX_ROWS
         self.batch_size = P.DEFAULT_BATCH
-        self.messages = []
+        self.messages: list[str] = []
         self.rowcount = -1
         self.closed = False
         self._reset()
 
-    def _reset(self):
-        self._rows = []
-        self._results = iter(())  # the Rows still to fetch: every fetch method draws from it
-        self._labels = ()  # add_field labels; () when the rows' own fields are the result
-        self._columns = None  # worked out from the rows when first asked for (description)
+    def _reset(self) -> None:
+        self._rows: list[_WireRow] = []
+        self._results: Iterator[Row] = iter(())  # the Rows still to fetch: every fetch method draws from it
+        self._labels: tuple[str, ...] = ()  # add_field labels; () when the rows' own fields are the result
+        self._columns: tuple[str, ...] | None = None  # worked out from the rows when first asked for (description)
 
     # -- executing -------------------------------------------------------
 
-    def execute(self, req):
+    def execute(self, req: request) -> Self:
         if self.closed:
             raise InterfaceError("the cursor is closed")
         # The last result goes first, so that a request that fails leaves no rows to mistake for its own.
@@ -325,7 +354,7 @@ class Cursor:
         self._results = self._generate(rows, tuple(req.fields), cut)
         return self
 
-    def _message(self, req):
+    def _message(self, req: request) -> tuple[_Message, bool]:
         """The wire request for ``req`` and whether it is a walk; ProgrammingError if it is wrong."""
         if not isinstance(req, request):
             raise ProgrammingError(
@@ -339,7 +368,7 @@ class Cursor:
         where = f"{_OPS[req.op]} {module}.{table}"
         if flags & CM_FLAG_GETONE and flags & CM_FLAG_GETNEXT:
             raise ProgrammingError(f"{where}: CM_FLAG_GETONE and CM_FLAG_GETNEXT are both set; choose one")
-        message = {"op": _OPS[req.op], "module": module, "table": table, "params": dict(req.params)}
+        message: _Message = {"op": _OPS[req.op], "module": module, "table": table, "params": dict(req.params)}
         vr = req.vr_name if req.vr_name is not None else self.vr_name
         if vr is not None:
             message["vr"] = vr
@@ -365,7 +394,7 @@ class Cursor:
             message["match"] = held
         return message, True
 
-    def _send(self, message):
+    def _send(self, message: _Message) -> _Message:
         attempt = 0
         while True:
             try:
@@ -376,7 +405,7 @@ class Cursor:
                 attempt += 1
                 exc.when_ready(timeout=self.retry_timeout)
 
-    def _walk(self, message):
+    def _walk(self, message: _Message) -> tuple[list[_WireRow], OperationalError | None]:
         # Ask for one row past max_rows: a row there tells a table that goes on from
         # one that ends exactly at the cap.
         rows, _ = cmfrontend.walk(self._send, message, self.batch_size, self.max_rows + 1)
@@ -389,18 +418,18 @@ class Cursor:
             "or give an index column a value with add_param to read fewer"
         )
 
-    def _on_notify(self, text):
+    def _on_notify(self, text: str) -> None:
         self.messages.append(text)
         callback = self.connection.print_callback
         if callback is not None:
             callback(text)
 
-    def executemany(self, req, seq_of_params):
+    def executemany(self, req: request, seq_of_params: Iterable[object]) -> NoReturn:
         raise NotSupportedError("exos_dbapi has no executemany: execute one request per row")
 
     # -- results -----------------------------------------------------------
 
-    def _column_names(self):
+    def _column_names(self) -> tuple[str, ...]:
         if self._labels:
             return self._labels
         if self._columns is None:
@@ -411,13 +440,15 @@ class Cursor:
         return self._columns
 
     @property
-    def description(self):
+    def description(self) -> tuple[tuple[str, type[str]], ...] | None:
         """(label, type) per field: the add_field labels, else the rows' field names; None without either."""
         names = self._column_names()
         return tuple((name, str) for name in names) or None
 
     @staticmethod
-    def _generate(rows, fields, cut):
+    def _generate(
+        rows: list[_WireRow], fields: tuple[tuple[str, str | None, str], ...], cut: OperationalError | None
+    ) -> Iterator[Row]:
         """The Rows of a result, each built when it is fetched. ``fields``: the
         request's (label, column, literal) triples; ``cut``: the error a walk cut at
         max_rows raises after its last row, or None."""
@@ -428,7 +459,7 @@ class Cursor:
                 for label, column, literal in fields:
                     # A literal's column is None, which no row has: .get gives None and
                     # the literal stands in, as "" does for a column missing or null.
-                    values[label] = row.get(column) or literal
+                    values[label] = row.get(column) or literal  # type: ignore[arg-type]
                 yield _new_tuple(Row, (rowid, CM_OP_STATUS_MORE if rowid < last else CM_OP_STATUS_SUCCESS, "", values))
         else:
             for rowid, row in enumerate(rows):
@@ -438,44 +469,45 @@ class Cursor:
         if cut is not None:
             raise cut
 
-    def iterrow(self):
+    def iterrow(self) -> Iterator[Row]:
         """The remaining rows as Row(rowid, opStatus, opMsg, field_values): a generator
         that builds each row as it is asked for, sharing its place with the fetch methods."""
         return self._results
 
-    def fetchrow(self):
+    def fetchrow(self) -> Row | None:
         """The next Row, or None after the last."""
         return next(self._results, None)
 
-    def fetchrows(self):
+    def fetchrows(self) -> list[Row]:
         """The remaining Rows, as a list."""
         return list(self.iterrow())
 
-    def fetchone(self):
+    def fetchone(self) -> list[str] | None:
         """The next row's values in description order (a list), or None after the last."""
         row = self.fetchrow()
         if row is None:
             return None
         values = row.field_values
-        return [values.get(name, "") for name in self._column_names()]
+        # A Row's field_values may hold None (cmfrontend's do); these never do (_generate).
+        return [values.get(name, "") for name in self._column_names()]  # type: ignore[misc]
 
-    def fetchall(self):
+    def fetchall(self) -> list[list[str]]:
         names = self._column_names()
-        return [[row.field_values.get(name, "") for name in names] for row in self.iterrow()]
+        return [[row.field_values.get(name, "") for name in names] for row in self.iterrow()]  # type: ignore[misc]
 
-    def fetchmany(self, size=None):
+    def fetchmany(self, size: int | None = None) -> NoReturn:
         raise NotSupportedError("exos_dbapi has no fetchmany: use fetchrow(), fetchrows(), iterrow() or fetchall()")
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[str]]:
         while (values := self.fetchone()) is not None:
             yield values
 
-    def close(self):
+    def close(self) -> None:
         self.closed = True
         self._reset()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

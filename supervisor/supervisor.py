@@ -5,6 +5,8 @@ docstring for how a request flows through them); this file keeps the public
 API, the control requests (status, save, restart, stop) and the wiring.
 """
 
+from __future__ import annotations
+
 import atexit
 import concurrent.futures
 import json
@@ -13,27 +15,71 @@ import os
 import weakref
 
 from cmactor import cmfrontend
-from cmactor.wire import protocol as P
 from cmactor.errors import StartupError
-
-from cmsupervisor.supervision import fds
-from cmsupervisor.front import server
-from cmsupervisor.persistence import state
-from cmsupervisor.observability import stats
-from cmsupervisor.persistence import store
-from cmsupervisor.observability.audit import AuditLog
+from cmactor.wire import protocol as P
 from cmsupervisor.config import agents_config, load_toml, supervisor_options
+from cmsupervisor.front import server
 from cmsupervisor.front.control import Control
 from cmsupervisor.front.deadlock import WaitGraph
-from cmsupervisor.supervision.lifecycle import Lifecycle
-from cmsupervisor.observability.logs import ModuleLogs
+from cmsupervisor.front.routing import Router
 from cmsupervisor.loop import EventLoop
+from cmsupervisor.observability import stats
+from cmsupervisor.observability.audit import AuditLog
+from cmsupervisor.observability.logs import ModuleLogs
+from cmsupervisor.persistence import state, store
+from cmsupervisor.persistence.saving import Saver
+from cmsupervisor.supervision import fds
+from cmsupervisor.supervision.lifecycle import Lifecycle
 from cmsupervisor.supervision.modules import Module
 from cmsupervisor.supervision.recovery import Recovery
 from cmsupervisor.supervision.restart import RestartPolicy
-from cmsupervisor.front.routing import Router
-from cmsupervisor.persistence.saving import Saver
 from cmsupervisor.supervision.workers import Workers
+
+# True for type checkers only (the names below are for annotations, never made at run time).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection, Mapping
+    from typing import Any, Self, TypedDict, Unpack
+
+    from cmsupervisor.observability.notify import Notifier
+
+    class SupervisorOptions(TypedDict, total=False):
+        """Supervisor()'s keyword options: the [supervisor] keys of a cmactor.toml but
+        state_dir (its own argument), as cmsupervisor.config.SUPERVISOR_OPTIONS checks them."""
+
+        socket: str | os.PathLike[str] | None
+        hold_timeout: float
+        start_timeout: float
+        stop_timeout: float
+        allowed_uids: list[int]
+        log_level: str
+        log_max_bytes: int
+        log_backups: int
+        max_frame: int
+        max_client_requests: int
+        max_client_backlog: int
+        max_backlog_total: int
+        frame_timeout: float
+        max_frames_total: int
+        max_direct_backlog_total: int
+        direct_idle_timeout: float
+        metrics: str | None
+        direct_reads: bool
+
+    class TomlOverrides(SupervisorOptions, total=False):
+        """from_toml()'s keyword overrides: every [supervisor] key."""
+
+        state_dir: str | os.PathLike[str]
+
+    class SaveSummary(TypedDict):
+        """What Supervisor.save() returns."""
+
+        file: str  # the config file written
+        modules: list[str]  # the modules walked, in save order
+        rows: int  # rows written, over all of them
+
+    # Supervisor.export(): {module: {table: [row, ...]}}, a row's None the agent's null.
+    Export = dict[str, dict[str, list[dict[str, str | None]]]]
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -63,27 +109,38 @@ class Supervisor:
     (kept, and named in the log) — an operator's explicit choice (``--saved-only``).
     """
 
-    def __init__(self, agents, state_dir=".cmactor", *, base_dir=None, ignore_config=False, recover=True, **options):
+    def __init__(
+        self,
+        agents: Mapping[str, str | Mapping[str, object]],
+        state_dir: str | os.PathLike[str] = ".cmactor",
+        *,
+        base_dir: str | os.PathLike[str] | None = None,
+        ignore_config: bool = False,
+        recover: bool = True,
+        **options: Unpack[SupervisorOptions],
+    ) -> None:
         self.base_dir = os.path.abspath(base_dir or os.getcwd())
         self.ignore_config = ignore_config
         self.recover = recover
         # A notify.Notifier, set before start(), is told of readiness, module state changes
         # and the stop: `cmactor run` under systemd sets one, an embedding program need not.
-        self.notifier = None
+        self.notifier: Notifier | None = None
         self._metrics = None  # metrics.Exporter while /metrics is served
-        self.options = supervisor_options("Supervisor options", {"state_dir": state_dir, **options})
+        self.options: dict[str, Any] = supervisor_options("Supervisor options", {"state_dir": state_dir, **options})
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
         agent_options = agents_config(agents, self.base_dir)
-        self.modules = {name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()}
-        self.hold_timeout = self.options["hold_timeout"]
-        self.socket_path = None
+        self.modules: dict[str, Module] = {
+            name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()
+        }
+        self.hold_timeout: float = self.options["hold_timeout"]
+        self.socket_path: str | None = None
         self._loop = None
         self._lock = None  # state.StateLock while started
         self._control = None  # control.Control, once built
 
     @classmethod
-    def from_toml(cls, path, **overrides):
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Unpack[TomlOverrides]) -> Self:
         """A supervisor configured by a cmactor.toml; keyword arguments override [supervisor] keys."""
         options, agents, base_dir = load_toml(path)
         options.update(overrides)
@@ -91,7 +148,7 @@ class Supervisor:
 
     # -- public API (any thread) -----------------------------------------
 
-    def start(self, timeout=None, strict=True):
+    def start(self, timeout: float | None = None, strict: bool = True) -> Self:
         """Start every agent; return when all are READY, else stop them and raise StartupError.
 
         ``strict=False`` (``cmactor run`` without ``--strict``): as supervisord and systemd
@@ -155,7 +212,9 @@ class Supervisor:
             raise StartupError(f"audit log {audit} cannot be written: {store.reason(exc)}") from None
         try:
             state.open_journals(self.modules, self.state_dir, self.recover)
-            return sections, state.listen(self.state_dir, self.base_dir, self.options["socket"], self.options["allowed_uids"])
+            return sections, state.listen(
+                self.state_dir, self.base_dir, self.options["socket"], self.options["allowed_uids"]
+            )
         except StartupError:
             state.close_journals(self.modules)
             self._audit.close()
@@ -197,8 +256,14 @@ class Supervisor:
             direct=self._direct_options(),
         )
         self._lifecycle = lifecycle = Lifecycle(
-            modules, loop, workers, router, saver, self._logs,
-            stop_timeout=self.options["stop_timeout"], on_stopped=self._close,
+            modules,
+            loop,
+            workers,
+            router,
+            saver,
+            self._logs,
+            stop_timeout=self.options["stop_timeout"],
+            on_stopped=self._close,
         )
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle, self._logs)
@@ -234,8 +299,14 @@ class Supervisor:
         if not self.options["direct_reads"]:
             return None
         keys = (
-            "allowed_uids", "max_frame", "max_client_requests", "max_client_backlog", "frame_timeout",
-            "max_frames_total", "max_direct_backlog_total", "direct_idle_timeout",
+            "allowed_uids",
+            "max_frame",
+            "max_client_requests",
+            "max_client_backlog",
+            "frame_timeout",
+            "max_frames_total",
+            "max_direct_backlog_total",
+            "direct_idle_timeout",
         )
         options = {key: self.options[key] for key in keys}
         return {**options, "supervisor_socket": self.socket_path}
@@ -259,38 +330,43 @@ class Supervisor:
             log.warning("%s; starting with defaults, the file is kept as %s", exc, aside)
             return {}
 
-    def connect(self, username="admin", print_callback=None, timeout=None):
+    def connect(
+        self,
+        username: str = "admin",
+        print_callback: Callable[[str], object] | None = None,
+        timeout: float | None = None,
+    ) -> cmfrontend.Connection:
         """A frontend connection to this supervisor."""
         if self.socket_path is None:
             raise RuntimeError("start() the supervisor before connecting to it")
         return cmfrontend.connect(username, print_callback, self.socket_path, timeout)
 
     @property
-    def metrics_url(self):
+    def metrics_url(self) -> str | None:
         """Where /metrics is served (the port bound, for ``metrics = "host:0"``), or None."""
         return None if self._metrics is None else self._metrics.url
 
-    def status(self):
+    def status(self) -> dict[str, dict[str, Any]]:
         """Per module: state, pid, restarts, unsaved, uptime, rss, cpu, threads, queue, inflight, ...
         (copied on the loop thread; the workers' psutil figures are read on the calling thread)."""
         return self._control.status()
 
-    def supervisor_status(self):
+    def supervisor_status(self) -> dict[str, Any]:
         """The supervisor's own figures: audit log lines that could not be written and the last error,
         clients connected, and saves (ok, errors by type, duration histogram)."""
         return self._loop.call(self._control.own_status)
 
-    def save(self, user="supervisor"):
+    def save(self, user: str = "supervisor") -> SaveSummary:
         """Save every READY module's persistent tables to the config file; return a summary.
 
         Raises DatabaseError naming the module whose save failed (the previous file
         stays as it was), OperationalError if the file cannot be written.
         """
-        future = concurrent.futures.Future()
+        future: concurrent.futures.Future[SaveSummary] = concurrent.futures.Future()
         self._loop.call(self._saver.request, future, user)
         return future.result()
 
-    def export(self, modules=None, user="supervisor"):
+    def export(self, modules: Collection[str] | None = None, user: str = "supervisor") -> Export:
         """The live rows of the persistent tables of ``modules`` (default: every module),
         walked as a save walks them but written nowhere: {module: {table: [row, ...]}},
         dependencies first, tables in persistent_list order, rows in walk order.
@@ -302,11 +378,11 @@ class Supervisor:
         self._loop.call(self._saver.export, future, user, modules)
         return {name: json.loads(section) for name, section in future.result()}
 
-    def restart(self, name):
+    def restart(self, name: str) -> None:
         """Restart one module now (reviving it if it is quarantined)."""
         return self._loop.call(self._recovery.restart, name)
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop every module (dependents first) and the loop; no process is left behind."""
         if self._loop is not None and not self._loop.finished:
             try:
@@ -320,14 +396,14 @@ class Supervisor:
             self._metrics = None
         _running.discard(self)
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until the supervisor has stopped (e.g. a client sent 'stop'). True if it has."""
         return self._loop.wait(timeout)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- on the loop thread ------------------------------------------------
