@@ -24,19 +24,19 @@ from collections import deque, namedtuple
 from collections.abc import Mapping
 
 from cmactor import cmbackend
-from cmactor.errors import (  # noqa: F401 - re-exported: PEP 249 puts these on the module
-    DatabaseError,
-    DataError,
-    DeadlockDetectedError,
-    Error,
-    IntegrityError,
-    InterfaceError,
-    InternalError,
-    ModuleUnavailable,
-    NotSupportedError,
-    OperationalError,
-    ProgrammingError,
-    Warning,
+from cmactor.errors import (  # re-exported: PEP 249 puts these on the module
+    DatabaseError as DatabaseError,
+    DataError as DataError,
+    DeadlockDetectedError as DeadlockDetectedError,
+    Error as Error,
+    IntegrityError as IntegrityError,
+    InterfaceError as InterfaceError,
+    InternalError as InternalError,
+    ModuleUnavailable as ModuleUnavailable,
+    NotSupportedError as NotSupportedError,
+    OperationalError as OperationalError,
+    ProgrammingError as ProgrammingError,
+    Warning as Warning,
     from_wire,
 )
 from cmactor.wire import protocol as P
@@ -205,6 +205,10 @@ def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None
             return False
         time.sleep(min(pause, left))
         pause = min(pause * 2, 0.2)
+
+
+# ModuleUnavailable.when_ready() waits through the client (cmactor.errors imports nothing).
+ModuleUnavailable.wait_until_ready = staticmethod(wait_until_ready)
 
 
 def open_index(params: Mapping[str, object] | None) -> list[str] | None:

@@ -5,6 +5,13 @@ The client-facing part follows PEP 249; errors cross the wire as
 with :func:`from_wire`.
 """
 
+from __future__ import annotations
+
+# True for type checkers only: the names below are for annotations (typing is not loaded).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
 # The exception tree, which the cmactor package re-exports; the wire helpers below
 # are for cmactor's own sides.
 __all__ = [
@@ -72,25 +79,27 @@ class ModuleUnavailable(OperationalError):
     ``when_ready()`` waits for it, as exos_dbapi callers do before a retry.
     """
 
-    socket_path = None  # the supervisor the request went to, where when_ready() asks
+    socket_path: str | None = None  # the supervisor the request went to, where when_ready() asks
+    # How when_ready() asks: the client's wait_until_ready(socket_path, module, timeout),
+    # which cmfrontend installs here as it is imported (always, with the cmactor
+    # package). This module imports nothing, so that every process loads it first.
+    wait_until_ready: Callable[[str | None, str | None, float], bool] | None = None
 
-    def __init__(self, message="", module_name=None):
+    def __init__(self, message: object = "", module_name: str | None = None) -> None:
         super().__init__(message)
         # ModuleUnavailable("vlanmgr"), as the original is raised: the message is the name.
         if module_name is None and isinstance(message, str) and message.isidentifier():
             module_name = message
-        self.module_name = module_name
+        self.module_name: str | None = module_name
 
-    def when_ready(self, callback=None, timeout=5):
+    def when_ready(self, callback: Callable[[], object] | None = None, timeout: float = 5) -> bool:
         """Wait until ``module_name`` is READY or ``timeout`` seconds pass, then call
         ``callback()`` if given; True if it is READY.
 
         A module that is FAILED, stopping or gone makes this wait out the timeout
         (it may be restarted meanwhile); it never waits longer.
         """
-        from cmactor.cmfrontend import wait_until_ready  # the client needs this module first
-
-        ready = wait_until_ready(self.socket_path, self.module_name, timeout)
+        ready = ModuleUnavailable.wait_until_ready(self.socket_path, self.module_name, timeout)
         if callback is not None:
             callback()
         return ready
@@ -107,9 +116,9 @@ class ConfigError(ValueError):
 class StartupError(RuntimeError):
     """``Supervisor.start()`` gave up; ``reasons`` maps each module that is not READY to why."""
 
-    def __init__(self, message, reasons=None):
+    def __init__(self, message: str, reasons: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
-        self.reasons = dict(reasons or {})
+        self.reasons: dict[str, str] = dict(reasons or {})
 
 
 WIRE_ERRORS = {

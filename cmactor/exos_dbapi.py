@@ -29,18 +29,20 @@ from __future__ import annotations
 
 from cmactor import cmfrontend
 from cmactor.cmfrontend import Row as Row  # "X as X": re-exported, as the errors are (apps catch them from here)
-from cmactor.errors import DatabaseError as DatabaseError
-from cmactor.errors import DataError as DataError
-from cmactor.errors import DeadlockDetectedError as DeadlockDetectedError
-from cmactor.errors import Error as Error
-from cmactor.errors import IntegrityError as IntegrityError
-from cmactor.errors import InterfaceError as InterfaceError
-from cmactor.errors import InternalError as InternalError
-from cmactor.errors import ModuleUnavailable as ModuleUnavailable
-from cmactor.errors import NotSupportedError as NotSupportedError
-from cmactor.errors import OperationalError as OperationalError
-from cmactor.errors import ProgrammingError as ProgrammingError
-from cmactor.errors import Warning as Warning
+from cmactor.errors import (
+    DatabaseError as DatabaseError,
+    DataError as DataError,
+    DeadlockDetectedError as DeadlockDetectedError,
+    Error as Error,
+    IntegrityError as IntegrityError,
+    InterfaceError as InterfaceError,
+    InternalError as InternalError,
+    ModuleUnavailable as ModuleUnavailable,
+    NotSupportedError as NotSupportedError,
+    OperationalError as OperationalError,
+    ProgrammingError as ProgrammingError,
+    Warning as Warning,
+)
 from cmactor.wire import protocol as P
 
 # True for type checkers only: annotations need no typing import at run time.

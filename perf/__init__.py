@@ -106,8 +106,7 @@ def _groups(sizes, sup, conn):
     """The measurements, in groups of (steps, rounds): a floor and the scenarios
     compared with it are set up together and their rounds interleave, so that the
     machine's drift (large on shared VMs) hits both sides of a ratio alike."""
-    from . import baseline as b
-    from . import scenarios as s
+    from . import baseline as b, scenarios as s
 
     ping, pipe = sizes["pingpong"], sizes["pipelined"]
     # Each of the CLIENTS clients sends n/CLIENTS: as many requests per round as one client.

@@ -39,6 +39,10 @@ ROW = {"key": "k", "value": "v"}
 # A client, worker or broker that takes longer than this to answer is stuck.
 TIMEOUT = 120
 
+# The tags of cmactor's Req and Reply: the broker's messages to and from its worker
+# begin as cmactor's do (plain lists, not protocol's Structs).
+REQ, REPLY = P.Req.__struct_config__.tag, P.Reply.__struct_config__.tag
+
 
 def request(table="kv", module="bench", op="get", params=None):
     """A frontend request map (the id is filled in per request)."""
@@ -250,7 +254,7 @@ def serve_worker(sock):
             if isinstance(msg, dict):
                 out += P.pack({"id": msg["id"], "ok": True, "rows": [ROW], "more": False})
             else:
-                out += P.pack([P.Reply.CODE, msg[1], None, [ROW], False, False])
+                out += P.pack([REPLY, msg[1], None, [ROW], False, False])
         sock.sendall(out)
 
 
@@ -289,7 +293,7 @@ def serve_broker(client_socks, worker):
                 for req in key.data.feed(data):
                     sid = next(sids)
                     pending[sid] = (sock, req["id"])
-                    buf += P.pack([P.Req.CODE, sid, req["op"], req["table"], req["params"], None, 0, 1, None])
+                    buf += P.pack([REQ, sid, req["op"], req["table"], req["params"], None, 0, 1, None])
         for sock, buf in out.items():
             if buf:
                 try:

@@ -39,13 +39,17 @@ worker's own socket, which workers.py binds at each start and hands to the worke
     client ◀──frame── cmactor/direct.py     the reply, counted in shared memory (figures.py)
 
 Where a crash enters: the worker's process sentinel fires in the loop, and
-recovery.py reaps it (workers.py), fails the requests its lanes had started,
-holds the others in routing.py for the restart, and asks restart.py whether to
-restart it or quarantine it (lifecycle.py). Its direct clients see their socket
-fail and send the read again, to the supervisor, where it is held likewise. Start-up and stop are lifecycle.py:
+recovery.py alone takes it from there: it reaps the worker (workers.py), fails
+the requests its lanes had started, holds the others in routing.py for the
+restart, asks its restart policy for a backoff or quarantine, and launches the
+next worker. Its direct clients see their socket fail and send the read again,
+to the supervisor, where it is held likewise. Start-up and stop are lifecycle.py:
 Init → WAITING_DEPS (deps.py) → LOADING (the saved section from saving.py, plus
-the journal) → READY, and dependents first on the way down. supervisor.py builds
-these parts, gives each the others it calls, and is the public facade.
+the journal) → READY, and dependents first on the way down. A module's record
+(modules.py) changes through its own methods alone, and tells its subscribers of
+each state change: routing.py holds, sends or fails the requests held for it.
+supervisor.py builds these parts, gives each the others it calls, subscribes the
+router, and is the public facade.
 
 What a worker logs (protocol.Log on its channel) and writes to stdout or stderr
 (a third socket pair, read by workers.py) goes to its module's log, logs.py; the

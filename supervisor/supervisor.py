@@ -31,8 +31,7 @@ from cmsupervisor.persistence.saving import Saver
 from cmsupervisor.supervision import fds
 from cmsupervisor.supervision.lifecycle import Lifecycle
 from cmsupervisor.supervision.modules import Module
-from cmsupervisor.supervision.recovery import Recovery
-from cmsupervisor.supervision.restart import RestartPolicy
+from cmsupervisor.supervision.recovery import Recovery, RestartPolicy
 from cmsupervisor.supervision.workers import Workers
 
 # True for type checkers only (the names below are for annotations, never made at run time).
@@ -179,7 +178,8 @@ class Supervisor:
         if self.options["metrics"] is not None:
             self._serve_metrics()
         self._loop.call(self._recovery.watchdog)
-        self._loop.call(self._lifecycle.start_all)
+        self._loop.call(self._router.time_out)
+        self._loop.call(self._recovery.launch_all)
         self._lifecycle.start_done.wait(timeout)
         reasons = self._loop.call(self._lifecycle.not_ready)
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
@@ -247,7 +247,9 @@ class Supervisor:
         self._graph = graph = WaitGraph(modules)
         self._router = router = Router(modules, loop, graph, self._audit, self.hold_timeout)
         self._server.on_drop = router.forget_client
-        self._saver = saver = Saver(modules, loop, router, self._audit, self.config_path, sections)
+        for mod in modules.values():  # what is held for a module follows its state
+            mod.subscribe(router.module_changed)
+        self._saver = saver = Saver(modules, loop, self._audit, self.config_path, sections)
         self._workers = workers = Workers(
             loop,
             socket_path=self.socket_path,

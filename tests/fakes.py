@@ -3,10 +3,13 @@
 import itertools
 import queue
 
+import msgspec
+
 from cmactor.wire import protocol as P
 from cmsupervisor.persistence import store
 from cmsupervisor.persistence.saving import Saver
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.modules import Module
+from cmsupervisor.supervision.states import (
     FAILED,
     LOADING,
     READY,
@@ -15,15 +18,14 @@ from cmsupervisor.supervision.modules import (
     STOPPED,
     STOPPING,
     WAITING_DEPS,
-    Module,
 )
 
 ALL_STATES = [STOPPED, STARTING, WAITING_DEPS, LOADING, READY, RESTARTING, FAILED, STOPPING]
 
 
 def wire(kind, *fields):
-    """A worker message of ``kind`` as the supervisor reads it: built, then decoded."""
-    return P.decode(kind.of(*fields))
+    """A worker message of ``kind`` as the supervisor reads it: built, encoded, then decoded."""
+    return P.CHANNEL.decode(msgspec.msgpack.encode(kind(*fields)))
 
 
 def module(name, state=STOPPED, **fields):
@@ -114,11 +116,14 @@ class PumpLoop:
 
 
 class SaveRouter:
+    """The router as the supervisor subscribes it to each module: what it was told to release."""
+
     def __init__(self):
         self.released = []
 
-    def release_held(self, mod):
-        self.released.append(mod.name)
+    def module_changed(self, mod, _before):
+        if mod.state == READY:  # Router.module_changed: what is held for it is sent
+            self.released.append(mod.name)
 
 
 class FakeJournal:
@@ -177,12 +182,14 @@ class SaveSetup:
             )
         self.loop = PumpLoop()
         self.router = SaveRouter()
+        for mod in self.modules.values():
+            mod.subscribe(self.router.module_changed)
         self.audit = FakeAudit()
         self.path = str(tmp_path / "config.jsonl")
         previous = previous or {}
         if previous:
             store.write(self.path, previous)
-        self.saver = Saver(self.modules, self.loop, self.router, self.audit, self.path, dict(previous))
+        self.saver = Saver(self.modules, self.loop, self.audit, self.path, dict(previous))
         self.idle = []
         self.saver.on_idle = lambda: self.idle.append(True)
 

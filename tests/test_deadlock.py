@@ -6,16 +6,16 @@ import time
 import pytest
 from fakes import module
 from helpers import agent
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
+from cmactor.wire.validate import Request
 from cmsupervisor.front.deadlock import WaitGraph
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.modules import Pending
+from cmsupervisor.supervision.states import (
     LOADING,
     READY,
     STARTING,
     WAITING_DEPS,
-    Pending,
 )
 
 CALLER = agent("caller.py:main")
@@ -201,11 +201,11 @@ def graph_of(*mods):
 
 
 def agent_call(caller, lane, sid, target, table="t", op="get"):
-    return Pending(None, 1, {"module": target, "table": table, "op": op, "caller": [caller, lane, sid]}, 0.0)
+    return Pending(None, 1, Request(id=1, op=op, module=target, table=table, caller=(caller, lane, sid)), 0.0)
 
 
 def admit(graph, modules, pending):
-    return graph.admit(modules[pending.request["module"]], pending)
+    return graph.admit(modules[pending.request.module], pending)
 
 
 def test_a_serial_call_is_admitted_and_the_reverse_call_is_refused_with_the_cycle():
@@ -274,7 +274,7 @@ def test_forget_removes_the_edge():
 def test_forget_module_drops_the_edges_of_its_lanes_and_running_actions():
     a = module("a", READY, async_ops=frozenset({("t", "get")}), pool_size=1)
     modules, graph = graph_of(a, module("b", READY))
-    running = Pending(None, 9, {"module": "a", "table": "t", "op": "get"}, 0.0)
+    running = Pending(None, 9, Request(id=9, op="get", module="a", table="t"), 0.0)
     running.is_async, running.sid = True, 5
     a.inflight[5] = running
     assert admit(graph, modules, agent_call("a", "serial", 1, "b")) is None  # a's lane waits on b
@@ -306,7 +306,7 @@ def test_a_call_to_an_async_action_gets_its_own_executor():
 def running_async(mod, *sids):
     """Async requests ``sids`` of ``mod`` in flight, in that order."""
     for sid in sids:
-        busy = Pending(None, sid, {"module": mod.name, "table": "t", "op": "get"}, 0.0)
+        busy = Pending(None, sid, Request(id=sid, op="get", module=mod.name, table="t"), 0.0)
         busy.is_async, busy.sid = True, sid
         mod.inflight[sid] = busy
 
@@ -356,7 +356,7 @@ def test_refusals_held_returns_held_calls_whose_caller_the_module_now_waits_on()
     modules, graph = graph_of(a, module("b", LOADING), module("c", READY))
     from_b = agent_call("b", "serial", 1, "a", table="x", op="set")
     from_c = agent_call("c", "serial", 2, "a")
-    from_client = Pending(None, 3, {"module": "a", "table": "t", "op": "get"}, 0.0)
+    from_client = Pending(None, 3, Request(id=3, op="get", module="a", table="t"), 0.0)
     assert admit(graph, modules, from_b) is None  # a's deps are not known yet
     assert admit(graph, modules, from_c) is None
     a.held.extend([from_client, from_b, from_c])

@@ -4,6 +4,7 @@
 Real supervisors, real workers, real signals. Each result a client sees is compared
 with the same request through the supervisor (direct_reads = false)."""
 
+import array
 import os
 import signal
 import socket
@@ -16,7 +17,9 @@ from helpers import agent, kv_rows, wait_for
 from rawsocket import read_frames
 
 import cmactor
+from cmactor.cmbackend import CmAgent
 from cmactor.wire import protocol as P
+from cmactor.worker import process as worker
 
 ECHO = agent("echo.py:main")
 READER = agent("reader.py:main")
@@ -256,6 +259,72 @@ def test_a_worker_not_ready_sends_reads_to_the_supervisor(supervisor):
     sock.close()
     cur.execute("get echo.kv", {"key": "default"})  # held by the supervisor until READY
     assert cur.fetchone() == ("default", "yes")
+
+
+def test_the_route_handed_out_as_the_module_goes_ready_is_served_at_once(supervisor):
+    # READY means the worker serves its socket: the first route of each new worker, asked
+    # for as fast as a client can, never finds the worker redirecting reads.
+    sup = supervisor({"echo": ECHO})
+    get = {"id": 1, "op": "get", "module": "echo", "table": "kv", "params": {"key": "default"}}
+    with sup.connect() as conn:
+        route = conn.request({"op": "route", "module": "echo"})["route"]
+        for _ in range(3):
+            os.kill(sup.status()["echo"]["pid"], signal.SIGKILL)
+            old, route = route, None
+            deadline = time.monotonic() + 10
+            while route is None or route == old:
+                assert time.monotonic() < deadline, "no new route"
+                route = conn.request({"op": "route", "module": "echo"})["route"]
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(route["path"])
+                reply = ask(sock, get)
+            assert reply.get("redirect") is None and reply["rows"], reply
+
+
+class _Direct:
+    """A worker's direct socket as its Runtime sees it: whether it is served."""
+
+    serving = False
+
+
+class _Agent(CmAgent):
+    def __init__(self, runtime=None):
+        super().__init__()
+        self.runtime = runtime  # given: ready() is called from the load, as agents do
+
+    def event_generate_default(self):
+        if self.runtime is not None:
+            self.runtime.ready()
+
+
+def _worker(sent):
+    """A worker's Runtime (no process) whose every message to the supervisor is noted in
+    ``sent`` as (its kind, whether the direct socket was served as it left)."""
+    runtime = worker.Runtime("m", None, None, 2, array.array("q", [0] * P.SLOTS_SIZE))
+    runtime.direct = _Direct()
+    runtime.send = lambda message: sent.append((type(message).__name__, runtime.direct.serving))
+    return runtime
+
+
+def test_a_plain_process_serves_its_socket_before_it_reports_ready():
+    # Ready alone makes a plain process READY: the socket is served before it leaves, so a
+    # route the supervisor hands out at once is never found redirecting (it was, with the
+    # supervisor's Serve sent after READY: a race the first direct read could lose).
+    sent = []
+    _worker(sent).ready()
+    assert sent == [("Ready", True)]
+
+
+@pytest.mark.parametrize("ready_in_load", [False, True], ids=["ready-before-load", "ready-in-load"])
+def test_an_agent_serves_its_socket_before_it_reports_the_last_of_ready_and_its_load(ready_in_load):
+    sent = []
+    runtime = _worker(sent)
+    runtime.register(_Agent(runtime if ready_in_load else None), [], [])
+    if not ready_in_load:
+        runtime.ready()  # the module is READY only once its load is done too: not served yet
+    runtime._run_serial((P.Load(1, None, []), None, None))
+    assert sent == [("Init", False), ("Ready", False), ("Loaded", True)]
 
 
 def test_a_direct_read_run_by_a_lane_thread_leaves_the_other_to_read(supervisor):

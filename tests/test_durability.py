@@ -234,7 +234,7 @@ def test_an_internal_error_fails_only_the_request_involved(supervisor, monkeypat
     route = sup._server.on_data  # the router's route, which the server hands data requests to
 
     def buggy(client, request):
-        if request["table"] == "boom":
+        if request.table == "boom":
             raise RuntimeError("a bug in routing")
         return route(client, request)
 

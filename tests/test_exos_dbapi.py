@@ -8,8 +8,7 @@ import time
 import pytest
 from helpers import agent, wait_for
 
-from cmactor import cmfrontend
-from cmactor import exos_dbapi as db
+from cmactor import cmfrontend, exos_dbapi as db
 from cmactor.exos_dbapi import Column, Table, request
 
 AGENT = agent("dbapi_agents.py:main")

@@ -13,15 +13,14 @@ import time
 import pytest
 from fakes import SaveSetup
 from helpers import agent
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 from processes import cmactor_cmd
 
 import cmactor
 from cmsupervisor.cli import program as cli
 from cmsupervisor.cli.commands import Command, CommandError, export_line, parse, split_line
 from cmsupervisor.persistence import store
-from cmsupervisor.supervision.modules import READY, RESTARTING
+from cmsupervisor.supervision.states import READY, RESTARTING
 
 SWITCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "switch")
 SWITCH_AGENTS = {name: os.path.join(SWITCH, f"{name}.py:main") for name in ("ports", "vlan", "stats")}

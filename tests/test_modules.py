@@ -8,7 +8,8 @@ from fakes import ALL_STATES, Reports, module, wire
 from cmactor.errors import InternalError
 from cmactor.wire import protocol as P
 from cmsupervisor.supervision.lifecycle import Lifecycle
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.modules import unknown_module
+from cmsupervisor.supervision.states import (
     FAILED,
     LOADING,
     READY,
@@ -18,7 +19,6 @@ from cmsupervisor.supervision.modules import (
     STOPPING,
     TRANSITIONS,
     WAITING_DEPS,
-    unknown_module,
 )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from cmactor.cmbackend import CmAgent, async_action
 from cmactor.wire import protocol as P
+from cmactor.wire.validate import Request
 from cmactor.worker import process as worker
 from cmactor.worker.outbox import Outbox
 from cmsupervisor.supervision.modules import Pending
@@ -147,24 +148,24 @@ def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair
     slots = array.array("q", [0] * P.SLOTS_SIZE)
     runtime = worker.Runtime("m", writer, None, 2, slots)
     runtime.register(_AsyncAgent(), [], [])
-    init = _read_exactly(reader, len(P.pack(P.Init.of([], [], ["kv_get"], 2))))
-    assert P.FrameReader().feed(init)[0][0] == P.Init.CODE
+    init = _read_exactly(reader, len(P.pack(P.Init([], [], ["kv_get"], 2))))
+    assert type(P.FrameReader(decode=P.CHANNEL.decode).feed(init)[0]) is P.Init
     holder, rest = _blocked_writer(runtime._outbox, reader, P.pack)
-    request = P.Req.read(P.decode(P.Req.of(7, "get", "kv", {}, None, 0, 1, None, None, None)))
+    request = P.Req(7, "get", "kv", {}, None, 0, 1, None, None, None)
     runtime._route(request)  # to the pool, as the reading lane thread hands it on
     deadline = time.monotonic() + 10
     while not (slots[P.async_slot(0)] == 7 and slots[P.async_slot(0) + 1] == 0):  # ran, and finished
         assert time.monotonic() < deadline, f"the action did not end with its sid kept in its slot: {list(slots[:5])}"
         time.sleep(0.01)
     assert holder.is_alive(), "the big frame was written: the reply did not have to wait"
-    pending = Pending(None, 1, {"module": "m", "table": "kv", "op": "get"}, 0.0)
+    pending = Pending(None, 1, Request(id=1, op="get", module="m", table="kv"), 0.0)
     pending.sid, pending.is_async = 7, True
     started, waiting = split_started({7: pending}, slots)
     assert (started, waiting) == ([pending], [])
     _read_exactly(reader, rest)  # the big frame, then the reply the writer took on
     holder.join(timeout=10)
-    (reply,) = P.FrameReader(max_frame=None).feed(reader.recv(1 << 16))
-    assert P.decode(reply).sid == 7
+    (reply,) = P.FrameReader(max_frame=None, decode=P.CHANNEL.decode).feed(reader.recv(1 << 16))
+    assert reply.sid == 7
 
 
 def test_a_frame_sent_while_flush_writes_is_written_before_flush_returns(pair):

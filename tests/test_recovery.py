@@ -15,13 +15,11 @@ from helpers import agent, kv_rows, wait_for
 
 import cmactor
 from cmactor.wire import protocol as P
-from cmsupervisor.supervision.modules import (
-    FAILED,
-    RESTARTING,
-    Pending,
-)
-from cmsupervisor.supervision.recovery import Recovery, split_started
-from cmsupervisor.supervision.restart import RestartPolicy
+from cmactor.wire.validate import Request
+from cmsupervisor.supervision.modules import Pending
+from cmsupervisor.supervision.recovery import Recovery, RestartPolicy, split_started
+from cmsupervisor.supervision.states import FAILED, RESTARTING
+from cmsupervisor.supervision.workers import SpawnFailed
 
 ECHO = agent("echo.py:main")
 
@@ -385,7 +383,7 @@ def test_journal_files_are_replayed_in_the_order_their_changes_were_made():
 
 
 def pend(sid, is_async):
-    p = Pending(None, sid, {"module": "m", "table": "t", "op": "get"}, 0.0)
+    p = Pending(None, sid, Request(id=sid, op="get", module="m", table="t"), 0.0)
     p.sid, p.is_async = sid, is_async
     return p
 
@@ -416,17 +414,21 @@ def test_split_started_by_the_progress_slots(make):
     assert sids(waiting) == [6]
 
 
-class LaunchFails:
-    """A lifecycle whose every start of a worker fails, as with a process that cannot be made
-    (a shortage of descriptors is retried by the lifecycle itself, never reaching here)."""
+class SpawnFails:
+    """Workers whose every start of a process fails, as with one that cannot be made (a
+    shortage of descriptors is retried by Recovery.launch itself, never reaching here)."""
+
+    def spawn(self, mod):
+        raise SpawnFailed("could not start a worker process: PicklingError: cannot pickle the agent's options", False)
+
+
+class Quarantines:
+    """The lifecycle as recovery reaches it, with the quarantines it was asked for."""
 
     starting = stopping = False
 
     def __init__(self):
         self.quarantined = []
-
-    def launch(self, mod):
-        return "could not start a worker process: PicklingError: cannot pickle the agent's options"
 
     def quarantine(self, mod, reason):
         self.quarantined.append(reason)
@@ -438,8 +440,8 @@ def test_a_restart_that_cannot_start_a_process_backs_off_then_quarantines():
         {"max_restarts": 3, "restart_window": 60, "restart_delay": 0.1, "restart_delay_max": 5, "stable_after": 10}
     )
     mod = module("m", RESTARTING, policy=policy, started_at=time.monotonic() - 100)  # it had run for long
-    loop, lifecycle = RouterLoop(), LaunchFails()
-    recovery = Recovery({"m": mod}, loop, None, None, None, None, lifecycle, Reports())
+    loop, lifecycle = RouterLoop(), Quarantines()
+    recovery = Recovery({"m": mod}, loop, SpawnFails(), None, None, None, lifecycle, Reports())
     for expected in (0.1, 0.2, 0.4):  # the backoff grows: a failed start has no uptime
         recovery._respawn(mod)
         assert mod.state == RESTARTING and "cannot pickle" in mod.last_exit

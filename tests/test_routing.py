@@ -6,11 +6,13 @@ import time
 import pytest
 from fakes import FakeAudit, FakeClient, RouterLoop, module, wire
 
-from cmactor.errors import DatabaseError, to_wire
+from cmactor.errors import DatabaseError, action_timed_out, to_wire
 from cmactor.wire import protocol as P
+from cmactor.wire.validate import Request
 from cmsupervisor.front.deadlock import WaitGraph
 from cmsupervisor.front.routing import Router
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.modules import Pending
+from cmsupervisor.supervision.states import (
     FAILED,
     LOADING,
     READY,
@@ -18,7 +20,6 @@ from cmsupervisor.supervision.modules import (
     STARTING,
     STOPPING,
     WAITING_DEPS,
-    Pending,
 )
 
 
@@ -71,19 +72,11 @@ class RouterSetup:
         self.rids = itertools.count(1)
 
     def route(self, module_name, op="get", table="t", params=None, client=None, **extra):
-        req = {
-            "id": next(self.rids),
-            "op": op,
-            "module": module_name,
-            "table": table,
-            "params": params or {},
-            "after": None,
-            "batch": P.DEFAULT_BATCH,
-            "user": "alice",
-            **extra,
-        }
+        req = Request(
+            id=next(self.rids), op=op, module=module_name, table=table, params=params or {}, user="alice", **extra
+        )
         self.router.route(client or self.client, req)
-        return req["id"]
+        return req.id
 
 
 def frames(client):
@@ -150,7 +143,7 @@ def test_a_client_that_leaves_takes_its_held_requests_with_it():
     assert (
         r.graph.admit(
             r.modules["ports"],
-            Pending(r.client, 9, {"module": "ports", "table": "t", "op": "get", "caller": ["vlan", "serial", 4]}, 0.0),
+            Pending(r.client, 9, Request(id=9, op="get", module="ports", table="t", caller=["vlan", "serial", 4]), 0.0),
         )
         is None
     )  # no edge left
@@ -193,6 +186,50 @@ def test_hold_again_puts_requests_first_in_line():
     assert crashed[0].hold == 3
     r.router.hold_again(mod, [])
     assert len(r.loop.timers) == 3  # one a request
+
+
+def test_subscribed_to_its_modules_the_router_sends_and_fails_what_is_held_as_they_change():
+    r = RouterSetup({"ports": LOADING, "vlan": STARTING})
+    for mod in r.modules.values():  # as the supervisor wires them
+        mod.subscribe(r.router.module_changed)
+    ports, vlan = r.modules["ports"], r.modules["vlan"]
+    first = r.route("ports")
+    ports.became_ready()
+    assert [p.rid for p in ports.inflight.values()] == [first] and len(ports.held) == 0
+    ports.save_began()
+    during = r.route("ports")
+    assert [p.rid for p in ports.held] == [during]
+    ports.save_ended()
+    assert [p.rid for p in ports.inflight.values()] == [first, during] and len(ports.held) == 0
+    held = r.route("vlan", hold=60)
+    vlan.failed("crashed too often")
+    assert errors(r.client) == [
+        (
+            held,
+            "ModuleUnavailable",
+            "module 'vlan' is quarantined (FAILED): crashed too often; revive it with `cmactor restart vlan`",
+        )
+    ]
+    assert r.loop.timers == []  # every hold timer cancelled
+
+
+def test_a_request_in_flight_past_its_action_timeout_fails_and_the_router_looks_again():
+    r = RouterSetup({"ports": READY})
+    mod = r.modules["ports"]
+    mod.options["action_timeout"] = 2.0
+    old = r.route("ports")
+    r.loop.now += 1.5
+    new = r.route("ports")
+    r.loop.now += 0.6
+    r.router.time_out()
+    assert errors(r.client) == [(old, "OperationalError", action_timed_out("get", "ports", "t", 2.0))]
+    assert [p.rid for p in mod.inflight.values()] == [new]
+    ((delay, fn, _),) = r.loop.timers
+    assert delay == 0.5 and fn == r.router.time_out  # a quarter of the shortest action_timeout
+    r.loop.timers.clear()
+    r.router.close()
+    r.router.time_out()
+    assert r.loop.timers == []  # not after the stop began
 
 
 def test_a_request_to_an_unknown_module_names_the_known_ones():

@@ -10,7 +10,7 @@ from fakes import FakeClient, FakeJournal, SaveSetup, module, wire
 from cmactor.errors import DatabaseError, OperationalError
 from cmactor.wire import protocol as P
 from cmsupervisor.persistence import store
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.states import (
     FAILED,
     LOADING,
     READY,

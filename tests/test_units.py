@@ -4,8 +4,7 @@ import json
 
 import msgpack
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from cmactor.cmbackend import ActionStopped, CmAgent, CmContext, async_action
 from cmactor.cmfrontend import description, parse_operation, wire_params
@@ -18,10 +17,11 @@ from cmactor.errors import (
     to_wire,
 )
 from cmactor.wire import protocol as P
+from cmactor.wire.validate import Request, decode_request
 from cmsupervisor.front.server import BadRequest, parse_request
 from cmsupervisor.persistence import store
 from cmsupervisor.supervision import deps
-from cmsupervisor.supervision.restart import RestartPolicy
+from cmsupervisor.supervision.recovery import RestartPolicy
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.binary(),
@@ -92,15 +92,15 @@ def request(**fields):
 
 def test_parse_request_fills_in_the_defaults():
     req = parse_request(request())
-    assert req["params"] == {"name": "1"} and req["after"] is None and req["batch"] == P.DEFAULT_BATCH
+    assert req.params == {"name": "1"} and req.after is None and req.batch == P.DEFAULT_BATCH
     req = parse_request(
         request(
             vr="VR-Mgmt", batch=5, after={"name": "1", "gone": None}, hold=0.5, caller=["vlan", "async", 3], notify=True
         )
     )
-    assert req["batch"] == 5 and req["after"] == {"name": "1", "gone": None} and req["vr"] == "VR-Mgmt"
-    assert parse_request(request(params=None))["params"] == {}
-    assert parse_request({"id": 1, "op": "status"}) == {"id": 1, "op": "status"}
+    assert req.batch == 5 and req.after == {"name": "1", "gone": None} and req.vr == "VR-Mgmt"
+    assert parse_request(request(params=None)).params == {}
+    assert parse_request({"id": 1, "op": "status"}) == Request(id=1, op="status")
 
 
 @pytest.mark.parametrize(
@@ -132,6 +132,81 @@ def test_parse_request_refuses_with_the_field_named(message, rid, words):
     with pytest.raises(BadRequest) as caught:
         parse_request(message)
     assert caught.value.rid == rid and words in str(caught.value)
+
+
+# Request maps near good ones, any field now and then of another type or missing, for
+# the two checks of validate.py: msgspec's (decode_request) and the hand check.
+_TEXT = st.sampled_from(["", "1", "name", "key"])
+_NAMES = st.sampled_from(["ports", "port", "P9", "ports", "port", "P9", "_x", "", "a-b"])
+_ODD = (
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2)
+    | st.floats()
+    | st.binary(max_size=2)
+    | st.lists(_TEXT, max_size=2)
+    | st.dictionaries(_TEXT | st.binary(max_size=1), _TEXT | st.none() | st.integers(0, 1), max_size=2)
+)
+_FIELDS = {
+    "id": st.integers(-(2**63), 2**64 - 1),
+    "op": st.sampled_from(P.DATA_OPS + P.CONTROL_OPS + ("drop",)),
+    "user": _TEXT,
+    "module": _NAMES,
+    "table": _NAMES,
+    "params": st.dictionaries(_TEXT, _TEXT, max_size=3),
+    "vr": _TEXT,
+    "notify": st.booleans(),
+    "after": st.dictionaries(_TEXT, _TEXT | st.none(), max_size=2),
+    "batch": st.sampled_from([0, 1, 5, 100000, 100001]),
+    "index": st.lists(_TEXT, max_size=3),
+    "match": st.lists(_TEXT, max_size=2),
+    "hold": st.sampled_from([0, 0.5, 86400, 86401, -1, float("nan"), float("inf")]),
+    "caller": st.tuples(_NAMES, st.sampled_from(["serial", "async", "x"]), st.integers(0, 2)).map(list),
+    "modules": st.lists(_NAMES, max_size=2),
+    "extra": _TEXT,
+}
+_REQUIRED = ("id", "op", "module", "table")  # not always there either
+_DATA_FIELDS = ("module", "table", "params", "vr", "notify", "after", "batch", "index", "match", "hold")
+_CONTROL_FIELDS = {"status": ("module",), "route": ("module",), "restart": ("module",), "export": ("modules",)}
+
+
+def _mostly(good):
+    """``good``, or one time in eight an odd value."""
+    return st.integers(0, 7).flatmap(lambda n: _ODD if n == 0 else good)
+
+
+def _fields_read(op):
+    """The fields of a Request its op reads: the others may differ between the two checks."""
+    return ("id", "op", "user", "caller", *(_DATA_FIELDS if op in P.DATA_OPS else _CONTROL_FIELDS.get(op, ())))
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {name: _mostly(_FIELDS[name]) for name in _REQUIRED},
+        optional={name: _mostly(field) for name, field in _FIELDS.items() if name not in _REQUIRED},
+    ),
+    st.sets(st.sampled_from(_REQUIRED), max_size=1),
+)
+def test_the_fast_check_and_the_hand_check_agree(message, missing):
+    for name in missing:
+        del message[name]
+    body = msgpack.packb(message)
+    answers = []
+    for decoded in (decode_request(body), msgpack.unpackb(body, strict_map_key=True)):
+        try:
+            request = parse_request(decoded)
+        except BadRequest as exc:
+            answers.append((exc.rid, str(exc)))
+        else:
+            answers.append(tuple(getattr(request, name) for name in _fields_read(request.op)))
+    assert answers[0] == answers[1]
+
+
+def test_a_good_request_takes_the_fast_check():
+    for message in (request(), request(op="getnext", index=["name"], match=["name"], after={"name": None}, hold=1)):
+        assert type(decode_request(msgpack.packb(message))) is Request
+    assert type(decode_request(msgpack.packb({"id": 1, "op": "export", "modules": ["ports"]}))) is Request
 
 
 def test_wire_params_stringifies_and_drops_none():

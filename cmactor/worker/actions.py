@@ -80,7 +80,7 @@ def _row(fields):
 
 def error_reply(sid, exc_type, message):
     """The Reply that fails request ``sid`` with ``exc_type(message)`` at its client."""
-    return P.Reply.of(sid, to_wire(exc_type, message), None, False)
+    return P.Reply(sid, to_wire(exc_type, message), None, False)
 
 
 def walk(method, params, vr, batch, after, index=None, match=None, **flags):
@@ -200,7 +200,7 @@ class Actions:
         if req.flags & P.F_NOTIFY:
 
             def notify(text):
-                send(P.Notify.of(sid, text))
+                send(P.Notify(sid, text))
 
         # The caller set and reset here, not with acting_for: it runs for every request,
         # where the context manager's three calls were a twentieth of a worker's get.
@@ -228,7 +228,7 @@ class Actions:
                     rows = [row] if row else []
                     more = False
                     dirty = bool(ctx.dirty)
-                reply = P.Reply.of(sid, None, P.reply_entries(rows, more), dirty)
+                reply = P.Reply(sid, None, P.reply_entries(rows, more), dirty)
             except ActionStopped as stop:
                 reply = error_reply(sid, DatabaseError, stop.message)
             except _WalkStuck as stuck:
@@ -303,7 +303,7 @@ class Actions:
                         self._event("event_load_complete")
             except _EventFailed as exc:
                 error, detail = str(exc), exc.detail
-        return P.Loaded.of(msg.sid, error, failures, failed, detail)
+        return P.Loaded(msg.sid, error, failures, failed, detail)
 
     def _load_row(self, op, table, row):
         """Replay one row as <table>_<op> with is_load; the error text, or None."""
@@ -330,9 +330,9 @@ class Actions:
                 finally:
                     self._event("event_save_complete")
             except (_EventFailed, _SaveFailed) as exc:
-                return P.Saved.of(msg.sid, str(exc), None, 0)
+                return P.Saved(msg.sid, str(exc), None, 0)
         section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-        return P.Saved.of(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
+        return P.Saved(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
 
     def _save_table(self, table):
         method = getattr(self.agent, f"{table}_get", None)

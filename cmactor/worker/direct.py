@@ -2,9 +2,11 @@
 
 The supervisor binds the socket in its owner-only run directory, hands it to the
 worker at start and tells clients where it is (the ``route`` op) once the module
-is READY; until the worker hears so (protocol.Serve), and for anything but a get,
-getone or getnext from outside an agent action, a request is answered with
-``redirect``: send it to the supervisor instead. Writes, saves and agents' own
+is READY. The worker serves here from the moment its agent is ready and loaded,
+before it tells the supervisor so (Runtime._serve_if_ready): a READY module's
+socket is served. Before that, after a Stop, and for anything but a get, getone or
+getnext from outside an agent action, a request is answered with ``redirect``:
+send it to the supervisor instead. Writes, saves and agents' own
 calls always go there: the journal, the audit log and the wait-for graph are the
 supervisor's.
 
@@ -58,10 +60,9 @@ from cmactor.errors import (
     action_timed_out,
     to_wire,
 )
-from cmactor.wire import figures as F
-from cmactor.wire import protocol as P
+from cmactor.wire import figures as F, protocol as P
 from cmactor.wire.trim import release_free_memory
-from cmactor.wire.validate import BadRequest, parse_request, peer_uid
+from cmactor.wire.validate import BadRequest, decode_request, parse_request, peer_uid
 
 log = logging.getLogger("cmactor.worker")
 
@@ -84,11 +85,6 @@ EVICT_IDLE = 1.0
 BATCH_BYTES = 256 * 1024
 
 _READ_OPS = frozenset(P.READ_OPS)
-_NOTIFY = P.Notify.CODE
-_DIRTY = P.Dirty.of()
-_new_req = P.Req.read
-_now = time.monotonic_ns
-_thread_id = threading.get_ident
 
 
 class DirectServer:
@@ -127,7 +123,7 @@ class DirectServer:
         self._busy = None
         self._connected = threading.Event()  # set as a client connects: the watchdog looks again
         self._trim_due = False  # a connection was dropped: the watchdog hands its memory back
-        self.serving = False  # the supervisor said the module is READY (protocol.Serve)
+        self.serving = False  # the agent is ready and loaded (Runtime._serve_if_ready), and no Stop came
 
     def start(self):
         self._listener.setblocking(True)
@@ -162,7 +158,7 @@ class DirectServer:
                 connection = connections.get(fd)
                 if connection is None:
                     continue
-                self._busy = (connection, _now())
+                self._busy = (connection, time.monotonic_ns())
                 try:
                     alive = connection.serve()
                 except Exception:  # a bug: this client is dropped, not every client
@@ -236,13 +232,13 @@ class DirectServer:
                 self._connected.wait(action_tick)
                 self._connected.clear()
             now = time.monotonic()
-            self._hand_on(_now())
+            self._hand_on(time.monotonic_ns())
             if self._trim_due:
                 self._trim_due = False
                 release_free_memory()
             if now >= next_action:
                 next_action = now + action_tick
-                due = _now() - limit * 1e9
+                due = time.monotonic_ns() - limit * 1e9
                 for answer in self.counts.running():  # oldest first
                     if answer.since > due:
                         break
@@ -412,22 +408,22 @@ class DirectServer:
         except BadRequest as exc:
             connection.send_map({"id": exc.rid, "ok": False, "error": to_wire(exc.exc_type, str(exc))})
             return
-        rid, op = request["id"], request["op"]
+        rid, op = request.id, request.op
         if op not in _READ_OPS:
             connection.send_map(self.redirect(rid, f"{op} is not a read"))
             return
-        if "caller" in request or "hold" in request:
+        if request.caller is not None or request.hold is not None:
             connection.send_map(self.redirect(rid, "an agent's call and a held request go through the supervisor"))
             return
         runtime = self._runtime
-        if request["module"] != runtime.module:
+        if request.module != runtime.module:
             connection.send_map(
                 {
                     "id": rid,
                     "ok": False,
                     "error": to_wire(
                         ProgrammingError,
-                        f"this socket serves module {runtime.module!r}, not {request['module']!r}: "
+                        f"this socket serves module {runtime.module!r}, not {request.module!r}: "
                         "ask the supervisor for the module's route",
                     ),
                 }
@@ -437,21 +433,18 @@ class DirectServer:
             connection.send_map(self.redirect(rid, "the module is not READY: starting, loading or stopping"))
             return
         connection.begin()
-        table = request["table"]
-        req = _new_req(
-            (
-                P.Req.CODE,
-                next(self._sids),
-                op,
-                table,
-                request["params"],
-                request.get("vr"),
-                P.F_NOTIFY if request.get("notify") else 0,
-                request["batch"],
-                request["after"],
-                request.get("index"),
-                request.get("match"),
-            )
+        table = request.table
+        req = P.Req(
+            next(self._sids),
+            op,
+            table,
+            request.params,
+            request.vr,
+            P.F_NOTIFY if request.notify else 0,
+            request.batch,
+            request.after,
+            request.index,
+            request.match,
         )
         answer = _Answer(self, connection, rid, op, table)
         self.counts.began(answer)
@@ -465,7 +458,7 @@ class _Connection:
         self._server = server
         self._sock = sock
         self.fd = sock.fileno()
-        self._reader = P.FrameReader(server._max_frame)
+        self._reader = P.FrameReader(server._max_frame, decode_request)
         self._send_lock = threading.Lock()
         # Past max_client_requests in flight, its socket is not read until replies drain.
         # In flight = begun - ended: each count has one writer at a time (begun: the
@@ -531,7 +524,7 @@ class _Connection:
             if messages or self.frame_since is None:  # a frame dribbled in keeps its start
                 self.frame_since = now
             self._server.count_frame(self, reader.partial)
-        self._owner = _thread_id()
+        self._owner = threading.get_ident()
         request = self._server.request
         for message in messages:
             if self.closed:
@@ -583,7 +576,7 @@ class _Connection:
             if answer.answered:
                 return False
             answer.answered = True
-            self._counts.answered(answer, error_type, _now())
+            self._counts.answered(answer, error_type, time.monotonic_ns())
             self._ended += 1
             if self._waiting:
                 self._room.notify()
@@ -601,7 +594,7 @@ class _Connection:
             self._queue(frame)
 
     def _queue(self, frame):
-        if _thread_id() != self._owner:
+        if threading.get_ident() != self._owner:
             self._write(frame)
             return
         self._out.append(frame)
@@ -805,19 +798,19 @@ class _Answer:
         self._rid = rid
         self.op = op
         self._table = table
-        self.since = _now()
+        self.since = time.monotonic_ns()
         self.answered = False  # under the connection's send lock
 
     def __call__(self, message):
-        if message[0] == _NOTIFY:
+        if type(message) is P.Notify:
             if not self.answered:
-                self._connection.send_now(P.pack({"id": self._rid, "notify": message[2]}))
+                self._connection.send_now(P.pack({"id": self._rid, "notify": message.text}))
             return
-        _, _, error, entries, dirty = message
+        error = message.error
         if error is None:
-            if dirty:  # as the supervisor marks a module unsaved for any reply that says so
-                self._server.tell_supervisor(_DIRTY)
-            self._connection.reply(self, P.reply_frame(self._rid, entries), None)
+            if message.dirty:  # as the supervisor marks a module unsaved for any reply that says so
+                self._server.tell_supervisor(P.Dirty())
+            self._connection.reply(self, P.reply_frame(self._rid, message.entries), None)
         else:
             self._connection.reply(self, P.pack({"id": self._rid, "ok": False, "error": error}), error["type"])
 

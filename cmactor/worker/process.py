@@ -36,19 +36,11 @@ import traceback
 
 from cmactor import cmbackend, exos
 from cmactor.errors import OperationalError, ProgrammingError
-from cmactor.wire import figures as F
-from cmactor.wire import protocol as P
+from cmactor.wire import figures as F, protocol as P
 from cmactor.worker.actions import Actions, error_reply
 from cmactor.worker.direct import DirectServer
 from cmactor.worker.outbox import Outbox
 from cmactor.worker.pool import CallbackPool
-
-# Module globals for what the lane threads read per message (one lookup, not two).
-SLOT_SERIAL_SID, SLOT_SERIAL_START = P.SLOT_SERIAL_SID, P.SLOT_SERIAL_START
-_REQ, _LOAD, _SAVE, _STOP, _PING, _SERVE = P.Req.CODE, P.Load.CODE, P.Save.CODE, P.Stop.CODE, P.Ping.CODE, P.Serve.CODE
-_CANCEL = P.Cancel.CODE
-_PONG = P.Pong.of()
-_read_req, _read_load, _read_save = P.Req.read, P.Load.read, P.Save.read
 
 
 class _ChannelHandler(logging.Handler):
@@ -60,7 +52,7 @@ class _ChannelHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self._runtime.send(P.Log.of(record.levelno, record.name, self.format(record)))
+            self._runtime.send(P.Log(record.levelno, record.name, self.format(record)))
         except Exception:
             self.handleError(record)
 
@@ -84,7 +76,7 @@ class Runtime:
         # that a reply costs no call of the runtime's on its way out; and one bound
         # method, by which mailbox items bound for the supervisor are told apart.
         self.send = self._to_supervisor = self._outbox.send
-        self._stream = P.FrameReader(max_frame=None)  # the supervisor is trusted
+        self._stream = P.FrameReader(max_frame=None, decode=P.CHANNEL.decode)  # the supervisor is trusted
         # The lanes' shared state, under _lane_lock: serial work in arrival order,
         # whether a thread is running it, whether a thread is reading the socket.
         # The lock is taken bare where nobody need be woken (a plain Lock: cheaper
@@ -106,6 +98,8 @@ class Runtime:
         self._pool = self._shared_pool
         self._actions = Actions(module, None, self.send)
         self.ready_called = False
+        self._loaded = False  # the supervisor's Load has run
+        self._ready_lock = threading.Lock()  # ready() and the end of the Load may come on two threads
         self._limit_direct_async(pool_size)
 
     # -- channel ---------------------------------------------------------
@@ -180,26 +174,23 @@ class Runtime:
                 _exit(0, whole_group=True)  # the supervisor is gone
             serial = []
             for msg in self._stream.feed(data):
-                # The kind code picks the tuple to decode into; a kind the worker
-                # does not take is passed over.
-                kind = msg[0]
-                if kind == _REQ:
-                    item = self._route(_read_req(msg))
+                # A kind the worker does not take is passed over.
+                kind = type(msg)
+                if kind is P.Req:
+                    item = self._route(msg)
                     if item is not None:
                         serial.append(item)
-                elif kind == _LOAD:
-                    serial.append((_read_load(msg), None, None))
-                elif kind == _SAVE:
+                elif kind is P.Load:
+                    serial.append((msg, None, None))
+                elif kind is P.Save:
                     with self._lane_lock:
                         self._saving += 1  # from now on direct reads queue behind it
-                    serial.append((_read_save(msg), None, None))
-                elif kind == _PING:
-                    self.send(_PONG)  # from the reading thread: alive as long as a lane thread runs
-                elif kind == _SERVE:
-                    self.direct.serving = True
-                elif kind == _CANCEL:
-                    self._cancel(frozenset(msg[1]), serial)
-                elif kind == _STOP:
+                    serial.append((msg, None, None))
+                elif kind is P.Ping:
+                    self.send(P.Pong())  # from the reading thread: alive as long as a lane thread runs
+                elif kind is P.Cancel:
+                    self._cancel(msg.sids, serial)
+                elif kind is P.Stop:
                     if self.direct is not None:
                         self.direct.finish()  # reads clients sent here directly are answered first
                     self.flush()
@@ -261,11 +252,22 @@ class Runtime:
         self._limit_direct_async(_pool_size(self._pool))
         read_only = [table for table in persistent if table not in loadable]
         self._actions = Actions(self.module, agent, self.send, read_only)
-        self.send(P.Init.of(loadable, deps, async_actions, _pool_size(self._pool)))
+        self.send(P.Init(loadable, deps, async_actions, _pool_size(self._pool)))
 
     def ready(self):
-        self.ready_called = True
-        self.send(P.Ready.of())
+        with self._ready_lock:
+            self.ready_called = True
+            self._serve_if_ready()
+        self.send(P.Ready())
+
+    def _serve_if_ready(self):
+        """(Holding _ready_lock.) Serve the direct socket once the agent has called ready() and
+        its config is loaded (a plain process has none). The supervisor makes the module READY
+        on the later of Ready and Loaded (on Ready alone for a plain process), and the one that
+        completes this is sent after it: READY means the worker serves, and a route the
+        supervisor hands out as the module goes READY is never found unserved."""
+        if self.direct is not None and self.ready_called and (self._loaded or self.agent is None):
+            self.direct.serving = True
 
     # -- dispatch ----------------------------------------------------------
 
@@ -355,18 +357,22 @@ class Runtime:
             if method is not None and send is not to_supervisor and send.gone:
                 send.not_run()  # a direct read whose client hung up while it waited: nobody reads it
             else:
-                slots[SLOT_SERIAL_SID] = msg.sid
-                slots[SLOT_SERIAL_START] = time.monotonic_ns()
+                slots[P.SLOT_SERIAL_SID] = msg.sid
+                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
                 if method is not None:
                     self._actions.execute(msg, method, False, send)
                 elif type(msg) is P.Load:
-                    self.send(self._actions.load(msg))
+                    loaded = self._actions.load(msg)
+                    with self._ready_lock:
+                        self._loaded = True
+                        self._serve_if_ready()
+                    self.send(loaded)
                 else:
                     self.send(self._actions.save(msg))
                     with self._lane_lock:
                         self._saving -= 1
                         self._saved.notify_all()
-                slots[SLOT_SERIAL_START] = 0
+                slots[P.SLOT_SERIAL_START] = 0
             with self._lane_lock:
                 if self._mailbox and direct:
                     self._handoff = self._mailbox.popleft()
@@ -605,7 +611,7 @@ def main(spec, sock, doorbell, slots, output, direct=None):
 
 def _fatal(runtime, message, detail, status=1):
     try:
-        runtime.send(P.Fatal.of(message, detail))
+        runtime.send(P.Fatal(message, detail))
     except OSError:
         pass
     runtime.flush()

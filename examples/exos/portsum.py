@@ -31,8 +31,7 @@ try:
 
     i_am_script = True
 except ImportError:
-    from exos.api import TraceBufferHandler, exec_cli, ready
-    from exos.api import exos_dbapi as dbapi
+    from exos.api import TraceBufferHandler, exec_cli, exos_dbapi as dbapi, ready
     from exos.api.cmbackend import CmAgent, cmbackend_init
 
     i_am_script = False

@@ -17,7 +17,8 @@ import logging
 from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
 from cmactor.wire import protocol as P
 from cmsupervisor.supervision import health
-from cmsupervisor.supervision.modules import READY, finish_status, unknown_module
+from cmsupervisor.supervision.modules import finish_status, unknown_module
+from cmsupervisor.supervision.states import READY
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -37,30 +38,30 @@ class Control:
 
     def handle(self, client, request):
         """A valid control request from a client: answer it."""
-        op, rid = request["op"], request["id"]
+        op, rid = request.op, request.id
         try:
             if op == "status":
-                status, workers = self.copy(request.get("module"))
+                status, workers = self.copy(request.module)
                 own = self.own_status()
                 answer = functools.partial(self._post_status, client, rid, status, own)
                 self._sampler.sample_later(workers, answer)  # answered from the sampler's thread
             elif op == "save" or op == "export":
-                refusal = self._graph.refuse_save(request.get("caller"))  # an export runs the save walk too
+                refusal = self._graph.refuse_save(request.caller)  # an export runs the save walk too
                 if refusal is not None:
                     raise DeadlockDetectedError(refusal)
-                user = request.get("user", "")
+                user = request.user
                 if op == "save":
                     self._saver.request((client, rid), user)  # answered when it ends
                 else:
-                    self._saver.export((client, rid), user, request.get("modules"))
+                    self._saver.export((client, rid), user, request.modules)
             elif op == "route":
-                route = self.route(request["module"])
+                route = self.route(request.module)
                 client.answer({"id": rid, "ok": True, "route": route, "direct_reads": route is not False})
             elif op == "restart":
-                self._recovery.restart(request["module"])
+                self._recovery.restart(request.module)
                 client.answer({"id": rid, "ok": True})
             elif op == "stop":
-                log.info("stop requested by %s", request.get("user") or "a client")
+                log.info("stop requested by %s", request.user or "a client")
                 client.answer({"id": rid, "ok": True})  # before the stop closes the clients
                 self._lifecycle.begin_stop()
             else:  # ping
@@ -107,16 +108,15 @@ class Control:
     def route(self, name):
         """Where a client reads ``name`` from directly ({"path", "generation"} of its worker's
         socket); None: send its reads here for now (it is not READY); False: its worker
-        has no socket of its own (direct_reads off)."""
+        has no socket of its own (direct_reads off). A READY module's worker serves its
+        socket already: it starts before it reports what makes the module READY."""
         mod = self._modules.get(name)
         if mod is None:
             raise ProgrammingError(unknown_module(name, self._modules))
         channel = mod.channel
         if mod.state != READY or channel is None or not channel.open:
             return None
-        if channel.route is None:
-            return False
-        return channel.route if channel.serving else None
+        return False if channel.route is None else channel.route
 
     def own_status(self):
         """The supervisor's own figures: audit and log failures, clients, saves."""

@@ -18,7 +18,8 @@ cycle written out. Any call that cannot close a cycle is admitted.
 """
 
 from cmsupervisor import graphs
-from cmsupervisor.supervision.modules import READY, WAITING_DEPS, Module
+from cmsupervisor.supervision.modules import Module
+from cmsupervisor.supervision.states import READY, WAITING_DEPS
 
 
 class WaitGraph:
@@ -63,12 +64,11 @@ class WaitGraph:
         """Record an agent's call to ``mod`` in the graph: None, or the refusal text
         (for a DeadlockDetectedError) if the call would close a cycle."""
         req = pending.request
-        issuer = self._issuer(req["caller"])
+        issuer = self._issuer(req.caller)
         if issuer is None:
             return None  # an unknown module, or an async action no longer running
-        pending.is_async = (req["table"], req["op"]) in mod.async_ops
         cycle = None
-        if pending.is_async and mod.accepting:
+        if pending.aim(mod) and mod.accepting:
             # It gets a pool thread of its own, unless every thread is busy: then it
             # waits for one of them, a deadlock only if all of them wait on the caller.
             running = self._running(mod)
@@ -122,7 +122,7 @@ class WaitGraph:
     def _refusal(self, pending, mod, issuer, cycle):
         req = pending.request
         return (
-            f"{req['op']} {mod.name}.{req['table']} called from {self._node_name(issuer)} would deadlock: "
+            f"{req.op} {mod.name}.{req.table} called from {self._node_name(issuer)} would deadlock: "
             f"{cycle}; make the calling action an @async_action, or do not call a module that is waiting on this one"
         )
 
@@ -136,7 +136,7 @@ class WaitGraph:
     def _successors(self, node):
         """The executors ``node`` is waiting for right now."""
         for call in self._waits.get(node, ()):
-            target = self._modules[call.request["module"]]
+            target = self._modules[call.request.module]
             yield call if call.is_async and call.sid is not None else target
         if isinstance(node, Module):
             if node.state == WAITING_DEPS:
@@ -145,7 +145,7 @@ class WaitGraph:
                         yield self._modules[dep]
         elif node.is_async:
             # A queued async request waits for a thread of its pool to come free.
-            running = self._running(self._modules[node.request["module"]])
+            running = self._running(self._modules[node.request.module])
             if node not in running:
                 yield from running
 
@@ -156,4 +156,4 @@ class WaitGraph:
     def _node_name(node):
         if isinstance(node, Module):
             return node.name
-        return f"{node.request['module']}(async {node.request['table']})"
+        return f"{node.request.module}(async {node.request.table})"

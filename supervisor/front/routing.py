@@ -9,11 +9,24 @@ An answer goes to its client after the journal has the change it acknowledges
 (the loop fsyncs touched journals before each turn's output), and sets and
 setops are written to the audit log. Each answer is counted in its module's
 request figures (stats.py): op, outcome and latency from receipt to answer.
+
+The router holds, sends or fails what is held for a module as the module's state
+changes (module_changed, a subscriber of every Module), and times out every request
+of the supervisor: one held past its hold (its own timer), one in flight past its
+module's action_timeout (time_out, every tick).
 """
 
-from cmactor.errors import DeadlockDetectedError, ModuleUnavailable, OperationalError, ProgrammingError, to_wire
+from cmactor.errors import (
+    DeadlockDetectedError,
+    ModuleUnavailable,
+    OperationalError,
+    ProgrammingError,
+    action_timed_out,
+    to_wire,
+)
 from cmactor.wire import protocol as P
-from cmsupervisor.supervision.modules import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS, Pending, unknown_module
+from cmsupervisor.supervision.modules import Pending, unknown_module
+from cmsupervisor.supervision.states import FAILED, READY, STOPPED, STOPPING, WAITING_DEPS
 
 _CHANGES = ("set", "setop")
 
@@ -35,13 +48,13 @@ class Router:
     # -- in -------------------------------------------------------------
 
     def route(self, client, request):
-        name = request["module"]
+        name = request.module
         mod = self._modules.get(name)
-        pending = Pending(client, request["id"], request, self._loop.now)
+        pending = Pending(client, request.id, request, self._loop.now)
         if mod is None:
             self.fail(pending, ProgrammingError, unknown_module(name, self._modules))
             return
-        if request.get("caller") is not None:
+        if request.caller is not None:
             refusal = self._graph.admit(mod, pending)
             if refusal is not None:
                 self.fail(pending, DeadlockDetectedError, refusal)
@@ -49,7 +62,7 @@ class Router:
         if mod.accepting and not self._closed:
             self._dispatch(mod, pending)
             return
-        hold = request.get("hold")
+        hold = request.hold
         explicit = hold is not None
         hold = self.hold_timeout if hold is None else hold
         if self._closed or mod.gone or hold == 0 or (mod.state == FAILED and not explicit):
@@ -61,18 +74,18 @@ class Router:
         req = pending.request
         pending.dispatched_at = self._loop.now
         if mod.async_ops:  # counted against the pool by the deadlock detector
-            pending.is_async = (req["table"], req["op"]) in mod.async_ops
-        flags = P.F_NOTIFY if req.get("notify") else 0
+            pending.aim(mod)
+        flags = P.F_NOTIFY if req.notify else 0
         sid = pending.sid = mod.channel.request(
-            req["op"],
-            req["table"],
-            req["params"],
-            req.get("vr"),
+            req.op,
+            req.table,
+            req.params,
+            req.vr,
             flags,
-            req["batch"],
-            req["after"],
-            req.get("index"),
-            req.get("match"),
+            req.batch,
+            req.after,
+            req.index,
+            req.match,
             pending.is_async,
         )
         mod.inflight[sid] = pending
@@ -91,6 +104,17 @@ class Router:
         else:
             mod.held.extend(requests)
 
+    def module_changed(self, mod, _before):
+        """(Subscribed to every Module.) ``mod`` changed state, or ended a save: send, fail or
+        refuse what is held for it as its state now says."""
+        state = mod.state
+        if state == READY:
+            self.release_held(mod)
+        elif state == FAILED or state == STOPPED:
+            self.fail_held(mod)
+        elif state == WAITING_DEPS:
+            self.refuse_held_cycles(mod)
+
     def hold_again(self, mod, requests):
         """Requests a dead worker had not started: first in line once it is back."""
         if requests:
@@ -101,6 +125,26 @@ class Router:
         mod.held.remove(pending)
         pending.timer = None
         self.fail(pending, ModuleUnavailable, f"{self.unavailable(mod)} (held {pending.hold:g}s, the hold_timeout)")
+
+    def time_out(self):
+        """Fail each request in flight past its module's action_timeout (dispatch order is
+        oldest first); then look again, every fraction of the shortest one, until the stop."""
+        now = self._loop.now
+        for mod in self._modules.values():
+            inflight = mod.inflight
+            limit = mod.options["action_timeout"]
+            expired = []
+            for sid, pending in inflight.items():
+                if now - pending.dispatched_at < limit:
+                    break
+                expired.append(sid)
+            for sid in expired:
+                pending = inflight.pop(sid)
+                req = pending.request
+                self.fail(pending, OperationalError, action_timed_out(req.op, mod.name, req.table, limit))
+        if not self._closed:
+            tick = min(m.options["action_timeout"] for m in self._modules.values())
+            self._loop.after(min(1.0, max(0.05, tick / 4)), self.time_out)
 
     def _unhold_one(self, mod, pending):
         mod.held.remove(pending)
@@ -184,16 +228,16 @@ class Router:
         if pending is None:
             return  # answered already (timed out)
         if reply.error is None and reply.dirty:
-            mod.unsaved = True
+            mod.mark_unsaved()
             req = pending.request
-            if req["op"] in _CHANGES and req["table"] in mod.persistent_list:
+            if req.op in _CHANGES and req.table in mod.persistent_list:
                 self._journal(mod, pending, reply.entries)
                 return
         self.answer(pending, reply.error, reply.entries)
 
     def on_dirty(self, mod, _dirty):
         """A read the worker served directly said it changed the config (ctx.dirty)."""
-        mod.unsaved = True
+        mod.mark_unsaved()
 
     def _journal(self, mod, pending, entries):
         """Append an acknowledged change to its module's journal; the answer waits for
@@ -201,7 +245,7 @@ class Router:
         if mod not in self._unjournaled:
             req = pending.request
             try:
-                mod.journal.append(req["op"], req["table"], req["params"], pending.sid, pending.is_async)
+                mod.journal.append(req.op, req.table, req.params, pending.sid, pending.is_async)
             except OSError as exc:
                 self._unjournaled[mod] = exc
         self._unsynced.append((mod, pending, entries))
@@ -227,18 +271,18 @@ class Router:
         if not self._answered:
             self._loop.after_output(self._record_answers)
         self._answered.append((req, None if error is None else error["type"], self._loop.now - pending.received_at))
-        op = req["op"]
+        op = req.op
         if op in _CHANGES:
             outcome = "ok" if error is None else f"{error['type']}: {error['message']}"
             client = pending.client
             self._audit.record(
-                req.get("user", ""),
+                req.user,
                 client.peer_uid,
                 client.peer_pid,
                 op,
-                req["module"],
-                req["table"],
-                req["params"],
+                req.module,
+                req.table,
+                req.params,
                 outcome,
             )
 
@@ -247,9 +291,9 @@ class Router:
         answered, self._answered = self._answered, []
         modules = self._modules
         for req, error_type, seconds in answered:
-            mod = modules.get(req["module"])
+            mod = modules.get(req.module)
             if mod is not None:  # else it named no module of ours: nobody's figure
-                mod.request_stats[req["op"]].record(error_type, seconds)
+                mod.request_stats[req.op].record(error_type, seconds)
 
     def fail(self, pending, exc_type, message):
         self.answer(pending, to_wire(exc_type, message))
@@ -281,7 +325,7 @@ class Router:
             self.fail(
                 pending,
                 OperationalError,
-                f"{req['op']} {mod.name}.{req['table']} was not committed: its journal {mod.journal.path} "
+                f"{req.op} {mod.name}.{req.table} was not committed: its journal {mod.journal.path} "
                 f"could not be written ({exc}); the module is restarted without the change; "
                 "free the disk and send it again",
             )

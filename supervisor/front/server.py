@@ -21,7 +21,7 @@ import time
 from cmactor.errors import InterfaceError, InternalError, to_wire
 from cmactor.wire import protocol as P
 from cmactor.wire.trim import release_free_memory
-from cmactor.wire.validate import BadRequest, parse_request, peer_credentials, peer_uid
+from cmactor.wire.validate import BadRequest, decode_request, parse_request, peer_credentials, peer_uid
 from cmsupervisor.config import SUPERVISOR_OPTIONS
 from cmsupervisor.loop import recv
 
@@ -180,7 +180,7 @@ class Client:
         self.sock = sock  # None once dropped
         self.peer_pid = peer_pid  # from SO_PEERCRED: who really connected, whatever user name it claims
         self.peer_uid = peer_uid
-        self.reader = P.FrameReader(max_frame)
+        self.reader = P.FrameReader(max_frame, decode_request)
         self.out = bytearray()
         self.closed = False
         self.closing = False  # answered with a stream error: its output is shut once flushed
@@ -412,15 +412,15 @@ class Server:
             client.in_flight += 1
             owed = client.in_flight
             try:
-                (on_data if request["op"] in _DATA_OPS else on_control)(client, request)
+                (on_data if request.op in _DATA_OPS else on_control)(client, request)
             except Exception as exc:  # a bug: it must cost this request only, never the loop
-                log.exception("internal error handling request %r of client pid %s", request["id"], client.peer_pid)
+                log.exception("internal error handling request %r of client pid %s", request.id, client.peer_pid)
                 if client.in_flight < owed:
                     continue  # it was answered before the error
                 client.answer_error(
-                    request["id"],
+                    request.id,
                     InternalError,
-                    f"internal error handling {request['op']}: {type(exc).__name__}: {exc}; the supervisor's log "
+                    f"internal error handling {request.op}: {type(exc).__name__}: {exc}; the supervisor's log "
                     "has the traceback; the supervisor carries on",
                 )
 

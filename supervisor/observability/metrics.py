@@ -23,7 +23,7 @@ from prometheus_client.utils import floatToGoString
 from cmactor.errors import StartupError
 from cmsupervisor.config import parse_address
 from cmsupervisor.observability.httpserve import PageServer
-from cmsupervisor.supervision.modules import TRANSITIONS
+from cmsupervisor.supervision.states import TRANSITIONS
 
 log = logging.getLogger("cmactor.supervisor")
 

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 
-from cmsupervisor.supervision.modules import READY
+from cmsupervisor.supervision.states import READY
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -86,7 +86,7 @@ class Notifier:
         self._loop = loop
         self._modules = modules
         for mod in modules.values():
-            mod.observer = self._moved
+            mod.subscribe(self._moved)
         if self.watchdog_interval is not None:
             loop.after(0, self._ping)
 
@@ -109,8 +109,9 @@ class Notifier:
         self._stopping = True
         self.send("STOPPING=1", f"STATUS={self.summary()}")
 
-    def _moved(self, _mod):
-        self.send(f"STATUS={self.summary()}")
+    def _moved(self, mod, before):
+        if mod.state != before:  # else a save of it ended: nothing STATUS shows changed
+            self.send(f"STATUS={self.summary()}")
 
     def _ping(self):
         self.send("WATCHDOG=1")

@@ -19,7 +19,8 @@ from cmactor.errors import DatabaseError, OperationalError, ProgrammingError, to
 from cmsupervisor.observability.stats import SAVE_BOUNDS, Timed
 from cmsupervisor.persistence import store
 from cmsupervisor.supervision import deps
-from cmsupervisor.supervision.modules import READY, unknown_module
+from cmsupervisor.supervision.modules import unknown_module
+from cmsupervisor.supervision.states import READY
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -61,10 +62,9 @@ class Saver:
 
     ``on_idle()`` is called when a run ends after close(): the stop goes on then."""
 
-    def __init__(self, modules, loop, router, audit, config_path, sections):
+    def __init__(self, modules, loop, audit, config_path, sections):
         self._modules = modules
         self._loop = loop
-        self._router = router
         self._audit = audit
         self.config_path = config_path
         self._sections = sections  # module -> its section of the last good file (bytes)
@@ -163,11 +163,9 @@ class Saver:
                     self._end(job, OperationalError, _not_ready(mod, False))
                     return
                 continue  # its last saved section is carried over
-            mod.saving = True
-            # Cleared now: a change acknowledged during the walk marks it again.
+            mod.save_began()
             if not job.snapshot and not job.export:
-                job.was_unsaved[mod.name] = mod.unsaved
-                mod.unsaved = False
+                job.was_unsaved[mod.name] = mod.covered_by_save()
             start = mod.journal.position()
             job.sid = mod.channel.save(mod.persistent_list)
             job.walks[mod.name] = (job.sid, start)  # which records it covers: Journal.covered
@@ -195,8 +193,7 @@ class Saver:
         job = self._job
         if job is None or job.current is not mod or job.sid != sid:
             return
-        mod.saving = False
-        self._router.release_held(mod)
+        mod.save_ended()  # what was held for it meanwhile is sent (the router is told)
         if error is None:
             job.done(mod.name, section, rows)
             self._next()
@@ -253,10 +250,8 @@ class Saver:
             self.stats.record(None if exc_type is None else exc_type.__name__, time.monotonic() - job.started)
         if exc_type is not None:
             for name, was in job.was_unsaved.items():
-                self._modules[name].unsaved = self._modules[name].unsaved or was
-            if job.current is not None:
-                job.current.saving = False
-                self._router.release_held(job.current)
+                if was:
+                    self._modules[name].mark_unsaved()
         self._reply(job.waiters, exc_type, result, "export" if job.export else "save")
         self._job = None
         self._idle()

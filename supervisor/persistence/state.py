@@ -118,8 +118,10 @@ def open_journals(modules, state_dir, recover):
         ) from None
     for mod in modules.values():
         opts = mod.options
-        mod.journal = Journal(
-            os.path.join(directory, f"{mod.name}.jsonl"), opts["journal_max_records"], opts["journal_max_bytes"]
+        mod.use_journal(
+            Journal(
+                os.path.join(directory, f"{mod.name}.jsonl"), opts["journal_max_records"], opts["journal_max_bytes"]
+            )
         )
         try:
             moved = mod.journal.open(recover)

@@ -1,9 +1,7 @@
 """The config_deps graph: unknown names, cycles, dependency order, READY gating."""
 
 from cmsupervisor import graphs
-from cmsupervisor.supervision.modules import FAILED, READY, STOPPED, WAITING_DEPS
-
-_ENDED = (FAILED, STOPPED)  # STOPPED outside a stop: it exited and its restart policy left it so
+from cmsupervisor.supervision.states import ENDED, READY, WAITING_DEPS
 
 
 def unknown(deps, known):
@@ -50,10 +48,10 @@ def dependencies_first(modules):
 def settled(mod, modules, seen=()):
     """READY, FAILED or STOPPED, or waiting on a module that ended so (directly or
     further down), which waits forever: a state start() need not wait out."""
-    if mod.state == READY or mod.state in _ENDED:
+    if mod.state == READY or mod.state in ENDED:
         return True
     if mod.state != WAITING_DEPS or mod.name in seen:
         return False
     return any(
-        modules[d].state in _ENDED or settled(modules[d], modules, (*seen, mod.name)) for d in not_ready(mod, modules)
+        modules[d].state in ENDED or settled(modules[d], modules, (*seen, mod.name)) for d in not_ready(mod, modules)
     )

@@ -1,18 +1,19 @@
 """Bringing modules up and down: start-up gated on config_deps, loading, quarantine, the orderly stop.
 
-A worker registers (Init) and its module waits for its config_deps to be READY;
-then it is loaded (the saved section plus the journal, or defaults) and goes
-READY once the load is done and the agent called ready(). start() waits until
-every module is READY or settled where it will stay. A stop goes dependents
-first, each module once its in-flight requests are answered.
+Once its worker is launched (recovery.py), a module's agent registers (Init) and
+the module waits for its config_deps to be READY; then it is loaded (the saved
+section plus the journal, or defaults) and goes READY once the load is done and
+the agent called ready(). start() waits until every module is READY or settled
+where it will stay. A stop goes dependents first, each module once its in-flight
+requests are answered.
 """
 
 import logging
 import threading
 
-from cmactor.wire import protocol as P
 from cmsupervisor.supervision import deps
-from cmsupervisor.supervision.modules import (
+from cmsupervisor.supervision.modules import runs
+from cmsupervisor.supervision.states import (
     FAILED,
     LOADING,
     READY,
@@ -21,16 +22,9 @@ from cmsupervisor.supervision.modules import (
     STOPPED,
     STOPPING,
     WAITING_DEPS,
-    runs,
 )
-from cmsupervisor.supervision.workers import SpawnFailed
 
 log = logging.getLogger("cmactor.supervisor")
-
-# Seconds before a start that failed for want of descriptors or processes is tried
-# again, doubling up to the last.
-RETRY_FIRST = 0.05
-RETRY_MAX = 5.0
 
 
 class Lifecycle:
@@ -43,7 +37,6 @@ class Lifecycle:
         self._router = router
         self._saver = saver
         self._logs = logs  # logs.ModuleLogs: what is said of a module goes to its own log too
-        self._retries = {}  # module name -> the loop timer of its next try at a start (launch)
         self._stop_timeout = stop_timeout
         self._on_stopped = on_stopped
         self.starting = True  # start() has not returned yet: a crash then is a failed start
@@ -53,53 +46,11 @@ class Lifecycle:
 
     # -- up -------------------------------------------------------------
 
-    def start_all(self):
-        for mod in self._modules.values():
-            error = self.launch(mod)
-            if error is not None:
-                self.quarantine(mod, error)
-
-    def launch(self, mod, retry_in=RETRY_FIRST):
-        """Start a worker for ``mod`` (STARTING); None, or why no process could be started.
-
-        A start that fails for want of file descriptors or processes is no fault of the
-        module's: it waits in RESTARTING and is tried again in ``retry_in`` seconds
-        (doubling up to RETRY_MAX), as long as it takes, never counted as a crash."""
-        retry = self._retries.pop(mod.name, None)
-        if retry is not None:  # a launch asked for meanwhile (an operator's restart) replaces it
-            self._loop.cancel(retry)
-        try:
-            self._workers.spawn(mod)
-        except SpawnFailed as exc:
-            if not exc.shortage:
-                return str(exc)
-            mod.move(RESTARTING)
-            mod.error = f"{exc}; trying again in {retry_in:g}s"
-            self._logs.report(mod, logging.WARNING, "module %s: %s", mod.name, mod.error)
-            self._retries[mod.name] = self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
-            return None
-        mod.move(STARTING)
-        return None
-
-    def _retry_launch(self, mod, retry_in):
-        del self._retries[mod.name]
-        if mod.state == RESTARTING and mod.process is None and not self.stopping:
-            self.launch(mod, retry_in)
-
     def on_init(self, mod, init):
         """The agent called cmbackend_init(): check its config_deps, then wait for them."""
         if mod.state != STARTING:
             return
-        mod.persistent_list = init.persistent_list
-        mod.config_deps = init.config_deps
-        # (table, op) pairs served by an @async_action: looked up per request, not formatted.
-        mod.async_ops = frozenset(
-            (name[: -len(suffix) - 1], op)
-            for name in init.async_actions
-            for op, suffix in P.ACTION_SUFFIX.items()
-            if name.endswith("_" + suffix)
-        )
-        mod.pool_size = init.pool_size
+        mod.registered(init)
         missing = deps.unknown(mod.config_deps, self._modules)
         if missing:
             self.quarantine(
@@ -114,8 +65,7 @@ class Lifecycle:
             for name in dict.fromkeys(cycle):
                 self.quarantine(self._modules[name], reason)
             return
-        mod.move(WAITING_DEPS)
-        self._router.refuse_held_cycles(mod)
+        mod.move(WAITING_DEPS)  # held calls it can now never serve are refused (the router is told)
         self._advance_waiting()
 
     def _advance_waiting(self):
@@ -123,29 +73,27 @@ class Lifecycle:
             if mod.state != WAITING_DEPS:
                 continue
             not_ready = deps.not_ready(mod, self._modules)
-            mod.waiting_on = not_ready[0] if not_ready else None
+            mod.waiting_for(not_ready[0] if not_ready else None)
             if not not_ready:
                 self._load(mod)
         self.check_start()
 
     def _load(self, mod):
         """Replay the module's saved section, or have it generate defaults when it has none."""
-        mod.move(LOADING)
         snapshot = mod.journal.snapshot  # newer than the config file when there is one
         section = self._saver.section(mod.name) if snapshot is None else snapshot
         journal = mod.journal.records
-        mod.journal.set_base(0 if section is None else len(section))
-        mod.last_event = "event_generate_default" if section is None and not journal else "event_load_start"
-        mod.channel.load(section, journal)
         # Changes replayed from the journal (or its snapshot) are not in the config file: still unsaved.
-        mod.unsaved = bool(journal) or snapshot is not None
+        mod.loading(
+            "event_generate_default" if section is None and not journal else "event_load_start",
+            bool(journal) or snapshot is not None,
+        )
+        mod.journal.set_base(0 if section is None else len(section))
+        mod.channel.load(section, journal)
         self._loop.after(mod.options["load_timeout"], self._check_stuck, mod, mod.process)
 
     def on_loaded(self, mod, loaded):
-        if mod.last_event == "event_load_start":
-            mod.last_event = "event_load_complete"
-        mod.loaded = True
-        mod.load_errors = failed = loaded.failed
+        failed = loaded.failed
         failures = loaded.failures
         report = self._logs.report
         for failure in failures:
@@ -161,36 +109,33 @@ class Lifecycle:
         if failed > len(failures):
             report(mod, logging.ERROR, "module %s: %d more saved rows did not load", mod.name, failed - len(failures))
         if loaded.error is not None and not mod.ready_called:
+            mod.load_done(failed, None)
             self._start_failed(mod, f"{loaded.error}, before ready() was called", loaded.detail)
             return
+        problem = None
         if loaded.error is not None:  # an event that raised after ready(): READY, and said so
             report(mod, logging.ERROR, "module %s: %s", mod.name, loaded.error)
-            mod.load_problem = loaded.error
+            problem = loaded.error
         elif failed:
             first = failures[0]
-            mod.load_problem = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
-        if mod.load_problem is not None:
-            mod.error = mod.load_problem
+            problem = f"{failed} saved rows did not load; first: table {first['table']}: {first['message']}"
+        mod.load_done(failed, problem)
         self._maybe_ready(mod)
 
     def on_ready(self, mod, _ready):
-        mod.ready_called = True
+        mod.called_ready()
         if mod.state == STARTING and not mod.fatal:  # ready() without cmbackend_init(): no tables, nothing to load
-            mod.move(READY)
-            mod.channel.serve()
+            mod.became_ready()  # what is held for it is sent (the router is told)
             self._logs.report(
                 mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid
             )
-            self._router.release_held(mod)
             self._advance_waiting()
             return
         self._maybe_ready(mod)
 
     def on_fatal(self, mod, fatal):
         """The worker said it is ending (its entry raised, returned or exited): its exit follows."""
-        mod.fatal = True
-        mod.error = fatal.message
-        mod.traceback = fatal.detail or None
+        mod.ending(fatal.message, fatal.detail or None)
         self._logs.report(
             mod, logging.ERROR, "module %s: %s%s", mod.name, fatal.message, f"\n{fatal.detail}" if fatal.detail else ""
         )
@@ -199,9 +144,7 @@ class Lifecycle:
         """An event raised before the agent called ready(): the module cannot come up. Its
         worker is ended at once, and its exit is a crash like any other (recovery.py):
         quarantined during start(), else restarted as its restart policy says."""
-        mod.fatal = True  # never READY, whatever its worker still sends
-        mod.error = f"start failed: {reason}"
-        mod.traceback = detail
+        mod.ending(f"start failed: {reason}", detail)  # never READY, whatever its worker still sends
         self._logs.report(mod, logging.ERROR, "module %s: %s; ending its worker", mod.name, mod.error)
         self._workers.kill(mod)
 
@@ -209,7 +152,7 @@ class Lifecycle:
         if mod.process is process and mod.state == LOADING:
             reason = f"stuck: ready() not called within {mod.options['load_timeout']:g}s; last event {mod.last_event}"
             self._logs.report(mod, logging.WARNING, "module %s %s", mod.name, reason)
-            mod.error = f"{mod.error}; {reason}" if mod.error else reason
+            mod.noted(reason)
 
     def _maybe_ready(self, mod):
         # A worker that reported it is ending never goes READY: its entry may fail just
@@ -217,19 +160,14 @@ class Lifecycle:
         # (on the main thread) may then arrive before their last word.
         if mod.state != LOADING or not (mod.loaded and mod.ready_called) or mod.fatal:
             return
-        mod.move(READY)
-        mod.channel.serve()  # reads from clients may now go to the worker's own socket
-        mod.error = mod.load_problem  # what the load went through stays; a note that it was stuck goes
+        mod.became_ready()  # what is held for it is sent (the router is told)
         self._logs.report(mod, logging.INFO, "module %s READY (pid %d)", mod.name, mod.pid)
-        self._router.release_held(mod)
         self._advance_waiting()  # which ends with check_start()
 
     def quarantine(self, mod, reason):
         self._logs.report(mod, logging.ERROR, "module %s FAILED: %s", mod.name, reason)
-        mod.move(FAILED)
-        mod.error = reason
+        mod.failed(reason)  # what is held for it fails (the router is told)
         self._workers.kill(mod)
-        self._router.fail_held(mod)
         self.check_start()
 
     # -- start() ----------------------------------------------------------

@@ -1,18 +1,12 @@
-"""The supervisor's record of one module, and its lifecycle as one state machine.
+"""The supervisor's record of one module, changed through its own methods alone.
 
-    STOPPED ──spawn──▶ STARTING ──INIT──▶ WAITING_DEPS ──deps READY──▶ LOADING ──ready()──▶ READY
-                          │  └───────────── ready() without INIT: a plain process ─────────────▶ READY
-                          │                    │                          │                   │
-                          └────────────────────┴──── worker exit ─────────┴───────────────────┴──▶ RESTARTING ──respawn──▶ STARTING
-    any state ──quarantine──▶ FAILED ──operator restart──▶ RESTARTING
-    any state with a worker ──stop──▶ STOPPING ──exit──▶ STOPPED
-    any state with a worker ──exit the restart policy leaves alone──▶ STOPPED ──operator restart──▶ RESTARTING
-
-Every state change goes through ``Module.move``, which refuses a change that is
-not in ``TRANSITIONS``: that is a bug in the supervisor, raised as an
-InternalError naming both states, and tells the module's ``observer`` of each
-change it makes (notify.py's systemd STATUS lines). The predicates below stand
-in for tuples of states repeated by the code that asks.
+Each method is named for what happened to the module (its worker started, its agent
+registered, its load ended, a save began, it failed, its worker exited, ...) and
+changes every field that event changes; the other parts read the fields, and write
+none. A state change (states.py) goes through ``move``, which refuses one that is
+not in TRANSITIONS (a bug in the supervisor, raised as an InternalError naming both
+states) and then tells the module's subscribers: the router holds, fails or
+releases the requests held for it, the systemd notifier sends a STATUS line.
 """
 
 import logging
@@ -20,37 +14,23 @@ import time
 
 from cmactor.errors import InternalError
 from cmactor.wire import figures as F
-from cmactor.wire.protocol import DATA_OPS
+from cmactor.wire.protocol import ACTION_SUFFIX, DATA_OPS
 from cmsupervisor.observability.stats import FSYNC_BOUNDS, Timed, request_stats, snapshot
+from cmsupervisor.supervision.states import (
+    FAILED,
+    GONE,
+    LEAVING,
+    LOADING,
+    NOT_RUNNING,
+    READY,
+    RESTARTING,
+    STARTING,
+    STOPPED,
+    TRANSITIONS,
+    WAITING_DEPS,
+)
 
 log = logging.getLogger("cmactor.supervisor")
-
-STARTING = "STARTING"
-WAITING_DEPS = "WAITING_DEPS"
-LOADING = "LOADING"
-READY = "READY"
-RESTARTING = "RESTARTING"
-FAILED = "FAILED"
-STOPPING = "STOPPING"
-STOPPED = "STOPPED"
-
-# state -> the states it may move to. FAILED and STOPPED are reachable from every
-# state (a quarantine or a stop can come at any time); RESTARTING from every state
-# that has or had a worker. A move to the same state is a no-op, and allowed.
-TRANSITIONS = {
-    STOPPED: {STARTING, RESTARTING, FAILED},
-    STARTING: {WAITING_DEPS, READY, RESTARTING, FAILED, STOPPING, STOPPED},
-    WAITING_DEPS: {LOADING, RESTARTING, FAILED, STOPPING, STOPPED},
-    LOADING: {READY, RESTARTING, FAILED, STOPPING, STOPPED},
-    READY: {RESTARTING, FAILED, STOPPING, STOPPED},
-    RESTARTING: {STARTING, FAILED, STOPPED},
-    FAILED: {RESTARTING, STOPPED},
-    STOPPING: {STOPPED, FAILED},
-}
-
-
-_NOT_RUNNING = frozenset((STOPPED, FAILED, RESTARTING))
-_LEAVING = frozenset((STOPPING, FAILED, RESTARTING))
 
 
 class Pending:
@@ -78,8 +58,16 @@ class Pending:
         self.timer = None
         self.sid = None
         self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
-        self.is_async = False  # the target action is an @async_action
+        self.is_async = False  # the target action is an @async_action (aim)
         self.dispatched_at = None
+
+    def aim(self, mod):
+        """Whether its action on ``mod`` is an @async_action, as ``mod`` registered them, noted
+        in ``is_async``: as the deadlock detector admits an agent's call, and again as the
+        router sends it (the module may have registered meanwhile, the call held)."""
+        request = self.request
+        self.is_async = (request.table, request.op) in mod.async_ops
+        return self.is_async
 
 
 class Held:
@@ -153,7 +141,7 @@ class Module:
         "traceback",
         "request_stats",
         "figures",
-        "observer",
+        "_subscribers",
     )
 
     def __init__(self, name, options, policy):
@@ -178,25 +166,39 @@ class Module:
         self.last_exit = None
         self.request_stats = request_stats(DATA_OPS)  # op -> stats.Timed, recorded by the Router
         self.figures = None  # the current worker's direct read figures (cmactor/figures.py), shared memory
-        self.observer = None  # fn(module), called after each state change
+        self._subscribers = []  # fn(module, the state it left), called after each change (subscribe)
         self._clear_start_up()
 
     # -- the state machine ----------------------------------------------
+
+    def subscribe(self, fn):
+        """Call ``fn(module, before)`` after each change of its state (``before``: the state it
+        left), after a quarantine even of a module already FAILED, and when a save of it ends
+        (``before`` is then its state): whenever what is held for it may have to be sent,
+        failed or refused."""
+        self._subscribers.append(fn)
 
     def move(self, state):
         """Change state, or raise InternalError if the table does not allow it."""
         if state == self.state:
             return
-        if state not in TRANSITIONS[self.state]:
-            message = f"module {self.name}: no transition from {self.state} to {state}"
-            log.error("internal error: %s", message)
-            raise InternalError(message)
+        self._check(state)
         if state == STARTING:
             self.started_at = time.monotonic()
             self._clear_start_up()
-        self.state = state
-        if self.observer is not None:
-            self.observer(self)
+        self._enter(state)
+
+    def _check(self, state):
+        # Before an event changes any field: a refused move leaves the module as it was.
+        if state != self.state and state not in TRANSITIONS[self.state]:
+            message = f"module {self.name}: no transition from {self.state} to {state}"
+            log.error("internal error: %s", message)
+            raise InternalError(message)
+
+    def _enter(self, state):
+        before, self.state = self.state, state
+        for fn in self._subscribers:
+            fn(self, before)
 
     def _clear_start_up(self):
         # A new worker starts with nothing carried over from the last one's start-up.
@@ -211,6 +213,138 @@ class Module:
         self.fatal = False  # the worker reported it is ending (protocol.Fatal)
         self.traceback = None  # of the exception that ended its start (an event's, or the entry's)
 
+    # -- what happens to it, in the order of a worker's life --------------
+
+    def use_journal(self, journal):
+        """Its changes since the last save are kept in ``journal`` (state.open_journals)."""
+        self.journal = journal
+
+    def started(self, process, channel, slots, psutil, figures):
+        """A new worker runs for it (workers.Workers.spawn made these): STARTING."""
+        self.process = process
+        self.channel = channel
+        self.slots = slots
+        self.psutil = psutil
+        self.figures = figures
+        self.move(STARTING)
+
+    def registered(self, init):
+        """Its agent called cmbackend_init() (protocol.Init): its tables, dependencies and pool."""
+        self.persistent_list = init.persistent_list
+        self.config_deps = init.config_deps
+        # (table, op) pairs served by an @async_action: looked up per request, not formatted.
+        self.async_ops = frozenset(
+            (name[: -len(suffix) - 1], op)
+            for name in init.async_actions
+            for op, suffix in ACTION_SUFFIX.items()
+            if name.endswith("_" + suffix)
+        )
+        self.pool_size = init.pool_size
+
+    def waiting_for(self, name):
+        """WAITING_DEPS on module ``name`` (None: on none any more)."""
+        self.waiting_on = name
+
+    def loading(self, first_event, unsaved):
+        """LOADING: its worker was sent its config, and runs ``first_event``. ``unsaved``: the load
+        replays changes that are not in the config file (a journal, a snapshot)."""
+        self._check(LOADING)
+        self.last_event = first_event
+        self.unsaved = unsaved
+        self.move(LOADING)
+
+    def load_done(self, failed, problem):
+        """Its worker answered the load: ``failed`` saved rows did not load; ``problem``, what went
+        wrong in a load that may still end READY (shown as its error), or None."""
+        if self.last_event == "event_load_start":
+            self.last_event = "event_load_complete"
+        self.loaded = True
+        self.load_errors = failed
+        self.load_problem = problem
+        if problem is not None:
+            self.error = problem
+
+    def called_ready(self):
+        """Its agent called ready() (protocol.Ready)."""
+        self.ready_called = True
+
+    def noted(self, problem):
+        """A problem of its start that does not end it (a load that takes too long), added to its error."""
+        self.error = f"{self.error}; {problem}" if self.error else problem
+
+    def ending(self, error, traceback):
+        """Its worker is ending and will never be READY (it said so, or its start failed): its exit follows."""
+        self.fatal = True
+        self.error = error
+        self.traceback = traceback
+
+    def became_ready(self):
+        """READY: its worker serves, on its channel and its own socket. What the load went
+        through stays its error; a note that it was slow goes."""
+        self._check(READY)
+        self.error = self.load_problem
+        self.move(READY)
+
+    def mark_unsaved(self):
+        """It has a change the config file does not have."""
+        self.unsaved = True
+
+    def save_began(self):
+        """A save, compaction or export walks its tables: requests to it are held meanwhile."""
+        self.saving = True
+
+    def covered_by_save(self):
+        """The save under way covers its changes so far (a change acknowledged from now on marks
+        it again): whether it was unsaved, for a save that fails to mark it again."""
+        was, self.unsaved = self.unsaved, False
+        return was
+
+    def save_ended(self):
+        """The walk of its tables is over: it accepts requests again."""
+        self.saving = False
+        for fn in self._subscribers:
+            fn(self, self.state)
+
+    def hung(self, reason):
+        """Its worker is killed as stuck, for ``reason``."""
+        self.error = reason
+
+    def failed(self, reason):
+        """Quarantined (FAILED), for ``reason``, until an operator restarts it. The subscribers
+        are told even if it was FAILED already: what was held for it fails with the new reason."""
+        self._check(FAILED)
+        self.error = reason
+        self._enter(FAILED)
+
+    def exited(self, reason):
+        """Its worker was reaped, having ended for ``reason``: what was sent to it and not answered,
+        in dispatch order, for the caller to fail or hold for the next worker."""
+        self.process = None
+        self.psutil = None
+        self.last_exit = reason
+        if self.figures is not None:  # the reads it served directly count in the module's figures
+            for op, figures in F.read(self.figures).items():
+                self.request_stats[op].add(*figures)
+            self.figures = None
+        unanswered, self.inflight = self.inflight, {}
+        return unanswered
+
+    def restarting(self, reason=None):
+        """RESTARTING: a new worker is to start (after a backoff, or once the old one is reaped);
+        ``reason``, if given, is why, shown as its error until then."""
+        self._check(RESTARTING)
+        if reason is not None:
+            self.error = reason
+        self.move(RESTARTING)
+
+    def respawning(self):
+        """A new worker is being started for it after a crash or an operator's restart."""
+        self.restarts += 1
+
+    def spawn_failed(self, reason):
+        """No worker process could be started for it, for ``reason``."""
+        self.last_exit = reason
+
     @property
     def accepting(self):
         """Requests go to the worker at once (else they are held, or fail)."""
@@ -219,17 +353,17 @@ class Module:
     @property
     def gone(self):
         """Stopping or stopped: requests fail, nothing is held."""
-        return self.state == STOPPING or self.state == STOPPED
+        return self.state in GONE
 
     @property
     def leaving(self):
         """Its worker, if it has one, was told to stop or was killed."""
-        return self.state in _LEAVING
+        return self.state in LEAVING
 
     @property
     def running(self):
         """A worker is starting, serving or stopping: its uptime counts."""
-        return self.state not in _NOT_RUNNING
+        return self.state not in NOT_RUNNING
 
     @property
     def pid(self):
@@ -237,13 +371,6 @@ class Module:
 
     def uptime(self):
         return time.monotonic() - self.started_at if self.running and self.started_at is not None else None
-
-    def fold_figures(self):
-        """Its worker is gone: count the reads it served directly in the module's figures."""
-        if self.figures is not None:
-            for op, figures in F.read(self.figures).items():
-                self.request_stats[op].add(*figures)
-            self.figures = None
 
     def _direct(self, counts):
         """Where clients read from its worker, and what they have there now, from its figures
@@ -253,7 +380,7 @@ class Module:
             return None
         return {
             **channel.route,
-            "serving": channel.serving,
+            "serving": self.state == READY,  # READY means its worker serves its socket
             "connections": counts[F.CONNECTIONS],
             "inflight": F.inflight(counts),
             "queue": counts[F.QUEUED],

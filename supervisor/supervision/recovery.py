@@ -1,19 +1,35 @@
-"""Recovery: a worker's exit, its unanswered requests, restarts and hangs.
+"""Recovery: launching a module's worker, and what follows its end: its unanswered
+requests, the restart policy, the relaunch; and the watchdog that kills a hung worker.
 
-A dead worker is noticed through its sentinel (workers.py). Replies it sent
-before dying still count; of its unanswered requests, those its lanes had
-started fail (they may have had effects), the others are held and run after the
-restart (see the progress slots in cmactor/protocol.py). The restart policy
-(restart.py) decides between a restart after a delay and quarantine.
+Every decision a crash calls for is taken on one path through this file (as OTP's
+restart_child -> do_restart -> restart, or supervisord's Subprocess.finish):
+
+    on_exit     the worker's sentinel fired: it is reaped (workers.py); of its unanswered
+                requests, those its lanes had started fail (they may have had effects),
+                the others are held for the next worker (the progress slots, protocol.py)
+    _exited     the agent's ``restart`` option: restart it, leave it STOPPED, or quarantine it
+    _crashed    the RestartPolicy below: restart after a backoff, or quarantine past its intensity
+    _respawn    the backoff is over: launch a new worker, STARTING
+
+From STARTING the module comes up as at its first start (lifecycle.py). A start that
+fails for want of file descriptors or processes is retried by launch itself, as long
+as it takes, never counted as a crash.
 """
 
+import collections
 import logging
 import time
 
-from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError, action_timed_out
+from cmactor.errors import ModuleUnavailable, OperationalError, ProgrammingError
 from cmactor.wire import protocol as P
-from cmsupervisor.supervision.modules import FAILED, RESTARTING, STOPPED, STOPPING, unknown_module
-from cmsupervisor.supervision.workers import describe_exit
+from cmsupervisor.supervision.modules import unknown_module
+from cmsupervisor.supervision.states import FAILED, RESTARTING, STOPPED, STOPPING
+from cmsupervisor.supervision.workers import SpawnFailed, describe_exit
+
+# Seconds before a start that failed for want of descriptors or processes is tried
+# again, doubling up to the last.
+RETRY_FIRST = 0.05
+RETRY_MAX = 5.0
 
 
 def split_started(inflight, slots):
@@ -36,6 +52,43 @@ def _stuck_in(slots, first, count, limit):
     return sum(1 for started in slots[first + 1 : first + 2 * count : 2] if 0 < started < limit)
 
 
+class RestartPolicy:
+    """Exponential backoff and the intensity window that quarantines.
+
+    Like an OTP supervisor's intensity/period: more than ``max_restarts`` crashes
+    within ``restart_window`` seconds and the module is given up on (FAILED) until an
+    operator restarts it. Between restarts the delay doubles from ``restart_delay`` up
+    to ``restart_delay_max``, and resets once a worker has stayed up ``stable_after``.
+    """
+
+    def __init__(self, options):
+        self.max_restarts = options["max_restarts"]
+        self.window = options["restart_window"]
+        self.base_delay = options["restart_delay"]
+        self.max_delay = options["restart_delay_max"]
+        self.stable_after = options["stable_after"]
+        self._crashes = collections.deque()
+        self._next_delay = self.base_delay
+
+    def on_crash(self, now, uptime):
+        """Seconds to wait before restarting after a crash at ``now``, or None to quarantine."""
+        if uptime is not None and uptime >= self.stable_after:
+            self._next_delay = self.base_delay
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > self.window:
+            self._crashes.popleft()
+        if len(self._crashes) > self.max_restarts:
+            return None
+        delay = self._next_delay
+        self._next_delay = min(max(delay * 2, self.base_delay), self.max_delay)
+        return delay
+
+    def reset(self):
+        """Forget past crashes (an operator asked for this restart)."""
+        self._crashes.clear()
+        self._next_delay = self.base_delay
+
+
 class Recovery:
     def __init__(self, modules, loop, workers, router, graph, saver, lifecycle, logs):
         self._modules = modules
@@ -46,6 +99,44 @@ class Recovery:
         self._saver = saver
         self._lifecycle = lifecycle
         self._logs = logs  # logs.ModuleLogs: a crash is reported in the module's own log too
+        self._retries = {}  # module name -> the loop timer of its next try at a start (launch)
+
+    # -- launching a worker -------------------------------------------------
+
+    def launch_all(self):
+        """The first start: a worker for every module; one that cannot be started at all is quarantined."""
+        for mod in self._modules.values():
+            error = self.launch(mod)
+            if error is not None:
+                self._lifecycle.quarantine(mod, error)
+
+    def launch(self, mod, retry_in=RETRY_FIRST):
+        """Start a worker for ``mod`` (STARTING); None, or why no process could be started.
+
+        A start that fails for want of file descriptors or processes is no fault of the
+        module's: it waits in RESTARTING and is tried again in ``retry_in`` seconds
+        (doubling up to RETRY_MAX), as long as it takes, never counted as a crash."""
+        retry = self._retries.pop(mod.name, None)
+        if retry is not None:  # a launch asked for meanwhile (an operator's restart) replaces it
+            self._loop.cancel(retry)
+        try:
+            worker = self._workers.spawn(mod)
+        except SpawnFailed as exc:
+            if not exc.shortage:
+                return str(exc)
+            mod.restarting(f"{exc}; trying again in {retry_in:g}s")
+            self._logs.report(mod, logging.WARNING, "module %s: %s", mod.name, mod.error)
+            self._retries[mod.name] = self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
+            return None
+        mod.started(*worker)
+        return None
+
+    def _retry_launch(self, mod, retry_in):
+        del self._retries[mod.name]
+        if mod.state == RESTARTING and mod.process is None and not self._lifecycle.stopping:
+            self.launch(mod, retry_in)
+
+    # -- a worker's end ---------------------------------------------------
 
     def on_exit(self, mod):
         """A worker's process ended, for whatever reason."""
@@ -53,16 +144,14 @@ class Recovery:
         reason = describe_exit(code)
         if mod.error:  # what the worker said before dying (the entry's exception, ...)
             reason = f"{reason} after: {mod.error}"
-        mod.last_exit = reason
         self._graph.forget_module(mod)  # its lanes wait on nothing any more
-        started, waiting = split_started(mod.inflight, mod.slots)
-        mod.inflight.clear()
+        started, waiting = split_started(mod.exited(reason), mod.slots)
         for pending in started:
             req = pending.request
             self._router.fail(
                 pending,
                 OperationalError,
-                f"module {mod.name!r} crashed ({reason}) while handling {req['op']} {mod.name}.{req['table']}; "
+                f"module {mod.name!r} crashed ({reason}) while handling {req.op} {mod.name}.{req.table}; "
                 "the request may have taken effect: check before retrying",
             )
         stopping = self._lifecycle.stopping
@@ -100,8 +189,7 @@ class Recovery:
                 reason,
                 policy,
             )
-            mod.move(STOPPED)
-            self._router.fail_held(mod)
+            mod.move(STOPPED)  # what is held for it fails (the router is told)
             self._lifecycle.check_start()
         else:
             self._lifecycle.quarantine(mod, f"worker exited ({reason}); restart = 'never' leaves it so")
@@ -121,7 +209,7 @@ class Recovery:
             )
             return
         self._logs.report(mod, logging.ERROR, "module %s: %s %s; restarting in %.2fs", mod.name, what, reason, delay)
-        mod.move(RESTARTING)
+        mod.restarting()
         self._loop.after(delay, self._respawn, mod)
 
     def _respawn(self, mod):
@@ -129,10 +217,10 @@ class Recovery:
         # a worker meanwhile, or killed one that is still to be reaped.
         if mod.state != RESTARTING or self._lifecycle.stopping or mod.process is not None:
             return
-        mod.restarts += 1
-        error = self._lifecycle.launch(mod)
-        if error is not None:  # e.g. out of fds: a failed start, retried with the backoff
-            mod.last_exit = error
+        mod.respawning()
+        error = self.launch(mod)
+        if error is not None:  # a process that cannot be made (not for want of fds): retried with the backoff
+            mod.spawn_failed(error)
             self._crashed(mod, "a restart", f"failed: {error}", 0)  # no uptime: the backoff grows
 
     def reload(self, mod, reason):
@@ -144,8 +232,7 @@ class Recovery:
         self._logs.report(
             mod, logging.ERROR, "module %s: %s; restarting its worker without the changes", mod.name, reason
         )
-        mod.move(RESTARTING)
-        mod.error = reason
+        mod.restarting(reason)
         self._workers.kill(mod)  # on_exit respawns it
 
     def restart(self, name):
@@ -156,13 +243,13 @@ class Recovery:
         if self._lifecycle.stopping:
             raise OperationalError(f"cannot restart module {name!r}: the supervisor is stopping")
         mod.policy.reset()
-        mod.move(RESTARTING)
         if mod.process is None:
+            mod.restarting()
             self._respawn(mod)
         else:
             # on_exit respawns it: a new worker must not take the module's place
             # while the old one's exit is still to be handled.
-            mod.error = "restart requested"
+            mod.restarting("restart requested")
             self._workers.kill(mod)
 
     def _stuck(self, mod, now, now_ns):
@@ -204,30 +291,20 @@ class Recovery:
         mod.channel.pong()
 
     def watchdog(self):
-        """Fail requests past action_timeout; kill a worker whose serial lane is stuck past hang_timeout."""
+        """Kill a worker stuck past hang_timeout, or silent past heartbeat_timeout; again every
+        tick until the stop. (Requests past action_timeout are the router's: Router.time_out.)"""
         now = time.monotonic()
         now_ns = time.monotonic_ns()
         for mod in self._modules.values():
-            limit = mod.options["action_timeout"]
-            expired = []
-            for sid, pending in mod.inflight.items():  # in dispatch order
-                if now - pending.dispatched_at < limit:
-                    break
-                expired.append(sid)
-            for sid in expired:
-                pending = mod.inflight.pop(sid)
-                req = pending.request
-                self._router.fail(pending, OperationalError, action_timed_out(req["op"], mod.name, req["table"], limit))
             if mod.process is None or mod.leaving:
                 continue
             stuck = self._stuck(mod, now, now_ns)
             if stuck is not None:
-                mod.error = stuck
+                mod.hung(stuck)
                 self._logs.report(mod, logging.ERROR, "module %s: %s; killing the worker", mod.name, stuck)
                 self._workers.kill(mod)
         if not self._lifecycle.stopping:
             tick = min(
-                min(m.options["action_timeout"], m.options["hang_timeout"], m.options["heartbeat_timeout"] or 60)
-                for m in self._modules.values()
+                min(m.options["hang_timeout"], m.options["heartbeat_timeout"] or 60) for m in self._modules.values()
             )
             self._loop.after(min(1.0, max(0.05, tick / 4)), self.watchdog)

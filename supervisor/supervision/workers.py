@@ -27,8 +27,7 @@ import socket
 import stat
 import sys
 
-from cmactor.wire import figures as F
-from cmactor.wire import protocol as P
+from cmactor.wire import figures as F, protocol as P
 from cmactor.worker import process as worker
 from cmsupervisor.front.server import MAX_SOCKET_PATH, listen
 from cmsupervisor.loop import recv
@@ -39,9 +38,6 @@ log = logging.getLogger("cmactor.supervisor")
 # Never fork from the supervisor: it has threads, and a fork of a threaded process
 # can deadlock. The fork server is a single-threaded process forked once, early.
 START_METHOD = "forkserver"
-
-_PING = P.Ping.of()
-_SERVE = P.Serve.of()
 
 # A worker's output line longer than this (one printed without a newline) is cut into
 # lines of this size: what is kept of a line waiting for its newline stays bounded.
@@ -88,7 +84,6 @@ class Channel:
         "out",
         "pinged_at",
         "route",
-        "serving",
         "_sids",
         "_mark",
         "_ring",
@@ -98,7 +93,7 @@ class Channel:
     def __init__(self, sock, doorbell, sids, mark, route=None):
         self.sock = sock
         self.doorbell = doorbell  # rung when async work is sent while serial work is unanswered
-        self.reader = P.FrameReader(max_frame=None)  # our own worker: trusted
+        self.reader = P.FrameReader(max_frame=None, decode=P.CHANNEL.decode)  # our own worker: trusted
         self.out = bytearray()
         self._sids = sids
         self._mark = mark
@@ -106,7 +101,6 @@ class Channel:
         self._serial_sids = set()  # serial requests sent and not yet answered
         self.pinged_at = None  # when the oldest unanswered Ping was sent
         self.route = route  # {"path", "generation"} of the worker's direct socket, or None
-        self.serving = False  # the worker was told it may serve direct reads
 
     @property
     def open(self):
@@ -123,7 +117,7 @@ class Channel:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self._send(P.Req.of(sid, op, table, params, vr, flags, batch, after, index, match))
+        self._send(P.Req(sid, op, table, params, vr, flags, batch, after, index, match))
         return sid
 
     def answered(self, sid):
@@ -131,22 +125,22 @@ class Channel:
 
     def load(self, section, journal):
         sid = next(self._sids)
-        self._send(P.Load.of(sid, section, journal))
+        self._send(P.Load(sid, section, journal))
         return sid
 
     def save(self, tables):
         sid = next(self._sids)
-        self._send(P.Save.of(sid, tables))
+        self._send(P.Save(sid, tables))
         return sid
 
     def stop(self):
-        self._send(P.Stop.of())
+        self._send(P.Stop())
 
     def cancel(self, sids):
         """The client of requests ``sids`` is gone: the worker drops those it has not started
         (and answers each so). Rung: its reading thread may be running serial work."""
         self._ring = True
-        self._send(P.Cancel.of(sids))
+        self._send(P.Cancel(sids))
 
     def ping(self, now):
         """Ask the worker whether it is alive (it answers from whichever lane thread reads,
@@ -154,16 +148,10 @@ class Channel:
         if self.pinged_at is None:
             self.pinged_at = now
         self._ring = True
-        self._send(_PING)
+        self._send(P.Ping())
 
     def pong(self):
         self.pinged_at = None
-
-    def serve(self):
-        """The module is READY: its worker may serve reads on its own socket, if it has one."""
-        if self.route is not None and not self.serving:
-            self.serving = True
-            self._send(_SERVE)
 
     # endpoint interface (loop.py)
     def sent(self):
@@ -243,10 +231,12 @@ class Workers:
 
     def handle(self, kind, handler):
         """Call ``handler(mod, message)`` for each message of class ``kind`` (protocol.Reply, ...)."""
-        self._handlers[kind.CODE] = (handler, kind.read)
+        self._handlers[kind] = handler
 
     def spawn(self, mod):
-        """Start a worker for ``mod``, or raise SpawnFailed saying why it could not be started."""
+        """Start a worker for ``mod``: what the module keeps of it, for Module.started (the process,
+        its Channel, its progress slots, its psutil.Process, its direct read figures or None); or
+        raise SpawnFailed saying why it could not be started."""
         env = dict(os.environ)
         env.update(mod.options["env"])
         env["CMACTOR_SOCKET"] = self._socket_path
@@ -296,7 +286,6 @@ class Workers:
         out_child.close()
         if direct is not None:
             direct[0].close()  # the worker's now: the supervisor never accepts on it
-            mod.figures = direct[1]
         parent.setblocking(False)
         bell.setblocking(False)
         out.setblocking(False)
@@ -319,12 +308,15 @@ class Workers:
             if route is not None:
                 _unlink(route["path"])
             raise SpawnFailed(f"could not watch a new worker: {type(exc).__name__}: {exc}", _is_shortage(exc)) from None
-        mod.process = process
-        mod.slots = memoryview(slots).cast("B").cast("q")  # read by index and slice, faster than ctypes
-        mod.channel = channel
-        mod.psutil = health.track(process.pid)
         self._outputs[mod.name] = output
         log.debug("module %s: worker pid %d started", mod.name, process.pid)
+        return (
+            process,
+            channel,
+            memoryview(slots).cast("B").cast("q"),  # read by index and slice, faster than ctypes
+            health.track(process.pid),
+            None if direct is None else direct[1],
+        )
 
     def _bind_direct(self, mod, opened):
         """Bind the worker's direct socket: (route, (listening socket, figures array)), or
@@ -351,8 +343,7 @@ class Workers:
                 self._close_channel(mod)  # the sentinel reports the exit itself
                 return
             for message in channel.reader.feed(data):
-                handler, read = handlers[message[0]]
-                handler(mod, read(message))
+                handlers[type(message)](mod, message)
             if not drain:
                 return
 
@@ -392,8 +383,9 @@ class Workers:
             del self._outputs[output.mod.name]
 
     def reap(self, mod):
-        """A worker's sentinel fired: collect its exit and every reply it sent first,
-        take its process group down and forget it. Returns (pid, exit code)."""
+        """A worker's sentinel fired: collect its exit and every reply it sent first, and
+        take its process group down. Returns (pid, exit code); the module forgets the
+        worker next (Module.exited)."""
         process = mod.process
         pid = process.pid
         self._loop.unwatch(process.sentinel)
@@ -406,15 +398,12 @@ class Workers:
         kill_group(pid)
         if mod.channel.route is not None:
             _unlink(mod.channel.route["path"])
-            mod.fold_figures()
         output = self._outputs.get(mod.name)
         if output is not None:
             # Its last words reach the log. Then our end is closed even if a process it
             # started (and that left its group) still holds the other: nothing waits on it.
             self._read_output(output, DRAIN_MAX)
             self._close_output(output)
-        mod.process = None
-        mod.psutil = None
         return pid, code
 
     def _close_channel(self, mod):

@@ -20,10 +20,16 @@ try:
 except ImportError:
     import exos
     import exos.api
-    from exos.api import CmAgent as ApiAgent
-    from exos.api import TraceBufferHandler, cmbackend, exec_cli, exec_cli_async, ready  # noqa: F401
-    from exos.api import cmbackend_init as api_init  # noqa: F401
-    from exos.api import exos_dbapi as dbapi
+    from exos.api import (  # noqa: F401
+        CmAgent as ApiAgent,
+        TraceBufferHandler,
+        cmbackend,
+        cmbackend_init as api_init,  # noqa: F401
+        exec_cli,
+        exec_cli_async,
+        exos_dbapi as dbapi,
+        ready,
+    )
     from exos.api.cmbackend import CmAgent, cmbackend_init
     from exos.api.cmfrontend import connect  # noqa: F401
 
