@@ -7,15 +7,15 @@ Agent authors use ``cmbackend_init``, ``CmAgent``, ``CmContext``, ``ready`` and
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from cmactor import errors
 from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
 from cmactor.cmfrontend import Connection, Cursor, Row, connect
 from cmactor.errors import *  # noqa: F403 - the exception tree, errors.__all__
 
-# True for type checkers only: they see Supervisor and __version__ (made by __getattr__
-# below at run time) as what they are, not as whatever __getattr__ returns.
-TYPE_CHECKING = False
+# Type checkers see Supervisor and __version__ (made by __getattr__ below at run time)
+# as what they are, not as whatever __getattr__ returns.
 if TYPE_CHECKING:
     from cmsupervisor.supervisor import Supervisor
 

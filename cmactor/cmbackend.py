@@ -9,10 +9,8 @@ from __future__ import annotations
 import threading
 import types
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-# True for type checkers only: annotations need no typing import at run time (agents
-# and clients import this module, and typing is a good part of an import's time).
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from concurrent.futures import Executor
     from typing import Any, NoReturn, Protocol, TypeVar
@@ -40,7 +38,8 @@ class _Acting(threading.local):
 # The action running on each thread, so that a request made from inside an action can
 # tell the supervisor who is calling: ``acting.caller`` is (module, lane, request id)
 # while it runs, None outside actions. The supervisor's deadlock detector builds its
-# wait-for graph from it. Set by acting_for, or by the worker's request path itself.
+# wait-for graph from it. The worker sets and resets it around each action, load and
+# save (worker/actions.py).
 acting = _Acting()
 
 
@@ -227,25 +226,3 @@ def attach_runtime(runtime: _Runtime) -> None:
 def current_caller() -> tuple[str, str, int] | None:
     """(module, lane, request id) of the action running on this thread, or None outside actions."""
     return acting.caller
-
-
-class acting_for:
-    """``with acting_for(module, lane, sid):`` runs the block as request ``sid`` on that
-    lane of ``module``: current_caller() says so inside it, and None again after.
-
-    The worker wraps each event, load and save in one. A request's action sets
-    ``acting.caller`` and resets it itself (actions.Actions.execute): entering and
-    leaving a context manager is three Python calls, a twentieth of a worker's
-    instructions for a get.
-    """
-
-    __slots__ = ("_caller",)
-
-    def __init__(self, module: str, lane: str, sid: int) -> None:
-        self._caller = (module, lane, sid)
-
-    def __enter__(self) -> None:
-        acting.caller = self._caller
-
-    def __exit__(self, *exc_info: object) -> None:
-        acting.caller = None

@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque, namedtuple
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from cmactor import cmbackend
 from cmactor.errors import (  # re-exported: PEP 249 puts these on the module
@@ -41,9 +42,6 @@ from cmactor.errors import (  # re-exported: PEP 249 puts these on the module
 )
 from cmactor.wire import protocol as P
 
-# True for type checkers only: annotations need no typing import at run time (a
-# client's import time is a good part of a short program's).
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from os import PathLike
@@ -209,6 +207,28 @@ def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None
 
 # ModuleUnavailable.when_ready() waits through the client (cmactor.errors imports nothing).
 ModuleUnavailable.wait_until_ready = staticmethod(wait_until_ready)
+
+
+def send_retrying(
+    connection: Connection,
+    request: _Message,
+    on_notify: Callable[[str], object] | None,
+    retries: int,
+    retry_timeout: float,
+) -> _Message:
+    """``connection.request(request, on_notify)``, sent again up to ``retries`` times
+    while its module is unavailable. A retry asks the supervisor to hold it until the
+    module is READY, for at most ``retry_timeout`` seconds: no polling, and the retry
+    runs the moment the module can take it. Both clients' cursors send through here."""
+    attempt = 0
+    while True:
+        try:
+            return connection.request(request, on_notify)
+        except ModuleUnavailable:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            request["hold"] = float(retry_timeout)
 
 
 def open_index(params: Mapping[str, object] | None) -> list[str] | None:
@@ -536,16 +556,7 @@ class Cursor:
             self.execute(operation, params)
 
     def _send(self, request):
-        attempt = 0
-        while True:
-            try:
-                return self.connection.request(request, self._on_notify)
-            except ModuleUnavailable:
-                if attempt >= self.retries:
-                    raise
-                attempt += 1
-                # Ask the supervisor to hold the retry until the module is READY.
-                request["hold"] = float(self.retry_timeout)
+        return send_retrying(self.connection, request, self._on_notify, self.retries, self.retry_timeout)
 
     def _walk(self, request, module, table):
         cap = self.max_rows if self.limit is None else min(self.limit, self.max_rows)

@@ -7,8 +7,8 @@ with :func:`from_wire`.
 
 from __future__ import annotations
 
-# True for type checkers only: the names below are for annotations (typing is not loaded).
-TYPE_CHECKING = False
+from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 

@@ -27,6 +27,8 @@ ERROR row; a request to a module that is still loading is held by the supervisor
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cmactor import cmfrontend
 from cmactor.cmfrontend import Row as Row  # "X as X": re-exported, as the errors are (apps catch them from here)
 from cmactor.errors import (
@@ -45,8 +47,6 @@ from cmactor.errors import (
 )
 from cmactor.wire import protocol as P
 
-# True for type checkers only: annotations need no typing import at run time.
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from os import PathLike
@@ -74,7 +74,7 @@ CM_OP_STATUS_ERROR = 2
 # Bits of request._op_flag. DYNAMIC, SNMP and CLI tell the original's CM where a
 # request came from and how to cache it; cmactor has no such distinctions, so they are
 # accepted and kept on the request, except that a CLI request asks for the agent's
-# notify_cli text (SPEC section 3: it is delivered to CLI requests).
+# notify_cli text (the original delivers it to CLI requests only).
 CM_FLAG_GETONE = 0x01
 CM_FLAG_GETNEXT = 0x02
 CM_FLAG_DYNAMIC = 0x04
@@ -307,8 +307,8 @@ class Connection:
 class Cursor:
     """Runs requests and holds the rows of the last one.
 
-    ``retries`` / ``retry_timeout``: on ModuleUnavailable, wait up to retry_timeout
-    seconds for the module (``exc.when_ready``) and send again, up to retries times
+    ``retries`` / ``retry_timeout``: on ModuleUnavailable, send again, held by the
+    supervisor until the module is READY (at most retry_timeout seconds), up to retries times
     per request sent (each batch of a walk is one). ``max_rows``: a walk that goes on
     past it delivers that many rows, then the next fetch raises OperationalError
     ("too many instances"), as the original stops at 5000 rows.
@@ -397,15 +397,9 @@ class Cursor:
         return message, True
 
     def _send(self, message: _Message) -> _Message:
-        attempt = 0
-        while True:
-            try:
-                return self.connection.connection.request(message, self._on_notify)
-            except ModuleUnavailable as exc:
-                if attempt >= self.retries:
-                    raise
-                attempt += 1
-                exc.when_ready(timeout=self.retry_timeout)
+        return cmfrontend.send_retrying(
+            self.connection.connection, message, self._on_notify, self.retries, self.retry_timeout
+        )
 
     def _walk(self, message: _Message) -> tuple[list[_WireRow], OperationalError | None]:
         # Ask for one row past max_rows: a row there tells a table that goes on from

@@ -2,7 +2,7 @@
 
 It waits at once on the listening socket, every client, every worker socket,
 every worker's process sentinel (a crash is seen the moment it happens, no
-polling) and a wake-up pipe through which other threads hand it calls. The
+polling) and a wake-up through which other threads hand it calls. The
 parts of the supervisor register what they watch, each with its own handler;
 all their state is touched by this thread only, so none of it needs locks.
 
@@ -21,12 +21,12 @@ import concurrent.futures
 import heapq
 import itertools
 import logging
-import os
 import select
 import threading
 import time
 
 from cmactor.wire import protocol as P
+from cmactor.wire.wakeup import Wakeup
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -49,11 +49,9 @@ class EventLoop:
         self._thread = None
         self._finished = threading.Event()
         self._calls = []
-        self._calls_lock = threading.Lock()  # also keeps the wake pipe open while it is written
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self.watch(self._wake_r, self._run_calls, self._wake_r)
+        self._calls_lock = threading.Lock()  # also keeps the wake-up open while it is rung
+        self._wakeup = Wakeup()
+        self.watch(self._wakeup.fileno(), self._run_calls, None)
         self._timers = []  # heap of [when, seq, fn, args]; never replaced: the loop holds it
         self._cancelled = 0  # timers in the heap that were cancelled (fn None)
         self._done = False
@@ -92,8 +90,7 @@ class EventLoop:
         with self._calls_lock:
             self._finished.set()
             self._epoll.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
 
     @property
     def finished(self):
@@ -173,8 +170,7 @@ class EventLoop:
                 self._finished.set()
                 calls, self._calls = self._calls, []
                 self._epoll.close()
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+                self._wakeup.close()
             for _, _, future in calls:
                 future.set_exception(RuntimeError("the supervisor is stopped"))
 
@@ -187,10 +183,7 @@ class EventLoop:
             if self._finished.is_set():
                 raise RuntimeError("the supervisor is stopped")
             self._calls.append((fn, args, future))
-            try:
-                os.write(self._wake_w, b"x")
-            except BlockingIOError:
-                pass  # the pipe is full of wake-ups already
+            self._wakeup.wake()
         return future
 
     def call(self, fn, *args):
@@ -199,12 +192,8 @@ class EventLoop:
             return fn(*args)
         return self.call_async(fn, *args).result()
 
-    def _run_calls(self, wake_r):
-        try:
-            while os.read(wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+    def _run_calls(self, _):
+        self._wakeup.clear()
         with self._calls_lock:
             calls, self._calls = self._calls, []
         for fn, args, future in calls:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import weakref
+from typing import TYPE_CHECKING
 
 from cmactor import cmfrontend
 from cmactor.errors import StartupError
@@ -34,8 +35,6 @@ from cmsupervisor.supervision.modules import Module
 from cmsupervisor.supervision.recovery import Recovery, RestartPolicy
 from cmsupervisor.supervision.workers import Workers
 
-# True for type checkers only (the names below are for annotations, never made at run time).
-TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Mapping
     from typing import Any, Self, TypedDict, Unpack

@@ -121,7 +121,7 @@ def test_cmactor_imports_cmsupervisor_only_for_the_lazy_supervisor():
 
 def test_errors_import_nothing():
     _, tops = graph()
-    assert tops["cmactor.errors"] <= {"__future__", "collections"}  # annotations only, for type checkers
+    assert tops["cmactor.errors"] <= {"__future__", "typing", "collections"}  # annotations only, for type checkers
 
 
 def test_no_module_imports_a_top_level_supervisor_or_exos():

@@ -19,7 +19,7 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 8 * 1024 * 1024
 
 # 64 KiB reads: glibc mmaps/unmaps buffers of 128 KiB or more on every recv()
-# (measured ~20 us instead of ~3.5 us per call, DESIGN.md).
+# (measured ~20 us instead of ~3.5 us per call: docs/architecture.md).
 READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.

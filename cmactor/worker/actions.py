@@ -12,7 +12,7 @@ import json
 import logging
 import traceback
 
-from cmactor.cmbackend import ActionStopped, CmContext, acting, acting_for
+from cmactor.cmbackend import ActionStopped, CmContext, acting
 from cmactor.errors import DatabaseError, DataError, ProgrammingError, to_wire
 from cmactor.wire import protocol as P
 
@@ -202,8 +202,8 @@ class Actions:
             def notify(text):
                 send(P.Notify(sid, text))
 
-        # The caller set and reset here, not with acting_for: it runs for every request,
-        # where the context manager's three calls were a twentieth of a worker's get.
+        # The caller is set and reset by hand, here and for loads and saves: a context
+        # manager's three calls were a twentieth of a worker's get.
         acting.caller = (self.module, ASYNC if is_async else SERIAL, sid)
         try:
             try:
@@ -274,7 +274,8 @@ class Actions:
         failures = []
         failed = 0
         error = detail = None
-        with acting_for(self.module, SERIAL, msg.sid):
+        acting.caller = (self.module, SERIAL, msg.sid)
+        try:
             try:
                 if msg.section is None and not msg.journal:
                     self._event("event_generate_default")
@@ -303,6 +304,8 @@ class Actions:
                         self._event("event_load_complete")
             except _EventFailed as exc:
                 error, detail = str(exc), exc.detail
+        finally:
+            acting.caller = None
         return P.Loaded(msg.sid, error, failures, failed, detail)
 
     def _load_row(self, op, table, row):
@@ -322,7 +325,8 @@ class Actions:
     def save(self, msg):
         """The save walk for the Save ``msg``: event_save_start, every row of each table,
         event_save_complete; the Saved to report."""
-        with acting_for(self.module, SERIAL, msg.sid):
+        acting.caller = (self.module, SERIAL, msg.sid)
+        try:
             try:
                 try:
                     self._event("event_save_start")
@@ -331,6 +335,8 @@ class Actions:
                     self._event("event_save_complete")
             except (_EventFailed, _SaveFailed) as exc:
                 return P.Saved(msg.sid, str(exc), None, 0)
+        finally:
+            acting.caller = None
         section = json.dumps(saved, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         return P.Saved(msg.sid, None, section, sum(len(rows) for rows in saved.values()))
 

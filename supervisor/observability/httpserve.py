@@ -27,6 +27,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from cmactor.wire.wakeup import Wakeup
+
 log = logging.getLogger("cmactor.supervisor")
 
 MAX_REQUEST = 8192
@@ -88,12 +90,10 @@ class PageServer:
         self._render = render
         self._content_type = content_type
         self._reuse = reuse
-        self._wake_r, self._wake_w = socket.socketpair()  # the page thread, or close(), wakes the server thread
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wakeup = Wakeup()  # the page thread, or close(), wakes the server thread
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, (self._accept, None))
-        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._woken, None))
+        self._selector.register(self._wakeup, selectors.EVENT_READ, (self._woken, None))
         self._accept_again = None  # while accepting is paused (ACCEPT_PAUSE): when it resumes
         self._connections = {}  # _Connection -> None, oldest first
         self._page = None  # the last page made, and when its making ended (monotonic)
@@ -113,17 +113,10 @@ class PageServer:
         """Stop serving: every connection and the listener are closed when this returns."""
         self._closing = True
         self._make.set()
-        self._wake()
+        self._wakeup.wake()
         for thread in self._threads:
             thread.join()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _wake(self):
-        try:
-            self._wake_w.send(b"x")
-        except BlockingIOError:
-            pass  # a wake-up is pending already
+        self._wakeup.close()
 
     # -- the page thread ---------------------------------------------------
 
@@ -139,7 +132,7 @@ class PageServer:
                 log.exception("the %s page could not be made", self._path)
                 made = None, f"{type(exc).__name__}: {exc}"
             self._made = made
-            self._wake()
+            self._wakeup.wake()
 
     # -- the server thread -------------------------------------------------
 
@@ -202,11 +195,7 @@ class PageServer:
             self._watch(conn, selectors.EVENT_READ)
 
     def _woken(self, _):
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._wakeup.clear()
         made, self._made = self._made, None
         if made is None:
             return  # close() woke it
