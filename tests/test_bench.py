@@ -217,3 +217,21 @@ def test_instructions_counts_each_process_of_a_get():
             else:  # instructions a get: a process's share
                 assert 5_000 < rows[role][0] < 1_000_000, (path, role, result.stdout)
         assert abs(rows["total"][0] - sum(rows[role][0] for role in ("supervisor", "worker", "client"))) < 3
+
+
+@pytest.mark.timeout(120)
+def test_walk_lists_the_files_each_walk_runs_code_in():
+    result = subprocess.run([sys.executable, "-m", "perf.walk"], capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    walks = {}
+    for block in result.stdout.strip().split("\n\n"):
+        head, *lines = block.splitlines()
+        title, count = re.fullmatch(r"(.+): (\d+) files", head).groups()
+        walks[title] = {line.split()[0]: line for line in lines}
+        assert len(walks[title]) == int(count)
+    assert list(walks) == ["brokered get", "journaled set", "direct get", "SIGKILL to READY"]
+    brokered, journaled, direct, crash = walks.values()
+    assert "cmsupervisor/front/routing.py" in brokered and "worker: " in brokered["cmactor/worker/process.py"]
+    assert "cmsupervisor/persistence/journal.py" in journaled and "cmsupervisor/persistence/journal.py" not in brokered
+    assert not [path for path in direct if path.startswith("cmsupervisor/")]  # one hop: the supervisor does nothing
+    assert "cmsupervisor/supervision/recovery.py" in crash and "new worker: " in crash["cmactor/worker/process.py"]
