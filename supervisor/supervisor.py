@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from cmactor import cmfrontend
 from cmactor.errors import StartupError
 from cmactor.wire import protocol as P
+from cmactor.wire.clients import ClientLimits
 from cmsupervisor.config import agents_config, load_toml, supervisor_options
 from cmsupervisor.front import server
 from cmsupervisor.front.control import Control
@@ -236,13 +237,8 @@ class Supervisor:
         modules = self.modules
         self._loop = loop = EventLoop()
         self._audit.schedule = loop.after_output
-        self._server = server.Server(
-            loop,
-            listening,
-            self.options["max_frame"],
-            self.options["allowed_uids"],
-            **{key: self.options[key] for key in server.LIMITS},
-        )
+        limits = ClientLimits.from_options(self.options)  # one policy for the supervisor's socket and the workers'
+        self._server = server.Server(loop, listening, limits)
         self._graph = graph = WaitGraph(modules)
         self._router = router = Router(modules, loop, graph, self._audit, self.hold_timeout)
         self._server.on_drop = router.forget_client
@@ -254,7 +250,7 @@ class Supervisor:
             socket_path=self.socket_path,
             base_dir=self.base_dir,
             log_level=self.options["log_level"],
-            direct=self._direct_options(),
+            direct=self._direct_options(limits),
         )
         self._lifecycle = lifecycle = Lifecycle(
             modules,
@@ -295,22 +291,12 @@ class Supervisor:
         ):
             workers.handle(kind, handler)
 
-    def _direct_options(self):
-        """How workers serve direct reads (cmactor/direct.py): the client socket's own bounds."""
+    def _direct_options(self, limits):
+        """How workers serve direct reads (cmactor/worker/direct.py): with the client ``limits``
+        of the supervisor's own socket, and where to send what they do not serve."""
         if not self.options["direct_reads"]:
             return None
-        keys = (
-            "allowed_uids",
-            "max_frame",
-            "max_client_requests",
-            "max_client_backlog",
-            "frame_timeout",
-            "max_frames_total",
-            "max_direct_backlog_total",
-            "direct_idle_timeout",
-        )
-        options = {key: self.options[key] for key in keys}
-        return {**options, "supervisor_socket": self.socket_path}
+        return {"limits": limits, "supervisor_socket": self.socket_path}
 
     def _serve_metrics(self):
         """Serve /metrics where [supervisor] metrics says; else stop and raise StartupError."""

@@ -20,6 +20,7 @@ import cmactor
 from cmactor.cmbackend import CmAgent
 from cmactor.wire import protocol as P
 from cmactor.worker import process as worker
+from cmactor.worker.lanes import SUPERVISOR, Work
 
 ECHO = agent("echo.py:main")
 READER = agent("reader.py:main")
@@ -323,7 +324,7 @@ def test_an_agent_serves_its_socket_before_it_reports_the_last_of_ready_and_its_
     runtime.register(_Agent(runtime if ready_in_load else None), [], [])
     if not ready_in_load:
         runtime.ready()  # the module is READY only once its load is done too: not served yet
-    runtime._run_serial((P.Load(1, None, []), None, None))
+    runtime._run_serial(Work(P.Load(1, None, []), None, SUPERVISOR))
     assert sent == [("Init", False), ("Ready", False), ("Loaded", True)]
 
 

@@ -191,7 +191,7 @@ class Actions:
 
     def execute(self, req, method, is_async, send=None):
         """Run the action ``method`` (from lookup) for the Req ``req`` and send its Reply, to
-        ``send`` if given (a direct read's client: cmactor/direct.py)."""
+        ``send`` if given (a direct read's client: cmactor/worker/direct.py)."""
         if send is None:
             send = self._send
         sid = req.sid

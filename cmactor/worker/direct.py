@@ -22,7 +22,7 @@ watchdog starts a new reader, which serves everyone else meanwhile; the old one
 ends with that batch. So nothing waits on a reader for long but its own client.
 
 Bytes from clients are untrusted here too: the same peer uid check, frame size
-cap, frame timeout and request validation (validate.py) as the supervisor's
+cap, frame timeout and request validation (clients.py, validate.py) as the supervisor's
 socket, and a bound on the requests one connection has in flight. No thread ever
 blocks on a client's socket: what a client does not take at once waits in its
 backlog, written by one writer thread as the client reads, and a client whose
@@ -45,7 +45,7 @@ back to the system by the watchdog (trim.py).
 
 import itertools
 import logging
-import os
+import operator
 import select
 import selectors
 import socket
@@ -53,14 +53,13 @@ import threading
 import time
 
 from cmactor.errors import (
-    InterfaceError,
     ModuleUnavailable,
     OperationalError,
     ProgrammingError,
     action_timed_out,
     to_wire,
 )
-from cmactor.wire import figures as F, protocol as P
+from cmactor.wire import clients as C, figures as F, protocol as P
 from cmactor.wire.trim import release_free_memory
 from cmactor.wire.validate import BadRequest, decode_request, parse_request, peer_uid
 
@@ -93,16 +92,9 @@ class DirectServer:
     def __init__(self, runtime, listener, options, counts):
         self._runtime = runtime
         self._listener = listener
-        self._allowed_uids = frozenset((os.getuid(), *options["allowed_uids"]))
-        self._max_frame = options["max_frame"]
-        self._max_requests = options["max_client_requests"]
-        self._frame_timeout = options["frame_timeout"]
+        self.limits = options["limits"]  # clients.ClientLimits: those of the supervisor's socket
         self._supervisor = options["supervisor_socket"]
         self._action_timeout = options["action_timeout"]
-        self.max_backlog = options["max_client_backlog"]
-        self._max_frames = options["max_frames_total"]
-        self._max_backlogs = options["max_direct_backlog_total"]
-        self._idle_timeout = options["direct_idle_timeout"]
         # Bytes of every connection's unfinished frame, and of every connection's backlog,
         # as each last counted itself: bounded for all clients together. Under their own
         # lock, taken innermost (a connection's send lock may be held).
@@ -110,7 +102,7 @@ class DirectServer:
         self._frames = 0
         self._backlogs = 0
         self.counts = F.Counter(counts)
-        self.writer = _Writer(self._frame_timeout)
+        self.writer = _Writer(self.limits.frame_timeout)
         self._sids = itertools.count(-1, -1)  # never a supervisor sid (those grow from 1): see split_started
         self._epoll = select.epoll()
         self._connections = {}  # descriptor -> the connection served on it
@@ -223,7 +215,7 @@ class DirectServer:
         close connections idle for direct_idle_timeout."""
         limit = self._action_timeout
         action_tick = min(1.0, max(0.05, limit / 4))
-        frame_tick = min(1.0, self._frame_timeout / 4)
+        frame_tick = min(1.0, self.limits.frame_timeout / 4)
         next_action = next_frame = 0.0
         while True:
             if self._connections:
@@ -247,12 +239,9 @@ class DirectServer:
                 next_frame = now + frame_tick
                 for connection in list(self._connections.values()):
                     since = connection.frame_since
-                    if since is not None and now - since >= self._frame_timeout:
-                        connection.fail(
-                            f"a frame started {self._frame_timeout:g}s ago is unfinished ({connection.partial} "
-                            "bytes of it arrived; frame_timeout); send each frame whole; closing this connection"
-                        )
-                    elif connection.idle_for(now) >= self._idle_timeout:
+                    if since is not None and C.frame_left(since, now, self.limits) <= 0:
+                        connection.fail(C.frame_overdue(connection.partial, self.limits))
+                    elif connection.idle_for(now) >= self.limits.direct_idle_timeout:
                         connection.close()  # its client connects again at its next read (cmfrontend)
 
     # -- accepting -----------------------------------------------------------------
@@ -296,7 +285,8 @@ class DirectServer:
             self._refusing += waits
         if waits:
             try:
-                threading.Thread(target=self._refused, args=(sock, refusal, self._frame_timeout), daemon=True).start()
+                wait = self.limits.frame_timeout
+                threading.Thread(target=self._refused, args=(sock, refusal, wait), daemon=True).start()
                 return
             except RuntimeError:
                 with self._lock:
@@ -313,16 +303,9 @@ class DirectServer:
     def _refusal(self, sock):
         """Why a new connection is not served (its closing frame), or None."""
         uid = peer_uid(sock)
-        if uid is not None and uid not in self._allowed_uids:
+        if not C.may_connect(uid, self.limits):
             log.warning("module %s: direct socket refused a client with uid %s", self._runtime.module, uid)
-            return {
-                "id": None,
-                "ok": False,
-                "error": to_wire(
-                    InterfaceError,
-                    f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it",
-                ),
-            }
+            return C.stream_error(C.uid_refused(uid))
         if len(self._connections) >= MAX_CONNECTIONS and not self._evict_idle():
             return self.redirect(None, f"it serves {MAX_CONNECTIONS} direct connections already, none of them idle")
         return None
@@ -349,9 +332,9 @@ class DirectServer:
             grew = size > connection.frame_counted
             self._frames += size - connection.frame_counted
             connection.frame_counted = size
-            over = grew and self._frames > self._max_frames
+            over = grew and self._frames > self.limits.max_frames_total
         if over:
-            self._drop_largest("frame_counted", "unfinished frame", "max_frames_total", self._max_frames)
+            self._drop_largest("frame_counted", "unfinished frame", "max_frames_total", self.limits.max_frames_total)
 
     def count_backlog(self, connection, delta):
         """(Under ``connection``'s send lock.) Its backlog grew or shrank by ``delta`` bytes.
@@ -362,13 +345,14 @@ class DirectServer:
                 return
             connection.backlog_counted += delta
             self._backlogs += delta
-            over = delta > 0 and self._backlogs > self._max_backlogs
+            limit = self.limits.max_direct_backlog_total
+            over = delta > 0 and self._backlogs > limit
         if over:
-            self._drop_largest("backlog_counted", "unread replies", "max_direct_backlog_total", self._max_backlogs)
+            self._drop_largest("backlog_counted", "unread replies", "max_direct_backlog_total", limit)
 
     def _drop_largest(self, field, what, key, limit):
-        largest = max(list(self._connections.values()), key=lambda c: getattr(c, field), default=None)
-        if largest is None or not getattr(largest, field):
+        largest = C.to_drop(list(self._connections.values()), operator.attrgetter(field))
+        if largest is None:
             return  # what is over is still counted for connections already closing
         log.warning(
             "module %s: dropped the direct client holding the most %s (%d bytes): all direct clients' "
@@ -458,14 +442,14 @@ class _Connection:
         self._server = server
         self._sock = sock
         self.fd = sock.fileno()
-        self._reader = P.FrameReader(server._max_frame, decode_request)
+        self._reader = P.FrameReader(server.limits.max_frame, decode_request)
         self._send_lock = threading.Lock()
         # Past max_client_requests in flight, its socket is not read until replies drain.
         # In flight = begun - ended: each count has one writer at a time (begun: the
         # thread serving the connection; ended: whoever holds the send lock), so no lock
         # is taken to count a request in.
         self._begun = self._ended = 0
-        self._max_requests = server._max_requests
+        self._limits = server.limits
         self._counts = server.counts
         self._room = threading.Condition(self._send_lock)
         self._waiting = False  # its reader waits for room
@@ -512,7 +496,7 @@ class _Connection:
         try:
             messages = reader.feed(data)
         except P.FrameError as exc:
-            self.fail(f"{exc}; closing this connection")
+            self.fail(C.bad_stream(exc))
             return False
         self.active_at = now = time.monotonic()
         # Before the reads run (they may wait): a frame finished now is not timed out.
@@ -540,11 +524,11 @@ class _Connection:
 
     def begin(self):
         """A request is handed on: wait while the connection has its bound in flight."""
-        if self._begun - self._ended >= self._max_requests:
+        if not C.may_send(self._begun - self._ended, self._limits):
             self.flush()  # the answers it waits for may be its own
             with self._room:
                 self._waiting = True
-                while self._begun - self._ended >= self._max_requests:
+                while not C.may_send(self._begun - self._ended, self._limits):
                     self._room.wait()
                 self._waiting = False
         self._begun += 1
@@ -627,11 +611,11 @@ class _Connection:
             self._server.writer.watch(self)
         self._backlog += data
         self._server.count_backlog(self, len(data))
-        if len(self._backlog) > self._server.max_backlog:
+        if C.backlog_over(len(self._backlog), self._limits):
             log.warning(
                 "module %s: a direct client's unread replies passed max_client_backlog=%d bytes; dropped",
                 self._server._runtime.module,
-                self._server.max_backlog,
+                self._limits.max_client_backlog,
             )
             self.close()
 
@@ -668,7 +652,7 @@ class _Connection:
 
     def fail(self, message):
         """Tell the client why its stream is refused, then drop it."""
-        self.drop_after_writing(P.pack({"id": None, "ok": False, "error": to_wire(InterfaceError, message)}))
+        self.drop_after_writing(P.pack(C.stream_error(message)))
 
     def close(self):
         """Drop the client. Only shut down here: the reading thread, which this wakes, closes

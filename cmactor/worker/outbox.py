@@ -32,26 +32,24 @@ class Outbox:
 
     def send(self, message):
         frame = self._pack(message)
-        queued = self._queued
-        writing = self._writing
-        if not queued and writing.acquire(False):
+        if not self._queued and self._writing.acquire(False):
             # Nobody writing and nothing left to write (one thread answering, as a serial
             # lane does): the frame goes straight out, never queued.
             try:
                 self._sock.sendall(frame)
             finally:
-                writing.release()
+                self._writing.release()
         else:
-            queued.append(frame)
+            self._queued.append(frame)
         # Checked after each write: a frame left by a thread that found this one writing
         # (its failed acquire came before the release) is this thread's to write.
-        while queued:
-            if not writing.acquire(len(queued) > self._bound):
+        while self._queued:
+            if not self._writing.acquire(len(self._queued) > self._bound):
                 return  # the writing thread writes this frame too
             try:
                 self._write()
             finally:
-                writing.release()
+                self._writing.release()
 
     def flush(self):
         """Wait until every frame sent so far is written (before the process ends)."""
@@ -64,9 +62,8 @@ class Outbox:
 
     def _write(self):
         """(Holding _writing.) Write every queued frame, in one sendall."""
-        queued = self._queued
-        count = len(queued)
+        count = len(self._queued)
         if count == 1:
-            self._sock.sendall(queued.popleft())
+            self._sock.sendall(self._queued.popleft())
         elif count:
-            self._sock.sendall(b"".join([queued.popleft() for _ in range(count)]))
+            self._sock.sendall(b"".join([self._queued.popleft() for _ in range(count)]))

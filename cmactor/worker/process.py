@@ -1,28 +1,55 @@
 """The worker process: one per agent.
 
-Threads in a worker:
-- main: runs the agent's entry (a function, or a file or module run as
-  ``__main__``, as EXOS's python-module does), then idles (or runs the entry's
-  own loop, if it has one);
-- two lane threads sharing two jobs (see Runtime._lane_loop): reading the
-  supervisor's socket (routing @async_action requests to the pool and serial work
-  to the mailbox), and running the serial lane — the mailbox in order, one item
-  at a time: events, load and save actions, every action not marked async;
-- doorbell: wakes the idle lane thread to read when the supervisor sends async
-  work while the reading thread runs a serial action; its EOF means the
-  supervisor is gone, and the worker then takes its whole process group down;
-- the pool (pool.CallbackPool, unless the agent gives its own): @async_action
-  requests, concurrently;
-- the direct socket's (direct.py): one accepting, a reader serving the clients
-  that read from the module straight (running a serial read itself when the lane
-  is free), a watchdog and a writer.
+Its threads, and its sockets (═══) with the supervisor's ends on the left::
 
-This module owns the channel (its writes combined: outbox.py), the lanes, the doorbell and
-the progress slots; actions.Actions calls the agent on whichever thread runs the
-work. The worker knows its socket and its agent, nothing about other modules.
+    supervisor                          worker
+    ──────────                          ──────
+                                        main: the agent's entry, then idles (or runs its own loop)
+
+    workers.Channel ◀══ channel ═══════▶ lane thread 1 ┐ one reads the channel and runs the serial
+      Req Load Save Cancel Ping Stop ▶   lane thread 2 ┘ Work it read (lanes.py); the other idles
+      ◀ Reply Loaded Saved Log Pong...       │ @async_action Req
+        (any thread: outbox.py)              ▼
+                                        pool threads: pool.CallbackPool, or the agent's executor
+    Channel.sent ══════ doorbell ══════▶ doorbell: Lanes.ring(), and the idle lane thread reads;
+      (async work sent while serial      at EOF the supervisor is gone: the process group ends
+       work is unanswered)
+    workers.Output ◀═══ output ════════ fds 1 and 2: what the agent and its children print
+
+    (bound by workers.py) ═ listener ══▶ direct accept: peer uid check, connection limits
+    clients ═══════════ connections ═══▶ direct reader (one at a time, epoll): serve_direct, a
+      (cmfrontend, one a client)          serial read on the lane it borrows, or in the mailbox
+                                        direct watchdog: hands the reading on; timeouts
+                                        direct writer: what slow clients have not taken yet
+
+    recovery.py ◀───── progress slots (shared memory) ───── the lane's holder, pool threads,
+                                                            async direct reads
+    status ◀────────── direct figures (shared memory) ───── the direct threads (figures.py)
+
+- main runs the agent's entry (a function, or a file or module run as ``__main__``,
+  as EXOS's python-module does), then idles (or runs the entry's own loop);
+- the two lane threads share two jobs (lanes.py): reading the channel (routing
+  @async_action requests to the pool and serial work to the serial lane), and
+  running the serial lane, one Work at a time in arrival order: events, load and
+  save actions, every action not marked async. The thread that reads serial work
+  runs it; the other idles until the doorbell rings or the direct reader hands it
+  the lane;
+- the doorbell thread wakes the idle lane thread to read when the supervisor sent
+  async work while the reading thread runs serial work; its EOF means the
+  supervisor is gone, and the worker then takes its whole process group down;
+- the pool (pool.CallbackPool, unless the agent gives its own) runs @async_action
+  requests, concurrently;
+- the direct socket's threads (direct.py): one accepting, a reader serving every
+  client that reads from the module straight (a serial read runs on that reader
+  when the lane is free; one queued in the mailbox is run, and answered to its
+  client, by a lane thread), a watchdog and a writer.
+
+This module owns the channel (its writes combined: outbox.py), the doorbell and
+the progress slots, and runs the lanes' work; lanes.Lanes says which thread runs
+what; actions.Actions calls the agent on whichever thread runs the work. The
+worker knows its socket and its agent, nothing about other modules.
 """
 
-import collections
 import concurrent.futures
 import importlib
 import importlib.util
@@ -36,9 +63,10 @@ import traceback
 
 from cmactor import cmbackend, exos
 from cmactor.errors import OperationalError, ProgrammingError
-from cmactor.wire import figures as F, protocol as P
+from cmactor.wire import protocol as P
 from cmactor.worker.actions import Actions, error_reply
 from cmactor.worker.direct import DirectServer
+from cmactor.worker.lanes import READ, SUPERVISOR, Lanes, Work
 from cmactor.worker.outbox import Outbox
 from cmactor.worker.pool import CallbackPool
 
@@ -61,9 +89,6 @@ class Runtime:
     """The worker side of one module: its socket, its agent, its lanes."""
 
     def __init__(self, module, sock, doorbell, pool_size, slots):
-        # Mailbox items are (message, method, send): a Req with the action that serves
-        # it, or a Load or Save (method None), and where its answer goes (the
-        # supervisor's channel, or a direct client's connection).
         self.module = module
         self._sock = sock
         self._doorbell = doorbell
@@ -72,25 +97,8 @@ class Runtime:
         self._slot_lock = threading.Lock()
         self._slots_used = 0
         self._outbox = Outbox(sock, P.pack)
-        # send(message): to the supervisor, from any thread. The outbox's own method, so
-        # that a reply costs no call of the runtime's on its way out; and one bound
-        # method, by which mailbox items bound for the supervisor are told apart.
-        self.send = self._to_supervisor = self._outbox.send
         self._stream = P.FrameReader(max_frame=None, decode=P.CHANNEL.decode)  # the supervisor is trusted
-        # The lanes' shared state, under _lane_lock: serial work in arrival order,
-        # whether a thread is running it, whether a thread is reading the socket.
-        # The lock is taken bare where nobody need be woken (a plain Lock: cheaper
-        # than the Condition's default RLock, and than entering the Condition).
-        self._lane_lock = threading.Lock()
-        self._cv = threading.Condition(self._lane_lock)
-        self._mailbox = collections.deque()
-        self._serial_busy = False
-        self._reading = False
-        # A mailbox item the direct reader hands to the idle lane thread, with the lane
-        # still held, when it has run its own read: it goes back to its clients.
-        self._handoff = None
-        self._saving = 0  # Saves read and not yet answered: direct reads wait behind them
-        self._saved = threading.Condition(self._lane_lock)  # notified as each one is answered
+        self._lanes = Lanes()  # who reads the channel, who runs serial work, and what waits for it
         self.direct = None  # the DirectServer, when the supervisor gave the worker a socket
         self._shared_pool = CallbackPool(pool_size, f"{module}-pool")
         # Until the agent registers: the shared pool, and Actions that refuse every
@@ -103,6 +111,10 @@ class Runtime:
         self._limit_direct_async(pool_size)
 
     # -- channel ---------------------------------------------------------
+
+    def send(self, message):
+        """Send ``message`` to the supervisor, from any thread."""
+        self._outbox.send(message)
 
     def flush(self):
         """Before the process ends: wait until every message sent so far is in the socket
@@ -127,44 +139,24 @@ class Runtime:
                 rung = b""
             if not rung:
                 _exit(0, whole_group=True)  # take every process this agent started with us
-            with self._cv:
-                self._cv.notify()  # the idle lane thread takes over the socket
+            self._lanes.ring()  # the idle lane thread takes over the socket
 
     def _lane_loop(self):
-        """Two lane threads share two jobs: reading the socket, and running the serial lane.
-
-        The thread that reads a serial request runs it itself: no request waits for
-        a sleeping thread to wake before it starts (measured: a hand-off to another
-        thread cost 15-20% of the sequential get rate). Meanwhile nobody reads the
-        socket, and only async requests need to be read then (serial work queues
-        behind the action anyway, a call back into this module from its serial lane
-        is refused by the deadlock detector, STOP waits for in-flight requests). So a
-        supervisor that sends async work while serial work of this worker is
-        unanswered rings the doorbell, and the idle lane thread takes over reading.
-        """
-        cv = self._cv
+        """Each of the two lane threads: read the channel, or run the serial lane, as its
+        turns come (lanes.py). The thread that reads serial work runs it, then the
+        mailbox, then reads again, unless the other lane thread took over the reading
+        meanwhile; a Work the direct reader hands over comes with the lane."""
         while True:
-            with cv:
-                while self._reading and self._handoff is None:
-                    cv.wait()
-                item, self._handoff = self._handoff, None
-                if item is None:
-                    self._reading = True
-            # This thread's turn: the serial lane the direct reader handed over,
-            # or reading, running what it read, and reading again unless the other lane
-            # thread took over the socket meanwhile. (The mailbox is drained by whichever
-            # lane thread holds the serial lane: it never waits for a thread here.)
-            if item is not None and not self._run_serial(item):
-                continue
-            while self._run_serial(self._read_until_serial_work()):
-                pass
+            work = self._lanes.wait_turn()
+            while work is not None:
+                if work is READ:
+                    work = self._read_until_serial_work()
+                self._run_serial(work)
+                work = self._lanes.next_or_release()
 
     def _read_until_serial_work(self):
-        """Read and route until there is serial work for this thread to run.
-
-        Returns the first item, holding the serial lane; the rest goes to the mailbox.
-        An item is (Req, its method), or (Load or Save, None).
-        """
+        """Read and route until there is serial work for this thread to run: returns the
+        first Work, holding the serial lane; the rest is queued behind it."""
         while True:
             try:
                 data = self._sock.recv(P.READ_SIZE)
@@ -177,15 +169,14 @@ class Runtime:
                 # A kind the worker does not take is passed over.
                 kind = type(msg)
                 if kind is P.Req:
-                    item = self._route(msg)
-                    if item is not None:
-                        serial.append(item)
+                    work = self._route(msg)
+                    if work is not None:
+                        serial.append(work)
                 elif kind is P.Load:
-                    serial.append((msg, None, None))
+                    serial.append(Work(msg, None, SUPERVISOR))
                 elif kind is P.Save:
-                    with self._lane_lock:
-                        self._saving += 1  # from now on direct reads queue behind it
-                    serial.append((msg, None, None))
+                    self._lanes.save_read()  # from now on direct reads queue behind it
+                    serial.append(Work(msg, None, SUPERVISOR))
                 elif kind is P.Ping:
                     self.send(P.Pong())  # from the reading thread: alive as long as a lane thread runs
                 elif kind is P.Cancel:
@@ -196,32 +187,18 @@ class Runtime:
                     self.flush()
                     _exit(0)
             if serial:
-                with self._lane_lock:
-                    if not self._serial_busy:  # then the mailbox is empty: only a lane holder drains it
-                        self._serial_busy = True
-                        self._reading = False
-                        if len(serial) > 1:
-                            self._mailbox.extend(serial[1:])
-                        return serial[0]
-                    self._mailbox.extend(serial)
+                work = self._lanes.take_or_queue(serial)
+                if work is not None:
+                    return work
 
     def _cancel(self, sids, just_read):
         """The supervisor's clients that sent requests ``sids`` are gone: those still waiting
-        for the serial lane (in the mailbox, or among the items ``just_read``) or for a
+        for the serial lane (in the mailbox, or among the Work ``just_read``) or for a
         thread of the shared pool are dropped, each answered as not run, so that a client
         that hangs up does not keep the module busy with work nobody will read."""
-
-        def ours(item):
-            return item[2] is self._to_supervisor and item[0].sid in sids
-
-        with self._lane_lock:
-            dropped = [item[0].sid for item in self._mailbox if ours(item)]
-            if dropped:
-                kept = [item for item in self._mailbox if not ours(item)]
-                self._mailbox.clear()
-                self._mailbox.extend(kept)
-        dropped += [item[0].sid for item in just_read if ours(item)]
-        just_read[:] = [item for item in just_read if not ours(item)]
+        dropped = self._lanes.drop_queued(sids)
+        dropped += [work.message.sid for work in just_read if work.cancelled_by(sids)]
+        just_read[:] = [work for work in just_read if not work.cancelled_by(sids)]
         if self._pool is self._shared_pool:  # an agent's own executor cannot be searched
             dropped += [args[0].sid for args in self._pool.cancel(lambda args: args[0].sid in sids)]
         for sid in dropped:
@@ -272,130 +249,77 @@ class Runtime:
     # -- dispatch ----------------------------------------------------------
 
     def _route(self, req):
-        """Hand an async request to the pool, or return its mailbox item for the serial lane."""
+        """Hand an async request to the pool, or return its Work for the serial lane."""
         try:
             method, is_async = self._actions.lookup(req.table, req.op)
         except ProgrammingError as exc:
             self.send(error_reply(req.sid, ProgrammingError, exc))
             return None
         if is_async:
-            self._pool.submit(self._run_async, req, method, self._to_supervisor)
+            self._pool.submit(self._run_async, req, method, SUPERVISOR)
             return None
-        return (req, method, self._to_supervisor)
+        return Work(req, method, SUPERVISOR)
 
-    def serve_direct(self, req, send):
-        """A read from a direct client (direct.py), on the direct reader, after any save
-        under way (as the supervisor holds requests during one). A serial read runs here
-        if the lane is free, else in the mailbox. An async one runs here, not in the
-        pool: nothing the deadlock detector cannot see may take a pool thread, and a
-        reader stuck here hands the other clients to a new one."""
+    def serve_direct(self, req, answer):
+        """A read from a direct client (direct.py), on the direct reader, answered to
+        ``answer``; after any save under way (as the supervisor holds requests during
+        one). A serial read runs here if the lane is free, else in the mailbox. An async
+        one runs here, not in the pool: nothing the deadlock detector cannot see may
+        take a pool thread, and a reader stuck here hands the other clients to a new one."""
         try:
             method, is_async = self._actions.lookup(req.table, req.op)
         except ProgrammingError as exc:
-            send(error_reply(req.sid, ProgrammingError, exc))
+            answer(error_reply(req.sid, ProgrammingError, exc))
             return
         if is_async:
-            self._serve_direct_async(req, method, send)
+            self._serve_direct_async(req, method, answer)
             return
-        with self._lane_lock:
-            self._wait_for_saves(send)
-            if self._serial_busy:
-                self._mailbox.append((req, method, send))
-                return
-            self._serial_busy = True
-        self._run_serial((req, method, send), direct=True)
+        work = Work(req, method, answer)
+        if self._lanes.borrow(work, self.direct.counts):
+            self._run_serial(work)
+            self._lanes.give_back()
 
-    def _serve_direct_async(self, req, method, send):
+    def _serve_direct_async(self, req, method, answer):
         """A direct read of an @async_action, on this reader, in a direct slot of the progress
         array: the supervisor sees it hang as it sees a pool thread hang. With every slot
         taken (as many as the pool has threads) the read goes through the supervisor."""
         with self._slot_lock:
             index = self._direct_slots.pop() if self._direct_slots else None
         if index is None:
-            send.redirect(f"its {self._direct_limit} threads for direct reads of @async_action are all busy")
+            answer.redirect(f"its {self._direct_limit} threads for direct reads of @async_action are all busy")
             return
         base = P.direct_slot(index)
-        slots = self._slots
         try:
-            # The lane lock only while a save is read: one read just after this check is
-            # one the read came before.
-            if self._saving:
-                with self._lane_lock:
-                    self._wait_for_saves(send)
-            slots[base] = req.sid
-            slots[base + 1] = time.monotonic_ns()
-            self._actions.execute(req, method, True, send)
+            self._lanes.wait_for_saves(answer, self.direct.counts)
+            self._slots[base] = req.sid
+            self._slots[base + 1] = time.monotonic_ns()
+            self._actions.execute(req, method, True, answer)
         finally:
-            slots[base + 1] = 0
+            self._slots[base + 1] = 0
             with self._slot_lock:
                 self._direct_slots.append(index)
 
-    def _wait_for_saves(self, send):
-        """(A direct read, holding the lane lock.) Wait until the saves read so far are
-        answered, counted as queued meanwhile."""
-        if self._saving:
-            send.flush()  # what its client was answered before leaves before the wait
-            counts = self.direct.counts
-            counts.add(F.QUEUED, 1)
-            while self._saving:
-                self._saved.wait()
-            counts.add(F.QUEUED, -1)
-
-    def _run_serial(self, item, direct=False):
-        """Run ``item``, then the mailbox in order, holding the serial lane; then release it.
-
-        Returns True if this thread should read the supervisor's socket next (nobody
-        else does). The direct reader (``direct``) runs only its own read: it hands the
-        rest of the mailbox, and the lane, to the idle lane thread, and goes back to its
-        clients (were it to run the mailbox, clients that keep it full would keep it
-        there).
-        """
-        slots = self._slots
-        to_supervisor = self._to_supervisor
-        while True:
-            msg, method, send = item
-            if method is not None and send is not to_supervisor and send.gone:
-                send.not_run()  # a direct read whose client hung up while it waited: nobody reads it
-            else:
-                slots[P.SLOT_SERIAL_SID] = msg.sid
-                slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
-                if method is not None:
-                    self._actions.execute(msg, method, False, send)
-                elif type(msg) is P.Load:
-                    loaded = self._actions.load(msg)
-                    with self._ready_lock:
-                        self._loaded = True
-                        self._serve_if_ready()
-                    self.send(loaded)
-                else:
-                    self.send(self._actions.save(msg))
-                    with self._lane_lock:
-                        self._saving -= 1
-                        self._saved.notify_all()
-                slots[P.SLOT_SERIAL_START] = 0
-            with self._lane_lock:
-                if self._mailbox and direct:
-                    self._handoff = self._mailbox.popleft()
-                    self._cv.notify()
-                    return False
-                if self._mailbox:
-                    item = self._mailbox.popleft()
-                    if not self._reading and item[2] is not self._to_supervisor:
-                        # A direct read is about to hold the lane while nobody reads the
-                        # supervisor's socket. The supervisor rings the doorbell only while
-                        # serial work it sent is unanswered, and it knows nothing of this
-                        # read: async work its calls cause would go unread. Wake the idle
-                        # lane thread to read instead.
-                        self._cv.notify()
-                else:
-                    self._serial_busy = False
-                    if self._reading:
-                        return False
-                    if not direct:
-                        self._reading = True
-                        return True
-                    self._cv.notify()
-                    return False
+    def _run_serial(self, work):
+        """(The thread holding the serial lane.) Run one Work, noted in the progress slots,
+        and send its answer."""
+        message, reply_to = work.message, work.reply_to
+        if reply_to is not SUPERVISOR and reply_to.gone:
+            reply_to.not_run()  # a direct read whose client hung up while it waited: nobody reads it
+            return
+        self._slots[P.SLOT_SERIAL_SID] = message.sid
+        self._slots[P.SLOT_SERIAL_START] = time.monotonic_ns()
+        if work.method is not None:
+            self._actions.execute(message, work.method, False, reply_to)
+        elif type(message) is P.Load:
+            loaded = self._actions.load(message)
+            with self._ready_lock:
+                self._loaded = True
+                self._serve_if_ready()
+            self.send(loaded)
+        else:
+            self.send(self._actions.save(message))
+            self._lanes.save_answered()
+        self._slots[P.SLOT_SERIAL_START] = 0
 
     def _limit_direct_async(self, pool_size):
         """Direct reads of @async_action run at once, at most: one a pool thread (their free
@@ -414,16 +338,17 @@ class Runtime:
             self._slot_of.index = index
         return index
 
-    def _run_async(self, req, method, send):
+    def _run_async(self, req, method, reply_to):
+        """(A pool thread.) Run an @async_action request, noted in this thread's progress slot."""
         index = self._async_slot()
         if index is None:
             self._slots[P.SLOT_OVERFLOW] = 1
-            self._actions.execute(req, method, True, send)
+            self._actions.execute(req, method, True, reply_to)
             return
         base = P.async_slot(index)
         self._slots[base] = req.sid
         self._slots[base + 1] = time.monotonic_ns()
-        self._actions.execute(req, method, True, send)
+        self._actions.execute(req, method, True, reply_to)
         # The action is over; its sid stays in the slot until this thread's next request.
         # Its reply may still wait in the outbox for another thread to write it, and a
         # worker killed then must count the request as started, not run it again (a

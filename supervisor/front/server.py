@@ -11,6 +11,7 @@ bounded, each bound a [supervisor] key (Server).
 
 import errno
 import logging
+import operator
 import os
 import shutil
 import socket
@@ -18,21 +19,16 @@ import stat
 import tempfile
 import time
 
-from cmactor.errors import InterfaceError, InternalError, to_wire
-from cmactor.wire import protocol as P
+from cmactor.errors import InternalError, to_wire
+from cmactor.wire import clients as C, protocol as P
 from cmactor.wire.trim import release_free_memory
 from cmactor.wire.validate import BadRequest, decode_request, parse_request, peer_credentials, peer_uid
-from cmsupervisor.config import SUPERVISOR_OPTIONS
 from cmsupervisor.loop import recv
 
 log = logging.getLogger("cmactor.supervisor")
 
 # Longest path an AF_UNIX socket can bind on Linux (108 bytes with the NUL).
 MAX_SOCKET_PATH = 107
-
-# The [supervisor] keys that bound what clients can make the server hold (Server).
-LIMITS = ("max_client_requests", "max_client_backlog", "max_backlog_total", "frame_timeout", "max_frames_total")
-_DEFAULTS = {key: SUPERVISOR_OPTIONS[key][1] for key in LIMITS}
 
 # Seconds the unsent replies of all clients may stay over max_backlog_total before the
 # client with the largest backlog is dropped (and as long again for each next one).
@@ -43,6 +39,11 @@ BACKLOG_GRACE = 5.0
 ACCEPT_PAUSE = 0.5
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _DATA_OPS = frozenset(P.DATA_OPS)
+# What a client holds as counted in the server's totals (the key of clients.to_drop).
+# Over a total, to_drop finds the client to drop: only the loop counts, and only clients
+# connected count for anything.
+_frame_held = operator.attrgetter("frame_counted")
+_backlog_held = operator.attrgetter("counted")
 
 
 def default_socket_path(state_dir):
@@ -224,7 +225,7 @@ class Client:
 
     def fail_stream(self, message):
         """Answer a stream-level error (no request id can be trusted) and drop the client."""
-        self._queue(P.pack({"id": None, "ok": False, "error": to_wire(InterfaceError, message)}))
+        self._queue(P.pack(C.stream_error(message)))
         self.closing = True
 
     # endpoint interface (loop.py)
@@ -246,7 +247,8 @@ class Server:
     """The frontend socket: accepts clients, checks their uid, reads their frames and
     hands each valid request to ``handle(client, request)``; answers bad ones itself.
 
-    What clients can make it hold is bounded:
+    What clients can make it hold is bounded (``limits``, a clients.ClientLimits, whose
+    decisions the worker's direct socket takes alike):
 
     - requests in flight per client: past ``max_client_requests`` (counted from the
       hand-off to the final reply) its socket is not read until replies drain below;
@@ -263,31 +265,13 @@ class Server:
     ``on_drop(client)``, if set, is called for each client dropped.
     """
 
-    def __init__(
-        self,
-        loop,
-        listening,
-        max_frame,
-        allowed_uids,
-        *,
-        max_client_requests=_DEFAULTS["max_client_requests"],
-        max_client_backlog=_DEFAULTS["max_client_backlog"],
-        max_backlog_total=_DEFAULTS["max_backlog_total"],
-        frame_timeout=_DEFAULTS["frame_timeout"],
-        max_frames_total=_DEFAULTS["max_frames_total"],
-    ):
+    def __init__(self, loop, listening, limits):
         self.loop = loop
         self._listener, self.socket_path, self._private_dir = listening  # from listen()
         # (client, request) for each valid request: a data request's (Router.route), a
         # control request's (Control.handle).
         self.on_data = self.on_control = None
-        self._max_frame = max_frame
-        self._allowed_uids = frozenset(allowed_uids)
-        self._max_requests = max_client_requests
-        self._max_backlog = max_client_backlog
-        self._max_total = max_backlog_total
-        self._frame_timeout = frame_timeout
-        self._max_frames = max_frames_total
+        self._limits = limits
         self._frames = 0  # bytes of every client's unfinished frame, as counted
         self._trim_due = False  # clients were dropped: what they held goes back to the system
         self.on_drop = None
@@ -320,14 +304,12 @@ class Server:
             sock.setblocking(False)
             pid, _ = peer_credentials(sock)
             uid = peer_uid(sock)
-            client = Client(self, sock, self._max_frame, pid, uid)
+            client = Client(self, sock, self._limits.max_frame, pid, uid)
             self._clients.add(client)
             self.loop.watch(sock, self._read, client, client)
-            if uid is not None and uid != os.getuid() and uid not in self._allowed_uids:
+            if not C.may_connect(uid, self._limits):
                 log.warning("refused a client with uid %s", uid)
-                self._fail_stream(
-                    client, f"uid {uid} may not use this supervisor; add it to [supervisor] allowed_uids to allow it"
-                )
+                self._fail_stream(client, C.uid_refused(uid))
             elif self._held_back:
                 self._stop_reading(client)
 
@@ -360,7 +342,7 @@ class Server:
         try:
             messages = reader.feed(data)
         except P.FrameError as exc:
-            self._fail_stream(client, f"{exc}; closing this connection")
+            self._fail_stream(client, C.bad_stream(exc))
             return
         if messages:
             self._serve(client, messages)
@@ -381,8 +363,8 @@ class Server:
             return  # dropped meanwhile: it counts for nothing now
         self._frames += size - client.frame_counted
         client.frame_counted = size
-        if self._frames > self._max_frames:
-            largest = max(self._clients, key=lambda each: each.frame_counted)
+        if self._frames > self._limits.max_frames_total:
+            largest = C.to_drop(self._clients, _frame_held)
             log.warning(
                 "dropped client pid %s uid %s: its unfinished frame of %d bytes is the largest while the "
                 "unfinished frames of all clients total %d bytes, over max_frames_total (%d)",
@@ -390,7 +372,7 @@ class Server:
                 largest.peer_uid,
                 largest.frame_counted,
                 self._frames,
-                self._max_frames,
+                self._limits.max_frames_total,
             )
             self.drop(largest)
 
@@ -398,9 +380,9 @@ class Server:
         """Hand each request on, or answer it if it is bad; at max_client_requests in
         flight, stop reading and keep the rest until replies drain."""
         on_data, on_control = self.on_data, self.on_control
-        limit = self._max_requests
+        limits = self._limits
         for index, message in enumerate(messages):
-            if client.in_flight >= limit:
+            if not C.may_send(client.in_flight, limits):
                 client.unserved = messages[index:]
                 self._stop_reading(client)
                 return
@@ -430,28 +412,24 @@ class Server:
         client.frame_since = time.monotonic()
         if not client.frame_timer:  # one timer a client: it moves itself on to the newest frame
             client.frame_timer = True
-            self.loop.after(self._frame_timeout, self._frame_due, client)
+            self.loop.after(self._limits.frame_timeout, self._frame_due, client)
 
     def _frame_due(self, client):
         client.frame_timer = False
         since = client.frame_since
         if since is None or client.closed or client.closing or not client.reading:
             return  # finished, gone, or not read (its clock starts again when reading resumes)
-        left = since + self._frame_timeout - time.monotonic()
+        left = C.frame_left(since, time.monotonic(), self._limits)
         if left > 0:
             client.frame_timer = True
             self.loop.after(left, self._frame_due, client)
             return
-        self._fail_stream(
-            client,
-            f"a frame started {self._frame_timeout:g}s ago is unfinished ({client.reader.partial} bytes of it "
-            "arrived; frame_timeout); send each frame whole; closing this connection",
-        )
+        self._fail_stream(client, C.frame_overdue(client.reader.partial, self._limits))
 
     def _fail_stream(self, client, message):
         client.fail_stream(message)
         # Dropped at its EOF (see shut), or after frame_timeout if it neither reads nor leaves.
-        self.loop.after(self._frame_timeout, self.drop, client)
+        self.loop.after(self._limits.frame_timeout, self.drop, client)
 
     def shut(self, client):
         """(A closing client's stream error is sent.) Shut its output, not its input: a
@@ -466,7 +444,7 @@ class Server:
     # -- backpressure -------------------------------------------------------------
 
     def _may_read(self, client):
-        return not self._held_back and client.in_flight < self._max_requests
+        return not self._held_back and C.may_send(client.in_flight, self._limits)
 
     def _stop_reading(self, client):
         if client.reading:
@@ -496,14 +474,14 @@ class Server:
         if size != client.counted:
             self._backlog += size - client.counted
             client.counted = size
-            if size > self._max_backlog:
+            if C.backlog_over(size, self._limits):
                 log.warning(
                     "dropped client pid %s uid %s: %d bytes of replies to it are unsent, over max_client_backlog "
                     "(%d); it does not read its replies",
                     client.peer_pid,
                     client.peer_uid,
                     size,
-                    self._max_backlog,
+                    self._limits.max_client_backlog,
                 )
                 self.drop(client)
                 return
@@ -517,7 +495,7 @@ class Server:
         # max_client_requests per client). A fairer share per client would need a bound
         # that moves with the number of clients, and the per-client bounds already stop
         # any one client from taking much more than its share.
-        if self._backlog > self._max_total:
+        if self._backlog > self._limits.max_backlog_total:
             if not self._held_back:
                 self._hold_back()
         elif self._held_back:
@@ -537,7 +515,7 @@ class Server:
                 "unsent replies to clients total %d bytes, over max_backlog_total (%d): no client is read until "
                 "they drain (logged at most once a minute)",
                 self._backlog,
-                self._max_total,
+                self._limits.max_backlog_total,
             )
         for client in self._clients:
             self._stop_reading(client)
@@ -546,14 +524,14 @@ class Server:
     def _backlog_due(self, episode):
         if not self._held_back or episode != self._episodes:
             return
-        largest = max(self._clients, key=lambda client: client.counted)
+        largest = C.to_drop(self._clients, _backlog_held)
         log.warning(
             "dropped client pid %s uid %s, which had the largest backlog (%d bytes): unsent replies to all "
             "clients stayed over max_backlog_total (%d) for %gs",
             largest.peer_pid,
             largest.peer_uid,
             largest.counted,
-            self._max_total,
+            self._limits.max_backlog_total,
             BACKLOG_GRACE,
         )
         self.drop(largest)

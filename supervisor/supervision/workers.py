@@ -12,7 +12,7 @@ lines to the module's log (logs.py), which it alone writes, so it can rotate it.
 With direct reads on, each start also binds the worker's own socket beside the
 supervisor's, named after it: ``cm.sock.<generation>`` (a new name at every
 start, so a client holding an old route can never reach the next worker), and hands the listening
-socket and a shared array for its figures (cmactor/figures.py) to the worker.
+socket and a shared array for its figures (cmactor/wire/figures.py) to the worker.
 The socket file goes when the worker is reaped.
 """
 
@@ -157,7 +157,7 @@ class Channel:
     def sent(self):
         """Async work went out. A worker runs serial work on its reading thread, so while
         any serial request of it is unanswered its socket may be unread: ring its
-        doorbell, and another thread reads (see cmactor/worker.py, the lane loop)."""
+        doorbell, and another thread reads (see cmactor/worker/lanes.py)."""
         if self._ring:
             self._ring = False
             if self._serial_sids:
@@ -210,7 +210,7 @@ class Workers:
 
     def __init__(self, loop, *, socket_path, base_dir, log_level, direct=None):
         self._loop = loop
-        # Direct reads: the options a worker's socket is served with (cmactor/direct.py),
+        # Direct reads: the options a worker's socket is served with (cmactor/worker/direct.py),
         # or None when [supervisor] direct_reads is off.
         self._direct = direct
         self._generations = itertools.count(1)
@@ -327,7 +327,7 @@ class Workers:
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             log.warning("module %s: no direct reads: the socket path %s is too long for AF_UNIX", mod.name, path)
             return None, None
-        listener = listen(path, self._direct["allowed_uids"])[0]
+        listener = listen(path, self._direct["limits"].allowed_uids)[0]
         opened.append(listener)
         return {"path": path, "generation": generation}, (listener, self._mp.RawArray("q", F.SIZE))
 
