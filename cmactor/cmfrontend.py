@@ -6,7 +6,7 @@ the next (``threadsafety = 1``: share the module between threads, not a
 connection).
 
 Direct reads: a get, getone or getnext sent from outside an agent action goes
-straight to the module's worker (cmactor/direct.py), at the address the
+straight to the module's worker (cmactor/worker/direct.py), at the address the
 supervisor gives for it on first use (the ``route`` op). Anything else, a read
 the worker sends back (``redirect``: the module is not READY there), and a read
 whose worker socket fails (the worker died, say: reads can be sent twice) goes

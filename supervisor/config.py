@@ -167,7 +167,7 @@ SUPERVISOR_OPTIONS = {
     "log_max_bytes": (_log_bytes, 10 * 1024 * 1024),
     "log_backups": (_log_backups, 5),
     "max_frame": (_positive, MAX_FRAME),
-    # What one client, or all of them, can make the supervisor hold (server.py).
+    # What one client, or all of them, can make the supervisor hold (front/server.py).
     "max_client_requests": (_positive, 256),
     "max_client_backlog": (_positive, 64 * 1024 * 1024),
     "max_backlog_total": (_positive, 512 * 1024 * 1024),
@@ -184,7 +184,7 @@ SUPERVISOR_OPTIONS = {
     # Where /metrics is served (metrics.py, the cmactor[metrics] extra); None: nothing is bound.
     "metrics": (_address, None),
     # get, getone and getnext from clients go straight to the module's worker, on a
-    # socket of its own (cmactor/direct.py); false: every request goes through here.
+    # socket of its own (cmactor/worker/direct.py); false: every request goes through here.
     "direct_reads": (_flag, True),
 }
 

@@ -25,7 +25,7 @@ READ_SIZE = 65536
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
 CONTROL_OPS = ("status", "save", "stop", "restart", "ping", "export", "route")
-# Data ops a client may send straight to the module's worker (cmactor/direct.py).
+# Data ops a client may send straight to the module's worker (cmactor/worker/direct.py).
 READ_OPS = ("get", "getone", "getnext")
 
 # op -> action method suffix: get, getone and getnext all read through <table>_get.
@@ -185,7 +185,7 @@ SLOT_SERIAL_START = 1  # when it started it; 0 once it finished
 SLOT_OVERFLOW = 2  # 1 if an async request ran without a slot: treat all as started
 ASYNC_SLOTS = 256  # then one (sid, start) pair per pool thread: its last sid, and when it began (0 once done)
 # Then one (sid, start) pair per direct read of an @async_action running on a direct
-# reader (cmactor/direct.py), taken for the read and given back after it: at most
+# reader (cmactor/worker/direct.py), taken for the read and given back after it: at most
 # direct_async_limit() run at once, and the supervisor sees any that hang.
 DIRECT_SLOTS = 64
 SLOTS_SIZE = 3 + 2 * ASYNC_SLOTS + 2 * DIRECT_SLOTS

@@ -1,7 +1,7 @@
 """Checking what a client sends: one request map, field by field, and the peer's uid.
 
 Both sockets that take client requests use this code: the supervisor's, and each
-worker's own socket for direct reads (cmactor/direct.py). Every field is checked
+worker's own socket for direct reads (cmactor/worker/direct.py). Every field is checked
 before a request is handed on, and an error names the field and what it must be;
 client data quoted in an error goes through a bounded repr.
 

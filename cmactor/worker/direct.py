@@ -62,6 +62,7 @@ from cmactor.errors import (
 from cmactor.wire import clients as C, figures as F, protocol as P
 from cmactor.wire.trim import release_free_memory
 from cmactor.wire.validate import BadRequest, decode_request, parse_request, peer_uid
+from cmactor.wire.wakeup import Wakeup
 
 log = logging.getLogger("cmactor.worker")
 
@@ -690,10 +691,8 @@ class _Writer:
     def __init__(self, timeout):
         self._timeout = timeout
         self._selector = selectors.DefaultSelector()
-        self._bell, self._ring = socket.socketpair()
-        self._bell.setblocking(False)
-        self._ring.setblocking(False)
-        self._selector.register(self._bell, selectors.EVENT_READ)
+        self._wakeup = Wakeup()  # a connection with a backlog to watch
+        self._selector.register(self._wakeup, selectors.EVENT_READ)
         self._lock = threading.Lock()
         self._new = []  # connections with a backlog, for the writer thread to watch
         self._watched = set()  # (the writer thread's) connections whose sockets it waits on
@@ -701,10 +700,7 @@ class _Writer:
     def watch(self, connection):
         with self._lock:
             self._new.append(connection)
-        try:
-            self._ring.send(b"!")
-        except BlockingIOError:
-            pass  # rung already
+        self._wakeup.wake()
 
     def run(self):
         while True:
@@ -715,9 +711,8 @@ class _Writer:
         drop stalled connections and watch new ones."""
         watched = self._watched
         for key, _ in self._selector.select(wait):
-            if key.fileobj is self._bell:
-                while _drained(self._bell):
-                    pass
+            if key.fileobj is self._wakeup:
+                self._wakeup.clear()
             elif key.data.write_backlog():
                 self._forget(key.data, watched)
         # Gone or stalled connections first: a new one may have the descriptor of a
@@ -760,13 +755,6 @@ class _Writer:
             self._selector.unregister(connection.sock)
         except (KeyError, ValueError):
             pass
-
-
-def _drained(sock):
-    try:
-        return bool(sock.recv(4096))
-    except BlockingIOError:
-        return False
 
 
 class _Answer:

@@ -83,7 +83,7 @@ class Timed:
         return self.ok, dict(self.errors), counts, total
 
     def add(self, ok, errors, buckets, seconds):
-        """Count events recorded elsewhere (a worker's direct reads, cmactor/figures.py)."""
+        """Count events recorded elsewhere (a worker's direct reads, cmactor/wire/figures.py)."""
         self.ok += ok
         for name, count in errors.items():
             self.errors[name] = self.errors.get(name, 0) + count

@@ -57,7 +57,7 @@ class Pending:
         self.hold = None  # while held for its module: seconds it may wait, and the loop timer that ends it
         self.timer = None
         self.sid = None
-        self.issuer = None  # the executor (deadlock.py) blocked waiting on this call, if an agent made it
+        self.issuer = None  # the executor blocked waiting on this call, if an agent made it (front/deadlock.py)
         self.is_async = False  # the target action is an @async_action (aim)
         self.dispatched_at = None
 
@@ -165,7 +165,7 @@ class Module:
         self.started_at = None
         self.last_exit = None
         self.request_stats = request_stats(DATA_OPS)  # op -> stats.Timed, recorded by the Router
-        self.figures = None  # the current worker's direct read figures (cmactor/figures.py), shared memory
+        self.figures = None  # the current worker's direct read figures (cmactor/wire/figures.py), shared memory
         self._subscribers = []  # fn(module, the state it left), called after each change (subscribe)
         self._clear_start_up()
 
