@@ -391,10 +391,12 @@ class Workers:
         self._loop.unwatch(process.sentinel)
         process.join()  # the sentinel fired: this returns at once
         code = process.exitcode
-        process.close()
         if mod.channel.sock is not None:
-            self._read(mod, drain=True)  # replies it sent before dying still count
+            # Replies it sent before dying still count; their handlers may ask its process
+            # (a READY line names its pid), so that is closed after them.
+            self._read(mod, drain=True)
             self._close_channel(mod)
+        process.close()
         kill_group(pid)
         if mod.channel.route is not None:
             _unlink(mod.channel.route["path"])
