@@ -21,6 +21,10 @@ import os
 import time
 
 from cmactor.errors import StartupError
+
+# Imported for what it registers: the names of EXOS's own levels (NOTICE, DEBUG_VERBOSE,
+# DEBUG_DATA), which a worker's ExosLogger records carry as bare numbers.
+from cmactor.exos import logger as _exos_levels  # noqa: F401
 from cmsupervisor.persistence import store
 
 log = logging.getLogger("cmactor.supervisor")

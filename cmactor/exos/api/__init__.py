@@ -3,15 +3,19 @@
 ``ready``, ``cmbackend_init``, ``CmAgent`` and ``CmContext`` (cmactor.cmbackend),
 ``exec_cli`` and ``exec_cli_async`` for the config manager's own commands, with
 ``CLICommandError`` and the ``CLI_EVENT_*`` callback events (cmactor.exos.cli),
-``TraceBufferHandler`` (cmactor.exos.trace), and the modules ``cmbackend`` and
-``exos_dbapi`` (also as ``cmfrontend``).
+``TraceBufferHandler`` (cmactor.exos.trace), ``ExosLogger`` and ``Severity`` for
+system-log conditions on stdlib logging (cmactor.exos.logger), and the modules
+``cmbackend``, ``exos_dbapi`` (also as ``cmfrontend``), ``dm`` (the state of the
+supervisor's processes) and ``tlv`` (type-length-value bytes).
 """
 
 import sys
 
 from cmactor import cmbackend, exos_dbapi
 from cmactor.cmbackend import CmAgent, CmContext, async_action, cmbackend_init, ready
+from cmactor.exos.api import dm, tlv
 from cmactor.exos.cli import CLI_EVENT_EXEC_DONE, CLI_EVENT_EXEC_REPLY, CLICommandError, exec_cli, exec_cli_async
+from cmactor.exos.logger import ExosLogger, Severity
 from cmactor.exos.trace import TraceBufferHandler
 
 cmfrontend = exos_dbapi
@@ -26,13 +30,17 @@ __all__ = [
     "CLICommandError",
     "CmAgent",
     "CmContext",
+    "ExosLogger",
+    "Severity",
     "TraceBufferHandler",
     "async_action",
     "cmbackend",
     "cmbackend_init",
     "cmfrontend",
+    "dm",
     "exec_cli",
     "exec_cli_async",
     "exos_dbapi",
     "ready",
+    "tlv",
 ]
