@@ -53,6 +53,14 @@ def _path(where, value):
     return None if value is None else os.fspath(_text(where, os.fspath(value)))
 
 
+def _dirs(where, value):
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(directory, str | os.PathLike) and os.fspath(directory) for directory in value
+    ):
+        raise ConfigError(f"{where}: expected a list of directories, got {value!r}")
+    return [os.fspath(directory) for directory in value]
+
+
 def _uids(where, value):
     if not isinstance(value, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in value):
         raise ConfigError(f"{where}: expected a list of numeric uids, got {value!r}")
@@ -196,6 +204,9 @@ AGENT_OPTIONS = {
     "restart": (_restart, "always"),
     # `import exos.api...` in the worker resolves to cmactor.exos (cmactor/exos/__init__.py).
     "exos_compat": (_flag, True),
+    # Directories supplying EXOS names cmactor does not (D/exos/api/vlan.py), searched
+    # before the [exos] path ones; unused with exos_compat = false.
+    "exos_path": (_dirs, []),
     "pool_size": (_positive, 8),
     "env": (_env, {}),
     "max_restarts": (_count, 5),
@@ -209,6 +220,12 @@ AGENT_OPTIONS = {
     "heartbeat_timeout": (_number, 30.0),
     "journal_max_records": (_count, 10_000),
     "journal_max_bytes": (_count, 16 * 1024 * 1024),
+}
+
+
+# The [exos] table: directories supplying EXOS names to every agent (cmactor/exos/__init__.py).
+EXOS_OPTIONS = {
+    "path": (_dirs, []),
 }
 
 
@@ -255,8 +272,26 @@ def resolve_entry(entry, base_dir, where):
     return f"{path}{sep}{func}"
 
 
-def agents_config(agents, base_dir, where="agents"):
-    """Validate the agents mapping: name -> entry string or table of options."""
+def resolve_dirs(where, dirs, base_dir):
+    """Make each directory absolute (relative to ``base_dir``), check it exists, drop repeats."""
+    resolved = []
+    for directory in dirs:
+        path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(directory)))
+        if not os.path.isdir(path):
+            raise ConfigError(f"{where}: directory {path} does not exist (a relative path is taken from {base_dir})")
+        if path not in resolved:
+            resolved.append(path)
+    return resolved
+
+
+def exos_dirs(where, value, base_dir):
+    """``value``, a list of directories supplying EXOS names, checked and made absolute."""
+    return resolve_dirs(where, _dirs(where, value), base_dir)
+
+
+def agents_config(agents, base_dir, where="agents", exos_path=()):
+    """Validate the agents mapping: name -> entry string or table of options. ``exos_path``
+    (absolute directories) follows each agent's own exos_path."""
     if not isinstance(agents, dict) or not agents:
         raise ConfigError(f"{where}: expected at least one agent, as a table of name = entry or options")
     out = {}
@@ -270,12 +305,15 @@ def agents_config(agents, base_dir, where="agents"):
             raw = {"entry": raw}
         opts = validate(here, raw, AGENT_OPTIONS)
         opts["entry"] = resolve_entry(opts["entry"], base_dir, f"{here}.entry")
+        own = resolve_dirs(f"{here}.exos_path", opts["exos_path"], base_dir)
+        opts["exos_path"] = own + [path for path in exos_path if path not in own]
         out[name] = opts
     return out
 
 
 def load_toml(path):
-    """Read a cmactor.toml: returns (supervisor options, agents options, base dir)."""
+    """Read a cmactor.toml: returns (supervisor options, agents options, base dir). The
+    [exos] path directories are in each agent's exos_path, after its own."""
     path = os.path.abspath(path)
     try:
         with open(path, "rb") as f:
@@ -284,12 +322,14 @@ def load_toml(path):
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    extra = set(data) - {"supervisor", "agents"}
+    extra = set(data) - {"supervisor", "exos", "agents"}
     if extra:
         raise ConfigError(
-            f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor] and [agents.NAME]"
+            f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor], [exos] and [agents.NAME]"
         )
     base_dir = os.path.dirname(path)
     options = supervisor_options(f"{path}: [supervisor]", data.get("supervisor", {}))
-    agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]")
+    exos = validate(f"{path}: [exos]", data.get("exos", {}), EXOS_OPTIONS)
+    exos_path = resolve_dirs(f"{path}: [exos].path", exos["path"], base_dir)
+    agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]", exos_path)
     return options, agents, base_dir

@@ -19,7 +19,7 @@ from cmactor import cmfrontend
 from cmactor.errors import StartupError
 from cmactor.wire import protocol as P
 from cmactor.wire.clients import ClientLimits
-from cmsupervisor.config import agents_config, load_toml, supervisor_options
+from cmsupervisor.config import agents_config, exos_dirs, load_toml, supervisor_options
 from cmsupervisor.front import server
 from cmsupervisor.front.control import Control
 from cmsupervisor.front.deadlock import WaitGraph
@@ -37,7 +37,7 @@ from cmsupervisor.supervision.recovery import Recovery, RestartPolicy
 from cmsupervisor.supervision.workers import Workers
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Mapping
+    from collections.abc import Callable, Collection, Mapping, Sequence
     from typing import Any, Self, TypedDict, Unpack
 
     from cmsupervisor.observability.notify import Notifier
@@ -99,7 +99,9 @@ class Supervisor:
     ``agents``: module name -> entry (``"pkg.mod:func"``, ``"path/file.py:func"``, or
     without ``:func`` run as ``__main__``) or a dict of agent options with an
     ``entry``. Relative paths are relative to ``base_dir`` (the config file's
-    directory for :meth:`from_toml`, else the current directory). Other keyword
+    directory for :meth:`from_toml`, else the current directory). ``exos_path``: the
+    directories supplying EXOS names cmactor does not (``DIR/exos/api/vlan.py``) to
+    every agent, as ``[exos] path`` does in a cmactor.toml. Other keyword
     options are the ``[supervisor]`` keys of a cmactor.toml. ``ignore_config``: start with defaults when the saved config file
     is unusable, after renaming it aside (else start refuses). ``recover`` (the
     default): each module is loaded with its saved config followed by the journal of
@@ -114,6 +116,7 @@ class Supervisor:
         state_dir: str | os.PathLike[str] = ".cmactor",
         *,
         base_dir: str | os.PathLike[str] | None = None,
+        exos_path: Sequence[str | os.PathLike[str]] = (),
         ignore_config: bool = False,
         recover: bool = True,
         **options: Unpack[SupervisorOptions],
@@ -128,7 +131,8 @@ class Supervisor:
         self.options: dict[str, Any] = supervisor_options("Supervisor options", {"state_dir": state_dir, **options})
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
-        agent_options = agents_config(agents, self.base_dir)
+        shared_exos_path = exos_dirs("Supervisor exos_path", exos_path, self.base_dir)
+        agent_options = agents_config(agents, self.base_dir, exos_path=shared_exos_path)
         self.modules: dict[str, Module] = {
             name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()
         }

@@ -215,8 +215,8 @@ def test_cmactor_exos_imports_anywhere_and_install_is_what_workers_do():
         exos.install()
         exos.install()  # idempotent
         assert len(sys.meta_path) == len(before) + 1
-        with pytest.raises(ImportError, match="exos.api.dm is an EXOS platform API that cmactor does not provide"):
-            __import__("exos.api.dm")
+        with pytest.raises(ImportError, match="exos.api.acl is an EXOS platform API that cmactor does not provide"):
+            __import__("exos.api.acl")
         with pytest.raises(ImportError, match="exos.api.ssl is an EXOS platform API"):
             exec("from exos.api import ssl", {})
         import exos.api.cmbackend as aliased

@@ -251,7 +251,7 @@ class Runtime:
     def _route(self, req):
         """Hand an async request to the pool, or return its Work for the serial lane."""
         try:
-            method, is_async = self._actions.lookup(req.table, req.op)
+            method, is_async = self._actions.lookup(req.table, req.op, req.method)
         except ProgrammingError as exc:
             self.send(error_reply(req.sid, ProgrammingError, exc))
             return None
@@ -267,7 +267,7 @@ class Runtime:
         one runs here, not in the pool: nothing the deadlock detector cannot see may
         take a pool thread, and a reader stuck here hands the other clients to a new one."""
         try:
-            method, is_async = self._actions.lookup(req.table, req.op)
+            method, is_async = self._actions.lookup(req.table, req.op, req.method)
         except ProgrammingError as exc:
             answer(error_reply(req.sid, ProgrammingError, exc))
             return
@@ -490,7 +490,7 @@ def main(spec, sock, doorbell, slots, output, direct=None):
             sys.path.insert(0, path)
     sys.argv = list(spec["argv"])
     if spec["exos_compat"]:
-        exos.install()
+        exos.install(search=spec["exos_path"])
     module = spec["module"]
     runtime = Runtime(module, sock, doorbell, spec["pool_size"], slots)
     if direct is not None:  # (its listening socket, its figures' shared array)

@@ -110,14 +110,14 @@ class Channel:
         self.out += P.pack(message)
         self._mark(self)
 
-    def request(self, op, table, params, vr, flags, batch, after, index, match, is_async):
+    def request(self, op, table, params, vr, flags, batch, after, index, match, method, is_async):
         """Send one request; its sid."""
         sid = next(self._sids)
         if is_async:
             self._ring = True
         else:
             self._serial_sids.add(sid)
-        self._send(P.Req(sid, op, table, params, vr, flags, batch, after, index, match))
+        self._send(P.Req(sid, op, table, params, vr, flags, batch, after, index, match, method))
         return sid
 
     def answered(self, sid):
@@ -246,6 +246,7 @@ class Workers:
             "entry": mod.options["entry"],
             "argv": [mod.name, *mod.options["args"]],
             "exos_compat": mod.options["exos_compat"],
+            "exos_path": mod.options["exos_path"],
             "cwd": os.getcwd(),
             "sys_path": [self._base_dir] + [p or os.getcwd() for p in sys.path],
             "env": env,
