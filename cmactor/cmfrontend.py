@@ -182,11 +182,14 @@ def _not_unicode(message, exc):
 
 
 def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None, timeout: float) -> bool:
-    """Ask the supervisor at ``socket_path`` until ``module`` is READY, for at most
-    ``timeout`` seconds; True if it is. Never raises: a supervisor that cannot be
-    reached, or no module named (None), is a module that is not ready."""
+    """Ask the supervisor at ``socket_path`` about ``module`` until it is READY or its state
+    is no longer the one it had at the first answer (the next state change, as the
+    platform's when_ready waits for), for at most ``timeout`` seconds; True if it is
+    READY. Never raises: a supervisor that cannot be reached, or no module named (None),
+    is a module that is not ready."""
     deadline = time.monotonic() + max(0.0, float(timeout))
     pause = 0.02
+    first = None
     while True:
         left = deadline - time.monotonic()
         state = None
@@ -198,6 +201,10 @@ def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None
                 pass
         if state == "READY":
             return True
+        if first is None:
+            first = state
+        elif state is not None and state != first:
+            return False
         left = deadline - time.monotonic()
         if left <= 0:
             return False

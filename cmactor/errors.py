@@ -93,11 +93,13 @@ class ModuleUnavailable(OperationalError):
         self.module_name: str | None = module_name
 
     def when_ready(self, callback: Callable[[], object] | None = None, timeout: float = 5) -> bool:
-        """Wait until ``module_name`` is READY or ``timeout`` seconds pass, then call
-        ``callback()`` if given; True if it is READY.
+        """Wait for ``module_name``'s next state change (READY, or any state other than
+        the one it is in now) or ``timeout`` seconds, then call ``callback()`` if given;
+        True if it is READY. As on the platform it does not promise READY: callers
+        retry in a loop.
 
-        A module that is FAILED, stopping or gone makes this wait out the timeout
-        (it may be restarted meanwhile); it never waits longer.
+        A module that stays FAILED, or a supervisor that cannot be reached, makes this
+        wait out the timeout; it never waits longer.
         """
         ready = ModuleUnavailable.wait_until_ready(self.socket_path, self.module_name, timeout)
         if callback is not None:

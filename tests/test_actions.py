@@ -77,6 +77,11 @@ class Fake(CmAgent):
         self._record("u_get", ctx)
 
     @async_action
+    def t_show(self, ctx):
+        self._record("t_show", ctx)
+        ctx.fields = {"shown": ctx.params.get("k")}
+
+    @async_action
     def slow_get(self, ctx):
         ctx.fields = {"lane": "async" if ctx.is_async else "serial"}
 
@@ -110,16 +115,26 @@ def actions(agent, sent):
 
 
 def req(
-    op="get", table="t", params=None, sid=7, flags=0, batch=P.DEFAULT_BATCH, after=None, vr=None, index=None, match=None
+    op="get",
+    table="t",
+    params=None,
+    sid=7,
+    flags=0,
+    batch=P.DEFAULT_BATCH,
+    after=None,
+    vr=None,
+    index=None,
+    match=None,
+    method=None,
 ):
-    return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after, index, match)
+    return wire(P.Req, sid, op, table, params or {}, vr, flags, batch, after, index, match, method)
 
 
 @pytest.fixture
 def run(actions, sent):
     def run(request, is_async=False, actions=actions):
         """Execute ``request`` as the worker does, and return the one reply sent."""
-        method, _ = actions.lookup(request.table, request.op)
+        method, _ = actions.lookup(request.table, request.op, request.method)
         before = len(sent)
         actions.execute(request, method, is_async)
         [reply] = [msg for msg, _ in sent[before:] if type(msg) is P.Reply]
@@ -225,6 +240,16 @@ def test_lookup_finds_each_action_once_and_says_which_are_async(actions):
     assert found[0].__func__ is Fake.t_get and found[1] is False
     assert actions.lookup("t", "getnext") is found  # cached per (table, op)
     assert actions.lookup("slow", "get")[1] is True
+
+
+def test_a_read_with_a_method_runs_that_action_of_the_table(actions, run):
+    found = actions.lookup("t", "get", "show")
+    assert found[0].__func__ is Fake.t_show
+    assert found[1] is True and actions.lookup("t", "get") != found  # cached apart from the get
+    assert entries(run(req(params={"k": "3"}, method="show")))["rows"] == [{"shown": "3"}]
+    with pytest.raises(ProgrammingError) as caught:
+        actions.lookup("u", "get", "show")
+    assert str(caught.value) == "module 'fake' table 'u' has no 'show' method: define u_show(self, ctx) in the agent"
 
 
 def test_lookup_of_a_table_the_agent_lacks_names_module_table_and_its_tables(actions):

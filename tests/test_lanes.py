@@ -7,7 +7,7 @@ from cmactor.worker.lanes import READ, SUPERVISOR, Lanes, Work
 
 
 def _req(sid):
-    return P.Req(sid, "get", "kv", {}, None, 0, 1, None, None, None)
+    return P.Req(sid, "get", "kv", {}, None, 0, 1, None, None, None, None)
 
 
 def _work(sid, reply_to=SUPERVISOR):

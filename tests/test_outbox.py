@@ -151,7 +151,7 @@ def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair
     init = _read_exactly(reader, len(P.pack(P.Init([], [], ["kv_get"], 2))))
     assert type(P.FrameReader(decode=P.CHANNEL.decode).feed(init)[0]) is P.Init
     holder, rest = _blocked_writer(runtime._outbox, reader, P.pack)
-    request = P.Req(7, "get", "kv", {}, None, 0, 1, None, None, None)
+    request = P.Req(7, "get", "kv", {}, None, 0, 1, None, None, None, None)
     runtime._route(request)  # to the pool, as the reading lane thread hands it on
     deadline = time.monotonic() + 10
     while not (slots[P.async_slot(0)] == 7 and slots[P.async_slot(0) + 1] == 0):  # ran, and finished

@@ -30,9 +30,9 @@ class RouteChannel:
         self.answers = []
         self.open = True  # False once the worker is gone
 
-    def request(self, op, table, params, vr, flags, batch, after, index, match, is_async):
+    def request(self, op, table, params, vr, flags, batch, after, index, match, method, is_async):
         sid = next(self._sids)
-        self.requests.append((sid, op, table, params, vr, flags, batch, after, index, match, is_async))
+        self.requests.append((sid, op, table, params, vr, flags, batch, after, index, match, method, is_async))
         return sid
 
     def answered(self, sid):
@@ -92,7 +92,7 @@ def test_a_request_to_a_ready_module_is_dispatched():
     rid = r.route("ports", params={"name": "1"}, vr="VR-Mgmt", notify=True)
     mod = r.modules["ports"]
     assert mod.channel.requests == [
-        (1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, None, None, False)
+        (1, "get", "t", {"name": "1"}, "VR-Mgmt", P.F_NOTIFY, P.DEFAULT_BATCH, None, None, None, None, False)
     ]
     assert list(mod.inflight) == [1]
     pending = mod.inflight[1]
@@ -102,11 +102,15 @@ def test_a_request_to_a_ready_module_is_dispatched():
 
 def test_a_request_for_an_async_action_is_marked_async():
     r = RouterSetup({"ports": READY})
+    r.modules["ports"].async_actions = frozenset({"t_get", "t_show"})
     r.modules["ports"].async_ops = frozenset({("t", "get")})
     r.route("ports")
     r.route("ports", table="other")
-    assert [req[-1] for req in r.modules["ports"].channel.requests] == [True, False]
-    assert [p.is_async for p in r.modules["ports"].inflight.values()] == [True, False]
+    r.route("ports", table="other", method="show")  # runs other_show: not async
+    r.route("ports", table="t", method="show")  # runs t_show: async
+    assert [req[-1] for req in r.modules["ports"].channel.requests] == [True, False, False, True]
+    assert [req[-2] for req in r.modules["ports"].channel.requests] == [None, None, "show", "show"]
+    assert [p.is_async for p in r.modules["ports"].inflight.values()] == [True, False, False, True]
 
 
 def test_requests_to_a_loading_module_are_held_and_released_in_order():

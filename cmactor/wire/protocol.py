@@ -53,7 +53,8 @@ class _Message(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 # supervisor -> worker
 class Req(_Message, tag=1):
-    """A client's request for one action (or walk); index and match shape a getnext walk (actions.walk)."""
+    """A client's request for one action (or walk); index and match shape a getnext walk (actions.walk);
+    method, when not None, names the action a read runs instead of <table>_get (<table>_<method>)."""
 
     sid: int
     op: str
@@ -65,6 +66,7 @@ class Req(_Message, tag=1):
     after: dict[str, str | None] | None
     index: list[str] | None
     match: list[str] | None
+    method: str | None
 
 
 class Load(_Message, tag=2):

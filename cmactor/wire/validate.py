@@ -99,6 +99,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     hold: int | float | None = None
     caller: tuple[str, Literal["serial", "async"], int] | None = None
     modules: list[str] | None = None
+    method: str | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(Request)
@@ -144,6 +145,8 @@ def _keeps_the_rest(request):
         return False
     index, match = request.index, request.match
     if index is not None and len(set(index)) != len(index):
+        return False
+    if request.method is not None and not _is_method(op, request.method):
         return False
     if match:
         params = request.params
@@ -201,6 +204,14 @@ def parse_request(msg):
                 ProgrammingError,
                 f"'match' column {_show(unset[0])} has no value in 'params' to match rows against",
             )
+    method = msg.get("method")
+    if method is not None and not _is_method(op, method):
+        raise BadRequest(
+            rid,
+            ProgrammingError,
+            f"'method' {_show(method)} must name an action a read runs instead of <table>_get (such as "
+            f"'show', for <table>_show): a name, on a get, getone or getnext, and not {', '.join(_RESERVED)}",
+        )
     hold = msg.get("hold")
     if hold is not None:
         if type(hold) not in (int, float):
@@ -228,7 +239,16 @@ def parse_request(msg):
         match=match,
         hold=hold,
         caller=_caller(rid, msg.get("caller")),
+        method=method,
     )
+
+
+# What a read's method may not name: the ops' own actions (a read must not run <table>_set).
+_RESERVED = tuple(sorted(set(P.ACTION_SUFFIX.values())))
+
+
+def _is_method(op, method):
+    return op in P.READ_OPS and type(method) is str and _is_name(method) and method not in _RESERVED
 
 
 def _str_map(rid, name, value, allow_null=False):

@@ -60,6 +60,14 @@ def _stuck_advice(table, index):
     )
 
 
+class _MissingIndex(Exception):
+    """A walk was asked to go on after a row whose moving index column is ''."""
+
+    def __init__(self, row, column):
+        self.row = row
+        self.column = column
+
+
 def _row(fields):
     """ctx.fields as a wire row: str keys, str values, None kept as null."""
     if not isinstance(fields, dict):
@@ -83,7 +91,7 @@ def error_reply(sid, exc_type, message):
     return P.Reply(sid, to_wire(exc_type, message), None, False)
 
 
-def walk(method, params, vr, batch, after, index=None, match=None, **flags):
+def walk(method, params, vr, batch, after, index=None, match=None, blank_ends=False, **flags):
     """Run getnext calls back to back; return up to ``batch`` rows and whether more remain.
 
     The first call gets the caller's params. Each next call gets the caller's params
@@ -93,7 +101,10 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
     param value: the walk ends before the first row whose value differs (a filtered
     walk, as exos_dbapi sends). ``after`` resumes a walk from the row a previous
     batch ended on. A call that returns the previous row again raises _WalkStuck:
-    the next call would get the same params, and so on forever.
+    the next call would get the same params, and so on forever. ``blank_ends`` (a client's
+    walk, not a save's): a row whose moving index column is '' cannot carry the walk on
+    (the platform's CM refuses it: "Missing previous value for index"), so the batch ends
+    at it, and a batch asked to resume after it raises _MissingIndex.
     """
     rows = []
     previous = after
@@ -106,6 +117,14 @@ def walk(method, params, vr, batch, after, index=None, match=None, **flags):
         elif index is None:
             call_params = {**params, **{k: v for k, v in previous.items() if v is not None}}
         else:
+            # "" among the values first: a scan in C, where the search by column costs a
+            # generator on every row of every walk.
+            if blank_ends and "" in previous.values():
+                blank = next((k for k in moving if previous.get(k) == ""), None)
+                if blank is not None:
+                    if rows:
+                        return rows, True
+                    raise _MissingIndex(previous, blank)
             # A moving index column takes the previous row's value; one the row lacks
             # keeps its param (EXOS scripts name e.g. a search direction that way).
             call_params = {**params, **{k: previous[k] for k in moving if previous.get(k) is not None}}
@@ -140,21 +159,23 @@ class Actions:
 
     # -- finding actions ---------------------------------------------------
 
-    def lookup(self, table, op):
-        """(method, is_async) of the action for ``op`` on ``table``; ProgrammingError if there is none."""
-        found = self._methods.get((table, op))
+    def lookup(self, table, op, named=None):
+        """(method, is_async) of the action for ``op`` on ``table`` (``named``: a read's own
+        action, <table>_<named>, such as a show); ProgrammingError if there is none."""
+        key = (table, op) if named is None else (table, op, named)
+        found = self._methods.get(key)
         if found is None:
-            method = self._method(table, op)
-            found = self._methods[(table, op)] = (method, bool(getattr(method, "_cmactor_async", False)))
+            method = self._method(table, op, named)
+            found = self._methods[key] = (method, bool(getattr(method, "_cmactor_async", False)))
         return found
 
-    def _method(self, table, op):
+    def _method(self, table, op, named):
         if self.agent is None:  # the supervisor sends requests only once it is READY
             raise ProgrammingError(
                 f"module {self.module!r} serves no tables: it is a plain process (it called ready() "
                 "without cmbackend_init())"
             )
-        name = f"{table}_{P.ACTION_SUFFIX[op]}"
+        name = f"{table}_{named or P.ACTION_SUFFIX[op]}"
         method = getattr(self.agent, name, None)
         if callable(method):
             return method
@@ -166,8 +187,9 @@ class Actions:
             }
         )
         if table in tables:
+            what = f"{op!r} action" if named is None else f"{named!r} method"
             raise ProgrammingError(
-                f"module {self.module!r} table {table!r} has no {op!r} action: define {name}(self, ctx) in the agent"
+                f"module {self.module!r} table {table!r} has no {what}: define {name}(self, ctx) in the agent"
             )
         known = ", ".join(tables) or "none"
         raise ProgrammingError(
@@ -217,6 +239,7 @@ class Actions:
                         req.after,
                         index,
                         req.match,
+                        blank_ends=True,
                         is_async=is_async,
                         notify=notify,
                     )
@@ -238,8 +261,16 @@ class Actions:
                     f"getnext {self.module}.{req.table} did not advance: {req.table}_get returned "
                     f"{stuck.row} twice in a row; {_stuck_advice(req.table, index)}",
                 )
+            except _MissingIndex as missing:
+                reply = error_reply(
+                    sid,
+                    DatabaseError,
+                    f"getnext {self.module}.{req.table} cannot go on after {missing.row}: its index column "
+                    f"{missing.column!r} is '' (Missing previous value for index); the agent must give its "
+                    "rows a key value",
+                )
             except _FieldError as exc:
-                action = f"{req.table}_{P.ACTION_SUFFIX[op]}"
+                action = f"{req.table}_{req.method or P.ACTION_SUFFIX[op]}"
                 reply = error_reply(sid, DataError, f"module {self.module!r} {action} replied badly: {exc}")
             except BaseException as exc:
                 where = f"{op} {self.module}.{req.table}"

@@ -430,6 +430,7 @@ class DirectServer:
             request.after,
             request.index,
             request.match,
+            request.method,
         )
         answer = _Answer(self, connection, rid, op, table)
         self.counts.began(answer)

@@ -73,7 +73,7 @@ class Router:
     def _dispatch(self, mod, pending):
         req = pending.request
         pending.dispatched_at = self._loop.now
-        if mod.async_ops:  # counted against the pool by the deadlock detector
+        if mod.async_actions:  # counted against the pool by the deadlock detector
             pending.aim(mod)
         flags = P.F_NOTIFY if req.notify else 0
         sid = pending.sid = mod.channel.request(
@@ -86,6 +86,7 @@ class Router:
             req.after,
             req.index,
             req.match,
+            req.method,
             pending.is_async,
         )
         mod.inflight[sid] = pending

@@ -66,7 +66,11 @@ class Pending:
         in ``is_async``: as the deadlock detector admits an agent's call, and again as the
         router sends it (the module may have registered meanwhile, the call held)."""
         request = self.request
-        self.is_async = (request.table, request.op) in mod.async_ops
+        method = request.method  # a read that runs <table>_<method> (exos_dbapi's request.method)
+        if method is None:
+            self.is_async = (request.table, request.op) in mod.async_ops
+        else:
+            self.is_async = f"{request.table}_{method}" in mod.async_actions
         return self.is_async
 
 
@@ -122,6 +126,7 @@ class Module:
         "persistent_list",
         "config_deps",
         "async_ops",
+        "async_actions",
         "pool_size",
         "unsaved",
         "inflight",
@@ -157,6 +162,7 @@ class Module:
         self.persistent_list = []
         self.config_deps = []
         self.async_ops = frozenset()  # (table, op) pairs served by an @async_action
+        self.async_actions = frozenset()  # the names of its @async_action methods
         self.pool_size = None
         self.unsaved = False
         self.inflight = {}  # sid -> Pending, in dispatch order
@@ -233,6 +239,7 @@ class Module:
         self.persistent_list = init.persistent_list
         self.config_deps = init.config_deps
         # (table, op) pairs served by an @async_action: looked up per request, not formatted.
+        self.async_actions = frozenset(init.async_actions)
         self.async_ops = frozenset(
             (name[: -len(suffix) - 1], op)
             for name in init.async_actions

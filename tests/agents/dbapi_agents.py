@@ -34,6 +34,7 @@ class Vlans(CmAgent):
         super().__init__()
         self.vlans = {}
         self.calls = []
+        self.many_calls = 0
 
     def event_generate_default(self):
         ready()
@@ -88,15 +89,40 @@ class Vlans(CmAgent):
             ctx.raise_error(f"no vlan {name!r}")
         ctx.fields = {"name": name, "tag": self.vlans[name], "vr": ctx.vr_name, "seen": ",".join(sorted(ctx.params))}
 
-    # many: a getnext table of `count` rows keyed by n
+    # member_show: what a `req.method = "show"` runs (cablediag asks its backend this way)
+    def member_show(self, ctx):
+        self.calls.append({"op": "show", "params": dict(ctx.params)})
+        ctx.fields = {"shown": f"{ctx.params.get('vlan')}/{ctx.params.get('port')}", "getnext": str(ctx.is_getnext)}
+
+    # many: a getnext table of `count` rows keyed by n. `fail_at`: the call for that row
+    # raises; `blank_at`: that row's key is '' (the rows after it follow from n).
+    # Every call is counted: `manycalls` reads the count and clears it.
     def many_get(self, ctx):
+        self.many_calls += 1
         count = int(ctx.params.get("count", "10"))
         n = int(ctx.params["n"]) + 1 if "n" in ctx.params else 0
         if n >= count:
             return
-        ctx.fields = {"n": n}
+        if str(n) == ctx.params.get("fail_at"):
+            ctx.raise_error(f"row {n} is broken")
+        ctx.fields = {"n": "" if str(n) == ctx.params.get("blank_at") else n}
         if n + 1 < count:
             ctx.more()
+
+    # ports: a getnext that treats its params as a filter, as many platform agents do:
+    # given a port, it answers that port's row (and says more follow).
+    def ports_get(self, ctx):
+        self.calls.append({"op": "getnext" if ctx.is_getnext else "get", "params": dict(ctx.params)})
+        names = ["p1", "p2", "p3"]
+        port = ctx.params.get("port", names[0])
+        if port in names:
+            ctx.fields = {"port": port, "speed": "1000"}
+            if port != names[-1]:
+                ctx.more()
+
+    def manycalls_get(self, ctx):
+        ctx.fields = {"calls": self.many_calls}
+        self.many_calls = 0
 
 
 def main():
