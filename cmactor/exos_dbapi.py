@@ -90,9 +90,11 @@ MAX_ROWS = 5000
 TOO_MANY = "Too many instances"
 MISSING_INDEX = "Missing previous value for index"
 
-# A lazy walk's first batch, doubled at each fetch up to Cursor.batch_size: one
-# fetchrow() costs two agent calls, a whole walk a few more round trips than 1000-row batches.
+# A lazy walk's first batch, and how much each next one grows, up to Cursor.batch_size:
+# one fetchrow() costs the agent two calls, and a whole walk three more round trips
+# than 1000-row batches (2, 16, 128, then 1000 rows).
 FIRST_BATCH = 2
+GROWTH = 8
 
 _OPS = {CM_OP_GET: "get", CM_OP_SET: "set"}
 # Action suffixes a method may not name: a read must not run the agent's set.
@@ -416,7 +418,7 @@ class _Plan:
 
 class _Walk:
     """A getnext walk, fetched as its rows are read: each fetch one batch run in the
-    agent's worker, from FIRST_BATCH rows doubling up to ``largest``. It fetches at most
+    agent's worker, from FIRST_BATCH rows growing GROWTH-fold up to ``largest``. It fetches at most
     ``cap`` rows; ``more`` then says whether the table went on."""
 
     def __init__(self, send: Callable[[_Message], _Message], message: _Message, largest: int, cap: int) -> None:
@@ -434,7 +436,7 @@ class _Walk:
             return []
         message = self._message
         message["batch"] = min(self._size, self._left)
-        self._size = min(self._size * 2, self._largest)
+        self._size = min(self._size * GROWTH, self._largest)
         try:
             reply = self._send(message)
         except Error:
@@ -450,40 +452,6 @@ class _Walk:
         if rows:
             message["after"] = rows[-1]
         return rows
-
-
-class _Rows:
-    """The rows of a result still to be read (iterrow() hands it out): it counts them
-    and keeps the first, which description reads, fetching it ahead if need be."""
-
-    __slots__ = ("_rows", "_ahead", "first", "read")
-
-    def __init__(self, rows: Iterator[Row]) -> None:
-        self._rows = rows
-        self._ahead: Row | None = None
-        self.first: Row | None = None
-        self.read = 0
-
-    def __iter__(self) -> Self:
-        return self
-
-    def __next__(self) -> Row:
-        row = self._ahead
-        if row is None:
-            row = next(self._rows)
-        else:
-            self._ahead = None
-        if not self.read:
-            self.first = row
-        self.read += 1
-        return row
-
-    def peek(self) -> Row | None:
-        """The first row, read ahead if nothing was read yet (None if there is none)."""
-        if self.read or self._ahead is not None:
-            return self.first or self._ahead
-        self._ahead = next(self._rows, None)
-        return self._ahead
 
 
 class Cursor:
@@ -506,18 +474,16 @@ class Cursor:
         self.batch_size = P.DEFAULT_BATCH
         self.messages: list[str] = []
         self.rowcount = -1  # as the original: a walk's length is known only once read
+        self.rownumber: int | None = None  # rows of the result handed out; None before an execute()
         self.closed = False
         self._op_flag = 0  # OR-ed into every request this cursor runs
         self._reset()
 
     def _reset(self) -> None:
-        self._results: _Rows | None = None  # the Rows still to read: every fetch method draws from it
+        self._results: Iterator[Row] = iter(())  # the Rows still to read: every fetch method draws from it
+        self._first: dict[str, str] | None = None  # the first row's field_values, for description
         self._is_set = False
-
-    @property
-    def rownumber(self) -> int | None:
-        """How many rows of the result were read (the index of the next); None before an execute()."""
-        return None if self._results is None else self._results.read
+        self.rownumber = None
 
     # -- flags, OR-ed into every request this cursor runs ---------------------------
 
@@ -543,11 +509,15 @@ class Cursor:
         fields = _field_plan(req.fields)
         if plan.walk:
             walk = _Walk(self._send, plan.message, self.batch_size, self.max_rows + 1)
-            rows = self._walked(walk, self._fetching(walk.fetch), fields, plan.moving)
+            first = self._fetching(walk.fetch)
+            self._results = self._walked(walk, first, fields, plan.moving)
         else:
-            rows = self._answered(self._fetching(lambda: self._send(plan.message)["rows"]), fields)
-        self._results = _Rows(rows)
+            first = self._fetching(lambda: self._send(plan.message)["rows"])
+            self._results = self._walked(None, first, fields, ())
+        if first:
+            self._first = _values(first[0], fields)
         self._is_set = req.op == CM_OP_SET
+        self.rownumber = 0
         return self
 
     def _fetching(self, fetch: Callable[[], list[_WireRow]]) -> list[_WireRow]:
@@ -638,99 +608,93 @@ class Cursor:
 
     # -- results -----------------------------------------------------------
 
-    def _row(
-        self,
-        rowid: int,
-        status: int,
-        message: str | None,
-        row: _WireRow,
-        fields: tuple[tuple[str, str | None, str], ...],
-    ) -> Row:
-        if fields:
-            # A literal's column is None, which no row has: .get gives None and the
-            # literal stands in, as "" does for a column missing or null.
-            values = {label: row.get(column) or literal for label, column, literal in fields}  # type: ignore[arg-type]
-        elif None in row.values():  # the agent's null reads as "", as a missing column does
-            values = {name: "" if value is None else value for name, value in row.items()}
-        else:
-            values = row
-        return _new_tuple(Row, (rowid, status, message, values))  # type: ignore[no-any-return]
-
-    def _error_row(self, rowid: int, message: str, fields: tuple[tuple[str, str | None, str], ...]) -> Row:
-        self.messages.append(message)
-        return self._row(rowid, CM_OP_STATUS_ERROR, message, {}, fields)
-
-    def _answered(self, rows: list[_WireRow], fields: tuple[tuple[str, str | None, str], ...]) -> Iterator[Row]:
-        last = len(rows) - 1
-        for rowid, row in enumerate(rows):
-            yield self._row(rowid, CM_OP_STATUS_MORE if rowid < last else CM_OP_STATUS_SUCCESS, None, row, fields)
-
     def _walked(
         self,
-        walk: _Walk,
+        walk: _Walk | None,
         batch: list[_WireRow],
         fields: tuple[tuple[str, str | None, str], ...],
         moving: tuple[str, ...],
     ) -> Iterator[Row]:
-        """The Rows of a walk, each built when it is read. A row is MORE while another
-        follows it, so the next batch is fetched before the last row of one is handed out."""
+        """The Rows of a result, each built as it is read: ``batch`` is all of it when
+        ``walk`` is None, else its first batch. A row is MORE while another follows it,
+        so the next batch is fetched before the last row of one is handed out."""
         rowid = 0
         while batch:
             last = len(batch) - 1
-            for at, row in enumerate(batch):
-                if at < last:
-                    yield self._row(rowid, CM_OP_STATUS_MORE, None, row, fields)
-                    rowid += 1
-                    continue
-                # The worker ends a batch at a row whose moving index column is '': no
-                # next call can start after it.
-                if walk.more and "" in row.values():
-                    blank = next((column for column in moving if row.get(column) == ""), None)
-                    if blank is not None:
-                        yield self._row(rowid, CM_OP_STATUS_MORE, None, row, fields)
-                        yield self._error_row(rowid + 1, f"{MISSING_INDEX} {blank!r}", fields)
-                        return
-                try:
-                    batch = walk.fetch()
-                except Error as exc:
-                    yield self._row(rowid, CM_OP_STATUS_MORE, None, row, fields)
-                    yield self._error_row(rowid + 1, str(exc), fields)
+            base = rowid
+            # Every row of the batch but its last, built inline: the cost of a walk's row.
+            if fields:
+                # A literal's column is None, which no row has: .get gives None and the
+                # literal stands in, as "" does for a column missing or null.
+                for rowid, row in enumerate(batch[:last], base):
+                    self.rownumber = rowid + 1
+                    values = {}  # a loop, not a comprehension: before 3.12 that is a function call per row
+                    for label, column, literal in fields:
+                        values[label] = row.get(column) or literal  # type: ignore[arg-type]
+                    yield _new_tuple(Row, (rowid, CM_OP_STATUS_MORE, None, values))
+            else:
+                for rowid, row in enumerate(batch[:last], base):
+                    self.rownumber = rowid + 1
+                    values = row
+                    if None in row.values():  # the agent's null reads as "", as a missing column does
+                        values = {name: "" if value is None else value for name, value in row.items()}
+                    yield _new_tuple(Row, (rowid, CM_OP_STATUS_MORE, None, values))
+            rowid = base + last
+            row = batch[last]
+            values = _values(row, fields)
+            self.rownumber = rowid + 1
+            if walk is None:
+                yield _new_tuple(Row, (rowid, CM_OP_STATUS_SUCCESS, None, values))
+                return
+            # The worker ends a batch at a row whose moving index column is '': no next
+            # call can start after it.
+            if walk.more and "" in row.values():
+                blank = next((column for column in moving if row.get(column) == ""), None)
+                if blank is not None:
+                    yield _new_tuple(Row, (rowid, CM_OP_STATUS_MORE, None, values))
+                    yield self._error_row(rowid + 1, f"{MISSING_INDEX} {blank!r}", fields)
                     return
-                if batch or walk.more:
-                    yield self._row(rowid, CM_OP_STATUS_MORE, None, row, fields)
-                else:
-                    yield self._row(rowid, CM_OP_STATUS_SUCCESS, None, row, fields)
-                rowid += 1
-        if walk.more:  # it stopped at the cap, and the table goes on
+            try:
+                batch = walk.fetch()
+            except Error as exc:
+                yield _new_tuple(Row, (rowid, CM_OP_STATUS_MORE, None, values))
+                yield self._error_row(rowid + 1, str(exc), fields)
+                return
+            status = CM_OP_STATUS_MORE if batch or walk.more else CM_OP_STATUS_SUCCESS
+            yield _new_tuple(Row, (rowid, status, None, values))
+            rowid += 1
+        if walk is not None and walk.more:  # it stopped at the cap, and the table goes on
             yield self._error_row(rowid, TOO_MANY, fields)
+
+    def _error_row(self, rowid: int, message: str, fields: tuple[tuple[str, str | None, str], ...]) -> Row:
+        self.messages.append(message)
+        self.rownumber = rowid + 1
+        return _new_tuple(Row, (rowid, CM_OP_STATUS_ERROR, message, _values({}, fields)))  # type: ignore[no-any-return]
 
     @property
     def description(self) -> tuple[tuple[str, _TypeObject], ...] | None:
         """(label, STRING) for each field of the first row (read ahead if need be): None
         after a SET, or with no rows, as the original's."""
-        if self._is_set or self._results is None:
+        if self._is_set or not self._first:
             return None
-        first = self._results.peek()
-        if first is None:
-            return None
-        return tuple((name, STRING) for name in first.field_values) or None
+        return tuple((name, STRING) for name in self._first)
 
     def _names(self) -> list[str]:
         described = self.description
         return [name for name, _ in described] if described else []
 
     def iterrow(self) -> Iterator[Row]:
-        """The remaining rows as Row(rowid, opStatus, opMsg, field_values): an iterator
+        """The remaining rows as Row(rowid, opStatus, opMsg, field_values): a generator
         that builds each row as it is asked for, sharing its place with the fetch methods."""
-        return self._results if self._results is not None else iter(())
+        return self._results
 
     def fetchrow(self) -> Row | None:
         """The next Row, or None after the last."""
-        return next(self.iterrow(), None)
+        return next(self._results, None)
 
     def fetchrows(self) -> list[Row]:
         """The remaining Rows, as a list."""
-        return list(self.iterrow())
+        return list(self._results)
 
     def fetchone(self) -> list[str] | None:
         """The next row's values in description order (a list), or None after the last."""
@@ -769,6 +733,14 @@ class Cursor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _values(row: _WireRow, fields: tuple[tuple[str, str | None, str], ...]) -> dict[str, str]:
+    """A wire row as a Row's field_values: the add_field labels in order (``fields``, from
+    _field_plan), or every field of the row; null and missing read as ""."""
+    if fields:
+        return {label: row.get(column) or literal for label, column, literal in fields}  # type: ignore[arg-type]
+    return {name: "" if value is None else value for name, value in row.items()}
 
 
 def _field_plan(fields: dict[str, Column | str]) -> tuple[tuple[str, str | None, str], ...]:

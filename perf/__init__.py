@@ -118,6 +118,8 @@ def _groups(sizes, sup, conn):
     def walk_note(rows):
         return lambda row: f"one walk: {rows / row['rate'] * 1000:.0f} ms; ratio: rows/s over the floor's round trips/s"
 
+    first_row_calls = []  # agent calls one exos_dbapi first-row read cost, per round
+
     def chain(via):
         return b.clients(
             [path] * CLIENTS, b.request("chain", "chain_a", params={"via": via}), inflight=1, **sizes["chains"]
@@ -243,6 +245,17 @@ def _groups(sizes, sup, conn):
                     lambda row: (
                         f"one walk and its rows read: {10_000 / row['rate'] * 1000:.0f} ms; "
                         "ratio: over the Cursor's 10k walk"
+                    ),
+                ),
+                Step(
+                    "dbapi_first_row",
+                    "exos_dbapi first row of a 100k walk (execute, fetchrow)",
+                    "reads/s",
+                    None,
+                    lambda: s.dbapi_first_row(conn, 100_000, small, first_row_calls),
+                    lambda row: (
+                        f"agent calls per read: {statistics.median(first_row_calls):g} "
+                        "(the walk fetches its rows as they are read)"
                     ),
                 ),
                 Step(

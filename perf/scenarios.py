@@ -319,6 +319,39 @@ def dbapi_walk(conn, count, walks):
 
 
 @contextlib.contextmanager
+def dbapi_first_row(conn, count, reads, calls):
+    """Rounds of ``reads`` reads of the first row of a ``count``-row walk through
+    cmactor.exos_dbapi (execute(), then one fetchrow(), as ezvxlan reads one row and
+    stops); rows per second, and the agent calls one read cost appended to ``calls``."""
+    from cmactor import exos_dbapi as db
+
+    cur = db.Connection(conn).cursor()
+    req = db.request(db.CM_OP_GET)
+    req.add_index(db.Column("bench", "rows", "index"))
+    req.add_param("count", count)
+    counter = conn.cursor()
+
+    def agent_calls():
+        counter.execute("get bench.rowcalls")
+        return int(counter.fetchone()[0])
+
+    def round_():
+        agent_calls()
+        times = []
+        for _ in range(reads):
+            t0 = pc()
+            cur.execute(req)
+            if cur.fetchrow().field_values["index"] != "0":
+                raise RuntimeError("exos_dbapi's first row of bench.rows is not row 0")
+            times.append(pc() - t0)
+        calls.append(agent_calls() / reads)
+        return reads * 1e9 / sum(times), None, None
+
+    round_()
+    yield round_
+
+
+@contextlib.contextmanager
 def restart_to_ready(sup, conn, module, n, warmup, journal_rows=0):
     """SIGKILL ``module``'s worker, then time until a get is answered by its successor.
 

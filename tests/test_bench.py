@@ -22,6 +22,7 @@ ROWS = [
     "get, raw client process, 1 in flight",
     "getnext walk, 10k rows",
     "exos_dbapi walk 10k rows",
+    "exos_dbapi first row of a 100k walk",
     "getnext walk, 100k rows",
     "floor: two hops, 1 client x 32 in flight",
     "floor: two hops, 4 clients x 32 in flight",
@@ -64,6 +65,9 @@ def test_bench_quick_prints_every_row():
         assert figure, f"no rate and unit in {rows[0]!r}"
         if figure["rate"] == "-":  # only a skipped peer comparison has no figure
             assert name.startswith("peer: Ray") and "skipped: ray is not importable" in result.stdout, rows[0]
+    # The exos_dbapi read of one row costs the agent a few calls, not the whole walk's.
+    calls = re.search(r"exos_dbapi first row of a 100k walk .*: agent calls per read: (\d+(?:\.\d+)?)", result.stdout)
+    assert calls and float(calls[1]) <= 4, result.stdout
     # The progress lines on stderr name the scenario that runs.
     assert "perf: round 1/3: get, sequential (Cursor)" in result.stderr
 

@@ -37,6 +37,7 @@ class Bench(CmAgent):
         self.kv = {"k": "v"}
         self.pkv = {}
         self._pkv_keys = None  # pkv's keys, sorted: built by the first getnext after a change
+        self.rows_calls = 0  # rows_get calls since rowcalls was last read
         self.local = threading.local()  # one frontend connection per thread
         self.helper = None  # the thread for mode=plain calls, started on first use
         self.helper_lock = threading.Lock()
@@ -91,6 +92,7 @@ class Bench(CmAgent):
         ctx.fields = {"key": key, "value": self.kv.get(key, "")}
 
     def rows_get(self, ctx):
+        self.rows_calls += 1
         count = int(ctx.params.get("count", "10"))
         # First call: no index, start at row 0; next calls carry the previous row.
         index = int(ctx.params["index"]) + 1 if "index" in ctx.params else 0
@@ -99,6 +101,11 @@ class Bench(CmAgent):
         ctx.fields = {"index": index, "value": "x"}
         if index + 1 < count:
             ctx.more()
+
+    def rowcalls_get(self, ctx):
+        """How many times rows_get ran since the last read of this: what a client's read cost the agent."""
+        ctx.fields = {"calls": self.rows_calls}
+        self.rows_calls = 0
 
     # -- calls between agents ------------------------------------------------------
 
