@@ -112,7 +112,12 @@ class DeadlockDetectedError(OperationalError):
 
 
 class ConfigError(ValueError):
-    """The supervisor's configuration (TOML file or embedding arguments) is invalid."""
+    """The supervisor's configuration (TOML file or embedding arguments) is invalid.
+
+    ``problems``: each error found, one line each (a config file is checked whole, and
+    its message names them all); a single error for what is checked one at a time."""
+
+    problems: tuple[str, ...] = ()
 
 
 class StartupError(RuntimeError):

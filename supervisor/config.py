@@ -229,33 +229,105 @@ EXOS_OPTIONS = {
 }
 
 
-def validate(where, raw, schema):
-    """Check ``raw`` against ``schema``; return a full dict with defaults filled in."""
+class Problems:
+    """Every error found in one config file, each told with its line where the file shows it.
+
+    The checks raise ConfigError at the first thing wrong; given a Problems, the loaders
+    note each error here and go on, so that one run names every mistake of a file.
+    """
+
+    def __init__(self, path, text=""):
+        self.path = path
+        self.found = []  # each error's text
+        self._at = []  # each error's line (0: none to show), for telling them in file order
+        self._lines = _key_lines(text)
+
+    def note(self, exc, table=(), key=None):
+        """Keep ``exc`` (a ConfigError), found at ``key`` of the table ``table`` (a tuple of names)."""
+        line = self._lines.get((table, key)) or self._lines.get((table, None))
+        if line is None and table:  # an agent given inline: `vlan = "vlan.py:main"` under [agents]
+            line = self._lines.get((table[:-1], table[-1]))
+        text = str(exc)
+        prefix = f"{self.path}: "
+        if line is not None and text.startswith(prefix):
+            text = f"{self.path}:{line}: {text[len(prefix) :]}"
+        self.found.append(text)
+        self._at.append(line or 0)
+
+    def check(self):
+        """Raise one ConfigError naming every problem noted (its ``problems`` lists them), if any."""
+        if not self.found:
+            return
+        in_order = tuple(text for _, text in sorted(zip(self._at, self.found), key=lambda pair: pair[0]))
+        count = f"{len(in_order)} errors" if len(in_order) > 1 else "1 error"
+        error = ConfigError(f"{self.path}: {count}:\n" + "\n".join(f"  {text}" for text in in_order))
+        error.problems = in_order
+        raise error
+
+
+# A table header ([agents.vlan], [ "agents" . "x" ]) and a `key = value` line of a TOML file.
+_HEADER = re.compile(r"\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_KEY = re.compile(r"\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)\s*=")
+
+
+def _key_lines(text):
+    """(table, key) -> the line number it is on, and (table, None) -> its header's, for the
+    plain lines of a TOML file (a key inside an inline table or array is not found)."""
+    lines = {}
+    table = ()
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            table = tuple(part.strip().strip("\"'") for part in header[1].split("."))
+            for depth in range(1, len(table) + 1):  # [agents.vlan] is where [agents] is first seen too
+                lines.setdefault((table[:depth], None), number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            lines.setdefault((table, key[1].strip("\"'")), number)
+    return lines
+
+
+def validate(where, raw, schema, problems=None, table=()):
+    """Check ``raw`` against ``schema``; return a full dict with defaults filled in. With
+    ``problems`` (a Problems), note each bad key there and go on (it keeps its default)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table of options, got {raw!r}")
     out = {}
     for key, value in raw.items():
-        if key not in schema:
-            close = difflib.get_close_matches(key, schema, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(schema)}")
-        out[key] = schema[key][0](f"{where}.{key}", value)
+        try:
+            if key not in schema:
+                close = difflib.get_close_matches(key, schema, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"{where}: unknown key {key!r}; {hint}known keys: {', '.join(schema)}")
+            out[key] = schema[key][0](f"{where}.{key}", value)
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.note(exc, table, key)
     for key, (_, default) in schema.items():
         if key not in out:
             if default is REQUIRED:
-                raise ConfigError(f"{where}: missing required key {key!r}")
+                error = ConfigError(f"{where}: missing required key {key!r}")
+                if problems is None:
+                    raise error
+                problems.note(error, table)
+                continue
             out[key] = default.copy() if isinstance(default, list | dict) else default
     return out
 
 
-def supervisor_options(where, raw):
+def supervisor_options(where, raw, problems=None):
     """The [supervisor] options ``raw``, checked (validate) and against each other."""
-    options = validate(where, raw, SUPERVISOR_OPTIONS)
+    options = validate(where, raw, SUPERVISOR_OPTIONS, problems, ("supervisor",))
     if options["max_frames_total"] < options["max_frame"]:
-        raise ConfigError(
+        error = ConfigError(
             f"{where}.max_frames_total: {options['max_frames_total']} is less than max_frame "
             f"({options['max_frame']}), so a frame of max_frame bytes could never arrive; make it at least max_frame"
         )
+        if problems is None:
+            raise error
+        problems.note(error, ("supervisor",), "max_frames_total")
     return options
 
 
@@ -289,26 +361,53 @@ def exos_dirs(where, value, base_dir):
     return resolve_dirs(where, _dirs(where, value), base_dir)
 
 
-def agents_config(agents, base_dir, where="agents", exos_path=()):
+def agents_config(agents, base_dir, where="agents", exos_path=(), problems=None):
     """Validate the agents mapping: name -> entry string or table of options. ``exos_path``
-    (absolute directories) follows each agent's own exos_path."""
+    (absolute directories) follows each agent's own exos_path. With ``problems``, every
+    agent is checked and each error noted there (a bad agent is left out)."""
     if not isinstance(agents, dict) or not agents:
         raise ConfigError(f"{where}: expected at least one agent, as a table of name = entry or options")
     out = {}
     for name, raw in agents.items():
-        here = f"{where}.{name}"
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise ConfigError(
-                f"{here}: module name {name!r} must start with a letter and hold only letters, digits and '_'"
-            )
-        if isinstance(raw, str):
-            raw = {"entry": raw}
-        opts = validate(here, raw, AGENT_OPTIONS)
-        opts["entry"] = resolve_entry(opts["entry"], base_dir, f"{here}.entry")
-        own = resolve_dirs(f"{here}.exos_path", opts["exos_path"], base_dir)
-        opts["exos_path"] = own + [path for path in exos_path if path not in own]
-        out[name] = opts
+        table = ("agents", name)
+        try:
+            opts = _agent(name, raw, base_dir, f"{where}.{name}", exos_path, problems, table)
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.note(exc, table, "entry" if isinstance(raw, dict) else None)
+            continue
+        if opts is not None:
+            out[name] = opts
     return out
+
+
+def _agent(name, raw, base_dir, here, exos_path, problems, table):
+    """One agent's options, checked and resolved; None when ``problems`` noted what is wrong."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(
+            f"{here}: module name {name!r} must start with a letter and hold only letters, digits and '_'"
+        )
+    if isinstance(raw, str):
+        raw = {"entry": raw}
+    found = len(problems.found) if problems is not None else 0
+    opts = validate(here, raw, AGENT_OPTIONS, problems, table)
+    for key, resolve in (
+        ("entry", lambda: resolve_entry(opts["entry"], base_dir, f"{here}.entry")),
+        ("exos_path", lambda: resolve_dirs(f"{here}.exos_path", opts["exos_path"], base_dir)),
+    ):
+        if key not in opts:
+            continue  # missing, and noted as such
+        try:
+            opts[key] = resolve()
+        except ConfigError as exc:
+            if problems is None:
+                raise
+            problems.note(exc, table, key)
+    if problems is not None and len(problems.found) > found:
+        return None
+    opts["exos_path"] += [path for path in exos_path if path not in opts["exos_path"]]
+    return opts
 
 
 def load_toml(path):
@@ -317,19 +416,51 @@ def load_toml(path):
     path = os.path.abspath(path)
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            text = f.read().decode("utf-8")
+        data = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    extra = set(data) - {"supervisor", "exos", "agents"}
-    if extra:
-        raise ConfigError(
-            f"{path}: unknown table(s) {', '.join(sorted(extra))}; expected [supervisor], [exos] and [agents.NAME]"
-        )
+    # Every table is checked, and every error named at once (Problems): a file with four
+    # mistakes takes one run to fix, not four.
+    problems = Problems(path, text)
+    for extra in sorted(set(data) - {"supervisor", "exos", "agents"}):
+        close = difflib.get_close_matches(extra, ["supervisor", "exos", "agents"], n=1)
+        hint = f"did you mean [{close[0]}]? " if close else ""
+        error = ConfigError(f"{path}: unknown table [{extra}]; {hint}expected [supervisor], [exos] and [agents.NAME]")
+        problems.note(error, (extra,))
     base_dir = os.path.dirname(path)
-    options = supervisor_options(f"{path}: [supervisor]", data.get("supervisor", {}))
-    exos = validate(f"{path}: [exos]", data.get("exos", {}), EXOS_OPTIONS)
-    exos_path = resolve_dirs(f"{path}: [exos].path", exos["path"], base_dir)
-    agents = agents_config(data.get("agents"), base_dir, f"{path}: [agents]", exos_path)
+    options = _table(
+        problems,
+        ("supervisor",),
+        lambda: supervisor_options(f"{path}: [supervisor]", data.get("supervisor", {}), problems),
+    )
+    exos = _table(
+        problems,
+        ("exos",),
+        lambda: validate(f"{path}: [exos]", data.get("exos", {}), EXOS_OPTIONS, problems, ("exos",)),
+    )
+    exos_path = ()
+    if exos is not None:
+        exos_path = (
+            _table(problems, ("exos",), lambda: resolve_dirs(f"{path}: [exos].path", exos["path"], base_dir)) or ()
+        )
+    agents = _table(
+        problems,
+        ("agents",),
+        lambda: agents_config(data.get("agents"), base_dir, f"{path}: [agents]", exos_path, problems),
+    )
+    problems.check()
     return options, agents, base_dir
+
+
+def _table(problems, table, check):
+    """``check()``, or None with its ConfigError noted in ``problems`` (the rest of the file is still checked)."""
+    try:
+        return check()
+    except ConfigError as exc:
+        problems.note(exc, table)
+        return None

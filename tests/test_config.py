@@ -5,6 +5,7 @@ from helpers import agent
 
 import cmactor
 from cmactor.errors import ConfigError
+from cmsupervisor.config import AGENT_OPTIONS, SUPERVISOR_OPTIONS
 
 ECHO = agent("echo.py:main")
 
@@ -49,7 +50,7 @@ def test_toml_entries_and_state_dir_are_relative_to_the_file(tmp_path):
         ("[agents.x]\nentry = 'm:f'\nenv = { A = 1 }\n", "env: expected a table of string names to string values"),
         ("[agents.x]\nentry = 'm:f'\npool_size = 0\n", "pool_size: expected a whole number >= 1"),
         ("[agents.bad-name]\nentry = 'm:f'\n", "module name 'bad-name' must start with a letter"),
-        ("[agent.x]\nentry = 'm:f'\n", "unknown table(s) agent"),
+        ("[agent.x]\nentry = 'm:f'\n", "cmactor.toml:1: unknown table [agent]; did you mean [agents]?"),
         (
             "[supervisor]\ndirect_reads = 'yes'\n[agents.x]\nentry='m:f'\n",
             "[supervisor].direct_reads: expected true or false, got 'yes'",
@@ -76,3 +77,36 @@ def test_embedding_arguments_are_checked_too(tmp_path):
         cmactor.Supervisor({"e": {"entry": ECHO, "max_restarts": "x"}}, state_dir=tmp_path)
     with pytest.raises(ConfigError, match="expected at least one agent"):
         cmactor.Supervisor({}, state_dir=tmp_path)
+
+
+FOUR_MISTAKES = """\
+[supervisor]
+hold_timout = 10
+stop_timeout = -1
+
+[agents.vlan]
+entry = "nosuch.py:main"
+pool_size = 0
+
+[agents.ports]
+entry = "ports.py:main"
+max_restart = 3
+"""
+
+
+def test_every_error_of_a_file_is_named_at_once_with_its_line(tmp_path):
+    (tmp_path / "ports.py").write_text("")
+    path = write(tmp_path, FOUR_MISTAKES)
+    with pytest.raises(ConfigError) as info:
+        cmactor.Supervisor.from_toml(path)
+    assert info.value.problems == (
+        f"{path}:2: [supervisor]: unknown key 'hold_timout'; did you mean 'hold_timeout'? known keys: "
+        + ", ".join(SUPERVISOR_OPTIONS),
+        f"{path}:3: [supervisor].stop_timeout: expected a number of seconds >= 0, got -1",
+        f"{path}:6: [agents].vlan.entry: entry file {tmp_path / 'nosuch.py'} does not exist",
+        f"{path}:7: [agents].vlan.pool_size: expected a whole number >= 1, got 0",
+        f"{path}:11: [agents].ports: unknown key 'max_restart'; did you mean 'max_restarts'? known keys: "
+        + ", ".join(AGENT_OPTIONS),
+    )
+    assert str(info.value).startswith(f"{path}: 5 errors:\n  {path}:2: ")
+    assert str(info.value).count("\n") == 5
