@@ -9,6 +9,10 @@ of agents, or for a cmactor.toml, with its state_dir and socket under ``tmp_path
 returns it once every module is READY, and stops it at teardown, passed or failed.
 ``get_row``, ``set_row``, ``setop``, ``get_rows`` make one request and return plain
 dicts; ``kill_worker`` SIGKILLs a module's worker and waits for the new one.
+
+``cmactor_agent`` (a fixture) is an ``AgentHarness`` (cmactor.harness) for unit tests
+of an agent's actions in the test's own process: ``cmactor_agent.start(main)``, then
+events and actions called directly, ``ready()`` recorded instead of refused.
 """
 
 import contextlib
@@ -20,8 +24,16 @@ import time
 import pytest
 
 import cmactor
+from cmactor.harness import AgentHarness
 
-__all__ = ["get_row", "get_rows", "kill_worker", "set_row", "setop"]
+__all__ = ["AgentHarness", "get_row", "get_rows", "kill_worker", "set_row", "setop"]
+
+
+@pytest.fixture
+def cmactor_agent():
+    """An AgentHarness attached for the test (cmbackend_init and ready() go to it), detached after."""
+    with AgentHarness() as harness:
+        yield harness
 
 
 @pytest.fixture

@@ -151,6 +151,10 @@ class Lifecycle:
     def _check_stuck(self, mod, process):
         if mod.process is process and mod.state == LOADING:
             reason = f"stuck: ready() not called within {mod.options['load_timeout']:g}s; last event {mod.last_event}"
+            if mod.last_event == "event_load_complete":
+                # The usual slip: ready() in event_generate_default alone, which runs only
+                # while there is no saved config.
+                reason += " (call ready() after event_load_complete too: it runs, not event_generate_default, once config is saved)"
             self._logs.report(mod, logging.WARNING, "module %s %s", mod.name, reason)
             mod.noted(reason)
 
