@@ -37,7 +37,9 @@ requests its lanes had started, holds the others in the router for the restart,
 asks its restart policy for a backoff or a quarantine, and launches the next
 worker. Start-up and stop are supervision/lifecycle.py: Init → WAITING_DEPS
 (supervision/deps.py) → LOADING (the saved section and the journal, persistence/)
-→ READY, and dependents first on the way down. A module's record
+→ READY, and dependents first on the way down. An operator's stop, start,
+restart or reload of modules while the supervisor runs is supervision/admin.py,
+on top of those two. A module's record
 (supervision/modules.py) changes through its own methods alone, and tells its
 subscribers of each state change: the router holds, sends or fails the requests
 held for it. supervisor.py builds these parts, gives each the others it calls,

@@ -162,6 +162,51 @@ def _address(where, value):
     return value
 
 
+# memory_max, written as systemd's MemoryMax=: bytes, K/M/G/T of 1024, or "infinity".
+_SIZE = re.compile(r"([0-9]+)([KMGT]?)\Z")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# Below this no worker can run (a Python interpreter alone takes ~10 MiB): a smaller limit
+# is most likely a bare number meant as MiB, which systemd too would take as bytes.
+MIN_MEMORY_MAX = 1024**2
+
+
+def _memory(where, value):
+    """None (not set), "infinity" (no limit), or a size in bytes."""
+    if value is None or value == "infinity":
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        size = value
+    elif match:
+        size = int(match[1]) * _UNITS[match[2]]
+    else:
+        raise ConfigError(
+            f"{where}: expected a size as systemd's MemoryMax= takes it: a number of bytes, a string of digits "
+            f'with a K, M, G or T suffix (base 1024: "256M"), or "infinity" (no limit); got {value!r}'
+        )
+    if size < MIN_MEMORY_MAX:
+        bare = size and (match is None or not match[2])  # no suffix: perhaps MiB were meant
+        hint = f' (a bare number is bytes, as in systemd: "{size}M" is {size} MiB)' if bare else ""
+        raise ConfigError(f"{where}: {value!r} is {size} bytes, less than any worker needs; expected at least 1M{hint}")
+    return size
+
+
+def memory_limit(own, default):
+    """A module's memory_max in bytes, or None (no limit): its own (an agent's memory_max),
+    else ``default`` (the [supervisor] one); "infinity" is no limit, whichever says it."""
+    limit = default if own is None else own
+    return None if limit == "infinity" else limit
+
+
+MEMORY_ENFORCEMENTS = ("auto", "cgroup", "rss")
+
+
+def _enforcement(where, value):
+    if value not in MEMORY_ENFORCEMENTS:
+        raise ConfigError(f"{where}: expected one of {', '.join(map(repr, MEMORY_ENFORCEMENTS))}, got {value!r}")
+    return value
+
+
 # key -> (validator, default)
 SUPERVISOR_OPTIONS = {
     "state_dir": (_path, ".cmactor"),
@@ -194,6 +239,12 @@ SUPERVISOR_OPTIONS = {
     # get, getone and getnext from clients go straight to the module's worker, on a
     # socket of its own (cmactor/worker/direct.py); false: every request goes through here.
     "direct_reads": (_flag, True),
+    # Each module's memory_max, for the agents that do not set one (None: no limit).
+    "memory_max": (_memory, None),
+    # How memory_max is enforced (supervision/memory.py): "cgroup", a cgroup v2 memory.max per
+    # worker (refused at start where cgroups cannot be made); "rss", a watchdog of the workers'
+    # RSS; "auto", cgroups where they can be made, else the watchdog.
+    "memory_enforcement": (_enforcement, "auto"),
 }
 
 AGENT_OPTIONS = {
@@ -220,6 +271,9 @@ AGENT_OPTIONS = {
     "heartbeat_timeout": (_number, 30.0),
     "journal_max_records": (_count, 10_000),
     "journal_max_bytes": (_count, 16 * 1024 * 1024),
+    # The most memory its worker (and the processes it starts) may use, as systemd's
+    # MemoryMax=; past it the worker is killed and restarted. None: [supervisor] memory_max.
+    "memory_max": (_memory, None),
 }
 
 

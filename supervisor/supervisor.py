@@ -16,10 +16,18 @@ import weakref
 from typing import TYPE_CHECKING
 
 from cmactor import cmfrontend
-from cmactor.errors import StartupError
+from cmactor.errors import ConfigError, StartupError
 from cmactor.wire import protocol as P
 from cmactor.wire.clients import ClientLimits
-from cmsupervisor.config import agents_config, exos_dirs, load_toml, supervisor_options
+from cmsupervisor.config import (
+    SUPERVISOR_OPTIONS,
+    Problems,
+    agents_config,
+    exos_dirs,
+    load_toml,
+    memory_limit,
+    supervisor_options,
+)
 from cmsupervisor.front import server
 from cmsupervisor.front.control import Control
 from cmsupervisor.front.deadlock import WaitGraph
@@ -31,7 +39,9 @@ from cmsupervisor.observability.logs import ModuleLogs
 from cmsupervisor.persistence import state, store
 from cmsupervisor.persistence.saving import Saver
 from cmsupervisor.supervision import fds
+from cmsupervisor.supervision.admin import Admin
 from cmsupervisor.supervision.lifecycle import Lifecycle
+from cmsupervisor.supervision.memory import Enforcement
 from cmsupervisor.supervision.modules import Module
 from cmsupervisor.supervision.recovery import Recovery, RestartPolicy
 from cmsupervisor.supervision.workers import Workers
@@ -64,11 +74,37 @@ if TYPE_CHECKING:
         direct_idle_timeout: float
         metrics: str | None
         direct_reads: bool
+        memory_max: int | str | None
+        memory_enforcement: str
 
     class TomlOverrides(SupervisorOptions, total=False):
         """from_toml()'s keyword overrides: every [supervisor] key."""
 
         state_dir: str | os.PathLike[str]
+
+    class ModuleOutcome(TypedDict):
+        """What became of a module an operator's request moved (admin.py): ``ok`` if it got
+        where it was asked to (READY, or STOPPED for a stop), else ``note`` says why not."""
+
+        name: str
+        state: str
+        pid: int | None
+        ok: bool
+        note: str | None
+
+    class ReloadOutcome(ModuleOutcome):
+        change: str  # "added", "removed", "restarted", or "changed" (stopped: applies when started)
+
+    class ReloadSummary(TypedDict):
+        """What Supervisor.reload() returns: the module names by what the reload did to them."""
+
+        added: list[str]
+        removed: list[str]
+        restarted: list[str]
+        changed: list[str]  # stopped by an operator: the new options apply when it is started
+        unchanged: list[str]
+        needs_restart: list[str]  # [supervisor] keys that changed: they apply at the next start
+        modules: list[ReloadOutcome]
 
     class SaveSummary(TypedDict):
         """What Supervisor.save() returns."""
@@ -131,11 +167,12 @@ class Supervisor:
         self.options: dict[str, Any] = supervisor_options("Supervisor options", {"state_dir": state_dir, **options})
         self.state_dir = os.path.abspath(os.path.join(self.base_dir, self.options["state_dir"]))
         self.config_path = os.path.join(self.state_dir, store.FILENAME)
-        shared_exos_path = exos_dirs("Supervisor exos_path", exos_path, self.base_dir)
-        agent_options = agents_config(agents, self.base_dir, exos_path=shared_exos_path)
-        self.modules: dict[str, Module] = {
-            name: Module(name, opts, RestartPolicy(opts)) for name, opts in agent_options.items()
-        }
+        self._exos_path = exos_dirs("Supervisor exos_path", exos_path, self.base_dir)
+        agent_options = agents_config(agents, self.base_dir, exos_path=self._exos_path)
+        self.modules: dict[str, Module] = {name: self._record(name, opts) for name, opts in agent_options.items()}
+        # The cmactor.toml it was made from (from_toml) and the keys given over it, for reload().
+        self.config_file: str | None = None
+        self._overrides: dict[str, Any] = {}
         self.hold_timeout: float = self.options["hold_timeout"]
         self.socket_path: str | None = None
         self._loop = None
@@ -147,7 +184,17 @@ class Supervisor:
         """A supervisor configured by a cmactor.toml; keyword arguments override [supervisor] keys."""
         options, agents, base_dir = load_toml(path)
         options.update(overrides)
-        return cls(agents, base_dir=base_dir, **options)
+        sup = cls(agents, base_dir=base_dir, **options)
+        sup.config_file = os.path.abspath(path)
+        # Only the [supervisor] keys: the others (ignore_config, recover) are Supervisor()'s own.
+        sup._overrides = {key: value for key, value in overrides.items() if key in SUPERVISOR_OPTIONS}
+        return sup
+
+    def _record(self, name, options):
+        """The record of module ``name`` with its checked agent ``options``."""
+        return Module(
+            name, options, RestartPolicy(options), memory_limit(options["memory_max"], self.options["memory_max"])
+        )
 
     # -- public API (any thread) -----------------------------------------
 
@@ -182,6 +229,7 @@ class Supervisor:
         if self.options["metrics"] is not None:
             self._serve_metrics()
         self._loop.call(self._recovery.watchdog)
+        self._memory.start()
         self._loop.call(self._router.time_out)
         self._loop.call(self._recovery.launch_all)
         self._lifecycle.start_done.wait(timeout)
@@ -206,6 +254,7 @@ class Supervisor:
         it). StartupError with what was opened closed again."""
         store.remove_leftovers(self.state_dir)  # ours alone: no other supervisor writes here
         sections = self._read_config()
+        self._stopped_at_start = state.read_stopped(self.state_dir)  # the modules an operator stopped
         max_bytes, backups = self.options["log_max_bytes"], self.options["log_backups"]
         self._logs = ModuleLogs(os.path.join(self.state_dir, "logs"), self.modules, max_bytes, backups)
         self._logs.check()  # StartupError naming the path if a module's log cannot be written
@@ -226,7 +275,7 @@ class Supervisor:
 
     def _abandon(self, listening):
         """A start that failed once the state was open: close what was opened, socket,
-        journals, audit log, the status helper, and release the state_dir's lock."""
+        journals, audit log, the logs, the status helper, and release the state_dir's lock."""
         if self._control is not None:
             self._control.close()
         if self._loop is not None:
@@ -234,11 +283,13 @@ class Supervisor:
         server.unlisten(*listening)
         state.close_journals(self.modules)
         self._audit.close()
+        self._logs.close()
         self._lock.release()
 
     def _build(self, sections, listening):
         """Make the parts; each is given the others it calls (see the package docstring)."""
         modules = self.modules
+        self._logs.attach()
         self._loop = loop = EventLoop()
         self._audit.schedule = loop.after_output
         limits = ClientLimits.from_options(self.options)  # one policy for the supervisor's socket and the workers'
@@ -246,15 +297,16 @@ class Supervisor:
         self._graph = graph = WaitGraph(modules)
         self._router = router = Router(modules, loop, graph, self._audit, self.hold_timeout)
         self._server.on_drop = router.forget_client
-        for mod in modules.values():  # what is held for a module follows its state
-            mod.subscribe(router.module_changed)
         self._saver = saver = Saver(modules, loop, self._audit, self.config_path, sections)
+        # StartupError with memory_enforcement = "cgroup" where no cgroup can be made
+        self._memory = memory = Enforcement(modules, loop, self._logs, Workers.kill, self.options["memory_enforcement"])
         self._workers = workers = Workers(
             loop,
             socket_path=self.socket_path,
             base_dir=self.base_dir,
             log_level=self.options["log_level"],
             direct=self._direct_options(limits),
+            cgroups=memory.cgroups,
         )
         self._lifecycle = lifecycle = Lifecycle(
             modules,
@@ -268,8 +320,35 @@ class Supervisor:
         )
         saver.on_idle = lifecycle.continue_stop
         self._recovery = recovery = Recovery(modules, loop, workers, router, graph, saver, lifecycle, self._logs)
+        self._admin = admin = Admin(
+            modules,
+            loop,
+            lifecycle,
+            recovery,
+            saver,
+            self._audit,
+            self._logs,
+            self.state_dir,
+            self.options,
+            self._stopped_at_start,
+            self._record,
+            self._adopt,
+            self._let_go,
+        )
+        for mod in modules.values():
+            self._follow(mod)
         self._control = control = Control(
-            loop, modules, self._server, graph, saver, recovery, lifecycle, self._audit, self._logs
+            loop,
+            modules,
+            self._server,
+            graph,
+            saver,
+            lifecycle,
+            self._audit,
+            self._logs,
+            router,
+            admin,
+            self._read_reload,
         )
         self._server.on_data = router.route
         self._server.on_control = control.handle
@@ -294,6 +373,31 @@ class Supervisor:
             (P.Dirty, router.on_dirty),
         ):
             workers.handle(kind, handler)
+
+    def _follow(self, mod):
+        """Subscribe the parts that follow a module's state to ``mod``: what is held for it
+        follows its state (the router), operators' requests wait for it (admin.py)."""
+        mod.subscribe(self._router.module_changed)
+        mod.subscribe(self._admin.module_changed)
+
+    def _adopt(self, mod):
+        """(Loop thread.) A module a reload adds: its journal and log opened (StartupError naming
+        the file if one cannot be), followed as every module is."""
+        state.open_journals({mod.name: mod}, self.state_dir, recover=True)
+        try:
+            self._logs.add(mod.name)
+        except StartupError:
+            state.close_journals({mod.name: mod})
+            raise
+        self._follow(mod)
+        if self.notifier is not None:
+            self.notifier.follow(mod)
+
+    def _let_go(self, mod):
+        """(Loop thread.) A module a reload removed, gone, or one it added and then gave up:
+        its journal and log closed (their files stay)."""
+        state.close_journals({mod.name: mod})
+        self._logs.remove(mod.name)
 
     def _direct_options(self, limits):
         """How workers serve direct reads (cmactor/worker/direct.py): with the client ``limits``
@@ -344,7 +448,7 @@ class Supervisor:
 
     def supervisor_status(self) -> dict[str, Any]:
         """The supervisor's own figures: audit log lines that could not be written and the last error,
-        clients connected, and saves (ok, errors by type, duration histogram)."""
+        clients connected, saves (ok, errors by type, duration histogram) and data requests to unknown modules."""
         return self._loop.call(self._control.own_status)
 
     def save(self, user: str = "supervisor") -> SaveSummary:
@@ -369,9 +473,76 @@ class Supervisor:
         self._loop.call(self._saver.export, future, user, modules)
         return {name: json.loads(section) for name, section in future.result()}
 
-    def restart(self, name: str) -> None:
-        """Restart one module now (reviving it if it is quarantined)."""
-        return self._loop.call(self._recovery.restart, name)
+    def restart(
+        self, name: str, kill: bool = False, wait: bool = False, user: str = "supervisor"
+    ) -> ModuleOutcome | None:
+        """Restart one module now, reviving it if it is quarantined or stopped (admin.py): in
+        order by default (its worker ends once its requests in flight are answered, or at
+        stop_timeout; requests meanwhile are held for the next one), ``kill`` at once (what
+        it had started fails). ``wait``: return once it is READY again, as
+        :meth:`start_module` does; else at once."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._loop.call(self._admin.restart, future, user, name, kill)
+        return future.result()["module"] if wait else None
+
+    def stop_module(self, name: str, user: str = "supervisor") -> ModuleOutcome:
+        """Stop one module in order (as :meth:`stop` does each) and keep it STOPPED, across
+        restarts of the supervisor too, until :meth:`start_module`; requests to it fail at
+        once meanwhile. Returns once it is STOPPED: {"name", "state", "pid", "ok", "note"}."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._loop.call(self._admin.stop, future, user, name)
+        return future.result()["module"]
+
+    def start_module(self, name: str, user: str = "supervisor") -> ModuleOutcome:
+        """Start a module that was stopped (or is FAILED); returns once it is READY, as
+        {"name", "state", "pid", "ok", "note"}. OperationalError saying why if it does not
+        come up within stop_timeout + start_timeout."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._loop.call(self._admin.start, future, user, name)
+        return future.result()["module"]
+
+    def restart_all(self, rolling: bool = False, kill: bool = False, user: str = "supervisor") -> list[ModuleOutcome]:
+        """Restart every module but the stopped ones, all at once, or (``rolling``) one at a time,
+        dependencies first, each READY before the next (a module that does not come up ends
+        the roll). Returns once they have settled: one outcome a module, in that order."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._loop.call(self._admin.restart_all, future, user, rolling, kill)
+        return future.result()["modules"]
+
+    def reload(
+        self, agents: Mapping[str, str | Mapping[str, object]] | None = None, user: str = "supervisor"
+    ) -> ReloadSummary:
+        """Run a changed agents config without a restart: added modules start, removed ones stop
+        in order and go, changed ones (any agent option differs) restart in order with their
+        new options, and nothing touches the others. ``agents``: the new agents, as
+        Supervisor() takes them; None reads the config file again (from_toml's).
+
+        A config with an error changes nothing: ConfigError naming every error. [supervisor]
+        keys that changed are listed in ``needs_restart`` and apply at the next start.
+        OperationalError if the reload is refused (a module removed that others depend on,
+        another reload or rolling restart under way). Returns once the modules have settled.
+        """
+        plan = self._read_reload(agents)
+        future: concurrent.futures.Future[ReloadSummary] = concurrent.futures.Future()
+        self._loop.call(self._admin.reload, future, user, *plan)
+        return future.result()["reload"]
+
+    def _read_reload(self, agents):
+        """(Not the loop thread: it reads files.) The agents to reload and the [supervisor] keys
+        that changed, checked, or ConfigError naming every error."""
+        if agents is not None:
+            problems = Problems("Supervisor.reload() agents")
+            checked = agents_config(agents, self.base_dir, exos_path=self._exos_path, problems=problems)
+            problems.check()
+            return checked, []
+        if self.config_file is None:
+            raise ConfigError(
+                "this supervisor was not made from a config file (Supervisor.from_toml): pass the new agents "
+                "to reload(agents)"
+            )
+        options, checked, _ = load_toml(self.config_file)
+        options = supervisor_options(f"{self.config_file}: [supervisor]", {**options, **self._overrides})
+        return checked, [key for key, value in options.items() if value != self.options[key]]
 
     def stop(self) -> None:
         """Stop every module (dependents first) and the loop; no process is left behind."""
@@ -406,6 +577,8 @@ class Supervisor:
         self._close()
 
     def _close(self):
+        self._memory.close()
+        self._admin.close()
         self._saver.shutdown()
         self._server.close()
         self._control.close()
@@ -415,6 +588,8 @@ class Supervisor:
             pass
         self._audit.close()
         self._logs.close()
+        if self.notifier is not None:
+            self.notifier.close()
         state.close_journals(self.modules)
         self._lock.release()  # last: the next supervisor may take the state_dir over now
         self._loop.finish()

@@ -1,10 +1,15 @@
 """Running the `cmactor` command as a real process, for tests that drive it as an operator would."""
 
 import contextlib
+import fcntl
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import psutil
@@ -20,6 +25,45 @@ def cli(*args, timeout=30, **kwargs):
     return subprocess.run(
         cmactor_cmd() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+def on_terminal(*args, columns=200, env=None):
+    """Run cmactor with its stdout and its stderr each on a pseudo-terminal of its own,
+    ``columns`` wide (its size, and $COLUMNS; ``env`` adds to the environment): (exit
+    status, what the stdout terminal got, what the stderr one got), bytes, each "\\r\\n"
+    of the terminal read as "\\n"."""
+    ends = [pty.openpty() for _ in range(2)]
+    for _, slave in ends:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = dict(os.environ, COLUMNS=str(columns), LINES="50", **(env or {}))
+    try:
+        proc = subprocess.Popen(
+            cmactor_cmd() + list(args), stdin=subprocess.DEVNULL, stdout=ends[0][1], stderr=ends[1][1], env=env
+        )
+    finally:
+        for _, slave in ends:
+            os.close(slave)
+    got = {master: b"" for master, _ in ends}
+    reading = set(got)
+    deadline = time.monotonic() + 20
+    try:
+        while reading:
+            ready, _, _ = select.select(list(reading), [], [], max(0, deadline - time.monotonic()))
+            assert ready, f"cmactor {' '.join(args)} still writing after 20 s"
+            for master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has closed it
+                    data = b""
+                got[master] += data
+                if not data:
+                    reading.discard(master)
+        status = proc.wait(20)
+    finally:
+        proc.kill()
+        for master in got:
+            os.close(master)
+    return (status, *(got[master].replace(b"\r\n", b"\n") for master, _ in ends))
 
 
 class Run:

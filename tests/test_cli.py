@@ -5,8 +5,6 @@ import importlib.util
 import io
 import json
 import os
-import pty
-import select
 import shlex
 import signal
 import subprocess
@@ -16,7 +14,7 @@ import time
 import psutil
 import pytest
 from helpers import agent
-from processes import cli, cmactor_cmd
+from processes import cli, cmactor_cmd, on_terminal
 
 from cmsupervisor.cli import program as cli_module
 from cmsupervisor.cli.commands import export_line
@@ -336,42 +334,6 @@ def test_bad_paging_options_are_usage_errors(option, message):
     assert result.returncode == 2 and message in result.stderr
 
 
-def on_terminal(*args):
-    """Run cmactor with its stdout and its stderr each on a pseudo-terminal of its own, 200
-    columns wide: (exit status, what the stdout terminal got, what the stderr one got),
-    bytes, each "\\r\\n" of the terminal read as "\\n"."""
-    ends = [pty.openpty() for _ in range(2)]
-    env = dict(os.environ, COLUMNS="200", LINES="50")
-    try:
-        proc = subprocess.Popen(
-            cmactor_cmd() + list(args), stdin=subprocess.DEVNULL, stdout=ends[0][1], stderr=ends[1][1], env=env
-        )
-    finally:
-        for _, slave in ends:
-            os.close(slave)
-    got = {master: b"" for master, _ in ends}
-    reading = set(got)
-    deadline = time.monotonic() + 20
-    try:
-        while reading:
-            ready, _, _ = select.select(list(reading), [], [], max(0, deadline - time.monotonic()))
-            assert ready, f"cmactor {' '.join(args)} still writing after 20 s"
-            for master in ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every process holding the terminal has closed it
-                    data = b""
-                got[master] += data
-                if not data:
-                    reading.discard(master)
-        status = proc.wait(20)
-    finally:
-        proc.kill()
-        for master in got:
-            os.close(master)
-    return (status, *(got[master].replace(b"\r\n", b"\n") for master, _ in ends))
-
-
 # What a value must never do to the terminal it is shown on: clear it, retitle it (OSC ..
 # BEL), colour it (C1's CSI), be read as rich markup or an emoji code; and how it is shown.
 EVIL = "\x1b[2J\x1b]0;pwned\x07 [red]uplink[/red] [/bold] x :thumbs_up: \x9b31m\x7f\ttab\nline"
@@ -452,6 +414,7 @@ class Terminal(io.StringIO):
 def test_a_table_on_a_terminal_without_rich_is_escaped_too(monkeypatch):
     for name in ("rich", "rich.console", "rich.table", "rich.text"):
         monkeypatch.setitem(sys.modules, name, None)  # import rich fails, as where it is not installed
+    monkeypatch.setenv("COLUMNS", "200")  # wider than the table: one line per row
     out = Terminal()
     cli_module.print_table(["key", "value\x1b[1m"], [["evil", EVIL]], out)
     assert out.getvalue().splitlines() == ["key   value\\x1b[1m", "evil  " + EVIL_SHOWN]
@@ -487,7 +450,7 @@ def test_an_unexpected_exception_is_one_line_and_its_own_exit_status(supervisor)
     environ = {name: value for name, value in os.environ.items() if name != "CMACTOR_TRACEBACK"}
     ascii_only = dict(environ, PYTHONIOENCODING="ascii")  # stdout cannot write the value
     result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=ascii_only)
-    assert result.returncode == cli_module.INTERNAL_ERROR == 3
+    assert result.returncode == cli_module.INTERNAL_ERROR == 70
     assert result.stderr.startswith(
         "cmactor: internal error: UnicodeEncodeError: 'ascii' codec can't encode character '\\xfc'"
     )

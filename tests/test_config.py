@@ -2,6 +2,7 @@
 
 import pytest
 from helpers import agent
+from processes import cli
 
 import cmactor
 from cmactor.errors import ConfigError
@@ -110,3 +111,25 @@ def test_every_error_of_a_file_is_named_at_once_with_its_line(tmp_path):
     )
     assert str(info.value).startswith(f"{path}: 5 errors:\n  {path}:2: ")
     assert str(info.value).count("\n") == 5
+
+
+def test_cmactor_check_names_every_error_and_cmactor_run_does_too(tmp_path):
+    (tmp_path / "ports.py").write_text("")
+    path = write(tmp_path, FOUR_MISTAKES)
+    for command in (["check", path], ["run", path]):
+        result = cli(*command)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith(f"cmactor: ConfigError: {path}: 5 errors:\n"), result.stderr
+        for line in (2, 3, 6, 7, 11):
+            assert f"  {path}:{line}: " in result.stderr
+    assert not (tmp_path / ".cmactor").exists()  # nothing was started or made
+
+
+def test_cmactor_check_of_a_good_file_says_what_it_runs(tmp_path):
+    (tmp_path / "a.py").write_text("")
+    path = write(tmp_path, "[agents.a]\nentry = 'a.py:main'\n[agents.b]\nentry = 'pkg.mod:main'\n")
+    result = cli("check", path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{path}: ok: 2 modules (a, b), state_dir {tmp_path / '.cmactor'}\n"
+    missing = cli("check", tmp_path / "nosuch.toml")
+    assert missing.returncode == 1 and "cannot read config file" in missing.stderr

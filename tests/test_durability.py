@@ -162,7 +162,8 @@ def test_non_finite_numbers_in_the_config_are_refused(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(f'[agents.echo]\nentry = "{ECHO}"\nhang_timeout = inf\n')
     with pytest.raises(
-        cmactor.ConfigError, match=r"c.toml: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf"
+        cmactor.ConfigError,
+        match=r"c.toml:3: \[agents\].echo.hang_timeout: expected a finite number of seconds, got inf",
     ):
         cmactor.Supervisor.from_toml(path)
 

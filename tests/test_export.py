@@ -241,7 +241,7 @@ def test_apply_refuses_a_malformed_file_whole_naming_each_bad_line(tmp_path, sup
         f"cmactor: {path} line 6: key 'name' is given twice",
         f"cmactor: {path} line 8: the line ends with a backslash, which escapes nothing",
         f"cmactor: {path} line 9: a quote opened on this line is never closed",
-        f"cmactor: CliError: {path}: 7 bad lines; nothing was applied (fix the file and apply it again)",
+        f"cmactor: ProgrammingError: {path}: 7 bad lines; nothing was applied (fix the file and apply it again)",
     ]
     # A module the supervisor does not run is found before anything is sent, too.
     path.write_text("set vlan.vlan name=fine tag=40\nset vlam.vlan name=x tag=1\n")
@@ -249,19 +249,19 @@ def test_apply_refuses_a_malformed_file_whole_naming_each_bad_line(tmp_path, sup
     assert (status, out) == (1, "")
     assert err.splitlines() == [
         f"cmactor: {path} line 2: unknown module 'vlam'; the supervisor runs: ports, stats, vlan",
-        f"cmactor: CliError: {path}: 1 bad line; nothing was applied (fix the file and apply it again)",
+        f"cmactor: ProgrammingError: {path}: 1 bad line; nothing was applied (fix the file and apply it again)",
     ]
     assert vlans(sup) == ["default"]
     path.write_bytes(b"set vlan.vlan name=ok tag=5\nset vlan.vlan name=\xff tag=6\n")
     status, out, err = run(capsys, "--socket", sup.socket_path, "apply", str(path))
     assert (status, err) == (
         1,
-        f"cmactor: CliError: {path} line 2: not UTF-8 text (invalid start byte); cmactor export writes UTF-8\n",
+        f"cmactor: ProgrammingError: {path} line 2: not UTF-8 text (invalid start byte); cmactor export writes UTF-8\n",
     )
     status, out, err = run(capsys, "--socket", sup.socket_path, "apply", str(tmp_path / "missing.conf"))
     assert (status, err) == (
         1,
-        f"cmactor: CliError: cannot read {tmp_path / 'missing.conf'}: No such file or directory\n",
+        f"cmactor: OperationalError: cannot read {tmp_path / 'missing.conf'}: No such file or directory\n",
     )
     assert vlans(sup) == ["default"]
 
@@ -415,7 +415,7 @@ def test_apply_reports_every_bad_line_after_a_quote_never_closed_and_applies_not
     assert (applied.returncode, applied.stdout) == (1, b"")
     assert applied.stderr.decode().splitlines() == [
         f"cmactor: {path} line {n}: {problem}" for n, problem in UNCLOSED_QUOTE_PROBLEMS
-    ] + [f"cmactor: CliError: {path}: 3 bad lines; nothing was applied (fix the file and apply it again)"]
+    ] + [f"cmactor: ProgrammingError: {path}: 3 bad lines; nothing was applied (fix the file and apply it again)"]
     cur = sup.connect().cursor()
     cur.execute("getnext echo.kv")
     assert cur.fetchall() == [("default", "yes")]

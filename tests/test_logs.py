@@ -1,7 +1,9 @@
 """Per-module logs: each worker's log records, stdout and stderr in state_dir/logs/<module>.log,
-rotated by size; `cmactor logs`; owner-only files; a log directory that cannot be written."""
+rotated by size; each worker's start and end in its module's log; the supervisor's own log;
+`cmactor logs` (--supervisor); owner-only files; a log directory that cannot be written."""
 
 import contextlib
+import logging
 import os
 import queue
 import re
@@ -13,11 +15,13 @@ import threading
 import psutil
 import pytest
 from helpers import agent, fill, small_disk, tmpfs, wait_for
-from processes import cmactor_cmd
+from processes import Run, cmactor_cmd
 
 import cmactor
 from cmsupervisor.cli import program as cli
 from cmsupervisor.cli.tail import last_lines
+from cmsupervisor.front.server import default_socket_path
+from cmsupervisor.observability import SUPERVISOR_LOG
 from cmsupervisor.observability.logs import RotatingFile
 from cmsupervisor.supervision.workers import MAX_LINE
 
@@ -145,7 +149,7 @@ def test_logs_and_the_audit_log_rotate_by_size_and_every_file_is_owner_only(supe
     cur.execute("set chatty.say", {"text": "line {n} " + "-" * 60, "count": "300"})  # 25 kB
     logged(sup, "line 299 ")
     logs = os.path.join(sup.state_dir, "logs")
-    assert sorted(os.listdir(logs)) == ["chatty.log", "chatty.log.1", "chatty.log.2", "echo.log"]
+    assert sorted(os.listdir(logs)) == [SUPERVISOR_LOG, "chatty.log", "chatty.log.1", "chatty.log.2", "echo.log"]
     numbers = []
     for name in ("chatty.log.2", "chatty.log.1", "chatty.log"):
         path = os.path.join(logs, name)
@@ -165,6 +169,86 @@ def test_logs_and_the_audit_log_rotate_by_size_and_every_file_is_owner_only(supe
     for path in (os.path.join(sup.state_dir, "config.jsonl"), os.path.join(sup.state_dir, "journal", "echo.jsonl")):
         assert mode(path) == 0o600
     assert mode(os.path.join(sup.state_dir, "journal")) == 0o700
+
+
+def test_the_supervisors_own_log_rotates_as_the_modules_do_and_ends_with_the_supervisor(supervisor):
+    sup = supervisor({"echo": ECHO}, log_max_bytes=4096, log_backups=2)
+    own = os.path.join(sup.state_dir, "logs", SUPERVISOR_LOG)
+    logger = logging.getLogger("cmactor.supervisor")
+    for n in range(200):  # about 100 bytes each: 20 kB, from a thread of the test's
+        logger.warning("said %d %s", n, "-" * 40)
+    numbers = []
+    for path in (own + ".2", own + ".1", own):
+        assert os.path.getsize(path) <= 4096 and mode(path) == 0o600
+        with open(path) as f:
+            numbers += [int(line.split()[5]) for line in f if " said " in line]
+    assert numbers == list(range(numbers[0], 200)) and numbers[0] > 0  # the newest lines, whole and in order
+    with open(own) as f:
+        assert f.readline().split(" ", 2)[2].startswith("WARNING cmactor.supervisor: said ")
+    sup.stop()
+    logger.warning("after the stop")
+    with open(own) as f:
+        assert "after the stop" not in f.read()  # the handler went with the supervisor
+
+
+def test_cmactor_run_keeps_its_own_log_and_each_workers_start_and_end_in_its_modules(tmp_path, capsys):
+    config = tmp_path / "cmactor.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "state"\n[agents.chatty]\nentry = "{CHATTY}"\n')
+    run = Run(config)
+    try:
+        with cmactor.connect(socket=default_socket_path(str(tmp_path / "state"))) as conn:
+            pid = conn.request({"op": "status"})["status"]["chatty"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            new_pid = wait_for(
+                lambda: (lambda e: e["state"] == "READY" and e["pid"] != pid and e["pid"])(
+                    conn.request({"op": "status"})["status"]["chatty"]
+                )
+            )
+        assert cli.main(["-c", str(config), "logs", "--supervisor", "-n", "100"]) == 0
+        own = capsys.readouterr().out
+        # What the supervisor says, at cmactor run's log_level (INFO), with each worker's pid.
+        for said in (
+            f"INFO    cmactor.supervisor: module chatty: worker pid {pid} started",
+            f"INFO    cmactor.supervisor: module chatty READY (pid {pid})",
+            "INFO    cmactor.supervisor: all 1 modules READY; listening on ",
+            f"ERROR   cmactor.supervisor: module chatty: worker pid {pid} killed by SIGKILL; restarting in ",
+            f"INFO    cmactor.supervisor: module chatty: worker pid {new_pid} started",
+        ):
+            assert said in own
+        assert mode(tmp_path / "state" / "logs" / SUPERVISOR_LOG) == 0o600
+        # The module's own log has its workers' starts and ends too, in order.
+        chatty = (tmp_path / "state" / "logs" / "chatty.log").read_text()
+        assert (
+            chatty.index(f"module chatty: worker pid {pid} started")
+            < chatty.index(f"module chatty: worker pid {pid} killed by SIGKILL; restarting in ")
+            < chatty.index(f"module chatty: worker pid {new_pid} started")
+        )
+    finally:
+        run.stop()
+    assert run.proc.returncode == 0
+    # Stopped: found through the config file's state_dir.
+    assert cli.main(["-c", str(config), "logs", "--supervisor", "-n", "5"]) == 0
+    assert f"module chatty: worker pid {new_pid} ended (exit code 0) in the stop" in capsys.readouterr().out
+
+
+def test_a_workers_end_is_in_its_modules_log_however_the_module_ends(supervisor):
+    # A worker ended once its module is FAILED (config_deps names no module of this
+    # supervisor), and one whose crash at start quarantines its module.
+    sup = supervisor(
+        {
+            "echo": ECHO,
+            "orphan": {"entry": ECHO, "env": {"ECHO_DEPS": "nosuch"}},
+            "bad": agent("broken.py:raises"),
+        },
+        start=False,
+    )
+    sup.start(strict=False)
+    status = sup.status()
+    assert status["orphan"]["state"] == status["bad"]["state"] == "FAILED"
+    for name, ended in (("orphan", "ended (killed by SIGKILL after: config_deps"), ("bad", "exit code 1 after: entry")):
+        pid = int(re.search(rf"module {name}: worker pid (\d+) started", read_log(sup, name))[1])
+        log = logged(sup, f"module {name}: worker pid {pid} {ended}", name)
+        assert log.index(f"worker pid {pid} started") < log.index(f"worker pid {pid} {ended}")
 
 
 def test_files_and_directories_left_readable_by_others_are_made_owner_only(tmp_path, supervisor):
@@ -278,7 +362,10 @@ def test_cmactor_logs_shows_the_last_lines_of_a_running_module(supervisor, capsy
     assert cli.main(["--socket", sup.socket_path, "logs", "chatty"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 20
     assert cli.main(["--socket", sup.socket_path, "logs", "nope"]) == 1
-    assert capsys.readouterr().err == "cmactor: CliError: unknown module 'nope'; the supervisor runs: chatty, echo\n"
+    assert (
+        capsys.readouterr().err
+        == "cmactor: ProgrammingError: unknown module 'nope'; the supervisor runs: chatty, echo\n"
+    )
 
 
 def test_cmactor_logs_reads_a_stopped_supervisors_logs_through_its_config_file(tmp_path, capsys):
@@ -292,7 +379,9 @@ def test_cmactor_logs_reads_a_stopped_supervisors_logs_through_its_config_file(t
     assert last[0].endswith("OUTPUT  before the stop")
     assert last[1].endswith("module chatty stopping") and "worker pid" in last[2] and "in the stop" in last[2]
     assert cli.main(["-c", str(config), "logs", "other"]) == 1
-    assert capsys.readouterr().err == f"cmactor: CliError: unknown module 'other'; {config} configures: chatty\n"
+    assert (
+        capsys.readouterr().err == f"cmactor: ProgrammingError: unknown module 'other'; {config} configures: chatty\n"
+    )
     assert cli.main(["--socket", str(tmp_path / "none.sock"), "logs", "chatty"]) == 1
     assert "cannot reach a cmactor supervisor" in capsys.readouterr().err  # and says to give -c
     (tmp_path / "state" / "logs" / "chatty.log").unlink()

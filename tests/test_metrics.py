@@ -4,6 +4,9 @@ and the HTTP server's bounds against clients that hold, flood or send what it do
 
 import http.client
 import os
+import platform
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +19,8 @@ import urllib.request
 import psutil
 import pytest
 from helpers import ANY_PORT, agent, scrape, value, wait_for
+from processes import Run
+from prometheus_client.parser import text_string_to_metric_families
 
 import cmactor
 from cmactor.errors import ConfigError, DatabaseError, StartupError
@@ -66,6 +71,15 @@ def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
         assert value(first, "cmactor_requests_total", module=module, op="get", outcome="ok") == 0
     assert value(first, "cmactor_saves_total", outcome="ok") == 0
     assert value(first, "process_open_fds") > 0  # the supervisor process itself
+    assert value(first, "cmactor_build_info", version=cmactor.__version__, python=platform.python_version()) == 1
+    began = value(first, "cmactor_start_time_seconds")
+    assert began == value(scrape(sup), "cmactor_start_time_seconds") and time.time() - 60 < began < time.time()
+    for name, entry in sup.status().items():
+        worker = psutil.Process(entry["pid"])
+        assert value(first, "cmactor_module_start_time_seconds", module=name) == worker.create_time() >= began - 1
+        assert 0 <= value(first, "cmactor_module_cpu_seconds_total", module=name) < 60  # clock ticks: 0 at first
+    # Counters and start times, not figures "since the previous scrape" or that move every second.
+    assert not [key for key in first if key[0].endswith(("_percent", "_uptime_seconds"))]
 
     with sup.connect() as conn:
         cur = conn.cursor()
@@ -99,6 +113,8 @@ def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
     assert value(after, "cmactor_saves_total", outcome="DatabaseError") == 1
     assert value(after, "cmactor_save_duration_seconds_count") == 2
     assert value(after, "cmactor_module_unsaved", module="echo") == 1  # b: that save failed
+    echo_cpu = value(after, "cmactor_module_cpu_seconds_total", module="echo")
+    assert value(first, "cmactor_module_cpu_seconds_total", module="echo") <= echo_cpu < 60
 
     # status and supervisor_status show the same figures, without Prometheus.
     status, own = sup.status(), sup.supervisor_status()
@@ -112,6 +128,10 @@ def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: (entry := sup.status()["echo"])["state"] == "READY" and entry["pid"] not in (pid, None))
     restarted = scrape(sup)
+    assert value(restarted, "cmactor_module_start_time_seconds", module="echo") > value(
+        first, "cmactor_module_start_time_seconds", module="echo"
+    )
+    assert value(restarted, "cmactor_start_time_seconds") == began
     assert value(restarted, "cmactor_module_restarts_total", module="echo") == 1
     assert value(restarted, "cmactor_module_restarts_total", module="other") == 0
     assert value(restarted, "cmactor_module_state", module="echo", state="READY") == 1
@@ -125,9 +145,63 @@ def test_held_and_failed_requests_are_counted(supervisor):
         cur.execute("get echo.kv", {"key": "default"})
         with pytest.raises(cmactor.ProgrammingError):
             cur.execute("get nosuch.kv", {"key": "default"})  # nobody's figure: no module of that name
+        with pytest.raises(cmactor.ProgrammingError):
+            cur.execute("set echo2.kv", {"key": "a", "value": "1"})
     samples = scrape(sup)
     assert value(samples, "cmactor_requests_total", module="echo", op="get", outcome="ok") == 1
     assert not [key for key in samples if ("module", "nosuch") in key[1]]
+    # Counted on their own, as no module's (the sets to echo2, a typo, among them).
+    assert value(samples, "cmactor_unknown_module_requests_total") == 2
+    assert sup.supervisor_status()["unknown_module_requests"] == 2
+
+
+def test_the_page_follows_prometheus_conventions(supervisor):
+    sup = supervisor({"echo": ECHO}, metrics=ANY_PORT)
+    with sup.connect() as conn:
+        conn.cursor().execute("get echo.kv", {"key": "default"})
+    sup.save()
+    with urllib.request.urlopen(sup.metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    families = list(text_string_to_metric_families(text))
+    names = [family.name for family in families]
+    assert len(names) == len(set(names))  # no family twice
+    # Every family has its HELP and TYPE lines, once (the parser would merge a repeated one).
+    for family in families:
+        assert family.documentation, family.name
+        exposed = family.name + ("_total" if family.type == "counter" else "")
+        assert text.count(f"# HELP {exposed} ") == 1 and text.count(f"# TYPE {exposed} ") == 1, exposed
+        assert re.fullmatch(r"[a-z_][a-z0-9_]*", family.name), family.name
+        if family.type == "counter":  # the parser takes _total off: every counter's samples have it
+            assert {sample.name for sample in family.samples} <= {family.name + "_total", family.name + "_created"}
+        elif not family.name.startswith("process_"):  # a gauge, or a histogram, is no _total
+            assert not family.name.endswith("_total"), family.name
+    ours = {family.name: family.type for family in families if family.name.startswith("cmactor_")}
+    # An info metric is a gauge of 1 in the text format, named *_info.
+    assert ours["cmactor_build_info"] == "gauge" and ours["cmactor_module_cpu_seconds"] == "counter"
+    for name, kind in ours.items():
+        # A unit where there is one, in its base unit (seconds, bytes): no _ms, _percent or _kb.
+        assert not re.search(r"_(ms|milliseconds|percent|kb|mb|kib|mib)(_|$)", name), name
+        if kind == "histogram":
+            assert name.endswith("_seconds"), name
+    promtool = shutil.which("promtool")  # Prometheus' own linter, where it is installed
+    if promtool is not None:
+        checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
+
+
+def test_cmactor_run_prints_where_metrics_are_served(tmp_path):
+    config = tmp_path / "cmactor.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "state"\nmetrics = "{ANY_PORT}"\n[agents.echo]\nentry = "{ECHO}"\n')
+    run = Run(config)
+    try:
+        # The start lines after the summary Run waited for: where clients connect, then this.
+        lines = [run.proc.stderr.readline() for _ in range(2)]
+        printed = re.fullmatch(r"cmactor: Prometheus metrics at (http://127\.0\.0\.1:\d+/metrics)\n", lines[1])
+        assert printed and "CMACTOR_SOCKET=" in lines[0], lines  # the port bound, not 0
+        with urllib.request.urlopen(printed[1], timeout=10) as reply:
+            assert b"cmactor_up 1.0" in reply.read()
+    finally:
+        run.stop()
 
 
 def test_several_supervisors_in_one_process_have_their_own_metrics(supervisor, tmp_path):
@@ -184,7 +258,7 @@ def test_a_malformed_address_is_a_config_error_naming_the_key(supervisor, addres
 def test_a_malformed_address_in_the_file_names_file_and_key(tmp_path):
     path = tmp_path / "cmactor.toml"
     path.write_text(f'[supervisor]\nmetrics = 9464\n[agents.echo]\nentry = "{ECHO}"\n')
-    with pytest.raises(ConfigError, match=r"cmactor.toml: \[supervisor\].metrics: expected \"host:port\""):
+    with pytest.raises(ConfigError, match=r"cmactor.toml:2: \[supervisor\].metrics: expected \"host:port\""):
         load_toml(path)
 
 
@@ -406,3 +480,35 @@ def test_status_samples_each_worker_off_the_loop_thread(supervisor, monkeypatch)
     sup.stop()
     threads = {thread.name for thread in threading.enumerate()}
     assert not threads & {"cmactor-status", "cmactor-metrics-http", "cmactor-metrics-page"}  # none outlives it
+
+
+BURN = """
+import time
+from cmactor import ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+class Burn(CmAgent):
+    def event_generate_default(self):
+        ready()
+
+    def burn_setop(self, ctx):
+        end = time.process_time() + float(ctx.params["seconds"])
+        while time.process_time() < end:
+            pass
+
+def main():
+    cmbackend_init(Burn())
+"""
+
+
+def test_status_cpu_is_since_the_worker_started_whoever_asks_and_however_often(supervisor, tmp_path):
+    (tmp_path / "burn.py").write_text(BURN)
+    sup = supervisor({"burn": str(tmp_path / "burn.py:main")})
+    sup.connect().cursor().execute("setop burn.burn", {"seconds": "0.5"})
+    first, second = sup.status()["burn"], sup.status()["burn"]
+    # A percent "since the previous sample" would read ~0 the second time, the worker idle
+    # between the two; this one is the worker's own: CPU seconds over its age.
+    assert first["cpu_seconds"] >= 0.4 and first["cpu"] > 1  # psutil counts in clock ticks
+    assert abs(second["cpu"] - first["cpu"]) < first["cpu"] / 2
+    age = time.time() - first["start_time"]
+    assert first["cpu"] == pytest.approx(100 * first["cpu_seconds"] / age, rel=0.2)

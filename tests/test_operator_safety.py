@@ -350,13 +350,14 @@ def test_an_event_that_raises_after_ready_leaves_the_module_ready_and_says_so(su
 def test_a_start_that_fails_after_taking_the_lock_lets_go_of_everything(tmp_path, monkeypatch):
     import cmsupervisor.supervisor as facade
 
-    def no_descriptors(*args, **kwargs):
-        raise OSError(24, "Too many open files")
+    class NoDescriptors(facade.Workers):  # the class stays (its kill is handed out first), its making fails
+        def __init__(self, *args, **kwargs):
+            raise OSError(24, "Too many open files")
 
     state_dir = tmp_path / "state"
     fds = len(os.listdir("/proc/self/fd"))
     with monkeypatch.context() as patched:
-        patched.setattr(facade, "Workers", no_descriptors)
+        patched.setattr(facade, "Workers", NoDescriptors)
         with pytest.raises(OSError, match="Too many open files"):
             cmactor.Supervisor({"echo": ECHO}, state_dir=state_dir).start()
     assert len(os.listdir("/proc/self/fd")) == fds  # socket, journal, audit log, loop: all closed

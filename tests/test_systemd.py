@@ -1,10 +1,14 @@
 """systemd readiness: a datagram socket stands in for systemd's NOTIFY_SOCKET while a
-real `cmactor run` starts, loses a worker, pings the watchdog and stops on SIGTERM."""
+real `cmactor run` starts, loses a worker, pings the watchdog and stops on SIGTERM; STATUS
+lines a few a second, however many modules change; more start time asked for while a
+load goes on; the example unit and its sandbox."""
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -111,8 +115,10 @@ def test_ready_status_watchdog_and_stopping(config, tmp_path, systemd):
         _, ready = systemd.wait(lambda m: "READY" in m)
         assert ready == {"READY": "1", "STATUS": "2/2 modules READY"}
         assert {entry["state"] for entry in status(config).values()} == {"READY"}
-        # STATUS followed every state change on the way up.
-        assert any(m.get("STATUS") == "0/2 modules READY; echo STARTING, other STARTING" for _, m in systemd.messages)
+        # The first change was told at once; the others of a start this short came with READY=1.
+        lines = [m for _, m in systemd.messages if "STATUS" in m]
+        assert lines[0] == {"STATUS": "0/2 modules READY; echo STARTING, other STOPPED"}
+        assert not [m for _, m in systemd.messages if "EXTEND_TIMEOUT_USEC" in m]  # nor asked for more time
 
         # Watchdog pings at about WATCHDOG_USEC/2 (generous bounds: this checks they keep
         # coming, not the timer's precision on a loaded machine).
@@ -133,6 +139,49 @@ def test_ready_status_watchdog_and_stopping(config, tmp_path, systemd):
         assert stopping == {"STOPPING": "1", "STATUS": "stopping: 2/2 modules READY"}
         assert proc.wait(20) == 0
     systemd.wait(lambda m: m.get("STATUS") == "stopping: 0/2 modules READY; echo STOPPED, other STOPPED")
+
+
+def test_status_lines_come_a_few_a_second_and_the_last_state_wins(tmp_path, systemd):
+    config = tmp_path / "cmactor.toml"
+    count = 30  # some 100 state changes within a fraction of a second: one datagram each before
+    config.write_text(
+        '[supervisor]\nstate_dir = "state"\n' + "".join(f'[agents.m{n:02}]\nentry = "{ECHO}"\n' for n in range(count))
+    )
+    with run(config, tmp_path, NOTIFY_SOCKET=str(tmp_path / "notify.sock")) as (proc, _):
+        ready_at, ready = systemd.wait(lambda m: "READY" in m)
+        assert ready == {"READY": "1", "STATUS": f"{count}/{count} modules READY"}
+        lines = [at for at, m in systemd.messages if "STATUS" in m]
+        # At most one every STATUS_INTERVAL, and one right away: the arrival times may bunch
+        # (this process may read late), their number may not.
+        assert len(lines) <= (ready_at - lines[0]) / notify.STATUS_INTERVAL + 2, lines
+        proc.send_signal(signal.SIGTERM)
+        stopping = systemd.wait(lambda m: "STOPPING" in m)
+        assert proc.wait(20) == 0
+    # The stop's last state, due from a timer when the supervisor ended, was sent at its end.
+    named = ", ".join(f"m{n:02} STOPPED" for n in range(notify.NAMED))
+    expected = f"stopping: 0/{count} modules READY; {named}, +{count - notify.NAMED} more"
+    last = systemd.wait(lambda m: m.get("STATUS") == expected, systemd.messages.index(stopping))
+    assert last is systemd.messages[-1]
+
+
+def test_a_long_load_asks_systemd_for_more_time_until_ready(supervisor, tmp_path, systemd, monkeypatch):
+    monkeypatch.setattr(notify, "EXTEND_EVERY", 0.2)
+    first = supervisor({"echo": ECHO})
+    first.connect().cursor().execute("set echo.kv", {"key": "a", "value": "1"})  # journaled: the next start loads
+    first.stop()
+    sup = supervisor({"echo": {"entry": ECHO, "env": {"ECHO_LOAD_DELAY": "1.5"}}}, start=False)
+    sup.notifier = notify.Notifier("test", str(tmp_path / "notify.sock"))
+    with concurrent.futures.ThreadPoolExecutor(1) as starter:  # the datagrams read as they come
+        started = time.monotonic()
+        start = starter.submit(sup.start)
+        ready_at, _ = systemd.wait(lambda m: "READY" in m)
+        start.result()
+    after = systemd.collect(0.6)
+    extends = [(at, m) for at, m in systemd.messages if "EXTEND_TIMEOUT_USEC" in m]
+    assert {m["EXTEND_TIMEOUT_USEC"] for _, m in extends} == {str(round(0.2 * notify.EXTEND_SLACK * 1e6))}
+    assert 4 <= len(extends) <= 1.5 / 0.2 + 2  # every 0.2 s of the load, from 0.2 s on
+    assert extends[0][0] - started >= 0.2 and extends[-1][0] <= ready_at
+    assert not [m for _, m in after if "EXTEND_TIMEOUT_USEC" in m]  # READY=1 ended them
 
 
 def test_without_strict_ready_comes_with_what_came_up(tmp_path, systemd):
@@ -213,6 +262,27 @@ def _unit_settings(text):
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
 
 
+# The sandbox the example unit keeps: key -> its value.
+HARDENING = {
+    "User": "cmactor",
+    "Group": "cmactor",
+    "NoNewPrivileges": "yes",
+    "CapabilityBoundingSet": "",
+    "ProtectSystem": "strict",
+    "ProtectHome": "yes",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    "SystemCallFilter": "@system-service",
+    "StateDirectory": "cmactor",
+    "UMask": "0077",
+    # memory_max's cgroups (memory_enforcement "auto" or "cgroup") need the tree writable.
+    "Delegate": "memory",
+}
+
+
 def test_the_example_unit(tmp_path):
     path = os.path.join(os.path.dirname(HERE), "examples", "systemd", "cmactor.service")
     with open(path) as f:
@@ -220,7 +290,15 @@ def test_the_example_unit(tmp_path):
     settings = _unit_settings(text)
     assert settings["Type"] == "notify" and settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
     assert int(settings["WatchdogSec"]) > 0
-    assert settings["ExecStart"].split()[:3] == ["/opt/cmactor/bin/cmactor", "run", "/etc/cmactor/cmactor.toml"]
+    assert settings["ExecStart"].split() == [
+        "/opt/cmactor/bin/cmactor",
+        "run",
+        "/etc/cmactor/cmactor.toml",
+        "--state-dir",
+        f"/var/lib/{settings['StateDirectory']}",  # the one directory the sandbox lets it write
+    ]
+    assert {key: settings.get(key) for key in HARDENING} == HARDENING
+    assert "ProtectControlGroups" not in settings  # it would make the delegated cgroups read-only
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed: the unit's keys were checked, not systemd's reading of it")
@@ -228,3 +306,11 @@ def test_the_example_unit(tmp_path):
     unit.write_text(text.replace("/opt/cmactor/bin/cmactor", cmactor_cmd()[0]))
     verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=30)
     assert (verified.returncode, verified.stderr) == (0, "")
+    # Read from the file, with no running systemd needed (systemd 250 and later).
+    security = subprocess.run(
+        [analyze, "security", "--offline=yes", str(unit)], capture_output=True, text=True, timeout=30
+    )
+    if "--offline" in security.stderr:
+        pytest.skip(f"this systemd-analyze cannot score a unit file: {security.stderr.strip()}")
+    exposure = float(re.search(r"Overall exposure level for cmactor.service: (\d+\.\d+)", security.stdout)[1])
+    assert exposure <= 2.0, security.stdout  # "OK" (9.6, "UNSAFE", without the sandbox)

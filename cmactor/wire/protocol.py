@@ -24,7 +24,9 @@ READ_SIZE = 65536
 
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
-CONTROL_OPS = ("status", "save", "stop", "restart", "ping", "export", "route")
+# stop, start and restart with a "module" are an operator's (supervisor/supervision/admin.py);
+# stop without one stops the supervisor.
+CONTROL_OPS = ("status", "save", "stop", "start", "restart", "reload", "ping", "export", "route")
 # Data ops a client may send straight to the module's worker (cmactor/worker/direct.py).
 READ_OPS = ("get", "getone", "getnext")
 

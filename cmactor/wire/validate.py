@@ -79,9 +79,9 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
     A data request (P.DATA_OPS) has its module and table, params (a dict), after (a
     non-empty dict, or None) and batch. A control request has the fields its op reads
-    (module, modules, caller, user); the rest are at their defaults, or hold what
-    passed their types and is read by nobody. A key not listed here sends the request
-    through the hand check, which lets unknown keys pass.
+    (module, modules, caller, user; a restart's kill, all and rolling); the rest are at
+    their defaults, or hold what passed their types and is read by nobody. A key not
+    listed here sends the request through the hand check, which lets unknown keys pass.
     """
 
     id: int
@@ -100,9 +100,15 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     caller: tuple[str, Literal["serial", "async"], int] | None = None
     modules: list[str] | None = None
     method: str | None = None
+    kill: bool | None = None
+    all: bool | None = None
+    rolling: bool | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(Request)
+# Control ops that name a module (a restart, unless of every module), and that may.
+_NAMED_OPS = frozenset(("restart", "start", "route"))
+_NAMING_OPS = frozenset(("status", "stop"))
 _DATA_OPS = frozenset(P.DATA_OPS)
 _OPS = frozenset(P.DATA_OPS + P.CONTROL_OPS)
 
@@ -127,7 +133,9 @@ def _keeps_the_rest(request):
     in as parse_request fills them in)."""
     op = request.op
     if op not in _DATA_OPS:
-        if op == "restart" or op == "route" or (op == "status" and request.module is not None):
+        if op == "restart" and (request.all or request.rolling):
+            return bool(request.all) and request.module is None
+        if op in _NAMED_OPS or (op in _NAMING_OPS and request.module is not None):
             return _is_name(request.module)
         if op == "export" and request.modules is not None:
             return all(_is_name(name) for name in request.modules)
@@ -173,12 +181,28 @@ def parse_request(msg):
     if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
     if op not in _DATA_OPS:
-        module = modules = None
-        if op == "restart" or op == "route" or (op == "status" and msg.get("module") is not None):
+        module = modules = kill = every = rolling = None
+        if op == "restart":
+            kill, every, rolling = (_flag(rid, op, key, msg.get(key)) for key in ("kill", "all", "rolling"))
+            if (every or rolling) and not (every and msg.get("module") is None):
+                raise BadRequest(
+                    rid, ProgrammingError, "restart: name a 'module', or give 'all': true (with 'rolling'), not both"
+                )
+        if (op in _NAMED_OPS and not every) or (op in _NAMING_OPS and msg.get("module") is not None):
             module = _name(rid, op, "module", msg.get("module"))
         if op == "export":
             modules = _modules(rid, msg.get("modules"))
-        return Request(id=rid, op=op, user=user, module=module, modules=modules, caller=_caller(rid, msg.get("caller")))
+        return Request(
+            id=rid,
+            op=op,
+            user=user,
+            module=module,
+            modules=modules,
+            caller=_caller(rid, msg.get("caller")),
+            kill=kill,
+            all=every,
+            rolling=rolling,
+        )
     module = _name(rid, op, "module", msg.get("module"))
     table = _name(rid, op, "table", msg.get("table"))
     params = _str_map(rid, "params", msg.get("params"))
@@ -305,6 +329,13 @@ def _name(rid, op, key, value):
     """A module or table name, or BadRequest."""
     if not _is_name(value):
         raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {_show(value)}")
+    return value
+
+
+def _flag(rid, op, key, value):
+    """true, false or nil, or BadRequest."""
+    if value is not None and type(value) is not bool:
+        raise BadRequest(rid, ProgrammingError, f"{op}: '{key}' must be true, false or nil, got {_show(value)}")
     return value
 
 

@@ -476,12 +476,23 @@ def _redirect_output(output):
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
 
 
+def _join_cgroup(path):
+    """Move this process into its cgroup, whose memory.max is the module's memory_max
+    (cmsupervisor/supervision/memory.py): here, before the agent's code runs, every process
+    it starts is born in it. Failing, it raises: its traceback goes to the module's log and
+    the worker ends, since it would run without its limit."""
+    with open(os.path.join(path, "cgroup.procs"), "w") as procs:
+        procs.write(str(os.getpid()))
+
+
 def main(spec, sock, doorbell, slots, output, direct=None):
     """Process target: set the process up as the supervisor asked, then run the entry."""
     # Own process group: the supervisor kills the whole group on stop and restart,
     # which reaches processes the agent started even after the worker is gone.
     os.setpgrp()
     _redirect_output(output)
+    if spec["cgroup"] is not None:
+        _join_cgroup(spec["cgroup"])
     os.environ.clear()
     os.environ.update(spec["env"])
     os.chdir(spec["cwd"])

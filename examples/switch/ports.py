@@ -2,10 +2,15 @@
 
 Table ``port``: name, enabled ("1"/"0"), speed (Mb/s), description.
 ``setop ports.port action=enable_all|disable_all`` reports progress with notify_cli.
+Each change is logged through ``logging``: ``cmactor logs -f ports`` shows it.
 """
+
+import logging
 
 from cmactor import ready
 from cmactor.cmbackend import CmAgent, cmbackend_init
+
+log = logging.getLogger("ports")
 
 PORT_COUNT = 8
 SPEEDS = ("10", "100", "1000", "10000")
@@ -35,7 +40,12 @@ class Ports(CmAgent):
         self._defaults()
 
     def event_load_complete(self):
+        disabled = [name for name, port in self.ports.items() if port["enabled"] == "0"]
+        log.info("config loaded: %d ports, disabled: %s", len(self.ports), ", ".join(disabled) or "none")
         ready()
+
+    def event_save_complete(self):
+        log.info("config saved: %d ports", len(self.ports))
 
     def port_get(self, ctx):
         names = sorted(self.ports, key=_order)
@@ -68,6 +78,12 @@ class Ports(CmAgent):
             port["speed"] = ctx.params["speed"]
         if "description" in ctx.params:
             port["description"] = ctx.params["description"]
+        if not ctx.is_load:  # the rows of a load are summed up once, at its end
+            changed = {key: value for key, value in port.items() if self.ports[name][key] != value}
+            if changed:
+                # A port taken down is what an operator reading the log looks for first.
+                level = logging.WARNING if changed.get("enabled") == "0" else logging.INFO
+                log.log(level, "port %s set: %s", name, ", ".join(f"{key}={value}" for key, value in changed.items()))
         self.ports[name] = port
         ctx.fields = {"name": name, **port}
 
@@ -79,6 +95,7 @@ class Ports(CmAgent):
         for name in sorted(self.ports, key=_order):
             self.ports[name]["enabled"] = value
             ctx.notify_cli(f"port {name}: enabled={value}")
+        log.warning("every port %s", "enabled" if value == "1" else "disabled")
         ctx.fields = {"changed": len(self.ports)}
 
 

@@ -3,14 +3,18 @@
 Tables ``vlan`` (name, tag) and ``member`` (vlan, port). ``member_set`` is an
 @async_action: it asks the ports module whether the port exists, a blocking call
 that must not run on the serial lane. Because it runs concurrently with the
-serial lane, the agent guards its state with a lock.
+serial lane, the agent guards its state with a lock. What it does is logged through
+``logging``: the lines reach the module's log (``cmactor logs -f vlan``).
 """
 
+import logging
 import threading
 
 import cmactor
 from cmactor import async_action, ready
 from cmactor.cmbackend import CmAgent, cmbackend_init
+
+log = logging.getLogger("vlan")
 
 
 class Vlan(CmAgent):
@@ -33,7 +37,13 @@ class Vlan(CmAgent):
             self.members = set()
 
     def event_load_complete(self):
+        with self.lock:
+            log.info("config loaded: %d vlans, %d members", len(self.vlans), len(self.members))
         ready()
+
+    def event_save_complete(self):
+        with self.lock:
+            log.info("config saved: %d vlans, %d members", len(self.vlans), len(self.members))
 
     # -- vlan table ------------------------------------------------------
 
@@ -64,6 +74,8 @@ class Vlan(CmAgent):
                 if other != name and other_tag == tag:
                     ctx.raise_error(f"vlan {name}: tag {tag} is already used by vlan {other!r}")
             self.vlans[name] = tag
+        if not ctx.is_load:  # the rows of a load are counted once, at its end
+            log.info("vlan %s set, tag %s", name, tag)
         ctx.fields = {"name": name, "tag": tag}
 
     def vlan_setop(self, ctx):
@@ -75,6 +87,7 @@ class Vlan(CmAgent):
                 ctx.raise_error(f"vlan {name!r} does not exist")
             del self.vlans[name]
             self.members = {m for m in self.members if m[0] != name}
+        log.info("vlan %s deleted, and its members", name)
         ctx.fields = {"deleted": name}
 
     # -- member table ----------------------------------------------------
@@ -107,9 +120,12 @@ class Vlan(CmAgent):
             try:
                 self._ports().cursor().execute("get ports.port", {"name": port})
             except cmactor.DatabaseError as exc:
+                log.warning("port %s not added to vlan %s: %s", port, vlan, exc)
                 ctx.raise_error(f"cannot add port {port!r} to vlan {vlan!r}: {exc}")
         with self.lock:
             self.members.add((vlan, port))
+        if not ctx.is_load:
+            log.info("port %s added to vlan %s", port, vlan)
         ctx.fields = {"vlan": vlan, "port": port}
 
     def _ports(self):

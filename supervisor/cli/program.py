@@ -1,10 +1,13 @@
 """The ``cmactor`` command: run a supervisor, or talk to a running one.
 
 Client commands find the supervisor's socket from, in order: ``--socket``,
-``--config`` (its state_dir), ``$CMACTOR_SOCKET``, ``./cmactor.toml``, and the
-default ``.cmactor/run/cm.sock``. Output is a table, or JSON with ``--format json``.
-Errors print one line on stderr and exit with status 1; any other exception is a
-one-line internal error, status 3 (``CMACTOR_TRACEBACK=1`` shows its traceback).
+``--config`` (its state_dir, or the pointer a ``run --state-dir`` leaves beside it),
+``$CMACTOR_SOCKET``, ``./cmactor.toml``, and the default ``.cmactor/run/cm.sock``.
+Each command takes the options it honours, before or after its name (OPTIONS).
+Output is a table, or JSON with ``--format json``. Errors print one line on stderr,
+``cmactor: <class in cmactor.errors>: <message>``, and exit with status 1; the exit
+statuses are EXIT_* below (``status``, as ``supervisorctl status`` and LSB's status
+actions: 3 when a module is not READY, 4 for a module the supervisor does not run).
 What comes from data (values, notes, notify_cli text, error messages) is escaped
 where it goes to a terminal (terminal.py). ``getnext --max-rows N`` shows a page;
 when the table goes on, a line on stderr gives the next page's command. ``logs``
@@ -14,35 +17,41 @@ commands (commands.py).
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging
 import os
+import platform
 import shlex
+import shutil
 import signal
+import stat
 import sys
+import textwrap
 import threading
 
 import cmactor
 from cmactor import cmfrontend
-from cmactor.errors import ConfigError, Error, OperationalError, StartupError
+from cmactor.errors import ConfigError, DataError, Error, OperationalError, ProgrammingError, StartupError
 from cmactor.wire.protocol import DATA_OPS
-from cmsupervisor.cli import commands, tail, terminal
+from cmsupervisor.cli import commands, status, tail, terminal
 from cmsupervisor.config import load_toml
 from cmsupervisor.front.server import default_socket_path, socket_pointer
-from cmsupervisor.observability import notify
-from cmsupervisor.persistence import journal
+from cmsupervisor.observability import SUPERVISOR_LOG, notify
+from cmsupervisor.persistence import journal, store
 from cmsupervisor.persistence.store import StoreError
 from cmsupervisor.supervision import fds
 
-STATUS_COLUMNS = ("state", "pid", "restarts", "uptime", "rss", "cpu", "queue", "inflight", "unsaved")
-
-# The exit status of an exception the CLI does not expect (a bug, or an environment it
-# cannot work in); 1 is an error it reports, 2 a usage error (argparse), 130 Ctrl-C.
-INTERNAL_ERROR = 3
-
-
-class CliError(Exception):
-    """A problem to report in one line."""
+# Exit statuses. 1: an error, reported in one line (cmactor.errors' classes, and
+# ConfigError or StartupError for `run`); 2: a usage error (argparse's); `status` alone:
+# 3 when a module shown is not READY, 4 when a module named is not one the supervisor
+# runs (LSB's "program is not running" and "unknown", as supervisorctl and systemctl
+# say them); 70 (sysexits' EX_SOFTWARE): an exception the CLI does not expect, a bug
+# or an environment it cannot work in; 130: Ctrl-C.
+EXIT_ERROR = 1
+EXIT_NOT_READY = 3
+EXIT_NO_SUCH_MODULE = 4
+INTERNAL_ERROR = 70
 
 
 def config_file(args):
@@ -69,7 +78,39 @@ def resolve_socket(args):
         with open(socket_pointer(state_dir)) as f:
             return f.read().strip()
     except OSError:
-        return default_socket_path(state_dir)
+        pass
+    return _read_run_pointer(config) or default_socket_path(state_dir)
+
+
+def run_pointer(config):
+    """Where `cmactor run CONFIG --state-dir DIR` records the socket it listens on, beside
+    CONFIG: `-c CONFIG` looks in the config's own state_dir, and DIR is not derivable
+    from the config."""
+    directory, name = os.path.split(os.path.abspath(config))
+    return os.path.join(directory, f".{name}.socket")
+
+
+def _read_run_pointer(config):
+    """The socket path in ``config``'s run_pointer, None if there is none or it cannot be read.
+
+    Believed only if no one else may write it and it is the user's, root's or the
+    config file's owner's: a config beside which others may create files (a shared
+    directory) must not let them send this user's requests, and the values in them, to
+    a socket of theirs."""
+    pointer = run_pointer(config)
+    try:
+        with open(pointer, opener=store.no_follow) as f:
+            st = os.fstat(f.fileno())
+            path = f.read().strip()
+        trusted = (os.getuid(), 0, os.stat(config).st_uid)
+    except OSError:
+        return None
+    if st.st_uid not in trusted or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OperationalError(
+            f"{pointer} names the socket of a supervisor run with --state-dir, but it is not to be "
+            "trusted: another user's, or others may write it; remove it, or name the socket with --socket"
+        )
+    return path
 
 
 def parse_params(pairs, none=False):
@@ -79,7 +120,9 @@ def parse_params(pairs, none=False):
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CliError(f"parameter {pair!r} is not key=value")
+            raise ProgrammingError(f"parameter {pair!r} is not key=value")
+        if key in params:  # as apply refuses it (commands.py): which value would be meant?
+            raise ProgrammingError(f"key {key!r} is given twice")
         params[key] = None if none and value == "None" else value
     return params
 
@@ -111,54 +154,51 @@ def print_table(headers, rows, out=None):
             pass
         else:
             # Text, not str: rich would read "[red]" in a value as markup (and "[/x]" as an error).
+            # Folded, not ellipsized, where the terminal is too narrow: a cell wraps at its
+            # spaces, a word longer than its column goes on over lines, nothing is cut.
             table = Table()
             for header in headers:
-                table.add_column(Text(header))
+                table.add_column(Text(header), overflow="fold")
             for row in rows:
                 table.add_row(*map(Text, row))
             Console(file=out).print(table)
             return
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    if out.isatty():
+        widths = _narrowed(headers, widths, shutil.get_terminal_size().columns)
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        # A cell wider than its column is wrapped within it (a word longer than the column
+        # goes on over lines): the row takes more lines, nothing is cut.
+        pieces = [[c] if len(c) <= w else textwrap.wrap(c, w, break_on_hyphens=False) for c, w in zip(row, widths)]
+        for line in itertools.zip_longest(*pieces, fillvalue=""):
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), file=out)
 
 
-def _human_bytes(n):
-    if n is None:
-        return None
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
+# A column a terminal table narrows keeps at least this many characters, or its header's.
+MIN_COLUMN = 10
 
 
-def show_status(status, fmt):
-    if fmt == "json":
-        print(json.dumps(status, indent=2, sort_keys=True))
-        return
-    rows = []
-    for name, s in status.items():
-        note = s.get("error") or (f"waiting on {s['waiting_on']}" if s.get("waiting_on") else None)
-        if not note and s.get("last_exit"):
-            note = f"last exit: {s['last_exit']}"
-        uptime = None if s["uptime"] is None else f"{s['uptime']:.0f}s"
-        rows.append(
-            [
-                name,
-                s["state"],
-                s["pid"],
-                s["restarts"],
-                uptime,
-                _human_bytes(s["rss"]),
-                s["cpu"],
-                s["queue"],
-                s["inflight"],
-                s["unsaved"],
-                note,
-            ]
-        )
-    print_table(("module",) + STATUS_COLUMNS + ("note",), rows)
+def _narrowed(headers, widths, room):
+    """Column ``widths`` (two spaces apart) narrowed to fit ``room`` characters: the widest
+    capped at one width, as wide as fits, none below MIN_COLUMN or its header (so they
+    stay wider than ``room`` if they must)."""
+    floors = [min(w, max(len(h), MIN_COLUMN)) for h, w in zip(headers, widths)]
+
+    def capped(cap):
+        return [max(floor, min(w, cap)) for w, floor in zip(widths, floors)]
+
+    def fits(columns):
+        return sum(columns) + 2 * (len(columns) - 1) <= room
+
+    low, high = 0, max(widths)  # the widest cap that fits, by bisection
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(capped(middle)):
+            low = middle
+        else:
+            high = middle - 1
+    return capped(low)
 
 
 # -- commands -------------------------------------------------------------
@@ -192,11 +232,16 @@ def cmd_run(args):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    pointer = None
     try:
         sup.start(strict=args.strict)
+        if args.state_dir:
+            pointer = _leave_run_pointer(args.config_file, sup.socket_path)
         ready = sum(1 for entry in sup.status().values() if entry["state"] == "READY")
         print(f"cmactor: {ready} of {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
         print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
+        if sup.metrics_url is not None:
+            print(f"cmactor: Prometheus metrics at {sup.metrics_url}", file=sys.stderr)
         # A client's `cmactor stop` ends the supervisor on its own: wake up then too.
         threading.Thread(target=lambda: (sup.wait(), os.write(wake_w, b"d")), daemon=True).start()
         os.read(wake_r, 1)
@@ -205,8 +250,36 @@ def cmd_run(args):
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C kills at once
         sup.stop()
+        if pointer is not None:
+            _remove_run_pointer(pointer, sup.socket_path)
     print("cmactor: stopped", file=sys.stderr)
     return 0
+
+
+def _leave_run_pointer(config, socket_path):
+    """Record ``socket_path`` in ``config``'s run_pointer, owner-only as the state_dir's
+    own pointer is; its path, or None (said on stderr) if it cannot be written."""
+    pointer = run_pointer(config)
+    try:
+        with os.fdopen(store.owner_only(pointer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
+            f.write(socket_path)
+    except OSError as exc:
+        terminal.say(
+            f"cmactor: warning: cannot write {pointer} ({exc.strerror}), so `cmactor -c {config}` will not "
+            f"find this supervisor: give its clients --socket {socket_path}"
+        )
+        return None
+    return pointer
+
+
+def _remove_run_pointer(pointer, socket_path):
+    """Remove ``pointer`` unless a later run of the same config has made it its own."""
+    try:
+        with open(pointer, opener=store.no_follow) as f:
+            if f.read() == socket_path:
+                os.unlink(pointer)
+    except OSError:
+        pass  # removed by hand, or never readable: nothing of ours to remove
 
 
 def _connect(args, print_callback=None):
@@ -281,9 +354,23 @@ def next_page_hint(args, params, index, last, shown):
 
 
 def cmd_status(args):
+    if args.histograms and args.format != "json":
+        args.parser.error("--histograms goes with --format json: the table shows no histograms")
     with _connect(args) as conn:
         reply = conn.request({"op": "status"})
-    show_status(reply["status"], args.format)
+    modules = reply["status"]
+    unknown = [name for name in args.modules if name not in modules]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        what = f"unknown module {names}" if len(unknown) == 1 else f"unknown modules {names}"
+        report(ProgrammingError(f"{what}; the supervisor runs: {', '.join(sorted(modules))}"))
+        return EXIT_NO_SUCH_MODULE
+    if args.modules:
+        modules = {name: modules[name] for name in args.modules}
+    if args.format == "json":
+        print(status.as_json(modules, args.histograms))
+    else:
+        status.show(modules, sys.stdout)
     audit = reply.get("supervisor", {})
     if audit.get("audit_failures"):  # on stderr in both formats: --format json keeps its shape
         terminal.say(
@@ -295,7 +382,7 @@ def cmd_status(args):
             f"cmactor: warning: {audit['log_failures']} module log lines could not be written "
             f"(last: {audit['log_error']})"
         )
-    return 0
+    return 0 if all(entry["state"] == "READY" for entry in modules.values()) else EXIT_NOT_READY
 
 
 def cmd_save(args):
@@ -309,18 +396,91 @@ def cmd_save(args):
     return 0
 
 
-def cmd_restart(args):
+# -- an operator's stop, start, restart and reload (supervisor/supervision/admin.py) ----------
+# Each request is answered once its module has settled; one line a module on stdout, or,
+# for one that did not get where it was asked to, on stderr as an error.
+
+OPERATOR_HELP = (
+    "A module stopped stays STOPPED, across restarts of the supervisor too, until `cmactor start` "
+    "(state_dir/stopped.json keeps them); requests to it fail at once. A stop or restart ends the worker in "
+    "order: once its requests in flight are answered (SIGKILL past stop_timeout); requests that come while a "
+    "module restarts are held for it. Its dependents keep running meanwhile, as through a crash. Each "
+    "command returns once its modules are READY (STOPPED for a stop), and exits 1 if one is not."
+)
+RELOAD_HELP = (
+    "Read the supervisor's config file again and run its agents: added modules start, removed ones stop in "
+    "order and go, changed ones (any agent option differs) restart in order with their new options; the "
+    "others are not touched, nor are their requests. A file with errors changes nothing, and every error is "
+    "named. [supervisor] keys that changed are listed as needing a restart of the supervisor."
+)
+
+
+def _outcome(entry, prefix=""):
+    """Print what became of one module (admin.py's entry); False if it is not where it was asked to be."""
+    line = f"{prefix}{entry['name']}: {entry['state']}"
+    if entry["pid"] is not None:
+        line += f" (pid {entry['pid']})"
+    if entry["note"]:
+        line += f": {entry['note']}"
+    terminal.say(line if entry["ok"] else f"cmactor: {line}", sys.stdout if entry["ok"] else None)
+    return entry["ok"]
+
+
+def _each_module(args, op, **fields):
+    """Send ``op`` for each module named, one after the other; exit 1 if one fails."""
+    failed = False
     with _connect(args) as conn:
-        conn.request({"op": "restart", "module": args.module})
-    print(f"module {args.module} restarting")
-    return 0
+        for name in args.modules:
+            try:
+                _outcome(conn.request({"op": op, "module": name, **fields})["module"])
+            except Error as exc:
+                terminal.say(f"cmactor: {name}: {type(exc).__name__}: {exc}")
+                failed = True
+    return EXIT_ERROR if failed else 0
 
 
 def cmd_stop(args):
+    if args.modules:
+        return _each_module(args, "stop")
+    return cmd_shutdown(args)
+
+
+def cmd_shutdown(args):
     with _connect(args) as conn:
         conn.request({"op": "stop"})
     print("supervisor stopping")
     return 0
+
+
+def cmd_start(args):
+    return _each_module(args, "start")
+
+
+def cmd_restart(args):
+    if args.all == bool(args.modules):
+        args.parser.error("name the modules to restart, or give --all")
+    if args.rolling and not args.all:
+        args.parser.error("--rolling goes with --all")
+    if not args.all:
+        return _each_module(args, "restart", kill=args.kill)
+    with _connect(args) as conn:
+        reply = conn.request({"op": "restart", "all": True, "rolling": args.rolling, "kill": args.kill})
+    return 0 if all([_outcome(entry) for entry in reply["modules"]]) else EXIT_ERROR
+
+
+def cmd_reload(args):
+    with _connect(args) as conn:
+        done = conn.request({"op": "reload"})["reload"]
+    ok = all([_outcome(entry, f"{entry['change']} ") for entry in done["modules"]])
+    if done["unchanged"]:
+        terminal.say(f"unchanged: {', '.join(done['unchanged'])}", sys.stdout)
+    if done["needs_restart"]:
+        terminal.say(
+            f"needs a restart: [supervisor] {', '.join(done['needs_restart'])} changed, which applies at the "
+            "supervisor's next start",
+            sys.stdout,
+        )
+    return 0 if ok else EXIT_ERROR
 
 
 def _write_bytes(data):
@@ -332,15 +492,15 @@ def _write_bytes(data):
 
 
 def _log_path(args):
-    """The module's log file: in the log directory the running supervisor names in its
-    status; else, for a supervisor that is not running, in the state_dir of the config
-    file (-c, or ./cmactor.toml as for the socket)."""
+    """The module's log file, or the supervisor's own (--supervisor): in the log directory
+    the running supervisor names in its status; else, for a supervisor that is not
+    running, in the state_dir of the config file (-c, or ./cmactor.toml as for the socket)."""
     try:
         conn = _connect(args)
     except OperationalError as exc:
         config = config_file(args)
         if config is None:
-            raise CliError(
+            raise OperationalError(
                 f"{exc}; for the logs of a supervisor that is not running, name its config file with -c"
             ) from None
         options, modules, base_dir = load_toml(config)
@@ -351,8 +511,10 @@ def _log_path(args):
             reply = conn.request({"op": "status"})
         modules, log_dir = reply["status"], reply["supervisor"]["log_dir"]
         who = "the supervisor runs"
+    if args.supervisor:
+        return os.path.join(log_dir, SUPERVISOR_LOG)
     if args.module not in modules:
-        raise CliError(f"unknown module {args.module!r}; {who}: {', '.join(sorted(modules))}")
+        raise ProgrammingError(f"unknown module {args.module!r}; {who}: {', '.join(sorted(modules))}")
     return os.path.join(log_dir, f"{args.module}.log")
 
 
@@ -361,9 +523,10 @@ def cmd_logs(args):
     try:
         lines, log_file = tail.last_lines(path, args.lines)
     except FileNotFoundError:
-        raise CliError(f"module {args.module!r} has no log at {path}: it has not run with this state_dir") from None
+        whose = "the supervisor" if args.supervisor else f"module {args.module!r}"
+        raise OperationalError(f"{whose} has no log at {path}: it has not run with this state_dir") from None
     except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+        raise OperationalError(f"cannot read {path}: {exc.strerror}") from None
     _write_bytes(b"".join(lines))
     if args.follow:
         tail.follow(path, log_file, _write_bytes)  # until Ctrl-C
@@ -393,11 +556,21 @@ def _write_commands(changes):
     before any is printed, so that the output is whole or not at all."""
     try:
         lines = [commands.export_line(module, table, row, op) for op, module, table, row in changes]
-    except commands.CommandError as exc:
-        raise CliError(str(exc)) from None
+    except commands.CommandError as exc:  # a field name key=value cannot hold
+        raise DataError(str(exc)) from None
     if sys.stdout.isatty():  # each line on one line: a newline in a value is shown as \n
         lines = map(terminal.escaped, lines)
     _write_bytes("".join(line + "\n" for line in lines).encode())
+
+
+def cmd_check(args):
+    """Read a config file as `cmactor run` would and name every error in it (exit 1), or say what it runs."""
+    options, agents, base_dir = load_toml(args.config_file)
+    state_dir = os.path.join(base_dir, options["state_dir"])
+    print(
+        f"{os.path.abspath(args.config_file)}: ok: {len(agents)} modules ({', '.join(agents)}), state_dir {state_dir}"
+    )
+    return 0
 
 
 def cmd_journal(args):
@@ -405,8 +578,8 @@ def cmd_journal(args):
     for path in journal.replay_order(args.files):
         try:
             changes += journal.as_commands(path)
-        except StoreError as exc:
-            raise CliError(
+        except StoreError as exc:  # not there, unreadable, not one of them: a source not found
+            raise OperationalError(
                 f"{exc}; name journal files (state_dir/journal/MODULE.jsonl...) or snapshots (MODULE.snapshot...)"
             ) from None
     _write_commands(changes)
@@ -422,12 +595,14 @@ def _read_commands(path):
             with open(path, "rb") as f:
                 data = f.read()
     except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+        raise OperationalError(f"cannot read {path}: {exc.strerror}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise CliError(f"{path} line {line}: not UTF-8 text ({exc.reason}); cmactor export writes UTF-8") from None
+        raise ProgrammingError(
+            f"{path} line {line}: not UTF-8 text ({exc.reason}); cmactor export writes UTF-8"
+        ) from None
 
 
 def _commands(count):
@@ -439,7 +614,7 @@ def _refuse(name, malformed):
     for number, problem in sorted(malformed):
         terminal.say(f"cmactor: {name} line {number}: {problem}")
     bad = "1 bad line" if len(malformed) == 1 else f"{len(malformed)} bad lines"
-    raise CliError(f"{name}: {bad}; nothing was applied (fix the file and apply it again)")
+    raise ProgrammingError(f"{name}: {bad}; nothing was applied (fix the file and apply it again)")
 
 
 def cmd_apply(args):
@@ -498,29 +673,106 @@ def _count_arg(text):
     return value
 
 
-def _common_options(with_defaults):
-    """Options every client command takes, before or after the command name.
+# The options of the commands that talk to a supervisor, given before the command name
+# or after it: name -> (flags, add_argument keywords). Each command is given those it
+# honours (_options); one given before the name of a command that does not take it is a
+# usage error (_settle), as argparse makes one given after it. Their defaults are set
+# once the line is parsed: a subcommand's default would overwrite a value given before
+# its name (`cmactor --format json status`).
+OPTIONS = {
+    "socket": (
+        ("--socket",),
+        {
+            "metavar": "PATH",
+            "help": "the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)",
+        },
+    ),
+    "config": (
+        ("-c", "--config"),
+        {
+            "metavar": "CONFIG.toml",
+            "help": "talk to the supervisor this config runs (one run with --state-dir too)",
+        },
+    ),
+    "user": (
+        ("--user",),
+        {"metavar": "NAME", "help": "user name sent with requests, for the audit log (default: $USER)"},
+    ),
+    "format": (("--format",), {"choices": ("table", "json"), "help": "output format (default: table)"}),
+}
+CONNECTS = ("socket", "config", "user")  # what every command that connects takes
 
-    Only the top-level parser carries defaults: a subparser's default would
-    overwrite a value given before the command (`cmactor --format json status`).
-    """
-    common = argparse.ArgumentParser(add_help=False)
-    default = (lambda value: value) if with_defaults else (lambda value: argparse.SUPPRESS)
-    common.add_argument(
-        "--socket",
-        default=default(None),
-        help="the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)",
-    )
-    common.add_argument(
-        "-c", "--config", default=default(None), help="a cmactor.toml: talk to the supervisor it configures"
-    )
-    common.add_argument(
-        "--format", choices=("table", "json"), default=default("table"), help="output format (default: table)"
-    )
-    common.add_argument("--user", default=default(os.environ.get("USER", "admin")), help="user name sent with requests")
-    return common
+
+def _option_defaults():
+    return {"socket": None, "config": None, "user": os.environ.get("USER", "admin"), "format": "table"}
 
 
+def _add_options(parser, names):
+    for name in names:
+        flags, keywords = OPTIONS[name]
+        parser.add_argument(*flags, default=argparse.SUPPRESS, **keywords)
+
+
+def _options(*names):
+    """A parent parser that gives a command the OPTIONS ``names``, the ones it honours."""
+    parent = argparse.ArgumentParser(add_help=False)
+    _add_options(parent, names)
+    parent.set_defaults(takes=names)
+    return parent
+
+
+def _settle(parser, args):
+    """Refuse an option given before the name of a command that does not take it, and set
+    the defaults of those it takes."""
+    takes = getattr(args, "takes", ())  # a command given no _options takes none
+    for name, default in _option_defaults().items():
+        if name in takes:
+            if not hasattr(args, name):
+                setattr(args, name, default)
+        elif hasattr(args, name):
+            parser.error(f"{'/'.join(OPTIONS[name][0])} is not an option of `cmactor {args.command}`")
+
+
+def version():
+    """What `cmactor --version` prints: the installed distribution's version, where it is, and Python's."""
+    from cmactor.version import installed  # only when asked: reading the metadata takes ~20 ms
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"cmactor {installed()} from {where} (Python {platform.python_version()})"
+
+
+class _Version(argparse.Action):
+    """--version, which reads the distribution's metadata only when it is asked for."""
+
+    def __init__(self, option_strings, dest, **keywords):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **keywords)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
+
+
+EXIT_HELP = (
+    "Exit status: 0 done; 1 an error, printed as one line 'cmactor: <class in cmactor.errors>: <message>'; "
+    "2 a usage error; for status, 3 when a module shown is not READY and 4 when a module named is not one "
+    "the supervisor runs; 70 an unexpected internal error (CMACTOR_TRACEBACK=1 shows its traceback); "
+    "130 interrupted."
+)
+RUN_HELP = (
+    "Run a supervisor of the modules CONFIG.toml configures, in the foreground: it starts them, dependencies "
+    "first, serves clients on its socket until Ctrl-C, SIGTERM or `cmactor stop`, then stops them. It serves "
+    "the modules that came up (a module that did not is FAILED, its reason logged and in status), and exits "
+    "1 when none did (with --strict, when any did not). With --state-dir it leaves the path of its socket "
+    "beside the config (.CONFIG.toml.socket), where `cmactor -c CONFIG.toml` finds it."
+)
+STATUS_HELP = (
+    "One row per module (or per MODULE named, in that order): its state, worker pid, restarts, uptime, "
+    "memory (rss), cpu %, requests queued and in flight, whether it has unsaved changes, and a note saying "
+    "why it is not READY or how it last exited. On a terminal the table fits its width (the note wraps, or "
+    "goes under its row) and states are coloured (not with NO_COLOR set). --format json prints each "
+    "module's whole status entry. As `supervisorctl status` does, it exits 3 when a module shown is not "
+    "READY, and 4 (printing nothing else) when a module named is not one the supervisor runs."
+)
 PARAMS_HELP = "Params are key=value words, each sent as its text (key=None sends the text None)."
 GETNEXT_PARAMS_HELP = (
     "Params are key=value words. A walk's index columns are the ones each next call carries from "
@@ -535,7 +787,8 @@ LOGS_HELP = (
     "A module's log, state_dir/logs/MODULE.log: its worker's log records and what it (or a process it "
     "started) wrote to stdout or stderr, rotated by size ([supervisor] log_max_bytes, log_backups). The "
     "log directory comes from the running supervisor; when it is not running, from the state_dir of the "
-    "config file given with -c."
+    f"config file given with -c. --supervisor shows the supervisor's own log, state_dir/logs/{SUPERVISOR_LOG}, "
+    "rotated alike: what it says of itself and of every module."
 )
 EXPORT_HELP = (
     "Print the live config of the modules' persistent tables (the save walk, without writing the config "
@@ -586,15 +839,19 @@ def cmd_bench(args):
 
 
 def build_parser():
-    common = _common_options(with_defaults=False)
     parser = argparse.ArgumentParser(
         prog="cmactor",
-        description="Run and talk to a cmactor supervisor.",
-        parents=[_common_options(with_defaults=True)],
+        description="Run and talk to a cmactor supervisor. `cmactor COMMAND --help` describes each command "
+        "and its options, which may come before its name too (cmactor -c CONFIG.toml status).",
+        epilog=EXIT_HELP,
     )
+    parser.add_argument("--version", action=_Version, help="print the version of cmactor and of Python, and exit")
+    _add_options(parser, OPTIONS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a supervisor in the foreground (Ctrl-C stops it)")
+    run = sub.add_parser(
+        "run", help="run a supervisor in the foreground (Ctrl-C stops it)", description=RUN_HELP, epilog=EXIT_HELP
+    )
     run.add_argument("config_file", metavar="CONFIG.toml")
     run.add_argument("--state-dir", help="override [supervisor] state_dir")
     run.add_argument("--log-level", help="override [supervisor] log_level (DEBUG, INFO, WARNING, ERROR)")
@@ -623,11 +880,24 @@ def build_parser():
     )
     run.set_defaults(func=cmd_run)
 
-    sub.add_parser("status", parents=[common], help="state of every module").set_defaults(func=cmd_status)
+    state = sub.add_parser(
+        "status",
+        parents=[_options(*CONNECTS, "format")],
+        help="state of every module, or of those named",
+        description=STATUS_HELP,
+        epilog=EXIT_HELP,
+    )
+    state.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to show (default: every module)")
+    state.add_argument(
+        "--histograms",
+        action="store_true",
+        help="with --format json, keep the latency histograms' buckets (default: their count and sum only)",
+    )
+    state.set_defaults(func=cmd_status, parser=state)
     for name in DATA_OPS:
         data = sub.add_parser(
             name,
-            parents=[common],
+            parents=[_options(*CONNECTS, "format")],
             help=f"{name} MODULE.TABLE key=value ...",
             description=GETNEXT_PARAMS_HELP if name == "getnext" else PARAMS_HELP,
         )
@@ -649,20 +919,74 @@ def build_parser():
                 "the command for the next page (default: the whole table)",
             )
         data.set_defaults(func=cmd_data)
-    sub.add_parser("save", parents=[common], help="save every module's config to the config file").set_defaults(
-        func=cmd_save
+    sub.add_parser(
+        "save",
+        parents=[_options(*CONNECTS, "format")],
+        help="save every module's config to the config file",
+        description="Save the persistent tables of every READY module to the config file in state_dir, which "
+        "the next start loads; the changes journaled since the last save are folded into it. --format json "
+        "prints what was saved as JSON.",
+    ).set_defaults(func=cmd_save)
+    # An operator's stop, start, restart and reload of modules (admin.py).
+    stop = sub.add_parser(
+        "stop",
+        parents=[_options(*CONNECTS)],
+        help="stop modules and keep them stopped; with no module, stop the supervisor",
+        description="Stop each MODULE and keep it STOPPED until `cmactor start`. With no MODULE, stop the "
+        "supervisor (as `cmactor shutdown`): its modules stop, dependents first, and `cmactor run` exits. "
+        + OPERATOR_HELP,
     )
-    restart = sub.add_parser("restart", parents=[common], help="restart one module (revives a FAILED one)")
-    restart.add_argument("module")
-    restart.set_defaults(func=cmd_restart)
-    sub.add_parser("stop", parents=[common], help="stop the supervisor and all its modules").set_defaults(func=cmd_stop)
+    stop.add_argument("modules", nargs="*", metavar="MODULE")
+    stop.set_defaults(func=cmd_stop)
+    sub.add_parser(
+        "shutdown",
+        parents=[_options(*CONNECTS)],
+        help="stop the supervisor and all its modules",
+        description="Stop the supervisor: its modules stop, dependents first, and `cmactor run` exits.",
+    ).set_defaults(func=cmd_shutdown)
+    start = sub.add_parser(
+        "start",
+        parents=[_options(*CONNECTS)],
+        help="start modules that were stopped (or are FAILED)",
+        description="Start each MODULE that was stopped, or is FAILED. " + OPERATOR_HELP,
+    )
+    start.add_argument("modules", nargs="+", metavar="MODULE")
+    start.set_defaults(func=cmd_start)
+    restart = sub.add_parser(
+        "restart",
+        parents=[_options(*CONNECTS)],
+        help="restart modules, or every one (--all), in order; revives a FAILED or stopped one",
+        description="Restart each MODULE, or every module but the stopped ones (--all): its worker ends in order "
+        "and a new one loads its config again; a FAILED (quarantined) or stopped module is started. --rolling "
+        "restarts one at a time, dependencies first (config_deps), each READY before the next; one that does not "
+        "come up ends the roll. " + OPERATOR_HELP,
+    )
+    restart.add_argument("modules", nargs="*", metavar="MODULE")
+    restart.add_argument("--all", action="store_true", help="every module but the stopped ones")
+    restart.add_argument("--rolling", action="store_true", help="with --all: one at a time, dependencies first")
+    restart.add_argument(
+        "--kill", action="store_true", help="SIGKILL the worker now: what it was running fails (default: in order)"
+    )
+    restart.set_defaults(func=cmd_restart, parser=restart)
+    sub.add_parser(
+        "reload",
+        parents=[_options(*CONNECTS)],
+        help="read the config file again: start, stop and restart the modules that changed",
+        description=RELOAD_HELP,
+    ).set_defaults(func=cmd_reload)
     logs = sub.add_parser(
         "logs",
-        parents=[common],
-        help="show a module's log (its worker's log records, stdout and stderr)",
+        parents=[_options(*CONNECTS)],
+        help="show a module's log (its worker's log records, stdout and stderr), or the supervisor's own",
         description=LOGS_HELP,
     )
-    logs.add_argument("module", metavar="MODULE")
+    whose = logs.add_mutually_exclusive_group(required=True)
+    whose.add_argument("module", nargs="?", metavar="MODULE")
+    whose.add_argument(
+        "--supervisor",
+        action="store_true",
+        help=f"the supervisor's own log (state_dir/logs/{SUPERVISOR_LOG}) instead of a module's",
+    )
     logs.add_argument(
         "-n", "--lines", type=_count_arg, default=20, metavar="N", help="show the last N lines (default 20)"
     )
@@ -675,12 +999,21 @@ def build_parser():
     logs.set_defaults(func=cmd_logs)
     export = sub.add_parser(
         "export",
-        parents=[common],
+        parents=[_options(*CONNECTS, "format")],
         help="print the live config as set commands, for cmactor apply",
         description=EXPORT_HELP,
     )
     export.add_argument("modules", nargs="*", metavar="MODULE", help="the modules to export (default: every module)")
     export.set_defaults(func=cmd_export)
+    check = sub.add_parser(
+        "check",
+        help="check a config file: every error in it at once, with its line",
+        description="Read CONFIG.toml as `cmactor run` reads it and report every error in it at once, each with "
+        "its file, line and key (and a did-you-mean for a misspelt key); exit 1 if there is any, 0 with a "
+        "one-line summary if there is none. Nothing is started and nothing in the state_dir is touched.",
+    )
+    check.add_argument("config_file", metavar="CONFIG", help="the cmactor.toml to check")
+    check.set_defaults(func=cmd_check)
     replay = sub.add_parser(
         "journal", help="print the changes journal files hold as commands, for cmactor apply", description=JOURNAL_HELP
     )
@@ -690,7 +1023,7 @@ def build_parser():
     replay.set_defaults(func=cmd_journal)
     apply = sub.add_parser(
         "apply",
-        parents=[common],
+        parents=[_options(*CONNECTS)],
         help="replay a file of set/setop commands, as cmactor export writes",
         description=APPLY_HELP,
     )
@@ -702,7 +1035,12 @@ def build_parser():
     )
     apply.set_defaults(func=cmd_apply)
     bench = sub.add_parser(
-        "bench", parents=[common], help="benchmarks against raw baselines measured in the same run (perf/README.md)"
+        "bench",
+        parents=[_options("format")],
+        help="benchmarks against raw baselines measured in the same run (perf/README.md)",
+        description="Measure cmactor scenarios and the raw floors they are compared with, in the same run, "
+        "each row with its ratio to its floor (perf/README.md). It starts supervisors of its own: it talks to "
+        "no running one. --format json prints the figures as JSON.",
     )
     bench.add_argument("--quick", action="store_true", help="small sizes: the whole suite in under a minute")
     bench.set_defaults(func=cmd_bench)
@@ -723,14 +1061,21 @@ def _declare_main_module():
         main_module.__spec__ = importlib.util.find_spec("cmsupervisor.__main__")
 
 
+def report(exc):
+    """Print an error in one line on stderr: its class (cmactor.errors') and its message."""
+    terminal.say(f"cmactor: {type(exc).__name__}: {exc}")
+
+
 def main(argv=None):
     _declare_main_module()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _settle(parser, args)
     try:
         return args.func(args)
-    except (Error, ConfigError, StartupError, CliError) as exc:
-        terminal.say(f"cmactor: {type(exc).__name__}: {exc}")
-        return 1
+    except (Error, ConfigError, StartupError) as exc:
+        report(exc)
+        return EXIT_ERROR
     except BrokenPipeError:  # `cmactor logs vlan | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         return 0

@@ -1,7 +1,9 @@
-"""The control requests: status, save, export, restart, stop, ping and route.
+"""The control requests: status, save, export, stop, start, restart, reload, ping and route.
 
 The server hands every valid control request to ``Control.handle`` (data requests
-go to the router), answered here from the parts that own what they ask about.
+go to the router), answered here from the parts that own what they ask about: an
+operator's stop, start or restart of modules, and a reload, by supervision/admin.py,
+once the modules have settled. ``stop`` without a module stops the supervisor.
 ``status()`` and ``figures()`` are also what the public Supervisor.status() and the
 metrics collector read.
 
@@ -13,8 +15,9 @@ psutil figures are then sampled on another thread (health.Sampler) and added.
 
 import functools
 import logging
+import threading
 
-from cmactor.errors import DeadlockDetectedError, Error, ProgrammingError
+from cmactor.errors import ConfigError, DeadlockDetectedError, Error, OperationalError, ProgrammingError
 from cmactor.wire import protocol as P
 from cmsupervisor.supervision import health
 from cmsupervisor.supervision.modules import finish_status, unknown_module
@@ -24,16 +27,20 @@ log = logging.getLogger("cmactor.supervisor")
 
 
 class Control:
-    def __init__(self, loop, modules, server, graph, saver, recovery, lifecycle, audit, logs):
+    def __init__(self, loop, modules, server, graph, saver, lifecycle, audit, logs, router, admin, read_reload):
         self._loop = loop
         self._modules = modules
         self._server = server
         self._graph = graph
         self._saver = saver
-        self._recovery = recovery
         self._lifecycle = lifecycle
         self._audit = audit
         self._logs = logs
+        self._router = router
+        self._admin = admin
+        # fn(None): (agents, [supervisor] keys changed) read from the config file again, or
+        # ConfigError naming every error (Supervisor._read_reload); it reads files: not here.
+        self._read_reload = read_reload
         self._sampler = health.Sampler()
 
     def handle(self, client, request):
@@ -57,15 +64,45 @@ class Control:
             elif op == "route":
                 route = self.route(request.module)
                 client.answer({"id": rid, "ok": True, "route": route, "direct_reads": route is not False})
-            elif op == "restart":
-                self._recovery.restart(request.module)
-                client.answer({"id": rid, "ok": True})
+            elif op == "restart":  # answered once the modules are READY again (admin.py)
+                if request.all:
+                    self._admin.restart_all((client, rid), request.user, bool(request.rolling), bool(request.kill))
+                else:
+                    self._admin.restart((client, rid), request.user, request.module, bool(request.kill))
+            elif op == "start":
+                self._admin.start((client, rid), request.user, request.module)
+            elif op == "stop" and request.module is not None:
+                self._admin.stop((client, rid), request.user, request.module)
             elif op == "stop":
                 log.info("stop requested by %s", request.user or "a client")
                 client.answer({"id": rid, "ok": True})  # before the stop closes the clients
                 self._lifecycle.begin_stop()
+            elif op == "reload":
+                threading.Thread(
+                    target=self._reload, args=(client, rid, request.user), name="cmactor-reload", daemon=True
+                ).start()
             else:  # ping
                 client.answer({"id": rid, "ok": True})
+        except Error as exc:
+            client.answer_error(rid, type(exc), str(exc))
+
+    def _reload(self, client, rid, user):
+        """(A thread of its own: the loop serves every client meanwhile.) Read the config file
+        again; the loop thread applies it (_apply_reload)."""
+        try:
+            plan = self._read_reload(None)
+        except ConfigError as exc:
+            plan = exc
+        try:
+            self._loop.call_async(self._apply_reload, client, rid, user, plan)
+        except RuntimeError:
+            pass  # the supervisor stopped meanwhile, and closed the client with it
+
+    def _apply_reload(self, client, rid, user, plan):
+        try:
+            if isinstance(plan, ConfigError):
+                raise OperationalError(f"reload refused, nothing was changed: {plan}")
+            self._admin.reload((client, rid), user, *plan)  # answered once the modules have settled
         except Error as exc:
             client.answer_error(rid, type(exc), str(exc))
 
@@ -119,11 +156,13 @@ class Control:
         return False if channel.route is None else channel.route
 
     def own_status(self):
-        """The supervisor's own figures: audit and log failures, clients, saves."""
+        """The supervisor's own figures: audit and log failures, clients, saves, data requests
+        to unknown modules."""
         return {
             "audit_failures": self._audit.failures,
             "audit_error": self._audit.last_error,
             "clients": self._server.client_count,
+            "unknown_module_requests": self._router.unknown_module_requests,
             "saves": self._saver.stats.snapshot(),
             **self._logs.status(),
         }

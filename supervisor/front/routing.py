@@ -38,12 +38,16 @@ class Router:
         self._graph = graph
         self._audit = audit
         self.hold_timeout = hold_timeout
+        # Data requests naming a module this supervisor does not run: a client's typo, or one
+        # configured for another supervisor. No module's figures have them (status, /metrics).
+        self.unknown_module_requests = 0
         self._closed = False  # the supervisor is stopping: nothing is held or sent any more
         self._unsynced = []  # (mod, pending, entries): journaled this turn, answered once fsynced
         self._unjournaled = {}  # mod -> the OSError its journal raised this turn
         self._answered = []  # (request, error type or None, seconds): figures for after the output
         self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
         self.on_journal_full = None  # fn(mod): its journal passed its bound, to be compacted
+        self._idle_waits = {}  # mod -> (fn, args) to call once it has nothing in flight (when_idle)
 
     # -- in -------------------------------------------------------------
 
@@ -52,6 +56,7 @@ class Router:
         mod = self._modules.get(name)
         pending = Pending(client, request.id, request, self._loop.now)
         if mod is None:
+            self.unknown_module_requests += 1
             self.fail(pending, ProgrammingError, unknown_module(name, self._modules))
             return
         if request.caller is not None:
@@ -115,6 +120,23 @@ class Router:
             self.fail_held(mod)
         elif state == WAITING_DEPS:
             self.refuse_held_cycles(mod)
+        if self._idle_waits:  # a save of it ended, or its worker did (the wait is then dropped)
+            self.drained(mod)
+
+    def when_idle(self, mod, fn, *args):
+        """Call ``fn(*args)`` once ``mod`` has no request in flight and no save walks it (now,
+        if so): how a module's worker is ended in order (lifecycle.end_worker). What comes
+        for it meanwhile is held or refused as its state says, never sent."""
+        self._idle_waits[mod] = (fn, args)
+        self.drained(mod)
+
+    def drained(self, mod):
+        """``mod`` may have nothing in flight now: call what waits for that (when_idle)."""
+        if mod.inflight or mod.saving:
+            return
+        wait = self._idle_waits.pop(mod, None)
+        if wait is not None:
+            wait[0](*wait[1])
 
     def hold_again(self, mod, requests):
         """Requests a dead worker had not started: first in line once it is back."""
@@ -143,6 +165,8 @@ class Router:
                 pending = inflight.pop(sid)
                 req = pending.request
                 self.fail(pending, OperationalError, action_timed_out(req.op, mod.name, req.table, limit))
+            if expired and self._idle_waits:
+                self.drained(mod)
         if not self._closed:
             tick = min(m.options["action_timeout"] for m in self._modules.values())
             self._loop.after(min(1.0, max(0.05, tick / 4)), self.time_out)
@@ -205,6 +229,8 @@ class Router:
     def unavailable(self, mod):
         """Why requests to ``mod`` are not being served."""
         name = mod.name
+        if mod.stays_stopped and not self._closed:  # an operator stopped it, or a reload removed it
+            return f"module {name!r} is {mod.state}: {mod.error}"
         if self._closed or mod.state == STOPPING:
             return f"module {name!r} is unavailable: the supervisor is stopping"
         if mod.state == STOPPED:  # outside a stop: its worker ended and was left so
@@ -228,6 +254,8 @@ class Router:
         pending = mod.inflight.pop(sid, None)
         if pending is None:
             return  # answered already (timed out)
+        if self._idle_waits:  # the worker may be ended once it is answered
+            self.drained(mod)
         if reply.error is None and reply.dirty:
             mod.mark_unsaved()
             req = pending.request

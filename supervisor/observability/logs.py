@@ -13,6 +13,15 @@ What arrives in a loop turn is written once the turn's replies have gone out, on
 write per module. A write that fails (a full disk) never stops the supervisor: the
 lines are dropped, counted in ``failures`` (supervisor_status), and logged once per
 module.
+
+The supervisor's own log, ``state_dir/logs/_supervisor.log`` (SUPERVISOR_LOG), holds
+the records of the ``cmactor.supervisor`` logger, rotated and owner-only as the
+modules' logs are: what the supervisor says of itself and of every module, in one
+place, also when it does not run under systemd (whose journal gets stderr). It is
+written as records come, from any thread: they are few (state changes, faults), not a
+module's chatter. It holds what the process's logging lets through: ``cmactor run``
+sets that to ``log_level``. The logger is the process's, so a program running several
+supervisors has each one's lines in all their files.
 """
 
 import contextlib
@@ -25,9 +34,12 @@ from cmactor.errors import StartupError
 # Imported for what it registers: the names of EXOS's own levels (NOTICE, DEBUG_VERBOSE,
 # DEBUG_DATA), which a worker's ExosLogger records carry as bare numbers.
 from cmactor.exos import logger as _exos_levels  # noqa: F401
+from cmsupervisor.observability import SUPERVISOR_LOG
 from cmsupervisor.persistence import store
 
 log = logging.getLogger("cmactor.supervisor")
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # as `cmactor run` writes to stderr
 
 
 class RotatingFile:
@@ -99,6 +111,41 @@ def _stamp(now):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
 
 
+class SupervisorLog(logging.Handler):
+    """The handler writing the supervisor's own log (see the module's docstring). A line
+    that cannot be written is dropped and counted (``failures``, in status with the
+    modules' own), never logged: logging it would come back here."""
+
+    def __init__(self, path, max_bytes, backups):
+        super().__init__()
+        self.setFormatter(logging.Formatter(FORMAT))
+        self._file = RotatingFile(path, max_bytes, backups)
+        self._writing = False
+        self.failures = 0
+        self.last_error = None
+
+    def emit(self, record):
+        # A record logged by the write itself (store.owner_only's warning of a file others
+        # may read) arrives here again under the handler's RLock: stderr has it, this file not.
+        if self._file is None or self._writing:
+            return
+        self._writing = True
+        try:
+            self._file.write((self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        except OSError as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._writing = False
+
+    def close(self):
+        with self.lock:  # not while a record is written on another thread
+            if self._file is not None:
+                self._file.close()
+                self._file = None  # a record still on its way is dropped, not a file opened again
+        super().close()
+
+
 class ModuleLogs:
     """The log file of every module, on the loop thread; flush() at the end of a turn that
     brought lines (``schedule``, the loop's after_output, is asked for it)."""
@@ -106,6 +153,8 @@ class ModuleLogs:
     def __init__(self, log_dir, names, max_bytes, backups):
         self.dir = log_dir
         self._files = {name: RotatingFile(self.path(name), max_bytes, backups) for name in names}
+        self._rotation = (max_bytes, backups)  # of a module a reload adds
+        self.own = SupervisorLog(os.path.join(log_dir, SUPERVISOR_LOG), max_bytes, backups)
         self.failures = 0  # lines that could not be written
         self.last_error = None
         self._warned = set()  # modules whose failure was logged
@@ -116,8 +165,8 @@ class ModuleLogs:
         return os.path.join(self.dir, f"{name}.log")
 
     def check(self):
-        """At start: make the directory and every module's file, or raise StartupError
-        naming the path; a supervisor must not serve while its logs go nowhere."""
+        """At start: make the directory, every module's file and the supervisor's own, or raise
+        StartupError naming the path; a supervisor must not serve while its logs go nowhere."""
         try:
             store.private_dir(self.dir)
         except FileExistsError:
@@ -127,12 +176,32 @@ class ModuleLogs:
             ) from None
         except OSError as exc:
             raise StartupError(f"log directory {self.dir} cannot be made: {store.reason(exc, self._fix())}") from None
-        for name in self._files:
-            path = self.path(name)
+        for path in [self.path(name) for name in self._files] + [os.path.join(self.dir, SUPERVISOR_LOG)]:
             try:
                 os.close(store.owner_only(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
             except OSError as exc:
                 raise StartupError(f"log file {path} cannot be written: {store.reason(exc, self._fix())}") from None
+
+    def add(self, name):
+        """A module a reload added: its file, made now, or StartupError naming it as at start."""
+        path = self.path(name)
+        try:
+            os.close(store.owner_only(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT))
+        except OSError as exc:
+            raise StartupError(f"log file {path} cannot be written: {store.reason(exc, self._fix())}") from None
+        self._files[name] = RotatingFile(path, *self._rotation)
+
+    def remove(self, name):
+        """A module a reload removed, its worker gone: what is still to be written of it is
+        written (its last lines), then its file is closed."""
+        texts = self._pending.pop(name, None)
+        if texts:
+            self._write(name, "".join(texts).encode("utf-8", "backslashreplace"))
+        self._files.pop(name).close()
+
+    def attach(self):
+        """Write the supervisor's own log from now on, until close()."""
+        log.addHandler(self.own)
 
     def _fix(self):
         return f"make {self.dir} a directory that uid {os.geteuid()} can write, or choose another state_dir"
@@ -181,10 +250,17 @@ class ModuleLogs:
                 )
 
     def status(self):
-        """For supervisor_status: where the logs are, and the lines that could not be written."""
-        return {"log_dir": self.dir, "log_failures": self.failures, "log_error": self.last_error}
+        """For supervisor_status: where the logs are, and the lines that could not be written
+        (the supervisor's own log's too)."""
+        return {
+            "log_dir": self.dir,
+            "log_failures": self.failures + self.own.failures,
+            "log_error": self.last_error or self.own.last_error,
+        }
 
     def close(self):
+        log.removeHandler(self.own)
+        self.own.close()
         self.flush()
         for file in self._files.values():
             file.close()

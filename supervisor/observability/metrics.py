@@ -1,6 +1,6 @@
 """Prometheus metrics: ``/metrics`` over HTTP while the supervisor runs (``[supervisor] metrics``).
 
-Nothing here keeps a figure. To make the page the collector reads the figures
+Nothing here keeps a figure but the supervisor's start time. To make the page the collector reads the figures
 ``status`` shows (Control.figures: copied on the loop thread that owns them, the
 workers' psutil figures sampled on the page's own thread) and turns them into metric
 families, so a scrape and ``cmactor status`` always agree. Pages are made one at a
@@ -14,13 +14,16 @@ key is set.
 
 import functools
 import logging
+import platform
+import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Info, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cmactor.errors import StartupError
+from cmactor.version import installed
 from cmsupervisor.config import parse_address
 from cmsupervisor.observability.httpserve import PageServer
 from cmsupervisor.supervision.states import TRANSITIONS
@@ -46,15 +49,25 @@ _GAUGES = {
         "Requests sent to the module's worker, or read from it directly, and not answered yet",
     ),
     "unsaved": ("cmactor_module_unsaved", "1 when the module has changes that are not in the config file"),
-    "uptime": ("cmactor_module_uptime_seconds", "Seconds since the module's current worker started"),
+    # A start time, not an uptime: it changes only when the worker does, and `time() - it` is the uptime.
+    "start_time": ("cmactor_module_start_time_seconds", "Unix time the module's current worker started"),
     "rss": ("cmactor_module_rss_bytes", "Resident memory of the module's worker"),
-    "cpu": ("cmactor_module_cpu_percent", "CPU % of the module's worker since the previous status or scrape"),
     "threads": ("cmactor_module_threads", "Threads of the module's worker"),
     "load_errors": ("cmactor_module_load_errors", "Saved rows that failed to load into the current worker"),
+    "memory_max": ("cmactor_module_memory_max_bytes", "memory_max of the module's workers; absent without a limit"),
 }
 _COUNTERS = {
     "restarts": ("cmactor_module_restarts", "Restarts of the module's worker"),
-    "cpu_seconds": ("cmactor_module_cpu_seconds", "User + system CPU seconds of the module's current worker"),
+    "memory_kills": (
+        "cmactor_module_memory_kills",
+        "Workers of the module killed for passing memory_max (by the kernel in their cgroup, or the RSS watchdog)",
+    ),
+    # A counter, which Prometheus rates over any window, rather than a percent "since the
+    # previous scrape": that would depend on who else scrapes, or asks for status.
+    "cpu_seconds": (
+        "cmactor_module_cpu_seconds",
+        "User + system CPU seconds of the module's current worker (from 0 again when it restarts)",
+    ),
 }
 
 
@@ -66,6 +79,13 @@ class Exporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(Figures(read))
         ProcessCollector(registry=self.registry)  # the supervisor process itself: cpu, memory, open fds
+        Info("cmactor_build", "The cmactor version serving, and its Python's", registry=self.registry).info(
+            {"version": installed(), "python": platform.python_version()}
+        )
+        # Made by Supervisor.start(), before any module starts: when this supervisor started
+        # (process_start_time_seconds is the process's, which may run several, or run on after one).
+        started = Gauge("cmactor_start_time_seconds", "Unix time the supervisor started", registry=self.registry)
+        started.set(time.time())
         render = functools.partial(generate_latest, self.registry)
         try:
             self._server = PageServer(host, port, "/metrics", render, CONTENT_TYPE_LATEST, REUSE)
@@ -173,7 +193,12 @@ def _supervisor(own):
     duration.add_metric([], _buckets(own["saves"]["seconds"]), own["saves"]["seconds"]["sum"])
     audit = CounterMetricFamily("cmactor_audit_failures", "Audit log lines that could not be written")
     audit.add_metric([], own["audit_failures"])
-    return clients, saves, duration, audit
+    unknown = CounterMetricFamily(
+        "cmactor_unknown_module_requests",
+        "Data requests naming a module the supervisor does not run (refused; no module's figures count them)",
+    )
+    unknown.add_metric([], own["unknown_module_requests"])
+    return clients, saves, duration, audit, unknown
 
 
 def _buckets(histogram):

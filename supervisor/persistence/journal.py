@@ -98,6 +98,12 @@ class Journal:
         snapshot first: changes that are in no running config. Not loaded; named."""
         return [path + ".old" for path in (self.snapshot_path, self.path) if _holds_data(path + ".old")]
 
+    def bound(self, max_records, max_bytes):
+        """New bounds (a reload changed the agent's journal_max_records or journal_max_bytes):
+        the next append past one of them compacts the journal."""
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+
     def set_base(self, size):
         """The module's tables, as last written whole (its section of the config file, or
         the snapshot), take ``size`` bytes. The journal is compacted only once it has

@@ -1,4 +1,5 @@
-"""The state directory as a start opens it: its lock, its journals and the frontend socket.
+"""The state directory as a start opens it: its lock, its journals, the modules an operator
+stopped (``stopped.json``, written again at each stop or start of one) and the frontend socket.
 
 One supervisor per state directory: ``lock()`` takes an exclusive ``flock`` on
 ``state_dir/supervisor.lock`` before anything in the directory is read, renamed
@@ -12,6 +13,7 @@ opened and raises a StartupError that names the file and the way out.
 """
 
 import fcntl
+import json
 import logging
 import os
 import shlex
@@ -164,6 +166,40 @@ def close_journals(modules):
     for mod in modules.values():
         if mod.journal is not None:
             mod.journal.close()
+
+
+STOPPED_NAME = "stopped.json"
+
+
+def stopped_path(state_dir):
+    """The file that keeps the modules an operator stopped: they stay stopped across restarts."""
+    return os.path.join(state_dir, STOPPED_NAME)
+
+
+def read_stopped(state_dir):
+    """Module name -> who stopped it and when, for each module an operator stopped and has
+    not started since ({} with no file); StartupError naming the file if it cannot be used."""
+    path = stopped_path(state_dir)
+    fix = "remove it to start every module (then stop again the ones to keep stopped)"
+    try:
+        with open(path, "rb", opener=store.no_follow) as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StartupError(f"{path} cannot be read: {store.reason(exc, fix)}") from None
+    except ValueError:
+        raise StartupError(f"{path} is not JSON; {fix}") from None
+    stopped = data.get("stopped") if isinstance(data, dict) else None
+    if not isinstance(stopped, dict) or not all(isinstance(v, str) for v in stopped.values()):
+        raise StartupError(f'{path} does not hold {{"stopped": {{module: who, ...}}}}; {fix}')
+    return stopped
+
+
+def write_stopped(state_dir, stopped):
+    """Keep ``stopped`` (module name -> who stopped it and when) for the next start:
+    atomically and owner-only, as the config file. OSError if it cannot be written."""
+    store.replace(stopped_path(state_dir), json.dumps({"stopped": stopped}, indent=1).encode() + b"\n")
 
 
 def listen(state_dir, base_dir, socket_option, allowed_uids):

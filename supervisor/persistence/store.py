@@ -93,12 +93,21 @@ def write(path, sections):
         "length": len(body),
         "sha256": hashlib.sha256(body).hexdigest(),
     }
+    replace(path, json.dumps(header).encode() + b"\n", body, b"\n")  # no copy of the body
+    return header
+
+
+def replace(path, *chunks):
+    """Make ``chunks`` (bytes) the whole of file ``path``, atomically and owner-only (mkstemp's 0600):
+    written beside it and fsynced, renamed over it, the rename fsynced. A supervisor
+    killed meanwhile leaves the old file whole, and a ``.config-*.tmp`` that the next
+    start removes (remove_leftovers)."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n")
-            f.write(body + b"\n")
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,7 +122,6 @@ def write(path, sections):
         os.fsync(dir_fd)  # the rename itself survives a power cut
     finally:
         os.close(dir_fd)
-    return header
 
 
 def no_follow(path, flags):

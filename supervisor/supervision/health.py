@@ -1,10 +1,12 @@
 """Per-worker resource figures from psutil, sampled when status is asked for, never on
 the loop thread.
 
-One psutil.Process per worker, kept from spawn: its cpu_percent() measures since the
-previous call, status or a /metrics scrape (the first call, made at spawn, only primes
-it). psutil never reaps our workers: multiprocessing does, through the sentinels, or
-exitcode would stay None forever.
+One psutil.Process per worker, kept from spawn. Its ``cpu`` is the percent of one CPU it
+has used since it started, as ``ps`` shows %CPU: a figure of the worker alone, the same
+whoever asks and however often (a percent "since the previous sample" would have two
+status readers or scrapers shift each other's window); ``cpu_seconds`` is the counter
+to take rates of. psutil never reaps our workers: multiprocessing does, through the
+sentinels, or exitcode would stay None forever.
 
 A sample reads several /proc files per worker (about 65 µs a worker: 13 ms for 200
 measured), and the loop thread serves every client, so the loop only copies which
@@ -17,12 +19,13 @@ another process by then is caught by is_running(), which compares start times.
 
 import logging
 import threading
+import time
 
 import psutil
 
 log = logging.getLogger("cmactor.supervisor")
 
-EMPTY = {"rss": None, "cpu": None, "cpu_seconds": None, "threads": None}
+EMPTY = {"rss": None, "cpu": None, "cpu_seconds": None, "threads": None, "start_time": None}
 
 
 # psutil's own errors, and an OSError of its reads of /proc (EMFILE when the process is
@@ -32,9 +35,7 @@ _UNREADABLE = (psutil.Error, OSError)
 
 def track(pid):
     try:
-        proc = psutil.Process(pid)
-        proc.cpu_percent(None)
-        return proc
+        return psutil.Process(pid)
     except _UNREADABLE:
         return None
 
@@ -45,12 +46,15 @@ def sample(proc):
     try:
         with proc.oneshot():
             times = proc.cpu_times()
+            started = proc.create_time()  # Unix time, from the kernel's record of it
+            # user + system since the worker started: a counter, which Prometheus rates over any window
+            cpu_seconds = times.user + times.system
             figures = {
                 "rss": proc.memory_info().rss,
-                "cpu": proc.cpu_percent(None),
-                # user + system since the worker started: a counter, which Prometheus rates over any window
-                "cpu_seconds": times.user + times.system,
+                "cpu": 100 * cpu_seconds / max(time.time() - started, 0.01),
+                "cpu_seconds": cpu_seconds,
                 "threads": proc.num_threads(),
+                "start_time": started,
             }
         # After the reads: a pid taken by another process before them would be that one's figures.
         return figures if proc.is_running() else dict(EMPTY)
@@ -59,9 +63,8 @@ def sample(proc):
 
 
 class Sampler:
-    """Samples workers off the loop thread, one sampling at a time: cpu_percent() keeps, in
-    each psutil.Process, the times of its previous call, which two threads at once would
-    garble (and "since the previous status or scrape" would mean nothing). Client status
+    """Samples workers off the loop thread, one sampling at a time (a sample reads several
+    /proc files a worker: two at once would only compete). Client status
     requests are sampled on a helper thread of its own, which runs until close(): started
     here rather than per request, since Thread.start() waits for the new thread, and
     the loop thread would wait with it."""

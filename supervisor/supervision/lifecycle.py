@@ -5,7 +5,8 @@ the module waits for its config_deps to be READY; then it is loaded (the saved
 section plus the journal, or defaults) and goes READY once the load is done and
 the agent called ready(). start() waits until every module is READY or settled
 where it will stay. A stop goes dependents first, each module once its in-flight
-requests are answered.
+requests are answered; end_worker ends one module's worker the same way while the
+others run (an operator's stop or graceful restart of it, admin.py).
 """
 
 import logging
@@ -125,10 +126,11 @@ class Lifecycle:
     def on_ready(self, mod, _ready):
         mod.called_ready()
         if mod.state == STARTING and not mod.fatal:  # ready() without cmbackend_init(): no tables, nothing to load
-            mod.became_ready()  # what is held for it is sent (the router is told)
+            # Said first, as quarantine() does: the line comes before those of what READY sets off.
             self._logs.report(
                 mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid
             )
+            mod.became_ready()  # what is held for it is sent (the router is told)
             self._advance_waiting()
             return
         self._maybe_ready(mod)
@@ -164,8 +166,8 @@ class Lifecycle:
         # (on the main thread) may then arrive before their last word.
         if mod.state != LOADING or not (mod.loaded and mod.ready_called) or mod.fatal:
             return
+        self._logs.report(mod, logging.INFO, "module %s READY (pid %d)", mod.name, mod.pid)  # first, as above
         mod.became_ready()  # what is held for it is sent (the router is told)
-        self._logs.report(mod, logging.INFO, "module %s READY (pid %d)", mod.name, mod.pid)
         self._advance_waiting()  # which ends with check_start()
 
     def quarantine(self, mod, reason):
@@ -183,24 +185,32 @@ class Lifecycle:
             self.start_done.set()
 
     def not_ready(self):
-        """Each module that is not READY, with why: what start() reports when it gives up."""
-        reasons = {}
-        for mod in self._modules.values():
-            if mod.state == READY or mod.state == STOPPED:  # STOPPED: it ended, as its restart policy allows
-                continue
-            if mod.state == FAILED:
-                reasons[mod.name] = f"FAILED: {mod.error}"
-            elif mod.state == STARTING:
-                reasons[mod.name] = "STARTING: the entry has called neither cmbackend_init() nor ready()"
-            elif mod.state == WAITING_DEPS:
-                reasons[mod.name] = f"WAITING_DEPS on {mod.waiting_on!r} ({self._modules[mod.waiting_on].state})"
-            elif mod.state == LOADING and mod.loaded:
-                reasons[mod.name] = f"LOADING: {mod.last_event} returned but ready() was never called"
-            elif mod.state == RESTARTING and mod.error:  # a start waiting for descriptors, say
-                reasons[mod.name] = f"RESTARTING: {mod.error}"
-            else:
-                reasons[mod.name] = f"{mod.state}: {mod.last_event or 'no event'} still running"
-        return reasons
+        """Each module that is not READY, with why: what start() reports when it gives up.
+        STOPPED ones are left out: they ended as their restart policy allows, or an operator
+        stopped them."""
+        return {
+            mod.name: self.why_not_ready(mod)
+            for mod in self._modules.values()
+            if mod.state != READY and mod.state != STOPPED
+        }
+
+    def why_not_ready(self, mod):
+        """Why ``mod`` is not READY: its state, and what keeps it there."""
+        if mod.state == STOPPED:
+            if mod.stays_stopped:
+                return f"STOPPED: {mod.error}"
+            return f"STOPPED: its worker ended ({mod.last_exit}) and restart = {mod.options['restart']!r} leaves it so"
+        if mod.state == FAILED:
+            return f"FAILED: {mod.error}"
+        if mod.state == STARTING:
+            return "STARTING: the entry has called neither cmbackend_init() nor ready()"
+        if mod.state == WAITING_DEPS:
+            return f"WAITING_DEPS on {mod.waiting_on!r} ({self._modules[mod.waiting_on].state})"
+        if mod.state == LOADING and mod.loaded:
+            return f"LOADING: {mod.last_event} returned but ready() was never called"
+        if mod.state == RESTARTING and mod.error:  # a start waiting for descriptors, say
+            return f"RESTARTING: {mod.error}"
+        return f"{mod.state}: {mod.last_event or 'no event'} still running"
 
     def summary(self):
         """(one line on every module that is not READY, whether all are READY): what a start
@@ -209,9 +219,7 @@ class Lifecycle:
         others = self.not_ready()
         for mod in modules.values():
             if mod.state == STOPPED:
-                others[mod.name] = (
-                    f"STOPPED: its worker ended ({mod.last_exit}) and restart = {mod.options['restart']!r} leaves it so"
-                )
+                others[mod.name] = self.why_not_ready(mod)
         if not others:
             return f"all {len(modules)} modules READY", True
         ready = len(modules) - len(others)
@@ -248,7 +256,10 @@ class Lifecycle:
             self._on_stopped()
             return
         for mod in alive:
-            if mod.leaving or mod.inflight:
+            if mod.leaving:
+                continue
+            if mod.inflight:
+                self._router.when_idle(mod, self.continue_stop)  # its last answer goes on with the stop
                 continue
             if any(mod.name in other.config_deps for other in alive if other is not mod):
                 continue  # dependents stop first
@@ -265,6 +276,28 @@ class Lifecycle:
                 self._workers.kill(mod)
 
     def exited_while_stopping(self, mod):
-        """A worker ended during the stop."""
+        """A worker ended during the stop, or its module's own (end_worker, STOPPING)."""
         mod.move(STOPPED)
-        self.continue_stop()
+        if self.stopping:
+            self.continue_stop()
+
+    # -- one module down, the supervisor running -------------------------------
+
+    def end_worker(self, mod):
+        """End ``mod``'s worker in order, as the stop ends each: a Stop once its requests in
+        flight are answered and no save walks it (what comes for it meanwhile is held or
+        refused, as its state says: RESTARTING, STOPPING), SIGKILL if it has not ended
+        within stop_timeout. Its exit goes through recovery.on_exit as any does."""
+        process = mod.process
+        self._router.when_idle(mod, self._send_stop, mod, process)
+        self._loop.after(self._stop_timeout, self._kill_late, mod, process)
+
+    def _send_stop(self, mod, process):
+        if mod.process is process:  # else it ended meanwhile
+            self._logs.report(mod, logging.INFO, "module %s: worker pid %d stopping", mod.name, mod.pid)
+            mod.channel.stop()
+
+    def _kill_late(self, mod, process):
+        if mod.process is process:
+            self._logs.report(mod, logging.WARNING, "module %s did not stop within stop_timeout; killing it", mod.name)
+            self._workers.kill(mod)

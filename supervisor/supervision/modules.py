@@ -146,13 +146,21 @@ class Module:
         "traceback",
         "request_stats",
         "figures",
+        "memory_max",
+        "memory_kills",
+        "stopped_by",
+        "removed",
         "_subscribers",
     )
 
-    def __init__(self, name, options, policy):
+    def __init__(self, name, options, policy, memory_max=None):
         self.name = name
         self.options = options
         self.policy = policy
+        self.memory_max = memory_max  # bytes its worker may use (config.memory_limit), or None: no limit
+        self.memory_kills = 0  # workers of it that ended for passing memory_max (over_memory)
+        self.stopped_by = None  # who stopped it, and when, if an operator did: it stays STOPPED until started
+        self.removed = False  # a reload took it out of the config: it goes once its worker has ended
         self.state = STOPPED
         self.process = None
         self.channel = None  # workers.Channel of the current worker
@@ -316,6 +324,12 @@ class Module:
         """Its worker is killed as stuck, for ``reason``."""
         self.error = reason
 
+    def over_memory(self, reason):
+        """Its worker passed memory_max and is killed for it, by the RSS watchdog or (seen at
+        its exit) by the kernel in its cgroup: ``reason`` says how much (memory.py)."""
+        self.error = reason
+        self.memory_kills += 1
+
     def failed(self, reason):
         """Quarantined (FAILED), for ``reason``, until an operator restarts it. The subscribers
         are told even if it was FAILED already: what was held for it fails with the new reason."""
@@ -352,6 +366,32 @@ class Module:
         """No worker process could be started for it, for ``reason``."""
         self.last_exit = reason
 
+    def held_stopped(self, who):
+        """An operator stopped it (``who``: who and when): it stays STOPPED, across restarts of
+        the supervisor too, until an operator starts it; shown as its error until then."""
+        self.stopped_by = who
+        self.error = f"stopped by {who}; `cmactor start {self.name}` starts it"
+
+    def released(self):
+        """An operator started it again: no longer held STOPPED."""
+        self.stopped_by = None
+        self.error = None
+
+    def removing(self):
+        """A reload took it out of the config: its worker is ended, then the record goes."""
+        self.removed = True
+        self.error = "removed from the config by a reload"
+
+    def reconfigured(self, fresh):
+        """A reload changed its agent options: take what a record holds of its config from
+        ``fresh``, the record the new config makes (options, restart policy, memory_max). Its
+        next worker starts with them; its crash count starts over, its journal takes the new
+        bounds at once, and so do the timeouts, for the worker being ended."""
+        self.options = fresh.options
+        self.policy = fresh.policy
+        self.memory_max = fresh.memory_max
+        self.journal.bound(fresh.options["journal_max_records"], fresh.options["journal_max_bytes"])
+
     @property
     def accepting(self):
         """Requests go to the worker at once (else they are held, or fail)."""
@@ -361,6 +401,12 @@ class Module:
     def gone(self):
         """Stopping or stopped: requests fail, nothing is held."""
         return self.state in GONE
+
+    @property
+    def stays_stopped(self):
+        """An operator stopped it, or a reload removed it: once its worker has ended it is
+        STOPPED, whatever its restart policy would do."""
+        return self.stopped_by is not None or self.removed
 
     @property
     def leaving(self):
@@ -407,6 +453,8 @@ class Module:
             "state": self.state,
             "pid": self.pid,
             "restarts": self.restarts,
+            "memory_max": self.memory_max,
+            "memory_kills": self.memory_kills,
             "unsaved": self.unsaved,
             "uptime": None if uptime is None else round(uptime, 3),
             # Direct reads count too: those waiting in the worker behind a save, and
@@ -415,6 +463,7 @@ class Module:
             "inflight": len(self.inflight) + (direct["inflight"] if direct else 0),
             "last_exit": self.last_exit,
             "error": self.error,
+            "stopped_by": self.stopped_by,
             "traceback": self.traceback,
             "waiting_on": self.waiting_on if self.state == WAITING_DEPS else None,
             "saving": self.saving,

@@ -104,8 +104,12 @@ class Recovery:
     # -- launching a worker -------------------------------------------------
 
     def launch_all(self):
-        """The first start: a worker for every module; one that cannot be started at all is quarantined."""
+        """The first start: a worker for every module but those an operator stopped; one that
+        cannot be started at all is quarantined."""
         for mod in self._modules.values():
+            if mod.stopped_by is not None:  # it stays STOPPED until an operator starts it (admin.py)
+                self._logs.report(mod, logging.INFO, "module %s not started: %s", mod.name, mod.error)
+                continue
             error = self.launch(mod)
             if error is not None:
                 self._lifecycle.quarantine(mod, error)
@@ -129,6 +133,7 @@ class Recovery:
             self._retries[mod.name] = self._loop.after(retry_in, self._retry_launch, mod, min(retry_in * 2, RETRY_MAX))
             return None
         mod.started(*worker)
+        self._logs.report(mod, logging.INFO, "module %s: worker pid %d started", mod.name, mod.pid)
         return None
 
     def _retry_launch(self, mod, retry_in):
@@ -155,7 +160,7 @@ class Recovery:
                 "the request may have taken effect: check before retrying",
             )
         stopping = self._lifecycle.stopping
-        if stopping or mod.state == STOPPING or mod.state == FAILED:
+        if stopping or mod.state == STOPPING or mod.state == FAILED or mod.stays_stopped:
             for pending in waiting:
                 self._router.fail(pending, ModuleUnavailable, self._router.unavailable(mod))
         else:
@@ -166,12 +171,17 @@ class Recovery:
                 mod, logging.INFO, "module %s: worker pid %d ended (%s) in the stop", mod.name, pid, reason
             )
             self._lifecycle.exited_while_stopping(mod)
+        elif mod.stays_stopped:  # stopped, or removed, while it was restarting or quarantined
+            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s)", mod.name, pid, reason)
+            mod.move(STOPPED)  # what is held for it fails (the router is told)
         elif mod.state == RESTARTING:  # asked for: an operator's restart, or a journal that failed
             self._logs.report(
                 mod, logging.INFO, "module %s: worker pid %d ended (%s); starting it again", mod.name, pid, reason
             )
             self._respawn(mod)
-        elif mod.state != FAILED:
+        elif mod.state == FAILED:  # quarantined while it ran (its start failed, say): its end is all that is left
+            self._logs.report(mod, logging.INFO, "module %s: worker pid %d ended (%s)", mod.name, pid, reason)
+        else:
             self._exited(mod, pid, code, reason)
 
     def _exited(self, mod, pid, code, reason):
@@ -192,25 +202,33 @@ class Recovery:
             mod.move(STOPPED)  # what is held for it fails (the router is told)
             self._lifecycle.check_start()
         else:
+            self._logs.report(mod, logging.ERROR, "module %s: worker pid %d %s", mod.name, pid, reason)
             self._lifecycle.quarantine(mod, f"worker exited ({reason}); restart = 'never' leaves it so")
 
     def _crashed(self, mod, what, reason, uptime):
         """``what`` (its worker, or a start of one) failed after ``uptime`` seconds:
         restart after a backoff, or quarantine."""
         if self._lifecycle.starting:
-            self._lifecycle.quarantine(mod, mod.error or f"worker exited ({reason}) before the module was READY")
+            self._quarantine(mod, what, reason, mod.error or f"worker exited ({reason}) before the module was READY")
             return
         now = time.monotonic()
         delay = mod.policy.on_crash(now, uptime)
         if delay is None:
-            self._lifecycle.quarantine(
+            self._quarantine(
                 mod,
+                what,
+                reason,
                 f"crashed more than {mod.policy.max_restarts} times within {mod.policy.window:g}s; last: {reason}",
             )
             return
         self._logs.report(mod, logging.ERROR, "module %s: %s %s; restarting in %.2fs", mod.name, what, reason, delay)
         mod.restarting()
         self._loop.after(delay, self._respawn, mod)
+
+    def _quarantine(self, mod, what, reason, why):
+        # The FAILED line says why it stays down; this one, first, which worker ended and how.
+        self._logs.report(mod, logging.ERROR, "module %s: %s %s", mod.name, what, reason)
+        self._lifecycle.quarantine(mod, why)
 
     def _respawn(self, mod):
         # A backoff's timer can outlive what it was for: an operator's restart, say, started
@@ -235,22 +253,29 @@ class Recovery:
         mod.restarting(reason)
         self._workers.kill(mod)  # on_exit respawns it
 
-    def restart(self, name):
-        """Restart one module now, reviving it if it is quarantined."""
+    def restart(self, name, kill=False):
+        """Restart one module now, reviving it if it is quarantined or left STOPPED by its
+        restart policy (one an operator stopped is started through admin.py, which lets go
+        of the stop first). In order (the default): its worker ends as in a stop, once the requests
+        in flight are answered (lifecycle.end_worker), and what comes meanwhile is held for
+        the next worker. ``kill``: SIGKILL now, and what it had started fails."""
         mod = self._modules.get(name)
         if mod is None:
             raise ProgrammingError(unknown_module(name, self._modules))
         if self._lifecycle.stopping:
             raise OperationalError(f"cannot restart module {name!r}: the supervisor is stopping")
         mod.policy.reset()
+        # on_exit respawns it: a new worker must not take the module's place while the
+        # old one's exit is still to be handled.
         if mod.process is None:
             mod.restarting()
             self._respawn(mod)
-        else:
-            # on_exit respawns it: a new worker must not take the module's place
-            # while the old one's exit is still to be handled.
+        elif kill or mod.state == FAILED:  # FAILED: quarantined, its worker killed already
             mod.restarting("restart requested")
             self._workers.kill(mod)
+        elif mod.state != RESTARTING:  # else its worker is ending already, and the restart under way follows
+            mod.restarting("restart requested: its worker ends once its requests in flight are answered")
+            self._lifecycle.end_worker(mod)
 
     def _stuck(self, mod, now, now_ns):
         """Why ``mod``'s worker must be killed as stuck, or None: its serial lane, or every

@@ -208,11 +208,15 @@ class Workers:
     ``on_exit(mod)`` is called when a worker's process sentinel fires, and
     ``on_output(mod, lines)`` with the lines it wrote to stdout or stderr."""
 
-    def __init__(self, loop, *, socket_path, base_dir, log_level, direct=None):
+    def __init__(self, loop, *, socket_path, base_dir, log_level, direct=None, cgroups=None):
         self._loop = loop
         # Direct reads: the options a worker's socket is served with (cmactor/worker/direct.py),
         # or None when [supervisor] direct_reads is off.
         self._direct = direct
+        # memory.Cgroups, which a worker with a memory_max is started in; None when memory_max
+        # is the RSS watchdog's (memory.py), or no module has one.
+        self._cgroups = cgroups
+        self._cgroup_of = {}  # module name -> (the cgroup of its current worker, its memory_max), if it has one
         self._generations = itertools.count(1)
         if direct is not None:
             _remove_stale_sockets(socket_path)
@@ -252,10 +256,13 @@ class Workers:
             "env": env,
             "pool_size": mod.options["pool_size"],
             "log_level": self._log_level,
+            "cgroup": None,  # the worker moves itself there first thing
         }
         opened = []
-        route = direct = None
+        route = direct = cgroup = None
         try:  # each step can fail with the process out of fds (EMFILE) or memory
+            if self._cgroups is not None and mod.memory_max is not None:
+                cgroup = spec["cgroup"] = self._cgroups.create(mod.name, mod.memory_max)
             if self._direct is not None:
                 route, direct = self._bind_direct(mod, opened)
             if direct is not None:
@@ -279,6 +286,8 @@ class Workers:
                 sock.close()
             if route is not None:
                 _unlink(route["path"])
+            if cgroup is not None:
+                self._cgroups.end(cgroup, mod.memory_max)
             raise SpawnFailed(
                 f"could not start a worker process: {type(exc).__name__}: {exc}", _is_shortage(exc)
             ) from None
@@ -308,9 +317,12 @@ class Workers:
             process.close()
             if route is not None:
                 _unlink(route["path"])
+            if cgroup is not None:
+                self._cgroups.end(cgroup, mod.memory_max)
             raise SpawnFailed(f"could not watch a new worker: {type(exc).__name__}: {exc}", _is_shortage(exc)) from None
         self._outputs[mod.name] = output
-        log.debug("module %s: worker pid %d started", mod.name, process.pid)
+        if cgroup is not None:  # with the limit it was made with: a reload may change the module's
+            self._cgroup_of[mod.name] = (cgroup, mod.memory_max)
         return (
             process,
             channel,
@@ -385,8 +397,9 @@ class Workers:
 
     def reap(self, mod):
         """A worker's sentinel fired: collect its exit and every reply it sent first, and
-        take its process group down. Returns (pid, exit code); the module forgets the
-        worker next (Module.exited)."""
+        take its process group down, and its cgroup (a kill of the kernel's for memory_max
+        is noted on the module: Module.over_memory). Returns (pid, exit code); the module
+        forgets the worker next (Module.exited)."""
         process = mod.process
         pid = process.pid
         self._loop.unwatch(process.sentinel)
@@ -399,6 +412,10 @@ class Workers:
             self._close_channel(mod)
         process.close()
         kill_group(pid)
+        if mod.name in self._cgroup_of:
+            verdict = self._cgroups.end(*self._cgroup_of.pop(mod.name))
+            if verdict is not None:
+                mod.over_memory(verdict)
         if mod.channel.route is not None:
             _unlink(mod.channel.route["path"])
         output = self._outputs.get(mod.name)
