@@ -464,6 +464,29 @@ def _agent(name, raw, base_dir, here, exos_path, problems, table):
     return opts
 
 
+def socket_options(path):
+    """(base dir, state_dir, socket) of the cmactor.toml at ``path``: the two [supervisor] keys
+    a client reads to find the supervisor, checked, and nothing else. A file being edited
+    for a reload may hold errors elsewhere; they are the reload's to name, and must not
+    keep a client from reaching the supervisor that runs."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("supervisor", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [supervisor]: expected a table of options, got {table!r}")
+    found = {}
+    for key in ("state_dir", "socket"):
+        check, default = SUPERVISOR_OPTIONS[key]
+        found[key] = check(f"{path}: [supervisor].{key}", table[key]) if key in table else default
+    return os.path.dirname(path), found["state_dir"], found["socket"]
+
+
 def load_toml(path):
     """Read a cmactor.toml: returns (supervisor options, agents options, base dir). The
     [exos] path directories are in each agent's exos_path, after its own."""

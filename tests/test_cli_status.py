@@ -320,3 +320,22 @@ def test_config_finds_the_supervisor_it_runs_with_another_state_dir(tmp_path):
         run.stop()
     assert run.proc.returncode == 0, run.text
     assert not pointer.exists()  # its run took it away
+
+
+def test_config_reaches_the_running_supervisor_while_the_file_is_edited_for_a_reload(tmp_path):
+    config = tmp_path / "cmactor.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "state"\n[agents.echo]\nentry = "{ECHO}"\n')
+    run = Run(config)
+    try:
+        assert (tmp_path / ".cmactor.toml.socket").exists()
+        # Half-way through an edit: a bad key elsewhere and a new state_dir, which applies
+        # at the next start. The running supervisor is still the one -c finds.
+        config.write_text(f'[supervisor]\nstate_dir = "state2"\n[agents.echo]\nentry = "{ECHO}"\npool_size = 0\n')
+        found = cli("-c", config, "status", "--format", "json")
+        assert found.returncode == 0, found.stderr
+        assert json.loads(found.stdout)["echo"]["state"] == "READY"
+        refused = cli("-c", config, "reload")
+        assert refused.returncode == 1 and "pool_size: expected a whole number >= 1" in refused.stderr
+    finally:
+        run.stop()
+    assert not (tmp_path / ".cmactor.toml.socket").exists()

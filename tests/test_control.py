@@ -346,3 +346,76 @@ def test_the_operator_commands(tmp_path):
         assert run.proc.wait(20) == 0
     finally:
         run.kill()
+
+
+def test_a_module_removed_while_a_save_walks_is_not_added_back_until_it_is_gone(supervisor):
+    # echo's save takes 3 s; "gone" was removed by a reload meanwhile: its record stays
+    # until the save run that names it ends, and a reload reading it as present would
+    # take it for unchanged, then lose it.
+    sup = supervisor({"gone": ECHO, "echo": echo()})  # the save walks gone first, then echo for 3 s
+    sup.connect().cursor().execute("set echo.ctl", {"save_fault": "3"})
+    sup.connect().cursor().execute("set gone.kv", {"key": "kept", "value": "1"})  # unsaved: the save walks it too
+    saving = threading.Thread(target=sup.save)
+    saving.start()
+    try:
+        time.sleep(0.5)  # the save has walked gone (first) and sleeps in echo's (3 s); requests to echo wait on it
+        assert sup.reload({"echo": echo()})["removed"] == ["gone"]
+        assert saving.is_alive()  # still walking echo: gone's record waits for the run to end
+        with pytest.raises(OperationalError, match="'gone', removed by the last reload, is still being let go"):
+            sup.reload({"echo": echo(), "gone": ECHO})
+        assert "gone" not in sup.status() or sup.status()["gone"]["state"] != "READY"
+    finally:
+        saving.join()
+    wait_for(lambda: "gone" not in sup.status() or None, timeout=10)
+    assert sup.reload({"echo": echo(), "gone": ECHO})["added"] == ["gone"]
+    assert state(sup, "gone")["state"] == "READY"
+    cur = sup.connect().cursor()
+    cur.execute("get gone.kv", {"key": "kept"})  # its config came back with it
+    assert cur.fetchone()[-1] == "1"
+
+
+SLOW_START = """
+import time
+from cmactor import ready
+from cmactor.cmbackend import CmAgent, cmbackend_init
+
+class Slow(CmAgent):
+    def event_generate_default(self):
+        time.sleep(3)
+        ready()
+
+def main():
+    cmbackend_init(Slow())
+"""
+
+
+def test_a_module_stopped_while_the_supervisor_starts_does_not_hold_up_the_start(supervisor, tmp_path):
+    (tmp_path / "slow.py").write_text(SLOW_START)
+    sup = supervisor({"echo": echo(), "slow": str(tmp_path / "slow.py:main")}, start=False)
+    started = threading.Thread(target=sup.start, kwargs={"timeout": 30, "strict": False})
+    t0 = time.monotonic()
+    started.start()
+
+    def loading():
+        try:
+            return sup.status()["slow"]["state"] == "LOADING" or None
+        except AttributeError:  # start() has not made its loop yet
+            return None
+
+    wait_for(loading)
+    assert sup.stop_module("slow")["state"] == "STOPPED"
+    started.join(timeout=25)
+    assert not started.is_alive() and time.monotonic() - t0 < 15  # not start_timeout (30 s)
+    assert state(sup, "echo")["state"] == "READY"
+
+
+def test_a_user_name_that_does_not_print_is_escaped_in_notes_and_logs(supervisor):
+    sup = supervisor({"echo": echo()})
+    forged = "eve\x1b[2J\n2026-12-06 04:00:00,000 INFO    cmactor.supervisor: all fine"
+    outcome = sup.stop_module("echo", user=forged)
+    note = outcome["note"]
+    assert "\n" not in note and "\x1b" not in note and "eve\\x1b[2J\\n2026-12-06" in note
+    with open(os.path.join(sup.state_dir, "logs", "echo.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert "eve\\x1b[2J\\n2026" in log and "\x1b" not in log
+    assert "\n2026-12-06 04:00:00,000 INFO    cmactor.supervisor: all fine" not in log

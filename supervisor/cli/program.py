@@ -35,7 +35,7 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, DataError, Error, OperationalError, ProgrammingError, StartupError
 from cmactor.wire.protocol import DATA_OPS
 from cmsupervisor.cli import commands, status, tail, terminal
-from cmsupervisor.config import load_toml
+from cmsupervisor.config import load_toml, socket_options
 from cmsupervisor.front.server import default_socket_path, socket_pointer
 from cmsupervisor.observability import SUPERVISOR_LOG, notify
 from cmsupervisor.persistence import journal, store
@@ -70,22 +70,27 @@ def resolve_socket(args):
     config = config_file(args)
     if config is None:
         return cmfrontend.default_socket()
-    options, _, base_dir = load_toml(config)
-    if options["socket"]:
-        return os.path.join(base_dir, options["socket"])
-    state_dir = os.path.join(base_dir, options["state_dir"])
+    # A run of this config says where it listens, beside it: that wins while its socket is
+    # there, since the file may have been edited since (for a reload, its state_dir too).
+    running = _read_run_pointer(config)
+    if running is not None and os.path.exists(running):
+        return running
+    base_dir, state_dir, socket = socket_options(config)
+    if socket:
+        return os.path.join(base_dir, socket)
+    state_dir = os.path.join(base_dir, state_dir)
     try:  # the path it bound, which differs from the default when that is too long
         with open(socket_pointer(state_dir)) as f:
             return f.read().strip()
     except OSError:
         pass
-    return _read_run_pointer(config) or default_socket_path(state_dir)
+    return default_socket_path(state_dir)
 
 
 def run_pointer(config):
-    """Where `cmactor run CONFIG --state-dir DIR` records the socket it listens on, beside
-    CONFIG: `-c CONFIG` looks in the config's own state_dir, and DIR is not derivable
-    from the config."""
+    """Where `cmactor run CONFIG` records the socket it listens on, beside CONFIG: `-c CONFIG`
+    follows it first, since neither a --state-dir nor a state_dir edited since the run
+    began can be read from the file."""
     directory, name = os.path.split(os.path.abspath(config))
     return os.path.join(directory, f".{name}.socket")
 
@@ -235,8 +240,7 @@ def cmd_run(args):
     pointer = None
     try:
         sup.start(strict=args.strict)
-        if args.state_dir:
-            pointer = _leave_run_pointer(args.config_file, sup.socket_path)
+        pointer = _leave_run_pointer(args.config_file, sup.socket_path, warn=bool(args.state_dir))
         ready = sum(1 for entry in sup.status().values() if entry["state"] == "READY")
         print(f"cmactor: {ready} of {len(sup.modules)} modules READY; socket {sup.socket_path}", file=sys.stderr)
         print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
@@ -256,18 +260,20 @@ def cmd_run(args):
     return 0
 
 
-def _leave_run_pointer(config, socket_path):
+def _leave_run_pointer(config, socket_path, warn):
     """Record ``socket_path`` in ``config``'s run_pointer, owner-only as the state_dir's
-    own pointer is; its path, or None (said on stderr) if it cannot be written."""
+    own pointer is; its path, or None if it cannot be written (said on stderr when
+    ``warn``: with --state-dir, nothing else tells `-c CONFIG` where this supervisor is)."""
     pointer = run_pointer(config)
     try:
         with os.fdopen(store.owner_only(pointer, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as f:
             f.write(socket_path)
     except OSError as exc:
-        terminal.say(
-            f"cmactor: warning: cannot write {pointer} ({exc.strerror}), so `cmactor -c {config}` will not "
-            f"find this supervisor: give its clients --socket {socket_path}"
-        )
+        if warn:
+            terminal.say(
+                f"cmactor: warning: cannot write {pointer} ({exc.strerror}), so `cmactor -c {config}` will not "
+                f"find this supervisor: give its clients --socket {socket_path}"
+            )
         return None
     return pointer
 

@@ -74,7 +74,9 @@ class Control:
             elif op == "stop" and request.module is not None:
                 self._admin.stop((client, rid), request.user, request.module)
             elif op == "stop":
-                log.info("stop requested by %s", request.user or "a client")
+                log.info(
+                    "stop requested by %r", request.user or "a client"
+                )  # %r: a name holding a newline forges no log line
                 client.answer({"id": rid, "ok": True})  # before the stop closes the clients
                 self._lifecycle.begin_stop()
             elif op == "reload":

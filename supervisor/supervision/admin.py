@@ -256,6 +256,14 @@ class Admin:
         if self._busy is not None:
             raise OperationalError(f"reload refused: {self._busy} is under way; try again once it ends")
         modules = self._modules
+        # A module the last reload removed keeps its record until no save run names it
+        # (_forget): read as present, it would be "unchanged" and then vanish.
+        going = [name for name, mod in modules.items() if mod.removed]
+        if going:
+            raise OperationalError(
+                f"reload refused: {', '.join(map(repr, going))}, removed by the last reload, is still being "
+                "let go (a save is walking it); try again once the save ends; nothing was changed"
+            )
         added = [name for name in agents if name not in modules]
         removed = [modules[name] for name in modules if name not in agents]
         changed = [modules[name] for name in agents if name in modules and agents[name] != modules[name].options]
@@ -351,6 +359,10 @@ class Admin:
         from a walk over the modules, which must not see one of them go (_forget)."""
         if mod.removed and mod.state == STOPPED:
             self._loop.after(0, self._forget, mod)
+        if mod.state == STOPPED and self._lifecycle.starting:
+            # Stopped by an operator while the supervisor starts: settled, as one the restart
+            # policy leaves STOPPED is, so start() need not wait out start_timeout for it.
+            self._loop.after(0, self._lifecycle.check_start)
         if self._waits and not self._look_due:
             self._look_due = True
             self._loop.after(0, self._look)
@@ -442,4 +454,10 @@ def _who(waiter, user):
     """Who asks, and when, as a stopped module's note says it."""
     uid, _ = _peer(waiter)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return f"{user or 'a client'} (uid {uid}) at {now}"
+    return f"{_printable(user) or 'a client'} (uid {uid}) at {now}"
+
+
+def _printable(name):
+    """A client's user name as the logs and notes may show it: whatever it holds that does not
+    print (a newline forging a log line, an escape sequence for a terminal) written as an escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
