@@ -11,6 +11,8 @@ import os
 import re
 import tomllib
 
+import psutil
+
 from cmactor.errors import ConfigError
 from cmactor.wire.protocol import MAX_FRAME, NAME_RE
 
@@ -162,9 +164,12 @@ def _address(where, value):
     return value
 
 
-# memory_max, written as systemd's MemoryMax=: bytes, K/M/G/T of 1024, or "infinity".
-_SIZE = re.compile(r"([0-9]+)([KMGT]?)\Z")
+# memory_max, written as systemd's MemoryMax=: bytes, K/M/G/T of 1024 (a fraction with a
+# suffix: "1.5G"), a percent of the machine's memory ("50%"), or "infinity".
+_SIZE = re.compile(r"(?:([0-9]+)|([0-9]+\.[0-9]+)(?=[KMGT]))([KMGT]?)\Z")
+_PERCENT = re.compile(r"([0-9]+(?:\.[0-9]+)?)%\Z")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_MEMORY_MAX_MAX = 2**63 - 1  # what cgroup's memory.max and the kernel take
 # Below this no worker can run (a Python interpreter alone takes ~10 MiB): a smaller limit
 # is most likely a bare number meant as MiB, which systemd too would take as bytes.
 MIN_MEMORY_MAX = 1024**2
@@ -175,17 +180,23 @@ def _memory(where, value):
     if value is None or value == "infinity":
         return value
     match = _SIZE.match(value) if isinstance(value, str) else None
+    percent = _PERCENT.match(value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         size = value
     elif match:
-        size = int(match[1]) * _UNITS[match[2]]
+        size = int(float(match[1] or match[2]) * _UNITS[match[3]])
+    elif percent and float(percent[1]) <= 100:
+        size = int(psutil.virtual_memory().total * float(percent[1]) / 100)
     else:
         raise ConfigError(
             f"{where}: expected a size as systemd's MemoryMax= takes it: a number of bytes, a string of digits "
-            f'with a K, M, G or T suffix (base 1024: "256M"), or "infinity" (no limit); got {value!r}'
+            f'with a K, M, G or T suffix (base 1024: "256M", "1.5G"), a percent of the machine\'s memory up to '
+            f'100 ("50%"), or "infinity" (no limit); got {value!r}'
         )
+    if size > _MEMORY_MAX_MAX:
+        raise ConfigError(f'{where}: {value!r} is more than any machine has; give a size, or "infinity" for no limit')
     if size < MIN_MEMORY_MAX:
-        bare = size and (match is None or not match[2])  # no suffix: perhaps MiB were meant
+        bare = size and (isinstance(value, int) or (match is not None and not match[3]))  # no suffix: perhaps MiB
         hint = f' (a bare number is bytes, as in systemd: "{size}M" is {size} MiB)' if bare else ""
         raise ConfigError(f"{where}: {value!r} is {size} bytes, less than any worker needs; expected at least 1M{hint}")
     return size

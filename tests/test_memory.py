@@ -77,10 +77,15 @@ def test_an_agent_without_a_memory_max_has_the_supervisor_one_and_infinity_has_n
     assert unset.modules["m"].memory_max is None
 
 
-ACCEPTED = r'a number of bytes, a string of digits with a K, M, G or T suffix \(base 1024: "256M"\), or "infinity" \(no limit\)'
+ACCEPTED = (
+    r'a number of bytes, a string of digits with a K, M, G or T suffix \(base 1024: "256M", "1.5G"\), '
+    r'a percent of the machine\'s memory up to 100 \("50%"\), or "infinity" \(no limit\)'
+)
 
 
-@pytest.mark.parametrize("value", ["64MB", "64m", "64 M", "1.5G", "", "-1", -1, 1.5, True, ["64M"]])
+@pytest.mark.parametrize(
+    "value", ["64MB", "64m", "64 M", "1.5", "1.G", "", "-1", -1, 1.5, True, ["64M"], "150%", "%", "50 %"]
+)
 def test_a_malformed_memory_max_is_a_config_error_naming_the_key_and_what_is_accepted(supervisor, value):
     with pytest.raises(ConfigError, match=rf"agents\.m\.memory_max: expected a size .*{ACCEPTED}; got "):
         supervisor({"m": {"entry": HOG, "memory_max": value}}, start=False)
@@ -403,3 +408,11 @@ def test_cgroup_enforcement_where_none_can_be_made_is_a_startup_error_saying_why
         sup.start()
     auto = supervisor({"hog": {"entry": HOG, "memory_max": "64M"}}, state_dir=sup.state_dir + "2")
     assert auto.status()["hog"]["state"] == "READY"  # "auto" falls back to the watchdog
+
+
+def test_memory_max_takes_fractions_and_percents_as_systemd_does(supervisor):
+    sup = supervisor({"a": {"entry": HOG, "memory_max": "1.5G"}, "b": {"entry": HOG, "memory_max": "50%"}}, start=False)
+    assert sup.modules["a"].memory_max == 3 * 1024**3 // 2
+    assert sup.modules["b"].memory_max == psutil.virtual_memory().total // 2
+    with pytest.raises(ConfigError, match=r"memory_max: '99999999999T' is more than any machine has"):
+        supervisor({"m": {"entry": HOG, "memory_max": "99999999999T"}}, start=False)
