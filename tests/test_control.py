@@ -419,3 +419,11 @@ def test_a_user_name_that_does_not_print_is_escaped_in_notes_and_logs(supervisor
         log = f.read()
     assert "eve\\x1b[2J\\n2026" in log and "\x1b" not in log
     assert "\n2026-12-06 04:00:00,000 INFO    cmactor.supervisor: all fine" not in log
+
+
+def test_a_reload_says_once_what_state_a_module_is_in_and_why(supervisor):
+    sup = supervisor({"echo": echo()})
+    summary = sup.reload({"echo": echo(), "bad": {"entry": agent("broken.py:raises"), "max_restarts": 0}})
+    [entry] = [entry for entry in summary["modules"] if entry["name"] == "bad"]
+    assert (entry["change"], entry["state"], entry["ok"]) == ("added", "FAILED", False)
+    assert "entry exploded" in entry["note"] and not entry["note"].startswith("FAILED")

@@ -176,8 +176,10 @@ class Admin:
                 self._answer(waiter, user, op, mod.name, {"module": entry})
                 return
             late = f" after {self._limit:g}s" if timed_out else ""
-            wanted = "STOPPED" if goal == DOWN else "READY"
-            self._refuse(waiter, user, op, mod.name, f"module {mod.name!r} is not {wanted}{late}: {entry['note']}")
+            wanted, why = (
+                ("STOPPED", entry["note"]) if goal == DOWN else ("READY", f"{entry['state']}: {entry['note']}")
+            )
+            self._refuse(waiter, user, op, mod.name, f"module {mod.name!r} is not {wanted}{late}: {why}")
 
         self._await({mod: goal}, then)
 
@@ -405,7 +407,12 @@ class Admin:
         ok = mod.state == (STOPPED if goal == DOWN else READY)
         note = None
         if not ok:
-            note = f"it is {mod.state}" if goal == DOWN else self._lifecycle.why_not_ready(mod)
+            # The entry has the state: the note says the rest (why_not_ready starts with the state).
+            note = (
+                f"it is {mod.state}"
+                if goal == DOWN
+                else self._lifecycle.why_not_ready(mod).removeprefix(f"{mod.state}: ")
+            )
         elif mod.stays_stopped:
             note = mod.error
         return {"name": mod.name, "state": mod.state, "pid": mod.pid, "ok": ok, "note": note}
