@@ -141,14 +141,31 @@ class Row(cmfrontend.Row):
 _new_tuple = tuple.__new__
 
 
-def _flag_setter(flag: int, what: str) -> Callable[[Any], None]:
-    """A method that ORs ``flag`` into its object's ``_op_flag`` (a request's, a cursor's)."""
+class _Flagged:
+    """What a request and a cursor share: CM_FLAG_* bits in ``_op_flag``, set by name (a
+    cursor's go with every request it runs, OR-ed with the request's own)."""
 
-    def set_flag(self: Any) -> None:
+    _op_flag = 0
+
+    def _set(self, flag: int) -> None:
         self._op_flag |= flag
 
-    set_flag.__doc__ = f"Mark as {what} (CM_FLAG bit {flag:#x})."
-    return set_flag
+    def as_cli(self) -> None:
+        """A CLI request: the agent's notify_cli text comes back."""
+        self._set(CM_FLAG_CLI)
+
+    def as_snmp(self) -> None:
+        self._set(CM_FLAG_SNMP)
+
+    def as_ovsdb(self) -> None:
+        self._set(CM_FLAG_OVSDB)
+
+    def as_epicenter(self) -> None:
+        self._set(CM_FLAG_EPICENTER)
+
+    def dynamic(self) -> None:
+        """A request for dynamic (not configured) rows."""
+        self._set(CM_FLAG_DYNAMIC)
 
 
 def _check_name(what: str, value: object, given: str) -> None:
@@ -239,7 +256,7 @@ if TYPE_CHECKING:
     _ColumnLike = str | Column | tuple[str, str, str] | tuple[Table | tuple[str, str], str]
 
 
-class Request:
+class Request(_Flagged):
     """One GET or SET, built with add_index / add_param / add_field.
 
     ``tables`` lists the tables its columns name, in the order seen; the first is the
@@ -322,12 +339,6 @@ class Request:
     def set_vr_name(self, name: str | None) -> None:
         """The virtual router the agent sees as ctx.vr_name (over the cursor's)."""
         self.vr_name = name
-
-    as_cli = _flag_setter(CM_FLAG_CLI, "a CLI request: the agent's notify_cli text comes back")
-    as_snmp = _flag_setter(CM_FLAG_SNMP, "an SNMP request")
-    as_ovsdb = _flag_setter(CM_FLAG_OVSDB, "an OVSDB request")
-    as_epicenter = _flag_setter(CM_FLAG_EPICENTER, "an EPICenter request")
-    dynamic = _flag_setter(CM_FLAG_DYNAMIC, "a request for dynamic (not configured) rows")
 
     def copy(self) -> Request:
         """A request built the same, changed without changing this one."""
@@ -454,7 +465,7 @@ class _Walk:
         return rows
 
 
-class Cursor:
+class Cursor(_Flagged):
     """Runs requests and hands out the rows of the last one.
 
     ``retries`` / ``retry_timeout``: on ModuleUnavailable, send again, held by the
@@ -476,7 +487,6 @@ class Cursor:
         self.rowcount = -1  # as the original: a walk's length is known only once read
         self.rownumber: int | None = None  # rows of the result handed out; None before an execute()
         self.closed = False
-        self._op_flag = 0  # OR-ed into every request this cursor runs
         self._reset()
 
     def _reset(self) -> None:
@@ -484,14 +494,6 @@ class Cursor:
         self._first: dict[str, str] | None = None  # the first row's field_values, for description
         self._is_set = False
         self.rownumber = None
-
-    # -- flags, OR-ed into every request this cursor runs ---------------------------
-
-    as_cli = _flag_setter(CM_FLAG_CLI, "a CLI request: the agent's notify_cli text comes back")
-    as_snmp = _flag_setter(CM_FLAG_SNMP, "an SNMP request")
-    as_ovsdb = _flag_setter(CM_FLAG_OVSDB, "an OVSDB request")
-    as_epicenter = _flag_setter(CM_FLAG_EPICENTER, "an EPICenter request")
-    dynamic = _flag_setter(CM_FLAG_DYNAMIC, "a request for dynamic (not configured) rows")
 
     # -- executing -------------------------------------------------------
 

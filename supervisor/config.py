@@ -52,7 +52,11 @@ def _text(where, value):
 
 
 def _path(where, value):
-    return None if value is None else os.fspath(_text(where, os.fspath(value)))
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):  # os.fspath would raise a bare TypeError
+        raise ConfigError(f"{where}: expected a non-empty string, got {value!r}")
+    return _text(where, os.fspath(value))
 
 
 def _dirs(where, value):

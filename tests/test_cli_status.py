@@ -339,3 +339,20 @@ def test_config_reaches_the_running_supervisor_while_the_file_is_edited_for_a_re
     finally:
         run.stop()
     assert not (tmp_path / ".cmactor.toml.socket").exists()
+
+
+def test_config_whose_socket_keys_are_wrong_is_one_line_naming_the_key(tmp_path):
+    config = tmp_path / "cmactor.toml"
+    config.write_text('[supervisor]\nstate_dir = 5\n[agents.echo]\nentry = "x:main"\n')
+    result = cli("-c", config, "status")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"cmactor: ConfigError: {config}: [supervisor].state_dir: expected a non-empty string, got 5\n"
+    )
+    checked = cli("check", config)  # the whole file, as run reads it
+    assert checked.returncode == 1 and f"{config}:2: [supervisor].state_dir: expected a non-empty" in checked.stderr
+    config.write_text("[supervisor\n")
+    broken = cli("-c", config, "status")
+    assert broken.returncode == 1 and broken.stderr.startswith(
+        f"cmactor: ConfigError: config file {config} is not valid TOML"
+    )
