@@ -71,6 +71,9 @@ class CmContext:
     # Defaults on the class: __init__ sets only what differs, since it runs for every
     # request before the reply can go out.
     vr_name: str | None = None
+    # True while the node runs as a hot standby of a cluster ([ha]): the agent keeps its
+    # config and answers reads, but must not touch hardware; it turns False at a takeover.
+    is_standby: bool = False
     is_async: bool = False
     is_save: bool = False
     is_load: bool = False

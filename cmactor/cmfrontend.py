@@ -11,6 +11,14 @@ supervisor gives for it on first use (the ``route`` op). Anything else, a read
 the worker sends back (``redirect``: the module is not READY there), and a read
 whose worker socket fails (the worker died, say: reads can be sent twice) goes
 to the supervisor, which holds it as it holds any request.
+
+Hot standby: given several sockets (a list, or ``CMACTOR_SOCKET`` holding paths
+separated by ``os.pathsep``), a Connection asks each in turn for its place in the
+cluster (the ``ha`` op) and uses the first that is active (or runs without HA). A
+request whose connection breaks, or that a standby refuses (NotActive), is sent
+again, the same map, to the active found anew within ``failover_timeout``
+seconds; each set and setop carries a token of its own, so that the supervisors
+apply it once however often it is sent. One socket: none of this, not a step of it.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import re
 import socket as _socket
 import threading
 import time
+import uuid
 from collections import deque, namedtuple
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -34,6 +43,7 @@ from cmactor.errors import (  # re-exported: PEP 249 puts these on the module
     InterfaceError as InterfaceError,
     InternalError as InternalError,
     ModuleUnavailable as ModuleUnavailable,
+    NotActive as NotActive,
     NotSupportedError as NotSupportedError,
     OperationalError as OperationalError,
     ProgrammingError as ProgrammingError,
@@ -70,6 +80,15 @@ _READ_OPS = frozenset(P.READ_OPS)
 ROUTE_RETRY = 1.0
 _NO_ROUTE = "no route"  # a module whose worker has no socket of its own (direct_reads off)
 
+# Several sockets (hot standby): seconds to find the active, at first and after a failure;
+# the pauses between rounds of asking every socket; and the longest one question may
+# take (a supervisor that accepts and never answers is not waited for past it).
+FAILOVER_TIMEOUT = 10.0
+FAILOVER_PAUSES = (0.05, 0.2)
+HA_QUESTION_TIMEOUT = 2.0
+_WRITE_OPS = frozenset(P.WRITE_OPS)
+SERVES_WRITES = ("active", "single")  # the roles whose supervisor takes sets
+
 if TYPE_CHECKING:
 
     class Row(NamedTuple):
@@ -84,25 +103,40 @@ else:
     Row = namedtuple("Row", "rowid opStatus opMsg field_values")
 
 
-def default_socket() -> str:
-    return os.environ.get("CMACTOR_SOCKET") or DEFAULT_SOCKET
+def default_socket() -> str | list[str]:
+    """``$CMACTOR_SOCKET``, else DEFAULT_SOCKET: a path, or the paths of a hot-standby
+    cluster's supervisors when it holds several separated by ``os.pathsep``."""
+    value = os.environ.get("CMACTOR_SOCKET")
+    if not value:
+        return DEFAULT_SOCKET
+    if os.pathsep in value:
+        paths = [path for path in value.split(os.pathsep) if path]
+        if len(paths) > 1:
+            return paths
+        return paths[0] if paths else DEFAULT_SOCKET
+    return value
 
 
 def connect(
     username: str = "admin",
     print_callback: Callable[[str], object] | None = None,
-    socket: str | PathLike[str] | None = None,
+    socket: str | PathLike[str] | Sequence[str | PathLike[str]] | None = None,
     timeout: float | None = None,
+    failover_timeout: float = FAILOVER_TIMEOUT,
 ) -> Connection:
     """Open a connection to a supervisor.
 
     ``socket``: its path; default ``$CMACTOR_SOCKET`` (set inside agents, so an
-    agent reaches its own supervisor) or ``.cmactor/run/cm.sock``.
+    agent reaches its own supervisor) or ``.cmactor/run/cm.sock``. A sequence of
+    paths names the supervisors of a hot-standby cluster: the connection uses the
+    active, and follows it through a takeover.
     ``print_callback``: called with each ``notify_cli`` text as it arrives.
     ``timeout``: seconds to wait for any one reply (None: the supervisor's own
     hold and action timeouts bound the wait).
+    ``failover_timeout``: with several sockets, seconds to find the active, at
+    first and after the one in use fails or steps down; then OperationalError.
     """
-    return Connection(socket or default_socket(), username, print_callback, timeout)
+    return Connection(socket or default_socket(), username, print_callback, timeout, failover_timeout)
 
 
 # Operations already parsed: a program repeats the same few, and a regex match per
@@ -195,7 +229,8 @@ def wait_until_ready(socket_path: str | PathLike[str] | None, module: str | None
         state = None
         if module is not None:
             try:
-                with Connection(socket_path or default_socket(), timeout=max(left, 0.1)) as conn:
+                wait = max(left, 0.1)  # several sockets (no socket_path): finding the active too
+                with Connection(socket_path or default_socket(), timeout=wait, failover_timeout=wait) as conn:
                     state = conn.request({"op": "status", "module": module})["status"][module]["state"]
             except Error:
                 pass
@@ -269,16 +304,26 @@ def walk(
 
 
 class Connection:
-    """A connection to one supervisor. Use ``cursor()`` to send requests."""
+    """A connection to one supervisor (with several sockets: to their active). Use
+    ``cursor()`` to send requests."""
 
     def __init__(
         self,
-        path: str | PathLike[str],
+        path: str | PathLike[str] | Sequence[str | PathLike[str]],
         username: str = "admin",
         print_callback: Callable[[str], object] | None = None,
         timeout: float | None = None,
+        failover_timeout: float = FAILOVER_TIMEOUT,
     ) -> None:
-        self.socket_path = os.fspath(path)
+        if isinstance(path, (str, bytes, os.PathLike)):
+            paths = [os.fspath(path)]
+        else:
+            paths = [os.fspath(each) for each in path]
+            if not paths:
+                raise InterfaceError("socket= names no supervisor: give a path, or a list of paths")
+        # Every supervisor this connection may use; socket_path is the one in use.
+        self.socket_paths: list[str] = paths
+        self.socket_path = paths[0]
         self.username = str(username)
         self.print_callback = print_callback
         self._lock = threading.Lock()
@@ -289,6 +334,16 @@ class Connection:
         # failed, so that a route the supervisor has not yet seen fail is not reused.
         self._routes: dict[str, _Direct | float | str] = {}
         self._failed: dict[str, int] = {}
+        self.failover_timeout = float(failover_timeout)
+        if len(paths) > 1:
+            # Requests through the supervisor go by _failing_over instead (an attribute of
+            # this connection alone: one socket's requests take no step more for it).
+            self._brokered = self._failing_over  # type: ignore[method-assign]
+            self._session = uuid.uuid4().hex  # tokens: f"{session}-{n}", n counting this connection's changes
+            self._changes = 0
+            self.closed = False
+            self._find_active(time.monotonic() + self.failover_timeout, None)
+            return
         try:
             self._sock = _connected(self.socket_path, timeout)
         except OSError as exc:
@@ -361,6 +416,113 @@ class Connection:
             raise self._error(frame.get("error") or {}, message)
         return frame
 
+    # -- several sockets: the active, and a failover -----------------------
+
+    def _failing_over(self, message, on_notify):
+        """``request`` through the active supervisor (several sockets): a set or setop is
+        given its token, once; a request whose connection breaks, or that the supervisor
+        refuses as a standby (NotActive), or that is not answered within timeout (the active
+        may be paused), is sent again, the same map, to the active found anew within
+        failover_timeout."""
+        op = message.get("op")
+        if op in _WRITE_OPS and "token" not in message:
+            self._changes += 1
+            message["token"] = f"{self._session}-{self._changes}"
+        deadline = None
+        while True:
+            self._next_id += 1
+            rid = message["id"] = self._next_id
+            try:
+                frame = self._stream.exchange(message, rid, on_notify)
+            except TimeoutError:
+                # A paused or hung active: another may have taken over. A change resent keeps
+                # its token, so the cluster applies it once wherever it lands.
+                why = f"{self.socket_path} did not answer within timeout={self._timeout:g}s"
+            except (OSError, P.FrameError) as exc:
+                why = f"the connection to {self.socket_path} failed ({exc})"
+            else:
+                if frame.get("ok"):
+                    return frame
+                error = frame.get("error") or {}
+                if error.get("type") != "NotActive":
+                    raise self._error(error, message)
+                why = f"{self.socket_path} is not active ({_ha_words('standby', error.get('active'))})"
+            self._sock.close()  # and every route: they are the old active's workers
+            for route in self._routes.values():
+                if type(route) is _Direct:
+                    route.close()
+            self._routes.clear()
+            self._failed.clear()
+            now = time.monotonic()
+            if deadline is None:
+                deadline, pause = now + self.failover_timeout, FAILOVER_PAUSES[0]
+            elif now < deadline:  # the active found failed it too: not again at once
+                time.sleep(min(pause, deadline - now))
+                pause = min(pause * 2, FAILOVER_PAUSES[1])
+            else:  # each time, one said it was active and then failed it
+                self.closed = True
+                raise OperationalError(
+                    f"{op}: {why}; it was sent to every supervisor found active within failover_timeout="
+                    f"{self.failover_timeout:g}s, and none took it (sockets: {', '.join(self.socket_paths)}); "
+                    "see `cmactor ha` with each of them as --socket"
+                )
+            self._find_active(deadline, f"{op}: {why}")
+
+    def _find_active(self, deadline, why):
+        """Connect to the first of socket_paths whose supervisor is active (or runs without
+        HA), asking each in turn until ``deadline``; else close this connection and raise
+        OperationalError naming each socket and what it answered (``why``: what sent it
+        looking, None at the start)."""
+        pause = FAILOVER_PAUSES[0]
+        while True:
+            answers = []
+            for path in self.socket_paths:
+                stream, answer = self._ask_ha(path, deadline)
+                if stream is not None:
+                    self.socket_path, self._sock, self._stream = path, stream.sock, stream
+                    return
+                answers.append(f"{path}: {answer}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, FAILOVER_PAUSES[1])
+        self.closed = True  # nothing is open: the caller closed the old socket and its routes
+        start = f"{why}; then " if why else ""
+        raise OperationalError(
+            f"{start}no active cmactor supervisor among {len(self.socket_paths)} sockets within "
+            f"failover_timeout={self.failover_timeout:g}s ({'; '.join(answers)}); start one, or wait for a "
+            "standby to take over (raise failover_timeout to wait longer)"
+        ) from None
+
+    def _ask_ha(self, path, deadline):
+        """(a _Stream to it, with this connection's timeout, its answer) if the supervisor at
+        ``path`` serves writes; else (None, what it answered)."""
+        wait = max(0.1, min(deadline - time.monotonic(), HA_QUESTION_TIMEOUT))
+        if self._timeout is not None:
+            wait = min(wait, self._timeout)
+        try:
+            sock = _connected(path, wait)
+        except OSError as exc:
+            return None, _oserror_words(exc)
+        self._next_id += 1
+        rid = self._next_id
+        stream = _Stream(sock, "supervisor")
+        try:
+            frame = stream.exchange({"id": rid, "op": "ha", "user": self.username}, rid, None)
+        except TimeoutError:
+            sock.close()
+            return None, f"no answer within {wait:g}s"
+        except (OSError, P.FrameError) as exc:
+            sock.close()
+            return None, _oserror_words(exc) if isinstance(exc, OSError) else str(exc)
+        usable, answer = ha_answer(frame)
+        if not usable:
+            sock.close()
+            return None, answer
+        sock.settimeout(self._timeout)
+        return stream, answer
+
     def _route(self, module):
         """The _Direct to read ``module`` from, or None: read it through the supervisor."""
         route = self._routes.get(module)
@@ -430,6 +592,37 @@ class Connection:
             exc.module_name = message.get("module")
             exc.socket_path = self.socket_path
         return exc
+
+
+def ha_answer(frame: _Message) -> tuple[bool, str]:
+    """What a reply to the ``ha`` op says of its supervisor: (whether it serves writes,
+    its role in words). A supervisor without HA (role "single", a reply with no ``ha``,
+    or one so old it refuses the op as unknown) serves them."""
+    if frame.get("ok"):
+        ha = frame.get("ha")
+        if type(ha) is not dict:
+            return True, "single"
+        role = ha.get("role")
+        return role in SERVES_WRITES, _ha_words(role, ha.get("active"))
+    error = frame.get("error") or {}
+    message = str(error.get("message", ""))
+    if error.get("type") == "ProgrammingError" and message.startswith("unknown op"):
+        return True, "single (it knows no ha op)"
+    return False, f"{error.get('type', 'error')}: {message}"
+
+
+def _ha_words(role, active):
+    """A supervisor's place in words: "active", "standby, active is nodeB", ..."""
+    role = str(role)
+    if role in SERVES_WRITES:
+        return role
+    return f"{role}, active is {active}" if active else f"{role}, no active known"
+
+
+def _oserror_words(exc):
+    """An OSError as the answer of a socket: its strerror in lower case ("connection refused")."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _connected(path, timeout):

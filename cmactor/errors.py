@@ -1,8 +1,8 @@
 """One exception tree for clients, agents and the supervisor.
 
 The client-facing part follows PEP 249; errors cross the wire as
-``{"type": <class name>, "message": <text>}`` and are rebuilt on the other side
-with :func:`from_wire`.
+``{"type": <class name>, "message": <text>}`` (a NotActive adds ``"active"``) and
+are rebuilt on the other side with :func:`from_wire`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "InterfaceError",
     "InternalError",
     "ModuleUnavailable",
+    "NotActive",
     "NotSupportedError",
     "OperationalError",
     "ProgrammingError",
@@ -111,6 +112,20 @@ class DeadlockDetectedError(OperationalError):
     """Admitting the request would close a cycle of lanes waiting on each other."""
 
 
+class NotActive(OperationalError):
+    """This supervisor is a standby of a hot-standby cluster: it answers reads from its
+    copy, and refuses what would change the config (set, setop, save).
+
+    ``active`` is the node name of the cluster's active supervisor, None if it is not
+    known (a takeover under way). A client given several sockets finds the active and
+    sends the request there itself; with one socket, send it to the active's.
+    """
+
+    def __init__(self, message: object = "", active: str | None = None) -> None:
+        super().__init__(message)
+        self.active: str | None = active
+
+
 class ConfigError(ValueError):
     """The supervisor's configuration (TOML file or embedding arguments) is invalid.
 
@@ -142,6 +157,7 @@ WIRE_ERRORS = {
         NotSupportedError,
         ModuleUnavailable,
         DeadlockDetectedError,
+        NotActive,
     )
 }
 
@@ -159,7 +175,15 @@ def to_wire(exc_type, message):
     return {"type": exc_type.__name__, "message": str(message)}
 
 
+def not_active_wire(message, active):
+    """The wire form of a NotActive: to_wire's map and ``active``, the active's node name (None: not known)."""
+    return {"type": "NotActive", "message": str(message), "active": active}
+
+
 def from_wire(error):
     """Rebuild the exception a wire error names; unknown names become DatabaseError."""
     cls = WIRE_ERRORS.get(error.get("type"), DatabaseError)
+    if cls is NotActive:
+        active = error.get("active")
+        return NotActive(error.get("message", "unknown error"), active if type(active) is str else None)
     return cls(error.get("message", "unknown error"))

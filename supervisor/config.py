@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import socket
 import tomllib
 
 import psutil
@@ -298,6 +299,66 @@ EXOS_OPTIONS = {
 }
 
 
+def _endpoints(where, value):
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f'{where}: expected a list of etcd client endpoints, like ["10.0.0.1:2379"], got {value!r}')
+    for endpoint in value:
+        parse_address(where, endpoint.removeprefix("http://") if isinstance(endpoint, str) else endpoint)
+    return list(value)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def _name(where, value):
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"{where}: expected a name of letters, digits, '.', '_' and '-' (at most 64, a letter or digit first), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _lease_ttl(where, value):
+    if type(value) is not int or value < 1:
+        raise ConfigError(f"{where}: expected whole seconds, at least 1 (etcd leases count in seconds), got {value!r}")
+    return value
+
+
+def _txn_ops(where, value):
+    if type(value) is not int or value < 8:
+        raise ConfigError(f"{where}: expected an integer of at least 8 (etcd's --max-txn-ops), got {value!r}")
+    return value
+
+
+def _request_bytes(where, value):
+    if type(value) is not int or value < 64 * 1024:
+        raise ConfigError(
+            f"{where}: expected bytes, at least 65536 (etcd's --max-request-bytes, 1572864 by default), got {value!r}"
+        )
+    return value
+
+
+# The [ha] table: this supervisor is a node of a cluster kept in etcd (cmsupervisor/ha).
+HA_OPTIONS = {
+    "etcd": (_endpoints, REQUIRED),  # the etcd cluster's client endpoints, "host:port"
+    "cluster": (_name, REQUIRED),  # the key prefix the cluster's nodes share
+    "node": (_name, None),  # this node's name, unique in the cluster; None: the host's name
+    "lease_ttl": (_lease_ttl, 2),  # seconds a dead active holds the lead before a standby takes over
+    "etcd_timeout": (_positive_number, 2.0),  # seconds an etcd request may take, every endpoint tried
+    "max_txn_ops": (_txn_ops, 128),  # etcd's --max-txn-ops
+    "max_request_bytes": (_request_bytes, 1572864),  # etcd's --max-request-bytes
+}
+
+
+def ha_options(where, raw, problems=None):
+    """The [ha] table ``raw``, checked, the node named (the host's name by default)."""
+    options = validate(where, raw, HA_OPTIONS, problems, ("ha",))
+    if options.get("node") is None:
+        options["node"] = _name(f"{where}.node (the host's name)", socket.gethostname().partition(".")[0])
+    return options
+
+
 class Problems:
     """Every error found in one config file, each told with its line where the file shows it.
 
@@ -503,8 +564,8 @@ def socket_options(path):
 
 
 def load_toml(path):
-    """Read a cmactor.toml: returns (supervisor options, agents options, base dir). The
-    [exos] path directories are in each agent's exos_path, after its own."""
+    """Read a cmactor.toml: returns (supervisor options, agents options, base dir, the [ha]
+    options or None). The [exos] path directories are in each agent's exos_path, after its own."""
     path = os.path.abspath(path)
     try:
         with open(path, "rb") as f:
@@ -519,10 +580,13 @@ def load_toml(path):
     # Every table is checked, and every error named at once (Problems): a file with four
     # mistakes takes one run to fix, not four.
     problems = Problems(path, text)
-    for extra in sorted(set(data) - {"supervisor", "exos", "agents"}):
-        close = difflib.get_close_matches(extra, ["supervisor", "exos", "agents"], n=1)
+    tables = ["supervisor", "exos", "agents", "ha"]
+    for extra in sorted(set(data) - set(tables)):
+        close = difflib.get_close_matches(extra, tables, n=1)
         hint = f"did you mean [{close[0]}]? " if close else ""
-        error = ConfigError(f"{path}: unknown table [{extra}]; {hint}expected [supervisor], [exos] and [agents.NAME]")
+        error = ConfigError(
+            f"{path}: unknown table [{extra}]; {hint}expected [supervisor], [exos], [ha] and [agents.NAME]"
+        )
         problems.note(error, (extra,))
     base_dir = os.path.dirname(path)
     options = _table(
@@ -545,8 +609,11 @@ def load_toml(path):
         ("agents",),
         lambda: agents_config(data.get("agents"), base_dir, f"{path}: [agents]", exos_path, problems),
     )
+    ha = None
+    if "ha" in data:
+        ha = _table(problems, ("ha",), lambda: ha_options(f"{path}: [ha]", data["ha"], problems))
     problems.check()
-    return options, agents, base_dir
+    return options, agents, base_dir, ha
 
 
 def _table(problems, table, check):

@@ -178,13 +178,28 @@ class Supervisor:
         self._loop = None
         self._lock = None  # state.StateLock while started
         self._control = None  # control.Control, once built
+        # Under [ha] (cmsupervisor.ha.Node): the node's part in its cluster, and what writes
+        # the cluster's config into the state_dir once it is locked and before it is read.
+        self.replica = None
+        self.before_open: Callable[[], object] | None = None
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Unpack[TomlOverrides]) -> Self:
         """A supervisor configured by a cmactor.toml; keyword arguments override [supervisor] keys."""
-        options, agents, base_dir = load_toml(path)
-        options.update(overrides)
-        sup = cls(agents, base_dir=base_dir, **options)
+        options, agents, base_dir, ha = load_toml(path)
+        if ha is not None:
+            raise ConfigError(
+                f"{path} has an [ha] table: its supervisor is a node of a cluster; run it with `cmactor run`, "
+                "or embed it with cmsupervisor.ha.Node.from_toml()"
+            )
+        return cls.configured(path, options, agents, base_dir, overrides)
+
+    @classmethod
+    def configured(
+        cls, path: str | os.PathLike[str], options: dict[str, Any], agents: Any, base_dir: str, overrides: Any
+    ) -> Self:
+        """A supervisor of what load_toml() read from ``path``, ``overrides`` over its keys."""
+        sup = cls(agents, base_dir=base_dir, **{**options, **overrides})
         sup.config_file = os.path.abspath(path)
         # Only the [supervisor] keys: the others (ignore_config, recover) are Supervisor()'s own.
         sup._overrides = {key: value for key, value in overrides.items() if key in SUPERVISOR_OPTIONS}
@@ -214,6 +229,8 @@ class Supervisor:
         # Nothing in it is read, renamed or created before its lock is held.
         self._lock = state.lock(self.state_dir, 0o711 if self.options["allowed_uids"] else 0o700)
         try:
+            if self.before_open is not None:
+                self.before_open()
             sections, listening = self._open_state()
         except BaseException:
             self._lock.release()
@@ -357,6 +374,9 @@ class Supervisor:
         self._logs.schedule = loop.after_output
         router.on_journal_failure = recovery.reload
         router.on_journal_full = saver.compact
+        if self.replica is not None:
+            router.replica = saver.replica = control.replica = self.replica
+            self.replica.wire(loop, modules, router, saver.section)
         if self.notifier is not None:
             self.notifier.watch(loop, modules)
             lifecycle.on_stop = self.notifier.stopping
@@ -540,7 +560,7 @@ class Supervisor:
                 "this supervisor was not made from a config file (Supervisor.from_toml): pass the new agents "
                 "to reload(agents)"
             )
-        options, checked, _ = load_toml(self.config_file)
+        options, checked, _, _ = load_toml(self.config_file)
         options = supervisor_options(f"{self.config_file}: [supervisor]", {**options, **self._overrides})
         return checked, [key for key, value in options.items() if value != self.options[key]]
 
@@ -591,6 +611,8 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.close()
         state.close_journals(self.modules)
+        if self.replica is not None:
+            self.replica.close()
         self._lock.release()  # last: the next supervisor may take the state_dir over now
         self._loop.finish()
 

@@ -143,9 +143,9 @@ class FakeJournal:
 
     def compacted(self, snapshot, save_sid, walk_start):
         self.compactions.append((snapshot, save_sid, walk_start))
-        self.drop_covered(save_sid, walk_start)
+        self.drop_covered(save_sid, walk_start, snapshot)
 
-    def drop_covered(self, save_sid, walk_start):
+    def drop_covered(self, save_sid, walk_start, base):
         """As Journal.drop_covered with every record added after the walk began an
         @async_action's: those are kept."""
         self.dropped.append((save_sid, walk_start))

@@ -119,7 +119,7 @@ def test_memory_errors_in_a_config_file_name_file_table_and_key(tmp_path):
     ):
         load_toml(path)
     path.write_text(f'[supervisor]\nmemory_max = "1G"\n[agents.m]\nentry = "{HOG}"\nmemory_max = "infinity"\n')
-    options, agents, _ = load_toml(path)
+    options, agents, _, _ = load_toml(path)
     assert options["memory_max"] == 1024 * MIB and agents["m"]["memory_max"] == "infinity"
 
 

@@ -201,7 +201,7 @@ def test_a_save_walk_covers_the_serial_changes_sent_before_it_and_no_async_one_a
     journal.append("setop", "kv", {"key": "async"}, sid=8, is_async=True)  # ran beside the walk
     journal.append("set", "kv", {"key": "after"}, sid=12)  # sent once the walk was over
     assert journal.covered(10, walk_start) == [True, True, False, False]
-    journal.drop_covered(10, walk_start)
+    journal.drop_covered(10, walk_start, b"{}")
     assert [r[2]["key"] for r in journal.records] == ["async", "after"]
     assert [r[2]["key"] for r in J.read(journal.path)] == ["async", "after"]
     journal.close()

@@ -25,10 +25,15 @@ READ_SIZE = 65536
 # Operations a client may send. "getone" is the original platform's name for get.
 DATA_OPS = ("get", "getone", "getnext", "set", "setop")
 # stop, start and restart with a "module" are an operator's (supervisor/supervision/admin.py);
-# stop without one stops the supervisor.
-CONTROL_OPS = ("status", "save", "stop", "start", "restart", "reload", "ping", "export", "route")
+# stop without one stops the supervisor. ha: this node's place in a hot-standby cluster
+# (its role, and which node is active), what a client given several sockets asks each.
+CONTROL_OPS = ("status", "save", "stop", "start", "restart", "reload", "ping", "export", "route", "ha")
 # Data ops a client may send straight to the module's worker (cmactor/worker/direct.py).
 READ_OPS = ("get", "getone", "getnext")
+
+# Data ops that change the config: a standby refuses them (NotActive), and a client given
+# several sockets marks each with a "token", so that a resend after a takeover applies it once.
+WRITE_OPS = ("set", "setop")
 
 # op -> action method suffix: get, getone and getnext all read through <table>_get.
 ACTION_SUFFIX = {"get": "get", "getone": "get", "getnext": "get", "set": "set", "setop": "setop"}
@@ -93,6 +98,12 @@ class Save(_Message, tag=4):
 
 class Ping(_Message, tag=5):
     """Are you alive? Answered with a Pong by whichever lane thread reads."""
+
+
+class Role(_Message, tag=6):
+    """The node's role in its cluster ([ha]): ``standby`` while it follows the active (ctx.is_standby)."""
+
+    standby: bool
 
 
 class Cancel(_Message, tag=7):
@@ -175,7 +186,7 @@ class Dirty(_Message, tag=19):
 
 # One decoder reads every kind (to the worker, then to the supervisor), each told apart by its tag.
 CHANNEL = msgspec.msgpack.Decoder(
-    (Req | Load | Stop | Save | Ping | Cancel)
+    (Req | Load | Stop | Save | Ping | Role | Cancel)
     | (Init | Ready | Reply | Notify | Log | Fatal | Loaded | Saved | Pong | Dirty)
 )
 

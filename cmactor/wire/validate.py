@@ -19,6 +19,7 @@ values (tests/test_units.py compares them).
 """
 
 import math
+import re
 import reprlib
 import socket
 import struct
@@ -36,6 +37,10 @@ _PEERCRED = struct.Struct("3i")
 MAX_HOLD = 86400.0
 MAX_BATCH = 100000  # rows of one getnext batch
 MAX_WALK_COLUMNS = 64  # index or match columns of one walk: real tables have a handful
+# A set's or setop's token, the client's key for "apply this change once" (a resend after
+# a takeover carries the same one): printable ASCII, no spaces, at most MAX_TOKEN long.
+MAX_TOKEN = 128
+_TOKEN_RE = re.compile(rf"[!-~]{{1,{MAX_TOKEN}}}")
 
 # Client data in error messages goes through this bounded repr: a builtin repr of a
 # value nested 1000 deep raises RecursionError, and a long one would be sent back whole.
@@ -78,10 +83,11 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A client's request, checked (decode_request, parse_request).
 
     A data request (P.DATA_OPS) has its module and table, params (a dict), after (a
-    non-empty dict, or None) and batch. A control request has the fields its op reads
-    (module, modules, caller, user; a restart's kill, all and rolling); the rest are at
-    their defaults, or hold what passed their types and is read by nobody. A key not
-    listed here sends the request through the hand check, which lets unknown keys pass.
+    non-empty dict, or None) and batch; a set or setop may have a token. A control
+    request has the fields its op reads (module, modules, caller, user; a restart's kill,
+    all and rolling); the rest are at their defaults, or hold what passed their types
+    and is read by nobody. A key not listed here sends the request through the hand
+    check, which lets unknown keys pass.
     """
 
     id: int
@@ -103,6 +109,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     kill: bool | None = None
     all: bool | None = None
     rolling: bool | None = None
+    token: str | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(Request)
@@ -110,6 +117,7 @@ _decoder = msgspec.msgpack.Decoder(Request)
 _NAMED_OPS = frozenset(("restart", "start", "route"))
 _NAMING_OPS = frozenset(("status", "stop"))
 _DATA_OPS = frozenset(P.DATA_OPS)
+_WRITE_OPS = frozenset(P.WRITE_OPS)
 _OPS = frozenset(P.DATA_OPS + P.CONTROL_OPS)
 
 
@@ -132,6 +140,9 @@ def _keeps_the_rest(request):
     decoded: True if it keeps them (a data request's params and after are then filled
     in as parse_request fills them in)."""
     op = request.op
+    token = request.token
+    if token is not None and (op not in _WRITE_OPS or not _TOKEN_RE.fullmatch(token)):
+        return False
     if op not in _DATA_OPS:
         if op == "restart" and (request.all or request.rolling):
             return bool(request.all) and request.module is None
@@ -180,6 +191,9 @@ def parse_request(msg):
     user = msg.get("user", "")
     if type(user) is not str:
         raise BadRequest(rid, ProgrammingError, f"'user' must be a str, got {type(user).__name__}")
+    token = msg.get("token")
+    if token is not None:
+        _token(rid, op, token)
     if op not in _DATA_OPS:
         module = modules = kill = every = rolling = None
         if op == "restart":
@@ -264,6 +278,7 @@ def parse_request(msg):
         hold=hold,
         caller=_caller(rid, msg.get("caller")),
         method=method,
+        token=token,
     )
 
 
@@ -330,6 +345,20 @@ def _name(rid, op, key, value):
     if not _is_name(value):
         raise BadRequest(rid, ProgrammingError, f"{op}: bad {key} name {_show(value)}")
     return value
+
+
+def _token(rid, op, token):
+    """A set's or setop's 'token', or BadRequest."""
+    if op not in _WRITE_OPS:
+        raise BadRequest(
+            rid, ProgrammingError, f"'token' goes with a set or setop (the key that applies it once); {op} takes none"
+        )
+    if type(token) is not str or not _TOKEN_RE.fullmatch(token):
+        raise BadRequest(
+            rid,
+            ProgrammingError,
+            f"'token' must be a str of 1 to {MAX_TOKEN} printable ASCII characters without spaces, got {_show(token)}",
+        )
 
 
 def _flag(rid, op, key, value):

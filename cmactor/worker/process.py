@@ -177,6 +177,8 @@ class Runtime:
                 elif kind is P.Save:
                     self._lanes.save_read()  # from now on direct reads queue behind it
                     serial.append(Work(msg, None, SUPERVISOR))
+                elif kind is P.Role:
+                    cmbackend.CmContext.is_standby = msg.standby
                 elif kind is P.Ping:
                     self.send(P.Pong())  # from the reading thread: alive as long as a lane thread runs
                 elif kind is P.Cancel:

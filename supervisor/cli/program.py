@@ -9,7 +9,10 @@ Output is a table, or JSON with ``--format json``. Errors print one line on stde
 statuses are EXIT_* below (``status``, as ``supervisorctl status`` and LSB's status
 actions: 3 when a module is not READY, 4 for a module the supervisor does not run).
 What comes from data (values, notes, notify_cli text, error messages) is escaped
-where it goes to a terminal (terminal.py). ``getnext --max-rows N`` shows a page;
+where it goes to a terminal (terminal.py). ``--socket`` given more than once (or
+``$CMACTOR_SOCKET`` holding paths separated by ``os.pathsep``) names the supervisors
+of a hot-standby cluster: commands talk to the active, and ``ha`` shows each one's
+role. ``getnext --max-rows N`` shows a page;
 when the table goes on, a line on stderr gives the next page's command. ``logs``
 shows a module's log (tail.py); ``export`` and ``apply`` write and replay config as
 commands (commands.py).
@@ -37,6 +40,7 @@ from cmactor.wire.protocol import DATA_OPS
 from cmsupervisor.cli import commands, status, tail, terminal
 from cmsupervisor.config import load_toml, socket_options
 from cmsupervisor.front.server import default_socket_path, socket_pointer
+from cmsupervisor.ha.node import Node
 from cmsupervisor.observability import SUPERVISOR_LOG, notify
 from cmsupervisor.persistence import journal, store
 from cmsupervisor.persistence.store import StoreError
@@ -65,8 +69,9 @@ def config_file(args):
 
 
 def resolve_socket(args):
+    """The supervisor's socket path, or the paths of a hot-standby cluster's (a list)."""
     if args.socket:
-        return args.socket
+        return args.socket[0] if len(args.socket) == 1 else list(args.socket)
     config = config_file(args)
     if config is None:
         return cmfrontend.default_socket()
@@ -218,9 +223,14 @@ def cmd_run(args):
         overrides["state_dir"] = os.path.abspath(args.state_dir)
     if args.log_level:
         overrides["log_level"] = args.log_level
-    sup = cmactor.Supervisor.from_toml(
-        args.config_file, ignore_config=args.ignore_config, recover=not args.saved_only, **overrides
-    )
+    if load_toml(args.config_file)[3] is None:
+        sup = cmactor.Supervisor.from_toml(
+            args.config_file, ignore_config=args.ignore_config, recover=not args.saved_only, **overrides
+        )
+    else:  # a node of a cluster: active or hot standby (cmsupervisor/ha)
+        sup = Node.from_toml(
+            args.config_file, ignore_config=args.ignore_config, recover=not args.saved_only, **overrides
+        )
     logging.basicConfig(
         level=sup.options["log_level"], format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -345,7 +355,8 @@ def next_page_hint(args, params, index, last, shown):
         options = []
     words = ["cmactor"]
     if args.socket:
-        words += ["--socket", args.socket]
+        for path in args.socket:
+            words += ["--socket", path]
     elif args.config:
         words += ["-c", args.config]
     words += ["getnext", args.target]
@@ -389,6 +400,70 @@ def cmd_status(args):
             f"(last: {audit['log_error']})"
         )
     return 0 if all(entry["state"] == "READY" for entry in modules.values()) else EXIT_NOT_READY
+
+
+# -- a hot-standby cluster's roles ---------------------------------------------
+
+HA_COLUMNS = ("socket", "node", "role", "active", "in_sync", "revision", "note")
+HA_TIMEOUT = 5.0  # seconds each supervisor has to answer `cmactor ha`
+# What a supervisor that refuses the ha op as unknown (a cmactor from before hot standby)
+# runs as: on its own, as a supervisor without HA says.
+OLDER_HA = {"node": None, "role": "single", "active": None, "in_sync": True, "revision": 0}
+
+
+def _ask_ha(args, path):
+    """The ``ha`` object of the supervisor at ``path``, and a note (None, or what it is
+    for a supervisor without hot standby); Error when it cannot be asked."""
+    try:
+        with cmactor.connect(username=args.user, socket=path, timeout=HA_TIMEOUT) as conn:
+            reply = conn.request({"op": "ha"})
+    except ProgrammingError as exc:
+        if not str(exc).startswith("unknown op"):
+            raise
+        return dict(OLDER_HA), "knows no ha op (a cmactor from before hot standby): runs without HA"
+    ha = reply.get("ha")
+    if type(ha) is not dict:
+        return dict(OLDER_HA), "says nothing of HA: runs without it"
+    return ha, None
+
+
+def cmd_ha(args):
+    target = resolve_socket(args)
+    if isinstance(target, str):
+        # One supervisor: one that cannot be asked is an error (exit 1), as for every command.
+        answers = [(target, *_ask_ha(args, target))]
+    else:
+        answers = []
+        for path in target:
+            try:
+                ha, note = _ask_ha(args, path)
+            except Error as exc:  # a row that says why
+                ha, note = None, f"{type(exc).__name__}: {exc}"
+            answers.append((path, ha, note))
+    if args.format == "json" and isinstance(target, str):
+        print(json.dumps(answers[0][1], indent=2))
+    elif args.format == "json":
+        shown = [
+            {"socket": path, **ha} if ha is not None else {"socket": path, "error": note} for path, ha, note in answers
+        ]
+        print(json.dumps(shown, indent=2))
+    else:
+        rows = []
+        for path, ha, note in answers:
+            if ha is None:
+                rows.append([path, None, None, None, None, None, f"unreachable: {note}"])
+            else:
+                rows.append([path, *(ha.get(column) for column in HA_COLUMNS[1:-1]), note])
+        print_table(HA_COLUMNS, rows)
+    if any(ha is not None and ha.get("role") in cmfrontend.SERVES_WRITES for _, ha, _ in answers):
+        return 0
+    sys.stdout.flush()
+    which = "the supervisor asked is not" if len(answers) == 1 else f"none of the {len(answers)} supervisors asked is"
+    terminal.say(
+        f"cmactor: no supervisor is active: {which} active or single; a takeover may be under way: ask again in "
+        "a few seconds, and if it lasts, check the standbys' HA settings and that they reach etcd"
+    )
+    return EXIT_NOT_READY
 
 
 def cmd_save(args):
@@ -509,7 +584,7 @@ def _log_path(args):
             raise OperationalError(
                 f"{exc}; for the logs of a supervisor that is not running, name its config file with -c"
             ) from None
-        options, modules, base_dir = load_toml(config)
+        options, modules, base_dir, _ = load_toml(config)
         log_dir = os.path.join(base_dir, options["state_dir"], "logs")
         who = f"{config} configures"
     else:
@@ -571,10 +646,12 @@ def _write_commands(changes):
 
 def cmd_check(args):
     """Read a config file as `cmactor run` would and name every error in it (exit 1), or say what it runs."""
-    options, agents, base_dir = load_toml(args.config_file)
+    options, agents, base_dir, ha = load_toml(args.config_file)
     state_dir = os.path.join(base_dir, options["state_dir"])
+    node = f"; node {ha['node']} of cluster {ha['cluster']} on etcd {', '.join(ha['etcd'])}" if ha else ""
     print(
-        f"{os.path.abspath(args.config_file)}: ok: {len(agents)} modules ({', '.join(agents)}), state_dir {state_dir}"
+        f"{os.path.abspath(args.config_file)}: ok: {len(agents)} modules ({', '.join(agents)}), "
+        f"state_dir {state_dir}{node}"
     )
     return 0
 
@@ -689,8 +766,10 @@ OPTIONS = {
     "socket": (
         ("--socket",),
         {
+            "action": "append",
             "metavar": "PATH",
-            "help": "the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml)",
+            "help": "the supervisor's socket (default: from --config, $CMACTOR_SOCKET, ./cmactor.toml); given "
+            "more than once, the sockets of a hot-standby cluster's supervisors: the command talks to the active",
         },
     ),
     "config": (
@@ -713,9 +792,13 @@ def _option_defaults():
     return {"socket": None, "config": None, "user": os.environ.get("USER", "admin"), "format": "table"}
 
 
-def _add_options(parser, names):
+def _add_options(parser, names, before=False):
     for name in names:
         flags, keywords = OPTIONS[name]
+        if before and keywords.get("action") == "append":
+            # The command's parser would overwrite what was given before its name (argparse
+            # copies its namespace over): kept apart, and put first by _settle.
+            keywords = {**keywords, "dest": f"{name}_before"}
         parser.add_argument(*flags, default=argparse.SUPPRESS, **keywords)
 
 
@@ -731,6 +814,10 @@ def _settle(parser, args):
     """Refuse an option given before the name of a command that does not take it, and set
     the defaults of those it takes."""
     takes = getattr(args, "takes", ())  # a command given no _options takes none
+    for name in OPTIONS:
+        before = vars(args).pop(f"{name}_before", None)  # `--socket A status --socket B`: [A, B]
+        if before is not None:
+            setattr(args, name, before + getattr(args, name, []))
     for name, default in _option_defaults().items():
         if name in takes:
             if not hasattr(args, name):
@@ -761,7 +848,7 @@ class _Version(argparse.Action):
 EXIT_HELP = (
     "Exit status: 0 done; 1 an error, printed as one line 'cmactor: <class in cmactor.errors>: <message>'; "
     "2 a usage error; for status, 3 when a module shown is not READY and 4 when a module named is not one "
-    "the supervisor runs; 70 an unexpected internal error (CMACTOR_TRACEBACK=1 shows its traceback); "
+    "the supervisor runs; for ha, 3 when no supervisor asked is active; 70 an unexpected internal error (CMACTOR_TRACEBACK=1 shows its traceback); "
     "130 interrupted."
 )
 RUN_HELP = (
@@ -778,6 +865,15 @@ STATUS_HELP = (
     "goes under its row) and states are coloured (not with NO_COLOR set). --format json prints each "
     "module's whole status entry. As `supervisorctl status` does, it exits 3 when a module shown is not "
     "READY, and 4 (printing nothing else) when a module named is not one the supervisor runs."
+)
+HA_HELP = (
+    "Ask each supervisor named with --socket (or the one the options find) for its place in a hot-standby "
+    "cluster: one row per socket with its node name, its role (active: it takes sets; standby: it answers "
+    "reads and refuses changes; joining: it is catching up; single: it runs without HA), the node it knows as "
+    "active, whether its copy is in sync and the cluster revision it has. A socket that cannot be asked is a "
+    "row saying why (with one socket, an error). --format json prints the supervisor's answer as JSON; for "
+    'several sockets, a list of them, each with its "socket" (or an "error"). It exits 3 when no '
+    "supervisor answering is active or single."
 )
 PARAMS_HELP = "Params are key=value words, each sent as its text (key=None sends the text None)."
 GETNEXT_PARAMS_HELP = (
@@ -852,7 +948,7 @@ def build_parser():
         epilog=EXIT_HELP,
     )
     parser.add_argument("--version", action=_Version, help="print the version of cmactor and of Python, and exit")
-    _add_options(parser, OPTIONS)
+    _add_options(parser, OPTIONS, before=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -900,6 +996,13 @@ def build_parser():
         help="with --format json, keep the latency histograms' buckets (default: their count and sum only)",
     )
     state.set_defaults(func=cmd_status, parser=state)
+    sub.add_parser(
+        "ha",
+        parents=[_options(*CONNECTS, "format")],
+        help="each supervisor's role in a hot-standby cluster: which one is active",
+        description=HA_HELP,
+        epilog=EXIT_HELP,
+    ).set_defaults(func=cmd_ha)
     for name in DATA_OPS:
         data = sub.add_parser(
             name,

@@ -17,7 +17,14 @@ import functools
 import logging
 import threading
 
-from cmactor.errors import ConfigError, DeadlockDetectedError, Error, OperationalError, ProgrammingError
+from cmactor.errors import (
+    ConfigError,
+    DeadlockDetectedError,
+    Error,
+    OperationalError,
+    ProgrammingError,
+    not_active_wire,
+)
 from cmactor.wire import protocol as P
 from cmsupervisor.supervision import health
 from cmsupervisor.supervision.modules import finish_status, unknown_module
@@ -42,6 +49,7 @@ class Control:
         # ConfigError naming every error (Supervisor._read_reload); it reads files: not here.
         self._read_reload = read_reload
         self._sampler = health.Sampler()
+        self.replica = None  # under [ha]: the node's ha.replica.Replica (its role, for "ha" and saves)
 
     def handle(self, client, request):
         """A valid control request from a client: answer it."""
@@ -52,6 +60,14 @@ class Control:
                 own = self.own_status()
                 answer = functools.partial(self._post_status, client, rid, status, own)
                 self._sampler.sample_later(workers, answer)  # answered from the sampler's thread
+            elif op == "ha":
+                client.answer({"id": rid, "ok": True, "ha": self.ha()})
+            elif op == "save" and self.replica is not None and self.replica.role != "active":
+                replica = self.replica
+                message = (
+                    f"save refused: node {replica.node!r} is {replica.role}; the active saves the cluster's config"
+                )
+                client.answer({"id": rid, "ok": False, "error": not_active_wire(message, replica.active_name)})
             elif op == "save" or op == "export":
                 refusal = self._graph.refuse_save(request.caller)  # an export runs the save walk too
                 if refusal is not None:
@@ -166,8 +182,16 @@ class Control:
             "clients": self._server.client_count,
             "unknown_module_requests": self._router.unknown_module_requests,
             "saves": self._saver.stats.snapshot(),
+            "ha": self.ha(),
             **self._logs.status(),
         }
+
+    def ha(self):
+        """{"node", "role", "active", "in_sync", "revision"}: this node's place in its cluster,
+        or role "single" for a supervisor without [ha]."""
+        if self.replica is None:
+            return {"node": None, "role": "single", "active": None, "in_sync": True, "revision": 0}
+        return self.replica.describe()
 
 
 def _with(status, figures):

@@ -48,10 +48,15 @@ class Router:
         self.on_journal_failure = None  # fn(mod, reason): its worker must drop changes it applied
         self.on_journal_full = None  # fn(mod): its journal passed its bound, to be compacted
         self._idle_waits = {}  # mod -> (fn, args) to call once it has nothing in flight (when_idle)
+        # Under [ha], the node's ha.replica.Replica: a write is refused on a standby, answered
+        # from its token when it was applied already, and acknowledged once etcd has it.
+        self.replica = None
 
     # -- in -------------------------------------------------------------
 
     def route(self, client, request):
+        if self.replica is not None and request.op in _CHANGES and self.replica.intercept(client, request):
+            return
         name = request.module
         mod = self._modules.get(name)
         pending = Pending(client, request.id, request, self._loop.now)
@@ -256,7 +261,9 @@ class Router:
             return  # answered already (timed out)
         if self._idle_waits:  # the worker may be ended once it is answered
             self.drained(mod)
-        if reply.error is None and reply.dirty:
+        if reply.error is None and (
+            reply.dirty or (self.replica is not None and self.replica.journals_forced(pending))
+        ):
             mod.mark_unsaved()
             req = pending.request
             if req.op in _CHANGES and req.table in mod.persistent_list:
@@ -271,13 +278,14 @@ class Router:
     def _journal(self, mod, pending, entries):
         """Append an acknowledged change to its module's journal; the answer waits for
         the journal's fsync, at the end of the turn (_sync_journals)."""
+        key = None if self.replica is None else self.replica.key_for(mod, pending)
         if mod not in self._unjournaled:
             req = pending.request
             try:
-                mod.journal.append(req.op, req.table, req.params, pending.sid, pending.is_async)
+                mod.journal.append(req.op, req.table, req.params, pending.sid, pending.is_async, key)
             except OSError as exc:
                 self._unjournaled[mod] = exc
-        self._unsynced.append((mod, pending, entries))
+        self._unsynced.append((mod, pending, entries, key))
         self._loop.before_output(self._sync_journals)
 
     def on_notify(self, mod, notify):
@@ -295,6 +303,8 @@ class Router:
         if pending.issuer is not None:
             self._graph.forget(pending)
         req = pending.request
+        if self.replica is not None and req.token is not None:
+            self.replica.settled(req.token, error, entries)
         # Its figure after the turn's output: the reply leaves first (work before a send
         # is round-trip time, perf/README.md), timed to the turn the answer came in.
         if not self._answered:
@@ -336,7 +346,7 @@ class Router:
             return
         waiting, self._unsynced = self._unsynced, []
         broken, self._unjournaled = self._unjournaled, {}
-        for mod in dict.fromkeys(mod for mod, _, _ in waiting):
+        for mod in dict.fromkeys(mod for mod, *_ in waiting):
             if mod not in broken:
                 try:
                     mod.journal.sync()
@@ -345,10 +355,12 @@ class Router:
         for mod in broken:
             mod.journal.rollback()
         self._loop.tick()  # the fsyncs are part of these answers' time
-        for mod, pending, entries in waiting:
+        durable = []
+        for item in waiting:
+            mod, pending = item[0], item[1]
             exc = broken.get(mod)
             if exc is None:
-                self.answer(pending, None, entries)
+                durable.append(item)
                 continue
             req = pending.request
             self.fail(
@@ -358,8 +370,13 @@ class Router:
                 f"could not be written ({exc}); the module is restarted without the change; "
                 "free the disk and send it again",
             )
+        if self.replica is None:
+            for _mod, pending, entries, _key in durable:
+                self.answer(pending, None, entries)
+        else:  # answered once etcd has them too
+            self.replica.commit(durable, self.answer, self.answer)
         for mod, exc in broken.items():
             self.on_journal_failure(mod, f"its journal could not be written ({exc})")
-        for mod in dict.fromkeys(mod for mod, _, _ in waiting):
+        for mod in dict.fromkeys(mod for mod, *_ in waiting):
             if mod not in broken and mod.journal.full:
                 self.on_journal_full(mod)

@@ -49,6 +49,10 @@ class Journal:
         self.max_bytes = max_bytes
         self.records = []  # [op, table, params], in the order they were acknowledged
         self._tags = []  # (sid, is_async, position) of each record: what a save walk covers (covered())
+        # Each record's key in etcd under [ha] (cmsupervisor/ha), else None: a save or compaction
+        # tells on_drop(base, dropped keys, kept keys) which of them its new base replaced.
+        self.keys = []
+        self.on_drop = None
         self._appended = 0  # records appended since the journal was opened: the position of the next
         self.snapshot = None  # the module's tables at the last compaction (JSON bytes), or None
         self.base_bytes = 0  # what a compaction would write, about (set_base)
@@ -69,6 +73,7 @@ class Journal:
         if recover:
             self.records = self._read_and_cut()
             self._tags = [(0, False, 0)] * len(self.records)  # loaded before any walk: every save covers them
+            self.keys = [None] * len(self.records)
             if os.path.exists(self.snapshot_path):
                 self.snapshot = store.read(self.snapshot_path, "snapshot").get(_module(self.path))
             moved = []
@@ -128,7 +133,7 @@ class Journal:
         memory (a restart loads it), and drop the records it covers."""
         self.snapshot = snapshot
         self.base_bytes = len(snapshot)
-        self.drop_covered(save_sid, walk_start)
+        self.drop_covered(save_sid, walk_start, snapshot)
 
     def forget_snapshot(self):
         """A save wrote newer rows to the config file: the snapshot must never load again."""
@@ -156,11 +161,12 @@ class Journal:
         self._synced = len(self.records)
         self._synced_size = self._file.tell()
 
-    def append(self, op, table, params, sid=0, is_async=False):
-        """Add the record of request ``sid`` (an @async_action's if ``is_async``); it is
-        durable only once sync() has returned. OSError from the write leaves the record
-        out (rollback() undoes what may have reached the file)."""
+    def append(self, op, table, params, sid=0, is_async=False, key=None):
+        """Add the record of request ``sid`` (an @async_action's if ``is_async``; ``key``: its
+        key in etcd); it is durable only once sync() has returned. OSError from the write
+        leaves the record out (rollback() undoes what may have reached the file)."""
         self.records.append([op, table, params])
+        self.keys.append(key)
         self._tags.append((sid, is_async, self._appended))
         self._appended += 1
         self._pending = True
@@ -182,6 +188,7 @@ class Journal:
         or fsync failed, so their changes are refused and must not be replayed."""
         del self.records[self._synced :]
         del self._tags[self._synced :]
+        del self.keys[self._synced :]
         self._pending = False
         try:
             self._file.close()  # drops what is still buffered; may fail to flush it, which is fine
@@ -202,9 +209,9 @@ class Journal:
         it started ran beside it, and may not have been seen. A list of booleans."""
         return [sid < save_sid and not (is_async and at >= walk_start) for sid, is_async, at in self._tags]
 
-    def drop_covered(self, save_sid, walk_start):
-        """Forget the records a save walk saw (now in the config file or a snapshot); keep
-        the rest on disk. OSError leaves the journal as it was."""
+    def drop_covered(self, save_sid, walk_start, base):
+        """Forget the records a save walk saw (now in ``base``, the module's section of the
+        config file or a snapshot); keep the rest on disk. OSError leaves the journal as it was."""
         keep = [not seen for seen in self.covered(save_sid, walk_start)]
         rest = [record for record, kept in zip(self.records, keep) if kept]
         tmp = self.path + ".tmp"
@@ -217,7 +224,11 @@ class Journal:
         _sync_dir(self.path)
         self.records = rest
         self._tags = [tag for tag, kept in zip(self._tags, keep) if kept]
+        dropped = [key for key, kept in zip(self.keys, keep) if not kept]
+        self.keys = [key for key, kept in zip(self.keys, keep) if kept]
         self._reopen()
+        if self.on_drop is not None:
+            self.on_drop(base, dropped, self.keys)
 
     def close(self):
         if self._file is not None:

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 
-from cmactor.errors import DatabaseError, OperationalError, ProgrammingError, to_wire
+from cmactor.errors import DatabaseError, NotActive, OperationalError, ProgrammingError, to_wire
 from cmsupervisor.observability.stats import SAVE_BOUNDS, Timed
 from cmsupervisor.persistence import store
 from cmsupervisor.supervision import deps
@@ -76,6 +76,7 @@ class Saver:
         self._exports = []  # (waiter, user, modules) in the order asked
         self.on_idle = None
         self.stats = Timed(SAVE_BOUNDS)  # save runs (not compactions): outcome and duration
+        self.replica = None  # under [ha]: a save is answered once etcd has its new bases
 
     def section(self, name):
         """The module's rows in the last good file (JSON bytes), or None."""
@@ -222,14 +223,25 @@ class Saver:
             # never the old snapshot with the journal's records after the save missing.
             journal.forget_snapshot()  # older than what the file now holds
             try:
-                journal.drop_covered(*job.walks[name])
+                journal.drop_covered(*job.walks[name], job.sections[name])
             except OSError as exc:
                 # The save stands; the journal keeps records the file now holds too,
                 # which a restart replays again on top of the same rows.
                 log.error("module %s: could not truncate its journal after the save: %s", name, exc)
             journal.set_base(len(job.sections[name]))
         log.info("saved %d rows of %s to %s", job.rows, ", ".join(job.saved) or "no module", self.config_path)
-        self._end(job, None, {"file": self.config_path, "modules": job.saved, "rows": job.rows})
+        result = {"file": self.config_path, "modules": job.saved, "rows": job.rows}
+        if self.replica is None:
+            self._end(job, None, result)
+            return
+
+        def committed(failure):
+            if failure is None:
+                self._end(job, None, result)
+            else:
+                self._end(job, NotActive, f"save not committed to the cluster: {failure}; send it to the active")
+
+        self.replica.then(committed)
 
     def _snapshot_written(self, job, future):
         (name,) = job.saved

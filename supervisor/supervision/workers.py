@@ -136,6 +136,10 @@ class Channel:
     def stop(self):
         self._send(P.Stop())
 
+    def role(self, standby):
+        """Tell the worker its node's role in the cluster ([ha]): ctx.is_standby."""
+        self._send(P.Role(standby))
+
     def cancel(self, sids):
         """The client of requests ``sids`` is gone: the worker drops those it has not started
         (and answers each so). Rung: its reading thread may be running serial work."""

@@ -1,0 +1,1 @@
+"""High availability: a hot standby supervisor fed through etcd."""

@@ -1,0 +1,141 @@
+"""A cluster of cmactor hosts on a real 3-member etcd: the active commits every write to
+etcd, the hot standby follows it, and takes over when the active host dies or pauses,
+with nothing acknowledged lost and nothing applied twice.
+
+Each host is a `cmactor run` in a session of its own (its process group killed whole);
+the counter agent's setop adds to a count, so a change lost or applied twice shows."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from etcd_cluster import etcd_cluster  # noqa: F401
+from helpers import agent
+from processes import Run, cli
+
+import cmactor
+from cmactor.errors import NotActive, OperationalError
+
+COUNTER = agent("counter.py:main")
+
+
+def host_config(tmp_path, name, endpoints, lease_ttl=1):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f"""
+[supervisor]
+state_dir = "state-{name}"
+socket = "{name}.sock"
+start_timeout = 30
+
+[ha]
+etcd = {json.dumps(endpoints)}
+cluster = "test"
+node = "{name}"
+lease_ttl = {lease_ttl}
+
+[agents.counter]
+entry = "{COUNTER}"
+"""
+    )
+    return path
+
+
+def ha_state(socket_path):
+    """The `ha` answer of the supervisor at ``socket_path``, or None if it does not answer."""
+    try:
+        with cmactor.connect(socket=str(socket_path), timeout=5) as conn:
+            return conn.request({"op": "ha"})["ha"]
+    except OperationalError:
+        return None
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def count(socket_path, name="x"):
+    with cmactor.connect(socket=str(socket_path), timeout=10) as conn:
+        cur = conn.cursor()
+        cur.execute("get counter.ctr", {"name": name})
+        return int(cur.fetchone()[1])
+
+
+def add(conn, name="x"):
+    conn.cursor().execute("setop counter.ctr", {"name": name, "by": "1"})
+
+
+@pytest.fixture
+def hosts(tmp_path, etcd_cluster):  # noqa: F811
+    """(a, b): the active host a (the cluster's first), and b, its standby, in sync."""
+    runs = []
+    a = Run(host_config(tmp_path, "a", etcd_cluster.endpoints), cwd=tmp_path)
+    runs.append(a)
+    wait_for(lambda: (ha_state(tmp_path / "a.sock") or {}).get("role") == "active", 20, "a is active")
+    b = Run(host_config(tmp_path, "b", etcd_cluster.endpoints), cwd=tmp_path)
+    runs.append(b)
+    wait_for(lambda: (ha_state(tmp_path / "b.sock") or {}).get("in_sync"), 20, "b is an in-sync standby")
+    yield a, b
+    for run in runs:
+        if run.proc.poll() is None:
+            os.killpg(run.pid, signal.SIGCONT)
+            run.stop()
+
+
+@pytest.mark.timeout(120)
+def test_the_standby_follows_refuses_writes_and_takes_over_with_nothing_lost(tmp_path, hosts, etcd_cluster):  # noqa: F811
+    a, b = hosts
+    sockets = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    assert ha_state(sockets[1]) == {
+        "node": "b",
+        "role": "standby",
+        "active": "a",
+        "in_sync": True,
+        "revision": ha_state(sockets[1])["revision"],
+    }
+    conn = cmactor.connect(socket=sockets, timeout=10)
+    acknowledged = 0
+    for _ in range(50):
+        add(conn)
+        acknowledged += 1
+    assert count(sockets[0]) == acknowledged
+    wait_for(lambda: count(sockets[1]) == acknowledged, 10, "the standby's hot copy has every change")
+
+    with cmactor.connect(socket=sockets[1], timeout=10) as standby:
+        with pytest.raises(NotActive) as refused:
+            add(standby)
+        assert refused.value.active == "a"
+        with pytest.raises(NotActive):
+            standby.request({"op": "save"})
+
+    a.kill()
+    killed = time.monotonic()
+    add(conn)  # the client finds b once it has taken over
+    acknowledged += 1
+    took_over = time.monotonic() - killed
+    assert took_over < 10
+    for _ in range(20):
+        add(conn)
+        acknowledged += 1
+    assert count(sockets[1]) == acknowledged
+    assert ha_state(sockets[1])["role"] == "active"
+
+    # The dead host, started again with the same command, rejoins as a standby and catches up.
+    again = Run(host_config(tmp_path, "a", etcd_cluster.endpoints), cwd=tmp_path)
+    try:
+        wait_for(lambda: (ha_state(sockets[0]) or {}).get("in_sync"), 30, "a is an in-sync standby again")
+        assert ha_state(sockets[0])["role"] == "standby"
+        assert count(sockets[0]) == acknowledged
+        exports = [cli("export", "--socket", path).stdout for path in sockets]
+        assert exports[0] == exports[1] and "count=71" in exports[0]
+    finally:
+        conn.close()
+        again.stop()
