@@ -47,7 +47,7 @@ class RouteJournal:
         self.path = "/state/journal/x.jsonl"
         self.full = False
 
-    def append(self, op, table, params, sid=0, is_async=False):
+    def append(self, op, table, params, sid=0, is_async=False, key=None):
         self.appended.append((op, table, params, sid, is_async))
 
     def sync(self):
