@@ -15,7 +15,7 @@ to the supervisor, which holds it as it holds any request.
 Hot standby: given several sockets (a list, or ``CMACTOR_SOCKET`` holding paths
 separated by ``os.pathsep``), a Connection asks each in turn for its place in the
 cluster (the ``ha`` op) and uses the first that is active (or runs without HA). A
-request whose connection breaks, or that a standby refuses (NotActive), is sent
+request whose connection breaks, times out, or that a standby refuses (NotActive), is sent
 again, the same map, to the active found anew within ``failover_timeout``
 seconds; each set and setop carries a token of its own, so that the supervisors
 apply it once however often it is sent. One socket: none of this, not a step of it.

@@ -17,6 +17,7 @@ from processes import Run, cli
 
 import cmactor
 from cmactor.errors import NotActive, OperationalError
+from cmsupervisor.ha.etcd import Etcd, prefix_end
 
 COUNTER = agent("counter.py:main")
 
@@ -139,3 +140,25 @@ def test_the_standby_follows_refuses_writes_and_takes_over_with_nothing_lost(tmp
     finally:
         conn.close()
         again.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_save_replaces_the_records_in_etcd_and_a_new_node_joins_from_the_base(tmp_path, hosts, etcd_cluster):  # noqa: F811
+    sockets = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    with cmactor.connect(socket=sockets, timeout=10) as conn:
+        for _ in range(30):
+            add(conn)
+        conn.request({"op": "save"})
+        for _ in range(5):
+            add(conn, "y")
+    prefix = b"/cmactor/test/j/counter/"
+    etcd = Etcd(etcd_cluster.endpoints)
+    records = etcd.range(prefix, prefix_end(prefix)).kvs
+    etcd.close()
+    assert len(records) == 5  # the 30 before the save are in the base now
+    c = Run(host_config(tmp_path, "c", etcd_cluster.endpoints), cwd=tmp_path)
+    try:
+        wait_for(lambda: (ha_state(tmp_path / "c.sock") or {}).get("in_sync"), 30, "c is an in-sync standby")
+        assert count(tmp_path / "c.sock") == 30 and count(tmp_path / "c.sock", "y") == 5
+    finally:
+        c.stop()

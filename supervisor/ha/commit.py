@@ -37,6 +37,15 @@ class Put:
         self.done = done  # fn(failure): None once committed, else why not (loop thread)
 
 
+class Barrier:
+    """Nothing to write: ``done`` runs once everything handed over before it is committed."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done):
+        self.done = done
+
+
 class Rebase:
     """A module's new base: its chunks written first (transactions of their own: they are
     read only through the base key), then the base key, the deletes of the records it
@@ -65,7 +74,6 @@ class Committer:
         self._cond = threading.Condition()
         self._closed = False
         self.lost = None  # why the term ended, once it has
-        self.transactions = 0  # committed, for status and the benchmarks
         self.revision = 0  # etcd's revision after the last of them
         self._thread = threading.Thread(target=self._run, name="cmactor-ha-commit", daemon=True)
         self._thread.start()
@@ -129,13 +137,14 @@ class Committer:
                 raise Lost(f"etcd refused the commit ({exc})") from None
         if not result.succeeded:
             raise Lost("another node holds the leader key now (this node's term is over)")
-        self.transactions += 1
         self.revision = result.revision
 
     def _commit(self, items):
         """Write ``items`` in order: puts batched up to the limits, each rebase at its place."""
         batch, size = [], 0
         for item in items:
+            if type(item) is Barrier:
+                continue
             if type(item) is Put:
                 cost = len(item.key) + len(item.value) + _OP_OVERHEAD
                 if batch and (len(batch) + 1 > self._max_ops or size + cost > self._max_bytes - _REQUEST_MARGIN):

@@ -38,9 +38,8 @@ class Keys:
         return self.records_prefix + module.encode() + b"/" + key_suffix
 
     def records(self, module):
-        """(start, end) of every record of ``module``."""
-        start = self.records_prefix + module.encode() + b"/"
-        return start, start[:-1] + b"0"  # "/" + 1
+        """The prefix of every record of ``module``."""
+        return self.records_prefix + module.encode() + b"/"
 
     def base(self, module):
         return self.prefix + b"base/" + module.encode()

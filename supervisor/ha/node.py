@@ -93,7 +93,8 @@ class Node:
         self._stopped = threading.Event()
         self._wake = threading.Event()
         self._lease = None
-        self._watch = None
+        self._watch = None  # the watch thread, and the stream it reads
+        self._watching = None
         self._thread = None
 
     @classmethod
@@ -126,11 +127,6 @@ class Node:
 
     def status(self):
         return self.supervisor.status()
-
-    def describe(self):
-        """This node's place in its cluster, as `cmactor ha` shows it."""
-        replica = self.supervisor.replica
-        return replica.describe() if replica is not None else {"node": self.ha["node"], "role": "joining"}
 
     def start(self, timeout=None, strict=True):
         """Join the cluster: return once this node's supervisor runs, as the active or a standby."""
@@ -315,7 +311,7 @@ class Node:
 
     def _leave(self):
         watch, self._watch = self._watch, None
-        stream = getattr(self, "_watching", None)
+        stream, self._watching = self._watching, None
         if stream is not None:
             stream.close()
         self.supervisor.stop()

@@ -22,7 +22,7 @@ from cmactor.errors import not_active_wire
 from cmactor.wire import protocol as P
 from cmactor.wire.validate import MAX_HOLD, Request
 from cmsupervisor.ha import keys as K
-from cmsupervisor.ha.commit import Committer, Put, Rebase
+from cmsupervisor.ha.commit import Barrier, Committer, Put, Rebase
 from cmsupervisor.supervision.states import READY, WAITING_DEPS
 
 log = logging.getLogger("cmactor.supervisor")
@@ -172,12 +172,11 @@ class Replica:
 
     def then(self, fn):
         """``fn(failure)`` once everything handed over so far is committed (failure None), or
-        the term ended first (the reason): a save's reply waits for its new bases. (The
-        marker rewritten is what the cluster holds already: a fenced write that changes nothing.)"""
+        the term ended first (the reason): a save's reply waits for its new bases."""
         if self.role != ACTIVE:
             fn(f"node {self.node!r} is {self.role}")
             return
-        self._committer.hand([Put(self.keys.initialized, b"1", fn)])
+        self._committer.hand([Barrier(fn)])
 
     # -- bases -------------------------------------------------------------------
 
@@ -204,7 +203,7 @@ class Replica:
         # a retry of one of them after a takeover gets a plain success.
         tokens = dict.fromkeys(list(reversed(self.tokens))[:_BASE_TOKENS])
         deletes = []
-        start = self.keys.records(name)[0]
+        start = self.keys.records(name)
         if floor:
             low = start
             for key in sorted(k for k in kept if k is not None and k <= floor):
@@ -213,7 +212,7 @@ class Replica:
             deletes.append((low, start + floor + b"\0"))
         deletes = [(low, high) for low, high in deletes if low < high]
         deletes.append(self.keys.chunks_before(name, generation))
-        return Rebase(chunks, (self.keys.base(name), K.encode_base(generation, len(chunks), tokens)), deletes)
+        return Rebase(chunks, (self.keys.base(name), K.encode_base(generation.decode(), len(chunks), tokens)), deletes)
 
     # -- roles -------------------------------------------------------------------
 
@@ -239,7 +238,7 @@ class Replica:
         items = []
         for mod in self._modules.values():
             journal = mod.journal
-            base = journal.snapshot if journal.snapshot is not None else self._saved(mod)
+            base = journal.snapshot if journal.snapshot is not None else self._saved_section(mod.name)
             if base is not None:
                 items.append(self._rebase(mod.name, base, b"", [], []))
             for index, (op, table, params) in enumerate(journal.records):
@@ -248,9 +247,6 @@ class Replica:
                 items.append(Put(self.keys.record(mod.name, key), K.encode_record(op, table, params, None, None)))
         items.append(Put(self.keys.initialized, b"1"))
         self._committer.hand(items)
-
-    def _saved(self, mod):
-        return self._saved_section(mod.name)
 
     def fence(self, reason):
         """(Loop thread.) The term is over (the committer failed, the lease is gone): nothing
@@ -282,10 +278,6 @@ class Replica:
     def close(self):
         if self._committer is not None:
             self._committer.close()
-
-    @property
-    def transactions(self):
-        return 0 if self._committer is None else self._committer.transactions
 
 
 class _Answer:
@@ -325,7 +317,6 @@ class Feed:
         self.unsent = 0
         self.pending_revisions = collections.Counter()  # revision -> records of it not yet answered
         self.seen = 0  # the highest revision the watch brought
-        self.errors = 0
 
     @property
     def caught_up(self):
@@ -389,7 +380,6 @@ class Feed:
             return
         module, key, revision = entry
         if error is not None:
-            self.errors += 1
             log.error(
                 "ha: module %s did not take record %s from etcd (%s: %s); this node's copy of it differs from "
                 "the active's",
