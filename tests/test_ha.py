@@ -162,3 +162,24 @@ def test_a_save_replaces_the_records_in_etcd_and_a_new_node_joins_from_the_base(
         assert count(tmp_path / "c.sock") == 30 and count(tmp_path / "c.sock", "y") == 5
     finally:
         c.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_paused_active_acknowledges_nothing_once_another_took_over(tmp_path, hosts):
+    a, b = hosts
+    sockets = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    with cmactor.connect(socket=sockets, timeout=5) as conn:
+        for _ in range(5):
+            add(conn)
+        os.killpg(a.pid, signal.SIGSTOP)
+        wait_for(lambda: (ha_state(sockets[1]) or {}).get("role") == "active", 15, "b took over")
+        for _ in range(5):
+            add(conn)  # the first waits out its timeout on the paused a, then goes to b
+    os.killpg(a.pid, signal.SIGCONT)
+    # Resumed, a answers what it read while paused and what comes now, and acknowledges none of it.
+    with pytest.raises((NotActive, OperationalError)):
+        with cmactor.connect(socket=sockets[0], timeout=10) as old:
+            add(old)
+    wait_for(lambda: (ha_state(sockets[0]) or {}).get("in_sync"), 30, "a rejoined as an in-sync standby")
+    assert ha_state(sockets[0])["role"] == "standby"
+    assert count(sockets[0]) == count(sockets[1]) == 10

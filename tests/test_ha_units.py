@@ -10,7 +10,7 @@ from cmsupervisor.config import load_toml
 from cmsupervisor.ha import keys as K
 from cmsupervisor.ha.etcd import KV
 from cmsupervisor.ha.node import Cluster
-from cmsupervisor.ha.replica import ACTIVE, Replica
+from cmsupervisor.ha.replica import ACTIVE, FENCED, Replica
 
 GOOD = '[ha]\netcd = ["127.0.0.1:2379"]\ncluster = "core"\nnode = "a"\n[agents.x]\nentry = "m:f"\n'
 
@@ -118,3 +118,24 @@ def test_a_new_base_deletes_every_record_up_to_the_last_it_replaced_but_the_kept
     assert rebase.deletes[2] == keys.chunks_before("vlan", K.suffix(7, 1))
     assert len(rebase.chunks) == 2  # each within half of max_request_bytes
     assert K.decode_base(rebase.base[1])[:2] == (K.suffix(7, 1).decode(), 2)
+
+
+def test_a_change_in_flight_when_the_term_ended_is_refused_not_acknowledged():
+    # A write sent to the worker while the node led, answered by the worker after the
+    # node lost its lease (a paused active, resumed): nothing may acknowledge it now.
+    class Pending:
+        def __init__(self, client):
+            self.client = client
+
+    replica = Replica("a", K.Keys("core"), None, (128, 1024 * 1024), FENCED, 0, {}, {})
+    replica.lost = "its lease expired"
+    client, fed = Pending(object()), Pending(replica.feed)
+    answered, failed = [], []
+    replica.commit(
+        [(None, client, b"entries", b"k1"), (None, fed, b"entries", b"k2")],
+        lambda pending, error, entries: answered.append(pending),
+        lambda pending, error: failed.append((pending, error)),
+    )
+    assert answered == [fed]
+    ((pending, error),) = failed
+    assert pending is client and error["type"] == "NotActive" and "its lease expired" in error["message"]

@@ -81,11 +81,11 @@ class Committer:
     def hand(self, items):
         """(Loop thread.) Commit ``items`` after everything handed before them."""
         with self._cond:
-            if self.lost is None:
+            if self.lost is None and not self._closed:
                 self._items.extend(items)
                 self._cond.notify()
                 return
-        self._call(_fail, items, self.lost)
+        self._call(_fail, items, self.lost or "this node's term is over")
 
     def close(self, wait=True):
         """Commit nothing more: what is handed over and not yet sent fails. ``wait``: until
@@ -104,7 +104,9 @@ class Committer:
                 if self._closed:
                     items, self._items = self._items, []
                     if items:
-                        self._call(_fail, items, "the supervisor is stopping; the outcome is unknown: send it again")
+                        self._call(
+                            _fail, items, "this node commits nothing more; the outcome is unknown: send it again"
+                        )
                     return
                 items, self._items = self._items, []
             try:

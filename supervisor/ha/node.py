@@ -93,8 +93,11 @@ class Node:
         self._stopped = threading.Event()
         self._wake = threading.Event()
         self._lease = None
-        self._watch = None  # the watch thread, and the stream it reads
+        # The watch thread, and the stream it reads: both let go together under the lock,
+        # so that a stream the thread opens while the node leaves is closed, never read.
+        self._watch = None
         self._watching = None
+        self._watch_lock = threading.Lock()
         self._thread = None
 
     @classmethod
@@ -214,9 +217,14 @@ class Node:
         """(Watch thread.) Hand every change of the cluster's keys to the feed, from ``revision``."""
         sup = self.supervisor
         start, end = self.keys.prefix, prefix_end(self.keys.prefix)
-        while not self._stopping.is_set() and self._watch is threading.current_thread():
+        while not self._stopping.is_set():
             try:
-                self._watching = stream = self.etcd.watch(start, end, revision)
+                stream = self.etcd.watch(start, end, revision)
+                with self._watch_lock:
+                    if self._watch is not threading.current_thread():  # the node left meanwhile
+                        stream.close()
+                        return
+                    self._watching = stream
                 for seen, events in stream:
                     sup._loop.call_async(sup.replica.feed.events, seen, events)
                     revision = seen + 1
@@ -310,8 +318,9 @@ class Node:
                 self._stopping.wait(1.0)
 
     def _leave(self):
-        watch, self._watch = self._watch, None
-        stream, self._watching = self._watching, None
+        with self._watch_lock:
+            watch, self._watch = self._watch, None
+            stream, self._watching = self._watching, None
         if stream is not None:
             stream.close()
         self.supervisor.stop()

@@ -151,9 +151,12 @@ class Replica:
     def commit(self, answered, answer, fail):
         """(Before the turn's output, the local journal synced.) ``answered``: [(mod, pending,
         entries, key)]; their answers go out once etcd has them, through ``answer`` or ``fail``."""
-        if self.role != ACTIVE:  # the feed's changes: applied, and journaled here
+        if self.role != ACTIVE:
             for _mod, pending, entries, _key in answered:
-                answer(pending, None, entries)
+                if pending.client is self.feed:  # applied from etcd, and journaled here
+                    answer(pending, None, entries)
+                else:  # sent to the worker while this node led; its term ended before the commit
+                    fail(pending, self._not_active(self.lost or f"node {self.node!r} is {self.role}"))
             return
         items = []
         for mod, pending, entries, key in answered:
