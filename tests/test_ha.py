@@ -7,8 +7,10 @@ the counter agent's setop adds to a count, so a change lost or applied twice sho
 
 import json
 import os
+import re
 import signal
 import time
+import urllib.request
 
 import pytest
 from etcd_cluster import etcd_cluster  # noqa: F401
@@ -30,6 +32,7 @@ def host_config(tmp_path, name, endpoints, lease_ttl=1):
 state_dir = "state-{name}"
 socket = "{name}.sock"
 start_timeout = 30
+metrics = "127.0.0.1:0"
 
 [ha]
 etcd = {json.dumps(endpoints)}
@@ -61,6 +64,15 @@ def wait_for(predicate, timeout, what):
             return value
         time.sleep(0.05)
     raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def scrape(run):
+    """The metrics page of the host ``run`` (the second line after its start summary says where), as text."""
+    lines = [run.proc.stderr.readline() for _ in range(2)]
+    url = re.fullmatch(r"cmactor: Prometheus metrics at (\S+)\n", lines[1])
+    assert url, lines
+    with urllib.request.urlopen(url[1], timeout=10) as reply:
+        return reply.read().decode()
 
 
 def count(socket_path, name="x"):
@@ -102,6 +114,14 @@ def test_the_standby_follows_refuses_writes_and_takes_over_with_nothing_lost(tmp
         "in_sync": True,
         "revision": ha_state(sockets[1])["revision"],
     }
+    status = cli("status", "--socket", sockets[1])
+    assert (
+        status.stdout.splitlines()[0]
+        == f"node b: standby of a, in sync, etcd revision {ha_state(sockets[1])['revision']}"
+    )
+    page = scrape(b)
+    assert 'cmactor_ha_role{role="standby"} 1.0' in page and 'cmactor_ha_role{role="active"} 0.0' in page
+    assert "cmactor_ha_in_sync 1.0" in page
     conn = cmactor.connect(socket=sockets, timeout=10)
     acknowledged = 0
     for _ in range(50):

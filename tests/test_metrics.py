@@ -70,6 +70,8 @@ def test_figures_follow_requests_saves_and_restarts(supervisor, fresh_pages):
         assert value(first, "cmactor_module_unsaved", module=module) == 0
         assert value(first, "cmactor_requests_total", module=module, op="get", outcome="ok") == 0
     assert value(first, "cmactor_saves_total", outcome="ok") == 0
+    assert value(first, "cmactor_ha_role", role="single") == 1 and value(first, "cmactor_ha_role", role="active") == 0
+    assert value(first, "cmactor_ha_in_sync") == 1 and value(first, "cmactor_ha_revision") == 0
     assert value(first, "process_open_fds") > 0  # the supervisor process itself
     assert value(first, "cmactor_build_info", version=cmactor.__version__, python=platform.python_version()) == 1
     began = value(first, "cmactor_start_time_seconds")

@@ -384,11 +384,14 @@ def cmd_status(args):
         return EXIT_NO_SUCH_MODULE
     if args.modules:
         modules = {name: modules[name] for name in args.modules}
+    audit = reply.get("supervisor", {})
     if args.format == "json":
         print(status.as_json(modules, args.histograms))
     else:
+        ha = audit.get("ha", OLDER_HA)
+        if ha["role"] != "single":  # a node of a cluster: which one, and whether it may take writes
+            print(status.ha_line(ha))
         status.show(modules, sys.stdout)
-    audit = reply.get("supervisor", {})
     if audit.get("audit_failures"):  # on stderr in both formats: --format json keeps its shape
         terminal.say(
             f"cmactor: warning: {audit['audit_failures']} audit log lines could not be written "

@@ -54,6 +54,14 @@ def as_json(status, histograms):
     return json.dumps(status, indent=2, sort_keys=True)
 
 
+def ha_line(ha):
+    """The line over the table of a cluster's node: its name, its role, and the active it follows."""
+    role = ha["role"]
+    if role == "standby":
+        role = f"standby of {ha['active'] or 'no active yet'}, {'in sync' if ha['in_sync'] else 'catching up'}"
+    return f"node {ha['node']}: {role}, etcd revision {ha['revision']}"
+
+
 def show(status, out):
     """Print the table of ``status`` (module -> status entry) on ``out``."""
     rows = [_row(name, entry) for name, entry in status.items()]

@@ -28,6 +28,8 @@ from cmsupervisor.supervision.states import READY, WAITING_DEPS
 log = logging.getLogger("cmactor.supervisor")
 
 ACTIVE, STANDBY, FENCED = "active", "standby", "fenced"
+SINGLE = "single"  # the role a supervisor without [ha] reports
+ROLES = (SINGLE, ACTIVE, STANDBY, FENCED)
 _CHANGES = ("set", "setop")
 MAX_TOKENS = 100_000  # tokens remembered: a retry comes within seconds of its first send
 _BASE_TOKENS = 1024  # tokens a base keeps of the records it replaced

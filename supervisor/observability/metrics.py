@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 from cmactor.errors import StartupError
 from cmactor.version import installed
 from cmsupervisor.config import parse_address
+from cmsupervisor.ha.replica import ROLES
 from cmsupervisor.observability.httpserve import PageServer
 from cmsupervisor.supervision.states import TRANSITIONS
 
@@ -198,7 +199,25 @@ def _supervisor(own):
         "Data requests naming a module the supervisor does not run (refused; no module's figures count them)",
     )
     unknown.add_metric([], own["unknown_module_requests"])
-    return clients, saves, duration, audit, unknown
+    return clients, saves, duration, audit, unknown, *_ha(own["ha"])
+
+
+def _ha(ha):
+    """This node's role in its cluster (role "single" without [ha]), and how far it has read."""
+    role = GaugeMetricFamily(
+        "cmactor_ha_role",
+        "1 for this node's current role in its hot-standby cluster, 0 for the others",
+        labels=["role"],
+    )
+    for each in ROLES:
+        role.add_metric([each], 1 if ha["role"] == each else 0)
+    in_sync = GaugeMetricFamily(
+        "cmactor_ha_in_sync", "1 when this node could take over: every module READY, every committed change applied"
+    )
+    in_sync.add_metric([], 1 if ha["in_sync"] else 0)
+    revision = GaugeMetricFamily("cmactor_ha_revision", "The etcd revision this node has applied (0 without [ha])")
+    revision.add_metric([], ha["revision"])
+    return role, in_sync, revision
 
 
 def _buckets(histogram):
