@@ -8,9 +8,9 @@ import cmactor
 from cmactor.errors import ConfigError
 from cmsupervisor.config import load_toml
 from cmsupervisor.ha import keys as K
-from cmsupervisor.ha.etcd import KV
+from cmsupervisor.ha.etcd import KV, Event
 from cmsupervisor.ha.node import Cluster
-from cmsupervisor.ha.replica import ACTIVE, FENCED, Replica
+from cmsupervisor.ha.replica import ACTIVE, FENCED, STANDBY, Replica
 
 GOOD = '[ha]\netcd = ["127.0.0.1:2379"]\ncluster = "core"\nnode = "a"\n[agents.x]\nentry = "m:f"\n'
 
@@ -139,3 +139,17 @@ def test_a_change_in_flight_when_the_term_ended_is_refused_not_acknowledged():
     assert answered == [fed]
     ((pending, error),) = failed
     assert pending is client and error["type"] == "NotActive" and "its lease expired" in error["message"]
+
+
+def test_a_record_put_again_by_a_commit_sent_twice_is_applied_once():
+    # etcd lost track of a commit as its leader died: the active sent the same transaction
+    # again, and both went through; the watch brings the record's key twice, version 1 then 2.
+    keys = K.Keys("core")
+    replica = Replica("b", keys, None, (128, 1024 * 1024), STANDBY, 0, {}, {})
+    queued = []
+    replica.feed._queue = lambda module, key, record, revision: queued.append((key, revision))
+    key = keys.record("vlan", K.suffix(3, 1))
+    value = K.encode_record("setop", "kv", {"key": "a"}, "t-1", None)
+    replica.feed.events(12, [Event("PUT", KV(key, value, 11, 11, 1, 0)), Event("PUT", KV(key, value, 11, 12, 2, 0))])
+    assert queued == [(K.suffix(3, 1), 11)]
+    assert replica.feed.seen == 12

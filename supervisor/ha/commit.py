@@ -18,8 +18,8 @@ from cmsupervisor.ha.etcd import Compare, EtcdError, EtcdUnavailable, Op
 log = logging.getLogger("cmactor.supervisor")
 
 # Room kept in a transaction for what the JSON gateway and the compare add around the ops.
-_REQUEST_MARGIN = 16 * 1024
-_OP_OVERHEAD = 64  # bytes a put's key and framing take besides its value, about
+REQUEST_MARGIN = 16 * 1024
+OP_OVERHEAD = 64  # bytes a put's key and framing take besides its value, about
 
 
 class Lost(Exception):
@@ -63,13 +63,14 @@ class Rebase:
 class Committer:
     """Commits what the active hands over, in order, fenced by ``term``."""
 
-    def __init__(self, etcd, leader_key, term, limits, retry_for, call_on_loop):
+    def __init__(self, etcd, leader_key, term, limits, retry_for, call_on_loop, on_lost=None):
         self._etcd = etcd
         self._leader = leader_key
         self.term = term
         self._max_ops, self._max_bytes = limits
         self._retry_for = retry_for
         self._call = call_on_loop  # fn(fn, *args): run on the loop thread
+        self._on_lost = on_lost  # fn(reason), on the loop, once the term is over: whatever failed (a base too)
         self._items = []
         self._cond = threading.Condition()
         self._closed = False
@@ -116,6 +117,8 @@ class Committer:
                     self.lost = str(exc)
                     rest, self._items = self._items, []
                 self._call(_fail, items + rest, self.lost)
+                if self._on_lost is not None:
+                    self._call(self._on_lost, self.lost)
                 continue
             self._call(_done, items)
 
@@ -148,8 +151,8 @@ class Committer:
             if type(item) is Barrier:
                 continue
             if type(item) is Put:
-                cost = len(item.key) + len(item.value) + _OP_OVERHEAD
-                if batch and (len(batch) + 1 > self._max_ops or size + cost > self._max_bytes - _REQUEST_MARGIN):
+                cost = len(item.key) + len(item.value) + OP_OVERHEAD
+                if batch and (len(batch) + 1 > self._max_ops or size + cost > self._max_bytes - REQUEST_MARGIN):
                     self._txn(batch)
                     batch, size = [], 0
                 batch.append(Op.put(item.key, item.value))

@@ -473,9 +473,10 @@ class Watch:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
     def __iter__(self) -> Iterator[tuple[int, list[Event]]]:
-        """(header revision, events) for each answer that has events. Raises EtcdCompacted if the start
-        revision is compacted, EtcdUnavailable if the stream breaks (resume from the last event's
-        revision + 1, on any endpoint); ends (StopIteration) once close() is called. Iterate once."""
+        """(the revision of its last event, events) for each answer that has events. Raises
+        EtcdCompacted if the start revision is compacted, EtcdUnavailable if the stream breaks
+        (resume from that revision + 1, on any endpoint); ends (StopIteration) once close() is
+        called. Iterate once."""
         with self._lock:
             if self._closed:
                 return
@@ -506,7 +507,10 @@ class Watch:
                     raise EtcdError(f"etcd {self.endpoint} /v3/watch: canceled ({result.get('cancel_reason', '')})")
                 events = result.get("events")
                 if events:  # else the "created" answer, or a progress one
-                    yield _revision(result), [Event(e.get("type", "PUT"), _kv(e["kv"])) for e in events]
+                    # Not the header's revision: to a watch catching up, etcd sends the events of at
+                    # most 1000 revisions an answer, each answer headed with its current revision.
+                    got = [Event(e.get("type", "PUT"), _kv(e["kv"])) for e in events]
+                    yield got[-1].kv.mod_revision, got
         finally:
             with self._lock:
                 self._closed = True

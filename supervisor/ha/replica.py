@@ -18,11 +18,11 @@ import os
 
 import msgpack
 
-from cmactor.errors import not_active_wire
+from cmactor.errors import DataError, not_active_wire, to_wire
 from cmactor.wire import protocol as P
 from cmactor.wire.validate import MAX_HOLD, Request
 from cmsupervisor.ha import keys as K
-from cmsupervisor.ha.commit import Barrier, Committer, Put, Rebase
+from cmsupervisor.ha.commit import OP_OVERHEAD, REQUEST_MARGIN, Barrier, Committer, Put, Rebase
 from cmsupervisor.supervision.states import READY, WAITING_DEPS
 
 log = logging.getLogger("cmactor.supervisor")
@@ -109,6 +109,10 @@ class Replica:
             )
             client.answer({"id": request.id, "ok": False, "error": error})
             return True
+        too_large = self._too_large(request)
+        if too_large is not None:  # refused before it is applied: etcd would refuse its record, ending the term
+            client.answer({"id": request.id, "ok": False, "error": to_wire(DataError, too_large)})
+            return True
         token = request.token
         if token is None:
             return False
@@ -122,6 +126,18 @@ class Replica:
             return True
         self._waiting[token] = []
         return False
+
+    def _too_large(self, request):
+        """Why the record of ``request`` would not fit in one etcd request, or None."""
+        record = K.encode_record(request.op, request.table, request.params, request.token, None)
+        size = len(self.keys.record(request.module, K.suffix(0, 0))) + len(record) + _MAX_ENTRIES + OP_OVERHEAD
+        room = self._limits[1] - REQUEST_MARGIN
+        if size <= room:
+            return None
+        return (
+            f"{request.op} {request.module}.{request.table} refused: its record would take {size} bytes in etcd, "
+            f"more than one etcd request holds ({room} bytes: [ha] max_request_bytes less {REQUEST_MARGIN})"
+        )
 
     def settled(self, token, error, entries):
         """(Router.answer.) The change that carried ``token`` was answered: with success, it is
@@ -205,8 +221,14 @@ class Replica:
             for n, at in enumerate(range(0, len(base), size))
         ]
         # The tokens of the changes it replaces, without their answers (a base stays small):
-        # a retry of one of them after a takeover gets a plain success.
-        tokens = dict.fromkeys(list(reversed(self.tokens))[:_BASE_TOKENS])
+        # a retry of one of them after a takeover gets a plain success. The most recent, as
+        # many as a quarter of an etcd request holds: the base key goes in one request.
+        tokens, room = {}, self._limits[1] // 4
+        for token in reversed(self.tokens):
+            room -= len(token) + 4  # msgpack: the str's header, and nil
+            if len(tokens) == _BASE_TOKENS or room < 0:
+                break
+            tokens[token] = None
         deletes = []
         start = self.keys.records(name)
         if floor:
@@ -229,7 +251,7 @@ class Replica:
         self.role = ACTIVE
         self.active_name = self.node
         self._committer = Committer(
-            self._etcd, self.keys.leader, term, self._limits, self.retry_for, self._loop.call_async
+            self._etcd, self.keys.leader, term, self._limits, self.retry_for, self._loop.call_async, self.fence
         )
         for mod in self._modules.values():
             if mod.channel is not None and mod.channel.open:
@@ -338,6 +360,8 @@ class Feed:
             elif kind == "record" and event.type == "PUT":
                 if replica.term is not None and event.kv.mod_revision > replica.term:
                     continue  # this node's own, committed as the active
+                if event.kv.version > 1:
+                    continue  # put again by a commit etcd left in doubt and the active sent again
                 try:
                     record = K.decode_record(event.kv.value)
                 except ValueError as exc:
