@@ -348,6 +348,10 @@ HA_OPTIONS = {
     "etcd_timeout": (_positive_number, 2.0),  # seconds an etcd request may take, every endpoint tried
     "max_txn_ops": (_txn_ops, 128),  # etcd's --max-txn-ops
     "max_request_bytes": (_request_bytes, 1572864),  # etcd's --max-request-bytes
+    # A module FAILED on the active (its crash loop quarantined it) hands the lead over to an
+    # in-sync standby, once the active has led handover_hold seconds: no ping-pong faster.
+    "handover_on_failed": (_flag, True),
+    "handover_hold": (_number, 300.0),
 }
 
 

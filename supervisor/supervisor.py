@@ -213,12 +213,14 @@ class Supervisor:
 
     # -- public API (any thread) -----------------------------------------
 
-    def start(self, timeout: float | None = None, strict: bool = True) -> Self:
+    def start(self, timeout: float | None = None, strict: bool = True, stay_up: bool = False) -> Self:
         """Start every agent; return when all are READY, else stop them and raise StartupError.
 
         ``strict=False`` (``cmactor run`` without ``--strict``): as supervisord and systemd
         do, keep serving the modules that came up and leave the others FAILED (their
         dependents WAITING_DEPS) with their reasons logged; raise only if none came up.
+        ``stay_up`` (with strict False): not even then: a cluster's node joining again
+        serves as a standby whose FAILED modules an operator can mend and restart.
         """
         if self._loop is not None:
             raise RuntimeError("this Supervisor was already started")
@@ -252,7 +254,7 @@ class Supervisor:
         self._lifecycle.start_done.wait(timeout)
         reasons = self._loop.call(self._lifecycle.not_ready)
         detail = "; ".join(f"{name}: {why}" for name, why in reasons.items())
-        if reasons and (strict or len(reasons) == len(self.modules)):
+        if reasons and (strict or (len(reasons) == len(self.modules) and not stay_up)):
             self.stop()
             raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
         self._loop.call(self._lifecycle.end_start)

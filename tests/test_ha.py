@@ -24,7 +24,8 @@ from cmsupervisor.ha.etcd import Etcd, prefix_end
 COUNTER = agent("counter.py:main")
 
 
-def host_config(tmp_path, name, endpoints, lease_ttl=1):
+def host_config(tmp_path, name, endpoints, lease_ttl=1, ha="", agent=""):
+    """Host ``name``'s cmactor.toml: ``ha`` and ``agent`` are more lines of [ha] and of the counter's table."""
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f"""
@@ -39,9 +40,10 @@ etcd = {json.dumps(endpoints)}
 cluster = "test"
 node = "{name}"
 lease_ttl = {lease_ttl}
-
+{ha}
 [agents.counter]
 entry = "{COUNTER}"
+{agent}
 """
     )
     return path
@@ -203,3 +205,49 @@ def test_a_paused_active_acknowledges_nothing_once_another_took_over(tmp_path, h
     wait_for(lambda: (ha_state(sockets[0]) or {}).get("in_sync"), 30, "a rejoined as an in-sync standby")
     assert ha_state(sockets[0])["role"] == "standby"
     assert count(sockets[0]) == count(sockets[1]) == 10
+
+
+@pytest.mark.timeout(120)
+def test_a_module_failed_on_the_active_hands_the_lead_to_the_in_sync_standby(tmp_path, etcd_cluster):  # noqa: F811
+    crash = tmp_path / "crash-a"  # while it exists, a's counter crashes at each start
+    a = Run(
+        host_config(
+            tmp_path,
+            "a",
+            etcd_cluster.endpoints,
+            ha="handover_hold = 0",
+            agent=f'max_restarts = 1\nrestart_delay = 0.01\nenv = {{COUNTER_CRASH_FILE = "{crash}"}}',
+        ),
+        cwd=tmp_path,
+    )
+    b = None
+    sockets = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    try:
+        wait_for(lambda: (ha_state(sockets[0]) or {}).get("role") == "active", 20, "a is active")
+        b = Run(host_config(tmp_path, "b", etcd_cluster.endpoints), cwd=tmp_path)
+        wait_for(lambda: (ha_state(sockets[1]) or {}).get("in_sync"), 20, "b is an in-sync standby")
+        with cmactor.connect(socket=sockets, timeout=10) as conn:
+            for _ in range(5):
+                add(conn)
+            crash.touch()
+            worker = json.loads(cli("status", "--format", "json", "--socket", sockets[0]).stdout)["counter"]["pid"]
+            os.kill(worker, signal.SIGKILL)
+            wait_for(lambda: (ha_state(sockets[1]) or {}).get("role") == "active", 30, "b took over")
+            add(conn)
+        assert count(sockets[1]) == 6
+        # a joined again as a standby; its counter, started afresh, crashed again: not in sync.
+        assert wait_for(lambda: ha_state(sockets[0]), 30, "a answers again") == {
+            "node": "a",
+            "role": "standby",
+            "active": "b",
+            "in_sync": False,
+            "revision": ha_state(sockets[0])["revision"],
+        }
+        crash.unlink()  # the operator mends the host, and restarts the module
+        assert cli("restart", "counter", "--socket", sockets[0]).returncode == 0
+        wait_for(lambda: (ha_state(sockets[0]) or {}).get("in_sync"), 30, "a is an in-sync standby")
+        assert count(sockets[0]) == 6
+    finally:
+        for run in (a, b):
+            if run is not None:
+                run.stop()

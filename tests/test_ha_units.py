@@ -48,6 +48,7 @@ def test_a_good_ha_table_fills_in_its_defaults_and_names_the_host(tmp_path):
     ha = load_toml(write(tmp_path, GOOD.replace('node = "a"\n', "")))[3]
     assert ha["etcd"] == ["127.0.0.1:2379"] and ha["cluster"] == "core" and ha["node"]
     assert (ha["lease_ttl"], ha["max_txn_ops"], ha["max_request_bytes"]) == (2, 128, 1572864)
+    assert (ha["handover_on_failed"], ha["handover_hold"]) == (True, 300.0)
     assert load_toml(write(tmp_path, "[agents.x]\nentry = 'm:f'\n"))[3] is None
 
 

@@ -13,6 +13,9 @@ Every key of cluster C starts with ``/cmactor/C/``:
 - ``base/<module>``: the module's tables as last saved or compacted: which chunks
   hold them (``chunk/<module>/<generation>/<n>``, each within etcd's request limit)
   and the recent tokens the records it replaced carried.
+- ``nodes/<node>``: ``in_sync`` while that node is a standby that could take over, else
+  ``behind``; held by the node's lease. An active with a FAILED module hands over only
+  when another node says it is in sync.
 """
 
 import msgpack
@@ -33,9 +36,13 @@ class Keys:
         self.leader = self.prefix + b"leader"
         self.initialized = self.prefix + b"initialized"
         self.records_prefix = self.prefix + b"j/"
+        self.nodes = self.prefix + b"nodes/"
 
     def record(self, module, key_suffix):
         return self.records_prefix + module.encode() + b"/" + key_suffix
+
+    def node(self, name):
+        return self.nodes + name.encode()
 
     def records(self, module):
         """The prefix of every record of ``module``."""

@@ -19,6 +19,12 @@ lease etcd no longer knows, or a commit that fails its compare, ends the term.
 Stepping down: a node whose term ended acknowledges nothing more, and joins again
 from scratch (its supervisor stopped and started from the cluster's config): the
 changes it applied but could not commit are gone with its old state.
+
+Handing over: each node says under its lease whether it is a standby in sync. An
+active with a module FAILED (its crash loop quarantined it), that has led at least
+handover_hold seconds, ends its own term when another node says so: that node
+takes over, and this one joins again, the FAILED module started afresh. An agent
+that crashes the same way everywhere costs a takeover per handover_hold at most.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from cmsupervisor.ha import keys as K
 from cmsupervisor.ha.etcd import Compare, Etcd, EtcdCompacted, EtcdError, Op, prefix_end
 from cmsupervisor.ha.replica import ACTIVE, FENCED, STANDBY, Replica
 from cmsupervisor.persistence import journal as J, store
+from cmsupervisor.supervision.states import FAILED
 from cmsupervisor.supervisor import Supervisor
 
 log = logging.getLogger("cmactor.supervisor")
@@ -93,6 +100,8 @@ class Node:
         self._stopped = threading.Event()
         self._wake = threading.Event()
         self._lease = None
+        self._said = None  # what the node's key under the lease says: in sync or not (None: nothing)
+        self._led_since = None  # time.monotonic() of this node's term's start
         # The watch thread, and the stream it reads: both let go together under the lock,
         # so that a stream the thread opens while the node leaves is closed, never read.
         self._watch = None
@@ -152,10 +161,11 @@ class Node:
 
     # -- joining ---------------------------------------------------------------------
 
-    def _join(self, timeout, strict):
+    def _join(self, timeout, strict, stay_up=False):
         ttl = self.ha["lease_ttl"]
         try:
             self._lease = self.etcd.lease_grant(ttl)[0]
+            self._said = None
             cluster = self._read()
             term = None
             while not cluster.initialized:
@@ -181,13 +191,15 @@ class Node:
         replica.active_name = cluster.leader
         replica.retry_for = float(self.ha["lease_ttl"])
         replica.on_lost = lambda _reason: self._wake.set()
+        replica.on_vacant = self._wake.set
         sup.replica = replica
         sup.notifier = self.notifier
         if term is None:  # the cluster's config is this node's: written where the supervisor reads it
             sup.before_open = lambda: _materialize(sup, cluster)
-        sup.start(timeout, strict)
+        sup.start(timeout, strict, stay_up)
         if term is not None:
             sup._loop.call(replica.activate, term, True)
+            self._led_since = time.monotonic()
         else:
             self._watch_from(cluster.revision + 1)
 
@@ -267,12 +279,47 @@ class Node:
             if replica.role == FENCED or replica.lost:
                 self._rejoin(timeout)
                 renewed = time.monotonic()
-            elif replica.role == STANDBY and replica.active_name is None:
+                continue
+            self._say(sup._loop.call(replica.could_take_over))
+            if replica.role == STANDBY and replica.active_name is None:
                 self._take_over(sup, replica)
+            elif replica.role == ACTIVE:
+                self._hand_over_if_failed(sup, replica)
+
+    def _say(self, in_sync):
+        """Tell the cluster, under this node's lease, whether it could take over now."""
+        if in_sync == self._said:
+            return
+        try:
+            self.etcd.put(self.keys.node(self.ha["node"]), b"in_sync" if in_sync else b"behind", lease=self._lease)
+        except EtcdError:
+            return  # said at the next tick
+        self._said = in_sync
+
+    def _hand_over_if_failed(self, sup, replica):
+        """A module FAILED on this active: end the term if another node is a standby in sync."""
+        if not self.ha["handover_on_failed"] or time.monotonic() - self._led_since < self.ha["handover_hold"]:
+            return
+        failed = sup._loop.call(lambda: [name for name, mod in sup.modules.items() if mod.state == FAILED])
+        if not failed:
+            return
+        try:
+            said = self.etcd.range(self.keys.nodes, prefix_end(self.keys.nodes)).kvs
+        except EtcdError:
+            return
+        ready = [kv.key[len(self.keys.nodes) :].decode() for kv in said if kv.value == b"in_sync"]
+        ready = [name for name in ready if name != self.ha["node"]]
+        if ready:
+            sup._loop.call(
+                replica.fence,
+                f"module {', '.join(failed)} FAILED here; the lead goes to an in-sync standby ({', '.join(ready)})",
+            )
+            self._wake.set()
 
     def _renew_lease(self):
         try:
             self._lease = self.etcd.lease_grant(self.ha["lease_ttl"])[0]
+            self._said = None  # the node's key went with the old lease
         except EtcdError as exc:
             log.warning("ha: node %s cannot renew its lease: %s", self.ha["node"], exc)
 
@@ -290,6 +337,7 @@ class Node:
         while time.monotonic() < deadline and not self._stopping.is_set():
             if sup._loop.call(lambda: replica.feed.seen >= term and replica.in_sync):
                 sup._loop.call(replica.activate, term, False)
+                self._led_since = time.monotonic()
                 return
             time.sleep(0.005)
         log.error(
@@ -308,13 +356,14 @@ class Node:
         """The term ended (or the standby fell behind): start over from the cluster's config."""
         log.warning("ha: node %s joins its cluster again: %s", self.ha["node"], self.supervisor.replica.lost)
         self._leave()
-        self.supervisor = self._new_supervisor()
         while not self._stopping.is_set():
+            self.supervisor = self._new_supervisor()
             try:
-                self._join(timeout, strict=False)
+                self._join(timeout, strict=False, stay_up=True)
                 return
             except StartupError as exc:
                 log.error("ha: node %s cannot join its cluster: %s; trying again", self.ha["node"], exc)
+                self._leave()
                 self._stopping.wait(1.0)
 
     def _leave(self):

@@ -55,6 +55,7 @@ class Replica:
         self._loop = self._modules = self._router = None
         self.feed = Feed(self)
         self.on_lost = None  # fn(reason): called once when an active's term ends (node.py rejoins)
+        self.on_vacant = None  # fn(): the watch saw the leader key go (node.py campaigns at once)
         self.retry_for = 2.0  # seconds a commit whose outcome etcd left unknown is sent again (the lease's TTL)
         self.lost = None
 
@@ -84,6 +85,10 @@ class Replica:
         if self.role == ACTIVE:
             return True
         return self.feed.caught_up and all(m.state == READY for m in self._modules.values())
+
+    def could_take_over(self):
+        """(Loop thread.) Whether this node is a standby in sync, which may lead next."""
+        return self.role == STANDBY and self.in_sync
 
     def describe(self):
         return {
@@ -301,6 +306,8 @@ class Replica:
         """The watch saw the leader key change: ``name`` is active now (None: no node is)."""
         if self.role == STANDBY:
             self.active_name = name
+            if name is None and self.on_vacant is not None:
+                self.on_vacant()
 
     def close(self):
         if self._committer is not None:

@@ -1,6 +1,10 @@
 """A test agent whose change is not idempotent: a setop adds to a counter, so a record
-replayed twice, or lost, shows in the count."""
+replayed twice, or lost, shows in the count.
 
+While the file named by COUNTER_CRASH_FILE exists, every start of it crashes: a crash
+loop on one host of a cluster (its agent env sets the variable; the others do not)."""
+
+import os
 import time
 
 from cmactor import ready
@@ -15,9 +19,11 @@ class Counter(CmAgent):
         self.counts = {}
 
     def event_generate_default(self):
+        _crash_if_asked()
         ready()
 
     def event_load_complete(self):
+        _crash_if_asked()
         ready()
 
     def ctr_get(self, ctx):
@@ -42,6 +48,12 @@ class Counter(CmAgent):
         name = ctx.params["name"]
         self.counts[name] = self.counts.get(name, 0) + int(ctx.params.get("by", "1"))
         ctx.fields = {"name": name, "count": self.counts[name]}
+
+
+def _crash_if_asked():
+    path = os.environ.get("COUNTER_CRASH_FILE")
+    if path and os.path.exists(path):
+        os._exit(3)
 
 
 def main():
