@@ -179,6 +179,8 @@ def test_acknowledged_writes_survive_rounds_of_host_and_etcd_failures(tmp_path, 
 
             writers.pause()
             try:
+                # A write under way as the pause began may have ended the term that just settled.
+                active, standby = wait_for(lambda: settled(paths), 60, f"a settled cluster, round {round_} paused")
                 acked, unknown = set(writers.acked), set(writers.unknown)
                 on_active = rows(paths[active])
                 missing = sorted(acked - on_active.keys())
