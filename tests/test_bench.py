@@ -1,6 +1,7 @@
 """Smoke test of the benchmark suite: `cmactor bench --quick` runs to the end and
 prints a row for every scenario. Speeds are not checked: they belong to perf/README.md."""
 
+import json
 import os
 import re
 import shutil
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+
+from cmsupervisor.ha.localetcd import ETCD, INSTALL_HINT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,3 +242,42 @@ def test_walk_lists_the_files_each_walk_runs_code_in():
     assert "cmsupervisor/persistence/journal.py" in journaled and "cmsupervisor/persistence/journal.py" not in brokered
     assert not [path for path in direct if path.startswith("cmsupervisor/")]  # one hop: the supervisor does nothing
     assert "cmsupervisor/supervision/recovery.py" in crash and "new worker: " in crash["cmactor/worker/process.py"]
+
+
+# -- perf.ha: the hot standby on a local 3-member etcd ----------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_ha_quick_measures_sets_and_takeovers():
+    if ETCD is None:
+        pytest.fail(INSTALL_HINT, pytrace=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.ha", "--quick", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["quick"] and report["machine"]["cores"] >= 1
+    rows = {row["key"]: row for row in report["results"]}
+    assert list(rows) == [
+        "local_set",
+        "ha_set",
+        "local_set_4x32",
+        "ha_set_4x32",
+        "takeover_ttl1",
+        "takeover_ttl2",
+        "rejoin",
+    ]
+    for row in rows.values():
+        assert row["rate"] > 0 and row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"], row
+    for key in ("ha_set", "ha_set_4x32"):  # compared with the local journal in the same rounds
+        assert rows[key]["baseline"] == key.replace("ha_", "local_") and rows[key]["ratio"] > 0
+    for ttl in (1, 2):
+        row = rows[f"takeover_ttl{ttl}"]
+        assert row["lease_ttl"] == ttl and row["rounds"] == 3 and row["max_us"] >= row["p50_us"]
+        # Nothing acknowledged is lost in a takeover, and the rejoined standby holds what the active does.
+        assert row["lost"] == 0 and row["replicas_differ"] is False, row
+    assert rows["rejoin"]["rounds"] == 6
