@@ -28,7 +28,7 @@ from processes import Run, cli
 from test_ha import add, count, ha_state, wait_for
 
 import cmactor
-from cmactor.errors import DatabaseError
+from cmactor.errors import DataError
 from cmactor.wire.validate import MAX_TOKEN
 from cmsupervisor.ha import keys as K
 from cmsupervisor.ha.etcd import Etcd, EtcdError, Op, prefix_end
@@ -296,7 +296,7 @@ def test_a_write_larger_than_an_etcd_request_is_refused_without_ending_the_term(
     with cmactor.connect(socket=sockets, timeout=10, failover_timeout=5) as conn:
         add(conn)
         started = time.monotonic()
-        with pytest.raises(DatabaseError):
+        with pytest.raises(DataError, match=r"setop counter\.ctr refused: .*raise etcd's --max-request-bytes"):
             add(conn, "n" * limit)  # its record cannot go to etcd in one request
         took = time.monotonic() - started
     # Refused by the active, which keeps its term: not sent to each node found active in turn

@@ -280,11 +280,14 @@ class Node:
                 self._rejoin(timeout)
                 renewed = time.monotonic()
                 continue
-            self._say(sup._loop.call(replica.could_take_over))
-            if replica.role == STANDBY and replica.active_name is None:
-                self._take_over(sup, replica)
-            elif replica.role == ACTIVE:
-                self._hand_over_if_failed(sup, replica)
+            try:
+                self._say(sup._loop.call(replica.could_take_over))
+                if replica.role == STANDBY and replica.active_name is None:
+                    self._take_over(sup, replica)
+                elif replica.role == ACTIVE:
+                    self._hand_over_if_failed(sup, replica)
+            except RuntimeError:
+                pass  # the supervisor stopped under this tick (a client's `cmactor stop`): the next one sees it
 
     def _say(self, in_sync):
         """Tell the cluster, under this node's lease, whether it could take over now."""

@@ -141,7 +141,8 @@ class Replica:
             return None
         return (
             f"{request.op} {request.module}.{request.table} refused: its record would take {size} bytes in etcd, "
-            f"more than one etcd request holds ({room} bytes: [ha] max_request_bytes less {REQUEST_MARGIN})"
+            f"more than one etcd request holds ({room} bytes: [ha] max_request_bytes less {REQUEST_MARGIN}); "
+            "send smaller values, or raise etcd's --max-request-bytes and [ha] max_request_bytes with it"
         )
 
     def settled(self, token, error, entries):
