@@ -24,6 +24,7 @@ not have to import the rest.
 
 import collections
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -654,3 +655,21 @@ def format_table(rows, info):
 def print_progress(line):
     """A ``progress`` for run(): one line on stderr."""
     print(f"perf: {line}", file=sys.stderr, flush=True)
+
+
+def report(measure, quick, output, interrupted):
+    """Run ``measure()`` (rows, as run() gives them) and print them as ``output`` ("table" or
+    "json") with the machine: the exit status (130 after a Ctrl-C, which prints
+    ``interrupted`` on stderr)."""
+    info = machine()
+    try:
+        rows = measure()
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    if output == "json":
+        json.dump({"machine": info, "quick": quick, "results": rows}, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_table(rows, info))
+    return 0

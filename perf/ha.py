@@ -43,7 +43,7 @@ import cmactor
 from cmactor.errors import OperationalError
 from cmsupervisor.ha.localetcd import ETCD, INSTALL_HINT, EtcdCluster
 
-from . import CLIENTS, INFLIGHT, Step, _measure, baseline, format_table, machine, print_progress, scenarios
+from . import CLIENTS, INFLIGHT, Step, _measure, baseline, print_progress, report, scenarios
 from .baseline import pc, percentile
 
 # rounds: interleaved rounds of the set rows (medians reported). sequential: sets per
@@ -431,18 +431,12 @@ def main(argv=None):
     if ETCD is None:
         print(f"perf.ha: {INSTALL_HINT}", file=sys.stderr)
         return 2
-    info = machine()
-    try:
-        rows = run(quick=args.quick, rounds=args.rounds, progress=print_progress)
-    except KeyboardInterrupt:
-        print("perf.ha: interrupted; every process it started was stopped", file=sys.stderr)
-        return 130
-    if args.format == "json":
-        json.dump({"machine": info, "quick": args.quick, "results": rows}, sys.stdout, indent=2)
-        print()
-    else:
-        print(format_table(rows, info))
-    return 0
+    return report(
+        lambda: run(quick=args.quick, rounds=args.rounds, progress=print_progress),
+        args.quick,
+        args.format,
+        "perf.ha: interrupted; every process it started was stopped",
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ from cmsupervisor.ha.etcd import Etcd, prefix_end
 COUNTER = agent("counter.py:main")
 
 
-def host_config(tmp_path, name, endpoints, lease_ttl=1, ha="", agent=""):
-    """Host ``name``'s cmactor.toml: ``ha`` and ``agent`` are more lines of [ha] and of the counter's table."""
+COUNTER_TABLE = f'[agents.counter]\nentry = "{COUNTER}"\n'
+
+
+def host_config(tmp_path, name, endpoints, lease_ttl=1, ha="", agents=COUNTER_TABLE):
+    """Host ``name``'s cmactor.toml: ``ha``, more lines of its [ha]; ``agents``, its agents' tables."""
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f"""
@@ -41,9 +44,7 @@ cluster = "test"
 node = "{name}"
 lease_ttl = {lease_ttl}
 {ha}
-[agents.counter]
-entry = "{COUNTER}"
-{agent}
+{agents}
 """
     )
     return path
@@ -216,7 +217,7 @@ def test_a_module_failed_on_the_active_hands_the_lead_to_the_in_sync_standby(tmp
             "a",
             etcd_cluster.endpoints,
             ha="handover_hold = 0",
-            agent=f'max_restarts = 1\nrestart_delay = 0.01\nenv = {{COUNTER_CRASH_FILE = "{crash}"}}',
+            agents=COUNTER_TABLE + f'max_restarts = 1\nrestart_delay = 0.01\nenv = {{COUNTER_CRASH_FILE = "{crash}"}}',
         ),
         cwd=tmp_path,
     )

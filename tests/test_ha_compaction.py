@@ -18,14 +18,13 @@ Each host is a `cmactor run` in a session of its own, as in test_ha.py."""
 
 import collections
 import contextlib
-import json
 import threading
 import time
 
 import pytest
 from helpers import agent
 from processes import Run, cli
-from test_ha import add, count, ha_state, wait_for
+from test_ha import add, count, ha_state, host_config, wait_for
 
 import cmactor
 from cmactor.errors import DataError
@@ -63,24 +62,7 @@ class Hosts:
         self.runs = {}
 
     def config(self, name):
-        path = self.tmp_path / f"{name}.toml"
-        path.write_text(
-            f"""
-[supervisor]
-state_dir = "state-{name}"
-socket = "{name}.sock"
-start_timeout = 30
-
-[ha]
-etcd = {json.dumps(self.etcd.endpoints)}
-cluster = "test"
-node = "{name}"
-lease_ttl = 2
-{self.ha}
-{self.agents}
-"""
-        )
-        return path
+        return host_config(self.tmp_path, name, self.etcd.endpoints, lease_ttl=2, ha=self.ha, agents=self.agents)
 
     def socket(self, name):
         return str(self.tmp_path / f"{name}.sock")

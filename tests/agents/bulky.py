@@ -4,6 +4,8 @@ own (a row saved or loaded under another row's name, or cut short, shows)."""
 
 import hashlib
 
+from rowwalk import next_name
+
 from cmactor import ready
 from cmactor.cmbackend import CmAgent, cmbackend_init
 
@@ -28,18 +30,9 @@ class Bulky(CmAgent):
         ready()
 
     def blob_get(self, ctx):
-        names = sorted(self.rows)
-        if ctx.is_getnext:
-            after = ctx.params.get("name")
-            later = [n for n in names if after is None or n > after]
-            if not later:
-                return
-            name = later[0]
-            if len(later) > 1:
-                ctx.more()
-        else:
-            name = ctx.params["name"]
-        ctx.fields = {"name": name, "data": self.rows.get(name, "")}
+        name = next_name(ctx, self.rows)
+        if name is not None:
+            ctx.fields = {"name": name, "data": self.rows.get(name, "")}
 
     def blob_set(self, ctx):  # a saved row, loaded back
         self.rows[ctx.params["name"]] = ctx.params["data"]

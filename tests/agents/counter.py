@@ -7,6 +7,8 @@ loop on one host of a cluster (its agent env sets the variable; the others do no
 import os
 import time
 
+from rowwalk import next_name
+
 from cmactor import ready
 from cmactor.cmbackend import CmAgent, cmbackend_init
 
@@ -27,18 +29,9 @@ class Counter(CmAgent):
         ready()
 
     def ctr_get(self, ctx):
-        names = sorted(self.counts)
-        if ctx.is_getnext:
-            after = ctx.params.get("name")
-            later = [n for n in names if after is None or n > after]
-            if not later:
-                return
-            name = later[0]
-            if len(later) > 1:
-                ctx.more()
-        else:
-            name = ctx.params["name"]
-        ctx.fields = {"name": name, "count": self.counts.get(name, 0)}
+        name = next_name(ctx, self.counts)
+        if name is not None:
+            ctx.fields = {"name": name, "count": self.counts.get(name, 0)}
 
     def ctr_set(self, ctx):  # a saved row, loaded back
         self.counts[ctx.params["name"]] = int(ctx.params["count"])
