@@ -6,6 +6,7 @@ An agent ported from the original platform keeps its imports: inside a worker
 
 from __future__ import annotations
 
+import re
 import threading
 import types
 from collections.abc import Callable, Mapping
@@ -135,9 +136,24 @@ class CmAgent:
     app's schema declares them: a getnext walk then carries only those columns of
     the previous row into the next call (not every field), and so does the save
     walk. A table not named there gets every field of the previous row.
+
+    ``columns`` maps a table to every column (field) it has, in order: what a RESTCONF
+    server, a client of the supervisor, exposes (it reads them with the ``schema`` op). A
+    table with declared columns is exposed, one ``type string`` leaf a column; with
+    ``index_columns`` it is a YANG list keyed by them, in order (they must be among its
+    columns), without them a container; ``config true`` when the agent has
+    ``<table>_set``, else ``config false``; a ``<table>_setop`` is an operation. A
+    table not named there is not exposed, and serves cmactor's clients as before.
+
+    ``delete_tables`` names the tables whose entries a RESTCONF DELETE removes, by
+    calling ``<table>_setop`` with ``action=delete`` and the entry's index columns;
+    each needs declared columns and a ``<table>_setop``. A DELETE of any other table
+    is refused. Both are checked by cmbackend_init().
     """
 
     index_columns: Mapping[str, tuple[str, ...] | list[str]] = types.MappingProxyType({})
+    columns: Mapping[str, tuple[str, ...] | list[str]] = types.MappingProxyType({})
+    delete_tables: tuple[str, ...] | list[str] = ()
 
     def __init__(self, pool: Executor | None = None) -> None:
         # None: the worker's shared callback pool is used for @async_action methods.
@@ -184,6 +200,104 @@ def _check_index_columns(declared: object) -> None:
         _check_names(columns, f"index_columns[{table!r}]")
 
 
+# A column is a YANG leaf (RESTCONF): an identifier as RFC 7950 section 6.2 has it.
+_COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+# A table is part of a method name (<table>_get), as protocol.NAME_RE has it.
+_TABLE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+
+
+def _has(agent: CmAgent, table: str, suffix: str) -> bool:
+    return callable(getattr(agent, f"{table}_{suffix}", None))
+
+
+def _check_columns(agent: CmAgent) -> None:
+    declared = agent.columns
+    if not isinstance(declared, Mapping):
+        raise TypeError(
+            f"cmbackend_init(): columns must map table names to lists of column names, got {type(declared).__name__}"
+        )
+    for table, columns in declared.items():
+        if not isinstance(table, str):
+            raise TypeError(f"cmbackend_init(): columns has a {type(table).__name__} key {table!r}, not a table name")
+        if not _TABLE_RE.match(table):
+            raise ValueError(
+                f"cmbackend_init(): columns has the key {table!r}, not a table name (a letter, then letters, "
+                "digits or _)"
+            )
+        names = _check_names(columns, f"columns[{table!r}]")
+        if columns is None or not names:
+            raise ValueError(
+                f"cmbackend_init(): columns[{table!r}] declares no column: list every column of table {table!r} "
+                "(or leave the table out of columns)"
+            )
+        if table[:3].lower() == "xml":
+            raise ValueError(
+                f"cmbackend_init(): columns declares table {table!r}, whose name starts with 'xml', which YANG "
+                "and XML reserve: RESTCONF cannot expose it; leave it out of columns"
+            )
+        for column in names:
+            if not _COLUMN_RE.match(column) or column[:3].lower() == "xml":
+                raise ValueError(
+                    f"cmbackend_init(): columns[{table!r}] has {column!r}, not a column name RESTCONF can expose "
+                    "(a letter or _, then letters, digits, _, - or ., not starting with 'xml'): rename the "
+                    "column, or leave the table out of columns"
+                )
+        if "message" in names and _has(agent, table, "setop"):
+            raise ValueError(
+                f"cmbackend_init(): columns[{table!r}] has 'message', which names the notify_cli lines "
+                f"{table}_setop answers through RESTCONF: rename the column, or leave the table out of columns"
+            )
+        twice = sorted({column for column in names if names.count(column) > 1})
+        if twice:
+            raise ValueError(f"cmbackend_init(): columns[{table!r}] names {twice[0]!r} twice: list each column once")
+        if not _has(agent, table, "get"):
+            raise ValueError(
+                f"cmbackend_init(): columns declares table {table!r}, but the agent has no {table}_get to serve it: "
+                f"define {table}_get(self, ctx), or leave {table!r} out of columns"
+            )
+        for column in agent.index_columns.get(table) or ():
+            if column not in names:
+                raise ValueError(
+                    f"cmbackend_init(): index_columns[{table!r}] names {column!r}, which columns[{table!r}] does not "
+                    f"declare: add it to columns[{table!r}]"
+                )
+
+
+def _check_delete_tables(agent: CmAgent) -> None:
+    for table in _check_names(agent.delete_tables, "delete_tables"):
+        if not _has(agent, table, "setop"):
+            raise ValueError(
+                f"cmbackend_init(): delete_tables names table {table!r}, but the agent has no {table}_setop to "
+                f"delete its entries with: define {table}_setop(self, ctx) taking action=delete, or leave "
+                f"{table!r} out of delete_tables"
+            )
+        if table not in agent.columns:
+            raise ValueError(
+                f"cmbackend_init(): delete_tables names table {table!r}, which columns does not declare: "
+                f"declare its columns (columns = {{{table!r}: (...)}}), or leave {table!r} out of delete_tables"
+            )
+
+
+def declared_schema(agent: CmAgent) -> dict[str, dict[str, dict[str, Any]]]:
+    """What ``agent`` declares for RESTCONF, as the worker sends it to the supervisor (the
+    ``schema`` op answers it): {"tables": {table: {"index", "columns", "config", "setop",
+    "delete"}}}, a table a declared ``columns`` entry. Call it once cmbackend_init() has
+    checked the declarations."""
+    deletes = set(agent.delete_tables or ())
+    return {
+        "tables": {
+            table: {
+                "index": list(agent.index_columns.get(table) or ()),
+                "columns": list(columns),
+                "config": _has(agent, table, "set"),
+                "setop": _has(agent, table, "setop"),
+                "delete": table in deletes,
+            }
+            for table, columns in agent.columns.items()
+        }
+    }
+
+
 def cmbackend_init(
     agent: CmAgent,
     persistent_list: list[str] | tuple[str, ...] | None = None,
@@ -199,6 +313,8 @@ def cmbackend_init(
         raise TypeError(f"cmbackend_init(): agent must be a CmAgent instance, got {type(agent).__name__}")
     persistent = _check_names(persistent_list, "persistent_list")
     _check_index_columns(agent.index_columns)
+    _check_columns(agent)
+    _check_delete_tables(agent)
     deps = _check_names(config_deps, "config_deps")
     if agent.pool is not None and not callable(getattr(agent.pool, "submit", None)):
         raise TypeError(f"CmAgent pool must be a concurrent.futures.Executor, got {type(agent.pool).__name__}")

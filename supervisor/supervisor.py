@@ -473,6 +473,13 @@ class Supervisor:
         clients connected, saves (ok, errors by type, duration histogram) and data requests to unknown modules."""
         return self._loop.call(self._control.own_status)
 
+    def schema(self, module: str | None = None) -> dict[str, dict[str, Any] | None]:
+        """What each module's agent declares for RESTCONF (CmAgent.columns, index_columns,
+        delete_tables), or only ``module``'s: {module: {"tables": {table: {"index", "columns",
+        "config", "setop", "delete"}}}}, None for a module no worker of which has registered
+        an agent yet. ProgrammingError for a module this supervisor does not run."""
+        return self._loop.call(self._control.schema, module)
+
     def save(self, user: str = "supervisor") -> SaveSummary:
         """Save every READY module's persistent tables to the config file; return a summary.
 

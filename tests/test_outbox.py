@@ -148,7 +148,7 @@ def test_an_async_request_whose_reply_waits_in_the_outbox_counts_as_started(pair
     slots = array.array("q", [0] * P.SLOTS_SIZE)
     runtime = worker.Runtime("m", writer, None, 2, slots)
     runtime.register(_AsyncAgent(), [], [])
-    init = _read_exactly(reader, len(P.pack(P.Init([], [], ["kv_get"], 2))))
+    init = _read_exactly(reader, len(P.pack(P.Init([], [], ["kv_get"], 2, {}))))
     assert type(P.FrameReader(decode=P.CHANNEL.decode).feed(init)[0]) is P.Init
     holder, rest = _blocked_writer(runtime._outbox, reader, P.pack)
     request = P.Req(7, "get", "kv", {}, None, 0, 1, None, None, None, None)

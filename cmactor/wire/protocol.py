@@ -27,7 +27,8 @@ DATA_OPS = ("get", "getone", "getnext", "set", "setop")
 # stop, start and restart with a "module" are an operator's (supervisor/supervision/admin.py);
 # stop without one stops the supervisor. ha: this node's place in a hot-standby cluster
 # (its role, and which node is active), what a client given several sockets asks each.
-CONTROL_OPS = ("status", "save", "stop", "start", "restart", "reload", "ping", "export", "route", "ha")
+# schema: the tables each module declares (CmAgent.columns), for a RESTCONF server.
+CONTROL_OPS = ("status", "save", "stop", "start", "restart", "reload", "ping", "export", "route", "ha", "schema")
 # Data ops a client may send straight to the module's worker (cmactor/worker/direct.py).
 READ_OPS = ("get", "getone", "getnext")
 
@@ -113,13 +114,27 @@ class Cancel(_Message, tag=7):
 
 
 # worker -> supervisor
+class TableSchema(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A table the agent declares columns for (CmAgent.columns): what a RESTCONF server
+    exposes of it (cmbackend.declared_schema): its index columns ([]: none, a container),
+    its columns in order, and whether it has <table>_set (config), <table>_setop, and is
+    in CmAgent.delete_tables."""
+
+    index: list[str]
+    columns: list[str]
+    config: bool
+    setop: bool
+    delete: bool
+
+
 class Init(_Message, tag=10):
-    """cmbackend_init() was called."""
+    """cmbackend_init() was called; ``tables``: the tables it declares columns for, by name."""
 
     persistent_list: list[str]
     config_deps: list[str]
     async_actions: list[str]
     pool_size: int | None
+    tables: dict[str, TableSchema]
 
 
 class Ready(_Message, tag=11):

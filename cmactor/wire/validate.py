@@ -115,7 +115,7 @@ class Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 _decoder = msgspec.msgpack.Decoder(Request)
 # Control ops that name a module (a restart, unless of every module), and that may.
 _NAMED_OPS = frozenset(("restart", "start", "route"))
-_NAMING_OPS = frozenset(("status", "stop"))
+_NAMING_OPS = frozenset(("status", "stop", "schema"))
 _DATA_OPS = frozenset(P.DATA_OPS)
 _WRITE_OPS = frozenset(P.WRITE_OPS)
 _OPS = frozenset(P.DATA_OPS + P.CONTROL_OPS)

@@ -231,7 +231,10 @@ class Runtime:
         self._limit_direct_async(_pool_size(self._pool))
         read_only = [table for table in persistent if table not in loadable]
         self._actions = Actions(self.module, agent, self.send, read_only)
-        self.send(P.Init(loadable, deps, async_actions, _pool_size(self._pool)))
+        tables = {
+            table: P.TableSchema(**declared) for table, declared in cmbackend.declared_schema(agent)["tables"].items()
+        }
+        self.send(P.Init(loadable, deps, async_actions, _pool_size(self._pool), tables))
 
     def ready(self):
         with self._ready_lock:

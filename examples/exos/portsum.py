@@ -84,6 +84,12 @@ def all_vlans(page):
 
 
 class PortSum(CmAgent):
+    # Its schema, for a RESTCONF server: watch a list a DELETE removes entries of
+    # (watch_setop action=delete), summary a list that is config false.
+    index_columns = {"watch": ("name",), "summary": ("vlan",)}
+    columns = {"watch": ("name",), "summary": ("vlan", "ports", "count", "tagged")}
+    delete_tables = ("watch",)
+
     def __init__(self, args, work):
         self.args = args
         self.work = work

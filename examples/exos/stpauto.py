@@ -69,6 +69,7 @@ def existing_vlans():
 
 class StpAuto(CmAgent):
     index_columns = {"bound": ("vlan",)}
+    columns = {"bound": ("vlan", "stpd")}  # for a RESTCONF server: a list, config false
 
     def __init__(self, args, work):
         self.args = args

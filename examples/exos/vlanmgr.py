@@ -28,6 +28,9 @@ except ImportError:
 
 class VlanMgr(CmAgent):
     index_columns = {"vlan": ("name",), "member": ("vlan", "port")}
+    # Every column, for a RESTCONF server; a DELETE of a vlan runs vlan_setop action=delete.
+    columns = {"vlan": ("name", "tag"), "member": ("vlan", "port", "tagged")}
+    delete_tables = ("vlan",)
 
     def __init__(self):
         self.lock = threading.Lock()

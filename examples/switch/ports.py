@@ -25,6 +25,10 @@ def _order(name):
 
 
 class Ports(CmAgent):
+    # Its schema, for a RESTCONF server: a list of ports keyed by name.
+    index_columns = {"port": ("name",)}
+    columns = {"port": ("name", "enabled", "speed", "description")}
+
     def __init__(self):
         super().__init__()
         self.ports = {}

@@ -13,6 +13,10 @@ PORTS = [str(n) for n in range(1, 9)]
 
 
 class Stats(CmAgent):
+    # Its schema, for a RESTCONF server: a list keyed by port, config false (no counters_set).
+    index_columns = {"counters": ("port",)}
+    columns = {"counters": ("port", "rx_packets", "tx_packets")}
+
     def __init__(self):
         super().__init__()
         self.started = time.monotonic()

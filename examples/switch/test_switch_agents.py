@@ -40,6 +40,18 @@ def test_vlan_members_must_be_ports(switch):
     assert get_rows(switch, "vlan.member") == [{"vlan": "v10", "port": "3"}]
 
 
+def test_setop_deletes_a_vlan_member(switch):
+    set_row(switch, "vlan.vlan", name="v10", tag=10)
+    set_row(switch, "vlan.member", vlan="v10", port=3)
+    set_row(switch, "vlan.member", vlan="v10", port=4)
+    assert setop(switch, "vlan.member", action="delete", vlan="v10", port=3) == {"vlan": "v10", "port": "3"}
+    assert get_rows(switch, "vlan.member") == [{"vlan": "v10", "port": "4"}]
+    with pytest.raises(cmactor.DatabaseError, match="port '3' is not a member of vlan 'v10'"):
+        setop(switch, "vlan.member", action="delete", vlan="v10", port=3)
+    with pytest.raises(cmactor.DatabaseError, match="the only action is action=delete"):
+        setop(switch, "vlan.member", action="flush", vlan="v10", port=4)
+
+
 def test_vlan_keeps_its_config_when_its_worker_is_killed(switch):
     set_row(switch, "vlan.vlan", name="v10", tag=10)
     old = switch.status()["vlan"]["pid"]

@@ -1,6 +1,9 @@
 """Demo agent "vlan": vlans and their member ports; depends on "ports".
 
-Tables ``vlan`` (name, tag) and ``member`` (vlan, port). ``member_set`` is an
+Tables ``vlan`` (name, tag) and ``member`` (vlan, port); ``setop vlan.vlan
+action=delete name=V`` deletes a vlan and its members, ``setop vlan.member
+action=delete vlan=V port=P`` one member (and a RESTCONF DELETE of either: both
+are in ``delete_tables``). ``member_set`` is an
 @async_action: it asks the ports module whether the port exists, a blocking call
 that must not run on the serial lane. Because it runs concurrently with the
 serial lane, the agent guards its state with a lock. What it does is logged through
@@ -18,6 +21,12 @@ log = logging.getLogger("vlan")
 
 
 class Vlan(CmAgent):
+    # Its schema, for a RESTCONF server: two lists, whose entries a DELETE removes
+    # (through vlan_setop and member_setop, with action=delete and the keys).
+    index_columns = {"vlan": ("name",), "member": ("vlan", "port")}
+    columns = {"vlan": ("name", "tag"), "member": ("vlan", "port")}
+    delete_tables = ("vlan", "member")
+
     def __init__(self):
         super().__init__()
         self.lock = threading.Lock()
@@ -126,6 +135,17 @@ class Vlan(CmAgent):
             self.members.add((vlan, port))
         if not ctx.is_load:
             log.info("port %s added to vlan %s", port, vlan)
+        ctx.fields = {"vlan": vlan, "port": port}
+
+    def member_setop(self, ctx):
+        if ctx.params.get("action") != "delete":
+            ctx.raise_error("setop vlan.member: the only action is action=delete vlan=<vlan> port=<port>")
+        vlan, port = ctx.params.get("vlan"), ctx.params.get("port")
+        with self.lock:
+            if (vlan, port) not in self.members:
+                ctx.raise_error(f"port {port!r} is not a member of vlan {vlan!r}")
+            self.members.discard((vlan, port))
+        log.info("port %s removed from vlan %s", port, vlan)
         ctx.fields = {"vlan": vlan, "port": port}
 
     def _ports(self):

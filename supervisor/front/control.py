@@ -1,4 +1,4 @@
-"""The control requests: status, save, export, stop, start, restart, reload, ping and route.
+"""The control requests: status, save, export, stop, start, restart, reload, ping, route, ha and schema.
 
 The server hands every valid control request to ``Control.handle`` (data requests
 go to the router), answered here from the parts that own what they ask about: an
@@ -63,6 +63,8 @@ class Control:
                 self._sampler.sample_later(workers, answer)  # answered from the sampler's thread
             elif op == "ha":
                 client.answer({"id": rid, "ok": True, "ha": self.ha()})
+            elif op == "schema":
+                client.answer({"id": rid, "ok": True, "schema": self.schema(request.module)})
             elif op == "save" and self.replica is not None and self.replica.role != "active":
                 replica = self.replica
                 message = (
@@ -160,6 +162,16 @@ class Control:
         copied = self._loop.call_async(lambda: (self.copy(), self.own_status()))
         (status, workers), own = copied.result(timeout)
         return {"modules": _with(status, self._sampler.sample(workers)), "supervisor": own}
+
+    def schema(self, only=None):
+        """(Loop thread.) What each module's agent declares for RESTCONF, or only the one named
+        ``only``: {module: {"tables": {...}}, or None for a module no worker of which has
+        registered an agent yet} (Module.schema)."""
+        modules = self._modules
+        if only is not None and only not in modules:
+            raise ProgrammingError(unknown_module(only, modules))
+        chosen = modules.items() if only is None else [(only, modules[only])]
+        return {name: mod.schema for name, mod in chosen}
 
     def route(self, name):
         """Where a client reads ``name`` from directly ({"path", "generation"} of its worker's

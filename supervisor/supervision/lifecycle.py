@@ -130,6 +130,7 @@ class Lifecycle:
             self._logs.report(
                 mod, logging.INFO, "module %s READY (pid %d): a plain process, with no tables", mod.name, mod.pid
             )
+            mod.plain()
             mod.became_ready()  # what is held for it is sent (the router is told)
             self._advance_waiting()
             return

@@ -128,6 +128,7 @@ class Module:
         "async_ops",
         "async_actions",
         "pool_size",
+        "tables",
         "unsaved",
         "inflight",
         "held",
@@ -172,6 +173,10 @@ class Module:
         self.async_ops = frozenset()  # (table, op) pairs served by an @async_action
         self.async_actions = frozenset()  # the names of its @async_action methods
         self.pool_size = None
+        # The tables its agent declares (protocol.TableSchema by name), as its latest worker
+        # registered them: kept across restarts until the next one registers; None before
+        # any did, or once a worker is a plain process.
+        self.tables = None
         self.unsaved = False
         self.inflight = {}  # sid -> Pending, in dispatch order
         self.held = Held()
@@ -255,6 +260,32 @@ class Module:
             if name.endswith("_" + suffix)
         )
         self.pool_size = init.pool_size
+        self.tables = init.tables
+
+    def plain(self):
+        """Its worker called ready() without cmbackend_init(): it serves, and declares, no tables."""
+        self.tables = None
+
+    @property
+    def schema(self):
+        """What its agent declares for RESTCONF: {"tables": {table: {"index", "columns", "config",
+        "setop", "delete"}}} (cmbackend.declared_schema), a new copy each time; None if no worker
+        of it has registered an agent."""
+        tables = self.tables
+        if tables is None:
+            return None
+        return {
+            "tables": {
+                name: {
+                    "index": list(table.index),
+                    "columns": list(table.columns),
+                    "config": table.config,
+                    "setop": table.setop,
+                    "delete": table.delete,
+                }
+                for name, table in tables.items()
+            }
+        }
 
     def waiting_for(self, name):
         """WAITING_DEPS on module ``name`` (None: on none any more)."""
