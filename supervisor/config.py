@@ -5,6 +5,7 @@ accepted instead, so that an operator can fix the file without reading code.
 """
 
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -363,6 +364,92 @@ def ha_options(where, raw, problems=None):
     return options
 
 
+def _listen(where, value):
+    parse_address(where, value)
+    return value
+
+
+def _size(where, value):
+    if _count(where, value) < 1024:
+        raise ConfigError(f"{where}: expected a size in bytes, at least 1024, got {value!r}")
+    return value
+
+
+# The [restconf] table: an RFC 8040 server, a client of this supervisor (cmsupervisor/restconf).
+RESTCONF_OPTIONS = {
+    "listen": (_listen, REQUIRED),  # "host:port" it serves HTTP(S) on
+    "users": (_path, None),  # an htpasswd file of bcrypt hashes: who may log in (HTTP Basic)
+    "tls": (_flag, True),  # HTTPS; false (plain HTTP) only on a loopback address
+    "cert": (_path, None),  # the server's certificate (PEM); None: a self-signed one in state_dir
+    "key": (_path, None),  # its private key (PEM)
+    "user": (_name, "restconf"),  # the user requests are made as when no users file says who
+    "max_connections": (_positive, 64),  # HTTP connections served at once; more are answered 503
+    "max_body": (_size, 1024 * 1024),  # bytes of a request body; more: 413, unread
+    "idle_timeout": (_positive_number, 30.0),  # seconds a connection may wait between requests
+    "request_timeout": (_positive_number, 10.0),  # seconds to send a request's headers, and its body
+}
+
+_LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback(host):
+    """Whether ``host`` (an address or a name) is this machine's loopback, and only that."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def restconf_table(where, raw, base_dir, problems=None):
+    """The [restconf] table ``raw``, checked: paths made absolute (from ``base_dir``), plain
+    HTTP only on a loopback address, cert and key given together."""
+    options = validate(where, raw, RESTCONF_OPTIONS, problems, ("restconf",))
+    for key in ("users", "cert", "key"):
+        if options.get(key) is not None:
+            options[key] = os.path.abspath(os.path.join(base_dir, os.path.expanduser(options[key])))
+    errors = []
+    if not options["tls"] and options.get("listen") is not None:
+        host, _ = parse_address(f"{where}.listen", options["listen"])
+        if not is_loopback(host):
+            errors.append(
+                (
+                    "tls",
+                    f"{where}.tls: false (plain HTTP) is allowed only on a loopback address, and listen is "
+                    f"{options['listen']!r}: passwords and config would cross the network in clear; listen on "
+                    "127.0.0.1 or [::1], or set tls = true",
+                )
+            )
+    if (options["cert"] is None) != (options["key"] is None):
+        given, missing = ("cert", "key") if options["key"] is None else ("key", "cert")
+        errors.append(
+            (
+                given,
+                f"{where}.{given}: given without {missing}: give both (PEM files), or neither for a self-signed one",
+            )
+        )
+    for key, text in errors:
+        if problems is None:
+            raise ConfigError(text)
+        problems.note(ConfigError(text), ("restconf",), key)
+    return options
+
+
+def restconf_options(path):
+    """The [restconf] options of the cmactor.toml at ``path`` (None: it has no [restconf]),
+    with "state_dir" and "base_dir" added; the whole file is checked as load_toml checks it."""
+    options, _, base_dir, _ = load_toml(path)
+    with open(os.path.abspath(path), "rb") as f:
+        raw = tomllib.load(f).get("restconf")
+    if raw is None:
+        return None
+    found = restconf_table(f"{os.path.abspath(path)}: [restconf]", raw, base_dir)
+    found["base_dir"] = base_dir
+    found["state_dir"] = os.path.join(base_dir, options["state_dir"])
+    return found
+
+
 class Problems:
     """Every error found in one config file, each told with its line where the file shows it.
 
@@ -584,12 +671,12 @@ def load_toml(path):
     # Every table is checked, and every error named at once (Problems): a file with four
     # mistakes takes one run to fix, not four.
     problems = Problems(path, text)
-    tables = ["supervisor", "exos", "agents", "ha"]
+    tables = ["supervisor", "exos", "agents", "ha", "restconf"]
     for extra in sorted(set(data) - set(tables)):
         close = difflib.get_close_matches(extra, tables, n=1)
         hint = f"did you mean [{close[0]}]? " if close else ""
         error = ConfigError(
-            f"{path}: unknown table [{extra}]; {hint}expected [supervisor], [exos], [ha] and [agents.NAME]"
+            f"{path}: unknown table [{extra}]; {hint}expected [supervisor], [exos], [ha], [restconf] and [agents.NAME]"
         )
         problems.note(error, (extra,))
     base_dir = os.path.dirname(path)
@@ -616,6 +703,10 @@ def load_toml(path):
     ha = None
     if "ha" in data:
         ha = _table(problems, ("ha",), lambda: ha_options(f"{path}: [ha]", data["ha"], problems))
+    if "restconf" in data:
+        _table(
+            problems, ("restconf",), lambda: restconf_table(f"{path}: [restconf]", data["restconf"], base_dir, problems)
+        )
     problems.check()
     return options, agents, base_dir, ha
 

@@ -133,3 +133,46 @@ def test_cmactor_check_of_a_good_file_says_what_it_runs(tmp_path):
     assert result.stdout == f"{path}: ok: 2 modules (a, b), state_dir {tmp_path / '.cmactor'}\n"
     missing = cli("check", tmp_path / "nosuch.toml")
     assert missing.returncode == 1 and "cannot read config file" in missing.stderr
+
+
+RESTCONF = "[agents.a]\nentry = 'pkg.mod:main'\n[restconf]\n"
+
+
+@pytest.mark.parametrize(
+    "table, key, message",
+    [
+        ("tls = false\n", "listen", "[restconf]: missing required key 'listen'"),
+        (
+            "listen = '0.0.0.0:8080'\ntls = false\n",
+            "tls",
+            "[restconf].tls: false (plain HTTP) is allowed only on a loopback address, and listen is '0.0.0.0:8080'",
+        ),
+        ("listen = 'localhost'\n", "listen", '[restconf].listen: expected "host:port"'),
+        ("listen = '127.0.0.1:8443'\ncert = 'c.pem'\n", "cert", "[restconf].cert: given without key: give both"),
+        ("listen = '127.0.0.1:8443'\ntls = 'no'\n", "tls", "[restconf].tls: expected true or false"),
+        ("listen = '127.0.0.1:8443'\nuser = 'a b'\n", "user", "[restconf].user: expected a name"),
+        ("listen = '127.0.0.1:8443'\nmax_body = 10\n", "max_body", "at least 1024"),
+        ("listen = '127.0.0.1:8443'\nport = 1\n", "port", "[restconf]: unknown key 'port'"),
+    ],
+)
+def test_restconf_table_errors_name_the_key(tmp_path, table, key, message):
+    path = write(tmp_path, RESTCONF + table)
+    with pytest.raises(ConfigError) as info:
+        cmactor.Supervisor.from_toml(path)
+    (problem,) = [text for text in info.value.problems if message in text]
+    lines = (RESTCONF + table).splitlines()
+    at = next((number for number, line in enumerate(lines, 1) if line.startswith(f"{key} =")), 3)  # 3: [restconf]
+    assert problem.startswith(f"{path}:{at}: "), problem
+
+
+def test_restconf_options_and_cmactor_check(tmp_path):
+    from cmsupervisor.config import restconf_options
+
+    assert restconf_options(write(tmp_path, "[agents.a]\nentry = 'pkg.mod:main'\n")) is None
+    for listen in ("127.0.0.1:8080", "[::1]:8080", "localhost:8080"):
+        options = restconf_options(write(tmp_path, RESTCONF + f"listen = '{listen}'\ntls = false\nusers = 'u'\n"))
+        assert (options["listen"], options["tls"], options["users"]) == (listen, False, str(tmp_path / "u"))
+        assert options["state_dir"] == str(tmp_path / ".cmactor")
+    result = cli("check", write(tmp_path, RESTCONF + "listen = '0.0.0.0:8443'\n"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("; RESTCONF on https://0.0.0.0:8443")

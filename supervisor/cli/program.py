@@ -38,7 +38,7 @@ from cmactor import cmfrontend
 from cmactor.errors import ConfigError, DataError, Error, OperationalError, ProgrammingError, StartupError
 from cmactor.wire.protocol import DATA_OPS
 from cmsupervisor.cli import commands, status, tail, terminal
-from cmsupervisor.config import load_toml, socket_options
+from cmsupervisor.config import load_toml, restconf_options, socket_options
 from cmsupervisor.front.server import default_socket_path, socket_pointer
 from cmsupervisor.ha.node import Node
 from cmsupervisor.observability import SUPERVISOR_LOG, notify
@@ -652,11 +652,35 @@ def cmd_check(args):
     options, agents, base_dir, ha = load_toml(args.config_file)
     state_dir = os.path.join(base_dir, options["state_dir"])
     node = f"; node {ha['node']} of cluster {ha['cluster']} on etcd {', '.join(ha['etcd'])}" if ha else ""
+    restconf = restconf_options(args.config_file)
+    if restconf is not None:
+        node += f"; RESTCONF on {'https' if restconf['tls'] else 'http'}://{restconf['listen']}"
     print(
         f"{os.path.abspath(args.config_file)}: ok: {len(agents)} modules ({', '.join(agents)}), "
         f"state_dir {state_dir}{node}"
     )
     return 0
+
+
+def cmd_restconf(args):
+    """Run the RESTCONF server of the config's [restconf] table, a client of its supervisor."""
+    from cmsupervisor.restconf.run import serve  # here: only this command needs the HTTP server
+
+    config = config_file(args)
+    if config is None:
+        raise ConfigError(
+            "cmactor restconf: give the config with -c CONFIG.toml: its [restconf] table says where to listen"
+        )
+    options = restconf_options(config)
+    if options is None:
+        raise ConfigError(
+            f'{os.path.abspath(config)}: no [restconf] table; add one, like [restconf] listen = "127.0.0.1:8443"'
+        )
+    options["config"] = os.path.abspath(config)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+    return serve(options, resolve_socket(args))
 
 
 def cmd_journal(args):
@@ -1126,6 +1150,15 @@ def build_parser():
     )
     check.add_argument("config_file", metavar="CONFIG", help="the cmactor.toml to check")
     check.set_defaults(func=cmd_check)
+    restconf = sub.add_parser(
+        "restconf",
+        parents=[_options("socket", "config")],
+        help="run the RESTCONF server (RFC 8040) of the config's [restconf] table, until Ctrl-C",
+        description="Serve the modules of the supervisor that CONFIG.toml runs over RESTCONF (RFC 8040), "
+        "as its [restconf] table says (listen, users, tls, cert, key): a client of that supervisor in a "
+        "process of its own. It prints where it listens; SIGTERM or Ctrl-C stops it.",
+    )
+    restconf.set_defaults(func=cmd_restconf)
     replay = sub.add_parser(
         "journal", help="print the changes journal files hold as commands, for cmactor apply", description=JOURNAL_HELP
     )

@@ -1,0 +1,142 @@
+"""`cmactor restconf -c CONFIG`: the RESTCONF server of a config's [restconf] table, run
+in this process as a client of the supervisor at the config's socket, until SIGTERM or
+Ctrl-C."""
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+import cmactor
+from cmactor.errors import ConfigError
+from cmsupervisor.restconf.library import Library
+from cmsupervisor.restconf.server import CM_TIMEOUT, Server, connector
+
+log = logging.getLogger("cmactor.restconf")
+
+
+def _security():
+    """cmsupervisor.restconf.security (TLS and htpasswd users), or None where it is not there."""
+    try:
+        return importlib.import_module("cmsupervisor.restconf.security")
+    except ModuleNotFoundError as exc:
+        if exc.name != "cmsupervisor.restconf.security":
+            raise
+        return None
+
+
+def build(options, socket_path):
+    """A Server for the [restconf] ``options`` (config.restconf_options), bound, not yet serving;
+    and the lines that say where it listens."""
+    security = _security()
+    where = f"{options.get('config', 'the config')}: [restconf]"
+    context = None
+    notes = []
+    if options["tls"]:
+        if security is None or not hasattr(security, "server_context"):
+            raise ConfigError(
+                f"{where}.tls: HTTPS is not available yet in this cmactor (no TLS support installed); "
+                "set tls = false with listen on a loopback address for plain HTTP"
+            )
+        directory = os.path.join(options["state_dir"], "restconf")
+        try:
+            context, fingerprint, generated = security.server_context(options["cert"], options["key"], directory)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        what = "a self-signed certificate generated in " + directory if generated else "certificate " + options["cert"]
+        notes.append(f"cmactor restconf: TLS with {what}; its SHA-256 fingerprint: {fingerprint}")
+    if options["users"] is not None:
+        users_class = getattr(security, "Users", None)
+        if users_class is None:
+            raise ConfigError(
+                f"{where}.users: checking users against an htpasswd file is not available yet in this cmactor; "
+                "leave users out for now (every request is then made as the user named by [restconf] user)"
+            )
+        try:
+            users = users_class.load(options["users"])
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{where}.users: {exc}") from None
+        notes += [f"cmactor restconf: warning: {text}" for text in users.warnings]
+
+        def user_of(headers):
+            return users.check(headers.get("Authorization"))
+    else:
+        name = options["user"]
+
+        def user_of(headers):
+            return name
+
+    fetch_conn = {}
+    fetch_lock = threading.Lock()
+
+    def fetch():
+        """The schema op, on a connection of the library's own (opened again if it broke)."""
+        with fetch_lock:
+            conn = fetch_conn.get("conn")
+            if conn is None or conn.closed:
+                conn = fetch_conn["conn"] = cmactor.connect(
+                    username=options["user"], socket=socket_path, timeout=CM_TIMEOUT
+                )
+            return conn.request({"op": "schema"})["schema"]
+
+    library = Library(fetch, os.path.join(options["state_dir"], "restconf", "yang-revisions.json"))
+    host, _, port = options["listen"].rpartition(":")
+    host = host.strip("[]")
+    try:
+        server = Server(
+            (host, int(port)),
+            library,
+            connector(socket_path),
+            user_of,
+            max_connections=options["max_connections"],
+            max_body=options["max_body"],
+            idle_timeout=options["idle_timeout"],
+            request_timeout=options["request_timeout"],
+            ssl_context=context,
+        )
+    except OSError as exc:
+        raise ConfigError(f"{where}.listen: cannot listen on {options['listen']}: {exc.strerror or exc}") from None
+    server.fetch_conn = fetch_conn
+    try:
+        library.refresh()
+        modules = ", ".join(mod.yang_name for mod in library.modules.values()) or "none yet"
+        notes.append(f"cmactor restconf: modules {modules}")
+    except Exception as exc:  # a RestconfError: the supervisor is not there yet; asked again at each request
+        notes.append(f"cmactor restconf: warning: {getattr(exc, 'message', exc)}")
+    return server, notes
+
+
+def serve(options, socket_path, out=sys.stderr):
+    """Run the server until SIGTERM or SIGINT; 0."""
+    server, notes = build(options, socket_path)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    try:
+        thread.start()
+        for line in notes:
+            print(line, file=out)
+        print(
+            f"cmactor restconf: serving {server.url}/restconf for the supervisor at {socket_path} (Ctrl-C stops)",
+            file=out,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+        print("cmactor restconf: stopping", file=out, flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.shutdown()
+        server.server_close()
+        conn = server.fetch_conn.get("conn")
+        if conn is not None:
+            conn.close()
+    print("cmactor restconf: stopped", file=out, flush=True)
+    return 0
