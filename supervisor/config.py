@@ -387,6 +387,14 @@ RESTCONF_OPTIONS = {
     "max_body": (_size, 1024 * 1024),  # bytes of a request body; more: 413, unread
     "idle_timeout": (_positive_number, 30.0),  # seconds a connection may wait between requests
     "request_timeout": (_positive_number, 10.0),  # seconds to send a request's headers, and its body
+    # Under `cmactor run`, the server is a process the supervisor restarts (supervision/sidecar.py):
+    # after an exit it waits restart_delay, doubling up to restart_delay_max (back to restart_delay
+    # once a server has served stable_after seconds); start_retries starts in a row that end
+    # before it serves (a port taken, a bad certificate) and it is left FAILED.
+    "restart_delay": (_positive_number, 0.1),
+    "restart_delay_max": (_positive_number, 5.0),
+    "stable_after": (_number, 10.0),
+    "start_retries": (_count, 5),
 }
 
 _LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")

@@ -12,6 +12,8 @@ import concurrent.futures
 import json
 import logging
 import os
+import re
+import sys
 import weakref
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,7 @@ from cmsupervisor.config import (
     exos_dirs,
     load_toml,
     memory_limit,
+    restconf_options,
     supervisor_options,
 )
 from cmsupervisor.front import server
@@ -44,6 +47,7 @@ from cmsupervisor.supervision.lifecycle import Lifecycle
 from cmsupervisor.supervision.memory import Enforcement
 from cmsupervisor.supervision.modules import Module
 from cmsupervisor.supervision.recovery import Recovery, RestartPolicy
+from cmsupervisor.supervision.sidecar import Sidecar
 from cmsupervisor.supervision.workers import Workers
 
 if TYPE_CHECKING:
@@ -182,6 +186,10 @@ class Supervisor:
         # the cluster's config into the state_dir once it is locked and before it is read.
         self.replica = None
         self.before_open: Callable[[], object] | None = None
+        # The [restconf] options of the config file (from_toml, configured): its RESTCONF server
+        # is then run beside the modules as a process of its own (supervision/sidecar.py).
+        self.restconf_options: dict[str, Any] | None = None
+        self._restconf: Sidecar | None = None
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Unpack[TomlOverrides]) -> Self:
@@ -203,6 +211,7 @@ class Supervisor:
         sup.config_file = os.path.abspath(path)
         # Only the [supervisor] keys: the others (ignore_config, recover) are Supervisor()'s own.
         sup._overrides = {key: value for key, value in overrides.items() if key in SUPERVISOR_OPTIONS}
+        sup.restconf_options = restconf_options(path)
         return sup
 
     def _record(self, name, options):
@@ -258,6 +267,8 @@ class Supervisor:
             self.stop()
             raise StartupError(f"modules not READY after start (timeout {timeout:g}s): {detail}", reasons)
         self._loop.call(self._lifecycle.end_start)
+        if self._restconf is not None:  # its modules are up (as far as they came): serve them
+            self._loop.call(self._restconf.start, self._loop)
         if self.notifier is not None:
             self._loop.call(self.notifier.ready)
         summary, all_ready = self._loop.call(self._lifecycle.summary)
@@ -381,7 +392,8 @@ class Supervisor:
             self.replica.wire(loop, modules, router, saver.section)
         if self.notifier is not None:
             self.notifier.watch(loop, modules)
-            lifecycle.on_stop = self.notifier.stopping
+        lifecycle.on_stop = self._on_stop
+        self._restconf = control.restconf = self._restconf_sidecar()
         for kind, handler in (
             (P.Reply, router.on_reply),
             (P.Notify, router.on_notify),
@@ -420,6 +432,32 @@ class Supervisor:
         its journal and log closed (their files stay)."""
         state.close_journals({mod.name: mod})
         self._logs.remove(mod.name)
+
+    def _restconf_sidecar(self):
+        """The RESTCONF server of [restconf] as a sidecar (`cmactor restconf` for this
+        supervisor's socket and state_dir), or None without [restconf]."""
+        options = self.restconf_options
+        if options is None or self.config_file is None:
+            return None
+        argv = [sys.executable, "-m", "cmsupervisor", "restconf", "-c", self.config_file]
+        argv += ["--socket", self.socket_path, "--state-dir", self.state_dir]
+        return Sidecar(
+            "restconf",
+            argv,
+            url=f"{'https' if options['tls'] else 'http'}://{options['listen']}",
+            ready=re.compile(r"cmactor restconf: serving (?P<url>https?://\S+)/restconf"),
+            facts={"fingerprint": re.compile(r"SHA-256 fingerprint: (\S+)")},
+            options=options,
+            stop_timeout=self.options["stop_timeout"],
+            start_timeout=self.options["start_timeout"],
+        )
+
+    def _on_stop(self):
+        """(Loop thread.) A stop begins: systemd is told, the RESTCONF server is sent SIGTERM."""
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self._restconf is not None:
+            self._restconf.begin_stop()
 
     def _direct_options(self, limits):
         """How workers serve direct reads (cmactor/worker/direct.py): with the client ``limits``
@@ -468,9 +506,18 @@ class Supervisor:
         (copied on the loop thread; the workers' psutil figures are read on the calling thread)."""
         return self._control.status()
 
+    def restconf_status(self) -> dict[str, Any] | None:
+        """The RESTCONF server run beside the modules ([restconf]): {"state" (STARTING, RUNNING,
+        RESTARTING, FAILED, STOPPED), "pid", "restarts", "url", "last_exit", "error",
+        "fingerprint"}; None without [restconf]."""
+        if self._restconf is None:
+            return None
+        return self._loop.call(self._restconf.status)
+
     def supervisor_status(self) -> dict[str, Any]:
         """The supervisor's own figures: audit log lines that could not be written and the last error,
-        clients connected, saves (ok, errors by type, duration histogram) and data requests to unknown modules."""
+        clients connected, saves (ok, errors by type, duration histogram), data requests to unknown modules,
+        and "restconf": what restconf_status() says."""
         return self._loop.call(self._control.own_status)
 
     def schema(self, module: str | None = None) -> dict[str, dict[str, Any] | None]:
@@ -603,9 +650,13 @@ class Supervisor:
         """The loop died of an error: no worker may outlive it."""
         for mod in self.modules.values():
             self._workers.kill(mod)
+        if self._restconf is not None:
+            self._restconf.kill()
         self._close()
 
     def _close(self):
+        if self._restconf is not None:
+            self._restconf.close()  # gone before the lock is released: the next supervisor starts its own
         self._memory.close()
         self._admin.close()
         self._saver.shutdown()

@@ -281,3 +281,34 @@ def test_ha_quick_measures_sets_and_takeovers():
         # Nothing acknowledged is lost in a takeover, and the rejoined standby holds what the active does.
         assert row["lost"] == 0 and row["replicas_differ"] is False, row
     assert rows["rejoin"]["rounds"] == 6
+
+
+# -- perf.restconf: a GET and a PATCH through RESTCONF against the Cursor's get and set --------
+
+
+@pytest.mark.timeout(180)
+def test_restconf_quick_measures_get_and_patch_against_the_cursor():
+    result = subprocess.run(
+        [sys.executable, "-m", "perf.restconf", "--quick", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=160,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["quick"] and report["machine"]["cores"] >= 1
+    rows = {row["key"]: row for row in report["results"]}
+    assert list(rows) == ["cursor_get", "restconf_get", "restconf_get_tls", "cursor_set", "restconf_patch"]
+    for row in rows.values():
+        assert row["unit"] == "ops/s" and row["rounds"] == 3, row
+        assert row["rate"] > 0 and row["p50_us"] > 0 and row["p99_us"] >= row["p50_us"], row
+    for key, baseline in (
+        ("restconf_get", "cursor_get"),
+        ("restconf_get_tls", "cursor_get"),
+        ("restconf_patch", "cursor_set"),
+    ):
+        # compared with the Cursor in the same rounds
+        assert rows[key]["baseline"] == baseline and rows[key]["ratio"] > 0, rows[key]
+    # A keep-alive GET is not held 40 ms by Nagle's algorithm and a delayed ACK (server.py: TCP_NODELAY).
+    assert rows["restconf_get"]["p50_us"] < 20_000, rows["restconf_get"]

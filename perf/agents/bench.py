@@ -1,6 +1,7 @@
 """The benchmark agent: tables that answer at once, so the runtime's own cost shows.
 
-- ``kv``: ``get`` answers a getone from a dict; ``set`` stores a value.
+- ``kv``: ``get`` answers a getone from a dict; ``set`` stores a value. Its columns
+  are declared: a RESTCONF server exposes it as list ``kv`` of ``cmactor-bench``.
 - ``pkv``: the same, but a persistent table: the supervisor journals (and fsyncs)
   each set before replying. Saved and loaded by the save/load scenario.
 - ``akv``: the same get, marked ``@async_action`` (runs on the worker's pool).
@@ -32,6 +33,10 @@ from cmactor.cmbackend import CmAgent, cmbackend_init
 
 
 class Bench(CmAgent):
+    # kv exposed to a RESTCONF server (perf/restconf.py): a list keyed by key, config true (kv_set).
+    index_columns = {"kv": ("key",)}
+    columns = {"kv": ("key", "value")}
+
     def __init__(self):
         super().__init__()
         self.kv = {"k": "v"}

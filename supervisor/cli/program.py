@@ -32,6 +32,7 @@ import stat
 import sys
 import textwrap
 import threading
+import time
 
 import cmactor
 from cmactor import cmfrontend
@@ -256,6 +257,7 @@ def cmd_run(args):
         print(f"cmactor: clients: export CMACTOR_SOCKET={sup.socket_path}   (Ctrl-C stops)", file=sys.stderr)
         if sup.metrics_url is not None:
             print(f"cmactor: Prometheus metrics at {sup.metrics_url}", file=sys.stderr)
+        _say_restconf(sup)
         # A client's `cmactor stop` ends the supervisor on its own: wake up then too.
         threading.Thread(target=lambda: (sup.wait(), os.write(wake_w, b"d")), daemon=True).start()
         os.read(wake_r, 1)
@@ -268,6 +270,35 @@ def cmd_run(args):
             _remove_run_pointer(pointer, sup.socket_path)
     print("cmactor: stopped", file=sys.stderr)
     return 0
+
+
+# Seconds `cmactor run` waits for its RESTCONF server's first start to serve (or end) before
+# it says where it listens; the server goes on starting after that, if it must.
+RESTCONF_WAIT = 15.0
+
+
+def _say_restconf(sup):
+    """Say on stderr where the RESTCONF server run beside the modules listens, and its TLS
+    certificate's fingerprint (the operator checks a client's first connection against it),
+    once its first start has served or ended."""
+    deadline = time.monotonic() + RESTCONF_WAIT
+    while True:
+        found = sup.restconf_status()
+        if found is None:
+            return
+        if found["state"] != "STARTING" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if found["state"] == "RUNNING":
+        print(f"cmactor: RESTCONF at {found['url']}/restconf, pid {found['pid']}", file=sys.stderr)
+        if found.get("fingerprint"):
+            print(f"cmactor: RESTCONF TLS certificate SHA-256 fingerprint {found['fingerprint']}", file=sys.stderr)
+    else:
+        why = found["error"] or (f"last exit: {found['last_exit']}" if found["last_exit"] else "still starting")
+        terminal.say(
+            f"cmactor: warning: RESTCONF is not serving yet ({found['state']}: {why}); `cmactor status` follows it, "
+            "the supervisor's log has its output"
+        )
 
 
 def _leave_run_pointer(config, socket_path, warn):
@@ -392,6 +423,8 @@ def cmd_status(args):
         if ha["role"] != "single":  # a node of a cluster: which one, and whether it may take writes
             print(status.ha_line(ha))
         status.show(modules, sys.stdout)
+        if audit.get("restconf") is not None and not args.modules:
+            print(terminal.escaped(status.restconf_line(audit["restconf"])))
     if audit.get("audit_failures"):  # on stderr in both formats: --format json keeps its shape
         terminal.say(
             f"cmactor: warning: {audit['audit_failures']} audit log lines could not be written "
@@ -677,10 +710,30 @@ def cmd_restconf(args):
             f'{os.path.abspath(config)}: no [restconf] table; add one, like [restconf] listen = "127.0.0.1:8443"'
         )
     options["config"] = os.path.abspath(config)
+    if args.state_dir:  # `cmactor run --state-dir`'s: the self-signed certificate and revisions go there
+        options["state_dir"] = os.path.abspath(args.state_dir)
+    _end_with_parent()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     return serve(options, resolve_socket(args))
+
+
+def _end_with_parent():
+    """Run by `cmactor run` (sidecar.py, CMACTOR_PARENT_PID): ask the kernel for SIGTERM when
+    that supervisor dies without stopping this server, and end now if it is gone already."""
+    parent = os.environ.pop("CMACTOR_PARENT_PID", None)
+    if not parent or not parent.isdigit():
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's stop still ends it
+    if os.getppid() != int(parent):
+        raise OperationalError(f"cmactor restconf: its supervisor (pid {parent}) is gone")
 
 
 def cmd_journal(args):
@@ -883,7 +936,9 @@ RUN_HELP = (
     "first, serves clients on its socket until Ctrl-C, SIGTERM or `cmactor stop`, then stops them. It serves "
     "the modules that came up (a module that did not is FAILED, its reason logged and in status), and exits "
     "1 when none did (with --strict, when any did not). With --state-dir it leaves the path of its socket "
-    "beside the config (.CONFIG.toml.socket), where `cmactor -c CONFIG.toml` finds it."
+    "beside the config (.CONFIG.toml.socket), where `cmactor -c CONFIG.toml` finds it. With a [restconf] "
+    "table it also runs the RESTCONF server (`cmactor restconf`) as a process of its own, restarted when it "
+    "dies, stopped with it, and says where it listens."
 )
 STATUS_HELP = (
     "One row per module (or per MODULE named, in that order): its state, worker pid, restarts, uptime, "
@@ -891,7 +946,8 @@ STATUS_HELP = (
     "why it is not READY or how it last exited. On a terminal the table fits its width (the note wraps, or "
     "goes under its row) and states are coloured (not with NO_COLOR set). --format json prints each "
     "module's whole status entry. As `supervisorctl status` does, it exits 3 when a module shown is not "
-    "READY, and 4 (printing nothing else) when a module named is not one the supervisor runs."
+    "READY, and 4 (printing nothing else) when a module named is not one the supervisor runs. With [restconf], "
+    "a last line of the table gives the RESTCONF server's state, pid, URL and restarts."
 )
 HA_HELP = (
     "Ask each supervisor named with --socket (or the one the options find) for its place in a hot-standby "
@@ -1157,6 +1213,9 @@ def build_parser():
         description="Serve the modules of the supervisor that CONFIG.toml runs over RESTCONF (RFC 8040), "
         "as its [restconf] table says (listen, users, tls, cert, key): a client of that supervisor in a "
         "process of its own. It prints where it listens; SIGTERM or Ctrl-C stops it.",
+    )
+    restconf.add_argument(
+        "--state-dir", help="override [supervisor] state_dir (where a self-signed certificate is kept)"
     )
     restconf.set_defaults(func=cmd_restconf)
     replay = sub.add_parser(

@@ -62,6 +62,19 @@ def ha_line(ha):
     return f"node {ha['node']}: {role}, etcd revision {ha['revision']}"
 
 
+def restconf_line(entry):
+    """The line under the table for the RESTCONF server run beside the modules."""
+    line = f"restconf: {entry['state']}"
+    if entry["pid"] is not None:
+        line += f" pid {entry['pid']}"
+    line += f" at {entry['url']} (restarts {entry['restarts']})"
+    if entry.get("error"):
+        line += f": {entry['error']}"
+    elif entry["last_exit"]:
+        line += f"; last exit: {entry['last_exit']}"
+    return line
+
+
 def show(status, out):
     """Print the table of ``status`` (module -> status entry) on ``out``."""
     rows = [_row(name, entry) for name, entry in status.items()]

@@ -51,6 +51,7 @@ class Control:
         self._read_reload = read_reload
         self._sampler = health.Sampler()
         self.replica = None  # under [ha]: the node's ha.replica.Replica (its role, for "ha" and saves)
+        self.restconf = None  # with [restconf]: the RESTCONF server's sidecar.Sidecar
 
     def handle(self, client, request):
         """A valid control request from a client: answer it."""
@@ -188,7 +189,7 @@ class Control:
 
     def own_status(self):
         """The supervisor's own figures: audit and log failures, clients, saves, data requests
-        to unknown modules."""
+        to unknown modules, and the RESTCONF server run beside the modules (None without [restconf])."""
         return {
             "audit_failures": self._audit.failures,
             "audit_error": self._audit.last_error,
@@ -196,6 +197,7 @@ class Control:
             "unknown_module_requests": self._router.unknown_module_requests,
             "saves": self._saver.stats.snapshot(),
             "ha": self.ha(),
+            "restconf": None if self.restconf is None else self.restconf.status(),
             **self._logs.status(),
         }
 

@@ -140,6 +140,9 @@ class Node:
     def status(self):
         return self.supervisor.status()
 
+    def restconf_status(self):
+        return self.supervisor.restconf_status()
+
     def start(self, timeout=None, strict=True):
         """Join the cluster: return once this node's supervisor runs, as the active or a standby."""
         self._join(timeout, strict)

@@ -199,7 +199,19 @@ def _supervisor(own):
         "Data requests naming a module the supervisor does not run (refused; no module's figures count them)",
     )
     unknown.add_metric([], own["unknown_module_requests"])
-    return clients, saves, duration, audit, unknown, *_ha(own["ha"])
+    families = [clients, saves, duration, audit, unknown, *_ha(own["ha"])]
+    restconf = own.get("restconf")
+    if restconf is not None:  # only with [restconf]
+        up = GaugeMetricFamily(
+            "cmactor_restconf_up", "1 while the RESTCONF server run beside the modules serves, else 0"
+        )
+        up.add_metric([], 1 if restconf["state"] == "RUNNING" else 0)
+        restarts = CounterMetricFamily(
+            "cmactor_restconf_restarts", "Times the RESTCONF server was started again after it ended"
+        )
+        restarts.add_metric([], restconf["restarts"])
+        families += [up, restarts]
+    return tuple(families)
 
 
 def _ha(ha):

@@ -2,8 +2,6 @@
 in this process as a client of the supervisor at the config's socket, until SIGTERM or
 Ctrl-C."""
 
-import importlib
-import logging
 import os
 import signal
 import sys
@@ -11,52 +9,32 @@ import threading
 
 import cmactor
 from cmactor.errors import ConfigError
+from cmsupervisor.restconf import security
 from cmsupervisor.restconf.library import Library
 from cmsupervisor.restconf.server import CM_TIMEOUT, Server, connector
-
-log = logging.getLogger("cmactor.restconf")
-
-
-def _security():
-    """cmsupervisor.restconf.security (TLS and htpasswd users), or None where it is not there."""
-    try:
-        return importlib.import_module("cmsupervisor.restconf.security")
-    except ModuleNotFoundError as exc:
-        if exc.name != "cmsupervisor.restconf.security":
-            raise
-        return None
 
 
 def build(options, socket_path):
     """A Server for the [restconf] ``options`` (config.restconf_options), bound, not yet serving;
     and the lines that say where it listens."""
-    security = _security()
     where = f"{options.get('config', 'the config')}: [restconf]"
     context = None
     notes = []
     if options["tls"]:
-        if security is None or not hasattr(security, "server_context"):
-            raise ConfigError(
-                f"{where}.tls: HTTPS is not available yet in this cmactor (no TLS support installed); "
-                "set tls = false with listen on a loopback address for plain HTTP"
-            )
         directory = os.path.join(options["state_dir"], "restconf")
         try:
             context, fingerprint, generated = security.server_context(options["cert"], options["key"], directory)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        what = "a self-signed certificate generated in " + directory if generated else "certificate " + options["cert"]
+        if options["cert"] is not None:
+            what = "certificate " + options["cert"]
+        else:  # generated at the first start, the same one at the next
+            what = f"a self-signed certificate {'generated' if generated else 'kept'} in {directory}"
         notes.append(f"cmactor restconf: TLS with {what}; its SHA-256 fingerprint: {fingerprint}")
     if options["users"] is not None:
-        users_class = getattr(security, "Users", None)
-        if users_class is None:
-            raise ConfigError(
-                f"{where}.users: checking users against an htpasswd file is not available yet in this cmactor; "
-                "leave users out for now (every request is then made as the user named by [restconf] user)"
-            )
         try:
-            users = users_class.load(options["users"])
-        except (ValueError, OSError) as exc:
+            users = security.Users.load(options["users"])
+        except (ValueError, OSError, ImportError) as exc:  # ImportError: bcrypt is not installed
             raise ConfigError(f"{where}.users: {exc}") from None
         notes += [f"cmactor restconf: warning: {text}" for text in users.warnings]
 

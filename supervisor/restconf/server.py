@@ -4,8 +4,13 @@ of the supervisor.
 Each HTTP connection is served by a thread of its own (ThreadingHTTPServer, daemon
 threads) with keep-alive, and keeps one cmactor connection, opened at its first request
 as the user the request was authenticated as (again if that user changes, or if it
-broke). What one client can hold is bounded: ``max_connections`` connections at once
-(another is answered 503 and closed at once, without a thread); ``idle_timeout``
+broke). What one client can hold is bounded: ``max_connections`` connections at once. At the
+cap, a newcomer takes the place of a connection waiting for a request (or for the rest
+of its headers): one that has never had a request answered first, the longest waiting
+first, so that a client reopening slow connections neither keeps newcomers out nor
+cuts a client using its keep-alive connection; with every connection in the middle of
+a request, the newcomer is answered 503 and closed at once, without a thread. Then
+``idle_timeout``
 seconds between requests; ``request_timeout`` seconds for a request's line and
 headers, and again for its body, however slowly they trickle in (a deadline, not a
 per-read timeout); a body of at most ``max_body`` bytes, announced by Content-Length
@@ -114,6 +119,10 @@ class Handler(BaseHTTPRequestHandler):
     """One HTTP connection: its requests in turn (keep-alive), each answered as RFC 8040 says."""
 
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: an answer goes out as its head, then its body (two writes); with Nagle's
+    # algorithm the body waited for the client's delayed ACK of the head, 40 ms a request on
+    # a keep-alive connection (tests/test_restconf_hostile.py, perf/restconf.py).
+    disable_nagle_algorithm = True
 
     def version_string(self):
         return "cmactor-restconf"
@@ -143,9 +152,16 @@ class Handler(BaseHTTPRequestHandler):
                 pass
             self._cm = None
 
+    def parse_request(self):
+        parsed = super().parse_request()
+        if parsed:  # its headers are in: no newcomer takes its place until it is answered
+            self.server.serving(self.connection)
+        return parsed
+
     def handle_one_request(self):
         server = self.server
         self._started = False
+        server.waiting(self.connection)
         self._io.deadline = time.monotonic() + server.idle_timeout
         try:
             if not self.rfile.peek(1):  # the client closed the connection
@@ -675,21 +691,48 @@ class Server(ThreadingHTTPServer):
         self.scheme = "https" if ssl_context is not None else "http"
         self._count_lock = threading.Lock()
         self.active = 0
+        # Each connection's socket -> [time.monotonic() since which it waits for a request (or
+        # its TLS handshake, or the rest of its headers), None while one is served; whether
+        # it has had a request answered]: which one a newcomer past the cap replaces.
+        self._conns = {}
         super().__init__(address, Handler)
 
-    def process_request(self, request, client_address):
+    def waiting(self, sock):
         with self._count_lock:
-            busy = self.active >= self.max_connections
+            if sock in self._conns:
+                self._conns[sock][0] = time.monotonic()
+
+    def serving(self, sock):
+        with self._count_lock:
+            if sock in self._conns:
+                self._conns[sock] = [None, True]
+
+    def process_request(self, request, client_address):
+        victim = None
+        with self._count_lock:
+            if self.active >= self.max_connections:
+                waiting = [(served, since, id(sock), sock) for sock, (since, served) in self._conns.items() if since]
+                if waiting:
+                    victim = min(waiting)[3]
+                    del self._conns[victim]  # its thread counts it out as it ends
+            busy = self.active >= self.max_connections and victim is None
             if not busy:
                 self.active += 1
+                self._conns[request] = [time.monotonic(), False]
         if busy:
             self._refuse(request)
             return
+        if victim is not None:
+            try:
+                victim.shutdown(socket.SHUT_RDWR)  # its blocked read ends: its thread closes it
+            except OSError:
+                pass
         try:
             super().process_request(request, client_address)
         except BaseException:
             with self._count_lock:
                 self.active -= 1
+                self._conns.pop(request, None)
             raise
 
     def _refuse(self, request):
@@ -703,17 +746,23 @@ class Server(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address):
+        sock = request
         try:
             if self.ssl_context is not None:
                 request.settimeout(self.request_timeout)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            super().process_request_thread(request, client_address)
+                sock = self.ssl_context.wrap_socket(request, server_side=True)
+                with self._count_lock:  # the TLS socket is the one its requests are read from now
+                    if request in self._conns:
+                        self._conns[sock] = self._conns.pop(request)
+            super().process_request_thread(sock, client_address)
         except OSError as exc:  # a failed TLS handshake
             log.info("%s: %s", client_address[0], exc)
-            self.shutdown_request(request)
+            self.shutdown_request(sock)
         finally:
             with self._count_lock:
                 self.active -= 1
+                self._conns.pop(request, None)
+                self._conns.pop(sock, None)
 
     def handle_error(self, request, client_address):
         log.debug("connection from %s ended by an error", client_address[0], exc_info=True)
