@@ -530,3 +530,69 @@ def test_fingerprint_format():
     expected = hashlib.sha256(der).hexdigest().upper()
     assert security.fingerprint(der).replace(":", "") == expected
     assert len(security.fingerprint(der)) == 32 * 3 - 1
+
+
+# -- adding users ----------------------------------------------------------------------
+
+
+def test_add_user_makes_the_file_then_replaces_a_line_in_place(tmp_path):
+    path = tmp_path / "users"
+    assert security.add_user(path, "alice", "one", rounds=ROUNDS) is True
+    assert oct(path.stat().st_mode & 0o777) == "0o600"  # a new file: owner-only
+    path.chmod(0o640)
+    with open(path, "a") as f:
+        f.write("# the operators\n")
+    assert security.add_user(path, "bob", "two", rounds=ROUNDS) is True
+    assert security.add_user(path, "alice", "three", rounds=ROUNDS) is False
+    lines = path.read_text().splitlines()
+    assert [line.partition(":")[0] for line in lines] == ["alice", "# the operators", "bob"]
+    assert oct(path.stat().st_mode & 0o777) == "0o640"  # an existing file keeps its mode
+    users = Users.load(path)
+    assert users.check(basic("alice", "three")) == "alice" and users.check(basic("alice", "one")) is None
+    assert users.check(basic("bob", "two")) == "bob"
+
+
+@pytest.mark.parametrize("name", ["", "a b", "tab\there", "colon:name"])
+def test_add_user_refuses_a_name_a_line_cannot_hold(tmp_path, name):
+    with pytest.raises(ValueError, match="user name"):
+        security.add_user(tmp_path / "users", name, "pw", rounds=ROUNDS)
+    assert not (tmp_path / "users").exists()
+
+
+def test_add_user_leaves_a_file_with_a_refused_line_alone(tmp_path):
+    path = htpasswd(tmp_path, "carol:$apr1$abc$def\n")
+    with pytest.raises(ValueError, match=r"line 1, user 'carol'"):
+        security.add_user(path, "alice", "pw", rounds=ROUNDS)
+    assert path.read_text() == "carol:$apr1$abc$def\n"
+
+
+def test_the_cli_adds_a_user_from_stdin_to_the_configs_users_file(tmp_path):
+    config = tmp_path / "cmactor.toml"
+    config.write_text('[restconf]\nlisten = "127.0.0.1:0"\ntls = false\nusers = "users"\n[agents.x]\nentry = "m:f"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "cmsupervisor", "restconf", "--add-user", "alice", "-c", str(config)],
+        input="s3cret\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"user alice added to {tmp_path / 'users'}" in done.stdout
+    assert Users.load(tmp_path / "users").check(basic("alice", "s3cret")) == "alice"
+    empty = subprocess.run(
+        [sys.executable, "-m", "cmsupervisor", "restconf", "--add-user", "bob", "-c", str(config)],
+        input="\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert empty.returncode != 0 and "an empty password; nothing was changed" in empty.stderr
+    config.write_text('[restconf]\nlisten = "127.0.0.1:0"\ntls = false\n[agents.x]\nentry = "m:f"\n')
+    none = subprocess.run(
+        [sys.executable, "-m", "cmsupervisor", "restconf", "--add-user", "bob", "-c", str(config)],
+        input="pw\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert none.returncode != 0 and '[restconf] has no users = "PATH"' in none.stderr

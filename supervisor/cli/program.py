@@ -19,6 +19,7 @@ commands (commands.py).
 """
 
 import argparse
+import getpass
 import importlib.util
 import itertools
 import json
@@ -710,6 +711,8 @@ def cmd_restconf(args):
             f'{os.path.abspath(config)}: no [restconf] table; add one, like [restconf] listen = "127.0.0.1:8443"'
         )
     options["config"] = os.path.abspath(config)
+    if args.add_user is not None:
+        return _add_user(config, options["users"], args.add_user)
     if args.state_dir:  # `cmactor run --state-dir`'s: the self-signed certificate and revisions go there
         options["state_dir"] = os.path.abspath(args.state_dir)
     _end_with_parent()
@@ -717,6 +720,32 @@ def cmd_restconf(args):
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
     )
     return serve(options, resolve_socket(args))
+
+
+def _add_user(config, users, name):
+    """`cmactor restconf --add-user NAME`: set NAME's password in the [restconf] users file,
+    read twice from the terminal, or once from the first line of stdin (a script's)."""
+    from cmsupervisor.restconf.security import add_user
+
+    if users is None:
+        raise ConfigError(
+            f'{os.path.abspath(config)}: [restconf] has no users = "PATH": add one, naming the htpasswd file '
+            "the users are kept in"
+        )
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise DataError(f"cmactor restconf --add-user {name}: the two passwords differ; nothing was changed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise DataError(f"cmactor restconf --add-user {name}: an empty password; nothing was changed")
+    try:
+        new = add_user(users, name, password)
+    except ValueError as exc:
+        raise DataError(f"cmactor restconf --add-user {name}: {exc}") from None
+    print(f"cmactor: user {name} {'added to' if new else 'given a new password in'} {users}")
+    return 0
 
 
 def _end_with_parent():
@@ -1216,6 +1245,12 @@ def build_parser():
     )
     restconf.add_argument(
         "--state-dir", help="override [supervisor] state_dir (where a self-signed certificate is kept)"
+    )
+    restconf.add_argument(
+        "--add-user",
+        metavar="NAME",
+        help="set NAME's password in the [restconf] users file (asked twice on a terminal, else the first "
+        "line of stdin), then exit; a server running reads the file again at its next start",
     )
     restconf.set_defaults(func=cmd_restconf)
     replay = sub.add_parser(

@@ -28,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from cmsupervisor.persistence.store import replace
+
 # Apache's htpasswd -B writes $2y$; $2a$ and $2b$ are what other tools and the bcrypt
 # package write. The three name one algorithm for every password a bcrypt hash can take.
 # The cost, then 22 characters of salt and 31 of hash; the salt's last character carries
@@ -74,6 +76,40 @@ def hash_password(password, rounds=12):
     bcrypt = _bcrypt()
     hashed = bcrypt.hashpw(password, bcrypt.gensalt(rounds)).decode("ascii")
     return "$2y$" + hashed[4:]
+
+
+def add_user(path, name, password, rounds=12):
+    """Give ``name`` the password ``password`` in the htpasswd file ``path``: its line made
+    anew where it was, or added at the end; the other lines and comments kept. A new file
+    is owner-only; an existing one keeps its mode and group. Whether the user is new.
+
+    ValueError for a name a line cannot hold, or a file with lines Users.load refuses (they
+    are named: mend them first)."""
+    _check_name(name, f"{path}: user {name!r}")
+    if ":" in name:
+        raise ValueError(f"{path}: the user name {name!r} has a ':', which ends a name in the file: rename the user")
+    try:
+        with open(path, "rb") as f:
+            before = os.fstat(f.fileno())
+        _read(path)
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        before, lines = None, []
+    line = f"{name}:{hash_password(password, rounds)}"
+    mine = [n for n, text in enumerate(lines) if text.strip().partition(":")[0] == name]
+    if mine:
+        lines[mine[0]] = line
+    else:
+        lines.append(line)
+    replace(os.path.abspath(path), "".join(text + "\n" for text in lines).encode())
+    if before is not None:
+        os.chmod(path, stat.S_IMODE(before.st_mode))
+        try:
+            os.chown(path, -1, before.st_gid)
+        except PermissionError:
+            pass  # not a member of that group: the file is this user's alone now
+    return not mine
 
 
 class Users:
