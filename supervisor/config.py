@@ -383,7 +383,9 @@ RESTCONF_OPTIONS = {
     "cert": (_path, None),  # the server's certificate (PEM); None: a self-signed one in state_dir
     "key": (_path, None),  # its private key (PEM)
     "user": (_name, "restconf"),  # the user requests are made as when no users file says who
-    "max_connections": (_positive, 64),  # HTTP connections served at once; more are answered 503
+    # HTTP connections served at once; past it a newcomer replaces one waiting for a request
+    # (never answered ones first), and is answered 503 only when every one is in a request.
+    "max_connections": (_positive, 64),
     "max_body": (_size, 1024 * 1024),  # bytes of a request body; more: 413, unread
     "idle_timeout": (_positive_number, 30.0),  # seconds a connection may wait between requests
     "request_timeout": (_positive_number, 10.0),  # seconds to send a request's headers, and its body
