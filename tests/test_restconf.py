@@ -10,7 +10,6 @@ module runs last (a restart would leave a worker behind for the leftover check).
 
 import contextlib
 import http.client
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +31,7 @@ import cmactor
 from cmactor.errors import OperationalError
 from cmsupervisor.restconf import data
 from cmsupervisor.restconf.library import Library
+from cmsupervisor.restconf.security import hash_password
 from cmsupervisor.restconf.server import Server as RestconfServer, connector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -530,19 +530,20 @@ def test_no_user_is_401_and_no_supervisor_is_503(tmp_path):
         check_error(curl(server, "/restconf/data/cmactor-vlan:vlan"), 503, "resource-denied", "cannot be reached")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("cmsupervisor.restconf.security") is None, reason="no TLS and users support yet"
-)
-def test_https_with_users(demo):
-    from cmsupervisor.restconf.security import hash_password
+def https_with_users(home, config, users):
+    """A server for the supervisor of ``config`` (its text, [restconf] tls = false), over HTTPS
+    instead, with the htpasswd users {name: password} in ``home``."""
+    path = home / "users"
+    path.write_text("".join(f"{name}:{hash_password(password, rounds=4)}\n" for name, password in users.items()))
+    path.chmod(0o600)
+    https = home / "https.toml"  # the same supervisor (state_dir), served over HTTPS with users
+    https.write_text(config.replace("tls = false", 'tls = true\nusers = "users"'))
+    return Server(https, home / "https.log")
 
+
+def test_https_with_users(demo):
     _, _, home = demo
-    users = home / "users"
-    users.write_text(f"alice:{hash_password('secret', rounds=4)}\n")
-    users.chmod(0o600)
-    config = home / "https.toml"  # the same supervisor (state_dir), served over HTTPS with users
-    config.write_text(CONFIG.replace("tls = false", 'tls = true\nusers = "users"'))
-    server = Server(config, home / "https.log")
+    server = https_with_users(home, CONFIG, {"alice": "secret"})
     try:
         assert server.url.startswith("https://")
         assert "SHA-256 fingerprint" in server.text

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import psutil
 import pytest
 from processes import Run, cli
-from test_restconf import MEDIA, ROOT, Server, check_error, curl
+from test_restconf import MEDIA, ROOT, Server, check_error, curl, https_with_users
 
 # The supervisor's config has no [restconf] (`cmactor run` would run a server of its own
 # beside it); the server's is the same with its [restconf] table.
@@ -465,15 +465,8 @@ def test_malformed_requests_end_cleanly(switch):
 
 @pytest.mark.timeout(60)
 def test_the_audit_log_names_the_https_user(switch):
-    from cmsupervisor.restconf.security import hash_password
-
     _, _, home = switch
-    users = home / "users"
-    users.write_text(f"alice:{hash_password('secret', rounds=4)}\nbob:{hash_password('other', rounds=4)}\n")
-    users.chmod(0o600)
-    config = home / "https.toml"  # the same supervisor (state_dir), served over HTTPS with users
-    config.write_text(CONFIG.replace("tls = false", 'tls = true\nusers = "users"'))
-    server = Server(config, home / "https.log")
+    server = https_with_users(home, CONFIG, {"alice": "secret", "bob": "other"})
     try:
         assert server.url.startswith("https://")
         cert = home / "state" / "restconf" / "restconf-cert.pem"
