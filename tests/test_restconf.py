@@ -553,6 +553,13 @@ def test_https_with_users(demo):
             answer = curl(server, "/restconf/data/cmactor-ports:ports/port=1", "-k", *credentials)
             headers, _ = check_error(answer, 401, "access-denied")
             assert headers["www-authenticate"] == 'Basic realm="cmactor"'
+        # A user added while the server runs logs in without a restart.
+        added = cli("restconf", "--add-user", "bob", "-c", home / "https.toml", input="secret\n")
+        assert added.returncode == 0, added.stderr
+        deadline = time.monotonic() + 10
+        while curl(server, "/restconf/data/cmactor-ports:ports/port=1", "-k", "-u", "bob:secret")[0] != 200:
+            assert time.monotonic() < deadline, "bob, added, could not log in"
+            time.sleep(0.2)
     finally:
         assert server.stop() == 0, server.text
 

@@ -596,3 +596,26 @@ def test_the_cli_adds_a_user_from_stdin_to_the_configs_users_file(tmp_path):
         timeout=30,
     )
     assert none.returncode != 0 and '[restconf] has no users = "PATH"' in none.stderr
+
+
+def test_refresh_reads_the_file_again_once_it_changed_and_keeps_the_users_if_it_breaks(tmp_path):
+    path = tmp_path / "users"
+    security.add_user(path, "alice", "one", rounds=ROUNDS)
+    users = Users.load(path)
+    assert users.refresh(every=0) is None  # unchanged: not read again
+    assert users.check(basic("bob", "two")) is None
+    security.add_user(path, "bob", "two", rounds=ROUNDS)
+    assert users.refresh(every=60) is None and users.check(basic("bob", "two")) == "bob"
+    security.add_user(path, "carol", "three", rounds=ROUNDS)
+    assert users.refresh(every=60) is None  # looked at a moment ago: not again yet
+    assert users.check(basic("carol", "three")) is None
+    users = Users.load(path)
+    with open(path, "a") as f:
+        f.write("dave:{SHA}abc\n")
+    problem = users.refresh(every=0)
+    assert "line 4, user 'dave'" in problem and problem.endswith("the users stay as they were")
+    assert users.refresh(every=0) is None  # said once per change
+    assert users.check(basic("alice", "one")) == "alice"
+    path.unlink()
+    assert "the users stay as they were" in users.refresh(every=0)
+    assert users.check(basic("carol", "three")) == "carol"

@@ -1250,7 +1250,7 @@ def build_parser():
         "--add-user",
         metavar="NAME",
         help="set NAME's password in the [restconf] users file (asked twice on a terminal, else the first "
-        "line of stdin), then exit; a server running reads the file again at its next start",
+        "line of stdin), then exit; a server running reads the file again within a second",
     )
     restconf.set_defaults(func=cmd_restconf)
     replay = sub.add_parser(

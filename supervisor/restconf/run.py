@@ -2,6 +2,7 @@
 in this process as a client of the supervisor at the config's socket, until SIGTERM or
 Ctrl-C."""
 
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,8 @@ from cmactor.errors import ConfigError
 from cmsupervisor.restconf import security
 from cmsupervisor.restconf.library import Library
 from cmsupervisor.restconf.server import CM_TIMEOUT, Server, connector
+
+log = logging.getLogger("cmactor.restconf")
 
 
 def build(options, socket_path):
@@ -39,6 +42,9 @@ def build(options, socket_path):
         notes += [f"cmactor restconf: warning: {text}" for text in users.warnings]
 
         def user_of(headers):
+            problem = users.refresh()
+            if problem is not None:
+                log.warning("restconf: %s", problem)
             return users.check(headers.get("Authorization"))
     else:
         name = options["user"]

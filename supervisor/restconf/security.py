@@ -26,6 +26,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from cmsupervisor.persistence.store import replace
@@ -129,6 +130,8 @@ class Users:
         self._key = secrets.token_bytes(32)
         self._cache = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._seen = _identity(path)  # the file as it was read: refresh() reads it again once it changes
+        self._look_at = 0.0
 
     @classmethod
     def load(cls, path):
@@ -139,6 +142,33 @@ class Users:
         of a name used twice, and says what to do; OSError when the file cannot be read."""
         hashes, dummy, warnings = _read(path)
         return cls(path, hashes, dummy, warnings)
+
+    def refresh(self, every=1.0):
+        """Read the file again if it changed since it was read (looked at once every ``every``
+        seconds at most), so that a user added while the server runs can log in. What is wrong
+        with a file that changed and no longer loads (the users then stay as they were), said
+        once per change; else None."""
+        with self._lock:
+            now = time.monotonic()
+            if now < self._look_at:
+                return None
+            self._look_at = now + every
+        try:
+            seen = _identity(self.path)
+        except OSError as exc:
+            seen = None
+            problem = f"{self.path}: {exc.strerror or exc}"
+        with self._lock:
+            if seen == self._seen:
+                return None
+            self._seen = seen
+        if seen is None:
+            return f"{problem}; the users stay as they were"
+        try:
+            self.reload()
+        except (ValueError, OSError) as exc:
+            return f"{exc}; the users stay as they were"
+        return None
 
     def reload(self):
         """Reads the file again; on an error the users stay as they were. Verified credentials stay
@@ -202,6 +232,13 @@ def _basic(authorization):
     except (binascii.Error, ValueError):
         return None
     return credentials if b":" in credentials else None
+
+
+def _identity(path):
+    """What tells one version of the file from the next: add_user and editors replace it (a new
+    inode), or rewrite it (a new mtime or size)."""
+    found = os.stat(path)
+    return found.st_ino, found.st_mtime_ns, found.st_size
 
 
 def _verify(password, stored):
