@@ -39,7 +39,7 @@ CURL = shutil.which("curl") or "/usr/bin/curl"
 MEDIA = "application/yang-data+json"
 JSON = ["-H", f"Content-Type: {MEDIA}"]
 
-CONFIG = """
+SUPERVISOR = """
 [supervisor]
 state_dir = "state"
 hold_timeout = 2
@@ -52,7 +52,10 @@ entry = "vlan.py:main"
 
 [agents.stats]
 entry = "stats.py:main"
-
+"""
+CONFIG = (
+    SUPERVISOR
+    + """
 [restconf]
 listen = "127.0.0.1:0"
 tls = false
@@ -61,6 +64,7 @@ request_timeout = 1.5
 idle_timeout = 5
 max_body = 4096
 """
+)
 
 
 class Server:
@@ -102,26 +106,35 @@ class Server:
         return self.proc.returncode
 
 
+@contextlib.contextmanager
+def supervisor_and_server(home, supervisor, config):
+    """In ``home``: `cmactor run` of the text ``supervisor`` (no [restconf]: it would run a
+    server of its own beside this one), and a `cmactor restconf` of ``config`` (the same with
+    its [restconf] table); (run, server). Both stopped at the end, the server cleanly."""
+    (home / "cmactor.toml").write_text(supervisor)
+    (home / "restconf.toml").write_text(config)
+    run = Run(home / "cmactor.toml")
+    try:
+        server = Server(home / "restconf.toml", home / "restconf.log")
+    except BaseException:
+        run.kill()
+        raise
+    yield run, server
+    status = server.stop()
+    run.stop()
+    assert status == 0, server.text
+    assert "cmactor restconf: stopped" in server.text
+    assert "Traceback" not in server.text, server.text
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """(the demo's supervisor, the RESTCONF server, the config's directory)."""
     home = tmp_path_factory.mktemp("restconf")
     for name in ("ports.py", "vlan.py", "stats.py"):
         shutil.copy(os.path.join(ROOT, "examples", "switch", name), home)
-    config = home / "cmactor.toml"
-    config.write_text(CONFIG)
-    run = Run(config)
-    try:
-        server = Server(config, home / "restconf.log")
-    except BaseException:
-        run.kill()
-        raise
-    yield run, server, home
-    status = server.stop()
-    run.stop()
-    assert status == 0, server.text
-    assert "cmactor restconf: stopped" in server.text
-    assert "Traceback" not in server.text, server.text
+    with supervisor_and_server(home, SUPERVISOR, CONFIG) as (run, server):
+        yield run, server, home
 
 
 def curl(server, path, *args, method=None, body=None, headers=()):

@@ -36,8 +36,8 @@ from urllib.parse import urlsplit
 
 import psutil
 import pytest
-from processes import Run, cli
-from test_restconf import MEDIA, ROOT, Server, check_error, curl, https_with_users
+from processes import cli
+from test_restconf import MEDIA, ROOT, check_error, curl, https_with_users, supervisor_and_server
 
 # The supervisor's config has no [restconf] (`cmactor run` would run a server of its own
 # beside it); the server's is the same with its [restconf] table.
@@ -73,20 +73,8 @@ def switch(tmp_path_factory):
     """(the supervisor, the plain-HTTP RESTCONF server, the config's directory)."""
     home = tmp_path_factory.mktemp("hostile")
     shutil.copy(os.path.join(ROOT, "examples", "switch", "ports.py"), home)
-    (home / "cmactor.toml").write_text(SUPERVISOR)
-    config = home / "restconf.toml"
-    config.write_text(CONFIG)
-    run = Run(home / "cmactor.toml")
-    try:
-        server = Server(config, home / "restconf.log")
-    except BaseException:
-        run.kill()
-        raise
-    yield run, server, home
-    status = server.stop()
-    run.stop()
-    assert status == 0, server.text
-    assert "Traceback" not in server.text, server.text
+    with supervisor_and_server(home, SUPERVISOR, CONFIG) as (run, server):
+        yield run, server, home
 
 
 def address(server):
