@@ -6,6 +6,7 @@ from processes import cli
 
 import cmactor
 from cmactor.errors import ConfigError
+from cmactor.wire.validate import Request
 from cmsupervisor.config import load_toml
 from cmsupervisor.ha import keys as K
 from cmsupervisor.ha.etcd import KV, Event
@@ -154,3 +155,15 @@ def test_a_record_put_again_by_a_commit_sent_twice_is_applied_once():
     replica.feed.events(12, [Event("PUT", KV(key, value, 11, 11, 1, 0)), Event("PUT", KV(key, value, 11, 12, 2, 0))])
     assert queued == [(K.suffix(3, 1), 11)]
     assert replica.feed.seen == 12
+
+
+def test_a_write_is_refused_only_when_its_record_cannot_fit_one_etcd_request():
+    replica = Replica("a", K.Keys("core"), None, (128, 64 * 1024), ACTIVE, 0, {}, {})
+
+    def write(size):
+        return Request(id=1, op="set", user="u", module="vlan", table="kv", params={"key": "k", "value": "x" * size})
+
+    assert replica._too_large(write(100)) is None
+    assert replica._too_large(write(40_000)) is None  # past the quick bound (4 bytes a character), within etcd's
+    refused = replica._too_large(write(50_000))
+    assert refused.startswith("set vlan.kv refused: its record would take ") and "max_request_bytes" in refused

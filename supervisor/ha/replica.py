@@ -134,9 +134,14 @@ class Replica:
 
     def _too_large(self, request):
         """Why the record of ``request`` would not fit in one etcd request, or None."""
-        record = K.encode_record(request.op, request.table, request.params, request.token, None)
-        size = len(self.keys.record(request.module, K.suffix(0, 0))) + len(record) + _MAX_ENTRIES + OP_OVERHEAD
         room = self._limits[1] - REQUEST_MARGIN
+        around = len(self.keys.records_prefix) + len(request.module) + 33 + _MAX_ENTRIES + OP_OVERHEAD  # key, reply
+        # Nearly every write is far below the limit: told by its characters (at most 4 bytes each
+        # in UTF-8, 5 of msgpack's header each string), without encoding a record commit() encodes.
+        strings = [request.op, request.table, request.token or "", *request.params, *request.params.values()]
+        if around + sum(4 * len(text) + 5 for text in strings) <= room:
+            return None
+        size = around + len(K.encode_record(request.op, request.table, request.params, request.token, None))
         if size <= room:
             return None
         return (
