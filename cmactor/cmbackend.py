@@ -12,6 +12,8 @@ import types
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from cmactor.wire.protocol import NAME_RE
+
 if TYPE_CHECKING:
     from concurrent.futures import Executor
     from typing import Any, NoReturn, Protocol, TypeVar
@@ -202,8 +204,6 @@ def _check_index_columns(declared: object) -> None:
 
 # A column is a YANG leaf (RESTCONF): an identifier as RFC 7950 section 6.2 has it.
 _COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
-# A table is part of a method name (<table>_get), as protocol.NAME_RE has it.
-_TABLE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
 
 def _has(agent: CmAgent, table: str, suffix: str) -> bool:
@@ -219,7 +219,7 @@ def _check_columns(agent: CmAgent) -> None:
     for table, columns in declared.items():
         if not isinstance(table, str):
             raise TypeError(f"cmbackend_init(): columns has a {type(table).__name__} key {table!r}, not a table name")
-        if not _TABLE_RE.match(table):
+        if not NAME_RE.match(table):  # a table is part of a method name (<table>_get)
             raise ValueError(
                 f"cmbackend_init(): columns has the key {table!r}, not a table name (a letter, then letters, "
                 "digits or _)"

@@ -370,11 +370,15 @@ class Connection:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._sock.close()
-            for route in self._routes.values():
-                if type(route) is _Direct:
-                    route.close()
-            self._routes.clear()
+            self._drop_sockets()
+
+    def _drop_sockets(self):
+        """Close the supervisor's socket and every worker's this connection reads from directly."""
+        self._sock.close()
+        for route in self._routes.values():
+            if type(route) is _Direct:
+                route.close()
+        self._routes.clear()
 
     def __enter__(self) -> Self:
         return self
@@ -449,11 +453,7 @@ class Connection:
                 if error.get("type") != "NotActive":
                     raise self._error(error, message)
                 why = f"{self.socket_path} is not active ({_ha_words('standby', error.get('active'))})"
-            self._sock.close()  # and every route: they are the old active's workers
-            for route in self._routes.values():
-                if type(route) is _Direct:
-                    route.close()
-            self._routes.clear()
+            self._drop_sockets()  # the routes too: they are the old active's workers
             self._failed.clear()
             now = time.monotonic()
             if deadline is None:

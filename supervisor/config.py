@@ -364,11 +364,6 @@ def ha_options(where, raw, problems=None):
     return options
 
 
-def _listen(where, value):
-    parse_address(where, value)
-    return value
-
-
 def _size(where, value):
     if _count(where, value) < 1024:
         raise ConfigError(f"{where}: expected a size in bytes, at least 1024, got {value!r}")
@@ -377,7 +372,7 @@ def _size(where, value):
 
 # The [restconf] table: an RFC 8040 server, a client of this supervisor (cmsupervisor/restconf).
 RESTCONF_OPTIONS = {
-    "listen": (_listen, REQUIRED),  # "host:port" it serves HTTP(S) on
+    "listen": (_address, REQUIRED),  # "host:port" it serves HTTP(S) on
     "users": (_path, None),  # an htpasswd file of bcrypt hashes: who may log in (HTTP Basic)
     "tls": (_flag, True),  # HTTPS; false (plain HTTP) only on a loopback address
     "cert": (_path, None),  # the server's certificate (PEM); None: a self-signed one in state_dir
@@ -448,15 +443,16 @@ def restconf_table(where, raw, base_dir, problems=None):
 
 def restconf_options(path):
     """The [restconf] options of the cmactor.toml at ``path`` (None: it has no [restconf]),
-    with "state_dir" and "base_dir" added; the whole file is checked as load_toml checks it."""
-    options, _, base_dir, _ = load_toml(path)
+    with "state_dir" added: that table checked, and nothing else but what socket_options
+    checks. A file being edited for a reload may hold errors elsewhere: they must not keep
+    a RESTCONF server that crashed from starting again (load_toml checks the whole file)."""
+    base_dir, state_dir, _ = socket_options(path)
     with open(os.path.abspath(path), "rb") as f:
         raw = tomllib.load(f).get("restconf")
     if raw is None:
         return None
     found = restconf_table(f"{os.path.abspath(path)}: [restconf]", raw, base_dir)
-    found["base_dir"] = base_dir
-    found["state_dir"] = os.path.join(base_dir, options["state_dir"])
+    found["state_dir"] = os.path.join(base_dir, state_dir)
     return found
 
 

@@ -6,7 +6,7 @@ from processes import cli
 
 import cmactor
 from cmactor.errors import ConfigError
-from cmsupervisor.config import AGENT_OPTIONS, SUPERVISOR_OPTIONS
+from cmsupervisor.config import AGENT_OPTIONS, SUPERVISOR_OPTIONS, load_toml
 
 ECHO = agent("echo.py:main")
 
@@ -176,3 +176,15 @@ def test_restconf_options_and_cmactor_check(tmp_path):
     result = cli("check", write(tmp_path, RESTCONF + "listen = '0.0.0.0:8443'\n"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("; RESTCONF on https://0.0.0.0:8443")
+
+
+def test_restconf_options_read_despite_an_error_elsewhere_in_the_file(tmp_path):
+    # A file being edited for a reload: a RESTCONF server that crashed still starts again.
+    from cmsupervisor.config import restconf_options
+
+    path = write(tmp_path, RESTCONF + "listen = '127.0.0.1:8080'\ntls = false\n[agents.b]\nrestarts = 'x'\n")
+    with pytest.raises(ConfigError):
+        load_toml(path)
+    assert restconf_options(path)["listen"] == "127.0.0.1:8080"
+    with pytest.raises(ConfigError, match=r"\[restconf\]\.tls: expected true or false"):
+        restconf_options(write(tmp_path, RESTCONF + "listen = '127.0.0.1:8080'\ntls = 'no'\n"))

@@ -253,3 +253,24 @@ def test_a_module_failed_on_the_active_hands_the_lead_to_the_in_sync_standby(tmp
         for run in (a, b):
             if run is not None:
                 run.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_whose_config_broke_keeps_trying_to_join_until_it_is_mended(tmp_path, hosts):
+    a, b = hosts
+    sockets = [str(tmp_path / "a.sock"), str(tmp_path / "b.sock")]
+    config = tmp_path / "a.toml"
+    good = config.read_text()
+    config.write_text(good + "\n[supervisor\n")  # an edit under way: not TOML
+    os.killpg(a.pid, signal.SIGSTOP)  # a loses its term, and must join again from its config
+    try:
+        wait_for(lambda: (ha_state(sockets[1]) or {}).get("role") == "active", 15, "b took over")
+    finally:
+        os.killpg(a.pid, signal.SIGCONT)
+    time.sleep(3)  # a tries, and fails, to join again
+    assert a.proc.poll() is None and ha_state(sockets[0]) is None
+    config.write_text(good)
+    wait_for(lambda: (ha_state(sockets[0]) or {}).get("in_sync"), 30, "a, mended, is an in-sync standby")
+    with cmactor.connect(socket=sockets, timeout=10) as conn:
+        add(conn)
+    assert count(sockets[0]) == count(sockets[1]) == 1

@@ -43,6 +43,7 @@ from cmsupervisor.cli import commands, status, tail, terminal
 from cmsupervisor.config import load_toml, restconf_options, socket_options
 from cmsupervisor.front.server import default_socket_path, socket_pointer
 from cmsupervisor.ha.node import Node
+from cmsupervisor.ha.replica import SINGLE_HA
 from cmsupervisor.observability import SUPERVISOR_LOG, notify
 from cmsupervisor.persistence import journal, store
 from cmsupervisor.persistence.store import StoreError
@@ -420,7 +421,7 @@ def cmd_status(args):
     if args.format == "json":
         print(status.as_json(modules, args.histograms))
     else:
-        ha = audit.get("ha", OLDER_HA)
+        ha = audit.get("ha", SINGLE_HA)
         if ha["role"] != "single":  # a node of a cluster: which one, and whether it may take writes
             print(status.ha_line(ha))
         status.show(modules, sys.stdout)
@@ -443,9 +444,6 @@ def cmd_status(args):
 
 HA_COLUMNS = ("socket", "node", "role", "active", "in_sync", "revision", "note")
 HA_TIMEOUT = 5.0  # seconds each supervisor has to answer `cmactor ha`
-# What a supervisor that refuses the ha op as unknown (a cmactor from before hot standby)
-# runs as: on its own, as a supervisor without HA says.
-OLDER_HA = {"node": None, "role": "single", "active": None, "in_sync": True, "revision": 0}
 
 
 def _ask_ha(args, path):
@@ -457,10 +455,10 @@ def _ask_ha(args, path):
     except ProgrammingError as exc:
         if not str(exc).startswith("unknown op"):
             raise
-        return dict(OLDER_HA), "knows no ha op (a cmactor from before hot standby): runs without HA"
+        return dict(SINGLE_HA), "knows no ha op (a cmactor from before hot standby): runs without HA"
     ha = reply.get("ha")
     if type(ha) is not dict:
-        return dict(OLDER_HA), "says nothing of HA: runs without it"
+        return dict(SINGLE_HA), "says nothing of HA: runs without it"
     return ha, None
 
 

@@ -26,7 +26,7 @@ from cmactor.errors import (
     not_active_wire,
 )
 from cmactor.wire import protocol as P
-from cmsupervisor.ha.replica import SINGLE
+from cmsupervisor.ha.replica import SINGLE_HA
 from cmsupervisor.supervision import health
 from cmsupervisor.supervision.modules import finish_status, unknown_module
 from cmsupervisor.supervision.states import READY
@@ -205,7 +205,7 @@ class Control:
         """{"node", "role", "active", "in_sync", "revision"}: this node's place in its cluster,
         or role "single" for a supervisor without [ha]."""
         if self.replica is None:
-            return {"node": None, "role": SINGLE, "active": None, "in_sync": True, "revision": 0}
+            return dict(SINGLE_HA)
         return self.replica.describe()
 
 

@@ -53,11 +53,11 @@ class Rebase:
 
     __slots__ = ("chunks", "base", "deletes", "done")
 
-    def __init__(self, chunks, base, deletes, done=None):
+    def __init__(self, chunks, base, deletes):
         self.chunks = chunks  # [(key, value)]
         self.base = base  # (key, value)
         self.deletes = deletes  # [(start, end)]
-        self.done = done
+        self.done = None  # nothing waits on a base itself: a save waits on a Barrier after it
 
 
 class Committer:

@@ -34,7 +34,7 @@ import os
 import threading
 import time
 
-from cmactor.errors import StartupError
+from cmactor.errors import ConfigError, StartupError
 from cmsupervisor.config import load_toml
 from cmsupervisor.ha import keys as K
 from cmsupervisor.ha.etcd import Compare, Etcd, EtcdCompacted, EtcdError, Op, prefix_end
@@ -363,11 +363,13 @@ class Node:
         log.warning("ha: node %s joins its cluster again: %s", self.ha["node"], self.supervisor.replica.lost)
         self._leave()
         while not self._stopping.is_set():
-            self.supervisor = self._new_supervisor()
             try:
+                # The config file may have been edited meanwhile, and the disk may be full: the
+                # node keeps trying (and keeps its thread) until either is mended.
+                self.supervisor = self._new_supervisor()
                 self._join(timeout, strict=False, stay_up=True)
                 return
-            except StartupError as exc:
+            except (StartupError, ConfigError, OSError) as exc:
                 log.error("ha: node %s cannot join its cluster: %s; trying again", self.ha["node"], exc)
                 self._leave()
                 self._stopping.wait(1.0)

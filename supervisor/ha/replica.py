@@ -29,6 +29,8 @@ log = logging.getLogger("cmactor.supervisor")
 
 ACTIVE, STANDBY, FENCED = "active", "standby", "fenced"
 SINGLE = "single"  # the role a supervisor without [ha] reports
+# What such a supervisor answers to the ha op.
+SINGLE_HA = {"node": None, "role": SINGLE, "active": None, "in_sync": True, "revision": 0}
 ROLES = (SINGLE, ACTIVE, STANDBY, FENCED)
 _CHANGES = ("set", "setop")
 MAX_TOKENS = 100_000  # tokens remembered: a retry comes within seconds of its first send
@@ -337,7 +339,6 @@ class _Answer:
             self._answer(self._pending, None, self._entries)
             return
         self._fail(self._pending, self._replica._not_active(failure))
-        self._replica.fence(failure)
 
 
 class Feed:

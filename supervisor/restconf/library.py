@@ -59,12 +59,13 @@ class Library:
         self.waiting = set()  # modules run but whose agent has not declared anything yet
         self.content_id = ""
 
-    def refresh(self, force=True):
-        """Read the schemas again (unless ``force`` is false and they were read under
-        min_interval seconds ago); the supervisor's error as a RestconfError (503)."""
+    def refresh(self, unless_within=0.0):
+        """Read the schemas again, unless they were read under ``unless_within`` seconds ago
+        (by another request's thread, perhaps, while this one waited for the lock); the
+        supervisor's error as a RestconfError (503)."""
         with self._lock:
             now = self._clock()
-            if not force and self._read_at is not None and now - self._read_at < self.min_interval:
+            if self._read_at is not None and now - self._read_at < unless_within:
                 return
             try:
                 schemas = self._fetch()
@@ -93,7 +94,7 @@ class Library:
     def current(self):
         """The modules, read again first when they are older than max_age."""
         if self._read_at is None or self._clock() - self._read_at >= self.max_age:
-            self.refresh()
+            self.refresh(self.max_age)
         return self.modules
 
     def module(self, name):
@@ -101,7 +102,7 @@ class Library:
         has declared nothing yet (it is not up)."""
         found = self.current().get(name)
         if found is None:
-            self.refresh(force=False)
+            self.refresh(self.min_interval)
             found = self.modules.get(name)
         if found is not None:
             return found
@@ -113,7 +114,7 @@ class Library:
         """(Module, the table's spec): 404 for a table the module does not expose."""
         found = self.module(module)
         if table not in found.tables:
-            self.refresh(force=False)
+            self.refresh(self.min_interval)
             found = self.module(module)
         spec = found.tables.get(table)
         if spec is None:

@@ -10,6 +10,7 @@ import threading
 
 import cmactor
 from cmactor.errors import ConfigError
+from cmsupervisor.config import parse_address
 from cmsupervisor.restconf import security
 from cmsupervisor.restconf.library import Library
 from cmsupervisor.restconf.server import CM_TIMEOUT, Server, connector
@@ -66,8 +67,7 @@ def build(options, socket_path):
             return conn.request({"op": "schema"})["schema"]
 
     library = Library(fetch, os.path.join(options["state_dir"], "restconf", "yang-revisions.json"))
-    host, _, port = options["listen"].rpartition(":")
-    host = host.strip("[]")
+    host, port = parse_address(f"{where}.listen", options["listen"])
     try:
         server = Server(
             (host, int(port)),

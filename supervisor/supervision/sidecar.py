@@ -55,10 +55,10 @@ class Sidecar:
     """One helper process, kept running (see the module's docstring). Every method runs on
     the loop thread (status() too: Supervisor.restconf_status asks it there)."""
 
-    def __init__(self, name, argv, *, url, ready, facts=None, options, stop_timeout, start_timeout, env=None):
+    def __init__(self, name, argv, *, url, ready, facts=None, options, stop_timeout, start_timeout):
         self.name = name
         self.argv = list(argv)
-        self.env = dict(os.environ if env is None else env)
+        self.env = dict(os.environ)
         self.env["CMACTOR_PARENT_PID"] = str(os.getpid())
         self.url = url  # where it is configured to serve, until its ready line says where it does
         self._ready = ready
