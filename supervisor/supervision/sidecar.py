@@ -36,7 +36,7 @@ import signal
 import subprocess
 import time
 
-from cmsupervisor.supervision.workers import describe_exit, kill_group
+from cmsupervisor.supervision.workers import DRAIN_MAX, Output, describe_exit, kill_group
 
 log = logging.getLogger("cmactor.supervisor")
 
@@ -46,7 +46,6 @@ RESTARTING = "RESTARTING"
 FAILED = "FAILED"
 STOPPED = "STOPPED"
 
-MAX_LINE = 16 * 1024  # a longer line (one without a newline) is cut: what is kept stays bounded
 # A logging record as `cmactor` writes it (observability/logs.py FORMAT): its level is kept.
 _RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) +(.*)\Z", re.S)
 
@@ -78,7 +77,7 @@ class Sidecar:
         self._proc = None
         self._pidfd = None
         self._out = None  # the read end of its stdout and stderr
-        self._partial = b""
+        self._lines = Output(None, None)  # what was read of it, cut into lines
         self._serving_at = None  # ... of its ready line
         self._failed_starts = 0  # starts in a row that ended before serving
         self._next_delay = self.base_delay
@@ -138,7 +137,7 @@ class Sidecar:
             os.close(write_end)
         os.set_blocking(read_end, False)
         self._out = read_end
-        self._partial = b""
+        self._lines = Output(None, None)
         self._serving_at = None
         self.state = STARTING
         self.error = None
@@ -166,23 +165,18 @@ class Sidecar:
             except OSError:
                 data = b""
             if not data:
-                if self._partial:
-                    self._line(self._partial)
+                for line in self._lines.rest():
+                    self._line(line)
                 self._close_output()
                 return
-            lines = (self._partial + data).split(b"\n")
-            self._partial = lines.pop()
-            while len(self._partial) > MAX_LINE:
-                lines.append(self._partial[:MAX_LINE])
-                self._partial = self._partial[MAX_LINE:]
-            for line in lines:
+            for line in self._lines.lines(data):
                 self._line(line)
             taken += len(data)
             if limit is None or taken >= limit:
                 return
 
-    def _line(self, raw):
-        text = raw.decode("utf-8", "backslashreplace").rstrip("\r")
+    def _line(self, text):
+        text = text.rstrip("\r")
         if not text:
             return
         level = logging.INFO
@@ -218,7 +212,7 @@ class Sidecar:
         os.close(self._pidfd)
         self._pidfd = None
         code = proc.wait()
-        self._on_output(None, 1024 * 1024)  # its last words
+        self._on_output(None, DRAIN_MAX)  # its last words
         self._close_output()
         kill_group(proc.pid)  # what it started goes with it (reaped: not the pid itself)
         self._proc = None
